@@ -1,0 +1,39 @@
+"""ViTActivationCache: TransformerLens's ActivationCache, aware of the ViT token layout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from transformer_lens import ActivationCache
+
+from vit_embedding_lens.model.layout import TokenLayout
+
+
+class ViTActivationCache(ActivationCache):
+    """An ``ActivationCache`` whose model is a HookedViT.
+
+    Every TransformerLens method (``accumulated_resid``, ``decompose_resid``,
+    ``stack_head_results``, ``apply_ln_to_stack``, ``logit_attrs``, ...) works unchanged; this
+    class adds access by token group through the model's :class:`TokenLayout`.
+    """
+
+    @property
+    def layout(self) -> TokenLayout:
+        return self.model.layout
+
+    def patch_tokens(self, key: Any) -> Tensor:
+        """The image-patch tokens of a cached ``[..., pos, d]`` activation."""
+        return self.layout.patch_tokens(self[key], dim=self._pos_dim(key))
+
+    def prefix_tokens(self, key: Any) -> Tensor:
+        """The prefix tokens (CLS, distillation, registers) of a cached activation."""
+        return self.layout.prefix_tokens(self[key], dim=self._pos_dim(key))
+
+    def _pos_dim(self, key: Any) -> int:
+        name = key if isinstance(key, str) else str(key[0])
+        if name.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "q", "k", "v", "z", "result")):
+            return -3
+        if name.endswith(("hook_pattern", "hook_attn_scores", "pattern", "attn_scores")):
+            raise ValueError(f"{name} has a query and a key token axis; index it with model.layout directly")
+        return -2

@@ -1,0 +1,274 @@
+"""The modules of a HookedViT: norms, embeddings, attention, MLP, blocks and the classifier head.
+
+Weights use TransformerLens's names and orientation (``W_Q`` [H, d_model, d_head], ``W_O``
+[H, d_head, d_model], ``W_in`` [d_model, d_mlp], ...). Each module computes exactly what its timm
+counterpart computes; hook points sit where TransformerLens users expect them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from timm.layers import resample_abs_pos_embed
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from vit_embedding_lens.model.config import HookedViTConfig
+
+
+def _hooked(*points: HookPoint) -> bool:
+    """True when any of the hook points has a forward or backward hook attached."""
+    return any(p.has_hooks() for p in points)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with TransformerLens's ``hook_scale`` and ``hook_normalized``.
+
+    Runs the fused ``F.layer_norm`` unless one of its hooks is in use; then it computes the
+    centred input, the scale and the normalized vector explicitly so the hooks see (and may edit)
+    them. ``affine=False`` is the folded form (TransformerLens's ``LNPre``).
+    """
+
+    def __init__(self, d: int, eps: float, affine: bool = True) -> None:
+        super().__init__()
+        self.d = d
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.w = nn.Parameter(torch.ones(d))
+            self.b = nn.Parameter(torch.zeros(d))
+        self.hook_scale = HookPoint()  # [..., 1]
+        self.hook_normalized = HookPoint()  # [..., d]
+
+    def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        w = self.w if self.affine else None
+        b = self.b if self.affine else None
+        if not _hooked(self.hook_scale, self.hook_normalized):
+            return F.layer_norm(x, (self.d,), w, b, self.eps)
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        x = self.hook_normalized(x / scale)
+        return x * w + b if self.affine else x
+
+    def extra_repr(self) -> str:
+        return f"{self.d}, eps={self.eps}, affine={self.affine}"
+
+
+class PatchEmbed(nn.Module):
+    """Convolutional patch embedding plus the learned prefix tokens (CLS, distillation, registers).
+
+    Returns the token sequence *before* position embeddings, prefix tokens in place, so that
+    ``hook_embed + hook_pos_embed`` is the first residual stream.
+    """
+
+    def __init__(self, cfg: HookedViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        ph, pw = cfg.patch_size
+        self.W_E = nn.Parameter(torch.empty(cfg.d_model, cfg.in_chans, ph, pw))
+        self.b_E = nn.Parameter(torch.zeros(cfg.d_model))
+        self.W_prefix = nn.Parameter(torch.zeros(cfg.n_prefix_tokens, cfg.d_model))
+
+    def forward(
+        self, images: Float[Tensor, "batch chan height width"]
+    ) -> Tuple[Float[Tensor, "batch pos d_model"], Tuple[int, int]]:
+        if self.cfg.dynamic_img_pad:
+            ph, pw = self.cfg.patch_size
+            pad_h = (ph - images.shape[-2] % ph) % ph
+            pad_w = (pw - images.shape[-1] % pw) % pw
+            images = F.pad(images, (0, pad_w, 0, pad_h))
+        patches = F.conv2d(images, self.W_E, self.b_E, stride=self.cfg.patch_size)
+        grid = (patches.shape[-2], patches.shape[-1])
+        patches = patches.flatten(2).transpose(1, 2)
+        prefix = self.W_prefix.unsqueeze(0).expand(patches.shape[0], -1, -1)
+        return torch.cat([prefix, patches], dim=1), grid
+
+
+class PosEmbed(nn.Module):
+    """Learned absolute position embeddings, laid out over the full token sequence.
+
+    ``W_pos`` is timm's table: one row per token, or per patch only when the model adds no
+    position embedding to prefix tokens (``no_embed_class``); those rows come back as zeros.
+    A grid other than the configured one (``dynamic_img_size`` models) resamples the table with
+    timm's own ``resample_abs_pos_embed``, as timm does.
+    """
+
+    def __init__(self, cfg: HookedViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        n_pos = cfg.n_patches if cfg.no_embed_class else cfg.n_ctx
+        self.W_pos = nn.Parameter(torch.zeros(n_pos, cfg.d_model))
+
+    def forward(self, grid: Tuple[int, int], batch: int) -> Float[Tensor, "batch pos d_model"]:
+        cfg = self.cfg
+        n_prefix = cfg.n_prefix_tokens
+        pos = self.W_pos
+        if tuple(grid) != tuple(cfg.grid_size):
+            pos = resample_abs_pos_embed(
+                pos.unsqueeze(0),
+                new_size=list(grid),
+                old_size=list(cfg.grid_size),
+                num_prefix_tokens=0 if cfg.no_embed_class else n_prefix,
+            ).squeeze(0)
+        if cfg.no_embed_class and n_prefix:
+            pos = torch.cat([pos.new_zeros(n_prefix, cfg.d_model), pos], dim=0)
+        return pos.unsqueeze(0).expand(batch, -1, -1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with TransformerLens hook points.
+
+    Uses fused ``scaled_dot_product_attention`` unless the scores or the pattern are hooked (or
+    cached, or ``force_explicit`` is set); then it computes them explicitly, as timm's non-fused
+    path does. Both paths compute the same function. ``attn_mask`` (boolean, True = may attend,
+    or additive float) broadcasts to ``[batch, head, query, key]`` and is honoured by both paths.
+    """
+
+    def __init__(self, cfg: HookedViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        H, d, dh = cfg.n_heads, cfg.d_model, cfg.d_head
+        self.W_Q = nn.Parameter(torch.empty(H, d, dh))
+        self.W_K = nn.Parameter(torch.empty(H, d, dh))
+        self.W_V = nn.Parameter(torch.empty(H, d, dh))
+        self.W_O = nn.Parameter(torch.empty(H, dh, d))
+        self.b_Q = nn.Parameter(torch.zeros(H, dh))
+        self.b_K = nn.Parameter(torch.zeros(H, dh))
+        self.b_V = nn.Parameter(torch.zeros(H, dh))
+        self.b_O = nn.Parameter(torch.zeros(d))
+        if cfg.qk_norm:
+            self.q_norm = LayerNorm(dh, cfg.eps)
+            self.k_norm = LayerNorm(dh, cfg.eps)
+        self.scale = dh**-0.5
+        self.force_explicit = False
+
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
+        self.hook_z = HookPoint()
+        self.hook_attn_scores = HookPoint()  # [batch, head, query, key]
+        self.hook_pattern = HookPoint()
+        self.hook_result = HookPoint()  # [batch, pos, head, d_model]
+
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"], attn_mask: Optional[Tensor] = None
+    ) -> Float[Tensor, "batch pos d_model"]:
+        B, N, _ = x.shape
+        H, dh = self.cfg.n_heads, self.cfg.d_head
+        # One matmul for q, k, v: [3H, d, dh] -> [(3 H dh), d] as F.linear wants it.
+        w_qkv = torch.cat([self.W_Q, self.W_K, self.W_V]).transpose(1, 2).reshape(3 * H * dh, -1)
+        b_qkv = torch.cat([self.b_Q, self.b_K, self.b_V]).reshape(-1)
+        q, k, v = F.linear(x, w_qkv, b_qkv).view(B, N, 3, H, dh).unbind(2)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head, pos, d_head]
+
+        if self.force_explicit or _hooked(self.hook_attn_scores, self.hook_pattern):
+            scores = (q * self.scale) @ k.transpose(-2, -1)
+            if attn_mask is not None:
+                scores = _apply_mask(scores, attn_mask)
+            pattern = self.hook_pattern(self.hook_attn_scores(scores).softmax(dim=-1))
+            z = pattern @ v
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
+
+        if self.cfg.use_attn_result or _hooked(self.hook_result):
+            result = self.hook_result(torch.einsum("bnhe,hed->bnhd", z, self.W_O))
+            return result.sum(dim=-2) + self.b_O
+        return F.linear(z.reshape(B, N, H * dh), self.W_O.reshape(H * dh, -1).T, self.b_O)
+
+
+def _apply_mask(scores: Tensor, attn_mask: Tensor) -> Tensor:
+    """Apply a boolean (True = keep) or additive mask to attention scores, as SDPA does."""
+    if attn_mask.dtype == torch.bool:
+        return scores.masked_fill(~attn_mask, float("-inf"))
+    return scores + attn_mask
+
+
+class MLP(nn.Module):
+    """Two-layer MLP; ``hook_pre`` is the pre-activation (the key-value memory coefficients)."""
+
+    def __init__(self, cfg: HookedViTConfig, act: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
+        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+        self.act = act
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        pre = self.hook_pre(F.linear(x, self.W_in.T, self.b_in))
+        post = self.hook_post(self.act(pre))
+        return F.linear(post, self.W_out.T, self.b_out)
+
+
+class TransformerBlock(nn.Module):
+    """One ViT block. Pre-norm: ``x + attn(ln1(x))``; residual post-norm: ``x + ln1(attn(x))``.
+
+    ``hook_attn_out``/``hook_mlp_out`` are what is added to the residual stream (LayerScale is
+    folded into ``W_O``/``W_out``; post-norm blocks include their norm).
+    """
+
+    def __init__(self, cfg: HookedViTConfig, act: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        affine = cfg.normalization_type == "LN"  # "LNPre" after fold_ln
+        self.ln1 = LayerNorm(cfg.d_model, cfg.eps, affine=affine)
+        self.attn = Attention(cfg)
+        self.ln2 = LayerNorm(cfg.d_model, cfg.eps, affine=affine)
+        self.mlp = MLP(cfg, act)
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(
+        self, resid_pre: Float[Tensor, "batch pos d_model"], attn_mask: Optional[Tensor] = None
+    ) -> Float[Tensor, "batch pos d_model"]:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        if self.cfg.block_norm == "pre":
+            attn_out = self.attn(self.ln1(resid_pre), attn_mask)
+        else:
+            attn_out = self.ln1(self.attn(resid_pre, attn_mask))
+        resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
+        if self.cfg.block_norm == "pre":
+            mlp_out = self.mlp(self.ln2(resid_mid))
+        else:
+            mlp_out = self.ln2(self.mlp(resid_mid))
+        return self.hook_resid_post(resid_mid + self.hook_mlp_out(mlp_out))
+
+
+class ClassifierHead(nn.Module):
+    """The linear classifier: ``W_head`` [d_model, n_classes] (TransformerLens's ``W_U``).
+
+    Distilled DeiT models have a second head on the distillation token; at evaluation timm
+    averages the two, and so does this module.
+    """
+
+    def __init__(self, cfg: HookedViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.W_head = nn.Parameter(torch.empty(cfg.d_model, cfg.n_classes))
+        self.b_head = nn.Parameter(torch.zeros(cfg.n_classes))
+        if cfg.has_dist_token:
+            self.W_head_dist = nn.Parameter(torch.empty(cfg.d_model, cfg.n_classes))
+            self.b_head_dist = nn.Parameter(torch.zeros(cfg.n_classes))
+
+    def forward(
+        self,
+        pooled: Float[Tensor, "batch d_model"],
+        pooled_dist: Optional[Float[Tensor, "batch d_model"]] = None,
+    ) -> Float[Tensor, "batch n_classes"]:
+        logits = F.linear(pooled, self.W_head.T, self.b_head)
+        if pooled_dist is None:
+            return logits
+        return (logits + F.linear(pooled_dist, self.W_head_dist.T, self.b_head_dist)) / 2

@@ -1,0 +1,383 @@
+"""timm -> HookedViT, exact and strict.
+
+The configuration is read from the live timm module (never from the model name or hub metadata);
+every timm parameter and buffer is consumed exactly once or the conversion fails; an architecture
+feature HookedViT does not implement raises :class:`UnsupportedArchitectureError` naming it.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import einops
+import torch
+from torch import Tensor, nn
+
+from vit_embedding_lens.errors import ConversionError, UnsupportedArchitectureError
+from vit_embedding_lens.model.activations import activation_name
+from vit_embedding_lens.model.config import HookedViTConfig
+
+#: timm classes that are ViTs but whose computation HookedViT does not reproduce, and why
+_UNSUPPORTED_MODEL_CLASSES = {
+    "Eva": "rotary position embeddings (EVA family)",
+    "VisionTransformerRelPos": "relative position embeddings (relpos ViT)",
+    "VisionTransformerSAM": "windowed attention with relative positions (SAM ViT)",
+    "Beit": "relative position bias (BEiT)",
+    "NaFlexVit": "variable-resolution patch packing (NaFlexViT)",
+}
+_UNSUPPORTED_BLOCKS = {
+    "ParallelScalingBlock": "parallel attention/MLP blocks",
+    "DiffParallelScalingBlock": "parallel blocks with differential attention",
+    "ParallelThingsBlock": "parallel blocks",
+}
+#: modules that do nothing in evaluation mode and carry no weights
+_INERT = ("Dropout", "DropPath", "Identity", "PatchDropout")
+_NORMS = ("LayerNorm",)
+
+
+def load_timm_model(
+    model_or_name: Union[str, nn.Module],
+    pretrained: bool,
+    checkpoint_path: Optional[Union[str, Path]],
+    timm_kwargs: Dict[str, Any],
+) -> Tuple[nn.Module, str]:
+    """The timm module to convert and its name: a live module as given, or one created by name."""
+    if isinstance(model_or_name, nn.Module):
+        if pretrained or timm_kwargs:
+            raise ValueError("pretrained= and timm keyword arguments apply only when a timm model name is given")
+        model = model_or_name
+        name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    elif isinstance(model_or_name, str):
+        import timm
+
+        name = model_or_name
+        if name.split(".")[0] not in timm.list_models():
+            raise ValueError(f"{name!r} is not a timm model name; see timm.list_models('vit*')")
+        model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+    else:
+        raise TypeError(f"expected a timm model or a timm model name, got {type(model_or_name).__name__}")
+    if checkpoint_path is not None:
+        load_checkpoint_(model, checkpoint_path)
+    return model, name
+
+
+def read_state_dict(path: Union[str, Path]) -> Dict[str, Tensor]:
+    """A state dict from a safetensors file, or from a torch file read with ``weights_only=True``.
+
+    Never unpickles arbitrary objects. Accepts the common wrappers (``{"state_dict": ...}``,
+    ``{"model": ...}``) and strips DistributedDataParallel's ``module.`` prefix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle.UnpicklingError and friends
+            raise ConversionError(
+                f"could not read {path} as a plain tensor checkpoint (weights_only=True refuses "
+                f"arbitrary pickled objects): {err}. Save model.state_dict() with torch.save or as "
+                f"safetensors."
+            ) from err
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ConversionError(f"{path} does not hold a state dict of tensors")
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def load_checkpoint_(model: nn.Module, path: Union[str, Path]) -> None:
+    """Load a user's checkpoint into a timm model, strictly, naming any missing or extra key."""
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        raise ConversionError(
+            f"checkpoint {path} does not match the timm model: missing keys {missing[:10]}, "
+            f"unexpected keys {unexpected[:10]}, wrong shapes {wrong_shape[:10]}"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# Architecture checks and configuration
+# -------------------------------------------------------------------------------------------------
+def _refuse(name: str, feature: str) -> UnsupportedArchitectureError:
+    return UnsupportedArchitectureError(
+        f"{name}: {feature} is not supported by HookedViT, which converts only architectures it "
+        f"reproduces exactly (see `vit-lens models` / the README for the supported families)"
+    )
+
+
+def check_supported(model: nn.Module, name: str) -> None:
+    """Raise UnsupportedArchitectureError naming the first feature HookedViT cannot reproduce."""
+    kind = type(model).__name__
+    if kind in _UNSUPPORTED_MODEL_CLASSES:
+        raise _refuse(name, _UNSUPPORTED_MODEL_CLASSES[kind])
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise _refuse(name, f"the model class {kind} (only timm VisionTransformer and DeiT are converted)")
+    if getattr(model, "attn_pool", None) is not None or model.global_pool in ("map", "prr"):
+        raise _refuse(name, f"the attention-pool head (global_pool={model.global_pool!r}, as in SigLIP)")
+    if model.global_pool not in ("token", "avg", "max", "avgmax"):
+        raise _refuse(name, f"global_pool={model.global_pool!r} (no pooling before the head)")
+    if isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity):
+        raise _refuse(name, "a model without a final norm (final_norm=False)")
+    if not isinstance(model.head, (nn.Linear, nn.Identity)):
+        raise _refuse(name, f"the classifier head {type(model.head).__name__}")
+    if getattr(model, "num_reg_tokens", 0) and hasattr(model, "dist_token"):
+        raise _refuse(name, "register tokens together with a distillation token")
+    embed = model.patch_embed
+    if type(embed).__name__ != "PatchEmbed" or not isinstance(embed.proj, nn.Conv2d):
+        raise _refuse(name, f"the patch embedding {type(embed).__name__}")
+    conv = embed.proj
+    if (
+        tuple(conv.kernel_size) != tuple(conv.stride)
+        or tuple(conv.kernel_size) != tuple(embed.patch_size)
+        or any(conv.padding)
+        or conv.groups != 1
+        or any(d != 1 for d in conv.dilation)
+    ):
+        raise _refuse(name, "a patch embedding whose convolution is not one non-overlapping patch per token")
+    if not isinstance(embed.norm, nn.Identity):
+        raise _refuse(name, "a norm inside the patch embedding (embed_norm_layer)")
+    for i, block in enumerate(model.blocks):
+        _check_block(block, i, name)
+    for module_name, module in model.named_modules():
+        if type(module).__name__ in ("AttentionRope", "RotaryEmbedding", "RotaryEmbeddingCat"):
+            raise _refuse(name, f"rotary position embeddings ({module_name})")
+    for norm_name, norm in _all_norms(model):
+        _check_norm(norm, norm_name, name)
+
+
+def _check_block(block: nn.Module, i: int, name: str) -> None:
+    kind = type(block).__name__
+    if kind in _UNSUPPORTED_BLOCKS:
+        raise _refuse(name, f"{_UNSUPPORTED_BLOCKS[kind]} ({kind} in blocks.{i})")
+    if kind not in ("Block", "ResPostBlock"):
+        raise _refuse(name, f"the block type {kind} (blocks.{i})")
+    attn, mlp = block.attn, block.mlp
+    if type(attn).__name__ != "Attention":
+        raise _refuse(name, f"the attention layer {type(attn).__name__} (blocks.{i}.attn)")
+    if not isinstance(attn.norm, nn.Identity):
+        raise _refuse(name, f"a norm on the attention output (scale_attn_norm, blocks.{i}.attn.norm)")
+    if getattr(attn, "gate", None) is not None:
+        raise _refuse(name, f"gated attention (blocks.{i}.attn.gate)")
+    if attn.attn_dim != attn.proj.out_features or attn.qkv.in_features != attn.proj.out_features:
+        raise _refuse(name, f"attention whose width differs from the residual width (blocks.{i}.attn)")
+    if type(mlp).__name__ != "Mlp" or not isinstance(mlp.fc1, nn.Linear):
+        raise _refuse(name, f"the MLP {type(mlp).__name__} (a gated MLP such as SwiGLU; blocks.{i}.mlp)")
+    if not isinstance(mlp.norm, nn.Identity):
+        raise _refuse(name, f"a norm inside the MLP (scale_mlp_norm, blocks.{i}.mlp.norm)")
+    if activation_name(mlp.act) is None:
+        raise _refuse(name, f"the MLP activation {type(mlp.act).__name__} (blocks.{i}.mlp.act)")
+    for ls_name in ("ls1", "ls2"):
+        ls = getattr(block, ls_name, None)
+        if ls is not None and not isinstance(ls, nn.Identity) and type(ls).__name__ != "LayerScale":
+            raise _refuse(name, f"the layer scale {type(ls).__name__} (blocks.{i}.{ls_name})")
+
+
+def _all_norms(model: nn.Module):
+    yield "norm_pre", model.norm_pre
+    yield "norm", model.norm
+    yield "fc_norm", model.fc_norm
+    for i, block in enumerate(model.blocks):
+        yield f"blocks.{i}.norm1", block.norm1
+        yield f"blocks.{i}.norm2", block.norm2
+        yield f"blocks.{i}.attn.q_norm", block.attn.q_norm
+        yield f"blocks.{i}.attn.k_norm", block.attn.k_norm
+
+
+def _check_norm(norm: nn.Module, norm_name: str, name: str) -> None:
+    if isinstance(norm, nn.Identity):
+        return
+    if type(norm).__name__ not in _NORMS or not isinstance(norm, nn.LayerNorm):
+        raise _refuse(name, f"the norm layer {type(norm).__name__} ({norm_name}; only LayerNorm is supported)")
+    if norm.weight is None or norm.bias is None:
+        raise _refuse(name, f"a LayerNorm without affine weight and bias ({norm_name})")
+
+
+def config_from_timm(model: nn.Module, name: str) -> HookedViTConfig:
+    """Read the architecture from the live timm module."""
+    block0 = model.blocks[0]
+    attn = block0.attn
+    eps_values = {float(n.eps) for _, n in _all_norms(model) if not isinstance(n, nn.Identity)}
+    if len(eps_values) != 1:
+        raise _refuse(name, f"norms with different eps values {sorted(eps_values)}")
+    embed = model.patch_embed
+    n_classes = model.head.out_features if isinstance(model.head, nn.Linear) else 0
+    dims = {(b.attn.num_heads, b.attn.head_dim, b.mlp.fc1.out_features) for b in model.blocks}
+    if len(dims) != 1:
+        raise _refuse(name, f"blocks of different shapes {sorted(dims)}")
+    return HookedViTConfig(
+        n_layers=len(model.blocks),
+        d_model=model.embed_dim,
+        n_heads=attn.num_heads,
+        d_head=attn.head_dim,
+        d_mlp=block0.mlp.fc1.out_features,
+        n_classes=n_classes,
+        image_size=tuple(int(s) for s in embed.img_size),
+        patch_size=tuple(int(s) for s in embed.patch_size),
+        in_chans=embed.proj.in_channels,
+        has_cls_token=model.cls_token is not None,
+        has_dist_token=getattr(model, "dist_token", None) is not None,
+        n_registers=int(getattr(model, "num_reg_tokens", 0) or 0),
+        no_embed_class=bool(model.no_embed_class),
+        has_pos_embed=model.pos_embed is not None,
+        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        block_norm="post" if type(block0).__name__ == "ResPostBlock" else "pre",
+        final_norm="tokens" if not isinstance(model.norm, nn.Identity) else "pooled",
+        global_pool="token" if getattr(model, "dist_token", None) is not None else model.global_pool,
+        pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
+        qkv_bias=attn.qkv.bias is not None,
+        qk_norm=not isinstance(attn.q_norm, nn.Identity),
+        layer_scale=any(type(getattr(b, ls, None)).__name__ == "LayerScale" for b in model.blocks for ls in ("ls1", "ls2")),
+        act_fn=activation_name(block0.mlp.act),
+        eps=eps_values.pop(),
+        dynamic_img_size=bool(model.dynamic_img_size),
+        dynamic_img_pad=bool(embed.dynamic_img_pad),
+        model_name=name,
+    )
+
+
+# -------------------------------------------------------------------------------------------------
+# Weights
+# -------------------------------------------------------------------------------------------------
+class _Consumer:
+    """Hands out timm tensors by name and remembers which were taken, for the strictness check."""
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        self.tensors = {k: v.detach() for k, v in chain(model.named_parameters(), model.named_buffers())}
+        self.taken: set = set()
+        self.name = name
+
+    def take(self, key: str) -> Tensor:
+        if key not in self.tensors:
+            raise ConversionError(f"{self.name}: expected timm tensor {key!r} is missing")
+        self.taken.add(key)
+        return self.tensors[key]
+
+    def maybe(self, key: str) -> Optional[Tensor]:
+        return self.take(key) if key in self.tensors else None
+
+    def check_all_taken(self) -> None:
+        left = sorted(set(self.tensors) - self.taken)
+        if left:
+            raise ConversionError(
+                f"{self.name}: timm tensors not consumed by the conversion: {left[:20]}"
+                f"{' ...' if len(left) > 20 else ''}; refusing a conversion that would drop weights"
+            )
+
+
+def _layer_scale(c: _Consumer, prefix: str, d: int, like: Tensor) -> Tensor:
+    gamma = c.maybe(f"{prefix}.gamma")
+    return gamma if gamma is not None else torch.ones(d, dtype=like.dtype, device=like.device)
+
+
+def state_dict_from_timm(model: nn.Module, cfg: HookedViTConfig) -> Dict[str, Tensor]:
+    """HookedViT state dict from a timm ViT: TransformerLens layout, LayerScale folded in."""
+    c = _Consumer(model, cfg.model_name)
+    H, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
+    sd: Dict[str, Tensor] = {}
+    w_e = c.take("patch_embed.proj.weight")
+    sd["embed.W_E"] = w_e
+    sd["embed.b_E"] = _or_zeros(c.maybe("patch_embed.proj.bias"), d, w_e)
+    prefix = [c.take(k).reshape(-1, d) for k in ("cls_token", "dist_token", "reg_token") if k in c.tensors]
+    sd["embed.W_prefix"] = torch.cat(prefix, dim=0) if prefix else w_e.new_zeros(0, d)
+    if cfg.has_pos_embed:
+        sd["pos_embed.W_pos"] = c.take("pos_embed").reshape(-1, d)
+    if cfg.pre_norm:
+        sd["ln_pre.w"], sd["ln_pre.b"] = c.take("norm_pre.weight"), c.take("norm_pre.bias")
+
+    for i in range(cfg.n_layers):
+        t, h = f"blocks.{i}", f"blocks.{i}"
+        for timm_norm, ours in (("norm1", "ln1"), ("norm2", "ln2")):
+            sd[f"{h}.{ours}.w"] = c.take(f"{t}.{timm_norm}.weight")
+            sd[f"{h}.{ours}.b"] = c.take(f"{t}.{timm_norm}.bias")
+        qkv_w = c.take(f"{t}.attn.qkv.weight")
+        W_Q, W_K, W_V = einops.rearrange(qkv_w, "(three h e) d -> three h d e", three=3, h=H, e=dh)
+        qkv_b = _or_zeros(c.maybe(f"{t}.attn.qkv.bias"), 3 * H * dh, qkv_w)
+        b_Q, b_K, b_V = einops.rearrange(qkv_b, "(three h e) -> three h e", three=3, h=H, e=dh)
+        sd.update({f"{h}.attn.W_Q": W_Q, f"{h}.attn.W_K": W_K, f"{h}.attn.W_V": W_V})
+        sd.update({f"{h}.attn.b_Q": b_Q, f"{h}.attn.b_K": b_K, f"{h}.attn.b_V": b_V})
+        if cfg.qk_norm:
+            for which in ("q_norm", "k_norm"):
+                sd[f"{h}.attn.{which}.w"] = c.take(f"{t}.attn.{which}.weight")
+                sd[f"{h}.attn.{which}.b"] = c.take(f"{t}.attn.{which}.bias")
+        proj_w = c.take(f"{t}.attn.proj.weight")
+        gamma1 = _layer_scale(c, f"{t}.ls1", d, proj_w)
+        sd[f"{h}.attn.W_O"] = einops.rearrange(proj_w, "d (h e) -> h e d", h=H, e=dh) * gamma1
+        sd[f"{h}.attn.b_O"] = _or_zeros(c.maybe(f"{t}.attn.proj.bias"), d, proj_w) * gamma1
+        fc1_w, fc2_w = c.take(f"{t}.mlp.fc1.weight"), c.take(f"{t}.mlp.fc2.weight")
+        gamma2 = _layer_scale(c, f"{t}.ls2", d, fc2_w)
+        sd[f"{h}.mlp.W_in"] = fc1_w.T
+        sd[f"{h}.mlp.b_in"] = _or_zeros(c.maybe(f"{t}.mlp.fc1.bias"), cfg.d_mlp, fc1_w)
+        sd[f"{h}.mlp.W_out"] = fc2_w.T * gamma2
+        sd[f"{h}.mlp.b_out"] = _or_zeros(c.maybe(f"{t}.mlp.fc2.bias"), d, fc2_w) * gamma2
+
+    final = "norm" if cfg.final_norm == "tokens" else "fc_norm"
+    sd["ln_final.w"], sd["ln_final.b"] = c.take(f"{final}.weight"), c.take(f"{final}.bias")
+    if cfg.n_classes:
+        for timm_head, ours in (("head", ""), ("head_dist", "_dist")):
+            if timm_head == "head_dist" and not cfg.has_dist_token:
+                continue
+            w = c.take(f"{timm_head}.weight")
+            sd[f"head.W_head{ours}"] = w.T
+            sd[f"head.b_head{ours}"] = _or_zeros(c.maybe(f"{timm_head}.bias"), cfg.n_classes, w)
+    c.check_all_taken()
+    return {k: v.clone().contiguous() for k, v in sd.items()}
+
+
+def _or_zeros(t: Optional[Tensor], n: int, like: Tensor) -> Tensor:
+    """A bias timm omits (``qkv_bias=False``, CLIP's patch embedding) is exactly zero."""
+    return t if t is not None else like.new_zeros(n)
+
+
+def convert_timm_vit(
+    model: nn.Module, name: Optional[str] = None, class_names: Optional[Sequence[str]] = None
+):
+    """Build the HookedViT equivalent of a timm ViT; the timm module is left untouched."""
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
+    name = name or type(model).__name__
+    check_supported(model, name)
+    cfg = config_from_timm(model, name)
+    state = state_dict_from_timm(model, cfg)
+    if class_names is None:
+        class_names = _timm_class_names(model, cfg.n_classes)
+    like = model.patch_embed.proj.weight
+    hooked = HookedViT(cfg, class_names=class_names).to(device=like.device, dtype=like.dtype)
+    hooked.load_state_dict(state, strict=True)
+    return hooked
+
+
+def _timm_class_names(model: nn.Module, n_classes: int) -> Optional[Sequence[str]]:
+    """ImageNet class names from timm's own ImageNet info when the model's label set is known."""
+    if not n_classes:
+        return None
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model)
+        if not subset:
+            return None
+        info = ImageNetInfo(subset)
+        if info.num_classes() != n_classes:
+            return None
+        return [info.index_to_description(i) for i in range(n_classes)]
+    except Exception:  # label metadata is a convenience, never a reason to fail a conversion
+        return None

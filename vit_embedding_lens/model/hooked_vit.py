@@ -1,0 +1,392 @@
+"""HookedViT: a timm Vision Transformer as a TransformerLens ``HookedRootModule``."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import HookedRootModule
+from transformer_lens.FactoredMatrix import FactoredMatrix
+from transformer_lens.hook_points import HookPoint
+
+from vit_embedding_lens.model.activations import make_activation
+from vit_embedding_lens.model.cache import ViTActivationCache
+from vit_embedding_lens.model.components import (
+    ClassifierHead,
+    LayerNorm,
+    PatchEmbed,
+    PosEmbed,
+    TransformerBlock,
+)
+from vit_embedding_lens.model.config import HookedViTConfig
+from vit_embedding_lens.model.layout import TokenLayout
+
+ClassIds = Union[int, str, Int[Tensor, "..."], Sequence[int]]
+
+
+class HookedViT(HookedRootModule):
+    """A ViT image classifier with TransformerLens hook points on every intermediate activation.
+
+    Build one with :meth:`from_timm`; it computes exactly what the timm model computes (tested to
+    1e-5 in fp32). ``run_with_cache`` returns a :class:`ViTActivationCache`, a TransformerLens
+    ``ActivationCache``; ``layout`` says which tokens are CLS, registers and image patches.
+    """
+
+    def __init__(self, cfg: HookedViTConfig, class_names: Optional[Sequence[str]] = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = PatchEmbed(cfg)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model], prefix tokens included
+        self.pos_embed = PosEmbed(cfg) if cfg.has_pos_embed else None
+        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
+        if cfg.pre_norm:
+            self.ln_pre = LayerNorm(cfg.d_model, cfg.eps)
+        self.blocks = nn.ModuleList(
+            [TransformerBlock(cfg, make_activation(cfg.act_fn)) for _ in range(cfg.n_layers)]
+        )
+        self.ln_final = LayerNorm(cfg.d_model, cfg.eps, affine=cfg.normalization_type == "LN")
+        self.hook_pooled = HookPoint()  # [batch, d_model]
+        if cfg.has_dist_token:
+            self.hook_pooled_dist = HookPoint()
+        if cfg.n_classes:
+            self.head = ClassifierHead(cfg)
+            self.hook_logits = HookPoint()  # [batch, n_classes]
+        if class_names is not None and len(class_names) != cfg.n_classes:
+            raise ValueError(f"{len(class_names)} class names given for {cfg.n_classes} classes")
+        self.class_names: Optional[List[str]] = list(class_names) if class_names else None
+        self.layout = TokenLayout(
+            grid_size=cfg.grid_size,
+            patch_size=cfg.patch_size,
+            cls_index=0 if cfg.has_cls_token else None,
+            dist_index=1 if cfg.has_dist_token else None,
+            register_indices=tuple(range(int(cfg.has_cls_token), int(cfg.has_cls_token) + cfg.n_registers)),
+        )
+        self._init_weights()
+        self.setup()
+        self.eval()
+
+    # ---------------------------------------------------------------------------------------------
+    # Construction
+    # ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_timm(
+        cls,
+        model_or_name: Union[str, nn.Module],
+        pretrained: bool = False,
+        checkpoint_path: Optional[Union[str, Path]] = None,
+        *,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        center_unembed: bool = False,
+        fold_value_biases: bool = False,
+        class_names: Optional[Sequence[str]] = None,
+        **timm_kwargs: Any,
+    ) -> "HookedViT":
+        """Convert a timm ViT (a live module, or a timm model name with tag) exactly and strictly.
+
+        ``pretrained`` and ``timm_kwargs`` go to ``timm.create_model`` when a name is given.
+        ``checkpoint_path`` loads the user's own weights for that timm model (safetensors, or a torch
+        file read with ``weights_only=True``) before conversion. Every timm parameter and buffer is
+        consumed, or the conversion fails. The weight-processing flags are opt-in and each keeps the
+        model's log-probabilities (see :mod:`vit_embedding_lens.model.processing`).
+        """
+        from vit_embedding_lens.model.convert import convert_timm_vit, load_timm_model
+        from vit_embedding_lens.model.processing import process_weights_
+
+        timm_model, name = load_timm_model(model_or_name, pretrained, checkpoint_path, timm_kwargs)
+        model = convert_timm_vit(timm_model, name=name, class_names=class_names)
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+        return process_weights_(
+            model,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+        )
+
+    def _init_weights(self) -> None:
+        """Small random weights for a model built from a config alone (from_timm overwrites all)."""
+        gen = torch.Generator().manual_seed(0)
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith((".w",)) or name == "ln_final.w":
+                    p.fill_(1.0)
+                elif p.dim() > 1:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                else:
+                    p.zero_()
+
+    # ---------------------------------------------------------------------------------------------
+    # Forward
+    # ---------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        images: Float[Tensor, "batch chan height width"],
+        *,
+        stop_at_layer: Optional[int] = None,
+    ) -> Tensor:
+        """Logits ``[batch, n_classes]`` for a batch of preprocessed images.
+
+        ``stop_at_layer=l`` returns the residual stream entering block ``l`` instead (``[batch,
+        pos, d_model]``), skipping the rest. Models without a classifier head return the pooled
+        features ``[batch, d_model]``.
+        """
+        self.check_images(images)
+        embed, grid = self.embed(images)
+        embed = self.hook_embed(embed)
+        if self.pos_embed is not None:
+            pos = self.pos_embed(grid, embed.shape[0])
+        else:
+            pos = torch.zeros_like(embed)
+        resid = embed + self.hook_pos_embed(pos)
+        if self.cfg.pre_norm:
+            resid = self.ln_pre(resid)
+        blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
+        for block in blocks:
+            resid = block(resid)
+        if stop_at_layer is not None:
+            return resid
+        return self.readout(resid)
+
+    def readout(self, resid: Float[Tensor, "batch pos d_model"]) -> Tensor:
+        """Final norm, pooling, ``fc_norm`` and the classifier: residual stream -> logits."""
+        cfg = self.cfg
+        if cfg.final_norm == "tokens":
+            resid = self.ln_final(resid)
+        pooled = self.pool(resid)
+        if cfg.final_norm == "pooled":
+            pooled = self.ln_final(pooled)
+        pooled = self.hook_pooled(pooled)
+        if not cfg.n_classes:
+            return pooled
+        pooled_dist = None
+        if cfg.has_dist_token:
+            pooled_dist = self.hook_pooled_dist(resid[:, self.layout.dist_index])
+        return self.hook_logits(self.head(pooled, pooled_dist))
+
+    def pool(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch d_model"]:
+        """timm's global pooling: the CLS token, or avg/max/avgmax over the image tokens."""
+        pool = self.cfg.global_pool
+        if pool == "token":
+            return resid[:, self.layout.cls_index]
+        tokens = resid if self.cfg.pool_include_prefix else self.layout.patch_tokens(resid)
+        if pool == "avg":
+            return tokens.mean(dim=1)
+        if pool == "max":
+            return tokens.amax(dim=1)
+        return 0.5 * (tokens.amax(dim=1) + tokens.mean(dim=1))  # avgmax
+
+    def check_images(self, images: Any) -> None:
+        """Raise a clear error for inputs the model cannot take; say what to do instead."""
+        cfg = self.cfg
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a torch.Tensor [batch, {cfg.in_chans}, H, W], got {type(images).__name__}")
+        if images.ndim != 4:
+            hint = " (a single image? use images.unsqueeze(0))" if images.ndim == 3 else ""
+            raise ValueError(
+                f"images must have 4 dimensions [batch, channels, height, width], got shape "
+                f"{tuple(images.shape)}{hint}"
+            )
+        if not images.is_floating_point():
+            raise TypeError(
+                f"images must be a float tensor (preprocessed, normalized), got dtype {images.dtype}; "
+                f"convert with images.float() and apply the model's normalization"
+            )
+        w = self.embed.W_E
+        if images.dtype != w.dtype:
+            raise TypeError(f"images are {images.dtype} but the model's weights are {w.dtype}; use images.to({w.dtype})")
+        if images.device != w.device:
+            raise ValueError(f"images are on {images.device} but the model is on {w.device}; use images.to('{w.device}')")
+        if images.shape[1] != cfg.in_chans:
+            raise ValueError(
+                f"images have {images.shape[1]} channels, {cfg.model_name} expects {cfg.in_chans} "
+                f"(shape {tuple(images.shape)})"
+            )
+        size = tuple(images.shape[-2:])
+        if not cfg.dynamic_img_size and size != tuple(cfg.image_size):
+            raise ValueError(
+                f"image size {size[0]}x{size[1]} does not match {cfg.model_name}'s input size "
+                f"{cfg.image_size[0]}x{cfg.image_size[1]}; resize the images (or create the timm model "
+                f"with dynamic_img_size=True)"
+            )
+        if cfg.dynamic_img_size and not cfg.dynamic_img_pad:
+            ph, pw = cfg.patch_size
+            if size[0] % ph or size[1] % pw:
+                raise ValueError(f"image size {size[0]}x{size[1]} is not a multiple of the patch size {ph}x{pw}")
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or infinite values")
+
+    # ---------------------------------------------------------------------------------------------
+    # Hooks and caching
+    # ---------------------------------------------------------------------------------------------
+    def run_with_cache(
+        self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs: Any
+    ) -> Any:
+        """Run the model and return ``(output, ViTActivationCache)``, as TransformerLens does.
+
+        ``names_filter`` (a name, a list of names or a predicate), ``device`` and
+        ``remove_batch_dim`` behave as in TransformerLens; unknown names raise an error.
+        """
+        names_filter = kwargs.get("names_filter")
+        if isinstance(names_filter, str):
+            self.check_hook_name(names_filter)
+        elif isinstance(names_filter, (list, tuple)):
+            for name in names_filter:
+                self.check_hook_name(name)
+            kwargs["names_filter"] = list(names_filter)
+        out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        if return_cache_object:
+            return out, ViTActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        return out, cache_dict
+
+    def check_hook_name(self, name: str) -> None:
+        """Raise a ValueError naming the closest valid hook names when ``name`` is not one."""
+        if name in self.hook_dict:
+            return
+        close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"{name!r} is not a hook point of this {self.cfg.model_name} HookedViT{hint}")
+
+    def add_hook(self, name: Union[str, Callable[[str], bool]], hook: Callable, *args: Any, **kwargs: Any) -> None:
+        if isinstance(name, str):
+            self.check_hook_name(name)
+        super().add_hook(name, hook, *args, **kwargs)
+
+    def _enable_hook_with_name(self, name: str, hook: Callable, dir: Any) -> None:
+        self.check_hook_name(name)
+        super()._enable_hook_with_name(name, hook, dir)
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute per-head write-ins (``attn.hook_result``) on every forward, as TransformerLens."""
+        self._replace_cfg(use_attn_result=use_attn_result)
+
+    def set_attention_implementation(self, mode: str) -> None:
+        """``"auto"`` (fused unless scores/pattern are hooked) or ``"explicit"`` (always)."""
+        if mode not in ("auto", "explicit"):
+            raise ValueError(f"attention implementation must be 'auto' or 'explicit', got {mode!r}")
+        for block in self.blocks:
+            block.attn.force_explicit = mode == "explicit"
+
+    def _replace_cfg(self, **changes: Any) -> None:
+        from dataclasses import replace
+
+        self.cfg = replace(self.cfg, **changes)
+        for module in self.modules():
+            if module is not self and hasattr(module, "cfg"):
+                module.cfg = self.cfg
+
+    # ---------------------------------------------------------------------------------------------
+    # TransformerLens conveniences (used by ActivationCache.logit_attrs and friends)
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def W_U(self) -> Float[Tensor, "d_model n_classes"]:
+        return self._head().W_head
+
+    @property
+    def b_U(self) -> Float[Tensor, " n_classes"]:
+        return self._head().b_head
+
+    def _head(self) -> ClassifierHead:
+        if not self.cfg.n_classes:
+            raise ValueError(
+                f"{self.cfg.model_name} has no classifier head (num_classes=0); create the timm model "
+                f"with num_classes>0 or load a checkpoint with a head"
+            )
+        return self.head
+
+    def to_single_token(self, class_id: Union[int, str]) -> int:
+        """A class index from an index or a class name (``model.class_names``)."""
+        if isinstance(class_id, str):
+            return self.class_index(class_id)
+        if not 0 <= int(class_id) < self.cfg.n_classes:
+            raise ValueError(f"class index {class_id} is out of range for {self.cfg.n_classes} classes")
+        return int(class_id)
+
+    def class_index(self, name: str) -> int:
+        """Index of a class by its name, or by one of its comma-separated synonyms."""
+        if self.class_names is None:
+            raise ValueError("this model has no class names; pass class_names= to from_timm")
+        wanted = name.strip().lower()
+        hits = [i for i, n in enumerate(self.class_names) if n.lower() == wanted]
+        if not hits:
+            hits = [
+                i
+                for i, n in enumerate(self.class_names)
+                if wanted in (s.strip().lower() for s in n.split(","))
+            ]
+        if len(hits) != 1:
+            close = difflib.get_close_matches(name, self.class_names, n=5)
+            what = "ambiguous" if hits else "unknown"
+            raise ValueError(f"{what} class name {name!r}; close names: {close}")
+        return hits[0]
+
+    def tokens_to_residual_directions(self, class_ids: ClassIds) -> Tensor:
+        """Directions in the (final-normed) residual stream whose dot product is a class logit.
+
+        ``W_U[:, c]`` per class id; the shape follows ``class_ids`` with ``d_model`` appended.
+        For distilled DeiT the CLS readout contributes half of each logit (timm averages the two
+        heads), so its direction is ``W_U[:, c] / 2``.
+        """
+        if isinstance(class_ids, str) or isinstance(class_ids, int):
+            ids = torch.as_tensor(self.to_single_token(class_ids))
+        else:
+            ids = torch.as_tensor(class_ids)
+        directions = self.W_U[:, ids.to(self.W_U.device)]
+        directions = torch.movedim(directions, 0, -1)
+        return directions / 2 if self.cfg.has_dist_token else directions
+
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> Float[Tensor, " d_model"]:
+        """Sum of the attention and MLP output biases written into the residual before ``layer``."""
+        bias = torch.zeros(self.cfg.d_model, device=self.embed.W_E.device, dtype=self.embed.W_E.dtype)
+        for i in range(layer):
+            bias = bias + self.blocks[i].attn.b_O
+            if include_mlp_biases:
+                bias = bias + self.blocks[i].mlp.b_out
+        if mlp_input:
+            if layer >= self.cfg.n_layers:
+                raise ValueError(f"layer {layer} has no MLP input: the model has {self.cfg.n_layers} layers")
+            bias = bias + self.blocks[layer].attn.b_O
+        return bias
+
+    def _stack(self, attr: str, sub: str) -> Tensor:
+        return torch.stack([getattr(getattr(block, sub), attr) for block in self.blocks], dim=0)
+
+    W_Q = property(lambda self: self._stack("W_Q", "attn"), doc="[n_layers, n_heads, d_model, d_head]")
+    W_K = property(lambda self: self._stack("W_K", "attn"), doc="[n_layers, n_heads, d_model, d_head]")
+    W_V = property(lambda self: self._stack("W_V", "attn"), doc="[n_layers, n_heads, d_model, d_head]")
+    W_O = property(lambda self: self._stack("W_O", "attn"), doc="[n_layers, n_heads, d_head, d_model]")
+    b_Q = property(lambda self: self._stack("b_Q", "attn"), doc="[n_layers, n_heads, d_head]")
+    b_K = property(lambda self: self._stack("b_K", "attn"), doc="[n_layers, n_heads, d_head]")
+    b_V = property(lambda self: self._stack("b_V", "attn"), doc="[n_layers, n_heads, d_head]")
+    b_O = property(lambda self: self._stack("b_O", "attn"), doc="[n_layers, d_model]")
+    W_in = property(lambda self: self._stack("W_in", "mlp"), doc="[n_layers, d_model, d_mlp]")
+    W_out = property(lambda self: self._stack("W_out", "mlp"), doc="[n_layers, d_mlp, d_model]")
+    b_in = property(lambda self: self._stack("b_in", "mlp"), doc="[n_layers, d_mlp]")
+    b_out = property(lambda self: self._stack("b_out", "mlp"), doc="[n_layers, d_model]")
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """Per-head ``W_Q W_K^T`` [n_layers, n_heads, d_model, d_model], factored."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """Per-head ``W_V W_O`` [n_layers, n_heads, d_model, d_model], factored."""
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def __repr__(self) -> str:  # keep notebooks readable: the module tree is long
+        c = self.cfg
+        return (
+            f"HookedViT({c.model_name}: {c.n_layers} layers, d_model={c.d_model}, {c.n_heads} heads, "
+            f"{c.n_ctx} tokens = {self.layout.n_prefix} prefix + {c.grid_size[0]}x{c.grid_size[1]} patches, "
+            f"{c.n_classes} classes)"
+        )
