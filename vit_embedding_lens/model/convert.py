@@ -360,7 +360,7 @@ def convert_timm_vit(
     if class_names is None:
         class_names = _timm_class_names(model, cfg.n_classes)
     like = model.patch_embed.proj.weight
-    hooked = HookedViT(cfg, class_names=class_names).to(device=like.device, dtype=like.dtype)
+    hooked = HookedViT(cfg, class_names=class_names, init_weights=False).to(device=like.device, dtype=like.dtype)
     hooked.load_state_dict(state, strict=True)
     return hooked
 

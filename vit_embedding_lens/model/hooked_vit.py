@@ -36,7 +36,12 @@ class HookedViT(HookedRootModule):
     ``ActivationCache``; ``layout`` says which tokens are CLS, registers and image patches.
     """
 
-    def __init__(self, cfg: HookedViTConfig, class_names: Optional[Sequence[str]] = None) -> None:
+    def __init__(
+        self,
+        cfg: HookedViTConfig,
+        class_names: Optional[Sequence[str]] = None,
+        init_weights: bool = True,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = PatchEmbed(cfg)
@@ -65,7 +70,8 @@ class HookedViT(HookedRootModule):
             dist_index=1 if cfg.has_dist_token else None,
             register_indices=tuple(range(int(cfg.has_cls_token), int(cfg.has_cls_token) + cfg.n_registers)),
         )
-        self._init_weights()
+        if init_weights:
+            self._init_weights()
         self.setup()
         self.eval()
 
@@ -176,12 +182,23 @@ class HookedViT(HookedRootModule):
         pool = self.cfg.global_pool
         if pool == "token":
             return resid[:, self.layout.cls_index]
-        tokens = resid if self.cfg.pool_include_prefix else self.layout.patch_tokens(resid)
+        n_prefix = 0 if self.cfg.pool_include_prefix else self.layout.n_prefix
+        tokens = resid[:, n_prefix:]  # any grid size (dynamic_img_size models)
         if pool == "avg":
             return tokens.mean(dim=1)
         if pool == "max":
             return tokens.amax(dim=1)
         return 0.5 * (tokens.amax(dim=1) + tokens.mean(dim=1))  # avgmax
+
+    def layout_for(self, image_size: Sequence[int]) -> TokenLayout:
+        """The token layout for another input size (models created with ``dynamic_img_size``)."""
+        h, w = int(image_size[-2]), int(image_size[-1])
+        ph, pw = self.cfg.patch_size
+        if self.cfg.dynamic_img_pad:
+            grid = (-(-h // ph), -(-w // pw))
+        else:
+            grid = (h // ph, w // pw)
+        return self.layout.with_grid(grid)
 
     def check_images(self, images: Any) -> None:
         """Raise a clear error for inputs the model cannot take; say what to do instead."""
