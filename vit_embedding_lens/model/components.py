@@ -177,7 +177,7 @@ class Attention(nn.Module):
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
 
-        if self.cfg.use_attn_result or _hooked(self.hook_result):
+        if self.cfg.use_attn_result:
             result = self.hook_result(torch.einsum("bnhe,hed->bnhd", z, self.W_O))
             return result.sum(dim=-2) + self.b_O
         return F.linear(z.reshape(B, N, H * dh), self.W_O.reshape(H * dh, -1).T, self.b_O)

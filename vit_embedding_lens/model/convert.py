@@ -261,7 +261,11 @@ class _Consumer:
     """Hands out timm tensors by name and remembers which were taken, for the strictness check."""
 
     def __init__(self, model: nn.Module, name: str) -> None:
-        self.tensors = {k: v.detach() for k, v in chain(model.named_parameters(), model.named_buffers())}
+        # float64 while folding (LayerScale, transposes), so the only rounding is the final cast
+        self.tensors = {
+            k: v.detach().to(torch.float64) if v.is_floating_point() else v.detach()
+            for k, v in chain(model.named_parameters(), model.named_buffers())
+        }
         self.taken: set = set()
         self.name = name
 
@@ -288,8 +292,14 @@ def _layer_scale(c: _Consumer, prefix: str, d: int, like: Tensor) -> Tensor:
     return gamma if gamma is not None else torch.ones(d, dtype=like.dtype, device=like.device)
 
 
-def state_dict_from_timm(model: nn.Module, cfg: HookedViTConfig) -> Dict[str, Tensor]:
-    """HookedViT state dict from a timm ViT: TransformerLens layout, LayerScale folded in."""
+def state_dict_from_timm(
+    model: nn.Module, cfg: HookedViTConfig, dtype: Optional[torch.dtype] = None
+) -> Dict[str, Tensor]:
+    """HookedViT state dict from a timm ViT: TransformerLens layout, LayerScale folded in.
+
+    Folding is done in float64 and cast once to ``dtype`` (default: the timm weights' dtype).
+    """
+    dtype = dtype or model.patch_embed.proj.weight.dtype
     c = _Consumer(model, cfg.model_name)
     H, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
     sd: Dict[str, Tensor] = {}
@@ -339,7 +349,7 @@ def state_dict_from_timm(model: nn.Module, cfg: HookedViTConfig) -> Dict[str, Te
             sd[f"head.W_head{ours}"] = w.T
             sd[f"head.b_head{ours}"] = _or_zeros(c.maybe(f"{timm_head}.bias"), cfg.n_classes, w)
     c.check_all_taken()
-    return {k: v.clone().contiguous() for k, v in sd.items()}
+    return {k: v.to(dtype).contiguous() for k, v in sd.items()}
 
 
 def _or_zeros(t: Optional[Tensor], n: int, like: Tensor) -> Tensor:
@@ -348,19 +358,28 @@ def _or_zeros(t: Optional[Tensor], n: int, like: Tensor) -> Tensor:
 
 
 def convert_timm_vit(
-    model: nn.Module, name: Optional[str] = None, class_names: Optional[Sequence[str]] = None
+    model: nn.Module,
+    name: Optional[str] = None,
+    class_names: Optional[Sequence[str]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
 ):
-    """Build the HookedViT equivalent of a timm ViT; the timm module is left untouched."""
+    """Build the HookedViT equivalent of a timm ViT; the timm module is left untouched.
+
+    ``device``/``dtype`` default to the timm weights'; converting to a wider dtype than timm's
+    folds in that dtype, so a float64 HookedViT of a float32 timm model is exact in float64.
+    """
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
     name = name or type(model).__name__
     check_supported(model, name)
     cfg = config_from_timm(model, name)
-    state = state_dict_from_timm(model, cfg)
+    like = model.patch_embed.proj.weight
+    dtype = dtype or like.dtype
+    state = state_dict_from_timm(model, cfg, dtype)
     if class_names is None:
         class_names = _timm_class_names(model, cfg.n_classes)
-    like = model.patch_embed.proj.weight
-    hooked = HookedViT(cfg, class_names=class_names, init_weights=False).to(device=like.device, dtype=like.dtype)
+    hooked = HookedViT(cfg, class_names=class_names, init_weights=False).to(device=device or like.device, dtype=dtype)
     hooked.load_state_dict(state, strict=True)
     return hooked
 

@@ -106,9 +106,7 @@ class HookedViT(HookedRootModule):
         from vit_embedding_lens.model.processing import process_weights_
 
         timm_model, name = load_timm_model(model_or_name, pretrained, checkpoint_path, timm_kwargs)
-        model = convert_timm_vit(timm_model, name=name, class_names=class_names)
-        if device is not None or dtype is not None:
-            model.to(device=device, dtype=dtype)
+        model = convert_timm_vit(timm_model, name=name, class_names=class_names, device=device, dtype=dtype)
         return process_weights_(
             model,
             fold_ln=fold_ln,
