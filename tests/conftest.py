@@ -24,13 +24,6 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    """No test needs gradients; skipping autograd keeps the CPU-only suite fast."""
-    with torch.no_grad():
-        yield
-
-
 @pytest.fixture
 def make_images():
     """Factory for a seeded random image batch: ``make_images(batch, size, in_chans=3, seed=0)``.
