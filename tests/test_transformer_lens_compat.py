@@ -342,3 +342,23 @@ def test_all_processing_keeps_class_probabilities(key, make_images):
             out = cache[f"blocks.{l}.{name}"]
             torch.testing.assert_close(out.mean(-1), torch.zeros_like(out.mean(-1)), atol=1e-4, rtol=0)
         assert torch.count_nonzero(hm.blocks[l].attn.b_V) == 0
+
+
+def test_cache_token_groups_follow_the_layout():
+    """ViTActivationCache.patch_tokens / prefix_tokens split by model.layout, for full and short keys."""
+    from vit_embedding_lens.testing import create_timm_vit
+
+    model = HookedViT.from_timm(
+        create_timm_vit("vit_small_patch14_reg4_dinov2", depth=2, embed_dim=64, num_heads=4, img_size=56, num_classes=7)
+    )
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    _, cache = model.run_with_cache(x)
+    n_prefix = model.layout.n_prefix
+    assert n_prefix == 5
+    resid = cache["blocks.1.hook_resid_post"]
+    assert torch.equal(cache.patch_tokens("blocks.1.hook_resid_post"), resid[:, n_prefix:])
+    assert torch.equal(cache.prefix_tokens(("resid_post", 1)), resid[:, :n_prefix])
+    z = cache["blocks.0.attn.hook_z"]
+    assert torch.equal(cache.patch_tokens(("z", 0)), z[:, n_prefix:])
+    with pytest.raises(ValueError, match="query and a key"):
+        cache.patch_tokens("blocks.0.attn.hook_pattern")

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor
 from transformer_lens import ActivationCache
+from transformer_lens.utilities import get_act_name
 
 from vit_embedding_lens.model.layout import TokenLayout
 
@@ -31,9 +32,13 @@ class ViTActivationCache(ActivationCache):
         return self.layout.prefix_tokens(self[key], dim=self._pos_dim(key))
 
     def _pos_dim(self, key: Any) -> int:
-        name = key if isinstance(key, str) else str(key[0])
-        if name.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "q", "k", "v", "z", "result")):
-            return -3
-        if name.endswith(("hook_pattern", "hook_attn_scores", "pattern", "attn_scores")):
+        """Token axis of a cached activation: -3 for per-head tensors, -2 otherwise."""
+        name = key if isinstance(key, str) and key in self.cache_dict else _full_name(key)
+        if name.endswith(("hook_pattern", "hook_attn_scores")):
             raise ValueError(f"{name} has a query and a key token axis; index it with model.layout directly")
-        return -2
+        return -3 if name.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")) else -2
+
+
+def _full_name(key: Any) -> str:
+    """TransformerLens's short keys ("resid_post", ("z", 3), ...) as full hook names."""
+    return get_act_name(key) if isinstance(key, str) else get_act_name(*key)

@@ -120,7 +120,7 @@ class HookedViT(HookedRootModule):
         gen = torch.Generator().manual_seed(0)
         for name, p in self.named_parameters():
             with torch.no_grad():
-                if name.endswith((".w",)) or name == "ln_final.w":
+                if name.endswith(".w"):  # norm weights
                     p.fill_(1.0)
                 elif p.dim() > 1:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
