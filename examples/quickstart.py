@@ -1,8 +1,9 @@
 """Quick start: convert a timm ViT into a HookedViT, check it is exact, cache activations, and read
 the CLS token through a logit lens block by block.
 
-Runs offline on CPU in a few seconds: the ViT is built with ``pretrained=False`` and small random
-weights, so the class predictions are meaningless - the point is the API and the exactness check.
+Runs offline on CPU in a few seconds: the ViT is built with ``pretrained=False`` and random weights,
+so its class predictions are meaningless - the point is the API and the exactness check. The last
+step loads the small trained model shipped with the package and reads its CLS token block by block.
 
     .venv/bin/python examples/quickstart.py
 """
@@ -15,7 +16,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the model hub
 
 import time
 
-import timm
 import torch
 
 from vit_embedding_lens import HookedViT
@@ -23,16 +23,30 @@ from vit_embedding_lens import HookedViT
 
 def build_timm_vit() -> torch.nn.Module:
     """A 4-block ViT-S/16, no download; every parameter randomized when the testing helper exists."""
-    try:
-        from vit_embedding_lens.testing import create_timm_vit
-    except ImportError:
-        create_timm_vit = None
-    if create_timm_vit is not None:
-        print("   timm.create_model('vit_small_patch16_224', pretrained=False, depth=4), "
-              "every weight randomized (vit_embedding_lens.testing.create_timm_vit)")
-        return create_timm_vit("vit_small_patch16_224", depth=4)
-    print("   timm.create_model('vit_small_patch16_224', pretrained=False, depth=4), timm's default init")
-    return timm.create_model("vit_small_patch16_224", pretrained=False, depth=4)
+    from vit_embedding_lens.testing import create_timm_vit
+
+    print("   timm.create_model('vit_small_patch16_224', pretrained=False, depth=4), "
+          "every weight randomized (vit_embedding_lens.testing.create_timm_vit)")
+    return create_timm_vit("vit_small_patch16_224", depth=4)
+
+
+def bundled_model_logit_lens() -> None:
+    """The trained model shipped with the package: accuracy, and the CLS token read per block."""
+    from vit_embedding_lens.zoo import load_mnist_eval, model_card
+
+    model = HookedViT.from_bundled()
+    digits = load_mnist_eval()
+    print(f"   {model}")
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(digits.images, names_filter=lambda n: n.endswith("hook_resid_post"))
+    acc = (logits.argmax(-1) == digits.labels).float().mean().item()
+    print(f"   held-out accuracy on {len(digits)} digits: {acc:.3f} (model card: {model_card()['held_out_accuracy']})")
+    print("   CLS token read through the final norm and classifier after each block:")
+    for layer in range(model.cfg.n_layers):
+        cls = cache[f"blocks.{layer}.hook_resid_post"][:, model.layout.cls_index]
+        readout = model.ln_final(cls) @ model.W_U + model.b_U
+        block_acc = (readout.argmax(-1) == digits.labels).float().mean().item()
+        print(f"     block {layer}: top-1 accuracy {block_acc:.3f}")
 
 
 def main() -> None:
@@ -96,6 +110,9 @@ def main() -> None:
         print(f"   {label:>10}: class {top_c.item():4d}  p={top_p.item():.4f}")
     final_gap = (lens_logits[-1] - logits).abs().max().item()
     print(f"   lens at 'final_post' vs model logits: max abs diff {final_gap:.3e}")
+
+    print("\n== 6. The bundled trained model (offline): HookedViT.from_bundled()")
+    bundled_model_logit_lens()
 
     print(f"\nDone in {time.perf_counter() - t_start:.1f} s.")
 

@@ -92,6 +92,7 @@ class HookedViT(HookedRootModule):
         center_unembed: bool = False,
         fold_value_biases: bool = False,
         class_names: Optional[Sequence[str]] = None,
+        model_name: Optional[str] = None,
         **timm_kwargs: Any,
     ) -> "HookedViT":
         """Convert a timm ViT (a live module, or a timm model name with tag) exactly and strictly.
@@ -101,12 +102,25 @@ class HookedViT(HookedRootModule):
         file read with ``weights_only=True``) before conversion. Every timm parameter and buffer is
         consumed, or the conversion fails. The weight-processing flags are opt-in and each keeps the
         model's log-probabilities (see :mod:`vit_embedding_lens.model.processing`).
+        ``"bundled:mnist-vit"`` names the trained model shipped with the package (see
+        :meth:`from_bundled`). ``model_name`` labels the result (default: the timm name).
         """
+        if isinstance(model_or_name, str) and model_or_name.startswith("bundled:"):
+            if pretrained or checkpoint_path is not None or timm_kwargs:
+                raise ValueError("a bundled model takes no pretrained=, checkpoint_path= or timm arguments")
+            from vit_embedding_lens.zoo.bundled import load_bundled_timm, bundled_class_names
+
+            bundled = model_or_name.split(":", 1)[1]
+            model_or_name = load_bundled_timm(bundled)
+            class_names = class_names or bundled_class_names(bundled)
+            model_name = model_name or f"bundled:{bundled}"
         from vit_embedding_lens.model.convert import convert_timm_vit, load_timm_model
         from vit_embedding_lens.model.processing import process_weights_
 
         timm_model, name = load_timm_model(model_or_name, pretrained, checkpoint_path, timm_kwargs)
-        model = convert_timm_vit(timm_model, name=name, class_names=class_names, device=device, dtype=dtype)
+        model = convert_timm_vit(
+            timm_model, name=model_name or name, class_names=class_names, device=device, dtype=dtype
+        )
         return process_weights_(
             model,
             fold_ln=fold_ln,
@@ -114,6 +128,15 @@ class HookedViT(HookedRootModule):
             center_unembed=center_unembed,
             fold_value_biases=fold_value_biases,
         )
+
+    @classmethod
+    def from_bundled(cls, name: str = "mnist-vit", **kwargs: Any) -> "HookedViT":
+        """The small trained model shipped with the package (offline): a 6-block ViT on MNIST.
+
+        Its held-out digits come from :func:`vit_embedding_lens.zoo.load_mnist_eval`; its model card
+        (data, split, accuracy, training command) from :func:`vit_embedding_lens.zoo.model_card`.
+        """
+        return cls.from_timm(f"bundled:{name}", **kwargs)
 
     def _init_weights(self) -> None:
         """Small random weights for a model built from a config alone (from_timm overwrites all)."""
