@@ -291,3 +291,24 @@ def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
     with pytest.raises((FileNotFoundError, ValueError), match=re.escape(path.name)):
         HookedViT.from_timm(CKPT_NAME, checkpoint_path=path, **CKPT_KW)
 
+
+
+def test_pretrained_weights_without_a_hub_say_what_to_do_instead(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="checkpoint_path=.*from_bundled"):
+        HookedViT.from_timm("deit_tiny_patch16_224", pretrained=True)
+
+
+def test_unknown_timm_name_suggests_close_names():
+    with pytest.raises(ValueError, match="not a timm model name.*deit_tiny_patch16_224"):
+        HookedViT.from_timm("deit_tiny_patch16_244")
+
+
+def test_input_validation_can_be_switched_off_for_trusted_loops():
+    model = HookedViT.from_timm(create_timm_vit("vit_base_patch16_224", depth=1, embed_dim=64, num_heads=4, img_size=32))
+    x = torch.randn(1, 3, 32, 32)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        model(x)
+    model.validate_inputs = False
+    assert torch.isnan(model(x)).any()  # garbage in, garbage out - but no check, no sync

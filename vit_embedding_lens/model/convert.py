@@ -7,6 +7,7 @@ feature HookedViT does not implement raises :class:`UnsupportedArchitectureError
 
 from __future__ import annotations
 
+import difflib
 from itertools import chain
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -54,8 +55,18 @@ def load_timm_model(
 
         name = model_or_name
         if name.split(".")[0] not in timm.list_models():
-            raise ValueError(f"{name!r} is not a timm model name; see timm.list_models('vit*')")
-        model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+            close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3)
+            raise ValueError(f"{name!r} is not a timm model name (close: {close}); see timm.list_models('vit*')")
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+        except OSError as err:  # the hub is unreachable (HF_HUB_OFFLINE, no network) or the file is gone
+            if not pretrained:
+                raise
+            raise OSError(
+                f"could not fetch the pretrained weights of {name!r} ({type(err).__name__}: {err}). "
+                f"Without a model hub, create the model with pretrained=False and pass your own "
+                f"weights as checkpoint_path=..., or use the bundled model (HookedViT.from_bundled())."
+            ) from err
     else:
         raise TypeError(f"expected a timm model or a timm model name, got {type(model_or_name).__name__}")
     if checkpoint_path is not None:

@@ -63,6 +63,9 @@ class HookedViT(HookedRootModule):
         if class_names is not None and len(class_names) != cfg.n_classes:
             raise ValueError(f"{len(class_names)} class names given for {cfg.n_classes} classes")
         self.class_names: Optional[List[str]] = list(class_names) if class_names else None
+        #: check every input batch (rank, channels, size, dtype, device, NaN/inf); the NaN/inf check
+        #: reads the whole batch and, on a GPU, waits for it: set False in tight loops you trust
+        self.validate_inputs = True
         self.layout = TokenLayout(
             grid_size=cfg.grid_size,
             patch_size=cfg.patch_size,
@@ -165,7 +168,8 @@ class HookedViT(HookedRootModule):
         pos, d_model]``), skipping the rest. Models without a classifier head return the pooled
         features ``[batch, d_model]``.
         """
-        self.check_images(images)
+        if self.validate_inputs:
+            self.check_images(images)
         embed, grid = self.embed(images)
         embed = self.hook_embed(embed)
         if self.pos_embed is not None:
