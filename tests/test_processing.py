@@ -110,3 +110,19 @@ def test_post_norm_blocks_still_allow_the_steps_that_are_exact():
     processed = HookedViT.from_timm(rpn, center_unembed=True, fold_value_biases=True)
     x = _images(plain)
     torch.testing.assert_close(_log_probs(processed, x), _log_probs(plain, x), atol=1e-4, rtol=1e-5)
+
+
+def test_processing_is_exact_in_float64(timm_model):
+    """In float64 any real change of function stands far above rounding (1e-9 vs ~1e-14)."""
+    plain = HookedViT.from_timm(timm_model, dtype=torch.float64)
+    steps = {s: True for s in STEPS}
+    if plain.cfg.block_norm == "post":
+        steps = {"center_unembed": True, "fold_value_biases": True}
+    processed = HookedViT.from_timm(timm_model, dtype=torch.float64, **steps)
+    x = _images(plain).double()
+    torch.testing.assert_close(_log_probs(processed, x), _log_probs(plain, x), atol=1e-9, rtol=1e-9)
+
+
+def test_processed_model_keeps_the_requested_dtype(timm_model):
+    model = HookedViT.from_timm(timm_model, dtype=torch.bfloat16, fold_ln=True, center_writing_weights=True)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -121,16 +121,19 @@ class HookedViT(HookedRootModule):
         from vit_embedding_lens.model.processing import process_weights_
 
         timm_model, name = load_timm_model(model_or_name, pretrained, checkpoint_path, timm_kwargs)
-        model = convert_timm_vit(
-            timm_model, name=model_name or name, class_names=class_names, device=device, dtype=dtype
-        )
-        return process_weights_(
-            model,
+        steps = dict(
             fold_ln=fold_ln,
             center_writing_weights=center_writing_weights,
             center_unembed=center_unembed,
             fold_value_biases=fold_value_biases,
         )
+        target_dtype = dtype or next(timm_model.parameters()).dtype
+        # weight processing runs in float64 and is cast once, so it adds no rounding of its own
+        work_dtype = torch.float64 if any(steps.values()) else target_dtype
+        model = convert_timm_vit(
+            timm_model, name=model_name or name, class_names=class_names, device=device, dtype=work_dtype
+        )
+        return process_weights_(model, **steps).to(target_dtype)
 
     @classmethod
     def from_bundled(cls, name: str = "mnist-vit", **kwargs: Any) -> "HookedViT":
