@@ -72,6 +72,12 @@ class MnistEvalSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def class_token_mask(self, layout, method: str = "nearest", threshold: float = 0.5) -> Bool[Tensor, "n n_tokens"]:
+        """True at image tokens on the digit's stroke ("class" tokens); the rest are "context"."""
+        from vit_embedding_lens.data.token_labels import token_mask_from_mask
+
+        return token_mask_from_mask(self.masks, layout, method=method, threshold=threshold)
+
 
 def _data_file(name: str) -> Path:
     path = DATA_DIR / name
