@@ -303,14 +303,11 @@ def _layer_scale(c: _Consumer, prefix: str, d: int, like: Tensor) -> Tensor:
     return gamma if gamma is not None else torch.ones(d, dtype=like.dtype, device=like.device)
 
 
-def state_dict_from_timm(
-    model: nn.Module, cfg: HookedViTConfig, dtype: Optional[torch.dtype] = None
-) -> Dict[str, Tensor]:
+def state_dict_from_timm(model: nn.Module, cfg: HookedViTConfig, dtype: torch.dtype) -> Dict[str, Tensor]:
     """HookedViT state dict from a timm ViT: TransformerLens layout, LayerScale folded in.
 
-    Folding is done in float64 and cast once to ``dtype`` (default: the timm weights' dtype).
+    Folding is done in float64 and cast once to ``dtype``.
     """
-    dtype = dtype or model.patch_embed.proj.weight.dtype
     c = _Consumer(model, cfg.model_name)
     H, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
     sd: Dict[str, Tensor] = {}

@@ -1,7 +1,8 @@
 """The bundled trained model: a 6-block timm ViT trained on real MNIST digits, shipped in the package.
 
 It is the offline default for examples, tests and the command line: no model hub is needed.
-``load_bundled("mnist-vit")`` (or ``HookedViT.from_bundled()``) converts it like any timm model.
+``HookedViT.from_bundled()`` (or ``HookedViT.from_timm("bundled:mnist-vit")``) converts it like any
+timm model; ``load_bundled_timm()`` gives the timm module itself.
 """
 
 from __future__ import annotations
