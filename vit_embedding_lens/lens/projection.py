@@ -12,13 +12,33 @@ sublayer write-ins' ``q`` (``unnormalized``), one matmul per sublayer instead of
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Tuple
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 HeadChoice = Literal["mean", "cls", "dist"]
+
+
+def classifier_head(model, head: HeadChoice = "mean") -> Tuple[Float[Tensor, "d_model n_classes"], Float[Tensor, " n_classes"]]:
+    """The classifier's weight and bias (live parameters). Distilled models have two heads: ``"mean"``
+    averages them (timm averages their logits), ``"cls"``/``"dist"`` pick one."""
+    cfg = model.cfg
+    if not cfg.n_classes:
+        raise ValueError(
+            f"{cfg.model_name} has no classifier head (num_classes=0): there is no class space to "
+            f"project onto; load a checkpoint with a head or create the model with num_classes>0"
+        )
+    if head not in ("mean", "cls", "dist"):
+        raise ValueError(f"head must be 'mean', 'cls' or 'dist', got {head!r}")
+    if head == "dist" and not cfg.has_dist_token:
+        raise ValueError(f"{cfg.model_name} has no distillation head; use head='mean' or 'cls'")
+    weight, bias = model.head.W_head, model.head.b_head  # [d, C], [C]
+    if cfg.has_dist_token and head != "cls":
+        w_d, b_d = model.head.W_head_dist, model.head.b_head_dist
+        weight, bias = ((weight + w_d) / 2, (bias + b_d) / 2) if head == "mean" else (w_d, b_d)
+    return weight, bias
 
 
 class ClassProjection:
@@ -30,15 +50,7 @@ class ClassProjection:
 
     def __init__(self, model, head: HeadChoice = "mean") -> None:
         cfg = model.cfg
-        if not cfg.n_classes:
-            raise ValueError(
-                f"{cfg.model_name} has no classifier head (num_classes=0): there is no class space to "
-                f"project onto; load a checkpoint with a head or create the model with num_classes>0"
-            )
-        if head not in ("mean", "cls", "dist"):
-            raise ValueError(f"head must be 'mean', 'cls' or 'dist', got {head!r}")
-        if head == "dist" and not cfg.has_dist_token:
-            raise ValueError(f"{cfg.model_name} has no distillation head; use head='mean' or 'cls'")
+        classifier_head(model, head)  # validates the model and the choice
         self.n_classes = cfg.n_classes
         self.eps = model.ln_final.eps
         self._model, self._head = model, head
@@ -51,11 +63,8 @@ class ClassProjection:
 
     def _folded(self) -> tuple:
         """The head with the final norm's affine folded in, from the live parameters."""
-        model, head = self._model, self._head
-        weight, bias = model.head.W_head, model.head.b_head  # [d, C], [C]
-        if model.cfg.has_dist_token and head != "cls":
-            w_d, b_d = model.head.W_head_dist, model.head.b_head_dist
-            weight, bias = ((weight + w_d) / 2, (bias + b_d) / 2) if head == "mean" else (w_d, b_d)
+        model = self._model
+        weight, bias = classifier_head(model, self._head)
         ln = model.ln_final
         if ln.affine:
             bias = bias + ln.b @ weight

@@ -1,0 +1,373 @@
+"""Which memories the tokens use: key-value agreement and compositionality, streamed (METHODS §4).
+
+For every token, block and sublayer, its *most activated* memories are the ``k`` (default 5) with the
+largest coefficients (``mlp.hook_pre`` values, or the concatenated head outputs ``hook_z``). "Largest"
+means the largest signed values, not the largest magnitudes: a memory with a large positive
+coefficient writes its value, one with a negative coefficient writes the value's opposite.
+
+- **Key-value agreement**: a token of an image of class ``c`` agrees when one of its most activated
+  memories is among class ``c``'s top memories (the ``k`` largest ``P[c, :]``, see
+  :mod:`~vit_embedding_lens.lens.memories`). Rate per class (tokens of that class's images), then the
+  mean over the classes seen. The **random-class baseline** repeats this with a class drawn uniformly
+  at random for each image in place of its label (seeded; several draws, averaged).
+- **Compositionality**: a token *matches* when the top-1 class of the sublayer's own write-in
+  (``attn_out``/``mlp_out`` read with :class:`ClassProjection`) is the top class (argmax of
+  ``P[:, i]``) of one of its most activated memories. Match rate = share of tokens that match; a low
+  rate means the sublayer's prediction is composed from many memories rather than copied from one.
+
+Both are counted per token group (``cls``; ``prefix`` for the other prefix tokens: distillation and
+registers; ``image``) and per class, so batches add up. The hooks reduce in place: only the top-``k``
+memory indices of each token survive the forward pass, never a ``n_memories``-wide tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from vit_embedding_lens.lens.memories import (
+    SUBLAYER_KINDS,
+    _check_k,
+    _class_names,
+    check_kinds,
+    class_top_memories,
+    coefficient_hook_name,
+    memory_classes,
+    memory_coefficients,
+    n_memories,
+    value_projection,
+    write_in_hook_name,
+)
+from vit_embedding_lens.lens.projection import ClassProjection, HeadChoice
+
+#: token groups, in the order every result uses (only those a layout has are reported)
+TOKEN_GROUPS: Tuple[str, str, str] = ("cls", "prefix", "image")
+
+
+def token_group_ids(layout) -> Int[Tensor, " n_tokens"]:
+    """Per sequence position, its token group as an index into :data:`TOKEN_GROUPS`."""
+    ids = torch.full((layout.n_tokens,), TOKEN_GROUPS.index("image"), dtype=torch.long)
+    ids[list(layout.prefix_indices)] = TOKEN_GROUPS.index("prefix")
+    if layout.cls_index is not None:
+        ids[layout.cls_index] = TOKEN_GROUPS.index("cls")
+    return ids
+
+
+def random_classes(
+    generator: torch.Generator, n_draws: int, batch: int, n_classes: int
+) -> Int[Tensor, "n_draws batch"]:
+    """The random-class baseline's classes: one uniform draw per image and draw, from ``generator``."""
+    return torch.randint(n_classes, (n_draws, batch), generator=generator, device=generator.device)
+
+
+@dataclass
+class MemoryTables:
+    """What the streaming needs from the weights, per sublayer kind: ``[n_layers, ...]`` tensors.
+
+    ``class_top[kind][l, c]``: class ``c``'s top memories by ``P[c, :]``; ``memory_class[kind][l, i]``:
+    the argmax class of memory ``i``'s value.
+    """
+
+    kinds: Tuple[str, ...]
+    class_top: Dict[str, Int[Tensor, "n_layers n_classes k"]]
+    memory_class: Dict[str, Int[Tensor, "n_layers n_memories"]]
+
+    @classmethod
+    def from_model(
+        cls, model, kinds: Union[str, Sequence[str]] = SUBLAYER_KINDS, top_memories: int = 5, head: HeadChoice = "mean"
+    ) -> "MemoryTables":
+        kinds = check_kinds(kinds)
+        class_top, memory_class = {}, {}
+        for kind in kinds:
+            projections = [value_projection(model, b, kind, head) for b in range(model.cfg.n_layers)]
+            class_top[kind] = torch.stack([class_top_memories(p, top_memories) for p in projections])
+            memory_class[kind] = torch.stack([memory_classes(p) for p in projections])
+        return cls(kinds, class_top, memory_class)
+
+
+@dataclass
+class MemoryUsage:
+    """Counts of key-value agreement and compositional matches, per class and token group.
+
+    Axes: ``kind`` (:attr:`kinds`), ``block``, ``group`` (:data:`TOKEN_GROUPS`), ``class`` and, for the
+    random-class baseline, ``draw``. Counts add over batches (``+``); rates come from the methods.
+    """
+
+    kinds: Tuple[str, ...]
+    #: ``[group, class]``: tokens seen, by the image's label
+    tokens: Int[Tensor, "n_groups n_classes"]
+    #: ``[kind, block, group, class]``: tokens that agree with their image's label
+    agree: Int[Tensor, "n_kinds n_layers n_groups n_classes"]
+    #: ``[kind, block, group, class]``: tokens whose write-in's top class is a top memory's class
+    match: Int[Tensor, "n_kinds n_layers n_groups n_classes"]
+    #: ``[draw, group, class]``: tokens seen, by the randomly drawn class
+    random_tokens: Int[Tensor, "n_draws n_groups n_classes"]
+    #: ``[draw, kind, block, group, class]``: tokens that agree with the randomly drawn class
+    random_agree: Int[Tensor, "n_draws n_kinds n_layers n_groups n_classes"]
+    n_images: int = 0
+    class_names: Optional[List[str]] = field(default=None, repr=False)
+
+    @classmethod
+    def zeros(
+        cls, kinds: Sequence[str], n_layers: int, n_classes: int, n_draws: int, class_names=None
+    ) -> "MemoryUsage":
+        """Empty counts for a model of ``n_layers`` blocks and ``n_classes`` classes."""
+        g, k = len(TOKEN_GROUPS), len(kinds)
+
+        def z(*shape: int) -> Tensor:
+            return torch.zeros(shape, dtype=torch.long)
+
+        return cls(
+            tuple(kinds), z(g, n_classes), z(k, n_layers, g, n_classes), z(k, n_layers, g, n_classes),
+            z(n_draws, g, n_classes), z(n_draws, k, n_layers, g, n_classes), 0,
+            list(class_names) if class_names is not None else None,
+        )
+
+    def __add__(self, other: "MemoryUsage") -> "MemoryUsage":
+        same = self.agree.shape == other.agree.shape and self.random_agree.shape == other.random_agree.shape
+        if self.kinds != other.kinds or not same:
+            raise ValueError("can only add MemoryUsage counts of the same model, sublayer kinds and number of draws")
+        return MemoryUsage(
+            self.kinds, self.tokens + other.tokens, self.agree + other.agree, self.match + other.match,
+            self.random_tokens + other.random_tokens, self.random_agree + other.random_agree,
+            self.n_images + other.n_images, self.class_names,
+        )
+
+    # -- rates ------------------------------------------------------------------------------------
+    @property
+    def groups(self) -> Tuple[str, ...]:
+        """The token groups that have tokens (e.g. no ``cls`` for average-pooling models)."""
+        return tuple(g for i, g in enumerate(TOKEN_GROUPS) if self.tokens[i].sum() > 0)
+
+    def agreement_per_class(self) -> Float[Tensor, "n_kinds n_layers n_groups n_classes"]:
+        """Share of a class's tokens that agree (NaN for classes with no tokens in the group)."""
+        return _ratio(self.agree, self.tokens)
+
+    def agreement_rate(self) -> Float[Tensor, "n_kinds n_layers n_groups"]:
+        """Key-value agreement: the mean over the classes seen of the per-class rate."""
+        return self.agreement_per_class().nanmean(dim=-1)
+
+    def random_agreement_rate(self) -> Float[Tensor, "n_kinds n_layers n_groups"]:
+        """The random-class baseline: the same rate with drawn classes, averaged over draws."""
+        per_class = _ratio(self.random_agree, self.random_tokens[:, None, None])
+        return per_class.nanmean(dim=-1).mean(dim=0)
+
+    def match_rate(self) -> Float[Tensor, "n_kinds n_layers n_groups"]:
+        """Compositionality: the share of all tokens of a group whose write-in matches a top memory."""
+        return _ratio(self.match.sum(-1), self.tokens.sum(-1))
+
+    # -- tables -----------------------------------------------------------------------------------
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy rows ``block, sublayer, token_group, metric, value, n_tokens``; metrics are
+        ``kv_agreement``, ``kv_agreement_random`` and ``composition_match``."""
+        metrics = {
+            "kv_agreement": self.agreement_rate(),
+            "kv_agreement_random": self.random_agreement_rate(),
+            "composition_match": self.match_rate(),
+        }
+        rows = []
+        for k, kind in enumerate(self.kinds):
+            for block in range(self.agree.shape[1]):
+                for group in self.groups:
+                    g = TOKEN_GROUPS.index(group)
+                    for metric, values in metrics.items():
+                        rows.append((block, kind, group, metric, float(values[k, block, g]), int(self.tokens[g].sum())))
+        return pd.DataFrame(rows, columns=["block", "sublayer", "token_group", "metric", "value", "n_tokens"])
+
+    def per_class_frame(self) -> pd.DataFrame:
+        """Tidy rows ``block, sublayer, token_group, class, class_name, metric, value, n_tokens`` for
+        the per-class agreement (``kv_agreement``) and match rates (``composition_match``)."""
+        n_classes = self.tokens.shape[-1]
+        names = _class_names(self.class_names, n_classes)
+        metrics = {"kv_agreement": self.agreement_per_class(), "composition_match": _ratio(self.match, self.tokens)}
+        rows = []
+        for k, kind in enumerate(self.kinds):
+            for block in range(self.agree.shape[1]):
+                for group in self.groups:
+                    g = TOKEN_GROUPS.index(group)
+                    for c in range(n_classes):
+                        for metric, values in metrics.items():
+                            value = float(values[k, block, g, c])
+                            rows.append((block, kind, group, c, names[c], metric, value, int(self.tokens[g, c])))
+        columns = ["block", "sublayer", "token_group", "class", "class_name", "metric", "value", "n_tokens"]
+        return pd.DataFrame(rows, columns=columns)
+
+
+def _ratio(count: Tensor, total: Tensor) -> Tensor:
+    total = total.double()
+    return torch.where(total > 0, count.double() / total.clamp(min=1), torch.full_like(total, float("nan")))
+
+
+# -- streaming ------------------------------------------------------------------------------------
+def memory_usage_batch(
+    model,
+    images: Float[Tensor, "batch chan height width"],
+    labels: Int[Tensor, " batch"],
+    *,
+    k: int = 5,
+    top_memories: int = 5,
+    kinds: Union[str, Sequence[str]] = SUBLAYER_KINDS,
+    n_random_draws: int = 3,
+    generator: Optional[torch.Generator] = None,
+    tables: Optional[MemoryTables] = None,
+    head: HeadChoice = "mean",
+) -> MemoryUsage:
+    """Key-value agreement and compositional-match counts of one batch (one forward pass).
+
+    ``k``: most activated memories per token; ``top_memories``: top memories per class (both 5 in the
+    paper). The random-class baseline draws ``n_random_draws`` classes per image from ``generator``
+    (default: seeded with 0). ``tables`` (from :meth:`MemoryTables.from_model`) saves recomputing the
+    value projections batch after batch; it must match ``kinds``, ``top_memories`` and ``head``.
+    ``n_random_draws=0`` skips the baseline (its rate is then NaN).
+    """
+    kinds = check_kinds(kinds)
+    cfg = model.cfg
+    labels = _check_labels(images, labels, cfg.n_classes)
+    for kind in kinds:
+        _check_k(k, n_memories(model, kind), f"k (most activated {kind} memories per token)")
+    if not isinstance(n_random_draws, int) or n_random_draws < 0:
+        raise ValueError(f"n_random_draws must be a non-negative int, got {n_random_draws!r}")
+    if tables is None:
+        tables = MemoryTables.from_model(model, kinds, top_memories, head)
+    elif tables.kinds != kinds or any(t.shape[-1] != top_memories for t in tables.class_top.values()):
+        raise ValueError(
+            f"tables were built for kinds {tables.kinds} and {next(iter(tables.class_top.values())).shape[-1]} top "
+            f"memories per class, not {kinds} and {top_memories}; rebuild them with MemoryTables.from_model"
+        )
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    active, write_class = _run_reduced(model, images, kinds, k, ClassProjection(model, head=head))
+    device = images.device
+    layout = model.layout_for(images.shape[-2:])
+    groups = token_group_ids(layout).to(device)  # [N]
+    drawn = random_classes(generator, n_random_draws, labels.shape[0], cfg.n_classes).to(device)
+
+    C, G = cfg.n_classes, len(TOKEN_GROUPS)
+    out = MemoryUsage.zeros(kinds, cfg.n_layers, C, n_random_draws, model.class_names)
+    out.n_images = int(labels.shape[0])
+    cell = groups[None, :] * C + labels[:, None]  # [B, N]: (group, class) of every token
+    out.tokens = _count(cell, None, G * C).view(G, C)
+    random_cells = groups[None, None, :] * C + drawn[:, :, None]  # [D, B, N]
+    for d in range(n_random_draws):
+        out.random_tokens[d] = _count(random_cells[d], None, G * C).view(G, C)
+    for ki, kind in enumerate(kinds):
+        class_top = tables.class_top[kind].to(device)
+        memory_class = tables.memory_class[kind].to(device)
+        n_mem = memory_class.shape[-1]
+        for block in range(cfg.n_layers):
+            top = active[kind][block]  # [B, N, k]
+            agree = _agrees(top, class_top[block][labels], n_mem)
+            out.agree[ki, block] = _count(cell, agree, G * C).view(G, C)
+            for d in range(n_random_draws):
+                agree_d = _agrees(top, class_top[block][drawn[d]], n_mem)
+                out.random_agree[d, ki, block] = _count(random_cells[d], agree_d, G * C).view(G, C)
+            matched = (memory_class[block][top] == write_class[kind][block][..., None]).any(-1)
+            out.match[ki, block] = _count(cell, matched, G * C).view(G, C)
+    return out
+
+
+def memory_usage(
+    model,
+    batches: Iterable,
+    *,
+    k: int = 5,
+    top_memories: int = 5,
+    kinds: Union[str, Sequence[str]] = SUBLAYER_KINDS,
+    n_random_draws: int = 3,
+    seed: int = 0,
+    head: HeadChoice = "mean",
+    progress: bool = True,
+    total: Optional[int] = None,
+) -> MemoryUsage:
+    """:func:`memory_usage_batch` over an iterable of ``(images, labels)`` batches (a DataLoader),
+    summing the counts. Images go to the model's device. The random-class draws come from one
+    generator seeded with ``seed``, so a rerun over the same batches repeats them."""
+    kinds = check_kinds(kinds)
+    tables = MemoryTables.from_model(model, kinds, top_memories, head)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    if total is None and hasattr(batches, "__len__"):
+        total = len(batches)
+    result: Optional[MemoryUsage] = None
+    for item in tqdm(batches, total=total, disable=not progress, desc="key-value memories"):
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise TypeError(
+                f"each batch must be an (images, labels) pair, got {type(item).__name__}; wrap the data in a "
+                f"DataLoader over a dataset that returns (image, label)"
+            )
+        images, labels = item[0], item[1]
+        part = memory_usage_batch(
+            model, images.to(device), torch.as_tensor(labels).to(device), k=k, top_memories=top_memories,
+            kinds=kinds, n_random_draws=n_random_draws, generator=generator, tables=tables, head=head,
+        )
+        result = part if result is None else result + part
+    if result is None:
+        raise ValueError("batches was empty: give at least one (images, labels) batch")
+    return result
+
+
+def _run_reduced(model, images: Tensor, kinds: Tuple[str, ...], k: int, projection: ClassProjection):
+    """One forward pass whose hooks keep, per block and kind, only the top-``k`` memory indices of
+    each token ``[B, N, k]`` and the top-1 class of the sublayer's write-in ``[B, N]``."""
+    n_layers = model.cfg.n_layers
+    active: Dict[str, List[Optional[Tensor]]] = {kind: [None] * n_layers for kind in kinds}
+    write_class: Dict[str, List[Optional[Tensor]]] = {kind: [None] * n_layers for kind in kinds}
+    param = next(model.parameters())
+    projection = projection.to(device=param.device, dtype=param.dtype)
+
+    def keep_top(kind: str, block: int):
+        def hook(act: Tensor, hook) -> None:
+            active[kind][block] = memory_coefficients(act, kind).topk(k, dim=-1).indices
+
+        return hook
+
+    def keep_class(kind: str, block: int):
+        def hook(act: Tensor, hook) -> None:
+            write_class[kind][block] = projection(act).argmax(dim=-1)
+
+        return hook
+
+    hooks = []
+    for kind in kinds:
+        for block in range(n_layers):
+            hooks.append((coefficient_hook_name(block, kind), keep_top(kind, block)))
+            hooks.append((write_in_hook_name(block, kind), keep_class(kind, block)))
+    with torch.no_grad():
+        model.run_with_hooks(images, fwd_hooks=hooks)
+    return active, write_class
+
+
+def _agrees(top: Int[Tensor, "batch pos k"], class_top: Int[Tensor, "batch m"], n_memories: int) -> Tensor:
+    """Per token: is any of its top memories among its image's class's top memories?"""
+    member = torch.zeros(top.shape[0], n_memories, dtype=torch.bool, device=top.device)
+    member.scatter_(1, class_top, True)  # [B, n_memories]: one row per image, not per token
+    return member.gather(1, top.flatten(1)).view(top.shape).any(-1)
+
+
+def _count(cell: Tensor, weight: Optional[Tensor], n_cells: int) -> Tensor:
+    """Tokens per (group, class) cell, or the tokens where ``weight`` is True; on the CPU."""
+    flat = cell.reshape(-1)
+    if weight is not None:
+        flat = flat[weight.reshape(-1)]
+    return torch.bincount(flat, minlength=n_cells).cpu()
+
+
+def _check_labels(images: Tensor, labels, n_classes: int) -> Tensor:
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        got = getattr(images, "shape", type(images).__name__)
+        raise TypeError(f"images must be a tensor [batch, chan, height, width], got {got}")
+    labels = torch.as_tensor(labels, device=images.device)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape != (images.shape[0],):
+        raise ValueError(
+            f"labels must be integer class ids, one per image (shape ({images.shape[0]},)), got dtype "
+            f"{labels.dtype} and shape {tuple(labels.shape)}"
+        )
+    if labels.numel() and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"labels must lie in [0, {n_classes}), got {labels.min().item()}..{labels.max().item()}")
+    return labels.long()

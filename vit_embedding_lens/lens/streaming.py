@@ -1,0 +1,299 @@
+"""Per-token class-space readings of every block, computed inside the forward pass (METHODS §1–§3).
+
+For each block ``l`` and every token, the correct class's rank among all classes is measured at three
+places: the attention write-in (``attn``), the MLP write-in (``mlp``) and the residual after the block
+(``resid``, i.e. ``resid_post``); the residual after attention (``resid_mid``) is read for the correct
+class only, for the MLP-vs-``resid_mid`` change. Alongside, whether the
+correct-class logit rose (block change, attention and MLP change vs the block input, MLP change vs
+``resid_mid``) and how the top-1 class of ``resid_post`` relates to those of its parts (composition).
+
+Everything is reduced inside hooks, batch by batch: a run over a data set keeps only these per-token
+integers and flags, never an activation or a ``[tokens, classes]`` logit table beyond the current batch.
+The residual streams are projected through linearity (``q(resid_post) = q(resid_mid) + q(mlp_out)``,
+see :class:`~vit_embedding_lens.lens.projection.ClassProjection`), one matmul per sublayer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from vit_embedding_lens.lens.projection import ClassProjection
+from vit_embedding_lens.lens.ranks import rank_and_logit, rank_dtype
+from vit_embedding_lens.model.layout import TokenLayout
+
+#: where ranks are read, per block: attention write-in, MLP write-in, residual after the block
+KINDS = ("attn", "mlp", "resid")
+#: whether the correct-class logit rose: block (resid_post vs resid_pre), attention and MLP write-in vs
+#: resid_pre (the paper's comparison), and MLP write-in vs resid_mid (named variant)
+CHANGES = ("block", "attn", "mlp", "mlp_vs_resid_mid")
+#: composition bits: resid_post's top-1 equals the top-1 of attn_out / mlp_out / resid_pre
+COMPOSITION_BITS = {"attn": 1, "mlp": 2, "resid_pre": 4}
+
+
+@dataclass
+class LensResult:
+    """Per-image, per-token class-space readings (concatenated over batches).
+
+    ``rank[kind]`` is ``[images, blocks, tokens]`` (0 = the label is top-1); ``rose[change]`` is a bool
+    ``[images, blocks, tokens]``; ``composition`` an integer bit mask ``[images, blocks, tokens]``
+    (:data:`COMPOSITION_BITS`); ``token_mask`` marks "class" tokens (on the object), when given.
+    """
+
+    rank: Dict[str, Int[Tensor, "image block token"]]
+    rose: Dict[str, Bool[Tensor, "image block token"]]
+    composition: Int[Tensor, "image block token"]
+    labels: Int[Tensor, " image"]
+    n_classes: int
+    layout: TokenLayout
+    token_mask: Optional[Bool[Tensor, "image token"]] = None
+    class_names: Optional[List[str]] = field(default=None, repr=False)
+
+    @property
+    def n_images(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.composition.shape[1])
+
+    @staticmethod
+    def concat(parts: List["LensResult"]) -> "LensResult":
+        """One result from per-batch results (same model and layout)."""
+        if not parts:
+            raise ValueError("no batches to concatenate: the data set was empty")
+        first = parts[0]
+        masks = [p.token_mask for p in parts]
+        if any(m is None for m in masks) and not all(m is None for m in masks):
+            raise ValueError("some batches have token masks and others do not")
+        return LensResult(
+            rank={k: torch.cat([p.rank[k] for p in parts]) for k in first.rank},
+            rose={k: torch.cat([p.rose[k] for p in parts]) for k in first.rose},
+            composition=torch.cat([p.composition for p in parts]),
+            labels=torch.cat([p.labels for p in parts]),
+            n_classes=first.n_classes,
+            layout=first.layout,
+            token_mask=None if masks[0] is None else torch.cat(masks),
+            class_names=first.class_names,
+        )
+
+
+def _rank_rows() -> List[str]:
+    return [f"rank:{k}" for k in KINDS]
+
+
+def _rose_rows() -> List[str]:
+    return [f"rose:{k}" for k in CHANGES]
+
+
+class _Reading:
+    """The class-space reading of one set of vectors: unnormalized projection, rank and logit of the
+    target class, and the top-1 class."""
+
+    def __init__(self, proj: ClassProjection, q: Tensor, scale: Tensor, target: Tensor) -> None:
+        self.q = q
+        logits = torch.addcdiv(proj.bias, q, scale)
+        self.rank, self.correct = rank_and_logit(logits, target)
+        self.top1 = logits.argmax(-1)
+
+
+class LensRecorder:
+    """Hooks that read every block in class space while the model runs, for one batch at a time.
+
+    ``with recorder.recording(labels): model(images)`` fills ``recorder.result`` (a :class:`LensResult`
+    for that batch). The projection runs in float32 (float64 for float64 models).
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        param = next(model.parameters())
+        self.work_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        self.proj = ClassProjection(model).to(device=param.device, dtype=self.work_dtype)
+        self._rank_dtype = rank_dtype(model.cfg.n_classes)
+        self._reset(None)
+
+    def _reset(self, target: Optional[Tensor]) -> None:
+        self.target = target
+        self.prev: Optional[_Reading] = None
+        self.attn: Optional[_Reading] = None
+        self.mid_correct: Optional[Tensor] = None
+        self.mlp: Optional[_Reading] = None
+        self.rows: Dict[str, List[Tensor]] = {k: [] for k in (*_rank_rows(), *_rose_rows(), "composition")}
+
+    def hooks(self) -> List[Tuple[str, callable]]:
+        """``(hook name, function)`` pairs for ``model.hooks(fwd_hooks=...)`` / ``run_with_hooks``."""
+        hooks = [("blocks.0.hook_resid_pre", self._on_input)]
+        for layer in range(self.model.cfg.n_layers):
+            hooks += [
+                (f"blocks.{layer}.hook_attn_out", self._on_attn_out),
+                (f"blocks.{layer}.hook_resid_mid", self._on_resid_mid),
+                (f"blocks.{layer}.hook_mlp_out", self._on_mlp_out),
+                (f"blocks.{layer}.hook_resid_post", self._on_resid_post),
+            ]
+        return hooks
+
+    def recording(self, target: Int[Tensor, " batch"]):
+        """Context manager: record the next forward pass, reading class ``target[i]`` for image ``i``."""
+        self._reset(torch.as_tensor(target, device=self.proj.weight.device).long())
+        return self.model.hooks(fwd_hooks=self.hooks())
+
+    # The readings, in the order the hooks fire within a block.
+    def _centered_and_scale(self, vectors: Tensor) -> Tuple[Tensor, Tensor]:
+        centered = vectors.detach().to(self.work_dtype)
+        centered = centered - centered.mean(-1, keepdim=True)
+        d = centered.shape[-1]
+        scale = (torch.linalg.vector_norm(centered, dim=-1, keepdim=True).square() / d + self.proj.eps).sqrt()
+        return centered, scale
+
+    def _read(self, vectors: Tensor, q: Optional[Tensor] = None) -> _Reading:
+        centered, scale = self._centered_and_scale(vectors)
+        if q is None:
+            q = centered @ self.proj.weight
+        target = self.target[:, None].expand(vectors.shape[:2])
+        return _Reading(self.proj, q, scale, target)
+
+    def _on_input(self, resid_pre: Tensor, hook) -> None:
+        if self.target is None:
+            raise RuntimeError("LensRecorder hooks ran outside recording(target)")
+        if self.target.shape[0] != resid_pre.shape[0]:
+            raise ValueError(f"{self.target.shape[0]} labels for a batch of {resid_pre.shape[0]} images")
+        self.prev = self._read(resid_pre)
+
+    def _on_attn_out(self, attn_out: Tensor, hook) -> None:
+        self.attn = self._read(attn_out)
+
+    def _on_resid_mid(self, resid_mid: Tensor, hook) -> None:
+        # only the target class is needed here: gather it from the parts, no [tokens, classes] work
+        _, scale = self._centered_and_scale(resid_mid)
+        idx = self.target[:, None, None].expand(*resid_mid.shape[:2], 1)
+        q_target = (self.prev.q.gather(-1, idx) + self.attn.q.gather(-1, idx)).squeeze(-1)
+        self.mid_correct = q_target / scale.squeeze(-1) + self.proj.bias[self.target][:, None]
+
+    def _on_mlp_out(self, mlp_out: Tensor, hook) -> None:
+        self.mlp = self._read(mlp_out)
+
+    def _on_resid_post(self, resid_post: Tensor, hook) -> None:
+        prev, attn, mlp = self.prev, self.attn, self.mlp
+        post = self._read(resid_post, prev.q + attn.q + mlp.q)
+        rows = self.rows
+        for kind, reading in zip(KINDS, (attn, mlp, post)):
+            rows[f"rank:{kind}"].append(reading.rank.to(self._rank_dtype))
+        rose = {
+            "block": post.correct > prev.correct,
+            "attn": attn.correct > prev.correct,
+            "mlp": mlp.correct > prev.correct,
+            "mlp_vs_resid_mid": mlp.correct > self.mid_correct,
+        }
+        for name in CHANGES:
+            rows[f"rose:{name}"].append(rose[name])
+        bits = COMPOSITION_BITS
+        composition = (
+            (post.top1 == attn.top1).to(torch.uint8) * bits["attn"]
+            + (post.top1 == mlp.top1).to(torch.uint8) * bits["mlp"]
+            + (post.top1 == prev.top1).to(torch.uint8) * bits["resid_pre"]
+        )
+        rows["composition"].append(composition)
+        self.prev = post
+
+    @property
+    def result(self) -> LensResult:
+        """The recorded batch as a :class:`LensResult` (on the CPU)."""
+        rows = self.rows
+        if len(rows["composition"]) != self.model.cfg.n_layers:
+            raise RuntimeError(
+                f"the recorded forward pass covered {len(rows['composition'])} of {self.model.cfg.n_layers} blocks "
+                f"(stop_at_layer, or an exception mid-forward?)"
+            )
+
+        def stack(name: str) -> Tensor:
+            return torch.stack(rows[name], dim=1).cpu()
+
+        return LensResult(
+            rank={k: stack(f"rank:{k}") for k in KINDS},
+            rose={k: stack(f"rose:{k}") for k in CHANGES},
+            composition=stack("composition"),
+            labels=self.target.cpu(),
+            n_classes=self.model.cfg.n_classes,
+            layout=self.model.layout,
+            class_names=self.model.class_names,
+        )
+
+
+def _as_target(labels, n_images: int) -> Tensor:
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    if labels.shape[0] != n_images:
+        raise ValueError(f"{labels.shape[0]} labels for {n_images} images")
+    return labels
+
+
+def lens_batch(
+    model,
+    images: Tensor,
+    labels,
+    token_mask: Optional[Bool[Tensor, "batch token"]] = None,
+    recorder: Optional[LensRecorder] = None,
+) -> LensResult:
+    """Read every block of one batch in class space (one forward pass, no activation kept)."""
+    recorder = recorder or LensRecorder(model)
+    with torch.no_grad(), recorder.recording(_as_target(labels, images.shape[0])):
+        model(images)
+    return _with_mask(recorder.result, token_mask)
+
+
+def lens_from_cache(
+    model, cache, labels, token_mask: Optional[Bool[Tensor, "batch token"]] = None
+) -> LensResult:
+    """The same readings from a ``run_with_cache`` cache (needs ``resid_pre`` of block 0 and every
+    block's ``attn_out``, ``resid_mid``, ``mlp_out`` and ``resid_post``)."""
+    recorder = LensRecorder(model)
+    first = cache["blocks.0.hook_resid_pre"]
+    recorder._reset(_as_target(labels, first.shape[0]).to(recorder.proj.weight.device))
+    for name, fn in recorder.hooks():
+        if name not in cache.cache_dict:
+            raise KeyError(f"the cache has no {name!r}; run_with_cache without a names_filter that drops it")
+        fn(cache[name].to(recorder.proj.weight.device), None)
+    return _with_mask(recorder.result, token_mask)
+
+
+def lens_dataset(
+    model,
+    batches: Iterable,
+    *,
+    progress: bool = True,
+    total: Optional[int] = None,
+) -> LensResult:
+    """Stream a data set through the lens. ``batches`` yields ``(images, labels)`` or ``(images,
+    labels, token_mask)`` (a DataLoader works); images are moved to the model's device. Memory stays
+    flat: only the per-token integer readings of each image are kept."""
+    recorder = LensRecorder(model)
+    param = next(model.parameters())
+    parts = []
+    if total is None and hasattr(batches, "__len__"):
+        total = len(batches)
+    for batch in tqdm(batches, total=total, disable=not progress, desc="class-embedding lens", unit="batch"):
+        if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+            raise ValueError("each batch must be (images, labels) or (images, labels, token_mask)")
+        images, labels = batch[0].to(device=param.device, dtype=param.dtype), batch[1]
+        mask = batch[2] if len(batch) == 3 else None
+        parts.append(lens_batch(model, images, labels, mask, recorder))
+    return LensResult.concat(parts)
+
+
+def _with_mask(result: LensResult, token_mask: Optional[Tensor]) -> LensResult:
+    if token_mask is not None:
+        token_mask = torch.as_tensor(token_mask).bool().cpu()
+        expected = (result.n_images, result.layout.n_tokens)
+        if tuple(token_mask.shape) != expected:
+            raise ValueError(
+                f"token_mask must be [images, tokens] = {list(expected)} (True = class token), "
+                f"got {list(token_mask.shape)}"
+            )
+        if token_mask[:, list(result.layout.prefix_indices)].any():
+            raise ValueError("token_mask marks a prefix token (CLS/distillation/register) as a class token")
+        result.token_mask = token_mask
+    return result
