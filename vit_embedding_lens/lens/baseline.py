@@ -77,6 +77,8 @@ def _rebuild_timm(cfg, extra: Dict[str, Any]) -> nn.Module:
         sizes["class_token"] = cfg.has_cls_token
     if not cfg.n_registers:
         sizes.pop("reg_tokens")
+    if cfg.global_pool != "token":  # timm's default fc_norm follows the pool; the model may differ
+        sizes["fc_norm"] = cfg.final_norm == "pooled"
     sizes.update(extra)
     try:
         return timm.create_model(arch, pretrained=False, **sizes)

@@ -37,7 +37,8 @@ def count_true(flags: Bool[Tensor, "... n"]) -> Int[Tensor, "..."]:
     stays below 256, i.e. up to 2,040 flags per row), and the eight lane counts are added at the end.
     """
     n = flags.shape[-1]
-    if not n or n % 8 or n > 8 * 255 or flags.storage_offset() % 8 or not flags.is_contiguous() or flags.device.type != "cpu":
+    packable = n and n % 8 == 0 and n <= 8 * 255 and flags.storage_offset() % 8 == 0  # whole int64 words
+    if not packable or not flags.is_contiguous() or flags.device.type != "cpu":
         return flags.sum(-1)
     packed = flags.view(torch.int64).sum(-1)
     return sum((packed >> (8 * lane)) & 0xFF for lane in range(8))

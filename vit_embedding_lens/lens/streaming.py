@@ -64,18 +64,33 @@ class LensResult:
 
     @staticmethod
     def concat(parts: List["LensResult"]) -> "LensResult":
-        """One result from per-batch results (same model and layout)."""
+        """One result from per-batch results (same model and layout). The parts' per-token tensors
+        are released as they are copied (the parts are consumed)."""
         if not parts:
             raise ValueError("no batches to concatenate: the data set was empty")
         first = parts[0]
         masks = [p.token_mask for p in parts]
         if any(m is None for m in masks) and not all(m is None for m in masks):
             raise ValueError("some batches have token masks and others do not")
+
+        def take(get) -> Tensor:
+            return torch.cat([get(p) for p in parts])
+
+        # one field at a time, each part's copy released right after: never the results twice over
+        rank, rose = {}, {}
+        for k in first.rank:
+            rank[k] = take(lambda p: p.rank[k])
+            for p in parts:
+                p.rank[k] = None
+        for k in first.rose:
+            rose[k] = take(lambda p: p.rose[k])
+            for p in parts:
+                p.rose[k] = None
         return LensResult(
-            rank={k: torch.cat([p.rank[k] for p in parts]) for k in first.rank},
-            rose={k: torch.cat([p.rose[k] for p in parts]) for k in first.rose},
-            composition=torch.cat([p.composition for p in parts]),
-            labels=torch.cat([p.labels for p in parts]),
+            rank=rank,
+            rose=rose,
+            composition=take(lambda p: p.composition),
+            labels=take(lambda p: p.labels),
             n_classes=first.n_classes,
             layout=first.layout,
             token_mask=None if masks[0] is None else torch.cat(masks),
@@ -115,6 +130,9 @@ class LensRecorder:
         self.work_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         self.proj = ClassProjection(model).to(device=param.device, dtype=self.work_dtype)
         self._rank_dtype = rank_dtype(model.cfg.n_classes)
+        #: the token layout of the recorded inputs (differs from ``model.layout`` only for other
+        #: input sizes of ``dynamic_img_size`` models)
+        self.layout = model.layout
         self._reset(None)
 
     def _reset(self, target: Optional[Tensor]) -> None:
@@ -219,7 +237,7 @@ class LensRecorder:
             composition=stack("composition"),
             labels=self.target.cpu(),
             n_classes=self.model.cfg.n_classes,
-            layout=self.model.layout,
+            layout=self.layout,
             class_names=self.model.class_names,
         )
 
@@ -240,6 +258,7 @@ def lens_batch(
 ) -> LensResult:
     """Read every block of one batch in class space (one forward pass, no activation kept)."""
     recorder = recorder or LensRecorder(model)
+    recorder.layout = model.layout_for(images.shape[-2:]) if model.cfg.dynamic_img_size else model.layout
     with torch.no_grad(), recorder.recording(_as_target(labels, images.shape[0])):
         model(images)
     return _with_mask(recorder.result, token_mask)
