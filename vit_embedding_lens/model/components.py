@@ -125,6 +125,12 @@ class Attention(nn.Module):
     cached, or ``force_explicit`` is set); then it computes them explicitly, as timm's non-fused
     path does. Both paths compute the same function. ``attn_mask`` (boolean, True = may attend,
     or additive float) broadcasts to ``[batch, head, query, key]`` and is honoured by both paths.
+
+    ``score_mask`` is a slot for a standing mask in *layout order* (``[query, key]`` or ``[head,
+    query, key]``, boolean, True = may attend), set by attention knockout
+    (:mod:`vit_embedding_lens.interventions.knockout`): scores it forbids are removed before the
+    softmax, on the fused path as well. When tokens were removed from the sequence, ``positions``
+    (``[batch, n]``, the layout position of every slot, ``-1`` at padding) maps it to the slots.
     """
 
     def __init__(self, cfg: HookedViTConfig) -> None:
@@ -144,6 +150,8 @@ class Attention(nn.Module):
             self.k_norm = LayerNorm(dh, cfg.eps)
         self.scale = dh**-0.5
         self.force_explicit = False
+        #: standing mask in layout order, True = may attend (attention knockout); None = no mask
+        self.score_mask: Optional[Tensor] = None
 
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()
@@ -154,9 +162,13 @@ class Attention(nn.Module):
         self.hook_result = HookPoint()  # [batch, pos, head, d_model]
 
     def forward(
-        self, x: Float[Tensor, "batch pos d_model"], attn_mask: Optional[Tensor] = None
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        attn_mask: Optional[Tensor] = None,
+        positions: Optional[Tensor] = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         B, N, _ = x.shape
+        attn_mask = self.combined_mask(attn_mask, positions, N)
         H, dh = self.cfg.n_heads, self.cfg.d_head
         # One matmul for q, k, v: [3H, d, dh] -> [(3 H dh), d] as F.linear wants it.
         w_qkv = torch.cat([self.W_Q, self.W_K, self.W_V]).transpose(1, 2).reshape(3 * H * dh, -1)
@@ -181,6 +193,63 @@ class Attention(nn.Module):
             result = self.hook_result(torch.einsum("bnhe,hed->bnhd", z, self.W_O))
             return result.sum(dim=-2) + self.b_O
         return F.linear(z.reshape(B, N, H * dh), self.W_O.reshape(H * dh, -1).T, self.b_O)
+
+
+    def combined_mask(self, attn_mask: Optional[Tensor], positions: Optional[Tensor], n: int) -> Optional[Tensor]:
+        """``attn_mask`` combined with the standing ``score_mask`` (mapped through ``positions``)."""
+        if self.score_mask is None:
+            return attn_mask
+        mask = self.score_mask.to(device=self.W_Q.device)
+        if positions is None:
+            if mask.shape[-1] != n or mask.shape[-2] != n:
+                raise ValueError(
+                    f"the attention score mask is over {mask.shape[-1]} tokens but the sequence has {n}; "
+                    f"build the knockout for this input size (or remove tokens with keep_mask=, which "
+                    f"maps the mask to the kept tokens)"
+                )
+        else:
+            mask = _mask_at_positions(mask, positions)
+        if attn_mask is None:
+            combined = mask
+        elif attn_mask.dtype == torch.bool:
+            combined = mask & attn_mask
+        else:
+            return torch.where(mask, attn_mask, torch.full_like(attn_mask, float("-inf")))
+        if not bool(combined.any(dim=-1).all()):
+            raise ValueError(
+                "the attention mask leaves a query token with no key to attend to (its softmax would be "
+                "undefined); keep at least one key per query, e.g. the token itself"
+            )
+        return combined
+
+
+def _mask_at_positions(mask: Tensor, positions: Tensor) -> Tensor:
+    """A layout-order ``[(head,) N, N]`` mask read at each row's kept positions: ``[batch, head|1, n, n]``.
+
+    Padded slots (position -1) get all-True rows: their own padding mask decides for them.
+    """
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(0)
+    valid = positions >= 0
+    idx = positions.clamp(min=0)
+    out = mask[:, idx[:, :, None], idx[:, None, :]]  # [head, batch, n, n]
+    out = out.transpose(0, 1)
+    return out | ~valid[:, None, :, None]
+
+
+def padding_mask(positions: Tensor) -> Optional[Tensor]:
+    """Attention mask ``[batch, 1, n, n]`` (True = may attend) for a padded token sequence.
+
+    Real tokens attend to real tokens only; a padded slot (position -1) attends to itself only, so
+    padding neither reads nor influences real tokens and no softmax row is empty. ``None`` when no
+    row is padded.
+    """
+    valid = positions >= 0
+    if bool(valid.all()):
+        return None
+    n = positions.shape[1]
+    eye = torch.eye(n, dtype=torch.bool, device=positions.device)
+    return torch.where(valid[:, :, None], valid[:, None, :], eye).unsqueeze(1)
 
 
 def _apply_mask(scores: Tensor, attn_mask: Tensor) -> Tensor:
@@ -232,13 +301,17 @@ class TransformerBlock(nn.Module):
         self.hook_resid_post = HookPoint()
 
     def forward(
-        self, resid_pre: Float[Tensor, "batch pos d_model"], attn_mask: Optional[Tensor] = None
+        self,
+        resid_pre: Float[Tensor, "batch pos d_model"],
+        attn_mask: Optional[Tensor] = None,
+        positions: Optional[Tensor] = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """``positions``: layout position of every slot after token removal (-1 = padding), or None."""
         resid_pre = self.hook_resid_pre(resid_pre)
         if self.cfg.block_norm == "pre":
-            attn_out = self.attn(self.ln1(resid_pre), attn_mask)
+            attn_out = self.attn(self.ln1(resid_pre), attn_mask, positions)
         else:
-            attn_out = self.ln1(self.attn(resid_pre, attn_mask))
+            attn_out = self.ln1(self.attn(resid_pre, attn_mask, positions))
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
         if self.cfg.block_norm == "pre":
             mlp_out = self.mlp(self.ln2(resid_mid))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.FactoredMatrix import FactoredMatrix
@@ -66,6 +66,9 @@ class HookedViT(HookedRootModule):
         #: check every input batch (rank, channels, size, dtype, device, NaN/inf); the NaN/inf check
         #: reads the whole batch and, on a GPU, waits for it: set False in tight loops you trust
         self.validate_inputs = True
+        #: after a forward with ``keep_mask``: layout position of every token slot ``[batch, n]``
+        #: (-1 = padding); None after a forward without token removal. Hooks may read it.
+        self.token_positions: Optional[Tensor] = None
         self.layout = TokenLayout(
             grid_size=cfg.grid_size,
             patch_size=cfg.patch_size,
@@ -164,15 +167,31 @@ class HookedViT(HookedRootModule):
         images: Float[Tensor, "batch chan height width"],
         *,
         stop_at_layer: Optional[int] = None,
+        start_at_layer: Optional[int] = None,
+        keep_mask: Optional[Bool[Tensor, "batch n_tokens"]] = None,
     ) -> Tensor:
         """Logits ``[batch, n_classes]`` for a batch of preprocessed images.
 
         ``stop_at_layer=l`` returns the residual stream entering block ``l`` instead (``[batch,
-        pos, d_model]``), skipping the rest. Models without a classifier head return the pooled
-        features ``[batch, d_model]``.
+        pos, d_model]``), skipping the rest. ``start_at_layer=l`` takes that residual stream in
+        place of the images and runs blocks ``l..`` only (as TransformerLens does; used by
+        activation patching to skip blocks a patch cannot change). Models without a classifier head
+        return the pooled features ``[batch, d_model]``.
+
+        ``keep_mask`` (bool ``[batch, n_tokens]`` in layout order) removes the tokens where it is
+        False right after the position embedding (and ``ln_pre``): the blocks see only the kept
+        tokens, in their original order. Prefix tokens must be kept. Rows that keep different
+        numbers of tokens are padded to the longest row and a padding mask keeps padded slots out of
+        every attention; average pooling averages the kept image tokens only. From
+        ``blocks.0.hook_resid_pre`` on, activations are over the kept slots: ``self.token_positions``
+        (set on every forward) and :func:`vit_embedding_lens.interventions.kept_positions` say which
+        original token each slot is.
         """
+        if start_at_layer is not None:
+            return self._forward_from(images, start_at_layer, stop_at_layer, keep_mask)
         if self.validate_inputs:
             self.check_images(images)
+        self.token_positions = None
         embed, grid = self.embed(images)
         embed = self.hook_embed(embed)
         if self.pos_embed is not None:
@@ -182,19 +201,66 @@ class HookedViT(HookedRootModule):
         resid = embed + self.hook_pos_embed(pos)
         if self.cfg.pre_norm:
             resid = self.ln_pre(resid)
+        attn_mask = positions = None
+        if keep_mask is not None:
+            resid, positions, attn_mask = self._remove_tokens(resid, keep_mask, grid)
+            self.token_positions = positions
         blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
         for block in blocks:
-            resid = block(resid)
+            resid = block(resid, attn_mask, positions)
         if stop_at_layer is not None:
             return resid
-        return self.readout(resid)
+        return self.readout(resid, positions)
 
-    def readout(self, resid: Float[Tensor, "batch pos d_model"]) -> Tensor:
-        """Final norm, pooling, ``fc_norm`` and the classifier: residual stream -> logits."""
+    def _forward_from(
+        self, resid: Tensor, start_at_layer: int, stop_at_layer: Optional[int], keep_mask: Optional[Tensor]
+    ) -> Tensor:
+        """Blocks ``start_at_layer..`` (to ``stop_at_layer``) and the readout on a given residual stream."""
+        if keep_mask is not None:
+            raise ValueError("keep_mask= removes tokens from images; it cannot be combined with start_at_layer=")
+        if not isinstance(resid, Tensor) or resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model:
+            raise ValueError(
+                f"with start_at_layer= the input is the residual stream [batch, pos, {self.cfg.d_model}], got "
+                f"{tuple(getattr(resid, 'shape', ()))}"
+            )
+        if not 0 <= start_at_layer <= self.cfg.n_layers:
+            raise ValueError(f"start_at_layer must be in 0..{self.cfg.n_layers}, got {start_at_layer}")
+        self.token_positions = None
+        for block in self.blocks[start_at_layer:stop_at_layer]:
+            resid = block(resid)
+        return resid if stop_at_layer is not None else self.readout(resid)
+
+    def _remove_tokens(
+        self, resid: Float[Tensor, "batch pos d_model"], keep_mask: Tensor, grid: Sequence[int]
+    ) -> tuple:
+        """Drop the tokens ``keep_mask`` removes: ``(resid [batch, max_kept, d], positions, padding mask)``."""
+        from vit_embedding_lens.interventions.token_removal import check_keep_mask, gather_tokens, kept_positions
+        from vit_embedding_lens.model.components import padding_mask
+
+        layout = self.layout if tuple(grid) == tuple(self.layout.grid_size) else self.layout.with_grid(grid)
+        check_keep_mask(keep_mask, layout, resid.shape[0], resid.device)
+        if self.cfg.global_pool != "token" and not self.cfg.pool_include_prefix:
+            if not bool(keep_mask[:, layout.n_prefix :].any(dim=1).all()):
+                raise ValueError(
+                    f"{self.cfg.model_name} pools its image tokens ({self.cfg.global_pool!r}) and a row of "
+                    f"keep_mask keeps none of them; keep at least one image token per image"
+                )
+        positions, valid = kept_positions(keep_mask)
+        resid = gather_tokens(resid, positions, dim=1) * valid[..., None].to(resid.dtype)
+        return resid, positions, padding_mask(positions)
+
+    def readout(
+        self, resid: Float[Tensor, "batch pos d_model"], positions: Optional[Tensor] = None
+    ) -> Tensor:
+        """Final norm, pooling, ``fc_norm`` and the classifier: residual stream -> logits.
+
+        ``positions`` (after token removal: layout position per slot, -1 = padding) restricts
+        average/max pooling to the kept image tokens.
+        """
         cfg = self.cfg
         if cfg.final_norm == "tokens":
             resid = self.ln_final(resid)
-        pooled = self.pool(resid)
+        pooled = self.pool(resid, None if positions is None else positions >= 0)
         if cfg.final_norm == "pooled":
             pooled = self.ln_final(pooled)
         pooled = self.hook_pooled(pooled)
@@ -205,18 +271,30 @@ class HookedViT(HookedRootModule):
             pooled_dist = self.hook_pooled_dist(resid[:, self.layout.dist_index])
         return self.hook_logits(self.head(pooled, pooled_dist))
 
-    def pool(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch d_model"]:
-        """timm's global pooling: the CLS token, or avg/max/avgmax over the image tokens."""
+    def pool(
+        self, resid: Float[Tensor, "batch pos d_model"], valid: Optional[Bool[Tensor, "batch pos"]] = None
+    ) -> Float[Tensor, "batch d_model"]:
+        """timm's global pooling: the CLS token, or avg/max/avgmax over the image tokens.
+
+        ``valid`` (False at padded slots after token removal) leaves padding out of the pool.
+        """
         pool = self.cfg.global_pool
         if pool == "token":
             return resid[:, self.layout.cls_index]
         n_prefix = 0 if self.cfg.pool_include_prefix else self.layout.n_prefix
         tokens = resid[:, n_prefix:]  # any grid size (dynamic_img_size models)
+        if valid is None:
+            mean = tokens.mean(dim=1) if pool != "max" else None
+            amax = tokens.amax(dim=1) if pool != "avg" else None
+        else:
+            real = valid[:, n_prefix:, None]
+            mean = (tokens * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
+            amax = tokens.masked_fill(~real, float("-inf")).amax(dim=1)
         if pool == "avg":
-            return tokens.mean(dim=1)
+            return mean
         if pool == "max":
-            return tokens.amax(dim=1)
-        return 0.5 * (tokens.amax(dim=1) + tokens.mean(dim=1))  # avgmax
+            return amax
+        return 0.5 * (amax + mean)  # avgmax
 
     def layout_for(self, image_size: Sequence[int]) -> TokenLayout:
         """The token layout for another input size (models created with ``dynamic_img_size``)."""

@@ -1,0 +1,212 @@
+"""Attention knockout (METHODS §5): remove attention from a set of query tokens to a set of keys.
+
+Two modes:
+
+- ``"pre_softmax"`` (default): the removed scores are masked before the softmax, so each query's
+  remaining weights are renormalized. As a context manager it fills the ``score_mask`` slot of the
+  chosen blocks' attention, so the model keeps its fused attention kernel (and caching, hooks and
+  token removal all still work); as a hook list it masks ``hook_attn_scores`` (explicit path).
+- ``"post_softmax"``: the removed weights are zeroed after the softmax and *not* renormalized, as the
+  paper's reference code does (a hook on ``hook_pattern``).
+
+    with knockout(model, "self_only", blocks=range(3, 6)):
+        logits, cache = model.run_with_cache(images)
+    logits = model.run_with_hooks(images, fwd_hooks=knockout(model, "no_cls", mode="post_softmax").hooks())
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Callable, Iterable, List, Literal, Optional, Tuple, Union
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from vit_embedding_lens.interventions.selection import TokenSpec, token_mask
+from vit_embedding_lens.model.layout import TokenLayout
+
+Mode = Literal["pre_softmax", "post_softmax"]
+PRESETS = ("self_only", "no_cls")
+Blocks = Union[None, int, Iterable[int]]
+Heads = Union[None, int, Iterable[int]]
+
+
+def knockout_mask(
+    layout: TokenLayout,
+    preset: Optional[str] = None,
+    *,
+    queries: Optional[TokenSpec] = None,
+    keys: Optional[TokenSpec] = None,
+    mask: Optional[Tensor] = None,
+) -> Bool[Tensor, "n_tokens n_tokens"]:
+    """``[query, key]`` mask in layout order, True where attention is *removed*.
+
+    Exactly one of: a ``preset`` (``"self_only"``: image tokens attend only to themselves, prefix
+    rows untouched; ``"no_cls"``: image tokens cannot attend to CLS), a pair ``queries``/``keys``
+    (token sets; either defaults to all tokens), or a full boolean ``mask`` ``[N, N]``.
+    """
+    given = [preset is not None, queries is not None or keys is not None, mask is not None]
+    if sum(given) != 1:
+        raise ValueError(
+            "give exactly one of: a preset ('self_only', 'no_cls'), queries=/keys= token sets, or a full "
+            "[n_tokens, n_tokens] bool mask="
+        )
+    N = layout.n_tokens
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (N, N):
+            raise ValueError(
+                f"mask= must be a bool tensor [n_tokens, n_tokens] = [{N}, {N}] (True = remove the "
+                f"query->key attention), got {getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}"
+            )
+        return mask.cpu()
+    if preset is not None:
+        image = token_mask(layout, "image")
+        if preset == "self_only":
+            return image[:, None] & ~torch.eye(N, dtype=torch.bool)
+        if preset == "no_cls":
+            return image[:, None] & token_mask(layout, "cls")[None, :]
+        raise ValueError(f"unknown knockout preset {preset!r}; use one of {PRESETS} or queries=/keys=")
+    q = token_mask(layout, "all" if queries is None else queries).cpu()
+    k = token_mask(layout, "all" if keys is None else keys).cpu()
+    if q.ndim != 1 or k.ndim != 1:
+        raise ValueError("knockout takes one token set for the whole batch ([n_tokens]), not one per image")
+    return q[:, None] & k[None, :]
+
+
+class AttentionKnockout:
+    """A knockout of attention edges in chosen blocks (and heads): a context manager or a hook list.
+
+    ``removed`` is the ``[query, key]`` mask (True = removed) in layout order; ``blocks`` default to
+    all, ``heads`` to all. With token removal (``keep_mask=``) the mask is read at the kept tokens.
+    """
+
+    def __init__(
+        self,
+        model,
+        preset: Optional[str] = None,
+        *,
+        queries: Optional[TokenSpec] = None,
+        keys: Optional[TokenSpec] = None,
+        mask: Optional[Tensor] = None,
+        blocks: Blocks = None,
+        heads: Heads = None,
+        mode: Mode = "pre_softmax",
+    ) -> None:
+        if mode not in ("pre_softmax", "post_softmax"):
+            raise ValueError(f"mode must be 'pre_softmax' or 'post_softmax', got {mode!r}")
+        self.model = model
+        self.mode = mode
+        self.removed = knockout_mask(model.layout, preset, queries=queries, keys=keys, mask=mask)
+        self.blocks = _resolve(blocks, model.cfg.n_layers, "block")
+        self.heads = None if heads is None else _resolve(heads, model.cfg.n_heads, "head")
+        allowed = ~self.removed
+        if self.heads is not None:
+            per_head = torch.ones(model.cfg.n_heads, *allowed.shape, dtype=torch.bool)
+            per_head[self.heads] = allowed
+            allowed = per_head
+        device = model.embed.W_E.device
+        #: True = may attend: ``[N, N]``, or ``[n_heads, N, N]`` when heads are chosen
+        self.allowed: Tensor = allowed.to(device)
+        if mode == "pre_softmax" and not bool(allowed.any(-1).all()):
+            raise ValueError(
+                "this knockout removes every key of some query token, so its softmax is undefined; keep at "
+                "least one key per query (e.g. the token itself), or use mode='post_softmax'"
+            )
+        #: True when the knockout removes nothing (then it leaves the model untouched)
+        self.is_empty = bool(self.allowed.all()) or not self.blocks
+        self._stack: Optional[ExitStack] = None
+        self._saved: List[Tuple[object, Optional[Tensor]]] = []
+
+    # -- as hooks ---------------------------------------------------------------------------------
+    def hooks(self) -> List[Tuple[str, Callable]]:
+        """``(hook name, hook)`` pairs for ``run_with_hooks`` / ``model.hooks``: masked scores
+        (``pre_softmax``, explicit attention path) or zeroed pattern weights (``post_softmax``)."""
+        if self.is_empty:
+            return []
+        point = "hook_attn_scores" if self.mode == "pre_softmax" else "hook_pattern"
+        hook = self._mask_scores if self.mode == "pre_softmax" else self._zero_pattern
+        return [(f"blocks.{l}.attn.{point}", hook) for l in self.blocks]
+
+    def _allowed_for(self, act: Tensor) -> Tensor:
+        """The allowed mask as ``[batch|1, head|1, query, key]`` for this forward's token slots."""
+        from vit_embedding_lens.model.components import _mask_at_positions
+
+        positions = self.model.token_positions
+        allowed = self.allowed.to(act.device)
+        if positions is not None and positions.shape[1] == act.shape[-1]:
+            return _mask_at_positions(allowed, positions)
+        if act.shape[-1] != allowed.shape[-1]:
+            raise ValueError(
+                f"attention over {act.shape[-1]} tokens but the knockout mask is over {allowed.shape[-1]}; "
+                f"build the knockout for this model's input size"
+            )
+        return allowed if allowed.ndim == 3 else allowed[None]
+
+    def _mask_scores(self, scores: Tensor, hook) -> Tensor:
+        return scores.masked_fill(~self._allowed_for(scores), float("-inf"))
+
+    def _zero_pattern(self, pattern: Tensor, hook) -> Tensor:
+        return pattern * self._allowed_for(pattern).to(pattern.dtype)
+
+    # -- as a context manager ---------------------------------------------------------------------
+    def __enter__(self) -> "AttentionKnockout":
+        if self._stack is not None:
+            raise RuntimeError("this knockout is already active; make a new one to nest knockouts")
+        self._stack = ExitStack()
+        if self.is_empty:
+            return self  # nothing removed: leave the model's computation untouched
+        if self.mode == "post_softmax":
+            self._stack.enter_context(self.model.hooks(fwd_hooks=self.hooks()))
+        else:
+            for l in self.blocks:
+                attn = self.model.blocks[l].attn
+                self._saved.append((attn, attn.score_mask))
+                attn.score_mask = self.allowed if attn.score_mask is None else attn.score_mask & self.allowed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for attn, previous in reversed(self._saved):
+            attn.score_mask = previous
+        self._saved = []
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+    def __repr__(self) -> str:
+        heads = "all" if self.heads is None else self.heads
+        return (
+            f"AttentionKnockout({int(self.removed.sum())} query->key edges removed, blocks={self.blocks}, "
+            f"heads={heads}, mode={self.mode!r})"
+        )
+
+
+def knockout(
+    model,
+    preset: Optional[str] = None,
+    *,
+    queries: Optional[TokenSpec] = None,
+    keys: Optional[TokenSpec] = None,
+    mask: Optional[Tensor] = None,
+    blocks: Blocks = None,
+    heads: Heads = None,
+    mode: Mode = "pre_softmax",
+) -> AttentionKnockout:
+    """An :class:`AttentionKnockout`: use it as ``with knockout(...):`` or ``knockout(...).hooks()``."""
+    return AttentionKnockout(
+        model, preset, queries=queries, keys=keys, mask=mask, blocks=blocks, heads=heads, mode=mode
+    )
+
+
+def _resolve(index, size: int, what: str) -> List[int]:
+    """Indices (negative allowed) as a sorted list of distinct non-negative ints; None = all."""
+    if index is None:
+        return list(range(size))
+    items = [index] if isinstance(index, int) else list(index)
+    out = set()
+    for i in items:
+        i = int(i)
+        if not -size <= i < size:
+            raise IndexError(f"{what} {i} is out of range: the model has {size} {what}s")
+        out.add(i % size)
+    return sorted(out)

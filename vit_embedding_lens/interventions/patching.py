@@ -1,0 +1,399 @@
+"""Activation patching between clean and corrupted images, batched over patch cells.
+
+A *cell* is one patch: for each hook point it touches, a boolean mask (broadcastable to the
+activation, batch axis first) of the entries to take from the clean run. A sweep runs the corrupted
+images with each cell patched in and records a metric per cell. Cells are batched: the corrupted
+batch is repeated ``k`` times along the batch axis and copy ``c`` patches cell ``c``, so one forward
+pass evaluates ``k`` cells. Blocks before the earliest patched block are not recomputed (the run
+starts from the corrupted residual stream there), and blocks after the metric's readout are skipped.
+
+The TransformerLens-like functions (``get_act_patch_resid_pre`` ...) take images, infer positions
+from ``model.layout`` and return a :class:`PatchingResult`: the values as a tensor shaped like the
+sweep (e.g. ``[n_layers, n_tokens]``), a tidy DataFrame, and patch-grid maps for per-token sweeps.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from vit_embedding_lens.interventions.selection import TokenSpec, hook_layer, selection_mask
+from vit_embedding_lens.model.layout import TokenLayout
+
+Cell = Dict[str, Tensor]
+Metric = Callable[[Tensor], Tensor]
+Tokens = Union[None, TokenSpec, Mapping[str, TokenSpec], Sequence[TokenSpec]]
+
+
+# -------------------------------------------------------------------------------------------------
+# Results
+# -------------------------------------------------------------------------------------------------
+@dataclass
+class PatchingResult:
+    """Metric values of a patching sweep.
+
+    ``values`` is shaped like the sweep (``dims``, e.g. ``("layer", "token")``) followed by the
+    metric's own shape (none for a scalar metric). ``coords`` labels every sweep dimension.
+    """
+
+    values: Tensor
+    dims: Tuple[str, ...]
+    coords: Dict[str, List]
+    layout: TokenLayout
+    activation: str = ""
+    metadata: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def _token_dim(self) -> int:
+        if "token" not in self.dims:
+            raise ValueError(f"this sweep has no per-token dimension (dims {self.dims})")
+        return self.dims.index("token")
+
+    @property
+    def grid(self) -> Tensor:
+        """Image-token values on the patch grid: the token dimension becomes ``grid_h, grid_w``
+        (e.g. ``[n_layers, grid_h, grid_w]``). Prefix tokens are in :attr:`prefix`."""
+        dim = self._token_dim()
+        return self.layout.patch_tokens(self.values, dim=dim).unflatten(dim, self.layout.grid_size)
+
+    @property
+    def prefix(self) -> Tensor:
+        """Prefix-token values (CLS, distillation, registers), e.g. ``[n_layers, n_prefix]``."""
+        return self.layout.prefix_tokens(self.values, dim=self._token_dim())
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        return self.to_frame()
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per sweep cell (and per metric element): the coordinates and ``value``."""
+        values = self.values.detach().float().cpu().numpy()
+        extra = values.shape[len(self.dims) :]
+        extra_names = ["image"] if len(extra) == 1 else [f"index_{i}" for i in range(len(extra))]
+        grids = np.meshgrid(*[np.arange(s) for s in values.shape], indexing="ij")
+        frame = {}
+        labels = self.layout.token_labels()
+        for axis, dim in enumerate(self.dims):
+            pos = grids[axis].ravel()
+            if dim == "token":
+                frame["token"] = pos
+                frame["token_label"] = np.asarray(labels, dtype=object)[pos]
+                is_patch = pos >= self.layout.n_prefix
+                rel = pos - self.layout.n_prefix
+                frame["row"] = np.where(is_patch, rel // self.layout.grid_size[1], -1)
+                frame["col"] = np.where(is_patch, rel % self.layout.grid_size[1], -1)
+                frame["is_prefix"] = ~is_patch
+            else:
+                frame[dim] = np.asarray(self.coords[dim], dtype=object)[pos]
+                if dim in ("layer", "head"):
+                    frame[dim] = frame[dim].astype(int)
+        for axis, name in enumerate(extra_names, start=len(self.dims)):
+            frame[name] = grids[axis].ravel()
+        frame["value"] = values.ravel()
+        out = pd.DataFrame(frame)
+        if self.activation:
+            out.insert(0, "activation", self.activation)
+        return out
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{d}={len(self.coords[d])}" for d in self.dims)
+        return f"PatchingResult({self.activation or 'patching'}: {sizes}, values {tuple(self.values.shape)})"
+
+
+# -------------------------------------------------------------------------------------------------
+# The engine
+# -------------------------------------------------------------------------------------------------
+def run_patching(
+    model,
+    corrupted_images: Tensor,
+    clean_cache: Mapping[str, Tensor],
+    metric: Metric,
+    cells: Sequence[Cell],
+    *,
+    batch_cells: Optional[int] = None,
+    max_batch: int = 256,
+    skip_unpatched_layers: bool = True,
+    progress: bool = True,
+) -> Tensor:
+    """The metric with each cell patched in: ``[n_cells, *metric_shape]``.
+
+    ``metric`` gets the output of the model (logits), or, when it has a ``hook_name`` attribute
+    (as :class:`~vit_embedding_lens.interventions.metrics.ClassSpaceMetric` does), the activation at
+    that hook, for one copy of the corrupted batch at a time. ``batch_cells`` cells share a forward
+    pass (default: as many as fit in ``max_batch`` images); ``batch_cells=1`` with
+    ``skip_unpatched_layers=False`` is the plain one-forward-per-cell loop.
+    """
+    model.check_images(corrupted_images)
+    B = corrupted_images.shape[0]
+    if not cells:
+        raise ValueError("no cells to patch")
+    names = sorted({name for cell in cells for name in cell})
+    clean = _clean_activations(model, clean_cache, names, B)
+    k = batch_cells or max(1, max_batch // B)
+    k = max(1, min(k, len(cells)))
+    readout = getattr(metric, "hook_name", None)
+    if readout is not None:
+        model.check_hook_name(readout)
+    readout_layer = hook_layer(readout) if readout is not None else None
+    stop = readout_layer + 1 if readout_layer is not None else None
+
+    chunks = [list(range(i, min(i + k, len(cells)))) for i in range(0, len(cells), k)]
+    starts = [_start_layer(cells, chunk, readout_layer, model.cfg.n_layers) if skip_unpatched_layers else 0 for chunk in chunks]
+    start_resid = _corrupted_resid(model, corrupted_images, sorted(set(starts) - {0}))
+
+    results: List[Tensor] = []
+    validate = model.validate_inputs
+    bar = tqdm(total=len(cells), desc="patching", disable=not progress, unit="cell")
+    try:
+        model.validate_inputs = False
+        with torch.no_grad():
+            for chunk, start in zip(chunks, starts):
+                hooks, captured = _chunk_hooks(cells, chunk, clean, B, readout)
+                n = len(chunk)
+                if start > 0:
+                    x = start_resid[start].repeat(n, 1, 1)
+                    out = model.run_with_hooks(x, start_at_layer=start, stop_at_layer=stop, fwd_hooks=hooks)
+                else:
+                    x = corrupted_images.repeat(n, 1, 1, 1)
+                    out = model.run_with_hooks(x, stop_at_layer=stop, fwd_hooks=hooks)
+                act = captured[0] if readout is not None else out
+                act = act.reshape(n, B, *act.shape[1:])
+                results.extend(torch.as_tensor(metric(act[c])) for c in range(n))
+                bar.update(n)
+    finally:
+        model.validate_inputs = validate
+        bar.close()
+    return torch.stack(results)
+
+
+def _clean_activations(model, clean_cache, names: List[str], batch: int) -> Dict[str, Tensor]:
+    clean = {}
+    device = model.embed.W_E.device
+    for name in names:
+        model.check_hook_name(name)
+        try:
+            act = clean_cache[name]
+        except (KeyError, ValueError):
+            raise ValueError(
+                f"the clean cache has no {name!r}; run model.run_with_cache(clean_images) without a "
+                f"names_filter, or with names_filter={names}"
+            ) from None
+        if act.shape[0] != batch:
+            raise ValueError(
+                f"the clean cache holds {act.shape[0]} images at {name} but there are {batch} corrupted "
+                f"images; patch between batches of the same size (pairs of clean and corrupted images)"
+            )
+        clean[name] = act.to(device)
+    return clean
+
+
+def _start_layer(cells, chunk, readout_layer, n_layers) -> int:
+    layers = [hook_layer(name) for c in chunk for name in cells[c]]
+    if any(l is None for l in layers):
+        return 0  # a patch before the blocks (embeddings): run everything
+    start = min(layers)
+    if readout_layer is not None:
+        start = min(start, readout_layer)
+    return start
+
+
+def _corrupted_resid(model, images: Tensor, layers: List[int]) -> Dict[int, Tensor]:
+    """The corrupted run's residual stream entering each block in ``layers`` (one forward)."""
+    if not layers:
+        return {}
+    names = [f"blocks.{l}.hook_resid_pre" for l in layers]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(images, names_filter=names, stop_at_layer=max(layers) + 1)
+    return {l: cache[name] for l, name in zip(layers, names)}
+
+
+def _chunk_hooks(cells, chunk, clean, B, readout) -> Tuple[List, List[Tensor]]:
+    """Patch hooks for a chunk of cells (copy ``c`` patches ``cells[chunk[c]]``) and a capture hook."""
+    n = len(chunk)
+    by_name: Dict[str, List[Tuple[int, Tensor]]] = {}
+    for copy, c in enumerate(chunk):
+        for name, mask in cells[c].items():
+            by_name.setdefault(name, []).append((copy, mask))
+    hooks = []
+    for name, items in by_name.items():
+        shape = torch.broadcast_shapes(*[m.shape for _, m in items])
+        stacked = torch.zeros(n, *shape, dtype=torch.bool, device=items[0][1].device)
+        for copy, mask in items:
+            stacked[copy] = mask.expand(shape)
+        hooks.append((name, _patch_hook(stacked, clean[name], n, B)))
+    captured: List[Tensor] = []
+    if readout is not None:
+        hooks.append((readout, lambda act, hook: captured.append(act)))
+    return hooks, captured
+
+
+def _patch_hook(stacked: Tensor, clean: Tensor, n: int, B: int) -> Callable:
+    mask = stacked.to(clean.device)
+
+    def hook(act: Tensor, hook) -> Tensor:
+        if act.shape[1:] != clean.shape[1:]:
+            raise ValueError(
+                f"{hook.name}: the corrupted activation has shape {tuple(act.shape[1:])} per image, the clean "
+                f"one {tuple(clean.shape[1:])}; patch between images of the same size"
+            )
+        patched = torch.where(mask, clean.unsqueeze(0), act.reshape(n, B, *act.shape[1:]))
+        return patched.reshape(act.shape)
+
+    return hook
+
+
+# -------------------------------------------------------------------------------------------------
+# Sweeps
+# -------------------------------------------------------------------------------------------------
+def _token_sets(layout: TokenLayout, tokens: Tokens) -> Tuple[str, List, List[TokenSpec]]:
+    """(dimension name, coordinate labels, token specs): every token, or named groups."""
+    if tokens is None:
+        return "token", list(range(layout.n_tokens)), [[t] for t in range(layout.n_tokens)]
+    if isinstance(tokens, Mapping):
+        return "group", list(tokens.keys()), list(tokens.values())
+    if isinstance(tokens, (str, Tensor)):
+        return "group", [tokens if isinstance(tokens, str) else "selected"], [tokens]
+    specs = list(tokens)
+    return "group", [s if isinstance(s, str) else f"group{i}" for i, s in enumerate(specs)], specs
+
+
+def sweep(
+    model,
+    corrupted_images: Tensor,
+    clean_cache: Mapping[str, Tensor],
+    metric: Metric,
+    activations: Union[str, Sequence[str]],
+    per: Sequence[str] = ("layer", "token"),
+    *,
+    tokens: Tokens = None,
+    layers=None,
+    **options,
+) -> PatchingResult:
+    """A patching sweep over ``per`` (from ``"layer"``, ``"token"``, ``"head"``) of one or several
+    ``activations`` (hook suffixes such as ``"hook_resid_pre"`` or ``"attn.hook_z"``; several add a
+    leading ``"component"`` dimension). Without ``"token"`` in ``per`` every position is patched;
+    ``tokens`` (groups) replaces single tokens by named token groups. ``options`` go to
+    :func:`run_patching` (``batch_cells``, ``max_batch``, ``progress`` ...)."""
+    layout = model.layout
+    H = model.cfg.n_heads
+    single = isinstance(activations, str)
+    suffixes = [activations] if single else list(activations)
+    for suffix in suffixes:
+        if suffix.endswith("hook_result") and not model.cfg.use_attn_result:
+            raise ValueError("per-head results are not computed; call model.set_use_attn_result(True) first")
+    from vit_embedding_lens.interventions.knockout import _resolve
+
+    layer_ids = _resolve(layers, model.cfg.n_layers, "block")
+    dims: List[str] = [] if single else ["component"]
+    coords: Dict[str, List] = {} if single else {"component": [s.split(".")[-1].replace("hook_", "") for s in suffixes]}
+    axes: List[List] = [] if single else [list(range(len(suffixes)))]
+    token_specs: List = [None]
+    for dim in per:
+        if dim == "layer":
+            dims.append("layer"); coords["layer"] = layer_ids; axes.append(layer_ids)
+        elif dim == "head":
+            dims.append("head"); coords["head"] = list(range(H)); axes.append(list(range(H)))
+        elif dim == "token":
+            name, labels, token_specs = _token_sets(layout, tokens)
+            dims.append(name); coords[name] = labels; axes.append(list(range(len(labels))))
+        else:
+            raise ValueError(f"unknown sweep dimension {dim!r}; use 'layer', 'token' and 'head'")
+    if "layer" not in dims:
+        raise ValueError("a sweep needs the 'layer' dimension")
+    if "token" not in per and tokens is not None:
+        token_specs = [tokens]  # patch these tokens in every cell
+    device = model.embed.W_E.device
+    cells: List[Cell] = []
+    mask_cache: Dict[Tuple, Tensor] = {}
+    for point in itertools.product(*axes):
+        coord = dict(zip(dims, point))
+        suffix = suffixes[coord.get("component", 0)]
+        layer = coord["layer"]
+        tok_index = coord.get("token", coord.get("group"))
+        head = coord.get("head")
+        name = f"blocks.{layer}.{suffix}"
+        key = (suffix, tok_index, head)
+        if key not in mask_cache:
+            spec = token_specs[tok_index] if tok_index is not None else token_specs[0]
+            mask_cache[key] = selection_mask(
+                name, layout, H, tokens=spec, heads=None if head is None else [head], device=device
+            )
+        cells.append({name: mask_cache[key]})
+    values = run_patching(model, corrupted_images, clean_cache, metric, cells, **options)
+    shape = [len(coords[d]) for d in dims]
+    return PatchingResult(
+        values=values.reshape(*shape, *values.shape[1:]),
+        dims=tuple(dims),
+        coords=coords,
+        layout=layout,
+        activation=suffixes[0] if single else "+".join(coords["component"]),
+    )
+
+
+# -- TransformerLens-like names ---------------------------------------------------------------------
+_DOC = """Patch ``{what}`` from the clean run into the corrupted one, per {per}.
+
+``tokens`` (optional): named token groups instead of single tokens - a dict ``{{name: spec}}``, a
+list of specs, or one spec; a spec is a layout group (``"cls"``, ``"image"`` ...), token indices,
+a per-token bool mask ``[n_tokens]`` or a per-image one ``[batch, n_tokens]`` (an object mask); see
+also :func:`~vit_embedding_lens.interventions.selection.grid_tiles`. Other options go to
+:func:`run_patching`. Returns a :class:`PatchingResult` shaped ``{shape}``."""
+
+
+def _make(suffix, per, what, shape_doc):
+    def fn(model, corrupted_images, clean_cache, metric, *, tokens: Tokens = None, **options) -> PatchingResult:
+        return sweep(model, corrupted_images, clean_cache, metric, suffix, per, tokens=tokens, **options)
+
+    fn.__doc__ = _DOC.format(what=what, per=" × ".join(per), shape=shape_doc)
+    return fn
+
+
+get_act_patch_resid_pre = _make("hook_resid_pre", ("layer", "token"), "resid_pre", "[n_layers, n_tokens]")
+get_act_patch_resid_mid = _make("hook_resid_mid", ("layer", "token"), "resid_mid", "[n_layers, n_tokens]")
+get_act_patch_resid_post = _make("hook_resid_post", ("layer", "token"), "resid_post", "[n_layers, n_tokens]")
+get_act_patch_attn_out = _make("hook_attn_out", ("layer", "token"), "attn_out", "[n_layers, n_tokens]")
+get_act_patch_mlp_out = _make("hook_mlp_out", ("layer", "token"), "mlp_out", "[n_layers, n_tokens]")
+get_act_patch_attn_head_out_all_pos = _make("attn.hook_z", ("layer", "head"), "each head's output z (all positions)", "[n_layers, n_heads]")
+get_act_patch_attn_head_out_by_pos = _make("attn.hook_z", ("layer", "token", "head"), "each head's output z", "[n_layers, n_tokens, n_heads]")
+get_act_patch_attn_head_q_all_pos = _make("attn.hook_q", ("layer", "head"), "each head's queries (all positions)", "[n_layers, n_heads]")
+get_act_patch_attn_head_k_all_pos = _make("attn.hook_k", ("layer", "head"), "each head's keys (all positions)", "[n_layers, n_heads]")
+get_act_patch_attn_head_v_all_pos = _make("attn.hook_v", ("layer", "head"), "each head's values (all positions)", "[n_layers, n_heads]")
+get_act_patch_attn_head_q_by_pos = _make("attn.hook_q", ("layer", "token", "head"), "each head's queries", "[n_layers, n_tokens, n_heads]")
+get_act_patch_attn_head_k_by_pos = _make("attn.hook_k", ("layer", "token", "head"), "each head's keys", "[n_layers, n_tokens, n_heads]")
+get_act_patch_attn_head_v_by_pos = _make("attn.hook_v", ("layer", "token", "head"), "each head's values", "[n_layers, n_tokens, n_heads]")
+get_act_patch_attn_head_pattern_all_pos = _make("attn.hook_pattern", ("layer", "head"), "each head's attention pattern (all positions)", "[n_layers, n_heads]")
+get_act_patch_attn_head_pattern_by_query_pos = _make(
+    "attn.hook_pattern", ("layer", "token", "head"), "each head's attention pattern, one query (destination) row at a time", "[n_layers, n_tokens, n_heads]"
+)
+get_act_patch_attn_head_result_all_pos = _make("attn.hook_result", ("layer", "head"), "each head's write-in (result; needs use_attn_result)", "[n_layers, n_heads]")
+get_act_patch_attn_head_result_by_pos = _make("attn.hook_result", ("layer", "token", "head"), "each head's write-in (result; needs use_attn_result)", "[n_layers, n_tokens, n_heads]")
+for _name, _fn in list(globals().items()):
+    if _name.startswith("get_act_patch_"):
+        _fn.__name__ = _fn.__qualname__ = _name
+
+
+def get_act_patch_block_every(model, corrupted_images, clean_cache, metric, *, tokens: Tokens = None, **options) -> PatchingResult:
+    """``resid_pre``, ``attn_out`` and ``mlp_out`` per layer × token: ``[3, n_layers, n_tokens]``
+    (dimension ``"component"`` first), as TransformerLens's function of that name."""
+    return sweep(
+        model, corrupted_images, clean_cache, metric, ["hook_resid_pre", "hook_attn_out", "hook_mlp_out"],
+        ("layer", "token"), tokens=tokens, **options,
+    )
+
+
+def get_act_patch_attn_head_all_pos_every(model, corrupted_images, clean_cache, metric, **options) -> PatchingResult:
+    """Head output (z), q, k, v and pattern per layer × head, all positions: ``[5, n_layers, n_heads]``."""
+    return sweep(
+        model, corrupted_images, clean_cache, metric,
+        ["attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern"], ("layer", "head"), **options,
+    )

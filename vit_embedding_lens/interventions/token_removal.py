@@ -1,0 +1,177 @@
+"""Token removal: drop tokens from the sequence right after the position embedding (METHODS §5).
+
+``model(images, keep_mask=keep)`` does the removal inside the forward pass; this module holds the
+pieces that do not need a model: validating a keep mask, the original position of every kept slot
+(:func:`kept_positions`), and scattering per-slot results back to layout order
+(:func:`to_layout_order`). Rows that keep different numbers of tokens are padded to the longest
+row; padded slots are marked ``valid == False`` (index ``-1``) and never influence real tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from vit_embedding_lens.model.layout import TokenLayout
+
+#: index of a padded slot in :func:`kept_positions`' index (never a real token position)
+PAD_INDEX = -1
+
+
+def check_keep_mask(keep: Tensor, layout: TokenLayout, batch: int, device: torch.device) -> None:
+    """Raise a clear error unless ``keep`` is a bool ``[batch, n_tokens]`` mask that keeps every
+    prefix token and at least one token per row."""
+    if not isinstance(keep, Tensor):
+        raise TypeError(f"keep_mask must be a bool tensor [batch, {layout.n_tokens}], got {type(keep).__name__}")
+    if keep.dtype != torch.bool:
+        raise TypeError(f"keep_mask must be a bool tensor (True = keep the token), got dtype {keep.dtype}; use keep.bool()")
+    if keep.ndim != 2 or keep.shape[1] != layout.n_tokens:
+        raise ValueError(
+            f"keep_mask must have shape [batch, n_tokens] = [{batch}, {layout.n_tokens}] in layout order "
+            f"({layout.n_prefix} prefix + {layout.n_patches} patches), got {tuple(keep.shape)}"
+        )
+    if keep.shape[0] != batch:
+        raise ValueError(f"keep_mask has {keep.shape[0]} rows for a batch of {batch} images")
+    if keep.device != device:
+        raise ValueError(f"keep_mask is on {keep.device} but the model is on {device}; use keep.to('{device}')")
+    if layout.n_prefix and not bool(keep[:, : layout.n_prefix].all()):
+        raise ValueError(
+            "keep_mask drops a prefix token (CLS, distillation or register): prefix tokens are always kept; "
+            f"set keep[:, :{layout.n_prefix}] = True"
+        )
+    if not bool(keep.any(dim=1).all()):
+        raise ValueError("a row of keep_mask keeps no token at all; keep at least one image token per image")
+
+
+def kept_positions(keep: Bool[Tensor, "batch n_tokens"]) -> Tuple[Int[Tensor, "batch max_kept"], Bool[Tensor, "batch max_kept"]]:
+    """Original positions of the kept tokens, row by row, in their original order.
+
+    Returns ``(index, valid)``, both ``[batch, max_kept]`` with ``max_kept`` the largest number of
+    tokens any row keeps: ``index[b, s]`` is the layout position of slot ``s`` of image ``b`` after
+    removal, ``valid[b, s]`` is False at padded slots (there ``index`` is ``-1``; use
+    ``index.clamp(min=0)`` before gathering and ``valid`` to ignore what comes back).
+    """
+    if keep.dtype != torch.bool or keep.ndim != 2:
+        raise ValueError(f"keep must be a bool tensor [batch, n_tokens], got {keep.dtype} {tuple(keep.shape)}")
+    n_kept = keep.sum(dim=1)
+    max_kept = int(n_kept.max()) if keep.shape[0] else 0
+    # a stable sort of "dropped" (False first) keeps kept tokens first, in their original order
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :max_kept]
+    valid = torch.arange(max_kept, device=keep.device)[None, :] < n_kept[:, None]
+    index = torch.where(valid, order, torch.full_like(order, PAD_INDEX))
+    return index, valid
+
+
+def gather_tokens(x: Tensor, index: Int[Tensor, "batch n"], dim: int = 1) -> Tensor:
+    """``x[b, index[b, s]]`` along token dimension ``dim``; padded slots (index -1) read token 0."""
+    idx = index.clamp(min=0)
+    shape = [1] * x.ndim
+    shape[0], shape[dim] = idx.shape
+    idx = idx.view(shape).expand(*[s if i != dim else idx.shape[1] for i, s in enumerate(x.shape)])
+    return torch.gather(x, dim, idx)
+
+
+def to_layout_order(
+    values: Tensor,
+    index: Int[Tensor, "batch n"],
+    n_tokens: int,
+    dim: int = 1,
+    fill: float = float("nan"),
+) -> Tensor:
+    """Scatter per-slot results ``[batch, ..., n_kept, ...]`` back to layout order ``[.., n_tokens, ..]``.
+
+    Removed tokens (and nothing from padded slots) get ``fill`` (NaN by default, so a forgotten
+    removal shows up instead of passing for a zero).
+    """
+    dim = dim % values.ndim
+    if values.shape[dim] != index.shape[1] or values.shape[0] != index.shape[0]:
+        raise ValueError(
+            f"values of shape {tuple(values.shape)} do not match index {tuple(index.shape)} along "
+            f"batch and token dimension {dim}"
+        )
+    out_shape = list(values.shape)
+    out_shape[dim] = n_tokens + 1  # one spare slot collects the padding, dropped below
+    out = values.new_full(out_shape, fill)
+    idx = torch.where(index >= 0, index, torch.full_like(index, n_tokens))
+    shape = [1] * values.ndim
+    shape[0], shape[dim] = idx.shape
+    out.scatter_(dim, idx.view(shape).expand_as(values), values)
+    return out.narrow(dim, 0, n_tokens)
+
+
+# -------------------------------------------------------------------------------------------------
+# Running with tokens removed
+# -------------------------------------------------------------------------------------------------
+@dataclass
+class RemovalRun:
+    """A forward pass with tokens removed: logits, the (optional) cache over the kept slots, and the
+    map from slots to layout positions (``index``, ``valid``; see :func:`kept_positions`)."""
+
+    logits: Tensor
+    cache: Optional[object]
+    keep: Bool[Tensor, "batch n_tokens"]
+    index: Int[Tensor, "batch max_kept"]
+    valid: Bool[Tensor, "batch max_kept"]
+
+    def in_layout_order(self, name: str, fill: float = float("nan")) -> Tensor:
+        """A cached per-token activation scattered back to layout order ``[batch, n_tokens, ...]``
+        (for the pattern: the query axis); removed tokens get ``fill`` (NaN)."""
+        from vit_embedding_lens.interventions.selection import hook_axes
+
+        if self.cache is None:
+            raise ValueError("this run kept no cache; call remove_tokens(..., names_filter=...) to cache activations")
+        act = self.cache[name]
+        return to_layout_order(act, self.index, self.keep.shape[1], dim=hook_axes(name).token, fill=fill)
+
+
+def keep_class_tokens(class_tokens: Bool[Tensor, "batch n_tokens"], layout: TokenLayout) -> Bool[Tensor, "batch n_tokens"]:
+    """Keep mask that removes the context: prefix tokens plus the image tokens on the object."""
+    return _prefix(layout, class_tokens) | (class_tokens & layout.image_token_mask(class_tokens.device))
+
+
+def keep_context_tokens(class_tokens: Bool[Tensor, "batch n_tokens"], layout: TokenLayout) -> Bool[Tensor, "batch n_tokens"]:
+    """Keep mask that removes the object: prefix tokens plus the image tokens off the object."""
+    return _prefix(layout, class_tokens) | (~class_tokens & layout.image_token_mask(class_tokens.device))
+
+
+def _prefix(layout: TokenLayout, like: Tensor) -> Tensor:
+    if like.dtype != torch.bool or like.shape[-1] != layout.n_tokens:
+        raise ValueError(
+            f"class_tokens must be a bool mask [..., {layout.n_tokens}] over the token sequence (e.g. from "
+            f"token_mask_from_mask), got {like.dtype} {tuple(like.shape)}"
+        )
+    return (~layout.image_token_mask(like.device)).expand_as(like)
+
+
+def remove_tokens(
+    model,
+    images: Tensor,
+    keep: Bool[Tensor, "batch n_tokens"],
+    *,
+    names_filter=None,
+    cache: bool = False,
+) -> RemovalRun:
+    """Run ``model`` on ``images`` with the tokens ``keep`` marks False removed after the position
+    embedding. ``names_filter`` (or ``cache=True`` for everything) caches activations over the kept
+    slots; :meth:`RemovalRun.in_layout_order` maps them back to layout positions."""
+    keep = keep.to(model.embed.W_E.device)
+    if names_filter is not None or cache:
+        logits, activations = model.run_with_cache(images, keep_mask=keep, names_filter=names_filter)
+    else:
+        logits, activations = model(images, keep_mask=keep), None
+    index, valid = kept_positions(keep)
+    return RemovalRun(logits, activations, keep, index, valid)
+
+
+def remove_context(model, images: Tensor, class_tokens: Tensor, **kwargs) -> RemovalRun:
+    """Keep only the prefix and the object's tokens (``class_tokens``, e.g. from a segmentation mask)."""
+    return remove_tokens(model, images, keep_class_tokens(class_tokens, model.layout), **kwargs)
+
+
+def remove_object(model, images: Tensor, class_tokens: Tensor, **kwargs) -> RemovalRun:
+    """Keep only the prefix and the context tokens (everything off the object)."""
+    return remove_tokens(model, images, keep_context_tokens(class_tokens, model.layout), **kwargs)
