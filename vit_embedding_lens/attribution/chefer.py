@@ -1,0 +1,59 @@
+"""Chefer et al. 2021 gradient-weighted attention relevance (baseline, METHODS §6).
+
+``R = I``; for every block in order, ``R += mean_h(clamp(∇A ⊙ A, min=0)) @ R``, with ``∇A`` the
+gradient of the class-of-interest logit w.r.t. that block's post-softmax attention (through the
+whole model). The map is the readout row of ``R`` over the image tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from vit_embedding_lens.attribution.capture import capture, pattern_name
+from vit_embedding_lens.attribution.readout import (
+    ClassSpec,
+    batch_slices,
+    image_layout,
+    readout_positions,
+    resolve_classes,
+)
+from vit_embedding_lens.attribution.result import AttributionMap
+
+
+def chefer_relevance(
+    model,
+    images: Float[Tensor, "batch chan height width"],
+    classes: ClassSpec = None,
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> AttributionMap:
+    """Gradient-weighted relevance of every image token for ``classes`` (default: prediction)."""
+    layout = image_layout(model, images)
+    rows = readout_positions(model, layout)
+    classes = resolve_classes(model, images, classes)
+    names = [pattern_name(l) for l in range(model.cfg.n_layers)]
+    maps = []
+    for sl in tqdm(batch_slices(images.shape[0], batch_size), desc="Chefer relevance", disable=not progress):
+        with torch.enable_grad():
+            x = images[sl].detach().requires_grad_(True)  # a graph even when the weights are frozen
+            logits, acts = capture(model, x, {n: None for n in names}, detach=False)
+            chosen = logits.gather(1, classes[sl, None]).sum()
+            patterns = [acts[n] for n in names]
+            grads = torch.autograd.grad(chosen, patterns)
+        relevance = _propagate([a.detach() for a in patterns], grads)
+        maps.append(relevance[:, rows].mean(1)[:, layout.n_prefix :])
+    return AttributionMap(scores=torch.cat(maps), layout=layout, classes=classes, method="chefer")
+
+
+def _propagate(patterns, grads) -> Float[Tensor, "batch n_tokens n_tokens"]:
+    """``R = I; R += mean_h(clamp(∇A ⊙ A, 0)) @ R`` through the blocks."""
+    a0 = patterns[0]
+    relevance = torch.eye(a0.shape[-1], dtype=a0.dtype, device=a0.device).expand(a0.shape[0], -1, -1)
+    for a, g in zip(patterns, grads):
+        cam = (g * a).clamp(min=0).mean(1)
+        relevance = relevance + cam @ relevance
+    return relevance

@@ -1,0 +1,126 @@
+"""The paper's attribution: gradients of class-space losses w.r.t. attention weights (METHODS §6).
+
+For block ``l``, the readout token's attention write-in (``blocks.l.hook_attn_out`` at the CLS
+position) is projected onto the class space with :class:`ClassProjection`, a loss of the class of
+interest is taken, and ``-∂loss_l/∂A^l`` with respect to that block's post-softmax attention
+weights is kept: the readout query row, over image-token keys. The map sums this over heads and
+blocks. Each block's loss is differentiated only w.r.t. its own block's pattern, never through later
+blocks: the write-in is rebuilt from the cached pattern rows and values (``z = A v``, then ``W_O``,
+``b_O`` and, for residual post-norm blocks, ``ln1``), all blocks in one small graph, one backward.
+
+Models without a CLS token (average pooling): the readout is the mean of the image tokens'
+write-ins (the pooled readout of ``attn_out``) and the map is the mean over those query rows.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from vit_embedding_lens.attribution.capture import capture, pattern_name, value_name
+from vit_embedding_lens.attribution.readout import (
+    ClassSpec,
+    batch_slices,
+    image_layout,
+    readout_positions,
+    resolve_blocks,
+    resolve_classes,
+)
+from vit_embedding_lens.attribution.result import AttributionMap
+from vit_embedding_lens.lens.projection import ClassProjection
+
+Loss = Literal["cross_entropy", "double_softmax"]
+
+
+def class_space_loss(logits: Float[Tensor, "... n_classes"], classes: Int[Tensor, "..."], loss: Loss) -> Tensor:
+    """Per-vector loss of the class of interest: cross-entropy on the projected logits, or
+    (``"double_softmax"``, the reference code) cross-entropy applied to their softmax."""
+    if loss == "cross_entropy":
+        inputs = logits
+    elif loss == "double_softmax":
+        inputs = logits.softmax(-1)
+    else:
+        raise ValueError(f"loss must be 'cross_entropy' or 'double_softmax', got {loss!r}")
+    flat = inputs.reshape(-1, inputs.shape[-1])
+    return F.cross_entropy(flat, classes.reshape(-1), reduction="none").reshape(classes.shape)
+
+
+def class_space_attribution(
+    model,
+    images: Float[Tensor, "batch chan height width"],
+    classes: ClassSpec = None,
+    *,
+    loss: Loss = "cross_entropy",
+    blocks: Optional[Sequence[int]] = None,
+    per_head: bool = False,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> AttributionMap:
+    """The paper's map: ``sum_{l, h} -∂loss_l/∂A^l_h[readout, image tokens]``.
+
+    ``classes``: the class to explain (an id or name for all images, or one per image; default the
+    prediction; pass the labels to explain the true class). ``loss``: ``"cross_entropy"`` on the
+    projected logits (default) or ``"double_softmax"`` as the reference code. ``blocks``: which
+    blocks to sum (default all). Per-block maps are always kept; per-head maps with ``per_head``.
+    """
+    class_space_loss(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), loss)  # validates ``loss``
+    layout = image_layout(model, images)
+    rows = readout_positions(model, layout)
+    blocks = resolve_blocks(model, blocks)
+    classes = resolve_classes(model, images, classes)
+    projection = ClassProjection(model)
+    block_maps, head_maps = [], []
+    for sl in tqdm(batch_slices(images.shape[0], batch_size), desc="class-space attribution", disable=not progress):
+        heads = _block_head_maps(model, images[sl], classes[sl], blocks, rows, projection, loss)
+        heads = heads[..., layout.n_prefix :]  # keys: image tokens
+        block_maps.append(heads.sum(2))
+        if per_head:
+            head_maps.append(heads)
+    per_block = torch.cat(block_maps)
+    return AttributionMap(
+        scores=per_block.sum(1),
+        layout=layout,
+        classes=classes,
+        method="class_space" if loss == "cross_entropy" else "class_space_double_softmax",
+        per_block=per_block,
+        per_head=torch.cat(head_maps) if per_head else None,
+        blocks=tuple(blocks),
+    )
+
+
+def _block_head_maps(
+    model, images: Tensor, classes: Tensor, blocks: Sequence[int], rows: Sequence[int], projection, loss: Loss
+) -> Float[Tensor, "batch n_blocks n_heads n_tokens"]:
+    """``-∂loss_l/∂A^l`` averaged over the readout query rows, for every block and head."""
+    keep = {}
+    for l in blocks:
+        keep[pattern_name(l)] = lambda a: a[:, :, rows]  # [B, H, R, N]
+        keep[value_name(l)] = None  # [B, N, H, dh]
+    with torch.no_grad():
+        _, acts = capture(model, images, keep)
+    with torch.enable_grad():
+        pattern = torch.stack([acts[pattern_name(l)] for l in blocks]).requires_grad_(True)  # [L,B,H,R,N]
+        v = torch.stack([acts[value_name(l)] for l in blocks])  # [L, B, N, H, dh]
+        z = einops.einsum(pattern, v, "l b h r n, l b n h e -> l b r h e")
+        w_o = torch.stack([model.blocks[l].attn.W_O for l in blocks]).detach()  # [L, H, dh, d]
+        b_o = torch.stack([model.blocks[l].attn.b_O for l in blocks]).detach()  # [L, d]
+        write = einops.einsum(z, w_o, "l b r h e, l h e d -> l b r d") + b_o[:, None, None]
+        if model.cfg.block_norm == "post":
+            write = torch.stack([_ln1(model.blocks[l].ln1, w) for l, w in zip(blocks, write)])
+        logits = projection.differentiable(write.mean(2))  # readout: [L, B, C]
+        losses = class_space_loss(logits, classes.expand(len(blocks), -1), loss)
+        (grad,) = torch.autograd.grad(losses.sum(), pattern)
+    return einops.rearrange(-grad.mean(3), "l b h n -> b l h n")
+
+
+def _ln1(norm, x: Tensor) -> Tensor:
+    """A block's ``ln1`` without firing its hook points (post-norm write-ins)."""
+    w = norm.w.detach() if norm.affine else None
+    b = norm.b.detach() if norm.affine else None
+    return F.layer_norm(x, (norm.d,), w, b, norm.eps)

@@ -1,0 +1,43 @@
+"""Raw attention of one block (default the last), a baseline: the readout query row, mean over heads."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from vit_embedding_lens.attribution.capture import capture, pattern_name
+from vit_embedding_lens.attribution.readout import (
+    ClassSpec,
+    batch_slices,
+    image_layout,
+    readout_positions,
+    resolve_blocks,
+    resolve_classes,
+)
+from vit_embedding_lens.attribution.result import AttributionMap
+
+
+def raw_attention(
+    model,
+    images: Float[Tensor, "batch chan height width"],
+    classes: ClassSpec = None,
+    *,
+    block: int = -1,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> AttributionMap:
+    """Attention weights from the readout token(s) to the image tokens in ``block`` (class-agnostic;
+    ``classes`` is recorded only, default the prediction)."""
+    layout = image_layout(model, images)
+    rows = readout_positions(model, layout)
+    (block,) = resolve_blocks(model, [block])
+    classes = resolve_classes(model, images, classes)
+    name = pattern_name(block)
+    maps = []
+    for sl in tqdm(batch_slices(images.shape[0], batch_size), desc="raw attention", disable=not progress):
+        with torch.no_grad():
+            _, acts = capture(model, images[sl], {name: lambda a: a[:, :, rows].mean((1, 2))})
+        maps.append(acts[name][:, layout.n_prefix :])
+    return AttributionMap(scores=torch.cat(maps), layout=layout, classes=classes, method="raw_attention")

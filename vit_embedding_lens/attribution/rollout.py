@@ -1,0 +1,50 @@
+"""Attention rollout (Abnar & Zuidema 2020), a baseline: attention flows through the residual.
+
+Per block: the head-averaged pattern plus the identity (the residual connection), rows
+renormalized to sum to one; the blocks' matrices multiplied from the first to the last. The map is
+the readout row of the product over the image tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from vit_embedding_lens.attribution.capture import capture, pattern_name
+from vit_embedding_lens.attribution.readout import (
+    ClassSpec,
+    batch_slices,
+    image_layout,
+    readout_positions,
+    resolve_classes,
+)
+from vit_embedding_lens.attribution.result import AttributionMap
+
+
+def attention_rollout(
+    model,
+    images: Float[Tensor, "batch chan height width"],
+    classes: ClassSpec = None,
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> AttributionMap:
+    """Rollout of the attention from the readout token(s) to every image token (class-agnostic;
+    ``classes`` is recorded only, default the prediction)."""
+    layout = image_layout(model, images)
+    rows = readout_positions(model, layout)
+    classes = resolve_classes(model, images, classes)
+    names = [pattern_name(l) for l in range(model.cfg.n_layers)]
+    maps = []
+    for sl in tqdm(batch_slices(images.shape[0], batch_size), desc="attention rollout", disable=not progress):
+        with torch.no_grad():
+            _, acts = capture(model, images[sl], {n: lambda a: a.mean(1) for n in names})
+        rollout = None
+        for n in names:
+            mixed = acts[n] + torch.eye(acts[n].shape[-1], dtype=acts[n].dtype, device=acts[n].device)
+            mixed = mixed / mixed.sum(-1, keepdim=True)
+            rollout = mixed if rollout is None else mixed @ rollout
+        maps.append(rollout[:, rows].mean(1)[:, layout.n_prefix :])
+    return AttributionMap(scores=torch.cat(maps), layout=layout, classes=classes, method="rollout")
