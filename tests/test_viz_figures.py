@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+
+from vit_embedding_lens.attribution.overlay import overlay, upsample_map
 import torch
 from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
@@ -21,7 +23,6 @@ from vit_embedding_lens.viz import (
     heatmap_grid_table,
     identifiability_evolution_table,
     kv_agreement_table,
-    overlay_array,
     plot_attention,
     plot_change_rates,
     plot_heatmap_grid,
@@ -30,7 +31,6 @@ from vit_embedding_lens.viz import (
     plot_overlay,
     plot_token_grid,
     token_grid_table,
-    upsample_map,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -225,18 +225,18 @@ def test_overlay_blends_image_and_colormap():
     rng = np.random.default_rng(4)
     chw = rng.uniform(size=(3, 8, 8))
     heat = rng.uniform(size=(2, 2))
-    only_image = overlay_array(chw, heat, alpha=0.0)
+    only_image = overlay(heat, chw, alpha=0.0)
     np.testing.assert_allclose(only_image, (np.moveaxis(chw, 0, -1) - chw.min()) / (chw.max() - chw.min()))
-    np.testing.assert_allclose(overlay_array(np.moveaxis(chw, 0, -1), heat, alpha=0.3), overlay_array(chw, heat, alpha=0.3))
-    only_map = overlay_array(chw, heat, alpha=1.0, mode="nearest")
+    np.testing.assert_allclose(overlay(heat, np.moveaxis(chw, 0, -1), alpha=0.3), overlay(heat, chw, alpha=0.3))
+    only_map = overlay(heat, chw, alpha=1.0, mode="nearest", cmap="jet")
     expected = colormaps["jet"]((np.kron(heat, np.ones((4, 4))) - heat.min()) / np.ptp(heat))[..., :3]
     np.testing.assert_allclose(only_map, expected)
-    grey = overlay_array(torch.rand(1, 8, 8), heat)
+    grey = overlay(heat, torch.rand(1, 8, 8))
     assert grey.shape == (8, 8, 3)
     fig = plot_overlay(chw, heat, title="x")
     assert fig.axes[0].get_title() == "x" and len(fig.axes) == 2  # image + colour bar
-    with pytest.raises(ValueError, match="one image"):
-        overlay_array(rng.uniform(size=(2, 3, 8, 8)), heat)
+    with pytest.raises(ValueError, match="colour channels"):
+        overlay(heat, rng.uniform(size=(2, 3, 8, 8)))
 
 
 # -------------------------------------------------------------------------------------------------

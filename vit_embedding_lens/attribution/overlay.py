@@ -32,11 +32,15 @@ def upsample_map(
     if layout is not None and (values.ndim < 2 or tuple(values.shape[-2:]) != tuple(layout.grid_size)):
         values = layout.to_grid(values)
     if values.ndim < 2:
-        raise ValueError(f"expected a grid [..., grid_h, grid_w] (or patches with layout=), got {tuple(values.shape)}")
+        raise ValueError(
+            f"expected a grid [..., grid_h, grid_w], got {tuple(values.shape)}; pass layout= or reshape token "
+            f"scores with layout.to_grid()"
+        )
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
     lead = values.shape[:-2]
-    flat = values.detach().float().reshape(-1, 1, *values.shape[-2:])
+    work = torch.float64 if values.dtype == torch.float64 else torch.float32
+    flat = values.detach().to(work).reshape(-1, 1, *values.shape[-2:])
     extra = dict(align_corners=False) if mode == "bilinear" else {}
     up = F.interpolate(flat, size=(int(size[0]), int(size[1])), mode=mode, **extra)
     return up.reshape(*lead, int(size[0]), int(size[1]))
@@ -58,7 +62,7 @@ def image_to_rgb(
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
 ) -> np.ndarray:
-    """An image ``[C, H, W]`` tensor or ``[H, W]``/``[H, W, C]`` array -> RGB floats ``[H, W, 3]`` in
+    """An image ``[C, H, W]`` tensor or ``[H, W]``/``[H, W, C]``/``[C, H, W]`` array -> RGB floats ``[H, W, 3]`` in
     [0, 1]: the normalization undone with ``mean``/``std`` when given, else min-max scaled."""
     if isinstance(image, Tensor):
         if image.ndim != 3:
@@ -67,6 +71,8 @@ def image_to_rgb(
     else:
         arr = np.asarray(image, dtype=float)
         arr = arr[..., None] if arr.ndim == 2 else arr
+        if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):  # [C, H, W]
+            arr = np.moveaxis(arr, 0, -1)
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3):
         raise ValueError(f"expected 1 or 3 colour channels, got an image of shape {arr.shape}")
     if mean is not None or std is not None:

@@ -16,7 +16,7 @@ from vit_embedding_lens.viz.interactive import (
     topk_tokens_view,
 )
 from vit_embedding_lens.viz.kv_agreement import kv_agreement_table, plot_kv_agreement
-from vit_embedding_lens.viz.overlay import overlay_array, plot_overlay, upsample_map
+from vit_embedding_lens.viz.overlay import plot_overlay
 from vit_embedding_lens.viz.predictions import TokenClassPredictions, token_class_predictions, token_types
 from vit_embedding_lens.viz.token_grid import plot_token_grid, token_grid_table
 from vit_embedding_lens.viz._figures import figure_to_png
@@ -32,7 +32,6 @@ __all__ = [
     "heatmap_grid_table",
     "identifiability_evolution_table",
     "kv_agreement_table",
-    "overlay_array",
     "plot_attention",
     "plot_change_rates",
     "plot_heatmap_grid",
@@ -44,5 +43,4 @@ __all__ = [
     "token_grid_table",
     "token_types",
     "topk_tokens_view",
-    "upsample_map",
 ]
