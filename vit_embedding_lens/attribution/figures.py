@@ -15,11 +15,12 @@ from vit_embedding_lens.attribution.result import AttributionMap
 def plot_perturbation_curves(result, *, fraction: bool = False, figsize=(10, 4)):
     """Accuracy vs image tokens kept, one panel per order, one line per method (random: the mean
     over seeds with a min-max band); the legend gives each method's AUC."""
-    import matplotlib.pyplot as plt
+    from vit_embedding_lens.viz._figures import new_figure
 
     curves = result.curves
     orders = list(dict.fromkeys(curves.order))
-    fig, axes = plt.subplots(1, len(orders), figsize=figsize, squeeze=False, sharey=True)
+    fig = new_figure(figsize=figsize)
+    axes = fig.subplots(1, len(orders), squeeze=False, sharey=True)
     x_col = "fraction_kept" if fraction else "n"
     summary = result.summary().set_index(["method", "order"])
     for ax, order in zip(axes[0], orders):
@@ -44,10 +45,11 @@ def plot_perturbation_curves(result, *, fraction: bool = False, figsize=(10, 4))
 def plot_probe_comparison(table: pd.DataFrame, *, figsize=(12, 3.5)):
     """Top-1 accuracy per block, one panel per layer type: probes vs the class-space projection,
     for the CLS (or first prefix) token and the mean over image tokens."""
-    import matplotlib.pyplot as plt
+    from vit_embedding_lens.viz._figures import new_figure
 
     layers = list(dict.fromkeys(table.layer))
-    fig, axes = plt.subplots(1, len(layers), figsize=figsize, squeeze=False, sharey=True)
+    fig = new_figure(figsize=figsize)
+    axes = fig.subplots(1, len(layers), squeeze=False, sharey=True)
     styles = {"probe": "--", "projection": "-"}
     for ax, layer in zip(axes[0], layers):
         part = table[table.layer == layer]
@@ -77,14 +79,15 @@ def plot_attribution_maps(
     class_names: Optional[Sequence[str]] = None,
 ):
     """A grid of overlays: one row per image, the image then one column per method."""
-    import matplotlib.pyplot as plt
+    from vit_embedding_lens.viz._figures import new_figure
 
     items = list(maps.items()) if isinstance(maps, Mapping) else [(m.method, m) for m in maps]
     if not items:
         raise ValueError("give at least one AttributionMap")
     indices = list(indices) if indices is not None else list(range(min(4, images.shape[0])))
     n_cols = len(items) + 1
-    fig, axes = plt.subplots(len(indices), n_cols, figsize=(2 * n_cols, 2 * len(indices)), squeeze=False)
+    fig = new_figure(figsize=(2 * n_cols, 2 * len(indices)))
+    axes = fig.subplots(len(indices), n_cols, squeeze=False)
     for row, i in enumerate(indices):
         axes[row][0].imshow(image_to_rgb(images[i], mean, std))
         cls = int(items[0][1].classes[i])
