@@ -1,5 +1,36 @@
-"""Data utilities: token labels from segmentation masks (more loaders come with the command line)."""
+"""Data: image folders and the ImageNet-S layout with masks, preprocessing, token labels from masks."""
 
+from vit_embedding_lens.data.imagenet_s import AMBIGUOUS_SYNSETS, decode_segmentation, imagenet_s_dataset
+from vit_embedding_lens.data.images import (
+    ImageDataset,
+    ImageRecord,
+    InMemoryDataset,
+    Sample,
+    SkippedImage,
+    UnusableImageError,
+    bundled_eval_dataset,
+    class_indices,
+    image_folder_dataset,
+)
 from vit_embedding_lens.data.token_labels import area_fractions, mask_to_grid, token_mask_from_mask
+from vit_embedding_lens.data.transforms import Preprocessing, resolve_preprocessing
 
-__all__ = ["area_fractions", "mask_to_grid", "token_mask_from_mask"]
+__all__ = [
+    "AMBIGUOUS_SYNSETS",
+    "ImageDataset",
+    "ImageRecord",
+    "InMemoryDataset",
+    "Preprocessing",
+    "Sample",
+    "SkippedImage",
+    "UnusableImageError",
+    "area_fractions",
+    "bundled_eval_dataset",
+    "class_indices",
+    "decode_segmentation",
+    "image_folder_dataset",
+    "imagenet_s_dataset",
+    "mask_to_grid",
+    "resolve_preprocessing",
+    "token_mask_from_mask",
+]

@@ -1,0 +1,430 @@
+"""Image data sets for whole-data-set runs: class-subfolder image folders and in-memory tensors.
+
+A data set is a list of items in a fixed order; item ``i`` is a :class:`Sample` (the preprocessed
+image, its class index, an id, and optionally a per-token class mask from a segmentation mask) or a
+:class:`SkippedImage` when its file cannot be used (unreadable, truncated, a mask of the wrong size).
+A long run skips such a file, counts it and records why, instead of crashing on it.
+
+Class folders are matched to the model's classes: ImageNet synset names (``n01440764``) through
+timm's ImageNet label sets (or a ``LOC_synset_mapping.txt`` whose line order is the class order),
+other names through ``model.class_names``; anything unmatched is an error that lists the names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+from PIL import Image
+from torch import Tensor
+
+from vit_embedding_lens.data.transforms import Preprocessing, binary_mask_image, mask_from_image
+
+#: file name endings read as images (case-insensitive)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+SYNSET_PATTERN = re.compile(r"^n\d{8}$")
+OnError = str  # "skip" (default: count, warn, go on) or "raise"
+
+#: a decoded segmentation mask: PIL image -> integer class-label array [H, W]
+MaskDecoder = Callable[[Image.Image], np.ndarray]
+
+
+# -------------------------------------------------------------------------------------------------
+# Items
+# -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a data set on disk: where it is, its class, and where its mask is."""
+
+    path: Path
+    label: int
+    image_id: str  # path relative to the data set root, e.g. "n01440764/ILSVRC2012_val_00000293.JPEG"
+    mask_path: Optional[Path] = None
+    mask_label: Optional[int] = None  # the value that marks this image's class in its mask
+
+
+@dataclass
+class Sample:
+    """A preprocessed image ready for the model."""
+
+    index: int  # position in the data set
+    image: Float[Tensor, "chan height width"]
+    label: int
+    image_id: str
+    token_mask: Optional[Bool[Tensor, " n_tokens"]] = None  # True at image tokens on the object
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An item that could not be used, and why (the run goes on without it)."""
+
+    index: int
+    image_id: str
+    reason: str
+
+
+class UnusableImageError(ValueError):
+    """An image (or its mask) cannot be read or does not fit; the item is skipped."""
+
+
+# -------------------------------------------------------------------------------------------------
+# The data set of image files
+# -------------------------------------------------------------------------------------------------
+class ImageDataset(torch.utils.data.Dataset):
+    """Image files (and optional segmentation masks) -> :class:`Sample` items, in record order.
+
+    ``layout`` (the model's TokenLayout) is needed only when records carry masks: a mask is reduced
+    to ``mask == record.mask_label``, brought to the model's input pixels with the image's own
+    geometry (nearest), then to tokens with :func:`token_mask_from_mask` (``token_labels`` =
+    ``"nearest"`` at patch centres, or ``"area"`` with ``threshold``). ``on_error="skip"`` turns an
+    unusable file into a :class:`SkippedImage`; ``"raise"`` raises :class:`UnusableImageError`.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        preprocessing: Preprocessing,
+        layout: Any = None,
+        *,
+        mask_decoder: Optional[MaskDecoder] = None,
+        token_labels: str = "nearest",
+        threshold: float = 0.5,
+        source: Optional[Mapping[str, Any]] = None,
+        on_error: OnError = "skip",
+    ) -> None:
+        if not records:
+            raise ValueError("the data set has no images")
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        if token_labels not in ("nearest", "area"):
+            raise ValueError(f"token_labels must be 'nearest' or 'area', got {token_labels!r}")
+        self.has_masks = any(r.mask_path is not None for r in records)
+        if self.has_masks and not all(r.mask_path is not None for r in records):
+            raise ValueError("either every record has a mask or none has")
+        if self.has_masks and layout is None:
+            raise ValueError("records with masks need the model's layout (layout=model.layout) for token masks")
+        self.records = list(records)
+        self.preprocessing = preprocessing
+        self.layout = layout
+        self.mask_decoder = mask_decoder or decode_label_mask
+        self.token_labels = token_labels
+        self.threshold = float(threshold)
+        self.source = dict(source or {})
+        self.on_error = on_error
+        self._transforms = None  # built lazily in each (worker) process
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> List[int]:
+        return [r.label for r in self.records]
+
+    @property
+    def image_ids(self) -> List[str]:
+        return [r.image_id for r in self.records]
+
+    def __getitem__(self, index: int) -> Union[Sample, SkippedImage]:
+        record = self.records[index]
+        try:
+            return self._load(index, record)
+        except UnusableImageError as err:
+            if self.on_error == "raise":
+                raise
+            return SkippedImage(index=index, image_id=record.image_id, reason=str(err))
+
+    def _load(self, index: int, record: ImageRecord) -> Sample:
+        if self._transforms is None:
+            self._transforms = (self.preprocessing.image_transform(), self.preprocessing.mask_transform())
+        image_tf, mask_tf = self._transforms
+        image = open_image(record.path, self.preprocessing.image_mode)
+        token_mask = None
+        if record.mask_path is not None:
+            labels = self.mask_decoder(open_image(record.mask_path, None, what="segmentation mask"))
+            if labels.shape != (image.height, image.width):
+                raise UnusableImageError(
+                    f"{record.mask_path}: the mask is {labels.shape[1]}x{labels.shape[0]} but its image "
+                    f"{record.path.name} is {image.width}x{image.height}; masks must cover their image pixel for pixel"
+                )
+            on_object = mask_from_image(mask_tf(binary_mask_image(labels == record.mask_label)))
+            from vit_embedding_lens.data.token_labels import token_mask_from_mask
+
+            token_mask = token_mask_from_mask(
+                on_object, self.layout, method=self.token_labels, threshold=self.threshold
+            )
+        return Sample(
+            index=index, image=image_tf(image), label=record.label, image_id=record.image_id, token_mask=token_mask
+        )
+
+    def fingerprint(self) -> Dict[str, Any]:
+        """What identifies this data set's content and preprocessing (for resumable runs)."""
+        digest = hashlib.sha256()
+        for r in self.records:
+            digest.update(f"{r.image_id}\t{r.label}\t{r.mask_label}\n".encode())
+        return {
+            "source": self.source,
+            "n_images": len(self.records),
+            "files_sha256": digest.hexdigest(),
+            "preprocessing": self.preprocessing.as_dict(),
+            "token_labels": {"method": self.token_labels, "threshold": self.threshold} if self.has_masks else None,
+        }
+
+
+def open_image(path: Path, mode: Optional[str], what: str = "image") -> Image.Image:
+    """A fully decoded PIL image (``mode`` conversion applied); UnusableImageError when it cannot be."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert(mode) if mode and img.mode != mode else img.copy()
+    except FileNotFoundError as err:
+        raise UnusableImageError(f"{path}: {what} file not found") from err
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UnusableImageError(f"{path}: cannot read the {what} ({type(err).__name__}: {err})") from err
+
+
+def decode_label_mask(img: Image.Image) -> np.ndarray:
+    """A single-channel label mask (``L``, ``P``, ``I``, ``1``) as an integer array ``[H, W]``."""
+    if img.mode in ("RGB", "RGBA"):
+        raise UnusableImageError(
+            "an RGB mask needs a decoder that says how colours map to labels (ImageNet-S: R + 256*G)"
+        )
+    return np.asarray(img).astype(np.int64)
+
+
+# -------------------------------------------------------------------------------------------------
+# Class folders -> class indices
+# -------------------------------------------------------------------------------------------------
+def read_synset_mapping(path: Union[str, Path]) -> List[str]:
+    """Synsets from a ``LOC_synset_mapping.txt`` (``n01440764 tench, Tinca tinca`` per line); line
+    order is class order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"synset mapping {path} does not exist")
+    synsets = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    bad = [s for s in synsets if not SYNSET_PATTERN.match(s)]
+    if bad:
+        raise ValueError(f"{path}: lines must start with a synset id like n01440764, got {bad[:5]}")
+    return synsets
+
+
+def imagenet_synsets(n_classes: int) -> Optional[List[str]]:
+    """The synsets of timm's ImageNet label set with ``n_classes`` classes (1k, 12k, 21k, 22k), or None."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset({"num_classes": n_classes})
+    return list(ImageNetInfo(subset).label_names()) if subset else None
+
+
+def _normalize(name: str) -> str:
+    return " ".join(name.replace("_", " ").strip().lower().split())
+
+
+def class_indices(
+    names: Sequence[str],
+    n_classes: int,
+    class_names: Optional[Sequence[str]] = None,
+    synsets: Optional[Sequence[str]] = None,
+) -> Dict[str, int]:
+    """Map class-folder names to the model's class indices, or raise naming the unmatched ones.
+
+    Synset names (``n01440764``) use ``synsets`` (line order of a synset mapping) or timm's ImageNet
+    label set with ``n_classes`` classes. Other names match ``class_names`` exactly, ignoring case and
+    ``_`` vs space, or one comma-separated synonym of a class name ("tench" for "tench, Tinca
+    tinca"). Without class names, integer folder names are class indices.
+    """
+    names = list(names)
+    if names and all(SYNSET_PATTERN.match(n) for n in names):
+        table = list(synsets) if synsets is not None else imagenet_synsets(n_classes)
+        if table is None:
+            raise ValueError(
+                f"the class folders are ImageNet synsets but the model has {n_classes} classes, which is "
+                f"no ImageNet label set timm knows; pass a synset mapping file (LOC_synset_mapping.txt) "
+                f"whose line order is the model's class order"
+            )
+        if len(table) != n_classes:
+            raise ValueError(f"the synset mapping lists {len(table)} classes but the model has {n_classes}")
+        index = {s: i for i, s in enumerate(table)}
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise ValueError(
+                f"{len(unknown)} class folders are not synsets of the model's {n_classes} classes: {unknown[:20]}"
+            )
+        return {n: index[n] for n in names}
+    if class_names:
+        exact: Dict[str, int] = {}
+        synonyms: Dict[str, List[int]] = {}
+        for i, full in enumerate(class_names):
+            exact.setdefault(_normalize(full), i)
+            for part in full.split(","):
+                synonyms.setdefault(_normalize(part), []).append(i)
+        found, unmatched = {}, []
+        for n in names:
+            key = _normalize(n)
+            if key in exact:
+                found[n] = exact[key]
+            elif len(synonyms.get(key, [])) == 1:
+                found[n] = synonyms[key][0]
+            else:
+                unmatched.append(n)
+        if unmatched:
+            raise ValueError(
+                f"{len(unmatched)} class folders match none of the model's class names: {unmatched[:20]}; "
+                f"rename them to class names (e.g. {list(class_names[:5])}) or to ImageNet synsets"
+            )
+        return found
+    if names and all(n.isdigit() and int(n) < n_classes for n in names):
+        return {n: int(n) for n in names}
+    raise ValueError(
+        f"cannot match the class folders {names[:20]} to the model's classes: the model has no class "
+        f"names; name the folders by ImageNet synset (n01440764) or by class index (0..{n_classes - 1})"
+    )
+
+
+# -------------------------------------------------------------------------------------------------
+# Folders on disk
+# -------------------------------------------------------------------------------------------------
+def class_folders(root: Union[str, Path]) -> List[Path]:
+    """The class subfolders of ``root``, sorted by name; a clear error when there are none."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"data path {root} is not a folder")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        loose = list_images(root)
+        hint = f" ({len(loose)} images lie directly in it)" if loose else ""
+        raise ValueError(
+            f"{root} has no class subfolders{hint}; arrange images as {root}/<class>/<image>, one folder "
+            f"per class named by synset (n01440764) or class name"
+        )
+    return folders
+
+
+def list_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[Path]:
+    """Image files directly in ``folder``, sorted by file name."""
+    exts = tuple(e.lower() for e in extensions)
+    return sorted(
+        (p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")),
+        key=lambda p: p.name,
+    )
+
+
+def select_per_class(files: Sequence[Path], per_class: Optional[int]) -> List[Path]:
+    """The first ``per_class`` files (already sorted), or all of them."""
+    if per_class is None:
+        return list(files)
+    if per_class < 1:
+        raise ValueError(f"per_class must be at least 1, got {per_class}")
+    return list(files[:per_class])
+
+
+def image_folder_records(
+    root: Union[str, Path],
+    class_index: Mapping[str, int],
+    per_class: Optional[int] = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> List[ImageRecord]:
+    """Records of ``root/<class>/<image>`` for the classes in ``class_index``, class folders in name
+    order, the first ``per_class`` images (by file name) of each. Empty classes are an error."""
+    root = Path(root)
+    records: List[ImageRecord] = []
+    empty = []
+    for name in sorted(class_index):
+        files = list_images(root / name, extensions)
+        if not files:
+            empty.append(name)
+            continue
+        for path in select_per_class(files, per_class):
+            records.append(ImageRecord(path=path, label=class_index[name], image_id=f"{name}/{path.name}"))
+    if empty:
+        raise ValueError(
+            f"{len(empty)} class folders in {root} have no images ({', '.join(extensions)}): {empty[:20]}; "
+            f"add images or remove the folders"
+        )
+    return records
+
+
+def image_folder_dataset(
+    root: Union[str, Path],
+    model: Any,
+    preprocessing: Preprocessing,
+    per_class: Optional[int] = None,
+    synset_mapping: Optional[Union[str, Path]] = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    on_error: OnError = "skip",
+) -> ImageDataset:
+    """A class-subfolder image folder (``DIR/<class>/*.jpg|png|...``) as an :class:`ImageDataset`."""
+    root = Path(root).resolve()
+    folders = [p.name for p in class_folders(root)]
+    synsets = read_synset_mapping(synset_mapping) if synset_mapping else None
+    mapping = class_indices(folders, model.cfg.n_classes, model.class_names, synsets)
+    records = image_folder_records(root, mapping, per_class, extensions)
+    source = {"layout": "folder", "root": str(root), "per_class": per_class}
+    return ImageDataset(records, preprocessing, model.layout, source=source, on_error=on_error)
+
+
+# -------------------------------------------------------------------------------------------------
+# In-memory data
+# -------------------------------------------------------------------------------------------------
+class InMemoryDataset(torch.utils.data.Dataset):
+    """Preprocessed images already in memory (e.g. the bundled eval digits) as :class:`Sample` items."""
+
+    def __init__(
+        self,
+        images: Float[Tensor, "n chan height width"],
+        labels: Int[Tensor, " n"],
+        image_ids: Optional[Sequence[str]] = None,
+        token_masks: Optional[Bool[Tensor, "n n_tokens"]] = None,
+        source: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        if images.ndim != 4:
+            raise ValueError(f"images must be [n, chan, height, width], got shape {tuple(images.shape)}")
+        n = images.shape[0]
+        if len(labels) != n:
+            raise ValueError(f"{len(labels)} labels for {n} images")
+        if token_masks is not None and token_masks.shape[0] != n:
+            raise ValueError(f"{token_masks.shape[0]} token masks for {n} images")
+        self.images = images
+        self.label_tensor = torch.as_tensor(labels).long()
+        self.image_ids = list(image_ids) if image_ids is not None else [f"{i:06d}" for i in range(n)]
+        if len(self.image_ids) != n:
+            raise ValueError(f"{len(self.image_ids)} image ids for {n} images")
+        self.token_masks = token_masks
+        self.has_masks = token_masks is not None
+        self.source = dict(source or {"layout": "memory"})
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def labels(self) -> List[int]:
+        return self.label_tensor.tolist()
+
+    def __getitem__(self, index: int) -> Sample:
+        mask = self.token_masks[index] if self.token_masks is not None else None
+        return Sample(index, self.images[index], int(self.label_tensor[index]), self.image_ids[index], mask)
+
+    def fingerprint(self) -> Dict[str, Any]:
+        digest = hashlib.sha256()
+        for t in (self.images, self.label_tensor, self.token_masks):
+            if t is not None:
+                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return {"source": self.source, "n_images": len(self), "content_sha256": digest.hexdigest()}
+
+
+def bundled_eval_dataset(model: Any, n: Optional[int] = None, token_labels: str = "nearest") -> InMemoryDataset:
+    """The bundled MNIST eval digits, their stroke masks as per-token class masks for ``model``."""
+    from vit_embedding_lens.zoo.bundled import load_mnist_eval
+
+    data = load_mnist_eval(n)
+    masks = data.class_token_mask(model.layout, method=token_labels)
+    ids = [f"mnist-eval/{i:04d}" for i in range(len(data))]
+    source = {"layout": "bundled", "name": "mnist-eval", "n": n, "token_labels": token_labels}
+    return InMemoryDataset(data.images, data.labels, ids, masks, source=source)

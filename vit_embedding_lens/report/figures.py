@@ -1,0 +1,39 @@
+"""Figures of a run as PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Mapping
+
+FIGURES_DIR = "figures"
+
+
+def save_figures(
+    figures: Mapping[str, Mapping[str, Any]], report_dir: Path, dpi: int = 110
+) -> Dict[str, Dict[str, Path]]:
+    """``report_dir/figures/<analysis>__<figure>.png`` for every figure; returns the paths.
+
+    Figures made with ``pyplot`` are closed after saving, so long sessions do not accumulate them.
+    """
+    folder = Path(report_dir) / FIGURES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: Dict[str, Dict[str, Path]] = {}
+    for analysis, named in figures.items():
+        for name, fig in named.items():
+            if not hasattr(fig, "savefig"):
+                raise TypeError(
+                    f"{analysis}.figures returned {type(fig).__name__} for {name!r}; figures are matplotlib Figures"
+                )
+            path = folder / f"{analysis}__{name}.png"
+            fig.savefig(path, dpi=dpi)
+            _close(fig)
+            paths.setdefault(analysis, {})[name] = path
+    return paths
+
+
+def _close(fig: Any) -> None:
+    import sys
+
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close(fig)

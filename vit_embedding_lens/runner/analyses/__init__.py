@@ -1,0 +1,19 @@
+"""Built-in analyses, registered on import: ``accuracy`` and ``cls_identifiability``."""
+
+from vit_embedding_lens.runner.analyses.accuracy import Accuracy
+from vit_embedding_lens.runner.analyses.cls_identifiability import ClsIdentifiability
+from vit_embedding_lens.runner.analyses.lens import LensAnalysis
+from vit_embedding_lens.runner.analysis import ANALYSES, register_analysis
+
+#: the built-ins; more analyses of the library are added here (name -> factory)
+BUILTIN_ANALYSES = {"accuracy": Accuracy, "cls_identifiability": ClsIdentifiability, "lens": LensAnalysis}
+
+#: what ``vit-lens demo`` and ``analyze`` run unless ``--analyses`` says otherwise (the paper's analyses;
+#: ``cls_identifiability`` is a lighter subset of ``lens``)
+DEFAULT_ANALYSES = [name for name in BUILTIN_ANALYSES if name != "cls_identifiability"]
+
+for _name, _factory in BUILTIN_ANALYSES.items():
+    if _name not in ANALYSES:  # a user's own registration under the same name wins
+        register_analysis(_name, _factory)
+
+__all__ = ["BUILTIN_ANALYSES", "DEFAULT_ANALYSES", "Accuracy", "ClsIdentifiability", "LensAnalysis"]

@@ -1,0 +1,73 @@
+"""Accuracy: the model's top-1 / top-k accuracy over a data set, overall and per class."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import numpy as np
+import pandas as pd
+
+from vit_embedding_lens.runner.analyses._common import class_names, correct_class_rank
+
+
+class Accuracy:
+    """Per image: the prediction, the rank of the correct class, the predicted class's probability.
+
+    Tables: ``summary`` (one row: images, top-1, top-k), ``per_class`` (one row per class present).
+    Reads the logits of the shared forward pass, so it costs no forward of its own.
+    """
+
+    name = "accuracy"
+    hook_names = ()
+
+    def __init__(self, top_k: int = 5) -> None:
+        self.top_k = int(top_k)
+
+    def config(self) -> Dict[str, Any]:
+        return {"top_k": self.top_k}
+
+    def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
+        logits, _ = batch.shared_forward(model)
+        logits = logits.float()
+        probs = logits.softmax(-1)
+        pred = logits.argmax(-1)
+        return {
+            "pred": pred.cpu().numpy(),
+            "correct_rank": correct_class_rank(logits, batch.labels).int().cpu().numpy(),
+            "confidence": probs.gather(-1, pred[:, None])[:, 0].cpu().numpy(),
+        }
+
+    def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
+        k = min(self.top_k, model.cfg.n_classes)
+        rank, labels = results["correct_rank"], results["label"]
+        names = class_names(model)
+        df = pd.DataFrame({"label": labels, "top1": rank == 0, f"top{k}": rank < k})
+        summary = pd.DataFrame([{"n_images": len(df), "top1": df["top1"].mean(), f"top{k}": df[f"top{k}"].mean()}])
+        per_class = df.groupby("label", sort=True).agg(
+            n_images=("top1", "size"), top1=("top1", "mean"), **{f"top{k}": (f"top{k}", "mean")}
+        )
+        per_class = per_class.reset_index().rename(columns={"label": "class"})
+        per_class.insert(1, "class_name", [names[c] for c in per_class["class"]])
+        return {"summary": summary, "per_class": per_class}
+
+    def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
+        from matplotlib.figure import Figure
+
+        per_class = tables["per_class"]
+        fig = Figure(figsize=(7, 3.2))
+        ax = fig.add_subplot()
+        if len(per_class) <= 60:
+            ax.bar(per_class["class_name"].astype(str), per_class["top1"], color="tab:blue")
+            ax.set_xlabel("class")
+            ax.tick_params(axis="x", labelrotation=90 if len(per_class) > 12 else 0, labelsize=7)
+        else:
+            ax.hist(per_class["top1"], bins=20, range=(0, 1), color="tab:blue")
+            ax.set_xlabel("top-1 accuracy of a class")
+            ax.set_ylabel("classes")
+        if len(per_class) <= 60:
+            ax.set_ylabel("top-1 accuracy")
+            ax.set_ylim(0, 1.02)
+        overall = tables["summary"]["top1"].iloc[0]
+        ax.set_title(f"Top-1 accuracy per class (overall {overall:.1%})")
+        fig.tight_layout()
+        return {"accuracy_per_class": fig}

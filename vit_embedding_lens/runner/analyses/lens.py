@@ -1,0 +1,171 @@
+"""The class-embedding lens as a runner analysis (METHODS §1–§3, §5 class vs context).
+
+Per image it stores the lens's per-token readings (:class:`~vit_embedding_lens.lens.LensResult`:
+ranks of the correct class at every block's attention write-in, MLP write-in and residual stream,
+change flags, composition bits), and with ``random_twin`` the residual-stream ranks of the random-init
+twin on the same image. The readings are taken by hooks during the batch's shared forward pass, so the
+analysis adds no forward pass of its own (the twin's pass is its own, by necessity).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vit_embedding_lens.lens.metrics import per_image_identifiability, summarize, token_groups
+from vit_embedding_lens.lens.streaming import CHANGES, KINDS, LensRecorder, LensResult, lens_batch
+
+#: token groups drawn in the identifiability figure, when present
+FIGURE_GROUPS = ("cls", "image", "class", "context")
+
+
+class LensAnalysis:
+    """Identifiability per block and layer type, change rates, composition, class vs context, and
+    (``random_twin=True``) the trained-vs-random-init comparison with one-sided Wilcoxon tests."""
+
+    name = "lens"
+
+    def __init__(self, random_twin: bool = True, twin_seed: int = 0) -> None:
+        self.random_twin = random_twin
+        self.twin_seed = twin_seed
+        self._recorder: Optional[LensRecorder] = None
+        self._twin = None
+
+    def config(self) -> Dict[str, Any]:
+        return {"random_twin": self.random_twin, "twin_seed": self.twin_seed, "kinds": list(KINDS)}
+
+    def forward_hooks(self, model: Any, batch: Any) -> List[tuple]:
+        """Hooks for the batch's shared forward pass: they read every block as it runs."""
+        if self._recorder is None or self._recorder.model is not model:
+            self._recorder = LensRecorder(model)
+        self._recorder.start(batch.labels)
+        return self._recorder.hooks()
+
+    def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
+        batch.shared_forward(model)  # the hooks above fire during it
+        out = _to_arrays(self._recorder.result)
+        if batch.token_masks is not None:
+            out["class_token"] = batch.token_masks.cpu().numpy()
+        twin = self._twin_of(model) if self.random_twin else None
+        if twin is not None:
+            out["random_rank_resid"] = lens_batch(twin, batch.images, batch.labels).rank["resid"].numpy()
+        return out
+
+    def _twin_of(self, model: Any):
+        """The random-init twin, built once; None (with one warning) when the architecture cannot be
+        rebuilt from its name, so a long run goes on without the comparison instead of failing."""
+        if self._twin is None:
+            from vit_embedding_lens.lens.baseline import random_init_twin
+
+            try:
+                self._twin = random_init_twin(model, seed=self.twin_seed)
+                self._twin.validate_inputs = False
+            except ValueError as err:
+                warnings.warn(f"lens: no random-init comparison: {err}", stacklevel=2)
+                self._twin = False
+        return self._twin or None
+
+    def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
+        result = from_arrays(results, model)
+        random = None
+        if "random_rank_resid" in results:
+            random = from_arrays(results, model, rank_resid=results["random_rank_resid"])
+        tables = summarize(result, random)
+        tables["per_image_scores"] = _per_image_scores(result, random)
+        return tables
+
+    def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
+        from vit_embedding_lens.viz import plot_change_rates, plot_identifiability_evolution
+
+        scores = tables["per_image_scores"]
+        trained = scores[scores["model"] == "trained"]
+        random = scores[scores["model"] == "random init"]
+        pvalues = None
+        if "trained_vs_random" in tables:
+            pvalues = tables["trained_vs_random"].rename(columns={"token_group": "group"})[
+                ["block", "group", "p_value"]
+            ]
+        figures = {
+            "identifiability": plot_identifiability_evolution(
+                trained,
+                random if len(random) else None,
+                pvalues,
+                title=f"class identifiability, {model.cfg.model_name}",
+            )
+        }
+        changes = tables["change_rates"]
+        changes = changes[changes["comparison"].isin(["attn", "mlp"]) & changes["token_group"].isin(["cls", "image"])]
+        figures["change_rates"] = plot_change_rates(
+            changes,
+            sublayer_col="comparison",
+            group_col="token_group",
+            value_col="value",
+            percent=True,
+            title="tokens whose correct-class logit rises, attention vs MLP",
+        )
+        return figures
+
+    def headline(self, tables: Dict[str, pd.DataFrame]) -> pd.DataFrame:
+        """% identifiable residual-stream tokens per block and token group, for the terminal."""
+        t = tables["identifiability"]
+        t = t[(t["layer_type"] == "resid") & (t["metric"] == "identifiable_pct")]
+        wide = t.pivot(index="block", columns="token_group", values="value").round(1)
+        wide.columns = [f"% {c} identifiable" for c in wide.columns]
+        return wide.reset_index()
+
+
+def _to_arrays(result: LensResult) -> Dict[str, np.ndarray]:
+    out = {f"rank_{k}": v.numpy() for k, v in result.rank.items()}
+    out.update({f"rose_{k}": v.numpy() for k, v in result.rose.items()})
+    out["composition"] = result.composition.numpy()
+    return out  # the runner stores each image's label beside them (results["label"])
+
+
+def from_arrays(results: Dict[str, np.ndarray], model: Any, rank_resid: Optional[np.ndarray] = None) -> LensResult:
+    """A :class:`LensResult` from the stored per-image arrays (``rank_resid`` swaps in another
+    model's residual ranks, e.g. the random twin's, keeping everything else)."""
+    rank = {k: torch.from_numpy(np.ascontiguousarray(results[f"rank_{k}"])) for k in KINDS}
+    if rank_resid is not None:
+        rank["resid"] = torch.from_numpy(np.ascontiguousarray(rank_resid))
+    mask = results.get("class_token")
+    return LensResult(
+        rank=rank,
+        rose={k: torch.from_numpy(np.ascontiguousarray(results[f"rose_{k}"])) for k in CHANGES},
+        composition=torch.from_numpy(np.ascontiguousarray(results["composition"])),
+        labels=torch.from_numpy(np.ascontiguousarray(results["label"])).long(),
+        n_classes=model.cfg.n_classes,
+        layout=model.layout,
+        token_mask=None if mask is None else torch.from_numpy(np.ascontiguousarray(mask)).bool(),
+        class_names=model.class_names,
+    )
+
+
+def _per_image_scores(result: LensResult, random: Optional[LensResult]) -> pd.DataFrame:
+    """Per image × block × token group: the mean residual-stream score (the distributions drawn)."""
+    frames = []
+    groups = [g for g in FIGURE_GROUPS if g in token_groups(result)]
+    for label, res in (("trained", result), ("random init", random)):
+        if res is None:
+            continue
+        for group in groups:
+            if label == "random init" and group in ("class", "context"):
+                continue
+            scores = per_image_identifiability(res, "resid", group).numpy()  # [image, block]
+            image, block = np.meshgrid(np.arange(scores.shape[0]), np.arange(scores.shape[1]), indexing="ij")
+            keep = ~np.isnan(scores.ravel())
+            frames.append(
+                pd.DataFrame(
+                    dict(
+                        model=label,
+                        image=image.ravel()[keep],
+                        block=block.ravel()[keep],
+                        group=group,
+                        score=scores.ravel()[keep],
+                    )
+                )
+            )
+    return pd.concat(frames, ignore_index=True)
