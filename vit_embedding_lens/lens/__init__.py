@@ -10,7 +10,13 @@ from vit_embedding_lens.lens.memories import (
     value_projection,
     value_topk,
 )
-from vit_embedding_lens.lens.memory_usage import MemoryUsage, memory_usage, memory_usage_batch
+from vit_embedding_lens.lens.memory_usage import (
+    MemoryUsage,
+    PerImageMemoryCounts,
+    memory_usage,
+    memory_usage_batch,
+    memory_usage_per_image,
+)
 from vit_embedding_lens.lens.metrics import (
     change_rate_table,
     class_vs_context,
@@ -29,7 +35,7 @@ from vit_embedding_lens.lens.streaming import LensRecorder, LensResult, lens_bat
 
 __all__ = [
     "ClassProjection", "LensRecorder", "MemoryUsage", "class_value_agreement", "compare_class_value_agreement",
-    "memory_usage", "memory_usage_batch", "memory_values", "top_memories", "value_projection", "value_topk", "LensResult", "change_rate_table", "class_rank", "class_vs_context",
+    "memory_usage", "memory_usage_batch", "memory_usage_per_image", "PerImageMemoryCounts", "memory_values", "top_memories", "value_projection", "value_topk", "LensResult", "change_rate_table", "class_rank", "class_vs_context",
     "compare_with_random", "composition_table", "identifiability_score", "identifiability_table",
     "lens_batch", "lens_dataset", "lens_from_cache", "logit_lens", "per_image_identifiability",
     "permutation_test_greater", "pooled_readout", "project", "project_head_writes", "project_neuron_values",

@@ -226,21 +226,10 @@ def memory_usage_batch(
     value projections batch after batch; it must match ``kinds``, ``top_memories`` and ``head``.
     ``n_random_draws=0`` skips the baseline (its rate is then NaN).
     """
-    kinds = check_kinds(kinds)
+    kinds, labels, tables, generator = _checked_inputs(
+        model, images, labels, k, top_memories, kinds, n_random_draws, generator, tables, head
+    )
     cfg = model.cfg
-    labels = _check_labels(images, labels, cfg.n_classes)
-    for kind in kinds:
-        _check_k(k, n_memories(model, kind), f"k (most activated {kind} memories per token)")
-    if not isinstance(n_random_draws, int) or n_random_draws < 0:
-        raise ValueError(f"n_random_draws must be a non-negative int, got {n_random_draws!r}")
-    if tables is None:
-        tables = MemoryTables.from_model(model, kinds, top_memories, head)
-    elif tables.kinds != kinds or any(t.shape[-1] != top_memories for t in tables.class_top.values()):
-        raise ValueError(
-            f"tables were built for kinds {tables.kinds} and {next(iter(tables.class_top.values())).shape[-1]} top "
-            f"memories per class, not {kinds} and {top_memories}; rebuild them with MemoryTables.from_model"
-        )
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
 
     active, write_class = _run_reduced(model, images, kinds, k, ClassProjection(model, head=head))
     device = images.device
@@ -270,6 +259,120 @@ def memory_usage_batch(
             matched = (memory_class[block][top] == write_class[kind][block][..., None]).any(-1)
             out.match[ki, block] = _count(cell, matched, G * C).view(G, C)
     return out
+
+
+def _checked_inputs(model, images, labels, k, top_memories, kinds, n_random_draws, generator, tables, head):
+    """Validate the arguments shared by the batch functions; build the tables and generator if missing."""
+    kinds = check_kinds(kinds)
+    labels = _check_labels(images, labels, model.cfg.n_classes)
+    for kind in kinds:
+        _check_k(k, n_memories(model, kind), f"k (most activated {kind} memories per token)")
+    if not isinstance(n_random_draws, int) or n_random_draws < 0:
+        raise ValueError(f"n_random_draws must be a non-negative int, got {n_random_draws!r}")
+    if tables is None:
+        tables = MemoryTables.from_model(model, kinds, top_memories, head)
+    elif tables.kinds != kinds or any(t.shape[-1] != top_memories for t in tables.class_top.values()):
+        raise ValueError(
+            f"tables were built for kinds {tables.kinds} and {next(iter(tables.class_top.values())).shape[-1]} top "
+            f"memories per class, not {kinds} and {top_memories}; rebuild them with MemoryTables.from_model"
+        )
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    return kinds, labels, tables, generator
+
+
+@dataclass
+class PerImageMemoryCounts:
+    """The counts of :class:`MemoryUsage`, kept per image instead of per class.
+
+    Axes: ``image``, ``draw``, ``kind`` (:attr:`kinds`), ``block``, ``group`` (:data:`TOKEN_GROUPS`).
+    :meth:`usage` folds them by the images' labels (and drawn classes) into the same
+    :class:`MemoryUsage` that :func:`memory_usage_batch` gives, so any subset of images can be summed.
+    """
+
+    kinds: Tuple[str, ...]
+    #: ``[image]``: the image's class
+    labels: Int[Tensor, " image"]
+    #: ``[image, group]``: tokens of each group in the image
+    tokens: Int[Tensor, "image n_groups"]
+    #: ``[image, kind, block, group]``: tokens that agree with the image's label
+    agree: Int[Tensor, "image n_kinds n_layers n_groups"]
+    #: ``[image, kind, block, group]``: tokens whose write-in's top class is a top memory's class
+    match: Int[Tensor, "image n_kinds n_layers n_groups"]
+    #: ``[image, draw]``: the randomly drawn class of each draw
+    drawn: Int[Tensor, "image n_draws"]
+    #: ``[image, draw, kind, block, group]``: tokens that agree with the drawn class
+    random_agree: Int[Tensor, "image n_draws n_kinds n_layers n_groups"]
+
+    def usage(self, n_classes: int, class_names: Optional[Sequence[str]] = None) -> MemoryUsage:
+        """The per-class :class:`MemoryUsage` of these images (sums over images by class)."""
+        n_draws = self.drawn.shape[1]
+        n_layers = self.agree.shape[2]
+        out = MemoryUsage.zeros(self.kinds, n_layers, n_classes, n_draws, class_names)
+        out.n_images = int(self.labels.shape[0])
+        labels = self.labels.long().cpu()
+        out.tokens.index_add_(1, labels, self.tokens.long().cpu().T)
+        # [kind, block, group, class] += per image, by label
+        out.agree.index_add_(3, labels, self.agree.long().cpu().permute(1, 2, 3, 0))
+        out.match.index_add_(3, labels, self.match.long().cpu().permute(1, 2, 3, 0))
+        for d in range(n_draws):
+            drawn = self.drawn[:, d].long().cpu()
+            out.random_tokens[d].index_add_(1, drawn, self.tokens.long().cpu().T)
+            out.random_agree[d].index_add_(3, drawn, self.random_agree[:, d].long().cpu().permute(1, 2, 3, 0))
+        return out
+
+
+def memory_usage_per_image(
+    model,
+    images: Float[Tensor, "batch chan height width"],
+    labels: Int[Tensor, " batch"],
+    *,
+    k: int = 5,
+    top_memories: int = 5,
+    kinds: Union[str, Sequence[str]] = SUBLAYER_KINDS,
+    n_random_draws: int = 3,
+    generator: Optional[torch.Generator] = None,
+    tables: Optional[MemoryTables] = None,
+    head: HeadChoice = "mean",
+) -> PerImageMemoryCounts:
+    """:func:`memory_usage_batch`'s counts per image (one forward pass; same arguments, same draws
+    from ``generator``): ``memory_usage_per_image(...).usage(C)`` equals ``memory_usage_batch(...)``."""
+    kinds, labels, tables, generator = _checked_inputs(
+        model, images, labels, k, top_memories, kinds, n_random_draws, generator, tables, head
+    )
+    cfg = model.cfg
+    active, write_class = _run_reduced(model, images, kinds, k, ClassProjection(model, head=head))
+    device = images.device
+    groups = token_group_ids(model.layout_for(images.shape[-2:])).to(device)  # [N]
+    one_hot = torch.nn.functional.one_hot(groups, len(TOKEN_GROUPS)).long()  # [N, G]
+    drawn = random_classes(generator, n_random_draws, labels.shape[0], cfg.n_classes).to(device)  # [D, B]
+
+    def per_group(flags: Tensor) -> Tensor:  # [B, N] bool -> [B, G] counts
+        return flags.long() @ one_hot
+
+    B, K, L, G, D = labels.shape[0], len(kinds), cfg.n_layers, len(TOKEN_GROUPS), n_random_draws
+    agree = torch.zeros(B, K, L, G, dtype=torch.long, device=device)
+    match = torch.zeros_like(agree)
+    random_agree = torch.zeros(B, D, K, L, G, dtype=torch.long, device=device)
+    for ki, kind in enumerate(kinds):
+        class_top = tables.class_top[kind].to(device)
+        memory_class = tables.memory_class[kind].to(device)
+        n_mem = memory_class.shape[-1]
+        for block in range(L):
+            top = active[kind][block]  # [B, N, k]
+            agree[:, ki, block] = per_group(_agrees(top, class_top[block][labels], n_mem))
+            for d in range(D):
+                random_agree[:, d, ki, block] = per_group(_agrees(top, class_top[block][drawn[d]], n_mem))
+            matched = (memory_class[block][top] == write_class[kind][block][..., None]).any(-1)
+            match[:, ki, block] = per_group(matched)
+    return PerImageMemoryCounts(
+        kinds=kinds,
+        labels=labels.cpu(),
+        tokens=one_hot.sum(0).expand(B, G).cpu().clone(),
+        agree=agree.cpu(),
+        match=match.cpu(),
+        drawn=drawn.T.cpu().clone(),
+        random_agree=random_agree.cpu(),
+    )
 
 
 def memory_usage(

@@ -155,9 +155,14 @@ class LensRecorder:
             ]
         return hooks
 
+    def start(self, target: Int[Tensor, " batch"]) -> None:
+        """Prepare to record one forward pass through :meth:`hooks`, reading class ``target[i]``
+        for image ``i`` (for attaching the hooks yourself, e.g. to a forward shared with others)."""
+        self._reset(torch.as_tensor(target, device=self.proj.weight.device).long())
+
     def recording(self, target: Int[Tensor, " batch"]):
         """Context manager: record the next forward pass, reading class ``target[i]`` for image ``i``."""
-        self._reset(torch.as_tensor(target, device=self.proj.weight.device).long())
+        self.start(target)
         return self.model.hooks(fwd_hooks=self.hooks())
 
     # The readings, in the order the hooks fire within a block.
@@ -271,7 +276,7 @@ def lens_from_cache(
     block's ``attn_out``, ``resid_mid``, ``mlp_out`` and ``resid_post``)."""
     recorder = LensRecorder(model)
     first = cache["blocks.0.hook_resid_pre"]
-    recorder._reset(_as_target(labels, first.shape[0]).to(recorder.proj.weight.device))
+    recorder.start(_as_target(labels, first.shape[0]))
     for name, fn in recorder.hooks():
         if name not in cache.cache_dict:
             raise KeyError(f"the cache has no {name!r}; run_with_cache without a names_filter that drops it")

@@ -1,0 +1,142 @@
+"""The token-removal benchmark of attributions as a runner analysis (METHODS §6).
+
+Per image and for every attribution (``class_space``, ``chefer``, ``random`` with several seeds),
+order (``positive``: most important removed first; ``negative``: least important removed first) and
+``n`` of a fixed grid (powers of two below ``N-1``, plus ``N-1``), whether the model is right when it
+sees the prefix tokens plus ``n`` image tokens. ``summarize`` averages over images into the same
+:class:`~vit_embedding_lens.attribution.PerturbationResult` as
+:func:`~vit_embedding_lens.attribution.perturbation_benchmark` (AUC by
+:func:`~vit_embedding_lens.attribution.perturbation_auc`).
+
+The random ranking of an image depends only on its data set index and the seed (never on which
+images share its batch), so a run gives the same numbers for any batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vit_embedding_lens.attribution.perturbation import (
+    ORDERS,
+    PerturbationResult,
+    importance_rank,
+    keep_masks,
+)
+
+METHODS = ("class_space", "chefer", "random")
+
+
+def n_keep_grid(n_patches: int) -> List[int]:
+    """``1, 2, 4, ...`` below ``N-1``, then ``N-1``: the numbers of image tokens kept."""
+    if n_patches < 2:
+        raise ValueError(f"the benchmark needs at least 2 image tokens, the layout has {n_patches}")
+    grid, n = [], 1
+    while n < n_patches - 1:
+        grid.append(n)
+        n *= 2
+    return grid + [n_patches - 1]
+
+
+class AttributionBenchmark:
+    """Per image: ``correct [ranking, order, n]`` (bool) for the rankings of :meth:`rankings`.
+
+    Tables: ``curves`` (method, order, seed, n, accuracy), ``auc`` (method, order, seed, auc,
+    mean_accuracy) and ``summary`` (per method and order, seeds averaged).
+    """
+
+    name = "attribution"
+    hook_names = ()
+
+    def __init__(self, methods: Sequence[str] = METHODS, seeds: Sequence[int] = (0, 1, 2)) -> None:
+        from vit_embedding_lens.attribution.methods import get_attribution_method
+
+        for m in methods:
+            if m != "random":
+                get_attribution_method(m)  # a clear error for unknown names
+        self.methods = tuple(methods)
+        self.seeds = tuple(int(s) for s in seeds)
+        if "random" in self.methods and not self.seeds:
+            raise ValueError("the random baseline needs at least one seed")
+
+    def rankings(self) -> List[Tuple[str, Optional[int]]]:
+        """``(method, seed)`` along the ranking axis (seed None for deterministic methods)."""
+        out: List[Tuple[str, Optional[int]]] = []
+        for m in self.methods:
+            out += [(m, s) for s in self.seeds] if m == "random" else [(m, None)]
+        return out
+
+    def config(self) -> Dict[str, Any]:
+        return {"methods": list(self.methods), "seeds": list(self.seeds), "orders": list(ORDERS), "n_keep": "grid"}
+
+    def scores(self, model: Any, batch: Any, method: str, seed: Optional[int]) -> torch.Tensor:
+        """``[batch, n_patches]`` importance of every image token for the image's label."""
+        from vit_embedding_lens.attribution import random_attribution
+        from vit_embedding_lens.attribution.methods import get_attribution_method
+
+        images, labels = batch.images, batch.labels.long()
+        if method == "random":
+            rows = [
+                random_attribution(model, images[i : i + 1], seed=self.image_seed(seed, int(idx))).scores
+                for i, idx in enumerate(batch.indices.tolist())
+            ]
+            return torch.cat(rows)
+        return get_attribution_method(method)(model, images, labels, progress=False).scores.detach()
+
+    @staticmethod
+    def image_seed(seed: int, index: int) -> int:
+        """The random ranking's seed of the image at data set position ``index``."""
+        return seed * 1_000_003 + index
+
+    def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
+        layout = model.layout
+        grid = n_keep_grid(layout.n_patches)
+        rankings = self.rankings()
+        images, labels = batch.images, batch.labels.long().to(batch.images.device)
+        n = len(batch)
+        correct = np.zeros((n, len(rankings), len(ORDERS), len(grid)), dtype=bool)
+        for r, (method, seed) in enumerate(rankings):
+            rank = importance_rank(self.scores(model, batch, method, seed).to(images.device))  # [B, P]
+            for o, order in enumerate(ORDERS):
+                negative = torch.full((n,), order == "negative", device=images.device)
+                for k, n_kept in enumerate(grid):
+                    keep = keep_masks(rank, torch.full((n,), n_kept, device=images.device), negative, layout.n_prefix)
+                    with torch.no_grad():
+                        pred = model(images, keep_mask=keep).argmax(-1)
+                    correct[:, r, o, k] = (pred == labels).cpu().numpy()
+        return {"correct": correct}
+
+    def result(self, results: Dict[str, np.ndarray], model: Any) -> PerturbationResult:
+        """The :class:`PerturbationResult` of the stored images (accuracy = mean over images)."""
+        from vit_embedding_lens.attribution.perturbation import _tables
+
+        correct = np.asarray(results["correct"])
+        rankings = self.rankings()
+        grid = n_keep_grid(model.layout.n_patches)
+        if correct.shape[1:] != (len(rankings), len(ORDERS), len(grid)):
+            raise ValueError(
+                f"the stored results have shape {correct.shape[1:]} per image, expected "
+                f"{(len(rankings), len(ORDERS), len(grid))}; summarize with the configuration the run used"
+            )
+        accuracy = torch.from_numpy(correct.mean(axis=0, dtype=np.float64))  # [R, O, n]
+        return _tables([(m, s, None) for m, s in rankings], ORDERS, grid, accuracy, model.layout.n_patches)
+
+    def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
+        result = self.result(results, model)
+        return {"curves": result.curves, "auc": result.auc, "summary": result.summary()}
+
+    def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
+        from vit_embedding_lens.attribution import plot_perturbation_curves
+
+        result = PerturbationResult(tables["curves"], tables["auc"], model.layout.n_patches)
+        return {"perturbation_curves": plot_perturbation_curves(result)}
+
+    def headline(self, tables: Dict[str, pd.DataFrame]) -> pd.DataFrame:
+        """AUC per method (rows) and order (columns)."""
+        summary = tables["summary"]
+        wide = summary.pivot(index="method", columns="order", values="auc").round(3)
+        wide.columns = [f"AUC {o}" for o in wide.columns]
+        return wide.reset_index()

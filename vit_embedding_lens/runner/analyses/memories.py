@@ -1,0 +1,125 @@
+"""Key-value memories as a runner analysis (METHODS §4).
+
+Per image it stores the counts of :func:`~vit_embedding_lens.lens.memory_usage.memory_usage_per_image`
+(tokens that agree with the label's top memories, that match a top memory's class, and that agree
+with randomly drawn classes, per block × sublayer × token group); ``summarize`` folds them by class
+into a :class:`~vit_embedding_lens.lens.MemoryUsage`, so the rates are exactly those of
+:func:`~vit_embedding_lens.lens.memory_usage` over the same images and draws. The random classes of
+a batch are drawn from a generator seeded by ``seed`` and the batch's first data set index, so a
+resumed run draws the same classes. The class-value agreement against the random-init twin uses the
+weights only and is computed in ``summarize``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vit_embedding_lens.lens.memory_usage import (
+    TOKEN_GROUPS,
+    MemoryTables,
+    PerImageMemoryCounts,
+    memory_usage_per_image,
+)
+
+SUBLAYERS = ("mlp", "attn")
+
+
+class MemoriesAnalysis:
+    """Per image: ``tokens [group]``, ``agree``/``match [kind, block, group]``, ``drawn [draw]`` and
+    ``random_agree [draw, kind, block, group]`` (counts).
+
+    Tables: ``usage`` (block × sublayer × token group × metric: ``kv_agreement``,
+    ``kv_agreement_random``, ``composition_match``), ``per_class`` and, with ``class_values``,
+    ``class_value_tests`` (trained vs random-init twin, one-sided Wilcoxon) and ``class_values``.
+    """
+
+    name = "memories"
+    hook_names = ()
+
+    def __init__(
+        self, k: int = 5, top_memories: int = 5, n_random_draws: int = 3, seed: int = 0, class_values: bool = True
+    ) -> None:
+        self.k, self.top_memories, self.n_random_draws = int(k), int(top_memories), int(n_random_draws)
+        self.seed, self.class_values = int(seed), bool(class_values)
+        self._tables: Optional[MemoryTables] = None
+        self._tables_of: Any = None
+
+    def config(self) -> Dict[str, Any]:
+        return {
+            "k": self.k, "top_memories": self.top_memories, "n_random_draws": self.n_random_draws,
+            "seed": self.seed, "kinds": list(SUBLAYERS), "head": "mean",
+        }
+
+    def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
+        if self._tables_of is not model:  # value projections from the weights, once per model
+            self._tables = MemoryTables.from_model(model, SUBLAYERS, self.top_memories)
+            self._tables_of = model
+        generator = torch.Generator().manual_seed(self.batch_seed(int(batch.indices[0])))
+        counts = memory_usage_per_image(
+            model, batch.images, batch.labels, k=self.k, top_memories=self.top_memories, kinds=SUBLAYERS,
+            n_random_draws=self.n_random_draws, generator=generator, tables=self._tables,
+        )
+        small = np.int32
+        return {
+            "tokens": counts.tokens.numpy().astype(small),
+            "agree": counts.agree.numpy().astype(small),
+            "match": counts.match.numpy().astype(small),
+            "drawn": counts.drawn.numpy().astype(small),
+            "random_agree": counts.random_agree.numpy().astype(small),
+        }
+
+    def batch_seed(self, first_index: int) -> int:
+        """The random-class generator's seed for the batch that starts at data set index ``first_index``."""
+        return self.seed * 1_000_003 + first_index
+
+    def usage(self, results: Dict[str, np.ndarray], model: Any):
+        """The per-class :class:`~vit_embedding_lens.lens.MemoryUsage` of the stored images."""
+        counts = PerImageMemoryCounts(
+            kinds=SUBLAYERS,
+            labels=torch.from_numpy(np.asarray(results["label"])).long(),
+            **{key: torch.from_numpy(np.asarray(results[key])).long()
+               for key in ("tokens", "agree", "match", "drawn", "random_agree")},
+        )
+        return counts.usage(model.cfg.n_classes, model.class_names)
+
+    def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
+        usage = self.usage(results, model)
+        tables = {"usage": usage.to_frame(), "per_class": usage.per_class_frame()}
+        if self.class_values:
+            from vit_embedding_lens.lens.memories import compare_class_value_agreement
+
+            comparison = compare_class_value_agreement(model, seed=self.seed, kinds=SUBLAYERS)
+            tables["class_value_tests"] = comparison.tests
+            tables["class_values"] = comparison.classes
+        return tables
+
+    def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
+        from vit_embedding_lens.viz import plot_kv_agreement
+
+        per_class = tables["per_class"]
+        usage = tables["usage"]
+        figures = {}
+        for group in [g for g in TOKEN_GROUPS if g in set(usage["token_group"])]:
+            agreement = per_class[(per_class["token_group"] == group) & (per_class["metric"] == "kv_agreement")]
+            agreement = agreement.dropna(subset=["value"])
+            baseline = usage[(usage["token_group"] == group) & (usage["metric"] == "kv_agreement_random")]
+            if agreement.empty:
+                continue
+            figures[f"kv_agreement_{group}"] = plot_kv_agreement(
+                agreement, baseline, value_col="value", title=f"key-value agreement, {group} tokens (dashed: random class)"
+            )
+        return figures
+
+    def headline(self, tables: Dict[str, pd.DataFrame]) -> pd.DataFrame:
+        """Image-token agreement (%) per block and sublayer next to its random-class baseline."""
+        usage = tables["usage"]
+        group = "image" if "image" in set(usage["token_group"]) else usage["token_group"].iloc[0]
+        t = usage[(usage["token_group"] == group) & usage["metric"].isin(["kv_agreement", "kv_agreement_random"])]
+        wide = t.pivot_table(index="block", columns=["sublayer", "metric"], values="value")
+        wide = (100 * wide).round(1)
+        wide.columns = [f"% {s} {'random' if m.endswith('random') else 'agree'}" for s, m in wide.columns]
+        return wide.reset_index()
