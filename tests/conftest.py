@@ -37,3 +37,16 @@ def make_images():
         return torch.randn(batch, in_chans, h, w)
 
     return _make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Tiny models run fastest single-threaded: OpenMP synchronisation would dominate their small ops,
+    above all on busy shared cores. The setting is restored after the module.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

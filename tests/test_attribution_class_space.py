@@ -13,13 +13,7 @@ from vit_embedding_lens.testing import create_timm_vit
 
 TINY = dict(depth=2, img_size=32, patch_size=8, num_classes=10, embed_dim=64, num_heads=2)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread: OpenMP synchronization would dominate their small ops."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

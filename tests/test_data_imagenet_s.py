@@ -26,13 +26,7 @@ USED = [CATEGORIES[4], CATEGORIES[259], CATEGORIES[299]]  # segmentation ids 5, 
 SIZE = 32  # = the model's input: with "paper" preprocessing every pixel stays where it is
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread (and a busy machine makes thread spinning costly)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

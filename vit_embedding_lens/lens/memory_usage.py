@@ -226,39 +226,11 @@ def memory_usage_batch(
     value projections batch after batch; it must match ``kinds``, ``top_memories`` and ``head``.
     ``n_random_draws=0`` skips the baseline (its rate is then NaN).
     """
-    kinds, labels, tables, generator = _checked_inputs(
-        model, images, labels, k, top_memories, kinds, n_random_draws, generator, tables, head
+    per_image = memory_usage_per_image(
+        model, images, labels, k=k, top_memories=top_memories, kinds=kinds, n_random_draws=n_random_draws,
+        generator=generator, tables=tables, head=head,
     )
-    cfg = model.cfg
-
-    active, write_class = _run_reduced(model, images, kinds, k, ClassProjection(model, head=head))
-    device = images.device
-    layout = model.layout_for(images.shape[-2:])
-    groups = token_group_ids(layout).to(device)  # [N]
-    drawn = random_classes(generator, n_random_draws, labels.shape[0], cfg.n_classes).to(device)
-
-    C, G = cfg.n_classes, len(TOKEN_GROUPS)
-    out = MemoryUsage.zeros(kinds, cfg.n_layers, C, n_random_draws, model.class_names)
-    out.n_images = int(labels.shape[0])
-    cell = groups[None, :] * C + labels[:, None]  # [B, N]: (group, class) of every token
-    out.tokens = _count(cell, None, G * C).view(G, C)
-    random_cells = groups[None, None, :] * C + drawn[:, :, None]  # [D, B, N]
-    for d in range(n_random_draws):
-        out.random_tokens[d] = _count(random_cells[d], None, G * C).view(G, C)
-    for ki, kind in enumerate(kinds):
-        class_top = tables.class_top[kind].to(device)
-        memory_class = tables.memory_class[kind].to(device)
-        n_mem = memory_class.shape[-1]
-        for block in range(cfg.n_layers):
-            top = active[kind][block]  # [B, N, k]
-            agree = _agrees(top, class_top[block][labels], n_mem)
-            out.agree[ki, block] = _count(cell, agree, G * C).view(G, C)
-            for d in range(n_random_draws):
-                agree_d = _agrees(top, class_top[block][drawn[d]], n_mem)
-                out.random_agree[d, ki, block] = _count(random_cells[d], agree_d, G * C).view(G, C)
-            matched = (memory_class[block][top] == write_class[kind][block][..., None]).any(-1)
-            out.match[ki, block] = _count(cell, matched, G * C).view(G, C)
-    return out
+    return per_image.usage(model.cfg.n_classes, model.class_names)
 
 
 def _checked_inputs(model, images, labels, k, top_memories, kinds, n_random_draws, generator, tables, head):
@@ -451,14 +423,6 @@ def _agrees(top: Int[Tensor, "batch pos k"], class_top: Int[Tensor, "batch m"], 
     member = torch.zeros(top.shape[0], n_memories, dtype=torch.bool, device=top.device)
     member.scatter_(1, class_top, True)  # [B, n_memories]: one row per image, not per token
     return member.gather(1, top.flatten(1)).view(top.shape).any(-1)
-
-
-def _count(cell: Tensor, weight: Optional[Tensor], n_cells: int) -> Tensor:
-    """Tokens per (group, class) cell, or the tokens where ``weight`` is True; on the CPU."""
-    flat = cell.reshape(-1)
-    if weight is not None:
-        flat = flat[weight.reshape(-1)]
-    return torch.bincount(flat, minlength=n_cells).cpu()
 
 
 def _check_labels(images: Tensor, labels, n_classes: int) -> Tensor:
