@@ -38,12 +38,13 @@ def test_demo_writes_a_report_and_resumes(tmp_path, capsys):
     assert summary[0] == "n_images,top1,top5" and summary[1].startswith("48,")
     assert read_manifest(out)["config"]["data"]["source"]["layout"] == "bundled"
 
-    assert main(["demo", "--out", str(out), "--n", "48", "--batch-size", "16", "--no-progress", "--no-report"]) == 0
+    assert main(args + ["--no-report"]) == 0
     assert read_manifest(out)["attempts"][-1]["pending_batches"] == 0  # nothing left to compute
-    assert main(["demo", "--out", str(out), "--n", "48", "--batch-size", "8", "--no-progress"]) == 2
+    other_batch = [a if a != "16" else "8" for a in args]
+    assert main(other_batch) == 2
     err = capsys.readouterr().err
     assert "batch_size: 16 -> 8" in err and "--overwrite" in err and "Traceback" not in err
-    assert main(["demo", "--out", str(out), "--n", "48", "--batch-size", "8", "--no-progress", "--overwrite"]) == 0
+    assert main(other_batch + ["--overwrite"]) == 0
 
 
 def test_analyze_a_png_folder_matches_a_direct_forward(tmp_path):

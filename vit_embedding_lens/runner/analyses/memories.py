@@ -12,6 +12,8 @@ weights only and is computed in ``summarize``.
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -92,9 +94,14 @@ class MemoriesAnalysis:
         if self.class_values:
             from vit_embedding_lens.lens.memories import compare_class_value_agreement
 
-            comparison = compare_class_value_agreement(model, seed=self.seed, kinds=SUBLAYERS)
-            tables["class_value_tests"] = comparison.tests
-            tables["class_values"] = comparison.classes
+            try:
+                comparison = compare_class_value_agreement(model, seed=self.seed, kinds=SUBLAYERS)
+            except ValueError as err:  # no random-init twin for this model: report it, keep the rest
+                warnings.warn(f"memories: no class-value comparison with random init: {err}", stacklevel=2)
+                tables["class_value_tests"] = pd.DataFrame({"note": [f"no random-init twin: {err}"]})
+            else:
+                tables["class_value_tests"] = comparison.tests
+                tables["class_values"] = comparison.classes
         return tables
 
     def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
