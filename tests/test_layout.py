@@ -22,6 +22,10 @@ def test_counts_and_labels(cls_index, dist_index, registers, n_prefix):
     assert sum(lab.startswith("REG") for lab in labels) == len(registers)
     mask = layout.image_token_mask()
     assert mask.sum() == 12 and not mask[:n_prefix].any()
+    kinds = layout.token_kinds()
+    expected = {"CLS": "cls", "DIST": "dist"}
+    assert kinds == [expected.get(lab, "register" if lab.startswith("REG") else "image") for lab in labels]
+    assert [k == "image" for k in kinds] == mask.tolist()
     assert layout.image_size == (48, 64)
 
 

@@ -149,18 +149,6 @@ def sample_per_class(labels: Int[Tensor, " n"], k: int, seed: int = 0) -> Tuple[
     return train, torch.nonzero(test_mask).flatten()
 
 
-def token_kinds(layout: TokenLayout) -> List[str]:
-    """Per position: ``"cls"``, ``"dist"``, ``"register"`` or ``"image"``."""
-    kinds = ["image"] * layout.n_tokens
-    if layout.cls_index is not None:
-        kinds[layout.cls_index] = "cls"
-    if layout.dist_index is not None:
-        kinds[layout.dist_index] = "dist"
-    for i in layout.register_indices:
-        kinds[i] = "register"
-    return kinds
-
-
 def probe_accuracy_table(
     model,
     probes: LinearProbes,
@@ -186,7 +174,7 @@ def probe_accuracy_table(
     projection_hit = (ClassProjection(model)(acts).argmax(-1) == target).float().mean(0)
     layout = probes.layout
     k, l, t = probe_hit.shape
-    names, kinds = layout.token_labels(), token_kinds(layout)
+    names, kinds = layout.token_labels(), layout.token_kinds()
     frames = []
     for readout, hit in (("probe", probe_hit), ("projection", projection_hit)):
         grid = np.stack(np.meshgrid(np.arange(k), np.arange(l), np.arange(t), indexing="ij"), -1).reshape(-1, 3)

@@ -86,6 +86,17 @@ class TokenLayout:
             )
         return divmod(index - self.n_prefix, self.grid_size[1])
 
+    def token_kinds(self) -> List[str]:
+        """The kind of each position: ``"cls"``, ``"dist"``, ``"register"`` or ``"image"``."""
+        kinds = ["image"] * self.n_tokens
+        if self.cls_index is not None:
+            kinds[self.cls_index] = "cls"
+        if self.dist_index is not None:
+            kinds[self.dist_index] = "dist"
+        for i in self.register_indices:
+            kinds[i] = "register"
+        return kinds
+
     def token_labels(self) -> List[str]:
         """Readable names per position: "CLS", "DIST", "REG0", ..., "P{row},{col}"."""
         labels = [""] * self.n_tokens

@@ -20,16 +20,13 @@ from torch import Tensor
 SUBLAYER_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 
 
+#: the display name of each kind of position (:meth:`TokenLayout.token_kinds`)
+_TYPE_NAMES = {"cls": "CLS", "dist": "DIST", "register": "REG", "image": "image"}
+
+
 def token_types(layout: Any) -> List[str]:
     """``"CLS"``, ``"DIST"``, ``"REG"`` or ``"image"`` per sequence position."""
-    types = ["image"] * layout.n_tokens
-    if layout.cls_index is not None:
-        types[layout.cls_index] = "CLS"
-    if layout.dist_index is not None:
-        types[layout.dist_index] = "DIST"
-    for i in layout.register_indices:
-        types[i] = "REG"
-    return types
+    return [_TYPE_NAMES[kind] for kind in layout.token_kinds()]
 
 
 @dataclass
