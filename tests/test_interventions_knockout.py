@@ -12,20 +12,12 @@ import torch
 
 from vit_embedding_lens import HookedViT
 from vit_embedding_lens.interventions import identifiability, kept_positions, knockout, knockout_mask
-from vit_embedding_lens.testing import assert_close_scaled, create_timm_vit
-
-ARCHS = {
-    0: ("vit_tiny_patch16_224", dict(class_token=False, global_pool="avg")),
-    1: ("vit_tiny_patch16_224", dict()),
-    2: ("deit_tiny_distilled_patch16_224", dict()),
-    5: ("vit_tiny_patch16_224", dict(reg_tokens=4)),
-}
+from vit_embedding_lens.testing import assert_close_scaled, create_prefix_variant
 
 
 @functools.lru_cache(maxsize=None)
 def tiny(n_prefix: int) -> HookedViT:
-    name, kw = ARCHS[n_prefix]
-    return HookedViT.from_timm(create_timm_vit(name, depth=2, img_size=32, patch_size=8, embed_dim=64, num_heads=4, **kw))
+    return HookedViT.from_timm(create_prefix_variant(n_prefix, depth=2, img_size=32, patch_size=8, embed_dim=64, num_heads=4))
 
 
 @functools.lru_cache(maxsize=None)

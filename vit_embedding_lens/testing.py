@@ -17,7 +17,19 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["randomize_vit_weights_", "create_timm_vit", "timm_reference", "assert_close_scaled"]
+__all__ = [
+    "PREFIX_VARIANTS", "randomize_vit_weights_", "create_timm_vit", "create_prefix_variant", "timm_reference",
+    "assert_close_scaled",
+]
+
+#: (timm name, overrides) by number of prefix tokens: average pooling without CLS (0), CLS (1), CLS
+#: and distillation token (2), CLS and 4 registers (5): the layouts every token-aware test covers
+PREFIX_VARIANTS = {
+    0: ("vit_tiny_patch16_224", dict(class_token=False, global_pool="avg")),
+    1: ("vit_tiny_patch16_224", dict()),
+    2: ("deit_tiny_distilled_patch16_224", dict()),
+    5: ("vit_tiny_patch16_224", dict(reg_tokens=4)),
+}
 
 _TOKEN_PARAMS = {"cls_token", "dist_token", "reg_token", "pos_embed"}
 _HEAD_MODULES = {"head", "head_dist"}
@@ -158,3 +170,12 @@ def assert_close_scaled(
         rtol=rtol,
         msg=(lambda m: f"{msg}\n{m}") if msg else None,
     )
+
+
+def create_prefix_variant(n_prefix: int, seed: int = 0, **kwargs: Any) -> nn.Module:
+    """A small timm ViT with ``n_prefix`` prefix tokens (a key of :data:`PREFIX_VARIANTS`), realistic
+    random weights; ``kwargs`` (sizes, ``num_classes``, ...) go to :func:`create_timm_vit`."""
+    if n_prefix not in PREFIX_VARIANTS:
+        raise ValueError(f"no variant with {n_prefix} prefix tokens; choose from {sorted(PREFIX_VARIANTS)}")
+    name, overrides = PREFIX_VARIANTS[n_prefix]
+    return create_timm_vit(name, seed=seed, **overrides, **kwargs)
