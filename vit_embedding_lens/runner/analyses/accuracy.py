@@ -7,7 +7,8 @@ from typing import Any, Dict
 import numpy as np
 import pandas as pd
 
-from vit_embedding_lens.runner.analyses._common import class_names, correct_class_rank
+from vit_embedding_lens.lens.ranks import class_rank
+from vit_embedding_lens.runner.analyses._common import class_names
 
 
 class Accuracy:
@@ -33,7 +34,7 @@ class Accuracy:
         pred = logits.argmax(-1)
         return {
             "pred": pred.cpu().numpy(),
-            "correct_rank": correct_class_rank(logits, batch.labels).int().cpu().numpy(),
+            "correct_rank": class_rank(logits, batch.labels).int().cpu().numpy(),
             "confidence": probs.gather(-1, pred[:, None])[:, 0].cpu().numpy(),
         }
 

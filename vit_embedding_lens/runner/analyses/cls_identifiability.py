@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 import numpy as np
 import pandas as pd
 
-from vit_embedding_lens.runner.analyses._common import correct_class_rank
+from vit_embedding_lens.lens.ranks import class_rank
 
 #: per-image token groups reported besides the prefix tokens
 IMAGE, CLASS, CONTEXT = "image", "class", "context"
@@ -46,7 +46,7 @@ class ClsIdentifiability:
         ranks = []
         for name in self.hook_names(model):
             logits = projection(cache[name].float())  # [batch, tokens, classes]
-            ranks.append(correct_class_rank(logits, batch.labels).cpu().numpy().astype(dtype))
+            ranks.append(class_rank(logits, batch.labels[:, None]).cpu().numpy().astype(dtype))
         out = {"token_rank": np.stack(ranks, axis=1)}  # [batch, layers, tokens]
         if batch.token_masks is not None:
             out["class_token"] = batch.token_masks.cpu().numpy()
