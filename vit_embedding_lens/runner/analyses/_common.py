@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, List
 
 
-
 def class_names(model: Any) -> List[str]:
     """The model's class names, or the class indices as strings."""
     names = getattr(model, "class_names", None)
