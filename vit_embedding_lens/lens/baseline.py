@@ -46,11 +46,9 @@ def random_init_twin(
 def _rebuild_timm(cfg, extra: Dict[str, Any]) -> nn.Module:
     name = cfg.model_name
     if name.startswith("bundled:"):
-        from vit_embedding_lens.zoo.bundled import create_mnist_timm_model
+        from vit_embedding_lens.zoo.bundled import create_bundled_timm_model
 
-        if name != "bundled:mnist-vit":
-            raise ValueError(f"no random-init recipe for {name!r}")
-        return create_mnist_timm_model()
+        return create_bundled_timm_model(name.split(":", 1)[1])
     import timm
 
     arch = name.split(".")[0]

@@ -140,9 +140,10 @@ class HookedViT(HookedRootModule):
 
     @classmethod
     def from_bundled(cls, name: str = "mnist-vit", **kwargs: Any) -> "HookedViT":
-        """The small trained model shipped with the package (offline): a 6-block ViT on MNIST.
+        """A small trained model shipped with the package (offline): ``"mnist-vit"`` (the default, a
+        6-block ViT on MNIST digits) or ``"fashion-vit"`` (the same architecture on Fashion-MNIST).
 
-        Its held-out digits come from :func:`vit_embedding_lens.zoo.load_mnist_eval`; its model card
+        Its held-out images come from :func:`vit_embedding_lens.zoo.load_bundled_eval`; its model card
         (data, split, accuracy, training command) from :func:`vit_embedding_lens.zoo.model_card`.
         """
         return cls.from_timm(f"bundled:{name}", **kwargs)

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 BUNDLED_PREFIX = "bundled:"
-#: the bundled MNIST model's preprocessing as a timm data config: 28x28, no crop, (x/255 - 0.5)/0.5
+#: the bundled models' preprocessing as a timm data config: 28x28, no crop, (x/255 - 0.5)/0.5
 BUNDLED_DATA_CONFIG: Dict[str, Any] = {
     "interpolation": "bilinear",
     "mean": (0.5,),
@@ -48,7 +48,7 @@ def load_model(
     """The HookedViT for ``--model NAME`` / ``--checkpoint PATH`` / ``--pretrained``.
 
     ``name`` is a timm model name (``vit_base_patch16_224.augreg_in21k_ft_in1k``) or
-    ``bundled:mnist-vit``. ``checkpoint`` is a weights file for that architecture (safetensors or a
+    ``bundled:mnist-vit`` or ``bundled:fashion-vit``. ``checkpoint`` is a weights file for that architecture (safetensors or a
     plain torch state dict), or, without ``name``, a folder saved by timm (``config.json`` +
     weights), whose config names the architecture. Unsupported architectures raise
     :class:`~vit_embedding_lens.errors.UnsupportedArchitectureError` from the converter.
@@ -64,7 +64,7 @@ def load_model(
         raise ValueError("name a model: --model NAME (a timm name or bundled:mnist-vit) or --checkpoint PATH")
     if name is not None and name.startswith(BUNDLED_PREFIX):
         if checkpoint is not None or pretrained:
-            raise ValueError(f"{name} is the bundled trained model: it takes no --checkpoint or --pretrained")
+            raise ValueError(f"{name} is a bundled trained model: it takes no --checkpoint or --pretrained")
         from vit_embedding_lens.zoo.bundled import bundled_class_names, load_bundled_timm
 
         bundled = name[len(BUNDLED_PREFIX) :]

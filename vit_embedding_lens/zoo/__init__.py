@@ -1,5 +1,11 @@
-"""The bundled small trained model (MNIST ViT) and its reproducible training script."""
+"""The bundled small trained models (MNIST and Fashion-MNIST ViTs) and their reproducible training script."""
 
-from vit_embedding_lens.zoo.bundled import BUNDLED_MODELS, MnistEvalSet, load_mnist_eval, model_card
+from vit_embedding_lens.zoo.bundled import (
+    BUNDLED_MODELS,
+    BundledEvalSet,
+    load_bundled_eval,
+    load_mnist_eval,
+    model_card,
+)
 
-__all__ = ["BUNDLED_MODELS", "MnistEvalSet", "load_mnist_eval", "model_card"]
+__all__ = ["BUNDLED_MODELS", "BundledEvalSet", "load_bundled_eval", "load_mnist_eval", "model_card"]
