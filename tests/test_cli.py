@@ -12,6 +12,7 @@ from PIL import Image
 
 from vit_embedding_lens import HookedViT
 from vit_embedding_lens.cli import main
+from vit_embedding_lens.data.images import bundled_eval_dataset
 from vit_embedding_lens.runner import load_results
 from vit_embedding_lens.runner.manifest import read_manifest
 from vit_embedding_lens.testing import create_timm_vit
@@ -45,6 +46,22 @@ def test_demo_writes_a_report_and_resumes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "batch_size: 16 -> 8" in err and "--overwrite" in err and "Traceback" not in err
     assert main(other_batch + ["--overwrite"]) == 0
+
+
+def test_demo_on_the_fashion_model_and_an_unknown_bundled_name(tmp_path, capsys):
+    out = tmp_path / "fashion"
+    args = ["demo", "--bundled", "fashion-vit", "--out", str(out), "--n", "20", "--no-progress", "--no-report"]
+    assert main(args + ["--analyses", "accuracy"]) == 0
+    assert "garment masks" in capsys.readouterr().out
+    results = load_results(out)
+    expected = bundled_eval_dataset(HookedViT.from_bundled("fashion-vit"), n=20)
+    assert list(results.image_ids) == expected.image_ids and expected.image_ids[0].startswith("fashion-eval/")
+    with torch.no_grad():
+        preds = HookedViT.from_bundled("fashion-vit")(expected.images).argmax(-1)
+    assert np.array_equal(results["accuracy"]["pred"], preds.numpy())
+    assert read_manifest(out)["config"]["data"]["source"]["name"] == "fashion-eval"
+    assert main(["demo", "--bundled", "cifar-vit", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "unknown bundled model 'cifar-vit'" in capsys.readouterr().err
 
 
 def test_analyze_a_png_folder_matches_a_direct_forward(tmp_path):

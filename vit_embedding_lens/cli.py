@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     analyze = sub.add_parser("analyze", help="run analyses over an image data set (resumable, torchrun-ready)")
     src = analyze.add_argument_group("model")
-    src.add_argument("--model", help="timm model name (with tag), or bundled:mnist-vit")
+    src.add_argument("--model", help="timm model name (with tag), or bundled:mnist-vit / bundled:fashion-vit")
     src.add_argument("--checkpoint", help="weights file for --model, or a timm model folder (config.json + weights)")
     src.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the model hub)")
     data = analyze.add_argument_group("data")
@@ -82,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(analyze)
 
-    demo = sub.add_parser("demo", help="offline demo: bundled MNIST ViT and its eval digits, with stroke masks")
-    demo.add_argument("--n", type=int, default=None, help="first N eval digits (default: all 500)")
+    demo = sub.add_parser("demo", help="offline demo: a bundled ViT and its eval images, with foreground masks")
+    demo.add_argument(
+        "--bundled", default="mnist-vit",
+        help="which bundled model: mnist-vit (digits, the default) or fashion-vit (Fashion-MNIST)",
+    )
+    demo.add_argument("--n", type=int, default=None, help="first N eval images (default: all 500)")
     _add_run_options(demo, default_out="vit-lens-demo")
     return parser
 
@@ -221,15 +225,18 @@ def _build_dataset(args: argparse.Namespace, layout: str, data: Path, model: Any
 def cmd_demo(args: argparse.Namespace) -> int:
     from vit_embedding_lens.data.images import bundled_eval_dataset
     from vit_embedding_lens.runner.models import load_model
+    from vit_embedding_lens.zoo.bundled import bundled_spec
 
     device = _resolve_device(args.device)
-    loaded = load_model("bundled:mnist-vit", device=device, dtype=args.dtype)
-    dataset = bundled_eval_dataset(loaded.model, n=args.n)
+    spec = bundled_spec(args.bundled)
+    loaded = load_model(f"bundled:{spec.name}", device=device, dtype=args.dtype)
+    dataset = bundled_eval_dataset(loaded.model, n=args.n, name=spec.name)
     print(
-        f"{loaded.model!r}\n{len(dataset)} bundled eval digits (stroke masks as segmentation) on {device}, {args.dtype}"
+        f"{loaded.model!r}\n{len(dataset)} bundled eval images ({spec.foreground} masks as segmentation) "
+        f"on {device}, {args.dtype}"
     )
     run_config = {"model_spec": loaded.spec}
-    return _run_and_report(args, loaded.model, dataset, run_config, title="vit-lens demo: bundled MNIST ViT")
+    return _run_and_report(args, loaded.model, dataset, run_config, title=f"vit-lens demo: bundled {spec.name}")
 
 
 def _run_and_report(

@@ -419,12 +419,31 @@ class InMemoryDataset(torch.utils.data.Dataset):
         return {"source": self.source, "n_images": len(self), "content_sha256": digest.hexdigest()}
 
 
-def bundled_eval_dataset(model: Any, n: Optional[int] = None, token_labels: str = "nearest") -> InMemoryDataset:
-    """The bundled MNIST eval digits, their stroke masks as per-token class masks for ``model``."""
-    from vit_embedding_lens.zoo.bundled import load_mnist_eval
+def bundled_eval_dataset(
+    model: Any, n: Optional[int] = None, token_labels: str = "nearest", name: Optional[str] = None
+) -> InMemoryDataset:
+    """A bundled model's held-out images, their foreground masks (digit strokes, garments) as
+    per-token class masks for ``model``. ``n``: that many images, balanced over the classes (image
+    0 of every class, then image 1, ...); ids keep each image's index in the shipped set. ``name``:
+    the bundled model (default: ``model``'s own when it is a bundled one, else ``mnist-vit``)."""
+    from vit_embedding_lens.zoo.bundled import DEFAULT_BUNDLED, load_bundled_eval
 
-    data = load_mnist_eval(n)
-    masks = data.class_token_mask(model.layout, method=token_labels)
-    ids = [f"mnist-eval/{i:04d}" for i in range(len(data))]
-    source = {"layout": "bundled", "name": "mnist-eval", "n": n, "token_labels": token_labels}
-    return InMemoryDataset(data.images, data.labels, ids, masks, source=source)
+    if name is None:
+        model_name = str(getattr(model.cfg, "model_name", ""))
+        name = model_name.split(":", 1)[1] if model_name.startswith("bundled:") else DEFAULT_BUNDLED
+    data = load_bundled_eval(name)
+    pick = torch.arange(len(data))
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        labels = data.labels
+        rank_in_class = torch.empty_like(labels)
+        for c in labels.unique():
+            members = torch.nonzero(labels == c).flatten()
+            rank_in_class[members] = torch.arange(len(members))
+        pick = torch.from_numpy(np.lexsort((labels.numpy(), rank_in_class.numpy())))[:n]
+    masks = data.class_token_mask(model.layout, method=token_labels)[pick]
+    set_name = f"{name.removesuffix('-vit')}-eval"
+    ids = [f"{set_name}/{i:04d}" for i in pick.tolist()]
+    source = {"layout": "bundled", "name": set_name, "n": n, "order": "balanced", "token_labels": token_labels}
+    return InMemoryDataset(data.images[pick], data.labels[pick], ids, masks, source=source)
