@@ -15,6 +15,7 @@ from vit_embedding_lens.attribution import (
     perturbation_benchmark,
     random_attribution,
 )
+from vit_embedding_lens.attribution.perturbation import PerturbationResult
 from vit_embedding_lens.testing import create_timm_vit
 
 TINY = dict(depth=2, img_size=32, patch_size=8, num_classes=10, embed_dim=64, num_heads=2)
@@ -113,6 +114,8 @@ def test_tables_have_one_row_per_observation(make_images):
     assert ((result.curves.accuracy >= 0) & (result.curves.accuracy <= 1)).all()
     with pytest.raises(ValueError, match="orders"):
         perturbation_benchmark(model, images, labels, ["random"], orders=["sideways"], progress=False)
+    with pytest.raises(ValueError, match="accuracy has shape"):
+        PerturbationResult.from_accuracy([("a", None)], ["positive"], [1, 2], torch.zeros(1, 1, 3), 4)
     with pytest.raises(ValueError, match="n_keep"):
         perturbation_benchmark(model, images, labels, ["random"], n_keep=[0, 3], progress=False)
     with pytest.raises(ValueError, match="shape"):

@@ -49,6 +49,35 @@ class PerturbationResult:
     auc: pd.DataFrame
     n_patches: int
 
+    @classmethod
+    def from_accuracy(
+        cls,
+        rankings: Sequence[Tuple[str, Optional[int]]],
+        orders: Sequence[str],
+        n_values: Sequence[int],
+        accuracy: Float[Tensor, "ranking order n"],
+        n_patches: int,
+    ) -> "PerturbationResult":
+        """The tables from ``accuracy[r, o, k]``: ranking ``r`` = ``(method, seed or None)``, order
+        ``o``, ``n_values[k]`` image tokens kept (the benchmark's and the runner's common ending)."""
+        if tuple(accuracy.shape) != (len(rankings), len(orders), len(n_values)):
+            raise ValueError(
+                f"accuracy has shape {tuple(accuracy.shape)}, expected "
+                f"{(len(rankings), len(orders), len(n_values))} (rankings, orders, n values)"
+            )
+        curve_rows, auc_rows = [], []
+        for r, (name, seed) in enumerate(rankings):
+            for o, order in enumerate(orders):
+                acc = accuracy[r, o].numpy()
+                curve_rows += [(name, order, n, float(acc[k]), seed) for k, n in enumerate(n_values)]
+                auc_rows.append((name, order, seed, perturbation_auc(acc, n_patches), float(acc.mean())))
+        curves = pd.DataFrame(curve_rows, columns=["method", "order", "n", "accuracy", "seed"])
+        auc = pd.DataFrame(auc_rows, columns=["method", "order", "seed", "auc", "mean_accuracy"])
+        for frame in (curves, auc):
+            frame["seed"] = frame["seed"].astype("Int64")
+        curves["fraction_kept"] = curves["n"] / n_patches
+        return cls(curves=curves, auc=auc, n_patches=n_patches)
+
     def summary(self) -> pd.DataFrame:
         """AUC and mean accuracy per method and order, averaged over seeds (``auc_std`` over seeds)."""
         grouped = self.auc.groupby(["method", "order"], sort=False)["auc"]
@@ -160,7 +189,8 @@ def perturbation_benchmark(
         hits.view(-1).index_add_(0, group.cpu(), correct.cpu())
     hits = hits.permute(1, 2, 0)  # [R, O, n]
     accuracy = hits.double() / images.shape[0]
-    return _tables(rankings, orders, n_values, accuracy, n_patches)
+    names = [(name, seed) for name, seed, _ in rankings]
+    return PerturbationResult.from_accuracy(names, orders, n_values, accuracy, n_patches)
 
 
 def _nan_std(values: pd.Series) -> float:
@@ -229,19 +259,3 @@ def _name(spec) -> str:
     if isinstance(spec, AttributionMap):
         return spec.method
     return getattr(spec, "__name__", type(spec).__name__)
-
-
-def _tables(rankings, orders, n_values, accuracy, n_patches) -> PerturbationResult:
-    curve_rows, auc_rows = [], []
-    for r, (name, seed, _) in enumerate(rankings):
-        for o, order in enumerate(orders):
-            acc = accuracy[r, o].numpy()
-            for k, n in enumerate(n_values):
-                curve_rows.append((name, order, n, float(acc[k]), seed))
-            auc_rows.append((name, order, seed, perturbation_auc(acc, n_patches), float(acc.mean())))
-    curves = pd.DataFrame(curve_rows, columns=["method", "order", "n", "accuracy", "seed"])
-    auc = pd.DataFrame(auc_rows, columns=["method", "order", "seed", "auc", "mean_accuracy"])
-    for frame in (curves, auc):
-        frame["seed"] = frame["seed"].astype("Int64")
-    curves["fraction_kept"] = curves["n"] / n_patches
-    return PerturbationResult(curves=curves, auc=auc, n_patches=n_patches)

@@ -111,8 +111,6 @@ class AttributionBenchmark:
 
     def result(self, results: Dict[str, np.ndarray], model: Any) -> PerturbationResult:
         """The :class:`PerturbationResult` of the stored images (accuracy = mean over images)."""
-        from vit_embedding_lens.attribution.perturbation import _tables
-
         correct = np.asarray(results["correct"])
         rankings = self.rankings()
         grid = n_keep_grid(model.layout.n_patches)
@@ -122,7 +120,7 @@ class AttributionBenchmark:
                 f"{(len(rankings), len(ORDERS), len(grid))}; summarize with the configuration the run used"
             )
         accuracy = torch.from_numpy(correct.mean(axis=0, dtype=np.float64))  # [R, O, n]
-        return _tables([(m, s, None) for m, s in rankings], ORDERS, grid, accuracy, model.layout.n_patches)
+        return PerturbationResult.from_accuracy(rankings, ORDERS, grid, accuracy, model.layout.n_patches)
 
     def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
         result = self.result(results, model)
