@@ -15,12 +15,15 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 
 from vit_embedding_lens import HookedViT
 from vit_embedding_lens.attribution import perturbation_benchmark
-from vit_embedding_lens.zoo.bundled import GREY28_ARCH, load_bundled_timm, preprocess_grey28
+from vit_embedding_lens.zoo.bundled import (
+    GREY28_ARCH,
+    load_bundled_timm,
+    preprocess_grey28,
+)
 from vit_embedding_lens.zoo.train import SPLITS, accuracy, stratified_pick, train_vit
 
 METHODS = ["class_space", "class_space_double_softmax", "chefer", "rollout", "raw_attention", "random"]
@@ -34,7 +37,7 @@ VARIANTS = {
 }
 
 
-def build(name: str, data: str, overrides: dict, epochs: int, seed: int, split, device, quick: bool):
+def build(name: str, overrides: dict, epochs: int, seed: int, split, device, quick: bool):
     from timm.models.vision_transformer import VisionTransformer
 
     if name.startswith("bundled:"):
@@ -70,7 +73,7 @@ def main() -> None:
         if data not in splits:
             splits[data] = SPLITS[data](0, args.data_dir)
         split = splits[data]
-        timm_model, info = build(name, data, overrides, epochs, seed, split, device, args.quick)
+        timm_model, info = build(name, overrides, epochs, seed, split, device, args.quick)
         test_x = split.test_images if split.test_images is not None else split.eval_images
         test_y = split.test_labels if split.test_labels is not None else split.eval_labels
         pick = stratified_pick(test_y, 10 if args.quick else args.per_class, None)

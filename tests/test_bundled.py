@@ -6,7 +6,12 @@ import torch
 from vit_embedding_lens import HookedViT
 from vit_embedding_lens.data.images import bundled_eval_dataset
 from vit_embedding_lens.lens.baseline import random_init_twin
-from vit_embedding_lens.zoo import BUNDLED_MODELS, load_bundled_eval, load_mnist_eval, model_card
+from vit_embedding_lens.zoo import (
+    BUNDLED_MODELS,
+    load_bundled_eval,
+    load_mnist_eval,
+    model_card,
+)
 from vit_embedding_lens.zoo.bundled import load_bundled_timm
 
 #: the accuracy each bundled model must reach on its shipped held-out images

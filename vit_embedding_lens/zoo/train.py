@@ -29,7 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vit_embedding_lens.zoo.bundled import BUNDLED_MODELS, BundledSpec, create_bundled_timm_model, preprocess_grey28
+from vit_embedding_lens.zoo.bundled import (
+    BUNDLED_MODELS,
+    BundledSpec,
+    create_bundled_timm_model,
+    preprocess_grey28,
+)
 
 HELD_OUT_PER_CLASS = 50  # the shipped evaluation set: 50 images per class
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
@@ -115,6 +120,7 @@ def fashion_mnist_split(seed: int, data_dir: Optional[str] = None) -> Split:
 
 
 SPLITS: Dict[str, Callable[[int, Optional[str]], Split]] = {"mnist-vit": mnist_5k_split, "fashion-vit": fashion_mnist_split}
+DEFAULT_EPOCHS = {"mnist-vit": 40, "fashion-vit": 30}
 
 
 def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -188,7 +194,10 @@ def train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     data = SPLITS[args.model](args.seed, args.data_dir)
     device = torch.device(args.device)
-    as_input = lambda images: preprocess_grey28(torch.from_numpy(np.ascontiguousarray(images))).to(device)  # noqa: E731
+
+    def as_input(images: np.ndarray) -> torch.Tensor:
+        return preprocess_grey28(torch.from_numpy(np.ascontiguousarray(images))).to(device)
+
     test_images = data.test_images if data.test_images is not None else data.eval_images
     test_labels = data.test_labels if data.test_labels is not None else data.eval_labels
     x_test, y_test = as_input(test_images), torch.from_numpy(test_labels).to(device)
@@ -236,9 +245,6 @@ def train(args: argparse.Namespace) -> dict:
     }
     (out / spec.card).write_text(json.dumps(card, indent=1) + "\n")
     return card
-
-
-DEFAULT_EPOCHS = {"mnist-vit": 40, "fashion-vit": 30}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
