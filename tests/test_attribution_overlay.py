@@ -20,7 +20,7 @@ from vit_embedding_lens.attribution import (  # noqa: E402
     plot_probe_comparison,
     upsample_map,
 )
-from vit_embedding_lens.attribution.perturbation import _tables  # noqa: E402
+from vit_embedding_lens.attribution.perturbation import PerturbationResult  # noqa: E402
 from vit_embedding_lens.model.layout import TokenLayout  # noqa: E402
 
 LAYOUT = TokenLayout(grid_size=(2, 3), patch_size=(4, 4), cls_index=0, register_indices=(1,))
@@ -60,8 +60,8 @@ def test_image_to_rgb_undoes_normalization_and_colorize_uses_the_ramp():
 
 
 def test_figures_draw_one_panel_per_order_layer_and_method():
-    curves = _tables(
-        [("a", None, None), ("random", 0, None), ("random", 1, None)],
+    curves = PerturbationResult.from_accuracy(
+        [("a", None), ("random", 0), ("random", 1)],
         ["positive", "negative"],
         [1, 2, 3],
         torch.rand(3, 2, 3, dtype=torch.float64),
