@@ -12,7 +12,7 @@ from vit_embedding_lens.zoo import (
     load_mnist_eval,
     model_card,
 )
-from vit_embedding_lens.zoo.bundled import load_bundled_timm
+from vit_embedding_lens.zoo.bundled import bundled_name, load_bundled_timm
 
 #: the accuracy each bundled model must reach on its shipped held-out images
 MIN_ACCURACY = {"mnist-vit": 0.95, "fashion-vit": 0.88}
@@ -77,6 +77,12 @@ def test_eval_set_is_balanced_with_foreground_masks(name, eval_set):
     on_object = eval_set.masks.float().mean().item()
     assert 0.05 < on_object < 0.7  # the object covers part of the image, not all of it
     assert len(load_bundled_eval(name, n=20)) == 20
+
+
+def test_bundled_names_are_read_from_model_names():
+    assert bundled_name("bundled:fashion-vit") == "fashion-vit"
+    assert bundled_name("vit_base_patch16_224") is None and bundled_name(None) is None
+    assert bundled_name(HookedViT.from_bundled("fashion-vit").cfg.model_name) == "fashion-vit"
 
 
 def test_mnist_eval_is_the_default_eval_set():

@@ -426,11 +426,10 @@ def bundled_eval_dataset(
     per-token class masks for ``model``. ``n``: that many images, balanced over the classes (image
     0 of every class, then image 1, ...); ids keep each image's index in the shipped set. ``name``:
     the bundled model (default: ``model``'s own when it is a bundled one, else ``mnist-vit``)."""
-    from vit_embedding_lens.zoo.bundled import DEFAULT_BUNDLED, load_bundled_eval
+    from vit_embedding_lens.zoo.bundled import DEFAULT_BUNDLED, bundled_name, load_bundled_eval
 
     if name is None:
-        model_name = str(getattr(model.cfg, "model_name", ""))
-        name = model_name.split(":", 1)[1] if model_name.startswith("bundled:") else DEFAULT_BUNDLED
+        name = bundled_name(getattr(model.cfg, "model_name", None)) or DEFAULT_BUNDLED
     data = load_bundled_eval(name)
     pick = torch.arange(len(data))
     if n is not None:

@@ -44,11 +44,12 @@ def random_init_twin(
 
 
 def _rebuild_timm(cfg, extra: Dict[str, Any]) -> nn.Module:
-    name = cfg.model_name
-    if name.startswith("bundled:"):
-        from vit_embedding_lens.zoo.bundled import create_bundled_timm_model
+    from vit_embedding_lens.zoo.bundled import bundled_name, create_bundled_timm_model
 
-        return create_bundled_timm_model(name.split(":", 1)[1])
+    name = cfg.model_name
+    bundled = bundled_name(name)
+    if bundled is not None:
+        return create_bundled_timm_model(bundled)
     import timm
 
     arch = name.split(".")[0]

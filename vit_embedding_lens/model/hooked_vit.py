@@ -108,18 +108,18 @@ class HookedViT(HookedRootModule):
         file read with ``weights_only=True``) before conversion. Every timm parameter and buffer is
         consumed, or the conversion fails. The weight-processing flags are opt-in and each keeps the
         model's log-probabilities (see :mod:`vit_embedding_lens.model.processing`).
-        ``"bundled:mnist-vit"`` names the trained model shipped with the package (see
+        ``"bundled:NAME"`` (``mnist-vit``, ``fashion-vit``) names a trained model shipped with the package (see
         :meth:`from_bundled`). ``model_name`` labels the result (default: the timm name).
         """
-        if isinstance(model_or_name, str) and model_or_name.startswith("bundled:"):
+        from vit_embedding_lens.zoo.bundled import BUNDLED_PREFIX, bundled_class_names, bundled_name, load_bundled_timm
+
+        bundled = bundled_name(model_or_name)
+        if bundled is not None:
             if pretrained or checkpoint_path is not None or timm_kwargs:
                 raise ValueError("a bundled model takes no pretrained=, checkpoint_path= or timm arguments")
-            from vit_embedding_lens.zoo.bundled import load_bundled_timm, bundled_class_names
-
-            bundled = model_or_name.split(":", 1)[1]
             model_or_name = load_bundled_timm(bundled)
             class_names = class_names or bundled_class_names(bundled)
-            model_name = model_name or f"bundled:{bundled}"
+            model_name = model_name or f"{BUNDLED_PREFIX}{bundled}"
         from vit_embedding_lens.model.convert import convert_timm_vit, load_timm_model
         from vit_embedding_lens.model.processing import process_weights_
 
@@ -146,7 +146,9 @@ class HookedViT(HookedRootModule):
         Its held-out images come from :func:`vit_embedding_lens.zoo.load_bundled_eval`; its model card
         (data, split, accuracy, training command) from :func:`vit_embedding_lens.zoo.model_card`.
         """
-        return cls.from_timm(f"bundled:{name}", **kwargs)
+        from vit_embedding_lens.zoo.bundled import BUNDLED_PREFIX
+
+        return cls.from_timm(f"{BUNDLED_PREFIX}{name}", **kwargs)
 
     def _init_weights(self) -> None:
         """Small random weights for a model built from a config alone (from_timm overwrites all)."""

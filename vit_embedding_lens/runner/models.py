@@ -9,7 +9,6 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-BUNDLED_PREFIX = "bundled:"
 #: the bundled models' preprocessing as a timm data config: 28x28, no crop, (x/255 - 0.5)/0.5
 BUNDLED_DATA_CONFIG: Dict[str, Any] = {
     "interpolation": "bilinear",
@@ -62,12 +61,12 @@ def load_model(
     class_names = None
     if name is None and checkpoint is None:
         raise ValueError("name a model: --model NAME (a timm name or bundled:mnist-vit) or --checkpoint PATH")
-    if name is not None and name.startswith(BUNDLED_PREFIX):
+    from vit_embedding_lens.zoo.bundled import bundled_class_names, bundled_name, load_bundled_timm
+
+    bundled = bundled_name(name)
+    if bundled is not None:
         if checkpoint is not None or pretrained:
             raise ValueError(f"{name} is a bundled trained model: it takes no --checkpoint or --pretrained")
-        from vit_embedding_lens.zoo.bundled import bundled_class_names, load_bundled_timm
-
-        bundled = name[len(BUNDLED_PREFIX) :]
         timm_model, label = load_bundled_timm(bundled), name
         class_names = bundled_class_names(bundled)
         data_config = dict(BUNDLED_DATA_CONFIG)

@@ -23,6 +23,8 @@ from torch import Tensor
 
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_BUNDLED = "mnist-vit"
+#: model names ``bundled:NAME`` (``HookedViT.from_timm``, ``--model``) name a bundled model
+BUNDLED_PREFIX = "bundled:"
 
 #: timm VisionTransformer arguments of the bundled models: 28x28 grey input, 7x7 patches of 4 px
 GREY28_ARCH: Dict[str, object] = dict(
@@ -70,6 +72,13 @@ BUNDLED_MODELS: Dict[str, BundledSpec] = {
         FASHION_CLASS_NAMES, FASHION_FOREGROUND_THRESHOLD, "garment",
     ),
 }
+
+
+def bundled_name(model_name: object) -> Optional[str]:
+    """``"mnist-vit"`` for the model name ``"bundled:mnist-vit"``; None for any other name or object."""
+    if isinstance(model_name, str) and model_name.startswith(BUNDLED_PREFIX):
+        return model_name[len(BUNDLED_PREFIX) :]
+    return None
 
 
 def bundled_spec(name: str = DEFAULT_BUNDLED) -> BundledSpec:
