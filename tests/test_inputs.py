@@ -299,6 +299,38 @@ def test_pretrained_weights_without_a_hub_say_what_to_do_instead(monkeypatch):
         HookedViT.from_timm("deit_tiny_patch16_224", pretrained=True)
 
 
+class _Connection:
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize(
+    "offline, connect, expected",
+    [
+        ("1", None, False),  # never tries the network
+        ("TRUE", None, False),
+        ("0", "ok", True),
+        ("", "ok", True),
+        ("false", "refused", False),
+    ],
+)
+def test_hub_reachable_reads_hf_hub_offline_then_tries_the_host(monkeypatch, offline, connect, expected):
+    from vit_embedding_lens.model import convert
+
+    calls = []
+
+    def create_connection(address, timeout):
+        calls.append((address, timeout))
+        if connect == "refused":
+            raise ConnectionRefusedError("no route")
+        return _Connection()
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(convert.socket, "create_connection", create_connection)
+    assert convert.hub_reachable(timeout=0.5) is expected
+    assert calls == ([] if connect is None else [(("huggingface.co", 443), 0.5)])
+
+
 def test_unknown_timm_name_suggests_close_names():
     with pytest.raises(ValueError, match="not a timm model name.*deit_tiny_patch16_224"):
         HookedViT.from_timm("deit_tiny_patch16_244")

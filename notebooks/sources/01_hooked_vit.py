@@ -12,7 +12,6 @@
 
 # %%
 import os
-import socket
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
@@ -23,6 +22,7 @@ import torch
 
 from vit_embedding_lens import HookedViT, viz
 from vit_embedding_lens.lens import ClassProjection
+from vit_embedding_lens.model.convert import hub_reachable
 from vit_embedding_lens.testing import create_timm_vit
 from vit_embedding_lens.zoo import load_mnist_eval, model_card
 
@@ -54,16 +54,6 @@ print("on these 50 digits:", (model(images).argmax(-1) == labels).float().mean()
 
 # %%
 PRETRAINED = "vit_base_patch32_224.augreg_in21k_ft_in1k"
-
-
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 imagenet_model = None

@@ -18,7 +18,6 @@
 
 # %%
 import os
-import socket
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
@@ -28,6 +27,7 @@ import pandas as pd
 import torch
 
 from vit_embedding_lens import HookedViT, lens, viz
+from vit_embedding_lens.model.convert import hub_reachable
 from vit_embedding_lens.zoo import load_mnist_eval
 
 torch.manual_seed(0)
@@ -252,16 +252,6 @@ lens.value_topk(model, vector=cache["blocks.2.hook_resid_post"][:, layout.cls_in
 
 # %%
 PRETRAINED = "vit_base_patch32_224.augreg_in21k_ft_in1k"
-
-
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 if hub_reachable():

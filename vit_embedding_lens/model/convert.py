@@ -8,6 +8,8 @@ feature HookedViT does not implement raises :class:`UnsupportedArchitectureError
 from __future__ import annotations
 
 import difflib
+import os
+import socket
 from itertools import chain
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -19,6 +21,18 @@ from torch import Tensor, nn
 from vit_embedding_lens.errors import ConversionError, UnsupportedArchitectureError
 from vit_embedding_lens.model.activations import activation_name
 from vit_embedding_lens.model.config import HookedViTConfig
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether ``pretrained=True`` can download: ``HF_HUB_OFFLINE`` is unset and ``host`` answers on
+    port 443 within ``timeout`` seconds (for notebooks and scripts with optional hub cells)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
 
 #: timm classes that are ViTs but whose computation HookedViT does not reproduce, and why
 _UNSUPPORTED_MODEL_CLASSES = {
