@@ -100,8 +100,11 @@ def test_eval_dataset_and_random_twin_follow_the_bundled_model(name, model):
     first_of_each_class = [int(torch.nonzero(full.labels == c)[0]) for c in range(10)]
     assert index[:10] == first_of_each_class
     assert len(bundled_eval_dataset(model)) == 500
-    with pytest.raises(ValueError, match="at least 1"):
-        bundled_eval_dataset(model, n=0)
+    for bad in (0, -3, 501):
+        with pytest.raises(ValueError, match=f"between 1 and 500 .*got {bad}"):
+            bundled_eval_dataset(model, n=bad)
+        with pytest.raises(ValueError, match=f"between 1 and 500 .*got {bad}"):
+            load_bundled_eval(name, n=bad)
     twin = random_init_twin(model, seed=0)
     assert twin.cfg.n_layers == model.cfg.n_layers and twin.class_names == model.class_names
     assert not torch.equal(twin.W_U, model.W_U)

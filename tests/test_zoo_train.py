@@ -83,3 +83,11 @@ def test_a_tiny_fashion_run_writes_weights_eval_set_and_card(tmp_path, capsys):
 def test_missing_fashion_files_say_how_to_get_them(tmp_path):
     with pytest.raises(SystemExit, match="dataset-fashion-mnist"):
         main(["--model", "fashion-vit", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch", "0"), ("--shift", "-1"), ("--threads", "0")])
+def test_bad_settings_are_refused_naming_the_flag(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit):
+        main(["--model", "mnist-vit", flag, value, "--out", str(tmp_path)])
+    assert f"{flag} must be at least" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything is written

@@ -426,15 +426,14 @@ def bundled_eval_dataset(
     per-token class masks for ``model``. ``n``: that many images, balanced over the classes (image
     0 of every class, then image 1, ...); ids keep each image's index in the shipped set. ``name``:
     the bundled model (default: ``model``'s own when it is a bundled one, else ``mnist-vit``)."""
-    from vit_embedding_lens.zoo.bundled import DEFAULT_BUNDLED, bundled_name, load_bundled_eval
+    from vit_embedding_lens.zoo.bundled import DEFAULT_BUNDLED, bundled_name, check_subset_size, load_bundled_eval
 
     if name is None:
         name = bundled_name(getattr(model.cfg, "model_name", None)) or DEFAULT_BUNDLED
     data = load_bundled_eval(name)
     pick = torch.arange(len(data))
+    check_subset_size(n, len(data), f"{name} eval images")
     if n is not None:
-        if n < 1:
-            raise ValueError(f"n must be at least 1, got {n}")
         labels = data.labels
         rank_in_class = torch.empty_like(labels)
         for c in labels.unique():

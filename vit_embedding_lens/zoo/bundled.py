@@ -134,11 +134,18 @@ def _data_file(name: str, model: str = DEFAULT_BUNDLED) -> Path:
     return path
 
 
+def check_subset_size(n: Optional[int], total: int, what: str = "images") -> None:
+    """``n`` (None = all) must be between 1 and the ``total`` shipped."""
+    if n is not None and not 1 <= n <= total:
+        raise ValueError(f"n must be between 1 and {total} (the {what} shipped), got {n}")
+
+
 def load_bundled_eval(name: str = DEFAULT_BUNDLED, n: Optional[int] = None) -> BundledEvalSet:
     """A bundled model's held-out evaluation images (500, 50 per class), optionally the first ``n``."""
     spec = bundled_spec(name)
     with np.load(_data_file(spec.eval_file, name)) as data:
         raw, labels, masks = data["images"], data["labels"], data["masks"]
+    check_subset_size(n, len(labels), f"{name} eval images")
     if n is not None:
         raw, labels, masks = raw[:n], labels[:n], masks[:n]
     return BundledEvalSet(preprocess_grey28(raw), torch.from_numpy(labels), torch.from_numpy(masks), raw, name)

@@ -262,7 +262,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    args.epochs = args.epochs or DEFAULT_EPOCHS[args.model]
+    args.epochs = DEFAULT_EPOCHS[args.model] if args.epochs is None else args.epochs
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch", args.batch, 1), ("--shift", args.shift, 0),
+                             ("--threads", args.threads, 1)):
+        if value < low:
+            parser.error(f"{flag} must be at least {low}, got {value}")
     card = train(args)
     print(f"held-out accuracy {card['held_out_accuracy']:.4f}; wrote {card['name']} files to {args.out}")
 
