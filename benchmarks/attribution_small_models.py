@@ -26,7 +26,14 @@ from vit_embedding_lens.zoo.bundled import (
 )
 from vit_embedding_lens.zoo.train import SPLITS, accuracy, stratified_pick, train_vit
 
-METHODS = ["class_space", "class_space_double_softmax", "chefer", "rollout", "raw_attention", "random"]
+METHODS = [
+    "class_space",
+    "class_space_double_softmax",
+    "chefer",
+    "rollout",
+    "raw_attention",
+    "random",
+]
 #: name -> (data, architecture overrides, epochs, seed); "bundled:NAME" loads the shipped weights
 VARIANTS = {
     "bundled:mnist-vit": ("mnist-vit", {}, 0, 0),
@@ -50,19 +57,42 @@ def build(name: str, overrides: dict, epochs: int, seed: int, split, device, qui
         x, y, epochs = x[:2000], y[:2000], 1
     start = time.time()
     history = train_vit(
-        model, x, y, x[:500], y[:500], epochs=epochs, batch=128, lr=2e-3, weight_decay=0.05,
-        label_smoothing=0.1, shift=2, seed=seed, log=lambda line: None,
+        model,
+        x,
+        y,
+        x[:500],
+        y[:500],
+        epochs=epochs,
+        batch=128,
+        lr=2e-3,
+        weight_decay=0.05,
+        label_smoothing=0.1,
+        shift=2,
+        seed=seed,
+        log=lambda line: None,
     )
-    return model, {"epochs": epochs, "train_seconds": round(time.time() - start, 1), "final_train_acc": history[-1]}
+    return model, {
+        "epochs": epochs,
+        "train_seconds": round(time.time() - start, 1),
+        "final_train_acc": history[-1],
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
-    parser.add_argument("--per-class", type=int, default=100, help="held-out images per class in the benchmark")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS"
+    )
+    parser.add_argument(
+        "--per-class", type=int, default=100, help="held-out images per class in the benchmark"
+    )
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
-    parser.add_argument("--quick", action="store_true", help="tiny training and benchmark, to check the script")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny training and benchmark, to check the script"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -85,13 +115,23 @@ def main() -> None:
         n_keep = list(range(1, n_patches, step if not args.quick else 12))
         start = time.time()
         result = perturbation_benchmark(
-            model, x, y, METHODS, n_keep=n_keep, seeds=(0, 1, 2), batch_size=4096 if device.type == "cuda" else 256,
+            model,
+            x,
+            y,
+            METHODS,
+            n_keep=n_keep,
+            seeds=(0, 1, 2),
+            batch_size=4096 if device.type == "cuda" else 256,
             progress=False,
         )
         auc = result.auc.groupby(["method", "order"]).auc.mean().unstack("order")
         row = {
-            "model": name, **info, "n_patches": n_patches, "n_images": len(pick),
-            "accuracy": round(accuracy(timm_model, x, y), 4), "bench_seconds": round(time.time() - start, 1),
+            "model": name,
+            **info,
+            "n_patches": n_patches,
+            "n_images": len(pick),
+            "accuracy": round(accuracy(timm_model, x, y), 4),
+            "bench_seconds": round(time.time() - start, 1),
             "auc": {m: {o: round(float(v), 4) for o, v in auc.loc[m].items()} for m in auc.index},
         }
         row["class_space_beats_random"] = {
@@ -104,7 +144,9 @@ def main() -> None:
         print("class_space beats random:", row["class_space_beats_random"], flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": str(device), "torch": torch.__version__, "results": results}, f, indent=1)
+            json.dump(
+                {"device": str(device), "torch": torch.__version__, "results": results}, f, indent=1
+            )
 
 
 if __name__ == "__main__":

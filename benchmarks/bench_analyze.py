@@ -38,9 +38,9 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from vit_embedding_lens import HookedViT  # noqa: E402
 from vit_embedding_lens.data.images import InMemoryDataset, image_folder_dataset  # noqa: E402
-from vit_embedding_lens.runner.analyses.lens import LensAnalysis  # noqa: E402
 from vit_embedding_lens.data.transforms import resolve_preprocessing  # noqa: E402
 from vit_embedding_lens.runner import collate, run_analyses  # noqa: E402
+from vit_embedding_lens.runner.analyses.lens import LensAnalysis  # noqa: E402
 from vit_embedding_lens.testing import create_timm_vit  # noqa: E402
 
 TARGET = 1.5
@@ -61,7 +61,9 @@ def make_jpeg_folder(root: Path, n_images: int, n_classes: int = 8, seed: int = 
         folder = root / synsets[i % n_classes]
         folder.mkdir(parents=True, exist_ok=True)
         small = rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((320, 256), Image.BILINEAR).save(folder / f"{i:05d}.JPEG", quality=90)
+        Image.fromarray(small).resize((320, 256), Image.BILINEAR).save(
+            folder / f"{i:05d}.JPEG", quality=90
+        )
     return root
 
 
@@ -72,7 +74,11 @@ def sync(device: torch.device) -> None:
 
 def time_timm(timm_model, dataset, batch: int, workers: int, device: torch.device) -> float:
     loader = DataLoader(
-        dataset, batch_size=batch, collate_fn=collate, num_workers=workers, pin_memory=device.type == "cuda"
+        dataset,
+        batch_size=batch,
+        collate_fn=collate,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
     )
     sync(device)
     start = time.perf_counter()
@@ -83,10 +89,21 @@ def time_timm(timm_model, dataset, batch: int, workers: int, device: torch.devic
     return time.perf_counter() - start
 
 
-def time_analyze(model, dataset, analyses, batch: int, workers: int, out: Path, device: torch.device) -> float:
+def time_analyze(
+    model, dataset, analyses, batch: int, workers: int, out: Path, device: torch.device
+) -> float:
     sync(device)
     start = time.perf_counter()
-    run_analyses(model, dataset, analyses, out, batch_size=batch, progress=False, num_workers=workers, overwrite=True)
+    run_analyses(
+        model,
+        dataset,
+        analyses,
+        out,
+        batch_size=batch,
+        progress=False,
+        num_workers=workers,
+        overwrite=True,
+    )
     sync(device)
     return time.perf_counter() - start
 
@@ -107,16 +124,14 @@ def bench(timm_model, model, dataset, args, device, workdir: Path, label: str) -
             times[n].append(runs[n]())
     median = {n: statistics.median(t) for n, t in times.items()}
     n = len(dataset)
-    print(f"\n{label}: {n} images, batch {args.batch}, {args.workers} loader workers, median of {args.rounds}")
+    print(
+        f"\n{label}: {n} images, batch {args.batch}, {args.workers} loader workers, median of {args.rounds}"
+    )
     print(f"{'variant':42s} {'img/s':>9s} {'cost vs timm':>13s}")
     rows = {}
     for name in names:
         ratio = median[name] / median["timm"]
-        flag = (
-            ""
-            if name == "timm"
-            else ("  ok" if ratio <= TARGET else f"  > {TARGET}x target")
-        )
+        flag = "" if name == "timm" else ("  ok" if ratio <= TARGET else f"  > {TARGET}x target")
         print(f"{name:42s} {n / median[name]:9.1f} {ratio:12.2f}x{flag}")
         rows[name] = {
             "seconds": median[name],
@@ -128,7 +143,9 @@ def bench(timm_model, model, dataset, args, device, workdir: Path, label: str) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
@@ -136,7 +153,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--sources", default="files,memory", help="files (JPEG folder), memory (tensors), or both")
+    parser.add_argument(
+        "--sources", default="files,memory", help="files (JPEG folder), memory (tensors), or both"
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -155,19 +174,25 @@ def main() -> None:
         "preprocessing": pre.as_dict(),
         "target_cost_ratio": TARGET,
     }
-    print(f"{model!r} on {device} ({results['gpu'] or results['cpu']}, {results['threads']} threads)")
+    print(
+        f"{model!r} on {device} ({results['gpu'] or results['cpu']}, {results['threads']} threads)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sources = args.sources.split(",")
         files = image_folder_dataset(make_jpeg_folder(tmp / "images", args.images), model, pre)
         if "files" in sources:
             label = "JPEG files -> timm transform"
-            results["from_files"] = bench(timm_model, model, files, args, device, tmp / "runs", label)
+            results["from_files"] = bench(
+                timm_model, model, files, args, device, tmp / "runs", label
+            )
         if "memory" in sources:
             images = torch.stack([files[i].image for i in range(len(files))])
             memory = InMemoryDataset(images, torch.tensor(files.labels), source={"layout": "bench"})
             label = "preprocessed tensors in memory"
-            results["in_memory"] = bench(timm_model, model, memory, args, device, tmp / "runs_mem", label)
+            results["in_memory"] = bench(
+                timm_model, model, memory, args, device, tmp / "runs_mem", label
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

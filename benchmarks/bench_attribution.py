@@ -37,7 +37,9 @@ METHODS = ["class_space", "class_space_double_softmax", "chefer", "rollout", "ra
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stride", type=int, default=1, help="evaluate n = 1, 1+stride, ..., N-1 (default every n)")
+    parser.add_argument(
+        "--stride", type=int, default=1, help="evaluate n = 1, 1+stride, ..., N-1 (default every n)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--k", type=int, default=5, help="training digits per class for the probes")
     parser.add_argument("--batch", type=int, default=1024, help="rows per forward in the benchmark")
@@ -50,7 +52,9 @@ def main() -> None:
     model = HookedViT.from_bundled()
     data = load_mnist_eval()
     t0 = time.perf_counter()
-    comparison = probe_comparison(model, data.images, data.labels, k_per_class=args.k, progress=False)
+    comparison = probe_comparison(
+        model, data.images, data.labels, k_per_class=args.k, progress=False
+    )
     probe_time = time.perf_counter() - t0
     test = comparison.test_indices
     images, labels = data.images[test], data.labels[test]
@@ -61,26 +65,38 @@ def main() -> None:
         maps[name] = ATTRIBUTION_METHODS[name](model, images, labels, progress=False)
         seconds[name] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    maps["probe"] = ProbeAttribution(comparison.probes, block=-1)(model, images, labels, progress=False)
+    maps["probe"] = ProbeAttribution(comparison.probes, block=-1)(
+        model, images, labels, progress=False
+    )
     seconds["probe"] = time.perf_counter() - t0
 
     last = model.layout.n_patches - 1  # always evaluated: the AUC divides by the curve's maximum
     n_keep = sorted(set(range(1, last + 1, args.stride)) | {last})
     t0 = time.perf_counter()
     result = perturbation_benchmark(
-        model, images, labels, {**maps, "random": "random"}, n_keep=n_keep, seeds=args.seeds,
-        batch_size=args.batch, progress=True,
+        model,
+        images,
+        labels,
+        {**maps, "random": "random"},
+        n_keep=n_keep,
+        seeds=args.seeds,
+        batch_size=args.batch,
+        progress=True,
     )
     bench_time = time.perf_counter() - t0
 
-    print(f"bundled MNIST ViT, {len(labels)} held-out digits, torch threads {torch.get_num_threads()}")
+    print(
+        f"bundled MNIST ViT, {len(labels)} held-out digits, torch threads {torch.get_num_threads()}"
+    )
     print(f"probe training + comparison: {probe_time:.1f} s")
     for name, s in seconds.items():
         print(f"  {name:28s} {1000 * s / len(labels):7.2f} ms/image")
     print(f"perturbation benchmark: {bench_time:.1f} s ({len(n_keep)} n values)\n")
     print(result.summary().to_string(index=False))
     print()
-    pivot = comparison.summary().pivot_table(index=["layer", "block"], columns=["kind", "readout"], values="accuracy")
+    pivot = comparison.summary().pivot_table(
+        index=["layer", "block"], columns=["kind", "readout"], values="accuracy"
+    )
     print(pivot.round(3).to_string())
 
     if args.out:
@@ -90,9 +106,9 @@ def main() -> None:
         comparison.table.to_csv(args.out / "probe_table.csv", index=False)
         result.plot().savefig(args.out / "perturbation.png", dpi=120)
         plot_probe_comparison(comparison.table).savefig(args.out / "probes.png", dpi=120)
-        plot_attribution_maps(images, maps, indices=range(0, len(labels), len(labels) // 6)).savefig(
-            args.out / "maps.png", dpi=120
-        )
+        plot_attribution_maps(
+            images, maps, indices=range(0, len(labels), len(labels) // 6)
+        ).savefig(args.out / "maps.png", dpi=120)
         timing = {k: 1000 * v / len(labels) for k, v in seconds.items()}
         (args.out / "timing.json").write_text(json.dumps({"ms_per_image": timing}))
 

@@ -119,13 +119,31 @@ def rss_probe(args: argparse.Namespace) -> None:
             peak = _maxrss_bytes()
             held = None
         nbytes = cache_storage_nbytes(cache)
-    print(json.dumps({"method": "VmHWM reset" if exact else "ru_maxrss", "rss_before": before,
-                      "peak_rss": peak, "rss_held": held, "cache_storage_bytes": nbytes}))
+    print(
+        json.dumps(
+            {
+                "method": "VmHWM reset" if exact else "ru_maxrss",
+                "rss_before": before,
+                "peak_rss": peak,
+                "rss_held": held,
+                "cache_storage_bytes": nbytes,
+            }
+        )
+    )
 
 
 def measure_rss_in_child(args: argparse.Namespace) -> dict | None:
-    cmd = [sys.executable, os.path.abspath(__file__), "--rss-probe", "--batch", str(args.batch),
-           "--model", args.model, "--img-size", str(args.img_size)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--rss-probe",
+        "--batch",
+        str(args.batch),
+        "--model",
+        args.model,
+        "--img-size",
+        str(args.img_size),
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -138,11 +156,15 @@ def measure_rss_in_child(args: argparse.Namespace) -> dict | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs every variant once)")
+    p.add_argument(
+        "--rounds", type=int, default=7, help="timed rounds (each runs every variant once)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child process")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--rss-probe", action="store_true", help=argparse.SUPPRESS)
@@ -158,10 +180,18 @@ def main() -> None:
     timm_model, model = build(args.model, args.img_size)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     env = {
-        "model": args.model, "batch": args.batch, "img_size": args.img_size, "dtype": "float32",
-        "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "timm": timm.__version__, "python": platform.python_version(), "machine": platform.machine(),
-        "rounds": args.rounds, "warmup": args.warmup,
+        "model": args.model,
+        "batch": args.batch,
+        "img_size": args.img_size,
+        "dtype": "float32",
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "rounds": args.rounds,
+        "warmup": args.warmup,
     }
     print("bench_forward: " + ", ".join(f"{k}={v}" for k, v in env.items()))
 
@@ -178,7 +208,7 @@ def main() -> None:
         max_diff = (model(x) - timm_model(x)).abs().max().item()
         print(f"   sanity: max |HookedViT - timm| logits = {max_diff:.3e}")
         for r in range(args.warmup + args.rounds):
-            order = names[r % len(names):] + names[: r % len(names)]  # rotate to spread drift
+            order = names[r % len(names) :] + names[: r % len(names)]  # rotate to spread drift
             for n in order:
                 t0 = time.perf_counter()
                 out = variants[n]()
@@ -200,17 +230,25 @@ def main() -> None:
     best = {n: min(v) for n, v in times.items()}
     ratio = {n: med[n] / med["timm"] for n in names}
     ratio_min = {n: best[n] / best["timm"] for n in names}
-    print(f"\n   {'variant':<12} {'median s':>9} {'ms/image':>9} {'x timm':>7} {'min s':>7} "
-          f"{'x timm':>7}  target (on medians)")
+    print(
+        f"\n   {'variant':<12} {'median s':>9} {'ms/image':>9} {'x timm':>7} {'min s':>7} "
+        f"{'x timm':>7}  target (on medians)"
+    )
     for n in names:
         target = TARGETS.get(n)
-        verdict = "" if target is None else f"<= {target:.2f}  {'ok' if ratio[n] <= target else 'OVER'}"
-        print(f"   {n:<12} {med[n]:9.3f} {1e3 * med[n] / args.batch:9.1f} {ratio[n]:7.3f} "
-              f"{best[n]:7.3f} {ratio_min[n]:7.3f}  {verdict}")
+        verdict = (
+            "" if target is None else f"<= {target:.2f}  {'ok' if ratio[n] <= target else 'OVER'}"
+        )
+        print(
+            f"   {n:<12} {med[n]:9.3f} {1e3 * med[n] / args.batch:9.1f} {ratio[n]:7.3f} "
+            f"{best[n]:7.3f} {ratio_min[n]:7.3f}  {verdict}"
+        )
     spread = max(max(v) / min(v) for v in times.values())
     if spread > 1.5:
-        print(f"   note: times within a variant vary up to {spread:.1f}x - the machine is busy; "
-              "the ratios are unreliable, rerun on a quiet machine")
+        print(
+            f"   note: times within a variant vary up to {spread:.1f}x - the machine is busy; "
+            "the ratios are unreliable, rerun on a quiet machine"
+        )
 
     mib = 1024**2
     memory = {
@@ -219,8 +257,10 @@ def main() -> None:
         "full_cache_storage_bytes_per_image": full_storage_bytes / args.batch,
         "resid_post_cache_bytes_per_image": resid_bytes / args.batch,
     }
-    print(f"\n   full cache, per image: {full_bytes / args.batch / mib:.1f} MiB summed over its "
-          f"{n_hooks} tensors, {full_storage_bytes / args.batch / mib:.1f} MiB of distinct storage held")
+    print(
+        f"\n   full cache, per image: {full_bytes / args.batch / mib:.1f} MiB summed over its "
+        f"{n_hooks} tensors, {full_storage_bytes / args.batch / mib:.1f} MiB of distinct storage held"
+    )
     print(f"   resid_post-only cache, per image: {resid_bytes / args.batch / mib:.2f} MiB")
     if rss is not None:
         peak = (rss["peak_rss"] - rss["rss_before"]) / args.batch
@@ -234,9 +274,17 @@ def main() -> None:
         print(line + f" (fresh process, {rss['method']})")
 
     if args.json:
-        result = {"env": env, "logits_max_abs_diff": max_diff, "times_s": times, "median_s": med,
-                  "min_s": best, "ratio_vs_timm": ratio, "ratio_vs_timm_min": ratio_min,
-                  "targets": TARGETS, "memory": memory}
+        result = {
+            "env": env,
+            "logits_max_abs_diff": max_diff,
+            "times_s": times,
+            "median_s": med,
+            "min_s": best,
+            "ratio_vs_timm": ratio,
+            "ratio_vs_timm_min": ratio_min,
+            "targets": TARGETS,
+            "memory": memory,
+        }
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
         print(f"\n   wrote {args.json}")

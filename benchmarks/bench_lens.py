@@ -46,10 +46,14 @@ def main() -> None:
         t_timm = t_lens = float("inf")
         for _ in range(args.repeats):  # interleaved so drift hits both
             t_timm = min(t_timm, best_time(lambda: timm_model(images), 1))
-            t_lens = min(t_lens, best_time(lambda: lens_batch(model, images, labels, recorder=recorder), 1))
+            t_lens = min(
+                t_lens, best_time(lambda: lens_batch(model, images, labels, recorder=recorder), 1)
+            )
     print(f"{args.model}, batch {args.batch}, {torch.get_num_threads()} threads")
     print(f"timm forward      {t_timm * 1e3:8.1f} ms")
-    print(f"lens (full)       {t_lens * 1e3:8.1f} ms   ratio {t_lens / t_timm:.2f}x  (target <= 1.5x)")
+    print(
+        f"lens (full)       {t_lens * 1e3:8.1f} ms   ratio {t_lens / t_timm:.2f}x  (target <= 1.5x)"
+    )
 
 
 if __name__ == "__main__":

@@ -31,12 +31,20 @@ def run_one(model_name: str, n_images: int, batch: int) -> dict:
         gen = torch.Generator().manual_seed(1)
         for start in range(0, n_images, batch):
             n = min(batch, n_images - start)
-            yield torch.randn(n, 3, *model.cfg.image_size, generator=gen), torch.randint(0, model.cfg.n_classes, (n,), generator=gen)
+            yield (
+                torch.randn(n, 3, *model.cfg.image_size, generator=gen),
+                torch.randint(0, model.cfg.n_classes, (n,), generator=gen),
+            )
 
     result = lens_dataset(model, batches(), progress=False)
-    result_bytes = sum(t.numel() * t.element_size() for t in [*result.rank.values(), *result.rose.values(), result.composition])
+    result_bytes = sum(
+        t.numel() * t.element_size()
+        for t in [*result.rank.values(), *result.rose.values(), result.composition]
+    )
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return dict(n_images=n_images, peak_mib=round(peak_mib, 1), result_mib=round(result_bytes / 2**20, 2))
+    return dict(
+        n_images=n_images, peak_mib=round(peak_mib, 1), result_mib=round(result_bytes / 2**20, 2)
+    )
 
 
 def main() -> None:
@@ -52,16 +60,29 @@ def main() -> None:
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         out = subprocess.run(
-            [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--child", str(n)],
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--model",
+                args.model,
+                "--batch",
+                str(args.batch),
+                "--child",
+                str(n),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     first, last = rows[0], rows[-1]
     growth = last["peak_mib"] - first["peak_mib"]
-    print(f"peak {first['peak_mib']} MiB ({first['n_images']} images) vs {last['peak_mib']} MiB "
-          f"({last['n_images']} images): {growth:+.1f} MiB, of which per-image results "
-          f"{last['result_mib'] - first['result_mib']:+.2f} MiB")
+    print(
+        f"peak {first['peak_mib']} MiB ({first['n_images']} images) vs {last['peak_mib']} MiB "
+        f"({last['n_images']} images): {growth:+.1f} MiB, of which per-image results "
+        f"{last['result_mib'] - first['result_mib']:+.2f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def per_cell_loop(model, corrupted, clean_cache, metric, tokens):
         for l in range(model.cfg.n_layers):
             name = f"blocks.{l}.hook_resid_pre"
             for j, t in enumerate(tokens):
+
                 def hook(act, hook, t=t):
                     act = act.clone()
                     act[:, t] = clean_cache[hook.name][:, t]
@@ -58,9 +59,13 @@ def bench(label, model, clean, corrupted, metric, tokens=None, max_batch=256):
     groups = None if tokens is None else {f"t{t}": [t] for t in tokens}
     n_cells = model.cfg.n_layers * len(token_list)
     # warm-up
-    get_act_patch_resid_pre(model, corrupted, cache, metric, tokens={"t0": [0]}, progress=False, layers=[0])
+    get_act_patch_resid_pre(
+        model, corrupted, cache, metric, tokens={"t0": [0]}, progress=False, layers=[0]
+    )
     t0 = time.perf_counter()
-    batched = get_act_patch_resid_pre(model, corrupted, cache, metric, tokens=groups, max_batch=max_batch, progress=False)
+    batched = get_act_patch_resid_pre(
+        model, corrupted, cache, metric, tokens=groups, max_batch=max_batch, progress=False
+    )
     t_batched = time.perf_counter() - t0
     t0 = time.perf_counter()
     loop = per_cell_loop(model, corrupted, cache, metric, token_list)
@@ -72,21 +77,36 @@ def bench(label, model, clean, corrupted, metric, tokens=None, max_batch=256):
         f"({1e3 * t_batched / n_cells:.1f} ms/cell) | per cell {t_loop:.2f} s ({1e3 * t_loop / n_cells:.1f} ms/cell) | "
         f"speed-up {ratio:.1f}x (target >= {TARGET:.0f}x: {'met' if ratio >= TARGET else 'NOT met'}) | max |diff| {diff:.1e}"
     )
-    return dict(model=label, cells=n_cells, batch=clean.shape[0], batched_s=t_batched, per_cell_s=t_loop,
-                speedup=ratio, max_abs_diff=diff)
+    return dict(
+        model=label,
+        cells=n_cells,
+        batch=clean.shape[0],
+        batched_s=t_batched,
+        per_cell_s=t_loop,
+        speedup=ratio,
+        max_abs_diff=diff,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=8, help="image pairs for the bundled model")
-    parser.add_argument("--vitb-batch", type=int, default=2, help="image pairs for the ViT-B/16-shaped model")
-    parser.add_argument("--vitb-tokens", type=int, default=16, help="tokens patched per block on ViT-B/16")
+    parser.add_argument(
+        "--vitb-batch", type=int, default=2, help="image pairs for the ViT-B/16-shaped model"
+    )
+    parser.add_argument(
+        "--vitb-tokens", type=int, default=16, help="tokens patched per block on ViT-B/16"
+    )
     parser.add_argument("--skip-vitb", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, device {args.device}")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, device {args.device}"
+    )
     results = []
 
     from vit_embedding_lens.zoo.bundled import load_mnist_eval
@@ -104,9 +124,20 @@ def main() -> None:
         corrupted = torch.randn(args.vitb_batch, 3, 224, 224, generator=gen).to(args.device)
         target = vitb(clean).argmax(-1)
         n = vitb.layout.n_tokens
-        tokens = sorted({round(i * (n - 1) / (args.vitb_tokens - 1)) for i in range(args.vitb_tokens)})
-        results.append(bench("vit_base_patch16_224 (random)", vitb, clean, corrupted, logit_diff(vitb, target),
-                             tokens=tokens, max_batch=64))
+        tokens = sorted(
+            {round(i * (n - 1) / (args.vitb_tokens - 1)) for i in range(args.vitb_tokens)}
+        )
+        results.append(
+            bench(
+                "vit_base_patch16_224 (random)",
+                vitb,
+                clean,
+                corrupted,
+                logit_diff(vitb, target),
+                tokens=tokens,
+                max_batch=64,
+            )
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -25,8 +25,10 @@ def build_timm_vit() -> torch.nn.Module:
     """A 4-block ViT-S/16, no download; every parameter randomized when the testing helper exists."""
     from vit_embedding_lens.testing import create_timm_vit
 
-    print("   timm.create_model('vit_small_patch16_224', pretrained=False, depth=4), "
-          "every weight randomized (vit_embedding_lens.testing.create_timm_vit)")
+    print(
+        "   timm.create_model('vit_small_patch16_224', pretrained=False, depth=4), "
+        "every weight randomized (vit_embedding_lens.testing.create_timm_vit)"
+    )
     return create_timm_vit("vit_small_patch16_224", depth=4)
 
 
@@ -38,9 +40,13 @@ def bundled_model_logit_lens() -> None:
     digits = load_mnist_eval()
     print(f"   {model}")
     with torch.no_grad():
-        logits, cache = model.run_with_cache(digits.images, names_filter=lambda n: n.endswith("hook_resid_post"))
+        logits, cache = model.run_with_cache(
+            digits.images, names_filter=lambda n: n.endswith("hook_resid_post")
+        )
     acc = (logits.argmax(-1) == digits.labels).float().mean().item()
-    print(f"   held-out accuracy on {len(digits)} digits: {acc:.3f} (model card: {model_card()['held_out_accuracy']})")
+    print(
+        f"   held-out accuracy on {len(digits)} digits: {acc:.3f} (model card: {model_card()['held_out_accuracy']})"
+    )
     print("   CLS token read through the final norm and classifier after each block:")
     for layer in range(model.cfg.n_layers):
         cls = cache[f"blocks.{layer}.hook_resid_post"][:, model.layout.cls_index]
@@ -93,8 +99,10 @@ def main() -> None:
 
     print("\n== 4. Token layout")
     layout = model.layout
-    print(f"   n_tokens={layout.n_tokens}, n_prefix={layout.n_prefix}, cls_index={layout.cls_index}, "
-          f"grid={layout.grid_size}")
+    print(
+        f"   n_tokens={layout.n_tokens}, n_prefix={layout.n_prefix}, cls_index={layout.cls_index}, "
+        f"grid={layout.grid_size}"
+    )
     print(f"   token_labels()[:5] = {layout.token_labels()[:5]}")
 
     print("\n== 5. Logit lens on the CLS token (TransformerLens accumulated_resid, apply_ln=True)")
@@ -103,8 +111,10 @@ def main() -> None:
         resid, labels = cache.accumulated_resid(apply_ln=True, pos_slice=cls, return_labels=True)
         lens_logits = resid @ model.W_U + model.b_U  # [n_layers + 1, batch, n_classes]
     probs = lens_logits.softmax(dim=-1)
-    print("   image 0: top class of the CLS token after each block "
-          "('{l}_pre' = input to block l, 'final_post' = last block's output)")
+    print(
+        "   image 0: top class of the CLS token after each block "
+        "('{l}_pre' = input to block l, 'final_post' = last block's output)"
+    )
     for label, p in zip(labels, probs[:, 0]):
         top_p, top_c = p.max(dim=-1)
         print(f"   {label:>10}: class {top_c.item():4d}  p={top_p.item():.4f}")

@@ -30,7 +30,10 @@ def parse_cells(text: str) -> List[nbformat.NotebookNode]:
         body = "\n".join(lines).strip("\n")
         if kind is not None and body.strip():
             if kind == "markdown":
-                body = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.split("\n"))
+                body = "\n".join(
+                    line[2:] if line.startswith("# ") else line.lstrip("#")
+                    for line in body.split("\n")
+                )
                 cells.append(nbformat.v4.new_markdown_cell(body))
             else:
                 cells.append(nbformat.v4.new_code_cell(body))
@@ -52,7 +55,11 @@ def build_notebook(source: Path) -> nbformat.NotebookNode:
     for i, cell in enumerate(notebook.cells):
         cell["id"] = f"{source.stem[:40]}-{i:03d}"
     notebook.metadata = {
-        "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
+        "kernelspec": {
+            "display_name": "Python 3 (ipykernel)",
+            "language": "python",
+            "name": "python3",
+        },
         "language_info": {"name": "python"},
     }
     nbformat.validate(notebook)
@@ -65,7 +72,9 @@ def render(source: Path) -> str:
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only check that the notebooks are up to date")
+    parser.add_argument(
+        "--check", action="store_true", help="only check that the notebooks are up to date"
+    )
     args = parser.parse_args(argv)
     stale = []
     for source in sorted(SOURCES.glob("*.py")):

@@ -44,7 +44,9 @@ def patterns_and_grads(model, image, cls):
         pattern.retain_grad()
         kept.append(pattern)
 
-    logits = model.run_with_hooks(image, fwd_hooks=[(lambda n: n.endswith("attn.hook_pattern"), keep)])
+    logits = model.run_with_hooks(
+        image, fwd_hooks=[(lambda n: n.endswith("attn.hook_pattern"), keep)]
+    )
     logits[0, cls].backward()
     model.zero_grad(set_to_none=True)
     patterns = [p[0].detach().numpy().astype(np.float64) for p in kept]
@@ -70,7 +72,9 @@ def rollout_reference(model, image):
     flow = np.eye(n)
     for l in range(model.cfg.n_layers):
         a = cache[f"blocks.{l}.attn.hook_pattern"][0].double().numpy()
-        mixed = 0.5 * a.mean(0) + 0.5 * np.eye(n)  # softmax rows sum to 1: (A + I) / 2 is row-stochastic
+        mixed = 0.5 * a.mean(0) + 0.5 * np.eye(
+            n
+        )  # softmax rows sum to 1: (A + I) / 2 is row-stochastic
         flow = mixed @ flow
     rows = readout_positions(model, model.layout)
     return flow[rows].mean(0)[model.layout.n_prefix :]
@@ -110,7 +114,11 @@ def test_raw_attention_is_the_last_blocks_readout_row(key, make_images):
     _, cache = model.run_with_cache(images)
     pattern = cache[f"blocks.{model.cfg.n_layers - 1}.attn.hook_pattern"]
     rows = readout_positions(model, model.layout)
-    expected = torch.stack([pattern[:, :, r, :] for r in rows], 0).mean(0).mean(1)[:, model.layout.n_prefix :]
+    expected = (
+        torch.stack([pattern[:, :, r, :] for r in rows], 0)
+        .mean(0)
+        .mean(1)[:, model.layout.n_prefix :]
+    )
     result = raw_attention(model, images, progress=False)
     torch.testing.assert_close(result.scores, expected)
     first = raw_attention(model, images, block=0, progress=False)

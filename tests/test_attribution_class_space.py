@@ -16,7 +16,6 @@ TINY = dict(depth=2, img_size=32, patch_size=8, num_classes=10, embed_dim=64, nu
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 def tiny(name="vit_tiny_patch16_224", dtype=torch.float64, **kw):
     return HookedViT.from_timm(create_timm_vit(name, **{**TINY, **kw}), dtype=dtype)
 
@@ -51,7 +50,10 @@ def finite_difference_map(model, image, cls, block, loss="cross_entropy", eps=1e
     with torch.no_grad():
         model.run_with_hooks(
             batch,
-            fwd_hooks=[(f"blocks.{block}.attn.hook_pattern", perturb), (f"blocks.{block}.hook_attn_out", read)],
+            fwd_hooks=[
+                (f"blocks.{block}.attn.hook_pattern", perturb),
+                (f"blocks.{block}.hook_attn_out", read),
+            ],
         )
     logits = ClassProjection(model)(store["out"][:, rows].mean(1))
     if loss == "double_softmax":
@@ -74,7 +76,9 @@ def finite_difference_map(model, image, cls, block, loss="cross_entropy", eps=1e
 def test_gradients_match_finite_differences(name, kw, loss, make_images):
     model = tiny(name, **kw)
     images = make_images(2, 32, seed=3).double()
-    result = class_space_attribution(model, images, classes=[4, 7], loss=loss, per_head=True, progress=False)
+    result = class_space_attribution(
+        model, images, classes=[4, 7], loss=loss, per_head=True, progress=False
+    )
     assert result.per_head.shape == (2, 2, model.cfg.n_heads, model.layout.n_patches)
     for b, cls in enumerate([4, 7]):
         for block in range(2):
@@ -86,7 +90,9 @@ def test_gradients_match_finite_differences(name, kw, loss, make_images):
 def test_parts_sum_to_the_map_and_batches_are_independent(make_images):
     model = tiny(dtype=torch.float32)
     images = make_images(5, 32, seed=1)
-    full = class_space_attribution(model, images, classes=2, per_head=True, batch_size=2, progress=False)
+    full = class_space_attribution(
+        model, images, classes=2, per_head=True, batch_size=2, progress=False
+    )
     torch.testing.assert_close(full.per_head.sum(2), full.per_block)
     torch.testing.assert_close(full.per_block.sum(1), full.scores)
     assert full.grid.shape == (5, 4, 4)
@@ -148,7 +154,9 @@ def test_bundled_map_prefers_the_digit_stroke():
     model = HookedViT.from_bundled()
     data = load_mnist_eval()
     pick = torch.cat([torch.nonzero(data.labels == c).flatten()[:20] for c in range(10)])
-    result = class_space_attribution(model, data.images[pick], data.labels[pick], batch_size=200, progress=False)
+    result = class_space_attribution(
+        model, data.images[pick], data.labels[pick], batch_size=200, progress=False
+    )
     on_stroke = data.class_token_mask(model.layout)[pick, model.layout.n_prefix :].float()
     top = result.scores.topk(5, dim=-1).indices
     hit_rate = on_stroke.gather(1, top).mean()

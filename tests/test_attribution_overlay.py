@@ -72,10 +72,17 @@ def test_figures_draw_one_panel_per_order_layer_and_method():
     import pandas as pd
 
     table = pd.DataFrame(
-        {"layer": ["attn_out"] * 4 + ["mlp_out"] * 4, "block": [0, 1] * 4, "kind": ["cls", "cls", "image", "image"] * 2,
-         "readout": (["probe"] * 2 + ["projection"] * 2) * 2, "accuracy": np.linspace(0, 1, 8)}
+        {
+            "layer": ["attn_out"] * 4 + ["mlp_out"] * 4,
+            "block": [0, 1] * 4,
+            "kind": ["cls", "cls", "image", "image"] * 2,
+            "readout": (["probe"] * 2 + ["projection"] * 2) * 2,
+            "accuracy": np.linspace(0, 1, 8),
+        }
     )
     assert len(plot_probe_comparison(table).axes) == 2
-    maps = [AttributionMap(torch.rand(3, 6), LAYOUT, torch.tensor([0, 1, 2]), m) for m in ("x", "y")]
+    maps = [
+        AttributionMap(torch.rand(3, 6), LAYOUT, torch.tensor([0, 1, 2]), m) for m in ("x", "y")
+    ]
     fig = plot_attribution_maps(torch.randn(3, 3, 8, 12), maps, indices=[0, 2])
     assert len(fig.axes) == 2 * 3

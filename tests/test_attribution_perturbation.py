@@ -23,7 +23,6 @@ TINY = dict(depth=2, img_size=32, patch_size=8, num_classes=10, embed_dim=64, nu
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 def tiny(**kw):
     return HookedViT.from_timm(create_timm_vit("vit_tiny_patch16_224", **{**TINY, **kw}))
 
@@ -35,8 +34,14 @@ def test_keep_masks_keep_the_prefix_and_the_right_end_of_the_ranking():
     n = torch.tensor([1, 2])
     negative = keep_masks(rank, n, torch.tensor([True, True]), n_prefix=2)
     positive = keep_masks(rank, n, torch.tensor([False, False]), n_prefix=2)
-    assert negative.tolist() == [[True, True, False, True, False, False], [True, True, True, True, False, False]]
-    assert positive.tolist() == [[True, True, True, False, False, False], [True, True, False, False, True, True]]
+    assert negative.tolist() == [
+        [True, True, False, True, False, False],
+        [True, True, True, True, False, False],
+    ]
+    assert positive.tolist() == [
+        [True, True, True, False, False, False],
+        [True, True, False, False, True, True],
+    ]
 
 
 def test_auc_is_the_methods_formula():
@@ -68,7 +73,8 @@ def masked_accuracy(model, images, targets, scores, n, order):
 
         with torch.no_grad():
             logits = model.run_with_hooks(
-                images[b : b + 1], fwd_hooks=[(lambda name: name.endswith("hook_attn_scores"), mask)]
+                images[b : b + 1],
+                fwd_hooks=[(lambda name: name.endswith("hook_attn_scores"), mask)],
             )
         hits += int(logits.argmax(-1).item() == int(targets[b]))
     return hits / images.shape[0]
@@ -81,7 +87,13 @@ def test_benchmark_matches_a_masking_loop_reference(make_images):
     scores = torch.randn(6, model.layout.n_patches, generator=torch.Generator().manual_seed(0))
     n_keep = [1, 5, 9, 15]
     result = perturbation_benchmark(
-        model, images, None, {"given": scores, "chefer": "chefer"}, n_keep=n_keep, batch_size=7, progress=False
+        model,
+        images,
+        None,
+        {"given": scores, "chefer": "chefer"},
+        n_keep=n_keep,
+        batch_size=7,
+        progress=False,
     )
     curves = result.curves.set_index(["method", "order", "n"])
     for order in ("positive", "negative"):
@@ -101,8 +113,13 @@ def test_tables_have_one_row_per_observation(make_images):
     labels = torch.tensor([0, 1, 2, 3])
     amap = random_attribution(model, images, labels, seed=9)
     result = perturbation_benchmark(
-        model, images, labels, {"fixed": amap, "random": "random", "fn": chefer_relevance},
-        n_keep=[2, 8], seeds=(0, 1, 2), progress=False,
+        model,
+        images,
+        labels,
+        {"fixed": amap, "random": "random", "fn": chefer_relevance},
+        n_keep=[2, 8],
+        seeds=(0, 1, 2),
+        progress=False,
     )
     assert list(result.curves.columns[:5]) == ["method", "order", "n", "accuracy", "seed"]
     assert len(result.curves) == (1 + 3 + 1) * 2 * 2
@@ -113,9 +130,13 @@ def test_tables_have_one_row_per_observation(make_images):
     assert summary.loc[("random", "positive"), "n_seeds"] == 3
     assert ((result.curves.accuracy >= 0) & (result.curves.accuracy <= 1)).all()
     with pytest.raises(ValueError, match="orders"):
-        perturbation_benchmark(model, images, labels, ["random"], orders=["sideways"], progress=False)
+        perturbation_benchmark(
+            model, images, labels, ["random"], orders=["sideways"], progress=False
+        )
     with pytest.raises(ValueError, match="accuracy has shape"):
-        PerturbationResult.from_accuracy([("a", None)], ["positive"], [1, 2], torch.zeros(1, 1, 3), 4)
+        PerturbationResult.from_accuracy(
+            [("a", None)], ["positive"], [1, 2], torch.zeros(1, 1, 3), 4
+        )
     with pytest.raises(ValueError, match="n_keep"):
         perturbation_benchmark(model, images, labels, ["random"], n_keep=[0, 3], progress=False)
     with pytest.raises(ValueError, match="shape"):
@@ -127,7 +148,9 @@ def test_tables_have_one_row_per_observation(make_images):
 def test_models_without_prefix_tokens_work(make_images):
     model = tiny(class_token=False, global_pool="avg")
     images = make_images(3, 32, seed=2)
-    result = perturbation_benchmark(model, images, None, ["class_space", "rollout"], n_keep=[1, 8, 15], progress=False)
+    result = perturbation_benchmark(
+        model, images, None, ["class_space", "rollout"], n_keep=[1, 8, 15], progress=False
+    )
     assert result.auc.auc.notna().all()
     full = result.curves[(result.curves.n == 15)]
     assert (full.accuracy >= 0).all()
@@ -153,7 +176,13 @@ BUNDLED = ["mnist-vit", "fashion-vit"]
 def test_bundled_chefer_beats_random_in_both_directions(name):
     model, images, labels = bundled_subset(5, name)
     result = perturbation_benchmark(
-        model, images, labels, ["chefer", "random"], n_keep=[4, 16, 32, 48], seeds=(0,), progress=False
+        model,
+        images,
+        labels,
+        ["chefer", "random"],
+        n_keep=[4, 16, 32, 48],
+        seeds=(0,),
+        progress=False,
     )
     assert result.auc_of("chefer", "negative") > result.auc_of("random", "negative") + 0.02
     assert result.auc_of("chefer", "positive") < result.auc_of("random", "positive") - 0.2
@@ -165,12 +194,20 @@ def bundled_benchmark(request):
     ends near the full-image accuracy and the AUCs' normalization by the maximum is comparable)."""
     model, images, labels = bundled_subset(10, request.param)
     return perturbation_benchmark(
-        model, images, labels, ["class_space", "random"], n_keep=[4, 12, 24, 36, 48], seeds=(0, 1), progress=False
+        model,
+        images,
+        labels,
+        ["class_space", "random"],
+        n_keep=[4, 12, 24, 36, 48],
+        seeds=(0, 1),
+        progress=False,
     )
 
 
 @pytest.mark.slow
-def test_bundled_class_space_beats_random_when_removing_its_most_important_tokens(bundled_benchmark):
+def test_bundled_class_space_beats_random_when_removing_its_most_important_tokens(
+    bundled_benchmark,
+):
     """Positive order: removing the paper's most important tokens first hurts more than random
     removal. Held on every small model measured (benchmarks/attribution_small_models.py, 1,000
     held-out images, every n): MNIST 0.625 vs 0.659, Fashion-MNIST 0.660 vs 0.775."""

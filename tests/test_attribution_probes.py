@@ -26,7 +26,6 @@ TINY = dict(depth=2, img_size=32, patch_size=8, num_classes=5, embed_dim=32, num
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 @pytest.mark.parametrize("n, d", [(40, 12), (15, 30)])  # primal and dual solutions
 def test_ridge_matches_sklearn(n, d):
     gen = torch.Generator().manual_seed(n)
@@ -79,24 +78,41 @@ def test_probes_match_sklearn_per_block_layer_and_position(tiny_setup):
         x = cache[f"blocks.{block}.hook_{layer}"][:, token].double().numpy()
         ref = Ridge(alpha=1.0).fit(x, targets)
         k, l = probes.index(layer, block)
-        np.testing.assert_allclose(probes.weight[k, l, token].numpy(), ref.coef_.T, rtol=1e-3, atol=1e-5)
-        np.testing.assert_allclose(probes.bias[k, l, token].numpy(), ref.intercept_, rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(
+            probes.weight[k, l, token].numpy(), ref.coef_.T, rtol=1e-3, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            probes.bias[k, l, token].numpy(), ref.intercept_, rtol=1e-3, atol=1e-5
+        )
 
 
 def test_accuracy_table_against_direct_computation(tiny_setup):
     model, images, labels = tiny_setup
     train, test = sample_per_class(labels, 3, seed=0)
-    probes = fit_linear_probes(model, images[train], labels[train], layers=["resid_post"], blocks=[1], progress=False)
+    probes = fit_linear_probes(
+        model, images[train], labels[train], layers=["resid_post"], blocks=[1], progress=False
+    )
     table = probe_accuracy_table(model, probes, images[test], labels[test], progress=False)
     assert len(table) == 2 * model.layout.n_tokens
     assert set(table.kind) == {"cls", "register", "image"}
     _, cache = model.run_with_cache(images[test])
     acts = cache["blocks.1.hook_resid_post"]
     for token in (0, 1, 5):
-        x_train = model.run_with_cache(images[train])[1]["blocks.1.hook_resid_post"][:, token].double().numpy()
+        x_train = (
+            model.run_with_cache(images[train])[1]["blocks.1.hook_resid_post"][:, token]
+            .double()
+            .numpy()
+        )
         ref = Ridge(alpha=1.0).fit(x_train, one_vs_all_targets(labels[train], 5).numpy())
-        probe_acc = (ref.predict(acts[:, token].double().numpy()).argmax(-1) == labels[test].numpy()).mean()
-        proj_acc = (ClassProjection(model)(acts[:, token]).argmax(-1) == labels[test]).float().mean().item()
+        probe_acc = (
+            ref.predict(acts[:, token].double().numpy()).argmax(-1) == labels[test].numpy()
+        ).mean()
+        proj_acc = (
+            (ClassProjection(model)(acts[:, token]).argmax(-1) == labels[test])
+            .float()
+            .mean()
+            .item()
+        )
         rows = table[table.token == token].set_index("readout")
         assert rows.loc["probe", "accuracy"] == pytest.approx(probe_acc)
         assert rows.loc["projection", "accuracy"] == pytest.approx(proj_acc)
@@ -105,13 +121,18 @@ def test_accuracy_table_against_direct_computation(tiny_setup):
 def test_probe_attribution_reads_each_token_with_its_own_probe(tiny_setup):
     model, images, labels = tiny_setup
     probes = fit_linear_probes(model, images, labels, blocks=[0, 1], progress=False)
-    result = ProbeAttribution(probes, block=0, layer="mlp_out")(model, images[:4], labels[:4], progress=False)
+    result = ProbeAttribution(probes, block=0, layer="mlp_out")(
+        model, images[:4], labels[:4], progress=False
+    )
     assert result.method == "probe" and result.scores.shape == (4, model.layout.n_patches)
     acts = collect_token_activations(model, images[:4], ["mlp_out"], [0], progress=False)[:, 0, 0]
     k, l = probes.index("mlp_out", 0)
     for b in range(4):
         for p, token in enumerate(model.layout.patch_indices):
-            expected = acts[b, token] @ probes.weight[k, l, token, :, labels[b]] + probes.bias[k, l, token, labels[b]]
+            expected = (
+                acts[b, token] @ probes.weight[k, l, token, :, labels[b]]
+                + probes.bias[k, l, token, labels[b]]
+            )
             assert result.scores[b, p].item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
     with pytest.raises(ValueError, match="trained blocks"):
         ProbeAttribution(probes, block=5)
@@ -130,7 +151,9 @@ def test_bundled_probe_comparison():
     data = load_mnist_eval()
     pick = torch.cat([torch.nonzero(data.labels == c).flatten()[:25] for c in range(10)])
     images, labels = data.images[pick], data.labels[pick]
-    comparison = probe_comparison(model, images, labels, k_per_class=5, batch_size=250, progress=False)
+    comparison = probe_comparison(
+        model, images, labels, k_per_class=5, batch_size=250, progress=False
+    )
     assert len(comparison.train_indices) == 50 and len(comparison.test_indices) == 200
     table = comparison.table
     last = table[(table.layer == "resid_post") & (table.block == 5)]

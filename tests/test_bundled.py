@@ -93,10 +93,14 @@ def test_eval_dataset_and_random_twin_follow_the_bundled_model(name, model):
     full = load_bundled_eval(name)
     dataset = bundled_eval_dataset(model, n=25)
     assert dataset.source["name"] == f"{name.removesuffix('-vit')}-eval"
-    assert torch.bincount(dataset.label_tensor, minlength=10).tolist() == [3] * 5 + [2] * 5  # balanced
+    assert (
+        torch.bincount(dataset.label_tensor, minlength=10).tolist() == [3] * 5 + [2] * 5
+    )  # balanced
     assert dataset.label_tensor[:10].tolist() == list(range(10))
     index = [int(i.split("/")[1]) for i in dataset.image_ids]
-    assert torch.equal(dataset.images, full.images[index]) and torch.equal(dataset.label_tensor, full.labels[index])
+    assert torch.equal(dataset.images, full.images[index]) and torch.equal(
+        dataset.label_tensor, full.labels[index]
+    )
     first_of_each_class = [int(torch.nonzero(full.labels == c)[0]) for c in range(10)]
     assert index[:10] == first_of_each_class
     assert len(bundled_eval_dataset(model)) == 500
@@ -114,7 +118,9 @@ def test_cls_readout_improves_with_depth(name, model, eval_set):
     """Read the CLS token through the final norm and head after each block: a trained classifier
     gets more accurate with depth and the last block is the model's own prediction."""
     with torch.no_grad():
-        logits, cache = model.run_with_cache(eval_set.images[:200], names_filter=lambda n: n.endswith("resid_post"))
+        logits, cache = model.run_with_cache(
+            eval_set.images[:200], names_filter=lambda n: n.endswith("resid_post")
+        )
     labels = eval_set.labels[:200]
     accs = []
     for layer in range(model.cfg.n_layers):

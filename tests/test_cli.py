@@ -18,16 +18,28 @@ from vit_embedding_lens.runner.manifest import read_manifest
 from vit_embedding_lens.testing import create_timm_vit
 from vit_embedding_lens.zoo import load_mnist_eval
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_writes_a_report_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--n", "48", "--batch-size", "16", "--no-progress", "--analyses", "accuracy,lens"]
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--n",
+        "48",
+        "--batch-size",
+        "16",
+        "--no-progress",
+        "--analyses",
+        "accuracy,lens",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "== accuracy ==" in printed and "== lens ==" in printed and "% cls identifiable" in printed
+    assert (
+        "== accuracy ==" in printed and "== lens ==" in printed and "% cls identifiable" in printed
+    )
     report = out / "report"
     page = (report / "index.html").read_text()
     pngs = sorted(p.relative_to(report).as_posix() for p in (report / "figures").glob("*.png"))
@@ -50,17 +62,31 @@ def test_demo_writes_a_report_and_resumes(tmp_path, capsys):
 
 def test_demo_on_the_fashion_model_and_an_unknown_bundled_name(tmp_path, capsys):
     out = tmp_path / "fashion"
-    args = ["demo", "--bundled", "fashion-vit", "--out", str(out), "--n", "20", "--no-progress", "--no-report"]
+    args = [
+        "demo",
+        "--bundled",
+        "fashion-vit",
+        "--out",
+        str(out),
+        "--n",
+        "20",
+        "--no-progress",
+        "--no-report",
+    ]
     assert main(args + ["--analyses", "accuracy"]) == 0
     assert "garment masks" in capsys.readouterr().out
     results = load_results(out)
     expected = bundled_eval_dataset(HookedViT.from_bundled("fashion-vit"), n=20)
-    assert list(results.image_ids) == expected.image_ids and expected.image_ids[0].startswith("fashion-eval/")
+    assert list(results.image_ids) == expected.image_ids and expected.image_ids[0].startswith(
+        "fashion-eval/"
+    )
     with torch.no_grad():
         preds = HookedViT.from_bundled("fashion-vit")(expected.images).argmax(-1)
     assert np.array_equal(results["accuracy"]["pred"], preds.numpy())
     assert read_manifest(out)["config"]["data"]["source"]["name"] == "fashion-eval"
-    assert main(["demo", "--bundled", "cifar-vit", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert (
+        main(["demo", "--bundled", "cifar-vit", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    )
     assert "unknown bundled model 'cifar-vit'" in capsys.readouterr().err
 
 
@@ -116,7 +142,16 @@ def test_analyze_a_timm_model_folder_on_synset_folders(tmp_path):
     save_for_hf(timm_model, tmp_path / "model")
     data = synset_folder(tmp_path / "data", ["n01440764", "n15075141"])
     out = tmp_path / "out"
-    args = ["analyze", "--checkpoint", str(tmp_path / "model"), "--data", str(data), "--out", str(out), "--no-progress"]
+    args = [
+        "analyze",
+        "--checkpoint",
+        str(tmp_path / "model"),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     results = load_results(out)
     assert results.labels.tolist() == [0, 0, 999, 999]
@@ -125,9 +160,13 @@ def test_analyze_a_timm_model_folder_on_synset_folders(tmp_path):
     # the same images through timm's own transform and model: the same predictions
     from timm.data import create_transform, resolve_data_config
 
-    config = resolve_data_config(model=timm_model)  # the pretrained config says 224; the model takes 32
+    config = resolve_data_config(
+        model=timm_model
+    )  # the pretrained config says 224; the model takes 32
     transform = create_transform(**dict(config, input_size=(3, 32, 32)))
-    images = torch.stack([transform(Image.open(data / i).convert("RGB")) for i in results.image_ids])
+    images = torch.stack(
+        [transform(Image.open(data / i).convert("RGB")) for i in results.image_ids]
+    )
     with torch.no_grad():
         assert np.array_equal(results["accuracy"]["pred"], timm_model(images).argmax(-1).numpy())
 
@@ -142,12 +181,25 @@ def test_user_errors_exit_2_with_a_message(tmp_path, capsys):
         assert re.search(match, err), err
         assert "Traceback" not in err
 
-    fails("--model", "eva02_tiny_patch14_224", "--data", str(data), match=r"rotary position embeddings .*not supported")
+    fails(
+        "--model",
+        "eva02_tiny_patch14_224",
+        "--data",
+        str(data),
+        match=r"rotary position embeddings .*not supported",
+    )
     fails("--data", str(data), match="name a model")
-    fails("--model", "bundled:mnist-vit", "--data", str(tmp_path / "missing"), match="does not exist")
+    fails(
+        "--model", "bundled:mnist-vit", "--data", str(tmp_path / "missing"), match="does not exist"
+    )
     weights = tmp_path / "w.pt"
-    torch.save(create_timm_vit("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8).state_dict(), weights)
-    fails("--checkpoint", str(weights), "--data", str(data), match="does not say which architecture")
+    torch.save(
+        create_timm_vit("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8).state_dict(),
+        weights,
+    )
+    fails(
+        "--checkpoint", str(weights), "--data", str(data), match="does not say which architecture"
+    )
     fails(
         "--model",
         "vit_tiny_patch16_224",
@@ -157,15 +209,34 @@ def test_user_errors_exit_2_with_a_message(tmp_path, capsys):
         str(data),
         match="does not match the timm model",
     )
-    fails("--model", "bundled:mnist-vit", "--data", str(data), match=r"synsets but the model has 10 classes")
     fails(
-        "--model", "vit_tiny_patch16_224", "--pretrained", "--data", str(data), match="could not fetch the pretrained"
+        "--model",
+        "bundled:mnist-vit",
+        "--data",
+        str(data),
+        match=r"synsets but the model has 10 classes",
+    )
+    fails(
+        "--model",
+        "vit_tiny_patch16_224",
+        "--pretrained",
+        "--data",
+        str(data),
+        match="could not fetch the pretrained",
     )
 
 
 def test_models_command_reports_support_from_the_converter(tmp_path, capsys, monkeypatch):
     assert (
-        main(["models", "--check", "vit_tiny_patch16_224", "eva02_tiny_patch14_224", "vit_base_patch16_siglip_224"])
+        main(
+            [
+                "models",
+                "--check",
+                "vit_tiny_patch16_224",
+                "eva02_tiny_patch14_224",
+                "vit_base_patch16_siglip_224",
+            ]
+        )
         == 0
     )
     lines = capsys.readouterr().out.splitlines()
@@ -176,7 +247,11 @@ def test_models_command_reports_support_from_the_converter(tmp_path, capsys, mon
     from vit_embedding_lens.model.convert import check_supported
     from vit_embedding_lens.runner import model_support
 
-    names = ["deit_tiny_distilled_patch16_224", "vit_base_patch16_siglip_224", "vit_small_patch16_224"]
+    names = [
+        "deit_tiny_distilled_patch16_224",
+        "vit_base_patch16_siglip_224",
+        "vit_small_patch16_224",
+    ]
     survey = model_support.survey_models(names, progress=False, cache_dir=tmp_path)
     assert survey["supported"].tolist() == [True, False, True]
     # the reason is the converter's own refusal, not a restatement
@@ -189,7 +264,9 @@ def test_models_command_reports_support_from_the_converter(tmp_path, capsys, mon
     assert survey["reason"][1] == model_support.refusal_feature(refusal.value)
     cache = list(tmp_path.glob("model-support-*.json"))
     assert len(cache) == 1 and len(json.loads(cache[0].read_text())) == 3
-    monkeypatch.setattr(model_support, "check_model_support", lambda name: pytest.fail("not cached"))
+    monkeypatch.setattr(
+        model_support, "check_model_support", lambda name: pytest.fail("not cached")
+    )
     assert model_support.survey_models(names, progress=False, cache_dir=tmp_path).equals(survey)
     reasons = model_support.refusal_reasons(survey)
     assert reasons["models"].tolist() == [1] and "siglip" in reasons["examples"][0]

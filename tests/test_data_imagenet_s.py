@@ -9,13 +9,13 @@ from PIL import Image
 from timm.data import ImageNetInfo
 
 from vit_embedding_lens import HookedViT
-from vit_embedding_lens.data.images import SkippedImage
 from vit_embedding_lens.data.imagenet_s import (
     AMBIGUOUS_SYNSETS,
     decode_segmentation,
     encode_segmentation,
     imagenet_s_dataset,
 )
+from vit_embedding_lens.data.images import SkippedImage
 from vit_embedding_lens.data.transforms import resolve_preprocessing
 from vit_embedding_lens.testing import create_timm_vit
 
@@ -31,7 +31,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    return HookedViT.from_timm(create_timm_vit("vit_tiny_patch16_224", depth=1, img_size=SIZE, patch_size=8))
+    return HookedViT.from_timm(
+        create_timm_vit("vit_tiny_patch16_224", depth=1, img_size=SIZE, patch_size=8)
+    )
 
 
 def object_mask(seg_id, other_id=None):
@@ -44,7 +46,9 @@ def object_mask(seg_id, other_id=None):
     return labels
 
 
-def build_tree(root, n_images=6, short=None, with_categories=True, ambiguous=True, split="validation"):
+def build_tree(
+    root, n_images=6, short=None, with_categories=True, ambiguous=True, split="validation"
+):
     images, masks = root / split, root / f"{split}-segmentation"
     synsets = USED + ([AMBIGUOUS_SYNSETS[1]] if ambiguous else [])
     cats = sorted(set(CATEGORIES) | set(synsets))
@@ -53,12 +57,18 @@ def build_tree(root, n_images=6, short=None, with_categories=True, ambiguous=Tru
         (images / synset).mkdir(parents=True)
         (masks / synset).mkdir(parents=True)
         count = short if synset == USED[1] and short else n_images
-        for k in reversed(range(count)):  # written in reverse: selection must sort, not trust listing order
+        for k in reversed(
+            range(count)
+        ):  # written in reverse: selection must sort, not trust listing order
             name = f"ILSVRC2012_val_{k:08d}"
             rgb = np.random.default_rng(k).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
             Image.fromarray(rgb).save(images / synset / f"{name}.JPEG")
-            encode_segmentation(object_mask(seg_id, other_id=7)).save(masks / synset / f"{name}.png")
-    if with_categories:  # in a scrambled order, as the published file: ids come from the sorted list
+            encode_segmentation(object_mask(seg_id, other_id=7)).save(
+                masks / synset / f"{name}.png"
+            )
+    if (
+        with_categories
+    ):  # in a scrambled order, as the published file: ids come from the sorted list
         scrambled = list(np.random.default_rng(0).permutation(cats))
         (root / "ImageNetS_categories_im919.txt").write_text("\n".join(scrambled) + "\n")
     return root
@@ -85,7 +95,9 @@ def test_selection_labels_and_exclusions(tmp_path, model):
     assert [r.mask_label for r in ds.records] == [cats.index(i.split("/")[0]) + 1 for i in expected]
     assert max(r.mask_label for r in ds.records) > 256  # the G channel is exercised
     kept = imagenet_s_dataset(root, model, pre, exclude_ambiguous=False, per_class=2)
-    assert f"{AMBIGUOUS_SYNSETS[1]}/ILSVRC2012_val_00000000.JPEG" in kept.image_ids and len(kept) == 8
+    assert (
+        f"{AMBIGUOUS_SYNSETS[1]}/ILSVRC2012_val_00000000.JPEG" in kept.image_ids and len(kept) == 8
+    )
 
 
 def test_token_masks_mark_exactly_the_objects_patches(tmp_path, model):
@@ -126,8 +138,12 @@ def test_ids_from_folders_are_checked_against_the_masks(tmp_path, model):
     for seg_id, synset in enumerate(sorted(USED), start=1):
         for sub in ("validation", "validation-segmentation"):
             (complete / sub / synset).mkdir(parents=True)
-        Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(complete / "validation" / synset / "a.JPEG")
-        encode_segmentation(object_mask(seg_id)).save(complete / "validation-segmentation" / synset / "a.png")
+        Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(
+            complete / "validation" / synset / "a.JPEG"
+        )
+        encode_segmentation(object_mask(seg_id)).save(
+            complete / "validation-segmentation" / synset / "a.png"
+        )
     ds = imagenet_s_dataset(complete, model, pre, per_class=1)
     assert [r.mask_label for r in ds.records] == [1, 2, 3]
 
@@ -135,7 +151,9 @@ def test_ids_from_folders_are_checked_against_the_masks(tmp_path, model):
 def test_synset_mapping_in_the_root_sets_class_indices(tmp_path, model):
     root = build_tree(tmp_path)
     reversed_order = list(reversed(SYNSETS))
-    (root / "LOC_synset_mapping.txt").write_text("\n".join(f"{s} thing {i}" for i, s in enumerate(reversed_order)))
+    (root / "LOC_synset_mapping.txt").write_text(
+        "\n".join(f"{s} thing {i}" for i, s in enumerate(reversed_order))
+    )
     ds = imagenet_s_dataset(root, model, resolve_preprocessing(model, "paper"))
     assert ds.labels == [reversed_order.index(i.split("/")[0]) for i in ds.image_ids]
 
@@ -153,7 +171,12 @@ def test_layout_errors_and_bad_masks(tmp_path, model):
     encode_segmentation(np.zeros((20, SIZE))).save(masks / "ILSVRC2012_val_00000001.png")
     (masks / "ILSVRC2012_val_00000002.png").unlink()
     ds = imagenet_s_dataset(tmp_path / "data", model, pre)
-    skipped = {ds[i].image_id: ds[i].reason for i in range(len(ds)) if isinstance(ds[i], SkippedImage)}
-    assert set(skipped) == {f"{USED[2]}/ILSVRC2012_val_00000001.JPEG", f"{USED[2]}/ILSVRC2012_val_00000002.JPEG"}
+    skipped = {
+        ds[i].image_id: ds[i].reason for i in range(len(ds)) if isinstance(ds[i], SkippedImage)
+    }
+    assert set(skipped) == {
+        f"{USED[2]}/ILSVRC2012_val_00000001.JPEG",
+        f"{USED[2]}/ILSVRC2012_val_00000002.JPEG",
+    }
     assert "32x20" in skipped[f"{USED[2]}/ILSVRC2012_val_00000001.JPEG"]
     assert "not found" in skipped[f"{USED[2]}/ILSVRC2012_val_00000002.JPEG"]

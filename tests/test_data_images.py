@@ -23,7 +23,6 @@ from vit_embedding_lens.data.transforms import Preprocessing, resolve_preprocess
 from vit_embedding_lens.runner.models import load_model
 from vit_embedding_lens.zoo import load_mnist_eval
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -71,7 +70,9 @@ def test_per_class_takes_the_first_files_by_name(tmp_path, bundled, digits):
     ds = image_folder_dataset(root, bundled.model, pre, per_class=2)
     for digit in range(10):
         files = sorted(p.name for p in (root / str(digit)).iterdir())
-        assert [i for i in ds.image_ids if i.startswith(f"{digit}/")] == [f"{digit}/{f}" for f in files[:2]]
+        assert [i for i in ds.image_ids if i.startswith(f"{digit}/")] == [
+            f"{digit}/{f}" for f in files[:2]
+        ]
     with pytest.raises(ValueError, match="per_class must be at least 1"):
         image_folder_dataset(root, bundled.model, pre, per_class=0)
 
@@ -94,7 +95,10 @@ def test_synset_mapping_file_sets_the_class_order(tmp_path):
     mapping = tmp_path / "LOC_synset_mapping.txt"
     mapping.write_text("n02000000 second thing\nn01000000 first thing, alias\nn03000000 third\n")
     synsets = read_synset_mapping(mapping)
-    assert class_indices(["n01000000", "n03000000"], 3, synsets=synsets) == {"n01000000": 1, "n03000000": 2}
+    assert class_indices(["n01000000", "n03000000"], 3, synsets=synsets) == {
+        "n01000000": 1,
+        "n03000000": 2,
+    }
 
 
 def test_named_folders_match_class_names_and_synonyms():
@@ -151,7 +155,9 @@ def _coordinate_image(h, w, seed=0):
     return np.random.default_rng(seed).integers(0, 256, size=(h, w), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("crop_mode,crop_pct", [("center", 0.875), ("squash", 1.0), ("border", 0.9), ("center", 1.0)])
+@pytest.mark.parametrize(
+    "crop_mode,crop_pct", [("center", 0.875), ("squash", 1.0), ("border", 0.9), ("center", 1.0)]
+)
 @pytest.mark.parametrize("size", [(40, 60), (75, 50), (32, 32)])
 def test_masks_follow_the_image_geometry_exactly(crop_mode, crop_pct, size):
     """With nearest interpolation for the image too, image and mask must pick the same source pixels."""
@@ -180,8 +186,9 @@ def test_paper_preprocessing_resizes_without_crop():
 
 
 def test_timm_preprocessing_uses_the_models_own_input_size():
-    from vit_embedding_lens.testing import create_timm_vit
     from timm.data import resolve_data_config
+
+    from vit_embedding_lens.testing import create_timm_vit
 
     timm_model = create_timm_vit("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8)
     model = HookedViT.from_timm(timm_model)
@@ -189,7 +196,9 @@ def test_timm_preprocessing_uses_the_models_own_input_size():
     assert pre.input_size == (3, 32, 32)  # the pretrained config says 224
     assert pre.mean == (0.5, 0.5, 0.5) and pre.interpolation == "bicubic" and pre.crop_pct == 0.9
     with pytest.raises(ValueError, match="one value per input channel"):
-        Preprocessing("timm", (1, 28, 28), "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1.0, "center")
+        Preprocessing(
+            "timm", (1, 28, 28), "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1.0, "center"
+        )
     with pytest.raises(ValueError, match="preprocess must be one of"):
         resolve_preprocessing(model, "imagenet")
 

@@ -24,8 +24,21 @@ yaml = pytest.importorskip("yaml", reason="PyYAML (a dependency of mkdocs) is no
 
 def _build(config: Path, site: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config), "--site-dir", str(site)],
-        cwd=config.parent, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(config),
+            "--site-dir",
+            str(site),
+        ],
+        cwd=config.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
 
@@ -41,7 +54,13 @@ def test_strict_build_succeeds(tmp_path):
     assert ":func:" not in viz_page and ":class:" not in viz_page
     hooked = (site / "api" / "hooked_vit" / "index.html").read_text()
     assert "run_with_cache" in hooked and "from_timm" in hooked
-    for page in ["install", "quickstart", "concepts/class-projection", "guide/reproducing", "guide/cli"]:
+    for page in [
+        "install",
+        "quickstart",
+        "concepts/class-projection",
+        "guide/reproducing",
+        "guide/cli",
+    ]:
         assert (site / page / "index.html").is_file(), page
 
 
@@ -62,7 +81,9 @@ def test_the_configuration_fails_on_a_broken_reference(tmp_path):
     ok.write_text(yaml.safe_dump(config))
     assert _build(ok, tmp_path / "site_ok").returncode == 0
 
-    (docs / "broken.md").write_text("# Broken\n\nSee [a class that does not exist][vit_embedding_lens.NoSuchClass].\n")
+    (docs / "broken.md").write_text(
+        "# Broken\n\nSee [a class that does not exist][vit_embedding_lens.NoSuchClass].\n"
+    )
     config["nav"].append({"Broken": "broken.md"})
     broken = tmp_path / "broken.yml"
     broken.write_text(yaml.safe_dump(config))

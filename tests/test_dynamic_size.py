@@ -26,7 +26,9 @@ def test_other_sizes_match_timm(name, img, pad, sizes):
         with torch.no_grad():
             expected = timm_model(x)
             logits, cache = model.run_with_cache(x, names_filter="blocks.1.hook_resid_post")
-        torch.testing.assert_close(logits, expected, atol=1e-5 * max(1, expected.abs().max().item()), rtol=1e-5)
+        torch.testing.assert_close(
+            logits, expected, atol=1e-5 * max(1, expected.abs().max().item()), rtol=1e-5
+        )
         layout = model.layout_for(size)
         assert cache["blocks.1.hook_resid_post"].shape[1] == layout.n_tokens
         assert layout.n_prefix == model.layout.n_prefix

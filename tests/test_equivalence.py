@@ -17,8 +17,8 @@ import dataclasses
 
 import pytest
 import torch
-from torch import nn
 from timm.models.vision_transformer import ResPostBlock
+from torch import nn
 
 from vit_embedding_lens import HookedViT
 from vit_embedding_lens.testing import assert_close_scaled, create_timm_vit, timm_reference
@@ -32,42 +32,75 @@ RTOL = 1e-5
 # transpositions that happen to work for square 768/12 models.
 # --------------------------------------------------------------------------------------
 FAST_CASES: dict[str, tuple[str, dict]] = {
-    "vit_base_patch32_224": ("vit_base_patch32_224", dict(depth=2, embed_dim=64, num_heads=4, img_size=64)),
-    "vit_base_patch16_224": ("vit_base_patch16_224", dict(depth=2, embed_dim=96, num_heads=6, img_size=(48, 80))),
-    "vit_large_patch16_224": ("vit_large_patch16_224", dict(depth=2, embed_dim=64, num_heads=8, img_size=64)),
+    "vit_base_patch32_224": (
+        "vit_base_patch32_224",
+        dict(depth=2, embed_dim=64, num_heads=4, img_size=64),
+    ),
+    "vit_base_patch16_224": (
+        "vit_base_patch16_224",
+        dict(depth=2, embed_dim=96, num_heads=6, img_size=(48, 80)),
+    ),
+    "vit_large_patch16_224": (
+        "vit_large_patch16_224",
+        dict(depth=2, embed_dim=64, num_heads=8, img_size=64),
+    ),
     # no qkv bias; default head has 11221 classes
     "vit_base_patch16_224_miil": (
         "vit_base_patch16_224_miil",
         dict(depth=2, embed_dim=64, num_heads=4, img_size=64, num_classes=37),
     ),
     # no CLS token, avg pool, residual post-norm blocks, fc_norm
-    "vit_base_patch16_rpn_224": ("vit_base_patch16_rpn_224", dict(depth=2, embed_dim=64, num_heads=4, img_size=64)),
-    "deit_base_patch16_224": ("deit_base_patch16_224", dict(depth=2, embed_dim=64, num_heads=2, img_size=64)),
+    "vit_base_patch16_rpn_224": (
+        "vit_base_patch16_rpn_224",
+        dict(depth=2, embed_dim=64, num_heads=4, img_size=64),
+    ),
+    "deit_base_patch16_224": (
+        "deit_base_patch16_224",
+        dict(depth=2, embed_dim=64, num_heads=2, img_size=64),
+    ),
     # CLS + distillation token, two heads averaged
-    "deit_tiny_distilled_patch16_224": ("deit_tiny_distilled_patch16_224", dict(depth=2, img_size=64)),
+    "deit_tiny_distilled_patch16_224": (
+        "deit_tiny_distilled_patch16_224",
+        dict(depth=2, img_size=64),
+    ),
     # LayerScale, no_embed_class
-    "deit3_small_patch16_224": ("deit3_small_patch16_224", dict(depth=2, embed_dim=64, num_heads=4, img_size=64)),
+    "deit3_small_patch16_224": (
+        "deit3_small_patch16_224",
+        dict(depth=2, embed_dim=64, num_heads=4, img_size=64),
+    ),
     # CLS + 4 registers, LayerScale, no_embed_class; default num_classes=0 (see test_num_classes_zero)
     "vit_small_patch14_reg4_dinov2": (
         "vit_small_patch14_reg4_dinov2",
         dict(depth=2, embed_dim=64, num_heads=4, img_size=56, num_classes=10),
     ),
     # norm_pre (ln_pre), no patch-embed bias, LayerNorm eps 1e-5
-    "vit_base_patch16_clip_224": ("vit_base_patch16_clip_224", dict(depth=2, embed_dim=64, num_heads=4, img_size=64)),
+    "vit_base_patch16_clip_224": (
+        "vit_base_patch16_clip_224",
+        dict(depth=2, embed_dim=64, num_heads=4, img_size=64),
+    ),
     "vit_base_patch16_clip_quickgelu_224": (
         "vit_base_patch16_clip_quickgelu_224",
         dict(depth=2, embed_dim=64, num_heads=4, img_size=64),
     ),
     # no CLS, avg pool with the final norm on tokens (fc_norm=False), LayerScale, no qkv bias
-    "vit_medium_patch16_gap_256": ("vit_medium_patch16_gap_256", dict(depth=2, embed_dim=64, num_heads=4, img_size=64)),
+    "vit_medium_patch16_gap_256": (
+        "vit_medium_patch16_gap_256",
+        dict(depth=2, embed_dim=64, num_heads=4, img_size=64),
+    ),
     # 4 registers, no CLS, avg pool + fc_norm, mlp_ratio 5.6, LayerScale
     "vit_little_patch16_reg4_gap_256": (
         "vit_little_patch16_reg4_gap_256",
         dict(depth=2, embed_dim=80, num_heads=5, img_size=64),
     ),
-    "flexivit_small": ("flexivit_small", dict(depth=2, embed_dim=64, num_heads=4, img_size=(64, 48))),
+    "flexivit_small": (
+        "flexivit_small",
+        dict(depth=2, embed_dim=64, num_heads=4, img_size=(64, 48)),
+    ),
     # supported options on a plain ViT
-    "vit_qk_norm": ("vit_base_patch16_224", dict(depth=2, embed_dim=64, num_heads=4, img_size=64, qk_norm=True)),
+    "vit_qk_norm": (
+        "vit_base_patch16_224",
+        dict(depth=2, embed_dim=64, num_heads=4, img_size=64, qk_norm=True),
+    ),
     "vit_init_values": (
         "vit_base_patch16_224",
         dict(depth=2, embed_dim=64, num_heads=4, img_size=64, init_values=1e-5),
@@ -76,7 +109,10 @@ FAST_CASES: dict[str, tuple[str, dict]] = {
         "vit_base_patch16_224",
         dict(depth=2, embed_dim=64, num_heads=4, img_size=64, global_pool="avg"),
     ),
-    "vit_in_chans1": ("vit_base_patch16_224", dict(depth=2, embed_dim=64, num_heads=4, img_size=64, in_chans=1)),
+    "vit_in_chans1": (
+        "vit_base_patch16_224",
+        dict(depth=2, embed_dim=64, num_heads=4, img_size=64, in_chans=1),
+    ),
 }
 
 # Full-size default configs (batch 1, one forward each). rel: tolerance factor.
@@ -93,7 +129,11 @@ SLOW_CASES: dict[str, tuple[str, dict, float]] = {
     "deit_tiny_distilled_patch16_224": ("deit_tiny_distilled_patch16_224", {}, REL),
     "deit3_small_patch16_224": ("deit3_small_patch16_224", {}, REL),
     # default is 518 px (1369 patches) and num_classes=0; 224 px and a 1000-class head keep it a family test
-    "vit_small_patch14_reg4_dinov2": ("vit_small_patch14_reg4_dinov2", dict(img_size=224, num_classes=1000), REL),
+    "vit_small_patch14_reg4_dinov2": (
+        "vit_small_patch14_reg4_dinov2",
+        dict(img_size=224, num_classes=1000),
+        REL,
+    ),
     "vit_base_patch16_clip_224": ("vit_base_patch16_clip_224", {}, REL),
     "vit_base_patch16_clip_quickgelu_224": ("vit_base_patch16_clip_quickgelu_224", {}, REL),
     "vit_medium_patch16_gap_256": ("vit_medium_patch16_gap_256", {}, REL),
@@ -154,14 +194,22 @@ def test_logits_and_block_outputs_match_timm(case_id, make_images):
     logits = hm(x)  # no hooks: the fused attention path
     assert logits.shape == (2, tm.num_classes)
     assert logits.dtype == torch.float32
-    assert_close_scaled(logits, ref_logits, rel=REL, rtol=RTOL, msg=f"{case_id}: logits (plain forward)")
+    assert_close_scaled(
+        logits, ref_logits, rel=REL, rtol=RTOL, msg=f"{case_id}: logits (plain forward)"
+    )
 
     logits_c, cache = hm.run_with_cache(x)  # all hooks: the explicit attention path
-    assert_close_scaled(logits_c, ref_logits, rel=REL, rtol=RTOL, msg=f"{case_id}: logits (run_with_cache)")
+    assert_close_scaled(
+        logits_c, ref_logits, rel=REL, rtol=RTOL, msg=f"{case_id}: logits (run_with_cache)"
+    )
     assert len(ref_blocks) == hm.cfg.n_layers
     for i, ref in enumerate(ref_blocks):
         assert_close_scaled(
-            cache[f"blocks.{i}.hook_resid_post"], ref, rel=REL, rtol=RTOL, msg=f"{case_id}: block {i} output"
+            cache[f"blocks.{i}.hook_resid_post"],
+            ref,
+            rel=REL,
+            rtol=RTOL,
+            msg=f"{case_id}: block {i} output",
         )
 
 
@@ -179,7 +227,11 @@ def test_full_size_matches_timm(case_id, make_images):
     assert len(ref_blocks) == hm.cfg.n_layers
     for i, ref in enumerate(ref_blocks):
         assert_close_scaled(
-            cache[f"blocks.{i}.hook_resid_post"], ref, rel=rel, rtol=RTOL, msg=f"{case_id}: block {i} output"
+            cache[f"blocks.{i}.hook_resid_post"],
+            ref,
+            rel=rel,
+            rtol=RTOL,
+            msg=f"{case_id}: block {i} output",
         )
 
 
@@ -197,18 +249,26 @@ def test_float64_matches_timm_to_double_precision(case_id, make_images):
     assert_close_scaled(logits, ref_logits, rel=1e-10, rtol=1e-10, msg=f"{case_id}: float64 logits")
     for i, ref in enumerate(ref_blocks):
         assert_close_scaled(
-            cache[f"blocks.{i}.hook_resid_post"], ref, rel=1e-10, rtol=1e-10, msg=f"{case_id}: float64 block {i}"
+            cache[f"blocks.{i}.hook_resid_post"],
+            ref,
+            rel=1e-10,
+            rtol=1e-10,
+            msg=f"{case_id}: float64 block {i}",
         )
 
 
-@pytest.mark.parametrize("case_id", ["vit_base_patch16_224", "deit3_small_patch16_224", "vit_base_patch16_clip_224"])
+@pytest.mark.parametrize(
+    "case_id", ["vit_base_patch16_224", "deit3_small_patch16_224", "vit_base_patch16_clip_224"]
+)
 def test_fused_and_explicit_attention_paths_agree(case_id, make_images):
     tm, hm = _build(case_id)
     x = _images(tm, make_images, batch=2, seed=3)
     fused = hm(x)
     explicit, _ = hm.run_with_cache(x)
     only_pattern, _ = hm.run_with_cache(x, names_filter="blocks.1.attn.hook_pattern")
-    identity_hooked = hm.run_with_hooks(x, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda t, hook: t)])
+    identity_hooked = hm.run_with_hooks(
+        x, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda t, hook: t)]
+    )
     for other in (explicit, only_pattern, identity_hooked):
         assert_close_scaled(other, fused, rel=REL, rtol=RTOL)
 
@@ -237,7 +297,13 @@ def test_hook_shapes(case_id, make_images):
     }
     for l in range(len(tm.blocks)):
         p = f"blocks.{l}."
-        for name in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"):
+        for name in (
+            "hook_resid_pre",
+            "hook_resid_mid",
+            "hook_resid_post",
+            "hook_attn_out",
+            "hook_mlp_out",
+        ):
             expected[p + name] = (B, N, d)
         for ln in ("ln1", "ln2"):
             expected[p + ln + ".hook_scale"] = (B, N, 1)
@@ -263,7 +329,9 @@ def test_hook_shapes(case_id, make_images):
     keys = set(cache.keys())
     missing = sorted(set(expected) - keys)
     assert not missing, f"missing hooks: {missing}"
-    wrong = {k: (tuple(cache[k].shape), v) for k, v in expected.items() if tuple(cache[k].shape) != v}
+    wrong = {
+        k: (tuple(cache[k].shape), v) for k, v in expected.items() if tuple(cache[k].shape) != v
+    }
     assert not wrong, f"wrong shapes (got, expected): {wrong}"
     # ln_pre only with norm_pre; hook_pooled_dist only if distilled
     assert _has_norm_pre(tm) == any(k.startswith("ln_pre.") for k in keys)
@@ -277,7 +345,9 @@ def test_hook_result_only_after_set_use_attn_result(case_id, make_images):
     tm, hm = _build(case_id)
     x = _images(tm, make_images)
     logits, cache = hm.run_with_cache(x)
-    assert not any(k.endswith("attn.hook_result") for k in cache.keys()), "hook_result cached by default"
+    assert not any(k.endswith("attn.hook_result") for k in cache.keys()), (
+        "hook_result cached by default"
+    )
     hm.set_use_attn_result(True)
     logits_r, cache_r = hm.run_with_cache(x)
     B, N, H, d = x.shape[0], hm.cfg.n_ctx, hm.cfg.n_heads, hm.cfg.d_model
@@ -299,7 +369,9 @@ def test_embedding_hooks(case_id, make_images):
     embed, pos = cache["hook_embed"], cache["hook_pos_embed"]
 
     # hook_embed: prefix tokens in place, then the patch embeddings
-    assert_close_scaled(embed[:, :n_pre], _timm_prefix_tokens(tm).expand(B, -1, -1), rel=1e-6, rtol=1e-6)
+    assert_close_scaled(
+        embed[:, :n_pre], _timm_prefix_tokens(tm).expand(B, -1, -1), rel=1e-6, rtol=1e-6
+    )
     assert_close_scaled(embed[:, n_pre:], tm.patch_embed(x), rel=REL, rtol=RTOL)
 
     # hook_pos_embed: the learned table, zeros where timm adds no position embedding
@@ -313,13 +385,17 @@ def test_embedding_hooks(case_id, make_images):
     if _has_norm_pre(tm):  # CLIP: ln_pre(embed + pos) is the first residual stream
         assert_close_scaled(resid0, tm.norm_pre(embed + pos), rel=REL, rtol=RTOL)
         s = embed + pos
-        scale = ((s - s.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True) + tm.norm_pre.eps).sqrt()
+        scale = (
+            (s - s.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True) + tm.norm_pre.eps
+        ).sqrt()
         assert_close_scaled(cache["ln_pre.hook_scale"], scale, rel=REL, rtol=RTOL)
     else:
         assert_close_scaled(resid0, embed + pos, rel=REL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("case_id", ["deit3_small_patch16_224", "vit_small_patch14_reg4_dinov2", "flexivit_small"])
+@pytest.mark.parametrize(
+    "case_id", ["deit3_small_patch16_224", "vit_small_patch14_reg4_dinov2", "flexivit_small"]
+)
 def test_no_embed_class_prefix_position_rows_are_exactly_zero(case_id, make_images):
     tm, hm = _build(case_id)
     assert tm.no_embed_class
@@ -354,7 +430,9 @@ def test_block_hooks_match_timm_submodules(case_id, make_images):
         assert_close_scaled(mid, pre + attn_out, rel=REL, rtol=RTOL)
         assert_close_scaled(post, mid + mlp_out, rel=REL, rtol=RTOL)
         if l + 1 < len(tm.blocks):
-            torch.testing.assert_close(cache[f"blocks.{l + 1}.hook_resid_pre"], post, atol=0, rtol=0)
+            torch.testing.assert_close(
+                cache[f"blocks.{l + 1}.hook_resid_pre"], post, atol=0, rtol=0
+            )
 
         # attention internals, recomputed with timm's own qkv / q_norm / k_norm
         attn_in = pre if post_norm else blk.norm1(pre)
@@ -373,7 +451,9 @@ def test_block_hooks_match_timm_submodules(case_id, make_images):
         close(p + "attn.hook_z", z.transpose(1, 2))
         pat = cache[p + "attn.hook_pattern"]
         torch.testing.assert_close(pat.sum(-1), torch.ones_like(pat.sum(-1)), atol=1e-5, rtol=0)
-        assert_close_scaled(pat, cache[p + "attn.hook_attn_scores"].softmax(-1), rel=1e-6, rtol=1e-5)
+        assert_close_scaled(
+            pat, cache[p + "attn.hook_attn_scores"].softmax(-1), rel=1e-6, rtol=1e-5
+        )
 
         # the real write-ins (after LayerScale; after norm1/norm2 for residual post-norm blocks)
         if post_norm:
@@ -386,7 +466,9 @@ def test_block_hooks_match_timm_submodules(case_id, make_images):
             close(p + "hook_mlp_out", blk.ls2(blk.mlp(blk.norm2(mid))))
             # TransformerLens LayerNorm convention: scale = sqrt(var + eps)
             for ln, src, norm in (("ln1", pre, blk.norm1), ("ln2", mid, blk.norm2)):
-                scale = ((src - src.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+                scale = (
+                    (src - src.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True) + norm.eps
+                ).sqrt()
                 close(p + ln + ".hook_scale", scale)
         pre_act = blk.mlp.fc1(mlp_in)
         close(p + "mlp.hook_pre", pre_act)
@@ -427,9 +509,24 @@ LAYOUT_CASES = [
     ("vit_base_patch16_rpn_224", dict(_TINY, img_size=64), 0, None, None, (), (4, 4)),
     ("deit_tiny_distilled_patch16_224", dict(depth=1, img_size=64), 2, 0, 1, (), (4, 4)),
     ("deit3_small_patch16_224", dict(_TINY, img_size=(64, 32)), 1, 0, None, (), (4, 2)),
-    ("vit_small_patch14_reg4_dinov2", dict(_TINY, img_size=56, num_classes=10), 5, 0, None, (1, 2, 3, 4), (4, 4)),
-    ("vit_little_patch16_reg4_gap_256", dict(depth=1, embed_dim=80, num_heads=5, img_size=64), 4, None, None,
-     (0, 1, 2, 3), (4, 4)),
+    (
+        "vit_small_patch14_reg4_dinov2",
+        dict(_TINY, img_size=56, num_classes=10),
+        5,
+        0,
+        None,
+        (1, 2, 3, 4),
+        (4, 4),
+    ),
+    (
+        "vit_little_patch16_reg4_gap_256",
+        dict(depth=1, embed_dim=80, num_heads=5, img_size=64),
+        4,
+        None,
+        None,
+        (0, 1, 2, 3),
+        (4, 4),
+    ),
 ]
 
 
@@ -457,7 +554,9 @@ def test_layout(name, overrides, n_prefix, cls_index, dist_index, register_indic
     if cls_index is not None:
         assert labels[cls_index] == "CLS"
     if register_indices:
-        assert [labels[i] for i in register_indices] == [f"REG{j}" for j in range(len(register_indices))]
+        assert [labels[i] for i in register_indices] == [
+            f"REG{j}" for j in range(len(register_indices))
+        ]
     # row-major patches, "P{row},{col}"
     assert labels[n_prefix] == "P0,0"
     assert labels[n_prefix + 1] == ("P0,1" if gw > 1 else "P1,0")
@@ -514,8 +613,8 @@ def test_weight_names_and_orientation():
             Wqkv, bqkv = blk.attn.qkv.weight, blk.attn.qkv.bias
             for i, (W, b) in enumerate([(a.W_Q, a.b_Q), (a.W_K, a.b_K), (a.W_V, a.b_V)]):
                 assert W.shape == (H, d, dh)
-                eq(W, Wqkv[i * d:(i + 1) * d].reshape(H, dh, d).transpose(1, 2))
-                eq(b, bqkv[i * d:(i + 1) * d].reshape(H, dh))
+                eq(W, Wqkv[i * d : (i + 1) * d].reshape(H, dh, d).transpose(1, 2))
+                eq(b, bqkv[i * d : (i + 1) * d].reshape(H, dh))
             assert a.W_O.shape == (H, dh, d)
             eq(a.W_O, (blk.attn.proj.weight * g1[:, None]).T.reshape(H, dh, d))
             eq(a.b_O, blk.attn.proj.bias * g1)
@@ -572,13 +671,17 @@ def test_timm_module_is_not_modified(make_images):
 def test_num_classes_zero(make_images):
     """timm's default for DINOv2 is num_classes=0 (head = Identity, output = pooled features).
     The contract does not pin this case: accept a clear refusal, or exactly timm's output."""
-    tm = create_timm_vit("vit_small_patch14_reg4_dinov2", depth=2, embed_dim=64, num_heads=4, img_size=56)
+    tm = create_timm_vit(
+        "vit_small_patch14_reg4_dinov2", depth=2, embed_dim=64, num_heads=4, img_size=56
+    )
     assert tm.num_classes == 0
     x = _images(tm, make_images)
     try:
         hm = HookedViT.from_timm(tm)
     except ValueError as e:
-        assert any(w in str(e).lower() for w in ("num_classes", "head", "classifier", "classes")), str(e)
+        assert any(w in str(e).lower() for w in ("num_classes", "head", "classifier", "classes")), (
+            str(e)
+        )
         return
     assert_close_scaled(hm(x), tm(x), rel=REL, rtol=RTOL)
 
@@ -590,7 +693,10 @@ def test_num_classes_zero(make_images):
     "name,overrides",
     [
         ("deit_tiny_distilled_patch16_224", dict(depth=2, img_size=64)),
-        ("vit_small_patch14_reg4_dinov2", dict(depth=2, embed_dim=64, num_heads=4, img_size=56, num_classes=10)),
+        (
+            "vit_small_patch14_reg4_dinov2",
+            dict(depth=2, embed_dim=64, num_heads=4, img_size=56, num_classes=10),
+        ),
         ("vit_base_patch16_rpn_224", dict(depth=2, embed_dim=64, num_heads=4, img_size=64)),
     ],
     ids=["distilled", "reg4", "no-prefix"],
@@ -599,7 +705,9 @@ def test_timm_reference_matches_block_forward_hooks(name, overrides, make_images
     tm = create_timm_vit(name, **overrides)
     x = _images(tm, make_images)
     outs = []
-    handles = [blk.register_forward_hook(lambda mod, inp, out: outs.append(out)) for blk in tm.blocks]
+    handles = [
+        blk.register_forward_hook(lambda mod, inp, out: outs.append(out)) for blk in tm.blocks
+    ]
     try:
         logits = tm(x)
     finally:

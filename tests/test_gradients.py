@@ -13,7 +13,9 @@ def _input_grad(model, x, target):
 
 
 def test_input_gradients_match_timm():
-    timm_model = create_timm_vit("deit3_small_patch16_224", depth=2, embed_dim=96, num_heads=4, img_size=64)
+    timm_model = create_timm_vit(
+        "deit3_small_patch16_224", depth=2, embed_dim=96, num_heads=4, img_size=64
+    )
     model = HookedViT.from_timm(timm_model)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     expected = _input_grad(timm_model, x, 3)
@@ -22,7 +24,9 @@ def test_input_gradients_match_timm():
 
 
 def test_backward_hook_on_pattern_sees_the_gradient_of_the_attention_weights():
-    model = HookedViT.from_timm(create_timm_vit("vit_base_patch16_224", depth=2, embed_dim=96, num_heads=4, img_size=64))
+    model = HookedViT.from_timm(
+        create_timm_vit("vit_base_patch16_224", depth=2, embed_dim=96, num_heads=4, img_size=64)
+    )
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     seen = {}
 
@@ -33,8 +37,10 @@ def test_backward_hook_on_pattern_sees_the_gradient_of_the_attention_weights():
     def keep_grad(grad, hook):
         seen["grad"] = grad.detach().clone()
 
-    with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", keep_pattern)],
-                     bwd_hooks=[("blocks.1.attn.hook_pattern", keep_grad)]):
+    with model.hooks(
+        fwd_hooks=[("blocks.1.attn.hook_pattern", keep_pattern)],
+        bwd_hooks=[("blocks.1.attn.hook_pattern", keep_grad)],
+    ):
         model(x)[:, 0].sum().backward()
     assert seen["grad"].shape == (2, 4, model.cfg.n_ctx, model.cfg.n_ctx)
     torch.testing.assert_close(seen["grad"], seen["pattern"].grad)

@@ -45,12 +45,24 @@ def test_valid_input_is_accepted(small_model):
 @pytest.mark.parametrize(
     "make_bad,pattern",
     [
-        pytest.param(lambda: _good()[0], r"(?i)4-?d|four|rank|ndim|dimension|\[B, ?C, ?H, ?W\]", id="3d-tensor"),
-        pytest.param(lambda: _good()[None], r"(?i)4-?d|four|rank|ndim|dimension|\[B, ?C, ?H, ?W\]", id="5d-tensor"),
+        pytest.param(
+            lambda: _good()[0],
+            r"(?i)4-?d|four|rank|ndim|dimension|\[B, ?C, ?H, ?W\]",
+            id="3d-tensor",
+        ),
+        pytest.param(
+            lambda: _good()[None],
+            r"(?i)4-?d|four|rank|ndim|dimension|\[B, ?C, ?H, ?W\]",
+            id="5d-tensor",
+        ),
         pytest.param(lambda: _good(chans=1), r"(?i)channel", id="1-channel"),
         pytest.param(lambda: _good(chans=4), r"(?i)channel", id="4-channels"),
-        pytest.param(lambda: _good(size=80), r"(?i)size|resolution|height|width", id="80x80-for-64"),
-        pytest.param(lambda: _good()[..., :48], r"(?i)size|resolution|height|width", id="64x48-for-64"),
+        pytest.param(
+            lambda: _good(size=80), r"(?i)size|resolution|height|width", id="80x80-for-64"
+        ),
+        pytest.param(
+            lambda: _good()[..., :48], r"(?i)size|resolution|height|width", id="64x48-for-64"
+        ),
         pytest.param(lambda: (_good() * 100).to(torch.uint8), r"(?i)dtype|float", id="uint8"),
         pytest.param(lambda: (_good() * 100).to(torch.int64), r"(?i)dtype|float", id="int64"),
         pytest.param(lambda: _good() > 0, r"(?i)dtype|float", id="bool"),
@@ -62,8 +74,14 @@ def test_bad_image_shape_or_dtype_raises(small_model, make_bad, pattern):
         hm(make_bad())
 
 
-@pytest.mark.parametrize("value,pattern", [(float("nan"), r"(?i)nan|finite"), (float("inf"), r"(?i)inf|finite"),
-                                           (float("-inf"), r"(?i)inf|finite")])
+@pytest.mark.parametrize(
+    "value,pattern",
+    [
+        (float("nan"), r"(?i)nan|finite"),
+        (float("inf"), r"(?i)inf|finite"),
+        (float("-inf"), r"(?i)inf|finite"),
+    ],
+)
 def test_non_finite_image_raises(small_model, value, pattern):
     _, hm = small_model
     x = _good()
@@ -96,33 +114,78 @@ def _gated_vit():
 
 UNSUPPORTED = [
     # id, factory, regex the message must match (names the feature)
-    ("siglip-map-pool", lambda: create_timm_vit("vit_base_patch16_siglip_224", img_size=64, **_T),
-     r"(?i)\bmap\b|attention.?pool"),
-    ("eva02-rope", lambda: create_timm_vit("eva02_tiny_patch14_224", img_size=56, **_T), r"(?i)eva|rope|rotary"),
-    ("vit-rope", lambda: create_timm_vit("vit_base_patch16_rope_224", img_size=64, **_T), r"(?i)eva|rope|rotary"),
-    ("relpos", lambda: create_timm_vit("vit_relpos_small_patch16_224", img_size=64, **_T),
-     r"(?i)rel(ative)?[ _-]?pos"),
-    ("parallel-blocks", lambda: create_timm_vit("vit_small_patch16_18x2_224", img_size=64, **_T), r"(?i)parallel"),
-    ("parallel-scaling-rmsnorm", lambda: create_timm_vit("vit_base_patch16_xp_224", img_size=64, **_T),
-     r"(?i)parallel|rms"),
-    ("swiglu-packed", lambda: create_timm_vit("vit_giant_patch14_dinov2", img_size=56,
-                                              **dict(_T, embed_dim=96)), r"(?i)swiglu|glu|gated mlp"),
-    ("swiglu-rmsnorm-aimv2", lambda: create_timm_vit("aimv2_large_patch14_224", img_size=56, **_T),
-     r"(?i)swiglu|glu|rms|embed.?norm"),  # several unsupported features; any may be named
-    ("rmsnorm", lambda: create_timm_vit("vit_base_patch16_224", img_size=64, norm_layer="rmsnorm", **_T),
-     r"(?i)rms"),
-    ("scale-attn-norm", lambda: create_timm_vit("vit_base_patch16_224", img_size=64, scale_attn_norm=True, **_T),
-     r"(?i)scale.?(attn.?)?norm|scale norm"),
-    ("scale-mlp-norm", lambda: create_timm_vit("vit_base_patch16_224", img_size=64, scale_mlp_norm=True, **_T),
-     r"(?i)scale.?(mlp.?)?norm|scale norm"),
-    ("final-norm-false", lambda: create_timm_vit("vit_base_patch16_224", img_size=64, final_norm=False, **_T),
-     r"(?i)final.?norm"),
-    ("diff-attention", lambda: create_timm_vit("vit_dwee_patch16_reg1_gap_256", img_size=64, **_T), r"(?i)diff"),
+    (
+        "siglip-map-pool",
+        lambda: create_timm_vit("vit_base_patch16_siglip_224", img_size=64, **_T),
+        r"(?i)\bmap\b|attention.?pool",
+    ),
+    (
+        "eva02-rope",
+        lambda: create_timm_vit("eva02_tiny_patch14_224", img_size=56, **_T),
+        r"(?i)eva|rope|rotary",
+    ),
+    (
+        "vit-rope",
+        lambda: create_timm_vit("vit_base_patch16_rope_224", img_size=64, **_T),
+        r"(?i)eva|rope|rotary",
+    ),
+    (
+        "relpos",
+        lambda: create_timm_vit("vit_relpos_small_patch16_224", img_size=64, **_T),
+        r"(?i)rel(ative)?[ _-]?pos",
+    ),
+    (
+        "parallel-blocks",
+        lambda: create_timm_vit("vit_small_patch16_18x2_224", img_size=64, **_T),
+        r"(?i)parallel",
+    ),
+    (
+        "parallel-scaling-rmsnorm",
+        lambda: create_timm_vit("vit_base_patch16_xp_224", img_size=64, **_T),
+        r"(?i)parallel|rms",
+    ),
+    (
+        "swiglu-packed",
+        lambda: create_timm_vit("vit_giant_patch14_dinov2", img_size=56, **dict(_T, embed_dim=96)),
+        r"(?i)swiglu|glu|gated mlp",
+    ),
+    (
+        "swiglu-rmsnorm-aimv2",
+        lambda: create_timm_vit("aimv2_large_patch14_224", img_size=56, **_T),
+        r"(?i)swiglu|glu|rms|embed.?norm",
+    ),  # several unsupported features; any may be named
+    (
+        "rmsnorm",
+        lambda: create_timm_vit("vit_base_patch16_224", img_size=64, norm_layer="rmsnorm", **_T),
+        r"(?i)rms",
+    ),
+    (
+        "scale-attn-norm",
+        lambda: create_timm_vit("vit_base_patch16_224", img_size=64, scale_attn_norm=True, **_T),
+        r"(?i)scale.?(attn.?)?norm|scale norm",
+    ),
+    (
+        "scale-mlp-norm",
+        lambda: create_timm_vit("vit_base_patch16_224", img_size=64, scale_mlp_norm=True, **_T),
+        r"(?i)scale.?(mlp.?)?norm|scale norm",
+    ),
+    (
+        "final-norm-false",
+        lambda: create_timm_vit("vit_base_patch16_224", img_size=64, final_norm=False, **_T),
+        r"(?i)final.?norm",
+    ),
+    (
+        "diff-attention",
+        lambda: create_timm_vit("vit_dwee_patch16_reg1_gap_256", img_size=64, **_T),
+        r"(?i)diff",
+    ),
     ("gated-attention", _gated_vit, r"(?i)gate"),
 ]
 
 
-@pytest.mark.parametrize("factory,pattern", [u[1:] for u in UNSUPPORTED], ids=[u[0] for u in UNSUPPORTED])
+@pytest.mark.parametrize(
+    "factory,pattern", [u[1:] for u in UNSUPPORTED], ids=[u[0] for u in UNSUPPORTED]
+)
 def test_unsupported_architecture_is_refused_naming_the_feature(factory, pattern):
     tm = factory()
     before = {k: v.clone() for k, v in tm.state_dict().items()}
@@ -144,13 +207,21 @@ def test_unsupported_error_is_a_value_error_and_names_the_model():
 
 def test_non_vit_model_is_refused():
     tm = timm.create_model("resnet18", pretrained=False, num_classes=10)
-    with pytest.raises((UnsupportedArchitectureError, TypeError), match=r"(?i)resnet|vision ?transformer|vit|support"):
+    with pytest.raises(
+        (UnsupportedArchitectureError, TypeError),
+        match=r"(?i)resnet|vision ?transformer|vit|support",
+    ):
         HookedViT.from_timm(tm)
 
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(qk_norm=True), dict(init_values=1e-5), dict(qkv_bias=False), dict(qk_norm=True, init_values=0.1)],
+    [
+        dict(qk_norm=True),
+        dict(init_values=1e-5),
+        dict(qkv_bias=False),
+        dict(qk_norm=True, init_values=0.1),
+    ],
     ids=["qk_norm", "init_values", "no_qkv_bias", "qk_norm+init_values"],
 )
 def test_supported_options_are_not_refused(overrides, make_images):
@@ -163,14 +234,20 @@ def test_supported_options_are_not_refused(overrides, make_images):
     if overrides.get("qk_norm"):
         # hook_q is after q_norm: every head vector is LayerNormed with timm's q_norm
         blk = tm.blocks[0]
-        q_raw = blk.attn.qkv(blk.norm1(cache["blocks.0.hook_resid_pre"]))[..., :64].reshape(2, -1, 4, 16)
-        assert_close_scaled(cache["blocks.0.attn.hook_q"], blk.attn.q_norm(q_raw), rel=REL, rtol=RTOL)
+        q_raw = blk.attn.qkv(blk.norm1(cache["blocks.0.hook_resid_pre"]))[..., :64].reshape(
+            2, -1, 4, 16
+        )
+        assert_close_scaled(
+            cache["blocks.0.attn.hook_q"], blk.attn.q_norm(q_raw), rel=REL, rtol=RTOL
+        )
 
 
 # --------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------
-CKPT_NAME = "deit3_small_patch16_224"  # LayerScale gammas and no_embed_class pos_embed must load too
+CKPT_NAME = (
+    "deit3_small_patch16_224"  # LayerScale gammas and no_embed_class pos_embed must load too
+)
 CKPT_KW = dict(depth=2, embed_dim=64, num_heads=4, img_size=64, num_classes=10)
 CKPT_ERRORS = (ValueError, KeyError, RuntimeError)
 
@@ -206,7 +283,10 @@ def test_safetensors_checkpoint_loads_exactly(source, tmp_path):
     [
         pytest.param(lambda sd: sd, id="plain"),
         pytest.param(lambda sd: {"state_dict": sd}, id="state_dict-key"),
-        pytest.param(lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, id="model-key+module"),
+        pytest.param(
+            lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3},
+            id="model-key+module",
+        ),
     ],
 )
 def test_torch_checkpoint_loads_exactly(source, tmp_path, wrap):
@@ -233,7 +313,9 @@ def _edit_shape(sd):
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
-@pytest.mark.parametrize("edit", [_edit_missing, _edit_extra, _edit_shape], ids=["missing", "extra", "shape"])
+@pytest.mark.parametrize(
+    "edit", [_edit_missing, _edit_extra, _edit_shape], ids=["missing", "extra", "shape"]
+)
 def test_bad_checkpoint_fails_naming_the_key(source, tmp_path, fmt, edit):
     sd = _state_dict(source)
     key = edit(sd)
@@ -269,7 +351,9 @@ class _PlainObject:
 @pytest.mark.parametrize(
     "payload",
     [
-        pytest.param(lambda sd: {"state_dict": sd, "extra": _CodeOnUnpickle()}, id="reduce-callable"),
+        pytest.param(
+            lambda sd: {"state_dict": sd, "extra": _CodeOnUnpickle()}, id="reduce-callable"
+        ),
         pytest.param(lambda sd: _PlainObject(sd), id="custom-class-instance"),
     ],
 )
@@ -280,9 +364,9 @@ def test_pickled_objects_are_refused(source, tmp_path, payload):
     with pytest.raises(Exception) as info:
         HookedViT.from_timm(CKPT_NAME, checkpoint_path=path, **CKPT_KW)
     assert not isinstance(info.value, (AttributeError, NameError, AssertionError)), repr(info.value)
-    assert re.search(r"(?i)weights.?only|unpickl|global|unsafe|refus|not allowed|pickle", str(info.value)), str(
-        info.value
-    )
+    assert re.search(
+        r"(?i)weights.?only|unpickl|global|unsafe|refus|not allowed|pickle", str(info.value)
+    ), str(info.value)
     assert _UNPICKLE_SIDE_EFFECTS == [], "checkpoint code ran: torch.load without weights_only=True"
 
 
@@ -290,7 +374,6 @@ def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
     path = tmp_path / "does_not_exist.safetensors"
     with pytest.raises((FileNotFoundError, ValueError), match=re.escape(path.name)):
         HookedViT.from_timm(CKPT_NAME, checkpoint_path=path, **CKPT_KW)
-
 
 
 def test_pretrained_weights_without_a_hub_say_what_to_do_instead(monkeypatch):
@@ -314,7 +397,9 @@ class _Connection:
         ("false", "refused", False),
     ],
 )
-def test_hub_reachable_reads_hf_hub_offline_then_tries_the_host(monkeypatch, offline, connect, expected):
+def test_hub_reachable_reads_hf_hub_offline_then_tries_the_host(
+    monkeypatch, offline, connect, expected
+):
     from vit_embedding_lens.model import convert
 
     calls = []
@@ -337,7 +422,9 @@ def test_unknown_timm_name_suggests_close_names():
 
 
 def test_input_validation_can_be_switched_off_for_trusted_loops():
-    model = HookedViT.from_timm(create_timm_vit("vit_base_patch16_224", depth=1, embed_dim=64, num_heads=4, img_size=32))
+    model = HookedViT.from_timm(
+        create_timm_vit("vit_base_patch16_224", depth=1, embed_dim=64, num_heads=4, img_size=32)
+    )
     x = torch.randn(1, 3, 32, 32)
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):

@@ -16,7 +16,15 @@ from vit_embedding_lens.testing import assert_close_scaled, create_timm_vit
 @functools.lru_cache(maxsize=None)
 def model_and_images():
     model = HookedViT.from_timm(
-        create_timm_vit("vit_tiny_patch16_224", depth=2, img_size=32, patch_size=8, embed_dim=64, num_heads=4, reg_tokens=2)
+        create_timm_vit(
+            "vit_tiny_patch16_224",
+            depth=2,
+            img_size=32,
+            patch_size=8,
+            embed_dim=64,
+            num_heads=4,
+            reg_tokens=2,
+        )
     )
     gen = torch.Generator().manual_seed(0)
     return model, torch.randn(3, 3, 32, 32, generator=gen), torch.randn(5, 3, 32, 32, generator=gen)
@@ -32,7 +40,10 @@ def test_zero_head_equals_subtracting_its_write_in():
     expected = clean["blocks.1.hook_attn_out"] - z @ model.blocks[1].attn.W_O[2]
     assert_close_scaled(cache["blocks.1.hook_attn_out"], expected, rel=1e-5)
     assert (cache["blocks.1.attn.hook_z"][:, :, 2] == 0).all()
-    torch.testing.assert_close(cache["blocks.1.attn.hook_z"][:, :, [0, 1, 3]], clean["blocks.1.attn.hook_z"][:, :, [0, 1, 3]])
+    torch.testing.assert_close(
+        cache["blocks.1.attn.hook_z"][:, :, [0, 1, 3]],
+        clean["blocks.1.attn.hook_z"][:, :, [0, 1, 3]],
+    )
 
 
 def test_zero_neurons_equal_subtracting_their_values_at_chosen_tokens():

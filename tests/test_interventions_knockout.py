@@ -11,13 +11,22 @@ import pytest
 import torch
 
 from vit_embedding_lens import HookedViT
-from vit_embedding_lens.interventions import identifiability, kept_positions, knockout, knockout_mask
+from vit_embedding_lens.interventions import (
+    identifiability,
+    kept_positions,
+    knockout,
+    knockout_mask,
+)
 from vit_embedding_lens.testing import assert_close_scaled, create_prefix_variant
 
 
 @functools.lru_cache(maxsize=None)
 def tiny(n_prefix: int) -> HookedViT:
-    return HookedViT.from_timm(create_prefix_variant(n_prefix, depth=2, img_size=32, patch_size=8, embed_dim=64, num_heads=4))
+    return HookedViT.from_timm(
+        create_prefix_variant(
+            n_prefix, depth=2, img_size=32, patch_size=8, embed_dim=64, num_heads=4
+        )
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,7 +72,11 @@ def test_empty_knockout_is_an_exact_no_op(make_images):
 def test_knockout_matches_hand_built_attention(n_prefix, mode, make_images):
     model = tiny(n_prefix)
     images = make_images(3, 32)
-    names = all_names(model, "attn.hook_q") + all_names(model, "attn.hook_k") + all_names(model, "attn.hook_v")
+    names = (
+        all_names(model, "attn.hook_q")
+        + all_names(model, "attn.hook_k")
+        + all_names(model, "attn.hook_v")
+    )
     names += all_names(model, "attn.hook_z") + all_names(model, "hook_resid_post")
     ko = knockout(model, "self_only", mode=mode)
     with ko:
@@ -86,7 +99,9 @@ def test_pre_softmax_runs_fused_and_equals_explicit(make_images):
     model = tiny(2)
     images = make_images(3, 32)
     with knockout(model, queries="image", keys=[0, 5, 7], blocks=[1]):
-        assert model.blocks[1].attn.score_mask is not None and model.blocks[0].attn.score_mask is None
+        assert (
+            model.blocks[1].attn.score_mask is not None and model.blocks[0].attn.score_mask is None
+        )
         fused = model(images)
         model.set_attention_implementation("explicit")
         try:
@@ -131,7 +146,9 @@ def test_heads_and_blocks_are_respected(make_images):
     changed = (cache[z1] - clean[z1]).abs().amax(dim=(0, 1, 3))  # per head
     assert changed[0] > 1e-3 and changed[2] > 1e-3
     assert changed[1] < 1e-6 and changed[3] < 1e-6
-    assert (cache[z1][:, 0, 0] - clean[z1][:, 0, 0]).abs().max() < 1e-6  # the CLS query row is untouched
+    assert (
+        cache[z1][:, 0, 0] - clean[z1][:, 0, 0]
+    ).abs().max() < 1e-6  # the CLS query row is untouched
 
 
 @pytest.mark.parametrize("mode", ["pre_softmax", "post_softmax"])
@@ -153,7 +170,9 @@ def test_knockout_with_token_removal_equals_masking(mode, make_images):
         _, masked = model.run_with_cache(images, names_filter=last)
     index, valid = kept_positions(keep)
     for b in range(3):
-        assert_close_scaled(removed[last][b, valid[b]], masked[last][b, index[b][valid[b]]], rel=2e-5)
+        assert_close_scaled(
+            removed[last][b, valid[b]], masked[last][b, index[b][valid[b]]], rel=2e-5
+        )
 
 
 def test_knockout_masks_and_errors():

@@ -32,7 +32,9 @@ from vit_embedding_lens.testing import assert_close_scaled, create_prefix_varian
 @functools.lru_cache(maxsize=None)
 def tiny(n_prefix: int) -> HookedViT:
     return HookedViT.from_timm(
-        create_prefix_variant(n_prefix, depth=2, img_size=32, patch_size=8, embed_dim=64, num_heads=4, num_classes=10)
+        create_prefix_variant(
+            n_prefix, depth=2, img_size=32, patch_size=8, embed_dim=64, num_heads=4, num_classes=10
+        )
     )
 
 
@@ -63,6 +65,7 @@ def loop_reference(model, corrupted, clean_cache, metric, name_of, select):
     expression built per cell) - no batching, no mask stacking."""
     out = {}
     for key, name in name_of.items():
+
         def hook(act, hook, key=key):
             act = act.clone()
             idx = select(key)
@@ -83,7 +86,9 @@ def test_resid_pre_sweep_equals_one_forward_per_cell(n_prefix):
     names = {(l, t): f"blocks.{l}.hook_resid_pre" for l, t in cells}
     ref = loop_reference(model, corrupted, cache, metric, names, lambda key: (slice(None), key[1]))
     for batch_cells in (None, 5):
-        result = get_act_patch_resid_pre(model, corrupted, cache, metric, batch_cells=batch_cells, progress=False)
+        result = get_act_patch_resid_pre(
+            model, corrupted, cache, metric, batch_cells=batch_cells, progress=False
+        )
         assert result.dims == ("layer", "token") and result.values.shape == (L, N)
         for cell in cells:
             assert result.values[cell].item() == pytest.approx(ref[cell].item(), abs=1e-5)
@@ -108,7 +113,9 @@ def test_head_sweeps_equal_one_forward_per_cell():
     # per head, per position: z [B, N, H, dh]
     cells = sample_cells([range(L), range(N), range(H)], 16)
     names = {key: f"blocks.{key[0]}.attn.hook_z" for key in cells}
-    ref = loop_reference(model, corrupted, cache, metric, names, lambda key: (slice(None), key[1], key[2]))
+    ref = loop_reference(
+        model, corrupted, cache, metric, names, lambda key: (slice(None), key[1], key[2])
+    )
     result = get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric, progress=False)
     assert result.dims == ("layer", "token", "head") and result.values.shape == (L, N, H)
     for cell in cells:
@@ -116,11 +123,19 @@ def test_head_sweeps_equal_one_forward_per_cell():
     # patterns, all positions: pattern [B, H, N, N]
     names = {(l, h): f"blocks.{l}.attn.hook_pattern" for l in range(L) for h in range(H)}
     ref = loop_reference(model, corrupted, cache, metric, names, lambda key: (slice(None), key[1]))
-    result = get_act_patch_attn_head_pattern_all_pos(model, corrupted, cache, metric, progress=False)
+    result = get_act_patch_attn_head_pattern_all_pos(
+        model, corrupted, cache, metric, progress=False
+    )
     expected = torch.tensor([[ref[l, h].item() for h in range(H)] for l in range(L)])
     assert_close_scaled(result.values, expected, rel=1e-5)
     every = get_act_patch_attn_head_all_pos_every(model, corrupted, cache, metric, progress=False)
-    assert every.values.shape == (5, L, H) and every.coords["component"] == ["z", "q", "k", "v", "pattern"]
+    assert every.values.shape == (5, L, H) and every.coords["component"] == [
+        "z",
+        "q",
+        "k",
+        "v",
+        "pattern",
+    ]
     torch.testing.assert_close(every.values[4], result.values)
 
 
@@ -131,12 +146,23 @@ def test_per_image_token_groups_equal_loop():
     metric = identifiability(model, target)
     gen = torch.Generator().manual_seed(7)
     objects = (torch.rand(3, layout.n_tokens, generator=gen) < 0.5) & layout.image_token_mask()
-    groups = {"object": objects, "top-left": grid_region(layout, slice(0, 2), slice(0, 2)), "cls": "cls"}
+    groups = {
+        "object": objects,
+        "top-left": grid_region(layout, slice(0, 2), slice(0, 2)),
+        "cls": "cls",
+    }
     result = get_act_patch_resid_mid(model, corrupted, cache, metric, tokens=groups, progress=False)
     assert result.dims == ("layer", "group") and result.coords["group"] == list(groups)
     for l in range(model.cfg.n_layers):
         name = f"blocks.{l}.hook_resid_mid"
-        for g, mask in enumerate([objects, groups["top-left"].expand(3, -1), torch.eye(layout.n_tokens, dtype=torch.bool)[0].expand(3, -1)]):
+        for g, mask in enumerate(
+            [
+                objects,
+                groups["top-left"].expand(3, -1),
+                torch.eye(layout.n_tokens, dtype=torch.bool)[0].expand(3, -1),
+            ]
+        ):
+
             def hook(act, hook, mask=mask):
                 return torch.where(mask[..., None], cache[hook.name], act)
 
@@ -149,7 +175,9 @@ def test_patching_everything_restores_clean_and_nothing_keeps_corrupted():
     as_logits = lambda logits: logits  # a metric may return any shape: here all logits
     with torch.no_grad():  # as the sweeps run (autograd may pick other kernels)
         clean_logits, corrupted_logits = model(clean), model(corrupted)
-    result = get_act_patch_block_every(model, corrupted, cache, as_logits, tokens={"all": "all"}, progress=False)
+    result = get_act_patch_block_every(
+        model, corrupted, cache, as_logits, tokens={"all": "all"}, progress=False
+    )
     assert result.values.shape == (3, model.cfg.n_layers, 1, 3, model.cfg.n_classes)
     for l in range(model.cfg.n_layers):  # the whole residual stream entering any block
         assert_close_scaled(result.values[0, l, 0], clean_logits, rel=1e-5)
@@ -158,11 +186,25 @@ def test_patching_everything_restores_clean_and_nothing_keeps_corrupted():
     # one cell per forward, no skipped blocks, a clean run on the same (fused) attention path:
     # bit-for-bit the clean logits
     with torch.no_grad():
-        fused_logits, fused_cache = model.run_with_cache(clean, names_filter="blocks.1.hook_resid_pre")
+        fused_logits, fused_cache = model.run_with_cache(
+            clean, names_filter="blocks.1.hook_resid_pre"
+        )
     cells = [{"blocks.1.hook_resid_pre": torch.ones(1, 1, 1, dtype=torch.bool)}]
-    exact = run_patching(model, corrupted, fused_cache, as_logits, cells, batch_cells=1, skip_unpatched_layers=False, progress=False)
+    exact = run_patching(
+        model,
+        corrupted,
+        fused_cache,
+        as_logits,
+        cells,
+        batch_cells=1,
+        skip_unpatched_layers=False,
+        progress=False,
+    )
     assert torch.equal(exact[0], fused_logits)
-    nothing = [{f"blocks.{l}.hook_resid_pre": torch.zeros(1, model.layout.n_tokens, 1, dtype=torch.bool)} for l in range(2)]
+    nothing = [
+        {f"blocks.{l}.hook_resid_pre": torch.zeros(1, model.layout.n_tokens, 1, dtype=torch.bool)}
+        for l in range(2)
+    ]
     kept = run_patching(model, corrupted, cache, as_logits, nothing, progress=False)
     for c in range(2):
         assert_close_scaled(kept[c], corrupted_logits, rel=1e-5)
@@ -176,9 +218,13 @@ def test_result_patching_and_tiles():
     model.set_use_attn_result(True)
     try:
         _, full = model.run_with_cache(clean)
-        result = get_act_patch_attn_head_result_all_pos(model, corrupted, full, metric, progress=False)
+        result = get_act_patch_attn_head_result_all_pos(
+            model, corrupted, full, metric, progress=False
+        )
         z = get_act_patch_attn_head_out_all_pos_ref(model, corrupted, full, metric)
-        assert_close_scaled(result.values, z, rel=1e-5)  # patching a head's write-in = patching its z
+        assert_close_scaled(
+            result.values, z, rel=1e-5
+        )  # patching a head's write-in = patching its z
     finally:
         model.set_use_attn_result(False)
     tiles = grid_tiles(model.layout, 3)  # 4x4 grid -> 3x3, 3x1, 1x3, 1x1 tiles
@@ -190,7 +236,9 @@ def test_result_patching_and_tiles():
 def get_act_patch_attn_head_out_all_pos_ref(model, corrupted, cache, metric):
     from vit_embedding_lens.interventions import get_act_patch_attn_head_out_all_pos
 
-    return get_act_patch_attn_head_out_all_pos(model, corrupted, cache, metric, progress=False).values
+    return get_act_patch_attn_head_out_all_pos(
+        model, corrupted, cache, metric, progress=False
+    ).values
 
 
 def test_metrics_match_references():
@@ -206,7 +254,9 @@ def test_metrics_match_references():
         sorted(range(C), key=lambda c: -logits[b, c].item()).index(int(other[b])) for b in range(3)
     ]
     score = identifiability(model, other, reduce="none")(logits)
-    assert torch.allclose(score, 1 - ClassSpaceMetric(model, "rank", other, reduce="none")(logits) / C)
+    assert torch.allclose(
+        score, 1 - ClassSpaceMetric(model, "rank", other, reduce="none")(logits) / C
+    )
     assert identifiability(model, target, top1=True)(logits).item() == 1.0  # target = argmax
     diff = logit_diff(model, target, other, reduce="none")(logits)
     torch.testing.assert_close(diff, logits[range(3), target] - logits[range(3), other])
@@ -216,7 +266,9 @@ def test_metrics_match_references():
     for readout in ("cls", "pooled"):
         m = ClassSpaceMetric(model, "logit", target, readout=readout, reduce="none")
         assert m.hook_name == f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-        torch.testing.assert_close(m.from_cache(cache), logits[range(3), target], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            m.from_cache(cache), logits[range(3), target], atol=1e-5, rtol=1e-5
+        )
     with pytest.raises(ValueError, match="no CLS"):
         ClassSpaceMetric(tiny(0), "logit", 0, readout="cls")
     with pytest.raises(ValueError, match="kind"):
@@ -229,9 +281,13 @@ def test_mid_block_readout_skips_later_blocks_and_matches():
     metric = identifiability(model, target, readout="image", block=0)
     result = get_act_patch_resid_pre(model, corrupted, cache, metric, progress=False)
     _, corrupted_cache = model.run_with_cache(corrupted)
-    assert torch.allclose(result.values[1], metric.from_cache(corrupted_cache).expand(model.layout.n_tokens))
+    assert torch.allclose(
+        result.values[1], metric.from_cache(corrupted_cache).expand(model.layout.n_tokens)
+    )
     t = 3
-    hook = lambda act, hook: torch.cat([act[:, :t], cache[hook.name][:, t : t + 1], act[:, t + 1 :]], dim=1)
+    hook = lambda act, hook: torch.cat(
+        [act[:, :t], cache[hook.name][:, t : t + 1], act[:, t + 1 :]], dim=1
+    )
     with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", hook)]):
         _, patched = model.run_with_cache(corrupted)
     assert result.values[0, t].item() == pytest.approx(metric.from_cache(patched).item(), abs=1e-6)
@@ -251,10 +307,14 @@ def test_bundled_direction_cls_and_last_block():
     clean_value, corrupted_value = metric(model(clean)).item(), metric(model(corrupted)).item()
     assert clean_value > 0 > corrupted_value
     L = model.cfg.n_layers
-    result = get_act_patch_resid_post(model, corrupted, cache, metric, tokens={"cls": "cls", "image": "image"}, progress=False)
+    result = get_act_patch_resid_post(
+        model, corrupted, cache, metric, tokens={"cls": "cls", "image": "image"}, progress=False
+    )
     assert result.values[L - 1, 0].item() == pytest.approx(clean_value, abs=1e-4)
     assert result.values[0, 1].item() > corrupted_value + 0.5 * (clean_value - corrupted_value)
-    first = get_act_patch_resid_pre(model, corrupted, cache, metric, tokens={"cls": "cls"}, layers=[0], progress=False)
+    first = get_act_patch_resid_pre(
+        model, corrupted, cache, metric, tokens={"cls": "cls"}, layers=[0], progress=False
+    )
     assert first.values[0, 0].item() == pytest.approx(corrupted_value, abs=1e-5)
 
 
@@ -271,4 +331,6 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="unknown token group"):
         get_act_patch_resid_pre(model, corrupted, cache, metric, tokens="corners", progress=False)
     with pytest.raises(ValueError, match="no per-token dimension"):
-        get_act_patch_attn_head_pattern_all_pos(model, corrupted, cache, metric, progress=False).grid
+        get_act_patch_attn_head_pattern_all_pos(
+            model, corrupted, cache, metric, progress=False
+        ).grid

@@ -15,7 +15,11 @@ from vit_embedding_lens.testing import assert_close_scaled, create_prefix_varian
 
 @functools.lru_cache(maxsize=None)
 def tiny(n_prefix: int) -> HookedViT:
-    model = HookedViT.from_timm(create_prefix_variant(n_prefix, depth=2, img_size=32, patch_size=8, embed_dim=64, num_heads=4))
+    model = HookedViT.from_timm(
+        create_prefix_variant(
+            n_prefix, depth=2, img_size=32, patch_size=8, embed_dim=64, num_heads=4
+        )
+    )
     assert model.layout.n_prefix == n_prefix
     return model
 
@@ -119,7 +123,9 @@ def test_keep_everything_is_a_no_op(make_images):
 
 
 def test_kept_positions_reference():
-    keep = torch.tensor([[1, 0, 1, 1, 0, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    keep = torch.tensor(
+        [[1, 0, 1, 1, 0, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool
+    )
     index, valid = kept_positions(keep)
     assert index.shape == valid.shape == (3, 6)
     for b in range(3):  # slow reference: an explicit loop
@@ -159,7 +165,12 @@ def test_bad_keep_masks_raise(make_images):
 
 
 def test_remove_context_and_object_runs(make_images):
-    from vit_embedding_lens.interventions import keep_class_tokens, keep_context_tokens, remove_context, remove_object
+    from vit_embedding_lens.interventions import (
+        keep_class_tokens,
+        keep_context_tokens,
+        remove_context,
+        remove_object,
+    )
 
     model = tiny(2)
     layout = model.layout
@@ -168,10 +179,15 @@ def test_remove_context_and_object_runs(make_images):
     on_object = (torch.rand(3, layout.n_tokens, generator=gen) < 0.4) & layout.image_token_mask()
     on_object[:, -1] = True  # every image has some object and some context
     on_object[:, -2] = False
-    keep_class, keep_context = keep_class_tokens(on_object, layout), keep_context_tokens(on_object, layout)
+    keep_class, keep_context = (
+        keep_class_tokens(on_object, layout),
+        keep_context_tokens(on_object, layout),
+    )
     image = layout.image_token_mask()
     assert keep_class[:, : layout.n_prefix].all() and keep_context[:, : layout.n_prefix].all()
-    assert torch.equal(keep_class[:, image] ^ keep_context[:, image], torch.ones_like(keep_class[:, image]))
+    assert torch.equal(
+        keep_class[:, image] ^ keep_context[:, image], torch.ones_like(keep_class[:, image])
+    )
     last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     run = remove_context(model, images, on_object, names_filter=last)
     torch.testing.assert_close(run.logits, model(images, keep_mask=keep_class))

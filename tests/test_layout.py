@@ -8,10 +8,18 @@ from vit_embedding_lens import TokenLayout
 
 @pytest.mark.parametrize(
     "cls_index, dist_index, registers, n_prefix",
-    [(None, None, (), 0), (0, None, (), 1), (0, 1, (), 2), (0, None, (1, 2, 3, 4), 5), (None, None, (0, 1, 2, 3), 4)],
+    [
+        (None, None, (), 0),
+        (0, None, (), 1),
+        (0, 1, (), 2),
+        (0, None, (1, 2, 3, 4), 5),
+        (None, None, (0, 1, 2, 3), 4),
+    ],
 )
 def test_counts_and_labels(cls_index, dist_index, registers, n_prefix):
-    layout = TokenLayout((3, 4), (16, 16), cls_index=cls_index, dist_index=dist_index, register_indices=registers)
+    layout = TokenLayout(
+        (3, 4), (16, 16), cls_index=cls_index, dist_index=dist_index, register_indices=registers
+    )
     assert layout.n_prefix == n_prefix
     assert layout.n_tokens == n_prefix + 12
     assert list(layout.patch_indices) == list(range(n_prefix, n_prefix + 12))
@@ -24,7 +32,9 @@ def test_counts_and_labels(cls_index, dist_index, registers, n_prefix):
     assert mask.sum() == 12 and not mask[:n_prefix].any()
     kinds = layout.token_kinds()
     expected = {"CLS": "cls", "DIST": "dist"}
-    assert kinds == [expected.get(lab, "register" if lab.startswith("REG") else "image") for lab in labels]
+    assert kinds == [
+        expected.get(lab, "register" if lab.startswith("REG") else "image") for lab in labels
+    ]
     assert [k == "image" for k in kinds] == mask.tolist()
     assert layout.image_size == (48, 64)
 

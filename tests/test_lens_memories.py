@@ -103,7 +103,9 @@ def slow_usage(model, images, labels_per_draw: list, k: int = 5, top: int = 5):
         for block in range(model.cfg.n_layers):
             P = value_projection(model, block, kind)
             class_top = [set(top_indices(P[c].tolist(), top)) for c in range(P.shape[0])]
-            memory_class = [max(range(P.shape[0]), key=lambda c: P[c, i].item()) for i in range(P.shape[1])]
+            memory_class = [
+                max(range(P.shape[0]), key=lambda c: P[c, i].item()) for i in range(P.shape[1])
+            ]
             if kind == "mlp":
                 coefs = cache[f"blocks.{block}.mlp.hook_pre"]
             else:
@@ -157,22 +159,38 @@ def test_write_ins_are_the_coefficient_weighted_sums_of_the_values(n_prefix, mak
 
 def test_post_norm_values_are_the_exact_write_in_directions(make_images):
     """Residual post-norm: norm(Σ c_i v_i + b) - norm.b = (Σ c_i v'_i + v'(b)) / σ with v' = w ⊙ centred v."""
-    timm_model = create_timm_vit("vit_base_patch16_rpn_224", depth=2, img_size=32, patch_size=8,
-                                 embed_dim=64, num_heads=4, num_classes=10)
+    timm_model = create_timm_vit(
+        "vit_base_patch16_rpn_224",
+        depth=2,
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        num_heads=4,
+        num_classes=10,
+    )
     model = HookedViT.from_timm(timm_model)
     assert model.cfg.block_norm == "post"
     _, cache = model.run_with_cache(make_images(2, 32))
     for block in range(2):
         blk = model.blocks[block]
         for kind, norm, coefs, bias in [
-            ("attn", blk.ln1, memory_coefficients(cache[f"blocks.{block}.attn.hook_z"], "attn"), blk.attn.b_O),
+            (
+                "attn",
+                blk.ln1,
+                memory_coefficients(cache[f"blocks.{block}.attn.hook_z"], "attn"),
+                blk.attn.b_O,
+            ),
             ("mlp", blk.ln2, blk.mlp.act(cache[f"blocks.{block}.mlp.hook_pre"]), blk.mlp.b_out),
         ]:
-            raw = coefs @ torch.stack(timm_values(timm_model, block, kind)).detach() + bias  # before the norm
+            raw = (
+                coefs @ torch.stack(timm_values(timm_model, block, kind)).detach() + bias
+            )  # before the norm
             sigma = (raw.var(-1, keepdim=True, unbiased=False) + norm.eps).sqrt()
             bias_dir = norm.w * (bias - bias.mean())
             expected = cache[f"blocks.{block}.hook_{kind}_out"] - norm.b
-            assert_close_scaled((coefs @ memory_values(model, block, kind) + bias_dir) / sigma, expected)
+            assert_close_scaled(
+                (coefs @ memory_values(model, block, kind) + bias_dir) / sigma, expected
+            )
 
 
 # -- class-value agreement -------------------------------------------------------------------------
@@ -214,7 +232,9 @@ def test_agreement_and_matches_equal_per_token_loops(n_prefix, make_images):
     images = make_images(5, 32, seed=n_prefix)
     labels = torch.tensor([3, 3, 7, 0, 9])
     draws = random_classes(torch.Generator().manual_seed(11), 2, 5, 10)
-    usage = memory_usage_batch(model, images, labels, n_random_draws=2, generator=torch.Generator().manual_seed(11))
+    usage = memory_usage_batch(
+        model, images, labels, n_random_draws=2, generator=torch.Generator().manual_seed(11)
+    )
     slow = slow_usage(model, images, [labels, draws[0], draws[1]])
 
     present = {g for g in map(group_of, model.layout.token_labels())}
@@ -226,25 +246,43 @@ def test_agreement_and_matches_equal_per_token_loops(n_prefix, make_images):
             assert usage.match[k, block, g, c] == match, (kind, block, group, c)
             assert usage.tokens[g, c] == tokens
         else:
-            assert usage.random_agree[draw - 1, k, block, g, c] == agree, (draw, kind, block, group, c)
+            assert usage.random_agree[draw - 1, k, block, g, c] == agree, (
+                draw,
+                kind,
+                block,
+                group,
+                c,
+            )
             assert usage.random_tokens[draw - 1, g, c] == tokens
     assert int(usage.tokens.sum()) == 5 * model.layout.n_tokens
     # rates: per class, then the mean over the classes seen (3, 7, 0, 9)
     k, g = KINDS.index("mlp"), TOKEN_GROUPS.index("image")
-    per_class = [slow[(0, "mlp", 1, "image", c)][0] / slow[(0, "mlp", 1, "image", c)][2] for c in (0, 3, 7, 9)]
+    per_class = [
+        slow[(0, "mlp", 1, "image", c)][0] / slow[(0, "mlp", 1, "image", c)][2]
+        for c in (0, 3, 7, 9)
+    ]
     assert usage.agreement_rate()[k, 1, g].item() == pytest.approx(sum(per_class) / 4)
     matches = sum(slow[(0, "mlp", 1, "image", c)][1] for c in (0, 3, 7, 9))
-    assert usage.match_rate()[k, 1, g].item() == pytest.approx(matches / (5 * model.layout.n_patches))
+    assert usage.match_rate()[k, 1, g].item() == pytest.approx(
+        matches / (5 * model.layout.n_patches)
+    )
 
 
 def test_every_token_agrees_when_every_memory_is_a_top_memory(make_images):
     _, model = tiny(1)
     n = min(n_memories(model, "attn"), n_memories(model, "mlp"))
     usage = memory_usage_batch(
-        model, make_images(2, 32), torch.tensor([1, 2]), kinds="attn", top_memories=n, n_random_draws=0
+        model,
+        make_images(2, 32),
+        torch.tensor([1, 2]),
+        kinds="attn",
+        top_memories=n,
+        n_random_draws=0,
     )
     assert torch.equal(usage.agree[0], usage.tokens.expand_as(usage.agree[0]))
-    assert (usage.agreement_rate()[0, :, [0, 2]] == 1).all() and usage.random_agreement_rate().isnan().all()
+    assert (
+        usage.agreement_rate()[0, :, [0, 2]] == 1
+    ).all() and usage.random_agreement_rate().isnan().all()
 
 
 def test_streaming_over_batches_adds_up(make_images):
@@ -256,8 +294,10 @@ def test_streaming_over_batches_adds_up(make_images):
     for name in ("tokens", "agree", "match"):
         assert torch.equal(getattr(streamed, name), getattr(whole, name)), name
     gen = torch.Generator().manual_seed(5)
-    by_hand = sum((memory_usage_batch(model, x, y, generator=gen) for x, y in batches[1:]),
-                  memory_usage_batch(model, *batches[0], generator=gen))
+    by_hand = sum(
+        (memory_usage_batch(model, x, y, generator=gen) for x, y in batches[1:]),
+        memory_usage_batch(model, *batches[0], generator=gen),
+    )
     assert torch.equal(streamed.random_agree, by_hand.random_agree) and streamed.n_images == 6
     frame = streamed.to_frame()
     assert set(frame.columns) == {"block", "sublayer", "token_group", "metric", "value", "n_tokens"}
@@ -292,7 +332,9 @@ def test_value_topk_names_the_classes_a_memory_promotes():
         expected = top_indices(P[:, memory].tolist(), 3)
         assert rows["class"].tolist() == expected
         assert rows.class_name.tolist() == [model.class_names[c] for c in expected]
-        assert rows.score.tolist() == pytest.approx([P[c, memory].item() for c in expected], abs=1e-6)
+        assert rows.score.tolist() == pytest.approx(
+            [P[c, memory].item() for c in expected], abs=1e-6
+        )
     by_vector = value_topk(model, vector=memory_values(model, 5, "mlp")[3], k=3)
     assert by_vector["class"].tolist() == table[table.memory == 3]["class"].tolist()
     attn = value_topk(model, 2, "attn", index=model.cfg.d_head + 4, k=2)

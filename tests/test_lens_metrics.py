@@ -29,7 +29,12 @@ from vit_embedding_lens.lens.metrics import (
     summarize,
     token_groups,
 )
-from vit_embedding_lens.lens.ranks import class_rank, count_true, identifiability_score, rank_and_logit
+from vit_embedding_lens.lens.ranks import (
+    class_rank,
+    count_true,
+    identifiability_score,
+    rank_and_logit,
+)
 from vit_embedding_lens.lens.stats import permutation_test_greater
 from vit_embedding_lens.lens.streaming import (
     CHANGES,
@@ -60,7 +65,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny(arch):
     """A float64 HookedViT with realistic random weights."""
     name, kw, depth, n_classes = ARCHS[arch]
-    timm_model = create_timm_vit(name, depth=depth, img_size=32, patch_size=8, num_classes=n_classes, **kw)
+    timm_model = create_timm_vit(
+        name, depth=depth, img_size=32, patch_size=8, num_classes=n_classes, **kw
+    )
     model = HookedViT.from_timm(timm_model, dtype=torch.float64)
     if isinstance(arch, int):
         assert model.layout.n_prefix == arch
@@ -92,7 +99,9 @@ def argsort_rank(logits: torch.Tensor, target: int) -> int:
 def vector_projection(model, v: torch.Tensor) -> torch.Tensor:
     """``E · ln_final(v) + b`` of one vector with F.layer_norm and a matmul (mean of both heads if two)."""
     ln, head = model.ln_final, model.head
-    normed = F.layer_norm(v, (v.shape[0],), ln.w if ln.affine else None, ln.b if ln.affine else None, ln.eps)
+    normed = F.layer_norm(
+        v, (v.shape[0],), ln.w if ln.affine else None, ln.b if ln.affine else None, ln.eps
+    )
     logits = normed @ head.W_head + head.b_head
     if model.cfg.has_dist_token:
         logits = (logits + normed @ head.W_head_dist + head.b_head_dist) / 2
@@ -136,7 +145,11 @@ def reference(arch, n: int = 4, seed: int = 0):
                         + (top["resid_post"] == top["mlp_out"]) * COMPOSITION_BITS["mlp"]
                         + (top["resid_post"] == top["resid_pre"]) * COMPOSITION_BITS["resid_pre"]
                     )
-                    composed[i, block, t] = top["resid_post"] not in (top["attn_out"], top["mlp_out"], top["resid_pre"])
+                    composed[i, block, t] = top["resid_post"] not in (
+                        top["attn_out"],
+                        top["mlp_out"],
+                        top["resid_pre"],
+                    )
     return dict(rank=rank, rose=rose, composition=composition, composed=composed, labels=y)
 
 
@@ -151,11 +164,15 @@ def test_class_rank_matches_a_sort_and_position_lookup():
         for j in range(4):
             assert int(got[i, j]) == argsort_rank(logits[i, j], int(target[i, j]))
     # a scalar target broadcasts over the leading axes
-    assert class_rank(logits, 5).tolist() == [[argsort_rank(logits[i, j], 5) for j in range(4)] for i in range(3)]
+    assert class_rank(logits, 5).tolist() == [
+        [argsort_rank(logits[i, j], 5) for j in range(4)] for i in range(3)
+    ]
     # rounded logits tie often: ties count in the class's favour
     coarse = torch.randint(0, 4, (50, 9), generator=gen).double()
     target = torch.randint(0, 9, (50,), generator=gen)
-    assert class_rank(coarse, target).tolist() == [sorted_rank(coarse[i], int(target[i])) for i in range(50)]
+    assert class_rank(coarse, target).tolist() == [
+        sorted_rank(coarse[i], int(target[i])) for i in range(50)
+    ]
     rank, logit = rank_and_logit(coarse, target)
     assert torch.equal(logit, coarse[torch.arange(50), target])
     assert torch.equal(rank, class_rank(coarse, target))
@@ -167,7 +184,9 @@ def test_class_rank_on_hand_made_logits_with_ties():
     assert class_rank(logits[None].expand(6, -1), torch.arange(6)).tolist() == [0, 4, 0, 3, 0, 5]
     flat = torch.full((1, 7), 0.5)
     assert class_rank(flat, torch.tensor([6])).tolist() == [0]  # all tied: every class is top-1
-    assert identifiability_score(torch.tensor([0, 4, 5]), 6).tolist() == pytest.approx([1.0, 1 - 4 / 6, 1 - 5 / 6])
+    assert identifiability_score(torch.tensor([0, 4, 5]), 6).tolist() == pytest.approx(
+        [1.0, 1 - 4 / 6, 1 - 5 / 6]
+    )
 
 
 def test_class_rank_rejects_out_of_range_classes():
@@ -282,7 +301,9 @@ def test_token_groups_follow_the_layout(arch):
     layout = model.layout
     groups = token_groups(lens_batch(model, x, y, mask))
     prefix = list(range(layout.n_prefix))
-    patches = list(range(layout.n_prefix, layout.n_prefix + layout.grid_size[0] * layout.grid_size[1]))
+    patches = list(
+        range(layout.n_prefix, layout.n_prefix + layout.grid_size[0] * layout.grid_size[1])
+    )
     expected_names = {"image", "class", "context"}
     expected_names |= {"cls"} if layout.cls_index is not None else set()
     expected_names |= {"dist"} if layout.dist_index is not None else set()
@@ -292,14 +313,18 @@ def test_token_groups_follow_the_layout(arch):
         assert groups["image"][i].nonzero().flatten().tolist() == patches
         in_class = [t for t in patches if mask[i, t]]
         assert groups["class"][i].nonzero().flatten().tolist() == in_class
-        assert groups["context"][i].nonzero().flatten().tolist() == [t for t in patches if t not in in_class]
+        assert groups["context"][i].nonzero().flatten().tolist() == [
+            t for t in patches if t not in in_class
+        ]
         for name in expected_names - {"image", "class", "context"}:
             members = groups[name][i].nonzero().flatten().tolist()
             assert members and set(members) <= set(prefix)
         if "cls" in groups:
             assert groups["cls"][i].nonzero().flatten().tolist() == [layout.cls_index]
         if "registers" in groups:
-            assert groups["registers"][i].nonzero().flatten().tolist() == list(layout.register_indices)
+            assert groups["registers"][i].nonzero().flatten().tolist() == list(
+                layout.register_indices
+            )
 
 
 # -- tables vs loops over a hand-built result ---------------------------------------------------------------------
@@ -308,11 +333,15 @@ def synthetic_result(
 ) -> LensResult:
     """A LensResult with CLS, distillation and two registers over a 2x3 grid; ranks with many zeros.
     Image 0 has no class token, image 1 no context token."""
-    layout = TokenLayout(grid_size=(2, 3), patch_size=(8, 8), cls_index=0, dist_index=1, register_indices=(2, 3))
+    layout = TokenLayout(
+        grid_size=(2, 3), patch_size=(8, 8), cls_index=0, dist_index=1, register_indices=(2, 3)
+    )
     gen = torch.Generator().manual_seed(seed)
     shape = (n_images, n_blocks, layout.n_tokens)
     rank = {
-        k: torch.randint(0, n_classes, shape, generator=gen) * (torch.rand(shape, generator=gen) < 0.6) for k in KINDS
+        k: torch.randint(0, n_classes, shape, generator=gen)
+        * (torch.rand(shape, generator=gen) < 0.6)
+        for k in KINDS
     }
     rose = {k: torch.rand(shape, generator=gen) < 0.5 for k in CHANGES}
     composition = torch.randint(0, 8, shape, generator=gen)
@@ -321,8 +350,15 @@ def synthetic_result(
         token_mask = torch.rand(n_images, layout.n_tokens, generator=gen) < 0.5
         token_mask[:, : layout.n_prefix] = False
         token_mask[0], token_mask[1, layout.n_prefix :] = False, True
-    return LensResult(rank=rank, rose=rose, composition=composition, labels=torch.arange(n_images) % n_classes,
-                      n_classes=n_classes, layout=layout, token_mask=token_mask)
+    return LensResult(
+        rank=rank,
+        rose=rose,
+        composition=composition,
+        labels=torch.arange(n_images) % n_classes,
+        n_classes=n_classes,
+        layout=layout,
+        token_mask=token_mask,
+    )
 
 
 def group_members(result: LensResult, image: int) -> dict:
@@ -372,7 +408,14 @@ def assert_same(actual: float, expected: float) -> None:
 def test_identifiability_table_equals_loops():
     result = synthetic_result()
     table = identifiability_table(result)
-    assert list(table.columns) == ["block", "layer_type", "token_group", "metric", "value", "n_images"]
+    assert list(table.columns) == [
+        "block",
+        "layer_type",
+        "token_group",
+        "metric",
+        "value",
+        "n_images",
+    ]
     rows = indexed(table, "block", "layer_type", "token_group", "metric")
     groups = ["cls", "dist", "registers", "image", "class", "context"]
     C = result.n_classes
@@ -387,9 +430,14 @@ def test_identifiability_table_equals_loops():
                 with_tokens = [i for i in range(result.n_images) if group_members(result, i)[group]]
                 assert rows[block, kind, group, "score"]["n_images"] == len(with_tokens)
                 if group in ("image", "class", "context"):
-                    hit = [any(int(r[i, block, t]) == 0 for t in group_members(result, i)[group]) for i in with_tokens]
+                    hit = [
+                        any(int(r[i, block, t]) == 0 for t in group_members(result, i)[group])
+                        for i in with_tokens
+                    ]
                     with_any = 100 * sum(hit) / len(hit)
-                    assert_same(rows[block, kind, group, "images_with_identifiable_pct"]["value"], with_any)
+                    assert_same(
+                        rows[block, kind, group, "images_with_identifiable_pct"]["value"], with_any
+                    )
                 else:
                     assert (block, kind, group, "images_with_identifiable_pct") not in rows
     # the image-0-has-no-class-token and image-1-has-no-context-token cases were exercised
@@ -457,7 +505,9 @@ def test_tables_from_a_real_model_equal_percentages_of_the_cached_readings():
     for block in range(model.cfg.n_layers):
         for group in ("cls", "image", "class", "context"):
             for change in CHANGES:
-                expected = 100 * loop_mean_of_per_image(result, group, ref["rose"][change][:, block])
+                expected = 100 * loop_mean_of_per_image(
+                    result, group, ref["rose"][change][:, block]
+                )
                 assert_same(changes[block, change, group]["value"], expected)
             expected = 100 * loop_mean_of_per_image(result, group, ref["composed"][:, block])
             assert_same(composition[block, "composed", group]["value"], expected)
@@ -472,7 +522,10 @@ def separated_result(class_better: bool, n_images: int = 8) -> LensResult:
     result = synthetic_result(n_images=n_images, seed=4)
     gen = torch.Generator().manual_seed(5)
     shape = result.rank["resid"].shape
-    good, bad = torch.randint(0, 2, shape, generator=gen), torch.randint(4, 12, shape, generator=gen)
+    good, bad = (
+        torch.randint(0, 2, shape, generator=gen),
+        torch.randint(4, 12, shape, generator=gen),
+    )
     on_object = result.token_mask[:, None, :].expand(shape)
     result.rank["resid"] = torch.where(on_object == class_better, good, bad)
     return result
@@ -487,23 +540,38 @@ def test_class_vs_context_equals_pooled_token_means():
         class_scores, context_scores = [], []
         for i in range(result.n_images):
             members = group_members(result, i)
-            class_scores += [1 - int(result.rank["resid"][i, block, t]) / C for t in members["class"]]
-            context_scores += [1 - int(result.rank["resid"][i, block, t]) / C for t in members["context"]]
+            class_scores += [
+                1 - int(result.rank["resid"][i, block, t]) / C for t in members["class"]
+            ]
+            context_scores += [
+                1 - int(result.rank["resid"][i, block, t]) / C for t in members["context"]
+            ]
         row = table[table.block == block].iloc[0]
         assert row["class_score"] == pytest.approx(np.mean(class_scores))
         assert row["context_score"] == pytest.approx(np.mean(context_scores))
         assert row["difference"] == pytest.approx(np.mean(class_scores) - np.mean(context_scores))
-        assert (row["n_class_tokens"], row["n_context_tokens"]) == (len(class_scores), len(context_scores))
-        test = permutation_test_greater(np.array(class_scores), np.array(context_scores), n_permutations=500, seed=1)
+        assert (row["n_class_tokens"], row["n_context_tokens"]) == (
+            len(class_scores),
+            len(context_scores),
+        )
+        test = permutation_test_greater(
+            np.array(class_scores), np.array(context_scores), n_permutations=500, seed=1
+        )
         assert row["p_value"] == pytest.approx(test.p_value)
 
 
 def test_class_vs_context_is_significant_only_when_class_tokens_are_better():
     better = class_vs_context(separated_result(class_better=True), n_permutations=2000)
     assert (better["difference"] > 0.3).all()
-    assert np.allclose(better["p_value"], 1 / 2001) and (better["stars"] == "***").all()  # no split beats it
+    assert (
+        np.allclose(better["p_value"], 1 / 2001) and (better["stars"] == "***").all()
+    )  # no split beats it
     worse = class_vs_context(separated_result(class_better=False), n_permutations=2000)
-    assert (worse["difference"] < -0.3).all() and (worse["p_value"] > 0.99).all() and (worse["stars"] == "").all()
+    assert (
+        (worse["difference"] < -0.3).all()
+        and (worse["p_value"] > 0.99).all()
+        and (worse["stars"] == "").all()
+    )
     with pytest.raises(ValueError, match="token_mask"):
         class_vs_context(synthetic_result(mask=False))
 
@@ -511,17 +579,30 @@ def test_class_vs_context_is_significant_only_when_class_tokens_are_better():
 def test_compare_with_random_direction_and_stars():
     trained = separated_result(class_better=True, n_images=30)
     random = synthetic_result(n_images=30, seed=6)
-    trained.rank["resid"][:, :, 0] = torch.randint(0, 2, trained.rank["resid"][:, :, 0].shape)  # CLS near top-1
+    trained.rank["resid"][:, :, 0] = torch.randint(
+        0, 2, trained.rank["resid"][:, :, 0].shape
+    )  # CLS near top-1
     random.rank["resid"][:, :, 0] = torch.randint(3, 12, random.rank["resid"][:, :, 0].shape)
     table = compare_with_random(trained, random, groups=("cls", "image", "registers"))
-    expected_columns = {"block", "layer_type", "token_group", "trained", "random", "statistic", "p_value", "stars"}
+    expected_columns = {
+        "block",
+        "layer_type",
+        "token_group",
+        "trained",
+        "random",
+        "statistic",
+        "p_value",
+        "stars",
+    }
     assert set(table.columns) >= expected_columns
     cls_rows = table[table.token_group == "cls"]
     assert (cls_rows["trained"] > cls_rows["random"]).all() and (cls_rows["stars"] == "***").all()
     for _, row in table.iterrows():
         a = per_image_identifiability(trained, "resid", row["token_group"]).numpy()[:, row["block"]]
         b = per_image_identifiability(random, "resid", row["token_group"]).numpy()[:, row["block"]]
-        assert row["trained"] == pytest.approx(a.mean()) and row["random"] == pytest.approx(b.mean())
+        assert row["trained"] == pytest.approx(a.mean()) and row["random"] == pytest.approx(
+            b.mean()
+        )
         expected = scipy_stats.wilcoxon(a, b, alternative="greater")
         assert row["p_value"] == pytest.approx(expected.pvalue)
     swapped = compare_with_random(random, trained)
@@ -536,6 +617,16 @@ def test_compare_with_random_direction_and_stars():
 def test_summarize_returns_every_table():
     result, random = synthetic_result(), synthetic_result(seed=9)
     tables = summarize(result, random)
-    assert set(tables) == {"identifiability", "change_rates", "composition", "class_vs_context", "trained_vs_random"}
+    assert set(tables) == {
+        "identifiability",
+        "change_rates",
+        "composition",
+        "class_vs_context",
+        "trained_vs_random",
+    }
     assert all(isinstance(t, pd.DataFrame) and len(t) for t in tables.values())
-    assert set(summarize(synthetic_result(mask=False))) == {"identifiability", "change_rates", "composition"}
+    assert set(summarize(synthetic_result(mask=False))) == {
+        "identifiability",
+        "change_rates",
+        "composition",
+    }

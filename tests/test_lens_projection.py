@@ -22,9 +22,18 @@ N_CLASSES = 20
 CLASS_NAMES = [f"class_{c:02d}" for c in range(N_CLASSES)]
 #: variant -> (timm name, overrides); depth 2, 32x32 images, patch 8 for all
 VARIANTS = {
-    "avg": ("vit_tiny_patch16_224", dict(class_token=False, global_pool="avg")),  # 0 prefix, fc_norm
-    "avg_norm_first": ("vit_tiny_patch16_224", dict(class_token=False, global_pool="avg", fc_norm=False)),
-    "rpn": ("vit_base_patch16_rpn_224", dict(embed_dim=64, num_heads=4)),  # post-norm blocks, avg pool
+    "avg": (
+        "vit_tiny_patch16_224",
+        dict(class_token=False, global_pool="avg"),
+    ),  # 0 prefix, fc_norm
+    "avg_norm_first": (
+        "vit_tiny_patch16_224",
+        dict(class_token=False, global_pool="avg", fc_norm=False),
+    ),
+    "rpn": (
+        "vit_base_patch16_rpn_224",
+        dict(embed_dim=64, num_heads=4),
+    ),  # post-norm blocks, avg pool
     "token": ("vit_tiny_patch16_224", dict(init_values=1e-5)),  # CLS + LayerScale
     "distilled": ("deit_tiny_distilled_patch16_224", dict()),  # CLS + distillation token, two heads
     "registers": ("vit_tiny_patch16_224", dict(reg_tokens=4)),  # CLS + 4 registers
@@ -39,7 +48,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny(variant: str, **flags):
     """``(timm module, HookedViT)`` in float64; ``flags`` are from_timm's weight-processing flags."""
     name, kw = VARIANTS[variant]
-    timm_model = create_timm_vit(name, depth=2, img_size=32, patch_size=8, num_classes=N_CLASSES, **kw).double()
+    timm_model = create_timm_vit(
+        name, depth=2, img_size=32, patch_size=8, num_classes=N_CLASSES, **kw
+    ).double()
     model = HookedViT.from_timm(timm_model, class_names=CLASS_NAMES, **flags)
     assert next(model.parameters()).dtype == torch.float64
     return timm_model, model
@@ -53,7 +64,9 @@ def images(n: int = 3, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
 def timm_projection(timm_model, v: torch.Tensor) -> torch.Tensor:
     """``E · norm(v) + b`` with timm's modules: fc_norm for pooled models, else the final norm; the
     average of both heads for distilled models (as timm averages their logits)."""
-    norm = timm_model.norm if isinstance(timm_model.fc_norm, torch.nn.Identity) else timm_model.fc_norm
+    norm = (
+        timm_model.norm if isinstance(timm_model.fc_norm, torch.nn.Identity) else timm_model.fc_norm
+    )
     normed = norm(v)
     logits = timm_model.head(normed)
     if getattr(timm_model, "head_dist", None) is not None:
@@ -132,8 +145,15 @@ def test_pooled_readout_is_timms_head_at_every_block_and_the_logits_at_the_last(
         for block in range(model.cfg.n_layers):
             resid = cache[f"blocks.{block}.hook_resid_post"]
             # timm's forward_features ends with its norm; forward_head pools, applies fc_norm and the head(s)
-            close(pooled_readout(model, resid), timm_model.forward_head(timm_model.norm(timm_blocks[block])))
-        close(pooled_readout(model, cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]), logits, 1e-12)
+            close(
+                pooled_readout(model, resid),
+                timm_model.forward_head(timm_model.norm(timm_blocks[block])),
+            )
+        close(
+            pooled_readout(model, cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]),
+            logits,
+            1e-12,
+        )
 
 
 @pytest.mark.parametrize("variant", ["token", "avg", "distilled", "registers"])
@@ -170,7 +190,9 @@ def test_bfloat16_model_reads_close_to_the_float64_one(variant):
     torch.testing.assert_close(readout.float(), logits.float(), atol=0.03 * scale, rtol=0.03)
     if variant == "token":
         cls_reading = ClassProjection(model)(last[:, model.layout.cls_index])
-        torch.testing.assert_close(cls_reading.float(), logits.float(), atol=0.03 * scale, rtol=0.03)
+        torch.testing.assert_close(
+            cls_reading.float(), logits.float(), atol=0.03 * scale, rtol=0.03
+        )
     # against the float64 model's reading of the same (bf16) vectors
     v = torch.randn(6, model.cfg.d_model, dtype=torch.float64)
     with torch.no_grad():
@@ -183,14 +205,18 @@ def test_unnormalized_is_linear_and_recombines_into_the_projection():
     _, model = tiny("registers")
     proj = ClassProjection(model)
     gen = torch.Generator().manual_seed(1)
-    a, b = (torch.randn(4, 3, model.cfg.d_model, generator=gen, dtype=torch.float64) for _ in range(2))
+    a, b = (
+        torch.randn(4, 3, model.cfg.d_model, generator=gen, dtype=torch.float64) for _ in range(2)
+    )
     q = proj.unnormalized
     close(q(a + b), q(a) + q(b))
     close(q(-2.5 * a), -2.5 * q(a))
     close(q(a + 7.0), q(a))  # a constant added to every component is centred away
     # scale: sqrt(biased variance + eps), one vector at a time
     flat = (a + b).reshape(-1, model.cfg.d_model)
-    expected = torch.stack([((v - v.mean()).pow(2).mean() + model.ln_final.eps).sqrt() for v in flat])
+    expected = torch.stack(
+        [((v - v.mean()).pow(2).mean() + model.ln_final.eps).sqrt() for v in flat]
+    )
     close(proj.scale(a + b).reshape(-1), expected)
     # the streaming identity: project a sum from the sum of its parts' q and the sum's own scale
     close(proj.from_parts(q(a) + q(b), proj.scale(a + b)), proj(a + b))
@@ -240,7 +266,9 @@ def test_differentiable_reads_the_live_parameters():
 
 
 def test_projection_errors_name_the_problem():
-    timm_model = create_timm_vit("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, num_classes=0)
+    timm_model = create_timm_vit(
+        "vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, num_classes=0
+    )
     headless = HookedViT.from_timm(timm_model)
     with pytest.raises(ValueError, match="no classifier head"):
         ClassProjection(headless)
@@ -272,7 +300,9 @@ def test_logit_lens_rows_are_the_argsort_of_each_projection():
         assert rows["class_id"].tolist() == order
         assert rows["class_name"].tolist() == [CLASS_NAMES[c] for c in order]
         assert set(rows["token_label"]) == {labels[token]}
-        torch.testing.assert_close(torch.tensor(rows["logit"].to_numpy()), logits[order], atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(
+            torch.tensor(rows["logit"].to_numpy()), logits[order], atol=1e-9, rtol=1e-9
+        )
         probs = torch.tensor(rows["probability"].to_numpy())
         torch.testing.assert_close(probs, logits.softmax(-1)[order], atol=1e-9, rtol=1e-9)
         assert probs.sum() <= 1 + 1e-12 and bool((probs[:-1] >= probs[1:]).all())

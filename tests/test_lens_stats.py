@@ -10,7 +10,11 @@ import math
 import numpy as np
 import pytest
 
-from vit_embedding_lens.lens.stats import permutation_test_greater, significance_stars, wilcoxon_greater
+from vit_embedding_lens.lens.stats import (
+    permutation_test_greater,
+    significance_stars,
+    wilcoxon_greater,
+)
 
 
 def exact_permutation_p(a, b) -> float:
@@ -79,7 +83,9 @@ def test_permutation_test_is_one_sided_and_never_zero():
     a, b = rng.normal(1.0, 1.0, 40), rng.normal(0.0, 1.0, 60)
     forward = permutation_test_greater(a, b, n_permutations=999)
     backward = permutation_test_greater(b, a, n_permutations=999)
-    assert forward.p_value == pytest.approx(1 / 1000) and forward.stars == "**"  # the floor is 1/(n+1)
+    assert (
+        forward.p_value == pytest.approx(1 / 1000) and forward.stars == "**"
+    )  # the floor is 1/(n+1)
     assert backward.p_value > 0.99 and backward.effect == pytest.approx(-forward.effect)
     # deterministic in its seed; chunked in the same way whatever the sample size
     again = permutation_test_greater(a, b, n_permutations=999)
@@ -131,8 +137,18 @@ def test_wilcoxon_edge_cases():
 
 @pytest.mark.parametrize(
     "p, stars",
-    [(0.0, "***"), (0.00099, "***"), (0.001, "**"), (0.0099, "**"), (0.01, "*"), (0.049, "*"),
-     (0.05, ""), (0.5, ""), (1.0, ""), (float("nan"), "n/a")],
+    [
+        (0.0, "***"),
+        (0.00099, "***"),
+        (0.001, "**"),
+        (0.0099, "**"),
+        (0.01, "*"),
+        (0.049, "*"),
+        (0.05, ""),
+        (0.5, ""),
+        (1.0, ""),
+        (float("nan"), "n/a"),
+    ],
 )
 def test_significance_stars_thresholds(p, stars):
     assert significance_stars(p) == stars

@@ -17,7 +17,11 @@ import torch
 
 from vit_embedding_lens import HookedViT
 from vit_embedding_lens.lens.baseline import random_init_twin
-from vit_embedding_lens.lens.metrics import class_vs_context, compare_with_random, identifiability_table
+from vit_embedding_lens.lens.metrics import (
+    class_vs_context,
+    compare_with_random,
+    identifiability_table,
+)
 from vit_embedding_lens.lens.streaming import LensRecorder, lens_batch
 from vit_embedding_lens.testing import create_timm_vit
 from vit_embedding_lens.zoo.bundled import load_mnist_eval
@@ -33,13 +37,22 @@ def trained():
     """``(model, images, labels, token_mask, logits, lens result)`` on a class-balanced subset."""
     model = HookedViT.from_bundled(dtype=torch.float64)
     data = load_mnist_eval()
-    idx = torch.cat([torch.nonzero(data.labels == c).squeeze(1)[:PER_CLASS] for c in range(model.cfg.n_classes)])
+    idx = torch.cat(
+        [torch.nonzero(data.labels == c).squeeze(1)[:PER_CLASS] for c in range(model.cfg.n_classes)]
+    )
     images, labels = data.images[idx].double(), data.labels[idx]
     mask = data.class_token_mask(model.layout)[idx]
     recorder = LensRecorder(model)  # one forward pass gives both the logits and the lens readings
     with torch.no_grad(), recorder.recording(labels):
         logits = model(images)
-    return model, images, labels, mask, logits, dataclasses.replace(recorder.result, token_mask=mask)
+    return (
+        model,
+        images,
+        labels,
+        mask,
+        logits,
+        dataclasses.replace(recorder.result, token_mask=mask),
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,7 +64,9 @@ def twin():
 
 
 def per_block(table, group: str, metric: str, kind: str = "resid") -> np.ndarray:
-    rows = table[(table.token_group == group) & (table.metric == metric) & (table.layer_type == kind)]
+    rows = table[
+        (table.token_group == group) & (table.metric == metric) & (table.layer_type == kind)
+    ]
     return rows.sort_values("block")["value"].to_numpy()
 
 
@@ -65,7 +80,10 @@ def rises_with_depth(values: np.ndarray, gain: float, slack: float) -> None:
 def test_cls_identifiability_rises_with_depth():
     model, _, _, _, _, result = trained()
     table = identifiability_table(result)
-    score, identifiable = per_block(table, "cls", "score"), per_block(table, "cls", "identifiable_pct")
+    score, identifiable = (
+        per_block(table, "cls", "score"),
+        per_block(table, "cls", "identifiable_pct"),
+    )
     assert len(score) == model.cfg.n_layers
     rises_with_depth(score, gain=0.15, slack=0.02)
     rises_with_depth(identifiable, gain=50.0, slack=3.0)
@@ -78,7 +96,9 @@ def test_cls_identifiability_rises_with_depth():
 def test_last_block_cls_identifiability_is_the_accuracy():
     model, _, labels, _, logits, result = trained()
     top2 = logits.topk(2, dim=-1).values
-    assert bool((top2[:, 0] > top2[:, 1]).all()), "an exact tie in the logits: rank 0 and argmax may differ"
+    assert bool((top2[:, 0] > top2[:, 1]).all()), (
+        "an exact tie in the logits: rank 0 and argmax may differ"
+    )
     correct = logits.argmax(-1) == labels
     cls_top1 = result.rank["resid"][:, -1, model.layout.cls_index] == 0
     assert torch.equal(cls_top1, correct)
@@ -99,7 +119,9 @@ def test_image_tokens_follow_and_stroke_tokens_lead():
     stroke = class_vs_context(result, n_permutations=n_permutations)
     late = stroke[stroke.block >= result.n_blocks // 2]
     assert (late["difference"] > 0.05).all()
-    assert np.allclose(late["p_value"], 1 / (n_permutations + 1))  # no shuffle of the labels comes close
+    assert np.allclose(
+        late["p_value"], 1 / (n_permutations + 1)
+    )  # no shuffle of the labels comes close
 
 
 def test_random_init_twin_stays_at_chance():
@@ -113,7 +135,9 @@ def test_random_init_twin_stays_at_chance():
     for group in ("cls", "image"):
         score = per_block(table, group, "score")
         assert (np.abs(score - 0.5) < 0.1).all(), (group, score)
-    assert (np.abs(per_block(table, "cls", "identifiable_pct") - 10.0) < 10.0).all()  # chance is 1 / 10
+    assert (
+        np.abs(per_block(table, "cls", "identifiable_pct") - 10.0) < 10.0
+    ).all()  # chance is 1 / 10
 
 
 def test_trained_beats_random_init_for_cls_in_late_blocks():
@@ -129,14 +153,22 @@ def test_trained_beats_random_init_for_cls_in_late_blocks():
 
 
 def tiny_timm(**kwargs):
-    return create_timm_vit("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, num_classes=7, **kwargs)
+    return create_timm_vit(
+        "vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, num_classes=7, **kwargs
+    )
 
 
-@pytest.mark.parametrize("timm_kwargs", [dict(reg_tokens=4), dict(class_token=False, global_pool="avg")])
+@pytest.mark.parametrize(
+    "timm_kwargs", [dict(reg_tokens=4), dict(class_token=False, global_pool="avg")]
+)
 def test_random_init_twin_of_a_timm_model_is_seeded_and_leaves_the_global_rng_alone(timm_kwargs):
     model = HookedViT.from_timm(tiny_timm(**timm_kwargs), dtype=torch.float64)
     state = torch.random.get_rng_state()
-    a, b, c = random_init_twin(model, seed=3), random_init_twin(model, seed=3), random_init_twin(model, seed=4)
+    a, b, c = (
+        random_init_twin(model, seed=3),
+        random_init_twin(model, seed=3),
+        random_init_twin(model, seed=4),
+    )
     assert torch.equal(torch.random.get_rng_state(), state)
     assert next(a.parameters()).dtype == torch.float64 and a.layout == model.layout
     assert torch.equal(a.blocks[0].attn.W_Q, b.blocks[0].attn.W_Q)

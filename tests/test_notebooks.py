@@ -11,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed: pip install -e '.[dev]'")
-nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed: pip install -e '.[dev]'")
+nbformat = pytest.importorskip(
+    "nbformat", reason="nbformat is not installed: pip install -e '.[dev]'"
+)
+nbclient = pytest.importorskip(
+    "nbclient", reason="nbclient is not installed: pip install -e '.[dev]'"
+)
 pytest.importorskip("ipykernel", reason="ipykernel is not installed: pip install -e '.[dev]'")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +58,9 @@ def test_notebooks_exist():
 def test_the_kernel_is_the_running_interpreter():
     """nbclient's ``python3`` kernel must run this interpreter (the venv), not some other Python."""
     probe = nbformat.v4.new_notebook()
-    probe.cells = [nbformat.v4.new_code_cell("import os, sys; print(sys.executable); print(os.getcwd())")]
+    probe.cells = [
+        nbformat.v4.new_code_cell("import os, sys; print(sys.executable); print(os.getcwd())")
+    ]
     done = _execute(probe, _kernel_env())
     executable, cwd = done.cells[0].outputs[0]["text"].split()
     assert Path(executable).resolve() == Path(sys.executable).resolve()
@@ -67,7 +73,9 @@ def test_notebook_is_stored_clean_and_matches_its_source(path):
     nbformat.validate(notebook)
     for cell in notebook.cells:
         if cell.cell_type == "code":
-            assert not cell.outputs and cell.execution_count is None, f"{path.name}: strip the outputs"
+            assert not cell.outputs and cell.execution_count is None, (
+                f"{path.name}: strip the outputs"
+            )
     source = NOTEBOOKS / "sources" / f"{path.stem}.py"
     if source.exists():
         spec = importlib.util.spec_from_file_location("_notebook_build", NOTEBOOKS / "build.py")
@@ -85,7 +93,9 @@ def test_notebook_runs_top_to_bottom(path):
     done = _execute(notebook, _kernel_env())
     code = [c for c in done.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code)
-    results = [o for c in code for o in c.outputs if o.output_type in ("execute_result", "display_data")]
+    results = [
+        o for c in code for o in c.outputs if o.output_type in ("execute_result", "display_data")
+    ]
     # figures and views display as pictures, never as a bare "<Figure size ...>"
     for output in results:
         if output["data"].get("text/plain", "").startswith(("<Figure", "<InteractiveView")):

@@ -124,5 +124,7 @@ def test_processing_is_exact_in_float64(timm_model):
 
 
 def test_processed_model_keeps_the_requested_dtype(timm_model):
-    model = HookedViT.from_timm(timm_model, dtype=torch.bfloat16, fold_ln=True, center_writing_weights=True)
+    model = HookedViT.from_timm(
+        timm_model, dtype=torch.bfloat16, fold_ln=True, center_writing_weights=True
+    )
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -44,7 +44,9 @@ def dataset(model):
     pick = [50 * c + k for c in range(10) for k in range(PER_CLASS)]
     masks = data.class_token_mask(model.layout)[pick]
     ids = [f"digit{i:03d}" for i in pick]
-    return InMemoryDataset(data.images[pick], data.labels[pick], ids, masks, source={"layout": "test"})
+    return InMemoryDataset(
+        data.images[pick], data.labels[pick], ids, masks, source={"layout": "test"}
+    )
 
 
 def run(model, dataset, out, analyses=("accuracy", "cls_identifiability"), **kw):
@@ -67,13 +69,18 @@ def assert_same_results(a, b):
 def reference_rank(logits, c):
     """Rank of class c by sorting: how many classes lie strictly above it in ascending order."""
     ascending = logits.sort(-1).values
-    return logits.shape[-1] - torch.searchsorted(ascending, logits[..., c : c + 1].contiguous(), right=True)[..., 0]
+    return (
+        logits.shape[-1]
+        - torch.searchsorted(ascending, logits[..., c : c + 1].contiguous(), right=True)[..., 0]
+    )
 
 
 def test_results_match_slow_references(model, dataset, tmp_path):
     results = run(model, dataset, tmp_path / "run")
     n = len(dataset)
-    assert np.array_equal(results.index, np.arange(n)) and list(results.image_ids) == dataset.image_ids
+    assert (
+        np.array_equal(results.index, np.arange(n)) and list(results.image_ids) == dataset.image_ids
+    )
     with torch.no_grad():
         logits = model(dataset.images)
     acc = results["accuracy"]
@@ -92,7 +99,9 @@ def test_results_match_slow_references(model, dataset, tmp_path):
         c = int(dataset.label_tensor[i])
         for layer in range(model.cfg.n_layers):
             resid = cache[f"blocks.{layer}.hook_resid_post"][row]
-            normed = F.layer_norm(resid, (model.cfg.d_model,), model.ln_final.w, model.ln_final.b, model.ln_final.eps)
+            normed = F.layer_norm(
+                resid, (model.cfg.d_model,), model.ln_final.w, model.ln_final.b, model.ln_final.eps
+            )
             projected = normed @ model.head.W_head + model.head.b_head
             assert np.array_equal(rank[i, layer], reference_rank(projected, c).numpy()), (i, layer)
     # the last block's CLS projection is the model's readout: identifiable <=> correct top-1
@@ -108,18 +117,26 @@ def test_tables_show_the_trained_models_directions(model, dataset, tmp_path):
     summary = tables["accuracy"]["summary"]
     assert summary["n_images"].item() == len(dataset) and summary["top1"].item() > 0.9
     per_class = tables["accuracy"]["per_class"]
-    assert list(per_class["class"]) == list(range(10)) and (per_class["n_images"] == PER_CLASS).all()
+    assert (
+        list(per_class["class"]) == list(range(10)) and (per_class["n_images"] == PER_CLASS).all()
+    )
     by_block = tables["cls_identifiability"]["by_block"].set_index(["tokens", "block"])
     last = model.cfg.n_layers - 1
     cls = by_block.loc["CLS", "pct_identifiable"]
     assert cls[last] > cls[0] + 30  # the CLS token becomes identifiable through the blocks
     assert cls[last] == pytest.approx(100 * summary["top1"].item())
-    assert by_block.loc[("class", last), "pct_identifiable"] > by_block.loc[("context", last), "pct_identifiable"]
+    assert (
+        by_block.loc[("class", last), "pct_identifiable"]
+        > by_block.loc[("context", last), "pct_identifiable"]
+    )
     image = by_block.loc["image", "pct_identifiable"]
     assert image[last] > image[0]
     per_image = tables["cls_identifiability"]["per_image"]
     assert len(per_image) == len(dataset) * model.cfg.n_layers
-    assert set(figures["cls_identifiability"]) == {"identifiability_by_block", "identifiability_per_image"}
+    assert set(figures["cls_identifiability"]) == {
+        "identifiability_by_block",
+        "identifiability_per_image",
+    }
     headline = analyses[1].headline(tables["cls_identifiability"])
     assert list(headline.columns) == ["block", "% CLS", "% image", "% class", "% context"]
 
@@ -163,7 +180,9 @@ def test_resume_after_a_crash_is_bitwise_identical(model, dataset, tmp_path):
     assert read_manifest(tmp_path / "resumed")["status"] == "complete"
     # a finished run reruns as a no-op
     idle = CrashingAccuracy()
-    assert_same_results(run(model, dataset, tmp_path / "resumed", analyses=[idle, "cls_identifiability"]), full)
+    assert_same_results(
+        run(model, dataset, tmp_path / "resumed", analyses=[idle, "cls_identifiability"]), full
+    )
     assert idle.calls == 0
 
 
@@ -193,7 +212,9 @@ def test_load_results_refuses_missing_or_duplicated_batches(model, dataset, tmp_
     run(model, dataset, out, analyses=["accuracy"])
     saved = batch_path(out, 3).read_bytes()
     batch_path(out, 3).unlink()
-    with pytest.raises(IncompleteRunError, match=r"1 of 8 batches are not finished \(first: \[3\]\)"):
+    with pytest.raises(
+        IncompleteRunError, match=r"1 of 8 batches are not finished \(first: \[3\]\)"
+    ):
         load_results(out)
     shutil.copy(batch_path(out, 2), batch_path(out, 3))  # batch 2's items twice, batch 3's never
     with pytest.raises(IncompleteRunError, match="covers items"):
@@ -229,7 +250,9 @@ def test_unusable_images_are_skipped_counted_and_reported(model, tmp_path):
     (tmp_path / "data" / "1" / "1.png").write_bytes(b"broken")
     ds = image_folder_dataset(tmp_path / "data", model, resolve_preprocessing(model, "paper"))
     with pytest.warns(UnusableImageWarning, match="skipped 1/1.png"):
-        results = run(model, ds, tmp_path / "out", batch_size=1)  # one batch holds only the bad file
+        results = run(
+            model, ds, tmp_path / "out", batch_size=1
+        )  # one batch holds only the bad file
     assert len(results) == 8 and 4 not in results.index
     assert results.skipped.to_dict(orient="records")[0]["image_id"] == "1/1.png"
     assert "cannot read the image" in results.skipped["reason"][0]
@@ -313,13 +336,19 @@ def test_plugins_register_through_entry_points(monkeypatch):
 
     points = [EntryPoint("plugged", lambda: Plugged), EntryPoint("broken", broken)]
     monkeypatch.setattr(
-        importlib.metadata, "entry_points", lambda group: points if group == registry.ENTRY_POINT_GROUP else []
+        importlib.metadata,
+        "entry_points",
+        lambda group: points if group == registry.ENTRY_POINT_GROUP else [],
     )
     monkeypatch.setattr(registry, "_BUILTINS_LOADED", False)
     try:
         with pytest.warns(UserWarning, match="'broken' .* failed to load: missing dependency"):
             names = registry.available_analyses()
-        assert names[:2] == ["accuracy", "cls_identifiability"] and "plugged" in names and "broken" not in names
+        assert (
+            names[:2] == ["accuracy", "cls_identifiability"]
+            and "plugged" in names
+            and "broken" not in names
+        )
         assert build_analyses(["plugged"])[0].name == "plugged"
     finally:
         ANALYSES.pop("plugged", None)
@@ -328,7 +357,9 @@ def test_plugins_register_through_entry_points(monkeypatch):
 def test_reduced_precision_agrees_within_the_documented_tolerance(model, dataset, tmp_path):
     half = HookedViT.from_bundled(dtype=torch.bfloat16)
     pick = list(range(0, len(dataset), 3))
-    small = InMemoryDataset(dataset.images[pick], dataset.label_tensor[pick], source={"layout": "small"})
+    small = InMemoryDataset(
+        dataset.images[pick], dataset.label_tensor[pick], source={"layout": "small"}
+    )
     f32 = run(model, small, tmp_path / "f32", analyses=["accuracy"], batch_size=40)
     bf16 = run(half, small, tmp_path / "bf16", analyses=["accuracy"], batch_size=40)
     assert read_manifest(tmp_path / "bf16")["config"]["dtype"] == "bfloat16"

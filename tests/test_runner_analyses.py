@@ -45,9 +45,14 @@ def dataset(model):
     """4 digits of every class (the eval set is sorted by class), with their stroke masks."""
     full = bundled_eval_dataset(model)
     labels = full.label_tensor
-    pick = torch.cat([torch.nonzero(labels == c)[:PER_CLASS, 0] for c in range(model.cfg.n_classes)])
+    pick = torch.cat(
+        [torch.nonzero(labels == c)[:PER_CLASS, 0] for c in range(model.cfg.n_classes)]
+    )
     return InMemoryDataset(
-        full.images[pick], labels[pick], [full.image_ids[i] for i in pick], full.token_masks[pick],
+        full.images[pick],
+        labels[pick],
+        [full.image_ids[i] for i in pick],
+        full.token_masks[pick],
         source={"layout": "test", "pick": pick.tolist()},
     )
 
@@ -55,7 +60,9 @@ def dataset(model):
 @pytest.fixture(scope="module")
 def run(model, dataset, tmp_path_factory):
     analyses = build_analyses(NAMES)
-    results = run_analyses(model, dataset, analyses, tmp_path_factory.mktemp("run"), batch_size=BATCH, progress=False)
+    results = run_analyses(
+        model, dataset, analyses, tmp_path_factory.mktemp("run"), batch_size=BATCH, progress=False
+    )
     tables, figures = summarize_run(results, analyses, model)
     return results, tables, figures, {a.name: a for a in analyses}
 
@@ -93,18 +100,29 @@ def test_knockout_equals_lens_batch_under_knockout(run, model, dataset):
             else:
                 with knockout(model, condition, mode="pre_softmax"):
                     result, logits = lens_batch(model, images, labels), model(images)
-            expected = 100 * per_image_identifiability(result, "resid", "image", metric="identifiable").numpy()
+            expected = (
+                100
+                * per_image_identifiability(result, "resid", "image", metric="identifiable").numpy()
+            )
             np.testing.assert_allclose(r["pct_identifiable"][sl, c], expected, atol=1e-4)
-            np.testing.assert_array_equal(r["correct"][sl, c], (logits.argmax(-1) == labels).float().numpy())
+            np.testing.assert_array_equal(
+                r["correct"][sl, c], (logits.argmax(-1) == labels).float().numpy()
+            )
     # the table is the mean over images
-    ident = tables["knockout"]["identifiability"].set_index(["condition", "block"])["pct_identifiable"]
-    assert ident[("self_only", L - 1)] == pytest.approx(r["pct_identifiable"][:, 1, L - 1].mean(), abs=1e-4)
+    ident = tables["knockout"]["identifiability"].set_index(["condition", "block"])[
+        "pct_identifiable"
+    ]
+    assert ident[("self_only", L - 1)] == pytest.approx(
+        r["pct_identifiable"][:, 1, L - 1].mean(), abs=1e-4
+    )
 
 
 def test_knockout_directions(run, model):
     _, tables, _, _ = run
     acc = tables["knockout"]["accuracy"].set_index("condition")["accuracy"]
-    ident = tables["knockout"]["identifiability"].set_index(["condition", "block"])["pct_identifiable"]
+    ident = tables["knockout"]["identifiability"].set_index(["condition", "block"])[
+        "pct_identifiable"
+    ]
     last = model.cfg.n_layers - 1
     # image tokens that only see themselves can neither gather the class nor pass it to CLS
     assert acc["self_only"] < acc["none"] - 0.4
@@ -117,8 +135,15 @@ def test_knockout_without_cls_records_nan():
     from vit_embedding_lens.testing import create_timm_vit
 
     model = HookedViT.from_timm(
-        create_timm_vit("vit_tiny_patch16_224", depth=2, img_size=32, patch_size=8, class_token=False,
-                        global_pool="avg", num_classes=5)
+        create_timm_vit(
+            "vit_tiny_patch16_224",
+            depth=2,
+            img_size=32,
+            patch_size=8,
+            class_token=False,
+            global_pool="avg",
+            num_classes=5,
+        )
     )
     assert model.layout.cls_index is None
     images, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 4])
@@ -157,18 +182,29 @@ def test_context_removal_equals_keep_mask_forwards(run, model, dataset):
     # the model needs strokes and background together; either alone still beats chance (10 classes)
     for condition in ("class_tokens_only", "context_tokens_only"):
         assert 0.15 < acc.loc[condition, "accuracy"] < acc.loc["all_tokens", "accuracy"] - 0.3
-    assert acc.loc["class_tokens_only", "mean_tokens_kept"] < acc.loc["context_tokens_only", "mean_tokens_kept"]
+    assert (
+        acc.loc["class_tokens_only", "mean_tokens_kept"]
+        < acc.loc["context_tokens_only", "mean_tokens_kept"]
+    )
 
 
 def test_context_removal_without_tokens_or_masks(model, dataset):
     masks = dataset.token_masks[:3].clone()
     masks[0] = False  # no class token: only the context condition applies
-    batch = Batch(dataset.images[:3], dataset.label_tensor[:3], ["a", "b", "c"], torch.arange(3), token_masks=masks)
+    batch = Batch(
+        dataset.images[:3],
+        dataset.label_tensor[:3],
+        ["a", "b", "c"],
+        torch.arange(3),
+        token_masks=masks,
+    )
     out = ContextRemoval().run(model, batch)
     assert np.isnan(out["correct"][0, 1]) and not np.isnan(out["correct"][0, [0, 2]]).any()
     assert not np.isnan(out["correct"][1:]).any()
 
-    unmasked = ContextRemoval().run(model, Batch(dataset.images[:3], dataset.label_tensor[:3], ["a"] * 3, torch.arange(3)))
+    unmasked = ContextRemoval().run(
+        model, Batch(dataset.images[:3], dataset.label_tensor[:3], ["a"] * 3, torch.arange(3))
+    )
     assert set(unmasked) == {"has_mask"} and not unmasked["has_mask"].any()
     tables = ContextRemoval().summarize({**unmasked, "label": np.zeros(3)}, model)
     assert list(tables) == ["note"] and "no segmentation masks" in tables["note"]["note"].iloc[0]
@@ -191,7 +227,11 @@ def test_memories_fold_to_memory_usage(run, model, dataset):
     for sl in batch_slices(n):
         gen = torch.Generator().manual_seed(analysis.batch_seed(sl.start))
         counts = memory_usage_per_image(
-            model, dataset.images[sl], dataset.label_tensor[sl], kinds=("mlp", "attn"), generator=gen
+            model,
+            dataset.images[sl],
+            dataset.label_tensor[sl],
+            kinds=("mlp", "attn"),
+            generator=gen,
         )
         np.testing.assert_array_equal(r["random_agree"][sl], counts.random_agree.numpy())
         np.testing.assert_array_equal(r["drawn"][sl], counts.drawn.numpy())
@@ -223,16 +263,26 @@ def test_attribution_equals_perturbation_benchmark(run, model, dataset):
     hits = {}
     for sl in batch_slices(n):
         images, labels = dataset.images[sl], dataset.label_tensor[sl]
-        random0 = torch.cat([
-            random_attribution(model, images[i : i + 1], seed=analysis.image_seed(0, sl.start + i)).scores
-            for i in range(images.shape[0])
-        ])
+        random0 = torch.cat(
+            [
+                random_attribution(
+                    model, images[i : i + 1], seed=analysis.image_seed(0, sl.start + i)
+                ).scores
+                for i in range(images.shape[0])
+            ]
+        )
         bench = perturbation_benchmark(
-            model, images, labels, {"class_space": "class_space", "chefer": "chefer", "random": random0},
-            n_keep=grid, progress=False,
+            model,
+            images,
+            labels,
+            {"class_space": "class_space", "chefer": "chefer", "random": random0},
+            n_keep=grid,
+            progress=False,
         )
         for row in bench.curves.itertuples():
-            hits[(row.method, row.order, row.n)] = hits.get((row.method, row.order, row.n), 0) + row.accuracy * len(labels)
+            hits[(row.method, row.order, row.n)] = hits.get(
+                (row.method, row.order, row.n), 0
+            ) + row.accuracy * len(labels)
     curves = tables["attribution"]["curves"]
     curves = curves[curves.seed.isna() | (curves.seed == 0)]
     assert len(curves) == len(hits)
@@ -241,8 +291,12 @@ def test_attribution_equals_perturbation_benchmark(run, model, dataset):
     auc = tables["attribution"]["auc"]
     for (method, order), rows in tables["attribution"]["curves"].groupby(["method", "order"]):
         for seed, part in rows.groupby(rows.seed.fillna(-1)):
-            expected = perturbation_auc(part.sort_values("n").accuracy.to_numpy(), model.layout.n_patches)
-            got = auc[(auc.method == method) & (auc.order == order) & (auc.seed.fillna(-1) == seed)].auc
+            expected = perturbation_auc(
+                part.sort_values("n").accuracy.to_numpy(), model.layout.n_patches
+            )
+            got = auc[
+                (auc.method == method) & (auc.order == order) & (auc.seed.fillna(-1) == seed)
+            ].auc
             assert got.iloc[0] == pytest.approx(expected)
 
 

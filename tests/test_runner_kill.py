@@ -51,7 +51,9 @@ print("DONE")
 def child(out: Path, delay: float) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     args = [sys.executable, "-c", CHILD, str(out), str(N_IMAGES), str(delay), str(BATCH)]
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 @pytest.mark.slow
@@ -60,7 +62,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     proc = child(out, delay=0.05)  # ~0.4 s per batch of 8
     deadline = time.monotonic() + 240
     while len(batch_ids_on_disk(out)) < 3:
-        assert proc.poll() is None, f"the child ended before it could be killed:\n{proc.communicate()[1][-3000:]}"
+        assert proc.poll() is None, (
+            f"the child ended before it could be killed:\n{proc.communicate()[1][-3000:]}"
+        )
         assert time.monotonic() < deadline, "no batches written in time"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -95,7 +99,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         torch.set_num_threads(torch_threads)
 
     got = load_results(out)
-    assert np.array_equal(got.index, np.arange(N_IMAGES)) and len(got.skipped) == 0  # none missing or doubled
+    assert (
+        np.array_equal(got.index, np.arange(N_IMAGES)) and len(got.skipped) == 0
+    )  # none missing or doubled
     assert got.analyses == reference.analyses
     for name in reference.analyses:
         for key, expected in reference.arrays[name].items():

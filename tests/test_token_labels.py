@@ -41,7 +41,9 @@ def test_grid_resampling_matches_explicit_loops(size):
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 5, (3, *size), generator=gen)
     assert torch.equal(mask_to_grid(labels, (4, 5), "nearest"), _reference_nearest(labels, 4, 5))
-    torch.testing.assert_close(mask_to_grid(labels == 2, (4, 5), "area"), _reference_area(labels == 2, 4, 5))
+    torch.testing.assert_close(
+        mask_to_grid(labels == 2, (4, 5), "area"), _reference_area(labels == 2, 4, 5)
+    )
 
 
 @pytest.mark.parametrize("layout_id", list(LAYOUTS))
@@ -60,7 +62,10 @@ def test_a_known_object_lands_on_the_right_tokens():
     mask[8:16, 24:32] = True  # exactly patch (1, 3)
     mask[26:30, 0:8] = True  # half of patch (3, 0), through its centre row 28
     nearest = token_mask_from_mask(mask, layout)
-    assert nearest.nonzero().flatten().tolist() == [layout.token_index(1, 3), layout.token_index(3, 0)]
+    assert nearest.nonzero().flatten().tolist() == [
+        layout.token_index(1, 3),
+        layout.token_index(3, 0),
+    ]
     area = area_fractions(mask, layout)
     assert area[layout.token_index(1, 3) - layout.n_prefix] == 1.0
     assert area[layout.token_index(3, 0) - layout.n_prefix] == 0.5
@@ -73,8 +78,12 @@ def test_label_masks_select_one_class():
     labels = torch.zeros(32, 40, dtype=torch.long)
     labels[0:8, 0:8] = 7
     labels[0:8, 8:16] = 3
-    assert token_mask_from_mask(labels, layout, label=7).nonzero().flatten().tolist() == [layout.token_index(0, 0)]
-    assert token_mask_from_mask(labels, layout, label=3).nonzero().flatten().tolist() == [layout.token_index(0, 1)]
+    assert token_mask_from_mask(labels, layout, label=7).nonzero().flatten().tolist() == [
+        layout.token_index(0, 0)
+    ]
+    assert token_mask_from_mask(labels, layout, label=3).nonzero().flatten().tolist() == [
+        layout.token_index(0, 1)
+    ]
 
 
 def test_bad_masks_and_methods():

@@ -21,9 +21,18 @@ REL = 1e-5
 RTOL = 1e-5
 
 MODELS = {
-    "vit": ("vit_base_patch16_224", dict(depth=3, embed_dim=64, num_heads=4, img_size=(48, 64), num_classes=11)),
-    "deit3": ("deit3_small_patch16_224", dict(depth=2, embed_dim=64, num_heads=4, img_size=64, num_classes=11)),
-    "rpn": ("vit_base_patch16_rpn_224", dict(depth=2, embed_dim=64, num_heads=4, img_size=64, num_classes=11)),
+    "vit": (
+        "vit_base_patch16_224",
+        dict(depth=3, embed_dim=64, num_heads=4, img_size=(48, 64), num_classes=11),
+    ),
+    "deit3": (
+        "deit3_small_patch16_224",
+        dict(depth=2, embed_dim=64, num_heads=4, img_size=64, num_classes=11),
+    ),
+    "rpn": (
+        "vit_base_patch16_rpn_224",
+        dict(depth=2, embed_dim=64, num_heads=4, img_size=64, num_classes=11),
+    ),
     "distilled": ("deit_tiny_distilled_patch16_224", dict(depth=2, img_size=64, num_classes=11)),
 }
 CLS_MODELS = ["vit", "deit3"]  # logits read from the CLS token through ln_final, one head
@@ -56,9 +65,15 @@ def test_run_with_cache_returns_activation_cache(key, make_images):
     assert cache.model is hm
     assert_close_scaled(logits, tm(x), rel=REL, rtol=RTOL)
     # TransformerLens shorthand indexing works on the cache
-    torch.testing.assert_close(cache["resid_post", 0], cache["blocks.0.hook_resid_post"], atol=0, rtol=0)
-    torch.testing.assert_close(cache["pattern", -1], cache[f"blocks.{hm.cfg.n_layers - 1}.attn.hook_pattern"],
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        cache["resid_post", 0], cache["blocks.0.hook_resid_post"], atol=0, rtol=0
+    )
+    torch.testing.assert_close(
+        cache["pattern", -1],
+        cache[f"blocks.{hm.cfg.n_layers - 1}.attn.hook_pattern"],
+        atol=0,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("key", ["vit", "distilled"])
@@ -96,8 +111,9 @@ def test_remove_batch_dim_and_device(make_images):
     assert cache["hook_pooled"].shape == (d,)
 
     _, batched = hm.run_with_cache(x)
-    torch.testing.assert_close(cache["blocks.1.hook_resid_post"], batched["blocks.1.hook_resid_post"][0],
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        cache["blocks.1.hook_resid_post"], batched["blocks.1.hook_resid_post"][0], atol=0, rtol=0
+    )
 
     _, cache_cpu = hm.run_with_cache(x, device="cpu")
     assert all(v.device.type == "cpu" for v in cache_cpu.values())
@@ -138,9 +154,14 @@ def test_decompose_resid_sums_to_resid_post(key, make_images):
     assert comps.shape[0] == 2 + 2 * L == len(labels)
     assert_close_scaled(comps.sum(0), cache[f"blocks.{L - 1}.hook_resid_post"], rel=1e-4, rtol=1e-5)
     # up to the input of layer 1, and up to the MLP input of layer 1
-    assert_close_scaled(cache.decompose_resid(layer=1).sum(0), cache["blocks.1.hook_resid_pre"], rel=1e-4, rtol=1e-5)
     assert_close_scaled(
-        cache.decompose_resid(layer=1, mlp_input=True).sum(0), cache["blocks.1.hook_resid_mid"], rel=1e-4, rtol=1e-5
+        cache.decompose_resid(layer=1).sum(0), cache["blocks.1.hook_resid_pre"], rel=1e-4, rtol=1e-5
+    )
+    assert_close_scaled(
+        cache.decompose_resid(layer=1, mlp_input=True).sum(0),
+        cache["blocks.1.hook_resid_mid"],
+        rel=1e-4,
+        rtol=1e-5,
     )
 
 
@@ -169,7 +190,9 @@ def test_stack_head_results_sum_to_attn_out(key, use_attn_result, make_images):
         assert_close_scaled(total, cache[f"blocks.{l}.hook_attn_out"], rel=1e-4, rtol=1e-5)
         # head h alone: z_h @ W_O[h]
         z = cache[f"blocks.{l}.attn.hook_z"]
-        assert_close_scaled(per_layer[l, 1], z[:, :, 1] @ hm.blocks[l].attn.W_O[1], rel=1e-4, rtol=1e-5)
+        assert_close_scaled(
+            per_layer[l, 1], z[:, :, 1] @ hm.blocks[l].attn.W_O[1], rel=1e-4, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("key", ["deit3", "distilled"])
@@ -239,10 +262,14 @@ def test_run_with_hooks_zero_ablation_matches_timm(key, make_images):
 
     unchanged = hm.run_with_hooks(x, fwd_hooks=[("blocks.0.hook_attn_out", lambda t, hook: t)])
     torch.testing.assert_close(unchanged, clean, atol=0, rtol=0)
-    returns_none = hm.run_with_hooks(x, fwd_hooks=[("blocks.0.hook_attn_out", lambda t, hook: None)])
+    returns_none = hm.run_with_hooks(
+        x, fwd_hooks=[("blocks.0.hook_attn_out", lambda t, hook: None)]
+    )
     torch.testing.assert_close(returns_none, clean, atol=0, rtol=0)
 
-    ablated = hm.run_with_hooks(x, fwd_hooks=[("blocks.0.hook_attn_out", lambda t, hook: torch.zeros_like(t))])
+    ablated = hm.run_with_hooks(
+        x, fwd_hooks=[("blocks.0.hook_attn_out", lambda t, hook: torch.zeros_like(t))]
+    )
     assert (ablated - clean).abs().max() > 1e-2
 
     # the same ablation inside timm: zero the attention write-in of block 0
@@ -290,8 +317,12 @@ def test_patch_one_head_changes_only_downstream(make_images):
 
     with hm.hooks(fwd_hooks=[(f"blocks.{L - 1}.attn.hook_z", zero_head0)]):
         _, patched = hm.run_with_cache(x)
-    torch.testing.assert_close(patched[f"blocks.{L - 1}.hook_resid_pre"], clean[f"blocks.{L - 1}.hook_resid_pre"],
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        patched[f"blocks.{L - 1}.hook_resid_pre"],
+        clean[f"blocks.{L - 1}.hook_resid_pre"],
+        atol=0,
+        rtol=0,
+    )
     delta = patched[f"blocks.{L - 1}.hook_attn_out"] - clean[f"blocks.{L - 1}.hook_attn_out"]
     expected = -clean[f"blocks.{L - 1}.attn.hook_z"][:, :, 0] @ hm.blocks[L - 1].attn.W_O[0]
     assert_close_scaled(delta, expected, rel=1e-4, rtol=1e-5)
@@ -307,7 +338,9 @@ def test_unknown_hook_name_raises_with_suggestion(make_images):
     with pytest.raises(ValueError, match=re.escape("blocks.0.attn.hook_pattern")):
         hm.run_with_cache(x, names_filter=["hook_embed", "blocks.0.attn.hook_patern"])
     # nothing stays attached after the failures
-    torch.testing.assert_close(hm(x), tm(x), atol=1e-5 * max(1.0, tm(x).abs().max().item()), rtol=RTOL)
+    torch.testing.assert_close(
+        hm(x), tm(x), atol=1e-5 * max(1.0, tm(x).abs().max().item()), rtol=RTOL
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -340,7 +373,9 @@ def test_all_processing_keeps_class_probabilities(key, make_images):
     for l in range(hm.cfg.n_layers):
         for name in ("hook_attn_out", "hook_mlp_out"):
             out = cache[f"blocks.{l}.{name}"]
-            torch.testing.assert_close(out.mean(-1), torch.zeros_like(out.mean(-1)), atol=1e-4, rtol=0)
+            torch.testing.assert_close(
+                out.mean(-1), torch.zeros_like(out.mean(-1)), atol=1e-4, rtol=0
+            )
         assert torch.count_nonzero(hm.blocks[l].attn.b_V) == 0
 
 
@@ -349,7 +384,14 @@ def test_cache_token_groups_follow_the_layout():
     from vit_embedding_lens.testing import create_timm_vit
 
     model = HookedViT.from_timm(
-        create_timm_vit("vit_small_patch14_reg4_dinov2", depth=2, embed_dim=64, num_heads=4, img_size=56, num_classes=7)
+        create_timm_vit(
+            "vit_small_patch14_reg4_dinov2",
+            depth=2,
+            embed_dim=64,
+            num_heads=4,
+            img_size=56,
+            num_classes=7,
+        )
     )
     x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     _, cache = model.run_with_cache(x)

@@ -7,15 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
-from vit_embedding_lens.attribution.overlay import overlay, upsample_map
 import torch
 from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 
 from vit_embedding_lens import HookedViT
+from vit_embedding_lens.attribution.overlay import overlay, upsample_map
 from vit_embedding_lens.testing import create_timm_vit
-from vit_embedding_lens.viz._figures import stars_label
 from vit_embedding_lens.viz import (
     attention_table,
     change_rates_table,
@@ -32,6 +30,7 @@ from vit_embedding_lens.viz import (
     plot_token_grid,
     token_grid_table,
 )
+from vit_embedding_lens.viz._figures import stars_label
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -39,8 +38,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def reg_model():
     """CLS + 4 registers over a 4x4 grid: 21 tokens."""
-    tm = create_timm_vit("vit_small_patch16_224", depth=2, img_size=32, patch_size=8, embed_dim=32,
-                         num_heads=2, reg_tokens=4, num_classes=5)
+    tm = create_timm_vit(
+        "vit_small_patch16_224",
+        depth=2,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        num_heads=2,
+        reg_tokens=4,
+        num_classes=5,
+    )
     return HookedViT.from_timm(tm)
 
 
@@ -70,11 +77,15 @@ def test_identifiability_table_matches_loops_and_both_input_forms():
         [{"layer": b, "tokens": "CLS", "s": v} for b in range(4) for v in cls[b]]
         + [{"layer": b, "tokens": "image", "s": v} for b in range(4) for v in img[b].ravel()]
     )
-    same = identifiability_evolution_table(tidy, block_col="layer", group_col="tokens", value_col="s", band=(10, 90))
+    same = identifiability_evolution_table(
+        tidy, block_col="layer", group_col="tokens", value_col="s", band=(10, 90)
+    )
     pd.testing.assert_frame_equal(table, same)
     # per-image tables [image, block] (the lens's layout) with block_axis=1
     per_image = {"CLS": cls.T, "image": np.moveaxis(img, 0, 1)}
-    pd.testing.assert_frame_equal(identifiability_evolution_table(per_image, block_axis=1, band=(10, 90)), table)
+    pd.testing.assert_frame_equal(
+        identifiability_evolution_table(per_image, block_axis=1, band=(10, 90)), table
+    )
 
 
 def test_identifiability_figure_draws_the_table_with_random_band_and_stars():
@@ -90,10 +101,14 @@ def test_identifiability_figure_draws_the_table_with_random_band_and_stars():
     for group in ("CLS", "image"):
         rows = table[table.group == group]
         np.testing.assert_allclose(_line(ax, f"{group} (mean)").get_ydata(), rows["mean"])
-        np.testing.assert_allclose(_line(ax, f"{group} (random init)").get_ydata(), rows["random_mean"])
+        np.testing.assert_allclose(
+            _line(ax, f"{group} (random init)").get_ydata(), rows["random_mean"]
+        )
     texts = sorted(t.get_text() for t in ax.texts)
     assert texts == sorted(["n.s.", "**", "***", "n.s.", "*", "n.s."])
-    assert all(t.get_position()[1] < ax.get_ylim()[1] for t in ax.texts)  # stars stay inside the axes
+    assert all(
+        t.get_position()[1] < ax.get_ylim()[1] for t in ax.texts
+    )  # stars stay inside the axes
     bodies = [c for c in ax.collections if isinstance(c, PolyCollection)]
     assert len(bodies) >= 6 + 2  # 3 blocks x 2 groups violins + 2 random bands
     assert figure_to_png(fig).startswith(PNG_MAGIC)
@@ -102,7 +117,9 @@ def test_identifiability_figure_draws_the_table_with_random_band_and_stars():
 def test_identifiability_box_kind_on_given_axes_and_errors():
     fig = Figure()
     ax = fig.add_subplot(1, 2, 2)
-    out = plot_identifiability_evolution(np.random.default_rng(0).uniform(0, 1, (2, 5)), kind="box", ax=ax)
+    out = plot_identifiability_evolution(
+        np.random.default_rng(0).uniform(0, 1, (2, 5)), kind="box", ax=ax
+    )
     assert out is fig and ax.get_xlabel() == "block"
     with pytest.raises(ValueError, match="kind"):
         plot_identifiability_evolution(np.ones((2, 3)), kind="bars")
@@ -114,17 +131,27 @@ def test_identifiability_box_kind_on_given_axes_and_errors():
 
 def test_stars_label():
     assert [stars_label(p) for p in (0.2, 0.05, 0.049, 0.009, 0.0009, float("nan"))] == [
-        "n.s.", "n.s.", "*", "**", "***", ""]
+        "n.s.",
+        "n.s.",
+        "*",
+        "**",
+        "***",
+        "",
+    ]
 
 
 # -------------------------------------------------------------------------------------------------
 def test_change_rates_bars_are_the_per_block_means_in_percent():
     rng = np.random.default_rng(2)
     attn_img = rng.uniform(0, 1, (3, 8))  # per image rates
-    data = {"attention": {"CLS": [0.2, 0.6, 0.9], "image": attn_img},
-            "mlp": {"CLS": [0.7, 0.4, 0.5], "image": rng.uniform(0, 1, (3, 8))}}
+    data = {
+        "attention": {"CLS": [0.2, 0.6, 0.9], "image": attn_img},
+        "mlp": {"CLS": [0.7, 0.4, 0.5], "image": rng.uniform(0, 1, (3, 8))},
+    }
     table = change_rates_table(data)
-    row = table[(table.block == 1) & (table.sublayer == "attention") & (table.group == "image")].iloc[0]
+    row = table[
+        (table.block == 1) & (table.sublayer == "attention") & (table.group == "image")
+    ].iloc[0]
     assert row.rate == pytest.approx(attn_img[1].mean())
     assert row["sem"] == pytest.approx(attn_img[1].std(ddof=1) / np.sqrt(8))
     fig = plot_change_rates(data)
@@ -133,13 +160,17 @@ def test_change_rates_bars_are_the_per_block_means_in_percent():
     assert heights == sorted(round(100 * v, 6) for v in [0.2, 0.6, 0.9, 0.7, 0.4, 0.5])
     assert "CLS" in ax_cls.get_title() and "image" in ax_img.get_title()
     tidy = table.rename(columns={"rate": "share"})[["block", "sublayer", "group", "share"]]
-    pd.testing.assert_frame_equal(change_rates_table(tidy, value_col="share")[["block", "sublayer", "group", "rate"]],
-                                  change_rates_table(table)[["block", "sublayer", "group", "rate"]])
+    pd.testing.assert_frame_equal(
+        change_rates_table(tidy, value_col="share")[["block", "sublayer", "group", "rate"]],
+        change_rates_table(table)[["block", "sublayer", "group", "rate"]],
+    )
     with pytest.raises(ValueError, match="percent=True"):
         change_rates_table({"mlp": {"CLS": [50.0, 60.0]}})
     in_percent = tidy.assign(share=100 * tidy.share)
-    pd.testing.assert_frame_equal(change_rates_table(in_percent, value_col="share", percent=True),
-                                  change_rates_table(tidy, value_col="share"))
+    pd.testing.assert_frame_equal(
+        change_rates_table(in_percent, value_col="share", percent=True),
+        change_rates_table(tidy, value_col="share"),
+    )
 
 
 def test_kv_agreement_lines_and_baseline_column():
@@ -153,15 +184,22 @@ def test_kv_agreement_lines_and_baseline_column():
     ax = fig.axes[0]
     np.testing.assert_allclose(_line(ax, "mlp").get_ydata(), 100 * per_class.mean(1))
     np.testing.assert_allclose(_line(ax, "mlp (random classes)").get_ydata(), 100 * base.mean(1))
-    frame = pd.DataFrame({"block": np.repeat(np.arange(4), 10), "agreement": per_class.ravel(),
-                          "random": base.ravel()})
+    frame = pd.DataFrame(
+        {
+            "block": np.repeat(np.arange(4), 10),
+            "agreement": per_class.ravel(),
+            "random": base.ravel(),
+        }
+    )
     pd.testing.assert_frame_equal(kv_agreement_table(frame, "random"), table)
 
 
 # -------------------------------------------------------------------------------------------------
 def test_token_grid_from_tokens_puts_each_token_in_its_cell(reg_model):
     layout = reg_model.layout  # 5 prefix tokens, 4x4 grid
-    values = torch.arange(2 * layout.n_tokens, dtype=torch.float32).reshape(2, layout.n_tokens) / 100
+    values = (
+        torch.arange(2 * layout.n_tokens, dtype=torch.float32).reshape(2, layout.n_tokens) / 100
+    )
     fig = plot_token_grid(values, layout=layout)
     drawn = _images(fig)
     assert len(drawn) == 2
@@ -175,7 +213,8 @@ def test_token_grid_from_tokens_puts_each_token_in_its_cell(reg_model):
     table = token_grid_table(values, layout=layout)
     assert set(table.loc[table.row.isna(), "token"]) == {"CLS", "REG0", "REG1", "REG2", "REG3"}
     assert table.loc[(table.panel == 1) & (table.token == "P3,2"), "value"].item() == pytest.approx(
-        float(values[1, layout.token_index(3, 2)]))
+        float(values[1, layout.token_index(3, 2)])
+    )
 
 
 def test_token_grid_classes_over_an_image_are_annotated_with_names():
@@ -197,7 +236,9 @@ def test_token_grid_classes_over_an_image_are_annotated_with_names():
 # -------------------------------------------------------------------------------------------------
 def test_upsample_nearest_is_a_kronecker_product_and_bilinear_keeps_constants():
     grid = np.arange(12.0).reshape(3, 4)
-    np.testing.assert_array_equal(upsample_map(grid, (12, 16), mode="nearest"), np.kron(grid, np.ones((4, 4))))
+    np.testing.assert_array_equal(
+        upsample_map(grid, (12, 16), mode="nearest"), np.kron(grid, np.ones((4, 4)))
+    )
     np.testing.assert_allclose(upsample_map(np.full((3, 4), 2.5), (9, 8)), 2.5)
     smooth = upsample_map(grid, (30, 40))
     assert grid.min() - 1e-9 <= smooth.min() and smooth.max() <= grid.max() + 1e-9
@@ -226,10 +267,16 @@ def test_overlay_blends_image_and_colormap():
     chw = rng.uniform(size=(3, 8, 8))
     heat = rng.uniform(size=(2, 2))
     only_image = overlay(heat, chw, alpha=0.0)
-    np.testing.assert_allclose(only_image, (np.moveaxis(chw, 0, -1) - chw.min()) / (chw.max() - chw.min()))
-    np.testing.assert_allclose(overlay(heat, np.moveaxis(chw, 0, -1), alpha=0.3), overlay(heat, chw, alpha=0.3))
+    np.testing.assert_allclose(
+        only_image, (np.moveaxis(chw, 0, -1) - chw.min()) / (chw.max() - chw.min())
+    )
+    np.testing.assert_allclose(
+        overlay(heat, np.moveaxis(chw, 0, -1), alpha=0.3), overlay(heat, chw, alpha=0.3)
+    )
     only_map = overlay(heat, chw, alpha=1.0, mode="nearest", cmap="jet")
-    expected = colormaps["jet"]((np.kron(heat, np.ones((4, 4))) - heat.min()) / np.ptp(heat))[..., :3]
+    expected = colormaps["jet"]((np.kron(heat, np.ones((4, 4))) - heat.min()) / np.ptp(heat))[
+        ..., :3
+    ]
     np.testing.assert_allclose(only_map, expected)
     grey = overlay(heat, torch.rand(1, 8, 8))
     assert grey.shape == (8, 8, 3)
@@ -249,7 +296,9 @@ def test_heatmap_grid_shares_a_symmetric_scale_and_reports_prefix_tokens(reg_mod
     assert len(ims) == 3
     limit = np.abs(sweep).max()
     assert all(im.get_clim() == pytest.approx((-limit, limit)) for im in ims)
-    np.testing.assert_allclose(ims[2].get_array(), layout.to_grid(torch.as_tensor(sweep[2])).numpy())
+    np.testing.assert_allclose(
+        ims[2].get_array(), layout.to_grid(torch.as_tensor(sweep[2])).numpy()
+    )
     assert "CLS" in fig.axes[0].get_title() and "REG0" in fig.axes[0].get_title()
     table = heatmap_grid_table(sweep, layout=layout)
     assert len(table) == 3 * layout.n_tokens
@@ -272,20 +321,28 @@ def test_attention_table_and_figure_use_the_layout_labels(reg_model):
     table = attention_table(pattern, reg_model)
     labels = layout.token_labels()
     for h, q, k in [(0, 0, 5), (1, 3, 20), (1, 20, 0)]:
-        row = table[(table["head"] == f"H{h}") & (table["query"] == q) & (table["key"] == k)].iloc[0]
+        row = table[(table["head"] == f"H{h}") & (table["query"] == q) & (table["key"] == k)].iloc[
+            0
+        ]
         assert row.weight == pytest.approx(float(pattern[h, q, k]))
         assert (row.query_label, row.key_label) == (labels[q], labels[k])
     fig = plot_attention(pattern, layout)
     ax = fig.axes[0]
     ticks = [t.get_text() for t in ax.get_xticklabels()]
-    assert ticks[:5] == ["CLS", "REG0", "REG1", "REG2", "REG3"] and all(t.startswith("P") for t in ticks[5:])
-    np.testing.assert_allclose(ax.get_images()[0].get_array(), pattern[0].detach().numpy(), rtol=1e-6)
+    assert ticks[:5] == ["CLS", "REG0", "REG1", "REG2", "REG3"] and all(
+        t.startswith("P") for t in ticks[5:]
+    )
+    np.testing.assert_allclose(
+        ax.get_images()[0].get_array(), pattern[0].detach().numpy(), rtol=1e-6
+    )
     single = plot_attention(pattern, layout, heads=[1], title="one head")
     assert single.axes[0].get_title() == "one head"
     with pytest.raises(ValueError, match="layout"):
         plot_attention(pattern[:, :10, :10], layout)
     with pytest.raises(ValueError, match="one image"):
-        plot_attention(cache["blocks.1.attn.hook_pattern"].expand(2, -1, -1, -1)[:, 0, None], layout)
+        plot_attention(
+            cache["blocks.1.attn.hook_pattern"].expand(2, -1, -1, -1)[:, 0, None], layout
+        )
 
 
 def test_figures_never_touch_pyplot():

@@ -57,7 +57,9 @@ class _Collector(HTMLParser):
         if tag not in self.stack:
             self.errors.append(f"stray </{tag}>")
             return
-        while self.stack and self.stack.pop() != tag:  # circuitsvis writes <div .../>: HTML5 leaves it open
+        while (
+            self.stack and self.stack.pop() != tag
+        ):  # circuitsvis writes <div .../>: HTML5 leaves it open
             pass
 
     def handle_data(self, data):
@@ -78,7 +80,7 @@ def _circuitsvis_call(parsed: _Collector):
     script = "".join(parsed.scripts)
     start = script.rfind("CircuitsVis.render(")
     assert start >= 0, "no circuitsvis render call"
-    call = script[start + len("CircuitsVis.render("):]
+    call = script[start + len("CircuitsVis.render(") :]
     target, rest = call.split(",", 1)
     component, rest = rest.split(",", 1)
     props = json.JSONDecoder().raw_decode(rest.strip())[0]
@@ -132,7 +134,9 @@ def test_attention_view_html_carries_labels_weights_and_a_png_fallback(bundled):
     assert image.size == tuple(int(round(s * 100)) for s in view.figure().get_size_inches())
     assert view._repr_png_() == view.png()
     # the tidy table agrees with the pattern
-    row = view.data[(view.data["head"] == "L3H1") & (view.data["query"] == 0) & (view.data["key"] == 9)]
+    row = view.data[
+        (view.data["head"] == "L3H1") & (view.data["query"] == 0) & (view.data["key"] == 9)
+    ]
     assert row.weight.item() == pytest.approx(float(expected[1, 0, 9]), abs=1e-6)
 
 
@@ -142,8 +146,16 @@ def test_attention_view_with_registers_and_distillation_tokens():
         ("deit_tiny_distilled_patch16_224", {}, ["CLS", "DIST"]),
         ("vit_small_patch16_224", dict(class_token=False, global_pool="avg"), []),
     ]:
-        tm = create_timm_vit(name, depth=2, img_size=32, patch_size=8, num_classes=3, embed_dim=24,
-                             num_heads=3, **kwargs)
+        tm = create_timm_vit(
+            name,
+            depth=2,
+            img_size=32,
+            patch_size=8,
+            num_classes=3,
+            embed_dim=24,
+            num_heads=3,
+            **kwargs,
+        )
         model = HookedViT.from_timm(tm)
         _, cache = model.run_with_cache(torch.randn(2, 3, 32, 32))
         pattern = cache["blocks.1.attn.hook_pattern"]  # a batched tensor, not a cache
@@ -151,26 +163,34 @@ def test_attention_view_with_registers_and_distillation_tokens():
         _, _, props = _circuitsvis_call(_parse(view.html()))  # (the PNG fallback is tested above)
         assert props["tokens"][: len(prefix)] == prefix and props["tokens"][len(prefix)] == "P0,0"
         assert len(props["tokens"]) == model.layout.n_tokens
-        np.testing.assert_allclose(np.asarray(props["attention"]), pattern[1, [0, 2]].numpy(), atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(props["attention"]), pattern[1, [0, 2]].numpy(), atol=1e-6
+        )
 
 
 def test_class_probability_view_matches_the_predictions_helper(bundled):
     model, images, labels, cache = bundled
-    view = class_probability_view(model, cache, image_index=1, class_id=int(labels[1]), image=images[1])
+    view = class_probability_view(
+        model, cache, image_index=1, class_id=int(labels[1]), image=images[1]
+    )
     parsed = _parse(view._repr_html_())
     _, component, props = _circuitsvis_call(parsed)
     assert component == "ColoredTokensMulti"
     assert props["tokens"] == model.layout.token_labels()
     assert props["labels"] == [f"block {b}" for b in range(model.cfg.n_layers)]
     values = np.asarray(props["values"])  # [n_tokens, n_blocks]
-    reference = token_class_predictions(model, cache, k=1, targets=labels).target_probs[1]  # [blocks, tokens]
+    reference = token_class_predictions(model, cache, k=1, targets=labels).target_probs[
+        1
+    ]  # [blocks, tokens]
     np.testing.assert_allclose(values, reference.T.numpy(), atol=1e-6)
     _fallback_png(parsed)
     # default class: the model's prediction; a class name works too
     by_default = class_probability_view(model, cache, image_index=1)
     predicted = int(cache["hook_logits"][1].argmax())
     assert set(by_default.data["class"]) == {predicted}
-    by_name = class_probability_view(model, images, image_index=1, class_id=model.class_names[predicted])
+    by_name = class_probability_view(
+        model, images, image_index=1, class_id=model.class_names[predicted]
+    )
     np.testing.assert_allclose(by_name.data["prob"], by_default.data["prob"], atol=1e-6)
     # on the trained model, the CLS token's probability of the right digit rises through the blocks
     cls = view.data[view.data.token == "CLS"].sort_values("block")["prob"].to_numpy()
@@ -188,7 +208,12 @@ def test_topk_tokens_view_lists_the_most_confident_tokens_per_class(bundled):
     from vit_embedding_lens.lens import ClassProjection
 
     probs = ClassProjection(model)(cache["blocks.5.hook_resid_post"][3]).softmax(-1)[:, 7]
-    top = view.data[(view.data.image == 3) & (view.data.block == 5) & (view.data["class"] == 7) & (view.data.k == 0)]
+    top = view.data[
+        (view.data.image == 3)
+        & (view.data.block == 5)
+        & (view.data["class"] == 7)
+        & (view.data.k == 0)
+    ]
     assert top.position.item() == int(probs.argmax())
     assert top.token.item() == model.layout.token_labels()[int(probs.argmax())]
 
@@ -212,6 +237,8 @@ def test_save_cdn_and_errors(bundled, tmp_path):
         attention_view(model, cache)
     with pytest.raises(ValueError, match="layout"):
         attention_view(model, torch.rand(2, 4, 10, 10))
-    _, partial = model.run_with_cache(torch.zeros(1, 1, 28, 28), names_filter="blocks.0.hook_resid_post")
+    _, partial = model.run_with_cache(
+        torch.zeros(1, 1, 28, 28), names_filter="blocks.0.hook_resid_post"
+    )
     with pytest.raises(ValueError, match="names_filter"):
         class_probability_view(model, partial)

@@ -57,7 +57,9 @@ def test_topk_and_target_rank_match_a_token_by_token_reference(bundled, bundled_
         probs = logits.softmax(-1)
         order = sorted(range(len(probs)), key=lambda c: -float(probs[c]))
         assert pred.topk_classes[i, b, t].tolist() == order[:3]
-        torch.testing.assert_close(pred.topk_probs[i, b, t].double(), probs[order[:3]], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            pred.topk_probs[i, b, t].double(), probs[order[:3]], atol=1e-5, rtol=1e-4
+        )
         target = int(labels[i])
         rank = sum(1 for c in range(len(logits)) if logits[c] > logits[target])
         assert int(pred.target_ranks[i, b, t]) == rank
@@ -75,15 +77,20 @@ def test_last_block_cls_top1_is_the_models_prediction(bundled, bundled_cache):
 
 def test_identifiability_rises_across_blocks_on_the_trained_model(bundled):
     model, images, labels = bundled
-    pred = token_class_predictions(model, images, k=1, targets=labels)  # images in, cache made inside
+    pred = token_class_predictions(
+        model, images, k=1, targets=labels
+    )  # images in, cache made inside
     layout = model.layout
     cls_top1 = (pred.target_ranks[:, :, layout.cls_index] == 0).float().mean(0)
-    image_top1 = (pred.target_ranks[:, :, layout.n_prefix:] == 0).float().mean((0, 2))
+    image_top1 = (pred.target_ranks[:, :, layout.n_prefix :] == 0).float().mean((0, 2))
     # the CLS token becomes identifiable with depth and ends far above chance (1/10)
     assert cls_top1[-1] > cls_top1[0] + 0.3 and cls_top1[-1] > 0.8
     # image tokens start near chance and gain identifiability in the later blocks
     assert image_top1[-1] > image_top1[0] + 0.1
-    assert pred.target_probs[:, -1, layout.cls_index].mean() > pred.target_probs[:, 0, layout.cls_index].mean()
+    assert (
+        pred.target_probs[:, -1, layout.cls_index].mean()
+        > pred.target_probs[:, 0, layout.cls_index].mean()
+    )
 
 
 def test_images_and_cache_routes_agree_and_batchless_cache_works(bundled, bundled_cache):
@@ -107,7 +114,9 @@ def test_to_frame_is_tidy_and_consistent_with_tensors(bundled, bundled_cache):
     frame = pred.to_frame()
     n_img = labels.shape[0]
     assert len(frame) == n_img * 2 * model.layout.n_tokens * 2
-    row = frame[(frame.image == 3) & (frame.block == 5) & (frame.token == "P2,4") & (frame.k == 1)].iloc[0]
+    row = frame[
+        (frame.image == 3) & (frame.block == 5) & (frame.token == "P2,4") & (frame.k == 1)
+    ].iloc[0]
     pos = model.layout.token_index(2, 4)
     assert row.position == pos and row.token_type == "image"
     assert row["class"] == int(pred.topk_classes[3, 1, pos, 1])
@@ -117,8 +126,16 @@ def test_to_frame_is_tidy_and_consistent_with_tensors(bundled, bundled_cache):
 
 
 def test_registers_layout_grid_excludes_prefix_tokens():
-    tm = create_timm_vit("vit_small_patch16_224", depth=2, img_size=32, patch_size=8, embed_dim=32,
-                         num_heads=2, reg_tokens=4, num_classes=7)
+    tm = create_timm_vit(
+        "vit_small_patch16_224",
+        depth=2,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        num_heads=2,
+        reg_tokens=4,
+        num_classes=7,
+    )
     model = HookedViT.from_timm(tm)
     layout = model.layout
     assert token_types(layout) == ["CLS", "REG", "REG", "REG", "REG"] + ["image"] * 16
@@ -131,7 +148,9 @@ def test_registers_layout_grid_excludes_prefix_tokens():
         for c in range(4):
             assert grid[1, r, c] == pred.target_probs[1, 1, layout.token_index(r, c)]
     frame = pred.to_frame()
-    assert {"REG0", "REG3"} <= set(frame.token) and set(frame.loc[frame.token == "REG2", "token_type"]) == {"REG"}
+    assert {"REG0", "REG3"} <= set(frame.token) and set(
+        frame.loc[frame.token == "REG2", "token_type"]
+    ) == {"REG"}
 
 
 def test_clear_errors(bundled, bundled_cache):

@@ -17,7 +17,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
     return header + array.astype(np.uint8).tobytes()
 
 
@@ -66,14 +68,38 @@ def test_a_tiny_fashion_run_writes_weights_eval_set_and_card(tmp_path, capsys):
     }.items():
         (data / f"{name}-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.asarray(array))))
     out = tmp_path / "out"
-    main(["--model", "fashion-vit", "--epochs", "1", "--data-dir", str(data), "--out", str(out), "--threads", "1"])
+    main(
+        [
+            "--model",
+            "fashion-vit",
+            "--epochs",
+            "1",
+            "--data-dir",
+            str(data),
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+        ]
+    )
     spec = BUNDLED_MODELS["fashion-vit"]
     card = json.loads((out / spec.card).read_text())
-    assert card["name"] == "fashion-vit" and card["training"]["epochs"] == 1 and card["device"] == "cpu"
+    assert (
+        card["name"] == "fashion-vit"
+        and card["training"]["epochs"] == 1
+        and card["device"] == "cpu"
+    )
     assert len(card["held_out_accuracy_per_epoch"]) == 1 and "--epochs 1" in card["command"]
     shipped = np.load(out / spec.eval_file)
-    assert shipped["images"].shape == (500, 28, 28) and np.bincount(shipped["labels"]).tolist() == [50] * 10
-    assert shipped["source_index"][:3].tolist() == [0, 1, 2]  # the first 50 test images of each class
+    assert (
+        shipped["images"].shape == (500, 28, 28)
+        and np.bincount(shipped["labels"]).tolist() == [50] * 10
+    )
+    assert shipped["source_index"][:3].tolist() == [
+        0,
+        1,
+        2,
+    ]  # the first 50 test images of each class
     assert np.array_equal(shipped["masks"], shipped["images"] > spec.foreground_threshold)
     model = create_bundled_timm_model("fashion-vit")
     load_checkpoint_(model, out / spec.weights)  # strict
@@ -82,10 +108,14 @@ def test_a_tiny_fashion_run_writes_weights_eval_set_and_card(tmp_path, capsys):
 
 def test_missing_fashion_files_say_how_to_get_them(tmp_path):
     with pytest.raises(SystemExit, match="dataset-fashion-mnist"):
-        main(["--model", "fashion-vit", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+        main(
+            ["--model", "fashion-vit", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")]
+        )
 
 
-@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch", "0"), ("--shift", "-1"), ("--threads", "0")])
+@pytest.mark.parametrize(
+    "flag, value", [("--epochs", "0"), ("--batch", "0"), ("--shift", "-1"), ("--threads", "0")]
+)
 def test_bad_settings_are_refused_naming_the_flag(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit):
         main(["--model", "mnist-vit", flag, value, "--out", str(tmp_path)])

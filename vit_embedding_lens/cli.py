@@ -37,40 +37,76 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    models = sub.add_parser("models", help="timm ViT families the converter supports, and refusals with reasons")
-    models.add_argument("--check", nargs="+", metavar="NAME", help="check these timm model names only")
+    models = sub.add_parser(
+        "models", help="timm ViT families the converter supports, and refusals with reasons"
+    )
     models.add_argument(
-        "--module", nargs="+", metavar="MODULE", help="timm modules to survey (default: all ViT modules)"
+        "--check", nargs="+", metavar="NAME", help="check these timm model names only"
+    )
+    models.add_argument(
+        "--module",
+        nargs="+",
+        metavar="MODULE",
+        help="timm modules to survey (default: all ViT modules)",
     )
     models.add_argument("--filter", metavar="PATTERN", help="timm name pattern, e.g. 'vit_base*'")
     models.add_argument("--list", action="store_true", help="print every model with its status")
-    models.add_argument("--no-cache", action="store_true", help="re-check instead of reading the cached survey")
+    models.add_argument(
+        "--no-cache", action="store_true", help="re-check instead of reading the cached survey"
+    )
     models.add_argument("--no-progress", action="store_true")
 
-    analyze = sub.add_parser("analyze", help="run analyses over an image data set (resumable, torchrun-ready)")
+    analyze = sub.add_parser(
+        "analyze", help="run analyses over an image data set (resumable, torchrun-ready)"
+    )
     src = analyze.add_argument_group("model")
-    src.add_argument("--model", help="timm model name (with tag), or bundled:mnist-vit / bundled:fashion-vit")
-    src.add_argument("--checkpoint", help="weights file for --model, or a timm model folder (config.json + weights)")
-    src.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the model hub)")
+    src.add_argument(
+        "--model", help="timm model name (with tag), or bundled:mnist-vit / bundled:fashion-vit"
+    )
+    src.add_argument(
+        "--checkpoint",
+        help="weights file for --model, or a timm model folder (config.json + weights)",
+    )
+    src.add_argument(
+        "--pretrained", action="store_true", help="timm's pretrained weights (needs the model hub)"
+    )
     data = analyze.add_argument_group("data")
-    data.add_argument("--data", required=True, help="image folder (DIR/<class>/*.jpg) or ImageNet-S root")
+    data.add_argument(
+        "--data", required=True, help="image folder (DIR/<class>/*.jpg) or ImageNet-S root"
+    )
     data.add_argument("--layout", choices=("auto", "folder", "imagenet-s"), default="auto")
     data.add_argument(
-        "--per-class", type=int, default=None, help="first N images per class (sorted names); ImageNet-S default 5"
-    )
-    data.add_argument("--split", default="validation", help="ImageNet-S split folder (default: validation)")
-    data.add_argument(
-        "--keep-ambiguous", action="store_true", help="ImageNet-S: keep the 10 merged synsets the reference excludes"
-    )
-    data.add_argument(
-        "--keep-short-classes", action="store_true", help="ImageNet-S: keep classes with fewer than --per-class images"
+        "--per-class",
+        type=int,
+        default=None,
+        help="first N images per class (sorted names); ImageNet-S default 5",
     )
     data.add_argument(
-        "--categories", help="ImageNet-S categories file (ImageNetS_categories_im919.txt): segmentation ids"
+        "--split", default="validation", help="ImageNet-S split folder (default: validation)"
     )
-    data.add_argument("--synset-mapping", help="LOC_synset_mapping.txt: synset -> class index by line order")
-    data.add_argument("--token-labels", choices=("nearest", "area"), default="nearest", help="mask -> tokens")
-    data.add_argument("--threshold", type=float, default=0.5, help="area fraction for --token-labels area")
+    data.add_argument(
+        "--keep-ambiguous",
+        action="store_true",
+        help="ImageNet-S: keep the 10 merged synsets the reference excludes",
+    )
+    data.add_argument(
+        "--keep-short-classes",
+        action="store_true",
+        help="ImageNet-S: keep classes with fewer than --per-class images",
+    )
+    data.add_argument(
+        "--categories",
+        help="ImageNet-S categories file (ImageNetS_categories_im919.txt): segmentation ids",
+    )
+    data.add_argument(
+        "--synset-mapping", help="LOC_synset_mapping.txt: synset -> class index by line order"
+    )
+    data.add_argument(
+        "--token-labels", choices=("nearest", "area"), default="nearest", help="mask -> tokens"
+    )
+    data.add_argument(
+        "--threshold", type=float, default=0.5, help="area fraction for --token-labels area"
+    )
     data.add_argument(
         "--preprocess",
         choices=("timm", "paper"),
@@ -78,13 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="timm: the model's data config; paper: resize to the input size, bilinear, mean=std=0.5",
     )
     data.add_argument(
-        "--on-error", choices=("skip", "raise"), default="skip", help="unreadable images: skip (count, warn) or stop"
+        "--on-error",
+        choices=("skip", "raise"),
+        default="skip",
+        help="unreadable images: skip (count, warn) or stop",
     )
     _add_run_options(analyze)
 
-    demo = sub.add_parser("demo", help="offline demo: a bundled ViT and its eval images, with foreground masks")
+    demo = sub.add_parser(
+        "demo", help="offline demo: a bundled ViT and its eval images, with foreground masks"
+    )
     demo.add_argument(
-        "--bundled", default="mnist-vit",
+        "--bundled",
+        default="mnist-vit",
         help="which bundled model: mnist-vit (digits, the default) or fashion-vit (Fashion-MNIST)",
     )
     demo.add_argument("--n", type=int, default=None, help="first N eval images (default: all 500)")
@@ -94,15 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_run_options(p: argparse.ArgumentParser, default_out: Optional[str] = None) -> None:
     run = p.add_argument_group("run")
-    run.add_argument("--analyses", default=None, help="comma-separated analyses (default: accuracy, lens, knockout, context_removal, memories, attribution; `vit-lens models --list` style names, see docs)")
+    run.add_argument(
+        "--analyses",
+        default=None,
+        help="comma-separated analyses (default: accuracy, lens, knockout, context_removal, memories, attribution; `vit-lens models --list` style names, see docs)",
+    )
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
-    run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help=DTYPE_NOTE)
     run.add_argument(
-        "--num-workers", type=int, default=None, help="data loading processes (default: 4 on GPU, 0 on CPU)"
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help=DTYPE_NOTE
     )
-    run.add_argument("--out", required=default_out is None, default=default_out, help="output folder")
-    run.add_argument("--overwrite", action="store_true", help="discard a previous run in --out instead of resuming")
+    run.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="data loading processes (default: 4 on GPU, 0 on CPU)",
+    )
+    run.add_argument(
+        "--out", required=default_out is None, default=default_out, help="output folder"
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard a previous run in --out instead of resuming",
+    )
     run.add_argument("--no-report", action="store_true", help="skip tables, figures and index.html")
     run.add_argument("--no-progress", action="store_true")
 
@@ -134,7 +191,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     import pandas as pd
 
     with pd.option_context("display.max_colwidth", 90, "display.width", 200):
-        print(f"timm {_timm_version()}: {int(survey['supported'].sum())} of {len(survey)} ViT models convert exactly\n")
+        print(
+            f"timm {_timm_version()}: {int(survey['supported'].sum())} of {len(survey)} ViT models convert exactly\n"
+        )
         print(support_by_module(survey).to_string(index=False))
         reasons = refusal_reasons(survey)
         if len(reasons):
@@ -158,7 +217,9 @@ def _resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        raise ValueError(
+            f"--device {name}: CUDA is not available on this machine; use --device cpu"
+        )
     return name
 
 
@@ -173,12 +234,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from vit_embedding_lens.runner.models import load_model
 
     if args.model is None and args.checkpoint is None:
-        raise ValueError("name a model: --model NAME (timm name or bundled:mnist-vit) or --checkpoint PATH")
+        raise ValueError(
+            "name a model: --model NAME (timm name or bundled:mnist-vit) or --checkpoint PATH"
+        )
     device = _resolve_device(args.device)
     ctx = distributed.init_distributed(device)
     try:
         device = str(distributed.device_for(ctx, device))
-        loaded = load_model(args.model, args.checkpoint, args.pretrained, device=device, dtype=args.dtype)
+        loaded = load_model(
+            args.model, args.checkpoint, args.pretrained, device=device, dtype=args.dtype
+        )
         model = loaded.model
         preprocessing = resolve_preprocessing(model, args.preprocess, loaded.data_config)
         data = Path(args.data)
@@ -191,13 +256,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             print(f"{model!r}\n{what} on {device}, {args.dtype}")
         run_config = {"model_spec": loaded.spec, "data_dir": str(data.resolve()), "layout": layout}
         return _run_and_report(
-            args, model, dataset, run_config, title=f"{loaded.spec['model_name']} on {data.name}", ctx=ctx
+            args,
+            model,
+            dataset,
+            run_config,
+            title=f"{loaded.spec['model_name']} on {data.name}",
+            ctx=ctx,
         )
     finally:
         distributed.shutdown()
 
 
-def _build_dataset(args: argparse.Namespace, layout: str, data: Path, model: Any, preprocessing: Any) -> Any:
+def _build_dataset(
+    args: argparse.Namespace, layout: str, data: Path, model: Any, preprocessing: Any
+) -> Any:
     if layout == "imagenet-s":
         from vit_embedding_lens.data.imagenet_s import imagenet_s_dataset
 
@@ -218,7 +290,12 @@ def _build_dataset(args: argparse.Namespace, layout: str, data: Path, model: Any
     from vit_embedding_lens.data.images import image_folder_dataset
 
     return image_folder_dataset(
-        data, model, preprocessing, per_class=args.per_class, synset_mapping=args.synset_mapping, on_error=args.on_error
+        data,
+        model,
+        preprocessing,
+        per_class=args.per_class,
+        synset_mapping=args.synset_mapping,
+        on_error=args.on_error,
     )
 
 
@@ -236,11 +313,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"on {device}, {args.dtype}"
     )
     run_config = {"model_spec": loaded.spec}
-    return _run_and_report(args, loaded.model, dataset, run_config, title=f"vit-lens demo: bundled {spec.name}")
+    return _run_and_report(
+        args, loaded.model, dataset, run_config, title=f"vit-lens demo: bundled {spec.name}"
+    )
 
 
 def _run_and_report(
-    args: argparse.Namespace, model: Any, dataset: Any, run_config: dict, title: str, ctx: Any = None
+    args: argparse.Namespace,
+    model: Any,
+    dataset: Any,
+    run_config: dict,
+    title: str,
+    ctx: Any = None,
 ) -> int:
     from vit_embedding_lens.report import format_headlines, headline_tables, write_report
     from vit_embedding_lens.runner import build_analyses, run_analyses, summarize_run
@@ -248,7 +332,9 @@ def _run_and_report(
 
     analyses = build_analyses(args.analyses.split(",") if args.analyses else DEFAULT_ANALYSES)
     device_type = next(model.parameters()).device.type
-    workers = args.num_workers if args.num_workers is not None else (4 if device_type == "cuda" else 0)
+    workers = (
+        args.num_workers if args.num_workers is not None else (4 if device_type == "cuda" else 0)
+    )
     out = Path(args.out)
     start = time.perf_counter()
     results = run_analyses(
@@ -302,7 +388,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from vit_embedding_lens.runner.manifest import ConfigMismatchError
 
     # OSError covers missing files and an unreachable model hub (the converter says what to do instead)
-    user_errors = (UnsupportedArchitectureError, ConversionError, ConfigMismatchError, ValueError, OSError)
+    user_errors = (
+        UnsupportedArchitectureError,
+        ConversionError,
+        ConfigMismatchError,
+        ValueError,
+        OSError,
+    )
     try:
         return COMMANDS[args.command](args)
     except user_errors as err:

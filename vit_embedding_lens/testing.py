@@ -18,7 +18,11 @@ import torch
 from torch import nn
 
 __all__ = [
-    "PREFIX_VARIANTS", "randomize_vit_weights_", "create_timm_vit", "create_prefix_variant", "timm_reference",
+    "PREFIX_VARIANTS",
+    "randomize_vit_weights_",
+    "create_timm_vit",
+    "create_prefix_variant",
+    "timm_reference",
     "assert_close_scaled",
 ]
 
@@ -127,7 +131,9 @@ def create_timm_vit(name: str, seed: int = 0, **overrides: Any) -> nn.Module:
 
 
 @torch.no_grad()
-def timm_reference(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def timm_reference(
+    model: nn.Module, images: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One timm forward pass: ``(logits, [output of blocks[i] for every block])``.
 
     Block outputs are full residual streams ``[B, N, d]`` with the prefix tokens (CLS,
@@ -176,6 +182,8 @@ def create_prefix_variant(n_prefix: int, seed: int = 0, **kwargs: Any) -> nn.Mod
     """A small timm ViT with ``n_prefix`` prefix tokens (a key of :data:`PREFIX_VARIANTS`), realistic
     random weights; ``kwargs`` (sizes, ``num_classes``, ...) go to :func:`create_timm_vit`."""
     if n_prefix not in PREFIX_VARIANTS:
-        raise ValueError(f"no variant with {n_prefix} prefix tokens; choose from {sorted(PREFIX_VARIANTS)}")
+        raise ValueError(
+            f"no variant with {n_prefix} prefix tokens; choose from {sorted(PREFIX_VARIANTS)}"
+        )
     name, overrides = PREFIX_VARIANTS[n_prefix]
     return create_timm_vit(name, seed=seed, **overrides, **kwargs)

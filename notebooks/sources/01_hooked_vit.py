@@ -15,13 +15,14 @@ import os
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline by default; unset it to allow the optional hub cell
+os.environ.setdefault(
+    "HF_HUB_OFFLINE", "1"
+)  # offline by default; unset it to allow the optional hub cell
 
 import pandas as pd
 import torch
 
 from vit_embedding_lens import HookedViT, viz
-from vit_embedding_lens.lens import ClassProjection
 from vit_embedding_lens.model.convert import hub_reachable
 from vit_embedding_lens.testing import create_timm_vit
 from vit_embedding_lens.zoo import load_mnist_eval, model_card
@@ -89,11 +90,19 @@ if imagenet_model is not None:  # classify matplotlib's sample photo with the pa
 layout = model.layout
 print("prefix tokens:", layout.n_prefix, "| grid:", layout.grid_size, "| tokens:", layout.n_tokens)
 print(layout.token_labels()[:10], "...")
-print("token of patch (2, 3):", layout.token_index(2, 3), "-> back:", layout.patch_position(layout.token_index(2, 3)))
+print(
+    "token of patch (2, 3):",
+    layout.token_index(2, 3),
+    "-> back:",
+    layout.patch_position(layout.token_index(2, 3)),
+)
 
 # other layouts, on tiny random-weight timm models (no download)
-for name, kwargs in [("deit_tiny_distilled_patch16_224", {}), ("vit_small_patch16_224", dict(reg_tokens=4)),
-                     ("vit_small_patch16_224", dict(class_token=False, global_pool="avg"))]:
+for name, kwargs in [
+    ("deit_tiny_distilled_patch16_224", {}),
+    ("vit_small_patch16_224", dict(reg_tokens=4)),
+    ("vit_small_patch16_224", dict(class_token=False, global_pool="avg")),
+]:
     other = HookedViT.from_timm(create_timm_vit(name, depth=1, img_size=32, patch_size=8, **kwargs))
     print(f"{name} {kwargs}: {other.layout.token_labels()[:6]}")
 
@@ -106,14 +115,20 @@ for name, kwargs in [("deit_tiny_distilled_patch16_224", {}), ("vit_small_patch1
 # %%
 logits, cache = model.run_with_cache(images)
 shapes = pd.DataFrame(
-    [(name, tuple(cache[name].shape)) for name in cache.keys() if not name.startswith("blocks.") or name.startswith("blocks.0.")],
+    [
+        (name, tuple(cache[name].shape))
+        for name in cache.keys()
+        if not name.startswith("blocks.") or name.startswith("blocks.0.")
+    ],
     columns=["hook", "shape"],
 )
 shapes
 
 # %%
 # only what you need (a full ViT-B/16 cache is ~170 MiB per image), and TransformerLens short keys
-_, resid_only = model.run_with_cache(images, names_filter=lambda name: name.endswith("hook_resid_post"))
+_, resid_only = model.run_with_cache(
+    images, names_filter=lambda name: name.endswith("hook_resid_post")
+)
 print(len(resid_only), "activations cached;", resid_only["resid_post", 3].shape)
 print("image tokens of block 3:", cache.patch_tokens("blocks.3.hook_resid_post").shape)
 
@@ -124,6 +139,7 @@ print("image tokens of block 3:", cache.patch_tokens("blocks.3.hook_resid_post")
 # (`hook_attn_out`), then the heads of one block one at a time (their `hook_z` slice), and the
 # accuracy measured again: where does the model rely on attention?
 
+
 # %%
 def zero(activation, hook):
     return torch.zeros_like(activation)
@@ -133,6 +149,7 @@ def ablate_head(head):
     def hook(z, hook):  # z: [batch, tokens, heads, d_head]
         z[:, :, head] = 0.0
         return z
+
     return hook
 
 
@@ -141,25 +158,40 @@ def accuracy(out):
 
 
 print(f"accuracy, intact: {accuracy(logits):.2f}")
-pd.DataFrame({
-    "attention removed in block": range(model.cfg.n_layers),
-    "accuracy": [accuracy(model.run_with_hooks(images, fwd_hooks=[(f"blocks.{b}.hook_attn_out", zero)]))
-                 for b in range(model.cfg.n_layers)],
-})
+pd.DataFrame(
+    {
+        "attention removed in block": range(model.cfg.n_layers),
+        "accuracy": [
+            accuracy(model.run_with_hooks(images, fwd_hooks=[(f"blocks.{b}.hook_attn_out", zero)]))
+            for b in range(model.cfg.n_layers)
+        ],
+    }
+)
 
 # %%
-pd.DataFrame({
-    "head removed in block 3": range(model.cfg.n_heads),
-    "accuracy": [accuracy(model.run_with_hooks(images, fwd_hooks=[("blocks.3.attn.hook_z", ablate_head(h))]))
-                 for h in range(model.cfg.n_heads)],
-})
+pd.DataFrame(
+    {
+        "head removed in block 3": range(model.cfg.n_heads),
+        "accuracy": [
+            accuracy(
+                model.run_with_hooks(images, fwd_hooks=[("blocks.3.attn.hook_z", ablate_head(h))])
+            )
+            for h in range(model.cfg.n_heads)
+        ],
+    }
+)
 
 # %%
 # the same as a context manager; hooks are removed on exit
 intact = model(images)
 with model.hooks(fwd_hooks=[("blocks.3.hook_attn_out", zero)]):
     inside = model(images)
-print("changed inside:", not torch.allclose(inside, intact), "| restored after:", torch.equal(model(images), intact))
+print(
+    "changed inside:",
+    not torch.allclose(inside, intact),
+    "| restored after:",
+    torch.equal(model(images), intact),
+)
 
 # %% [markdown]
 # ## 5. TransformerLens's cache methods
@@ -172,8 +204,12 @@ print("changed inside:", not torch.allclose(inside, intact), "| restored after:"
 cls = layout.cls_index
 resid, resid_labels = cache.accumulated_resid(apply_ln=True, pos_slice=cls, return_labels=True)
 lens_logits = resid @ model.W_U + model.b_U  # [n_layers + 1, batch, n_classes]
-pd.DataFrame({"stage": resid_labels,
-              "CLS top-1 accuracy": (lens_logits.argmax(-1) == labels).float().mean(-1).numpy()})
+pd.DataFrame(
+    {
+        "stage": resid_labels,
+        "CLS top-1 accuracy": (lens_logits.argmax(-1) == labels).float().mean(-1).numpy(),
+    }
+)
 
 # %% [markdown]
 # **Direct logit attribution**: `decompose_resid` splits the CLS residual into the embeddings and
@@ -188,14 +224,18 @@ parts, part_labels = folded_cache.decompose_resid(pos_slice=cls, return_labels=T
 attrs = folded_cache.logit_attrs(parts, tokens=labels, pos_slice=cls)  # [n_parts, batch]
 correct_logit = folded_logits.gather(-1, labels[:, None])[:, 0] - folded.b_U[labels]
 print("max |sum of parts - logit|:", (attrs.sum(0) - correct_logit).abs().max().item())
-pd.DataFrame({"component": part_labels, "mean attribution to the correct class": attrs.mean(-1).numpy()})
+pd.DataFrame(
+    {"component": part_labels, "mean attribution to the correct class": attrs.mean(-1).numpy()}
+)
 
 # %%
 heads, head_labels = folded_cache.stack_head_results(layer=-1, pos_slice=cls, return_labels=True)
 head_attrs = folded_cache.logit_attrs(heads, tokens=labels, pos_slice=cls).mean(-1)
-pd.DataFrame(head_attrs.reshape(model.cfg.n_layers, model.cfg.n_heads).numpy(),
-             index=[f"block {l}" for l in range(model.cfg.n_layers)],
-             columns=[f"head {h}" for h in range(model.cfg.n_heads)]).round(3)
+pd.DataFrame(
+    head_attrs.reshape(model.cfg.n_layers, model.cfg.n_heads).numpy(),
+    index=[f"block {l}" for l in range(model.cfg.n_layers)],
+    columns=[f"head {h}" for h in range(model.cfg.n_heads)],
+).round(3)
 
 # %% [markdown]
 # ## 6. Weight processing
@@ -205,12 +245,16 @@ pd.DataFrame(head_attrs.reshape(model.cfg.n_layers, model.cfg.n_heads).numpy(),
 # image by the same constant.
 
 # %%
-processed = HookedViT.from_bundled(fold_ln=True, center_writing_weights=True, center_unembed=True,
-                                   fold_value_biases=True)
+processed = HookedViT.from_bundled(
+    fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True
+)
 print("normalization:", model.cfg.normalization_type, "->", processed.cfg.normalization_type)
 gap = (processed(images).log_softmax(-1) - logits.log_softmax(-1)).abs().max().item()
 print(f"max |log-prob difference|: {gap:.2e}")
-print("W_out written into the residual is centred:", processed.blocks[0].mlp.W_out.mean(-1).abs().max().item())
+print(
+    "W_out written into the residual is centred:",
+    processed.blocks[0].mlp.W_out.mean(-1).abs().max().item(),
+)
 
 # %% [markdown]
 # ## 7. Equivalence with timm
@@ -225,14 +269,23 @@ from vit_embedding_lens.zoo.bundled import load_bundled_timm
 
 for name, timm_model, x in [
     ("bundled", load_bundled_timm(), images),
-    ("deit distilled (random)", create_timm_vit("deit_tiny_distilled_patch16_224", depth=2, img_size=64), torch.randn(2, 3, 64, 64)),
+    (
+        "deit distilled (random)",
+        create_timm_vit("deit_tiny_distilled_patch16_224", depth=2, img_size=64),
+        torch.randn(2, 3, 64, 64),
+    ),
 ]:
     hooked = HookedViT.from_timm(timm_model)
     timm_logits, timm_blocks = timm_reference(timm_model, x)
     ours, ours_cache = hooked.run_with_cache(x)
-    block_gap = max((ours_cache[f"blocks.{l}.hook_resid_post"] - t).abs().max().item() for l, t in enumerate(timm_blocks))
+    block_gap = max(
+        (ours_cache[f"blocks.{l}.hook_resid_post"] - t).abs().max().item()
+        for l, t in enumerate(timm_blocks)
+    )
     assert_close_scaled(ours, timm_logits)
-    print(f"{name}: max |logit diff| {(ours - timm_logits).abs().max().item():.1e}, max |block output diff| {block_gap:.1e}")
+    print(
+        f"{name}: max |logit diff| {(ours - timm_logits).abs().max().item():.1e}, max |block output diff| {block_gap:.1e}"
+    )
 
 # %% [markdown]
 # ## 8. Look at it: attention and per-token classes
@@ -253,7 +306,9 @@ viz.plot_attention(cache["blocks.4.attn.hook_pattern"][0], model, heads=[0, 1])
 
 # %%
 predictions = viz.token_class_predictions(model, cache, k=3, targets=labels)
-viz.plot_token_grid(predictions.grid("top1", image_index=0), image=images[0], class_names=model.class_names)
+viz.plot_token_grid(
+    predictions.grid("top1", image_index=0), image=images[0], class_names=model.class_names
+)
 
 # %%
 viz.class_probability_view(model, cache, image_index=0, image=images[0])
@@ -261,7 +316,11 @@ viz.class_probability_view(model, cache, image_index=0, image=images[0])
 # %%
 # the numbers behind it: identifiability of CLS and image tokens per block, over the 50 digits
 ranks = predictions.target_ranks
-pd.DataFrame({
-    "CLS top-1 (%)": 100 * (ranks[:, :, cls] == 0).float().mean(0).numpy(),
-    "image tokens top-1 (%)": 100 * (ranks[:, :, layout.n_prefix:] == 0).float().mean((0, 2)).numpy(),
-}, index=pd.Index(predictions.blocks, name="block")).round(1)
+pd.DataFrame(
+    {
+        "CLS top-1 (%)": 100 * (ranks[:, :, cls] == 0).float().mean(0).numpy(),
+        "image tokens top-1 (%)": 100
+        * (ranks[:, :, layout.n_prefix :] == 0).float().mean((0, 2)).numpy(),
+    },
+    index=pd.Index(predictions.blocks, name="block"),
+).round(1)

@@ -21,7 +21,9 @@ import os
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline by default; unset it to allow the optional hub cell
+os.environ.setdefault(
+    "HF_HUB_OFFLINE", "1"
+)  # offline by default; unset it to allow the optional hub cell
 
 import pandas as pd
 import torch
@@ -52,10 +54,14 @@ digits = load_mnist_eval()
 subset = (torch.arange(len(digits)) % 50) < 20  # 20 digits per class (the set is sorted by class)
 images, labels = digits.images[subset], digits.labels[subset]
 on_digit = digits.class_token_mask(layout)[subset]  # [images, tokens], True = token on the stroke
-print(f"{len(labels)} digits; {layout.n_prefix} prefix token(s), {layout.n_patches} image tokens on a {layout.grid_size} grid")
+print(
+    f"{len(labels)} digits; {layout.n_prefix} prefix token(s), {layout.n_patches} image tokens on a {layout.grid_size} grid"
+)
 print(f"tokens on the stroke per digit: {on_digit.sum(1).float().mean():.1f} of {layout.n_patches}")
-print(f"accuracy: trained {(model(images).argmax(-1) == labels).float().mean():.3f}, "
-      f"random init {(twin(images).argmax(-1) == labels).float().mean():.3f}")
+print(
+    f"accuracy: trained {(model(images).argmax(-1) == labels).float().mean():.3f}, "
+    f"random init {(twin(images).argmax(-1) == labels).float().mean():.3f}"
+)
 
 # %% [markdown]
 # ## 1. Read every block of every digit
@@ -66,14 +72,24 @@ print(f"accuracy: trained {(model(images).argmax(-1) == labels).float().mean():.
 # `(images, labels)` or `(images, labels, token_mask)`: with the mask, every table also splits the
 # image tokens into "class" and "context".
 
+
 # %%
 def batches(size=50):
-    return [(images[i:i + size], labels[i:i + size], on_digit[i:i + size]) for i in range(0, len(labels), size)]
+    return [
+        (images[i : i + size], labels[i : i + size], on_digit[i : i + size])
+        for i in range(0, len(labels), size)
+    ]
 
 
 result = lens.lens_dataset(model, batches(), progress=False)
 random_result = lens.lens_dataset(twin, batches(), progress=False)
-print(result.n_images, "images,", result.n_blocks, "blocks; rank tensors:", {k: tuple(v.shape) for k, v in result.rank.items()})
+print(
+    result.n_images,
+    "images,",
+    result.n_blocks,
+    "blocks; rank tensors:",
+    {k: tuple(v.shape) for k, v in result.rank.items()},
+)
 tables = lens.summarize(result, random_result)
 print("tables:", list(tables))
 
@@ -87,13 +103,25 @@ print("tables:", list(tables))
 
 # %%
 groups = {"CLS": "cls", "image": "image"}
-trained_scores = {name: lens.per_image_identifiability(result, "resid", group) for name, group in groups.items()}
-random_scores = {name: lens.per_image_identifiability(random_result, "resid", group) for name, group in groups.items()}
+trained_scores = {
+    name: lens.per_image_identifiability(result, "resid", group) for name, group in groups.items()
+}
+random_scores = {
+    name: lens.per_image_identifiability(random_result, "resid", group)
+    for name, group in groups.items()
+}
 tests = lens.compare_with_random(result, random_result, groups=("cls", "image"))
-pvalues = {name: tests.query("token_group == @group").sort_values("block")["p_value"].to_numpy()
-           for name, group in groups.items()}
-viz.plot_identifiability_evolution(trained_scores, random=random_scores, pvalues=pvalues, block_axis=1,
-                                   title="bundled MNIST ViT: trained vs random init")
+pvalues = {
+    name: tests.query("token_group == @group").sort_values("block")["p_value"].to_numpy()
+    for name, group in groups.items()
+}
+viz.plot_identifiability_evolution(
+    trained_scores,
+    random=random_scores,
+    pvalues=pvalues,
+    block_axis=1,
+    title="bundled MNIST ViT: trained vs random init",
+)
 
 # %%
 tests.pivot(index="block", columns="token_group", values=["trained", "random", "p_value", "stars"])
@@ -105,14 +133,17 @@ tests.pivot(index="block", columns="token_group", values=["trained", "random", "
 # %%
 ident = tables["identifiability"]
 ident_view = ident.query("layer_type == 'resid' and token_group in ['cls', 'image']").pivot_table(
-    index="block", columns=["token_group", "metric"], values="value")
+    index="block", columns=["token_group", "metric"], values="value"
+)
 ident_view
 
 # %%
 last = result.n_blocks - 1
 image_pct = ident.query("layer_type == 'resid' and token_group == 'image' and block == @last")
-print("last block, image tokens:",
-      ", ".join(f"{m} = {v:.1f}" for m, v in zip(image_pct.metric, image_pct.value)))
+print(
+    "last block, image tokens:",
+    ", ".join(f"{m} = {v:.1f}" for m, v in zip(image_pct.metric, image_pct.value)),
+)
 
 # %% [markdown]
 # ## 3. Attention vs MLP
@@ -124,12 +155,19 @@ print("last block, image tokens:",
 
 # %%
 changes = tables["change_rates"]
-viz.plot_change_rates(changes.query("comparison in ['attn', 'mlp'] and token_group in ['cls', 'image']"),
-                      sublayer_col="comparison", group_col="token_group", value_col="value", percent=True,
-                      title="tokens whose correct-class logit rises (%)")
+viz.plot_change_rates(
+    changes.query("comparison in ['attn', 'mlp'] and token_group in ['cls', 'image']"),
+    sublayer_col="comparison",
+    group_col="token_group",
+    value_col="value",
+    percent=True,
+    title="tokens whose correct-class logit rises (%)",
+)
 
 # %%
-changes.query("token_group in ['cls', 'image']").pivot_table(index="block", columns=["token_group", "comparison"], values="value")
+changes.query("token_group in ['cls', 'image']").pivot_table(
+    index="block", columns=["token_group", "comparison"], values="value"
+)
 
 # %% [markdown]
 # **Residual composition**: is the top-1 class after a block the top-1 of the attention write-in, of
@@ -137,7 +175,9 @@ changes.query("token_group in ['cls', 'image']").pivot_table(index="block", colu
 # match several sources, so the first three columns need not add up to 100.
 
 # %%
-tables["composition"].query("token_group == 'image'").pivot(index="block", columns="source", values="value")
+tables["composition"].query("token_group == 'image'").pivot(
+    index="block", columns="source", values="value"
+)
 
 # %% [markdown]
 # ## 4. Class vs context tokens
@@ -153,7 +193,8 @@ class_context
 viz.plot_identifiability_evolution(
     {name: lens.per_image_identifiability(result, "resid", name) for name in ("class", "context")},
     pvalues={"class": class_context.sort_values("block")["p_value"].to_numpy()},
-    block_axis=1, title="tokens on the stroke vs background",
+    block_axis=1,
+    title="tokens on the stroke vs background",
 )
 
 # %% [markdown]
@@ -164,11 +205,21 @@ viz.plot_identifiability_evolution(
 
 # %%
 index = 3
-digit, label = images[index:index + 1], int(labels[index])
-probe_tokens = [layout.cls_index, layout.token_index(3, 3), layout.token_index(1, 3), layout.token_index(0, 0)]
+digit, label = images[index : index + 1], int(labels[index])
+probe_tokens = [
+    layout.cls_index,
+    layout.token_index(3, 3),
+    layout.token_index(1, 3),
+    layout.token_index(0, 0),
+]
 top = lens.logit_lens(model, digit, k=3, tokens=probe_tokens)
 print(f"digit {index}: label {label}")
-top.pivot_table(index=["token_label", "block"], columns="rank", values=["class_name", "probability"], aggfunc="first")
+top.pivot_table(
+    index=["token_label", "block"],
+    columns="rank",
+    values=["class_name", "probability"],
+    aggfunc="first",
+)
 
 # %% [markdown]
 # The top-1 class of every image token after every block, on the patch grid over the digit (the CLS
@@ -177,12 +228,17 @@ top.pivot_table(index=["token_label", "block"], columns="rank", values=["class_n
 
 # %%
 top1 = lens.logit_lens(model, digit, k=1)
-grid_values = torch.tensor(top1.pivot(index="block", columns="token", values="class_id").to_numpy())  # [block, token]
+grid_values = torch.tensor(
+    top1.pivot(index="block", columns="token", values="class_id").to_numpy()
+)  # [block, token]
 viz.plot_token_grid(grid_values, image=digit[0], layout=layout, class_names=model.class_names)
 
 # %%
-correct = (grid_values[:, layout.n_prefix:] == label).float().mean(1)
-print("share of this digit's image tokens whose top-1 is the label, per block:", [round(float(c), 2) for c in correct])
+correct = (grid_values[:, layout.n_prefix :] == label).float().mean(1)
+print(
+    "share of this digit's image tokens whose top-1 is the label, per block:",
+    [round(float(c), 2) for c in correct],
+)
 
 # %% [markdown]
 # ## 6. Key-value memories
@@ -201,8 +257,12 @@ cva.tests
 viz.plot_identifiability_evolution(
     {kind: cva.trained[k] for k, kind in enumerate(["attn", "mlp"])},
     random={kind: cva.random[k] for k, kind in enumerate(["attn", "mlp"])},
-    pvalues={kind: cva.tests.query("sublayer == @kind")["p_value"].to_numpy() for kind in ["attn", "mlp"]},
-    chance=None, ylabel="max cosine(class embedding, value)", title="class-value agreement (distribution over classes)",
+    pvalues={
+        kind: cva.tests.query("sublayer == @kind")["p_value"].to_numpy() for kind in ["attn", "mlp"]
+    },
+    chance=None,
+    ylabel="max cosine(class embedding, value)",
+    title="class-value agreement (distribution over classes)",
 )
 
 # %% [markdown]
@@ -216,12 +276,17 @@ viz.plot_identifiability_evolution(
 usage = lens.memory_usage(model, [(x, y) for x, y, _ in batches()], progress=False)
 usage_frame = usage.to_frame()
 image_rows = usage_frame.query("token_group == 'image'")
-viz.plot_kv_agreement(image_rows.query("metric == 'kv_agreement'"), image_rows.query("metric == 'kv_agreement_random'"),
-                      value_col="value", title="key-value agreement, image tokens")
+viz.plot_kv_agreement(
+    image_rows.query("metric == 'kv_agreement'"),
+    image_rows.query("metric == 'kv_agreement_random'"),
+    value_col="value",
+    title="key-value agreement, image tokens",
+)
 
 # %%
 usage_frame.query("token_group in ['cls', 'image']").pivot_table(
-    index="block", columns=["sublayer", "token_group", "metric"], values="value").round(3)
+    index="block", columns=["sublayer", "token_group", "metric"], values="value"
+).round(3)
 
 # %% [markdown]
 # **Readable memories**: the classes a value vector promotes most. Here the MLP neurons of the last
@@ -265,9 +330,15 @@ if hub_reachable():
         x = TF.normalize(TF.to_tensor(TF.resize(photo, [224, 224])), [0.5] * 3, [0.5] * 3)[None]
         predicted = imagenet(x).argmax(-1)
         photo_result = lens.lens_batch(imagenet, x, predicted)
-        print("predicted:", imagenet.class_names[int(predicted)] if imagenet.class_names else int(predicted))
-        print(lens.identifiability_table(photo_result).query(
-            "layer_type == 'resid' and metric == 'identifiable_pct'").pivot(index="block", columns="token_group", values="value"))
+        print(
+            "predicted:",
+            imagenet.class_names[int(predicted)] if imagenet.class_names else int(predicted),
+        )
+        print(
+            lens.identifiability_table(photo_result)
+            .query("layer_type == 'resid' and metric == 'identifiable_pct'")
+            .pivot(index="block", columns="token_group", values="value")
+        )
     except Exception as error:  # a download or conversion problem must not stop the notebook
         print(f"NOTE: skipped {PRETRAINED}: {type(error).__name__}: {error}")
 else:

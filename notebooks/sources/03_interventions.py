@@ -88,13 +88,21 @@ settings = {
     "no_cls (post-softmax)": dict(preset="no_cls", mode="post_softmax"),
 }
 knocked = {name: image_token_scores(**kw) for name, kw in settings.items()}
-pd.DataFrame({name: {"accuracy": acc, **{f"block {b}": float(s[:, b].mean()) for b in blocks}}
-              for name, (s, acc) in knocked.items()}).T
+pd.DataFrame(
+    {
+        name: {"accuracy": acc, **{f"block {b}": float(s[:, b].mean()) for b in blocks}}
+        for name, (s, acc) in knocked.items()
+    }
+).T
 
 # %%
-viz.plot_identifiability_evolution({name: knocked[name][0] for name in ["intact", "self_only", "no_cls"]},
-                                   block_axis=1, kind="box", ylabel="image-token identifiability score",
-                                   title="attention knockout in every block (pre-softmax)")
+viz.plot_identifiability_evolution(
+    {name: knocked[name][0] for name in ["intact", "self_only", "no_cls"]},
+    block_axis=1,
+    kind="box",
+    ylabel="image-token identifiability score",
+    title="attention knockout in every block (pre-softmax)",
+)
 
 # %% [markdown]
 # Without attention to other tokens (`self_only`), an image token only sees its own patch: its class
@@ -105,11 +113,24 @@ viz.plot_identifiability_evolution({name: knocked[name][0] for name in ["intact"
 # Knockout of chosen blocks only, e.g. the last three, and of single heads (`heads=`):
 
 # %%
-late = {f"self_only in blocks {lo}-{model.cfg.n_layers - 1}": dict(preset="self_only", blocks=range(lo, model.cfg.n_layers))
-        for lo in (1, 3, 5)}
-late.update({f"self_only, head {h} only": dict(preset="self_only", heads=h) for h in range(model.cfg.n_heads)})
-pd.DataFrame({name: {"accuracy": acc, "image tokens, last block": float(s[:, -1].mean())}
-              for name, (s, acc) in ((n, image_token_scores(**kw)) for n, kw in late.items())}).T
+late = {
+    f"self_only in blocks {lo}-{model.cfg.n_layers - 1}": dict(
+        preset="self_only", blocks=range(lo, model.cfg.n_layers)
+    )
+    for lo in (1, 3, 5)
+}
+late.update(
+    {
+        f"self_only, head {h} only": dict(preset="self_only", heads=h)
+        for h in range(model.cfg.n_heads)
+    }
+)
+pd.DataFrame(
+    {
+        name: {"accuracy": acc, "image tokens, last block": float(s[:, -1].mean())}
+        for name, (s, acc) in ((n, image_token_scores(**kw)) for n, kw in late.items())
+    }
+).T
 
 # %% [markdown]
 # ## 2. Context removal: object tokens vs context tokens
@@ -126,7 +147,9 @@ projection = ClassProjection(model)
 
 def cls_scores(run_cache):
     """Per image and block: the CLS token's identifiability score ``1 - rank / C``."""
-    cls = torch.stack([run_cache(name)[:, layout.cls_index] for name in resid_names], dim=1)  # [image, block, d]
+    cls = torch.stack(
+        [run_cache(name)[:, layout.cls_index] for name in resid_names], dim=1
+    )  # [image, block, d]
     logits = projection(cls)
     rank = lens.class_rank(logits, labels[:, None])
     return lens.identifiability_score(rank, model.cfg.n_classes)
@@ -137,15 +160,32 @@ object_only = remove_context(model, images, on_digit, names_filter=resid_names)
 context_only = remove_object(model, images, on_digit, names_filter=resid_names)
 removal = {
     "all tokens": cls_scores(lambda name: full_cache[name]),
-    "object tokens only": cls_scores(object_only.in_layout_order),  # removed tokens come back as NaN
+    "object tokens only": cls_scores(
+        object_only.in_layout_order
+    ),  # removed tokens come back as NaN
     "context tokens only": cls_scores(context_only.in_layout_order),
 }
-print("tokens kept per digit:", {name: float(run.keep[:, layout.n_prefix:].sum(1).float().mean())
-                                 for name, run in [("object", object_only), ("context", context_only)]})
-print("accuracy:", {"all": round(accuracy(model(images)), 3), "object only": round(accuracy(object_only.logits), 3),
-                    "context only": round(accuracy(context_only.logits), 3)})
-viz.plot_identifiability_evolution(removal, block_axis=1, ylabel="CLS identifiability score",
-                                   title="CLS token with only part of the image")
+print(
+    "tokens kept per digit:",
+    {
+        name: float(run.keep[:, layout.n_prefix :].sum(1).float().mean())
+        for name, run in [("object", object_only), ("context", context_only)]
+    },
+)
+print(
+    "accuracy:",
+    {
+        "all": round(accuracy(model(images)), 3),
+        "object only": round(accuracy(object_only.logits), 3),
+        "context only": round(accuracy(context_only.logits), 3),
+    },
+)
+viz.plot_identifiability_evolution(
+    removal,
+    block_axis=1,
+    ylabel="CLS identifiability score",
+    title="CLS token with only part of the image",
+)
 
 # %% [markdown]
 # Either part alone is far from the full image: the model was trained on whole sequences, and a
@@ -164,7 +204,9 @@ viz.plot_identifiability_evolution(removal, block_axis=1, ylabel="CLS identifiab
 # %%
 sevens, ones = torch.nonzero(labels == 7).flatten()[:8], torch.nonzero(labels == 1).flatten()[:8]
 clean, corrupted = images[sevens], images[ones]
-metric = logit_diff(model, target=7, other=1)  # read at the logits; readout="cls"/"image" reads any block
+metric = logit_diff(
+    model, target=7, other=1
+)  # read at the logits; readout="cls"/"image" reads any block
 _, clean_cache = model.run_with_cache(clean)
 clean_value, corrupted_value = metric(model(clean)).item(), metric(model(corrupted)).item()
 print(f"logit(7) - logit(1): clean {clean_value:.2f}, corrupted {corrupted_value:.2f}")
@@ -176,8 +218,12 @@ def normalized(result):
 
 resid = get_act_patch_resid_pre(model, corrupted, clean_cache, metric, progress=False)
 print(resid, "| grid:", tuple(resid.grid.shape), "| prefix:", tuple(resid.prefix.shape))
-viz.plot_heatmap_grid(normalized(resid), layout=layout, colorbar_label="recovered logit difference",
-                      suptitle="patching resid_pre, one token at a time (CLS value in the titles)")
+viz.plot_heatmap_grid(
+    normalized(resid),
+    layout=layout,
+    colorbar_label="recovered logit difference",
+    suptitle="patching resid_pre, one token at a time (CLS value in the titles)",
+)
 
 # %% [markdown]
 # Early on, the class lives in the image tokens where the two digits differ (where a "7" has its bar
@@ -187,17 +233,27 @@ viz.plot_heatmap_grid(normalized(resid), layout=layout, colorbar_label="recovere
 
 # %%
 every = get_act_patch_block_every(model, corrupted, clean_cache, metric, progress=False)
-viz.plot_heatmap_grid(normalized(every), layout=layout, row_labels=every.coords["component"],
-                      col_labels=[f"block {b}" for b in every.coords["layer"]], colorbar_label="recovered")
+viz.plot_heatmap_grid(
+    normalized(every),
+    layout=layout,
+    row_labels=every.coords["component"],
+    col_labels=[f"block {b}" for b in every.coords["layer"]],
+    colorbar_label="recovered",
+)
 
 # %% [markdown]
 # Every result is also a tidy table (one row per cell), and head sweeps are `[n_layers, n_heads]`:
 
 # %%
-print(resid.frame.sort_values("value", ascending=False).head(6).to_string(index=False))  # raw logit differences
+print(
+    resid.frame.sort_values("value", ascending=False).head(6).to_string(index=False)
+)  # raw logit differences
 heads = get_act_patch_attn_head_out_all_pos(model, corrupted, clean_cache, metric, progress=False)
-pd.DataFrame(normalized(heads).numpy(), index=pd.Index(heads.coords["layer"], name="block"),
-             columns=[f"head {h}" for h in heads.coords["head"]])
+pd.DataFrame(
+    normalized(heads).numpy(),
+    index=pd.Index(heads.coords["layer"], name="block"),
+    columns=[f"head {h}" for h in heads.coords["head"]],
+)
 
 # %% [markdown]
 # ## 4. Ablation
@@ -213,8 +269,17 @@ rows = []
 for block in blocks:
     for component in ("attn", "mlp"):
         for tokens in ("image", "all"):
-            with ablate(model, component, blocks=block, tokens=tokens, method="mean", reference=reference):
-                rows.append(dict(block=block, component=component, tokens=tokens, accuracy=accuracy(model(images))))
+            with ablate(
+                model, component, blocks=block, tokens=tokens, method="mean", reference=reference
+            ):
+                rows.append(
+                    dict(
+                        block=block,
+                        component=component,
+                        tokens=tokens,
+                        accuracy=accuracy(model(images)),
+                    )
+                )
 pd.DataFrame(rows).pivot_table(index="block", columns=["component", "tokens"], values="accuracy")
 
 # %% [markdown]
@@ -224,7 +289,9 @@ pd.DataFrame(rows).pivot_table(index="block", columns=["component", "tokens"], v
 
 # %%
 last = model.cfg.n_layers - 1
-seven_neurons = [int(n) for n in lens.top_memories(model, block=last, kind="mlp", class_id="7", k=10)["memory"]]
+seven_neurons = [
+    int(n) for n in lens.top_memories(model, block=last, kind="mlp", class_id="7", k=10)["memory"]
+]
 log_p7 = model(images).log_softmax(-1)[:, 7]
 is_seven = labels == 7
 
@@ -232,13 +299,23 @@ is_seven = labels == 7
 def drop_in_log_p7(neurons):
     with ablate(model, "neuron", blocks=last, neurons=neurons, tokens="cls"):
         change = model(images).log_softmax(-1)[:, 7] - log_p7
-    return {"sevens": change[is_seven].mean().item(), "other digits": change[~is_seven].mean().item()}
+    return {
+        "sevens": change[is_seven].mean().item(),
+        "other digits": change[~is_seven].mean().item(),
+    }
 
 
 generator = torch.Generator().manual_seed(0)
-controls = pd.DataFrame([drop_in_log_p7(torch.randperm(model.cfg.d_mlp, generator=generator)[:10].tolist())
-                         for _ in range(10)])
-pd.DataFrame({"the 10 '7' neurons": drop_in_log_p7(seven_neurons),
-              "10 random neurons (mean of 10 draws)": controls.mean().to_dict(),
-              "random, largest drop": controls.min().to_dict()}).T.rename(
-    columns=lambda c: f"change in log p(7), {c}")
+controls = pd.DataFrame(
+    [
+        drop_in_log_p7(torch.randperm(model.cfg.d_mlp, generator=generator)[:10].tolist())
+        for _ in range(10)
+    ]
+)
+pd.DataFrame(
+    {
+        "the 10 '7' neurons": drop_in_log_p7(seven_neurons),
+        "10 random neurons (mean of 10 draws)": controls.mean().to_dict(),
+        "random, largest drop": controls.min().to_dict(),
+    }
+).T.rename(columns=lambda c: f"change in log p(7), {c}")

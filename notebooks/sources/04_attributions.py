@@ -34,8 +34,12 @@ layout = model.layout
 digits = load_mnist_eval()
 subset = (torch.arange(len(digits)) % 50) < 10  # 10 digits per class (the set is sorted by class)
 images, labels = digits.images[subset], digits.labels[subset]
-on_digit = layout.patch_tokens(digits.class_token_mask(layout)[subset], dim=1)  # [images, n_patches]
-print(f"{len(labels)} digits, {layout.n_patches} image tokens each, {on_digit.sum(1).float().mean():.1f} on the stroke")
+on_digit = layout.patch_tokens(
+    digits.class_token_mask(layout)[subset], dim=1
+)  # [images, n_patches]
+print(
+    f"{len(labels)} digits, {layout.n_patches} image tokens each, {on_digit.sum(1).float().mean():.1f} on the stroke"
+)
 
 # %% [markdown]
 # ## 1. The class-space attribution
@@ -53,9 +57,16 @@ class_space.to_dataframe().head()
 # %%
 index = 25  # a "2"
 scale = float(class_space.per_block[index].abs().max())
-viz.plot_token_grid(class_space.per_block_grid[index], image=images[index], layout=layout, cmap="RdBu_r",
-                    vmin=-scale, vmax=scale, titles=[f"block {b}" for b in class_space.blocks],
-                    colorbar_label="-∂loss/∂A (CLS row)")
+viz.plot_token_grid(
+    class_space.per_block_grid[index],
+    image=images[index],
+    layout=layout,
+    cmap="RdBu_r",
+    vmin=-scale,
+    vmax=scale,
+    titles=[f"block {b}" for b in class_space.blocks],
+    colorbar_label="-∂loss/∂A (CLS row)",
+)
 
 # %% [markdown]
 # ## 2. Baselines
@@ -72,15 +83,19 @@ maps = {
     "raw attention": attribution.raw_attention(model, images, labels, progress=False),
     "random": attribution.random_attribution(model, images, labels, seed=0),
 }
-attribution.plot_attribution_maps(images, maps, indices=[5, 25, 45, 75],
-                                  class_names=model.class_names);  # pyplot figure: shown once by the inline backend
+attribution.plot_attribution_maps(
+    images, maps, indices=[5, 25, 45, 75], class_names=model.class_names
+)  # pyplot figure: shown once by the inline backend
 
 # %%
-viz.plot_overlay(images[index], class_space.grid[index], title=f"class-space map, digit {int(labels[index])}")
+viz.plot_overlay(
+    images[index], class_space.grid[index], title=f"class-space map, digit {int(labels[index])}"
+)
 
 # %% [markdown]
 # A simple check against the stroke masks: which share of each method's top-`k` tokens lie on the
 # digit (`k` = the digit's own number of stroke tokens)? The random map gives the base rate.
+
 
 # %%
 def on_stroke_share(scores):
@@ -91,7 +106,10 @@ def on_stroke_share(scores):
     return float(torch.stack(shares).mean())
 
 
-pd.Series({name: on_stroke_share(amap.scores) for name, amap in maps.items()}, name="top-k tokens on the stroke")
+pd.Series(
+    {name: on_stroke_share(amap.scores) for name, amap in maps.items()},
+    name="top-k tokens on the stroke",
+)
 
 # %% [markdown]
 # ## 3. The token-removal benchmark
@@ -104,15 +122,25 @@ pd.Series({name: on_stroke_share(amap.scores) for name, amap in maps.items()}, n
 # as another method. Every 4th `n` keeps this notebook quick.
 
 # %%
-comparison = attribution.probe_comparison(model, digits.images[(torch.arange(len(digits)) % 50) < 20],
-                                          digits.labels[(torch.arange(len(digits)) % 50) < 20],
-                                          k_per_class=5, progress=False)
-methods = {"class space": class_space, "Chefer": maps["Chefer"], "rollout": maps["rollout"],
-           "raw attention": maps["raw attention"], "random": "random",
-           "probe (last block)": attribution.ProbeAttribution(comparison.probes, block=-1)}
-benchmark = attribution.perturbation_benchmark(model, images, labels, methods,
-                                               n_keep=range(1, layout.n_patches, 4), progress=False)
-benchmark.plot(fraction=True);  # pyplot figure: shown once by the inline backend
+comparison = attribution.probe_comparison(
+    model,
+    digits.images[(torch.arange(len(digits)) % 50) < 20],
+    digits.labels[(torch.arange(len(digits)) % 50) < 20],
+    k_per_class=5,
+    progress=False,
+)
+methods = {
+    "class space": class_space,
+    "Chefer": maps["Chefer"],
+    "rollout": maps["rollout"],
+    "raw attention": maps["raw attention"],
+    "random": "random",
+    "probe (last block)": attribution.ProbeAttribution(comparison.probes, block=-1),
+}
+benchmark = attribution.perturbation_benchmark(
+    model, images, labels, methods, n_keep=range(1, layout.n_patches, 4), progress=False
+)
+benchmark.plot(fraction=True)  # pyplot figure: shown once by the inline backend
 
 # %%
 summary = benchmark.summary().pivot(index="method", columns="order", values="auc")
@@ -131,12 +159,24 @@ summary.sort_values("negative - positive", ascending=False)
 # own, benchmarked the same way:
 
 # %%
-per_block = {f"class space, block {b}": attribution.class_space_attribution(model, images, labels, blocks=[b], progress=False)
-             for b in range(model.cfg.n_layers)}
-per_block_benchmark = attribution.perturbation_benchmark(model, images, labels, per_block, orders=("negative",),
-                                                         n_keep=range(1, layout.n_patches, 4), progress=False)
+per_block = {
+    f"class space, block {b}": attribution.class_space_attribution(
+        model, images, labels, blocks=[b], progress=False
+    )
+    for b in range(model.cfg.n_layers)
+}
+per_block_benchmark = attribution.perturbation_benchmark(
+    model,
+    images,
+    labels,
+    per_block,
+    orders=("negative",),
+    n_keep=range(1, layout.n_patches, 4),
+    progress=False,
+)
 per_block_benchmark.summary()[["method", "auc", "mean_accuracy"]].assign(
-    top_k_on_stroke=[on_stroke_share(m.scores) for m in per_block.values()])
+    top_k_on_stroke=[on_stroke_share(m.scores) for m in per_block.values()]
+)
 
 # %% [markdown]
 # It is not only MNIST. On the bundled Fashion-MNIST model, and on Fashion-MNIST models with 196
@@ -146,14 +186,20 @@ per_block_benchmark.summary()[["method", "auc", "mean_accuracy"]].assign(
 # object, so "least important first" removes object tokens early. Where do the lowest-scored tokens
 # lie?
 
+
 # %%
 def bottom_on_stroke_share(scores, k=10):
-    return float(torch.stack([m[(-s).topk(k).indices].float().mean() for s, m in zip(scores, on_digit)]).mean())
+    return float(
+        torch.stack(
+            [m[(-s).topk(k).indices].float().mean() for s, m in zip(scores, on_digit)]
+        ).mean()
+    )
 
 
-pd.Series({name: bottom_on_stroke_share(amap.scores) for name, amap in maps.items()},
-          name="10 lowest-scored tokens on the stroke").to_frame().assign(
-    all_tokens=float(on_digit.float().mean()))
+pd.Series(
+    {name: bottom_on_stroke_share(amap.scores) for name, amap in maps.items()},
+    name="10 lowest-scored tokens on the stroke",
+).to_frame().assign(all_tokens=float(on_digit.float().mean()))
 
 # %% [markdown]
 # ## 4. Linear probes vs the class-space projection
@@ -165,12 +211,19 @@ pd.Series({name: bottom_on_stroke_share(amap.scores) for name, amap in maps.item
 
 # %%
 table = comparison.summary()
-table.query("layer == 'resid_post'").pivot_table(index="block", columns=["kind", "readout"], values="accuracy")
+table.query("layer == 'resid_post'").pivot_table(
+    index="block", columns=["kind", "readout"], values="accuracy"
+)
 
 # %%
-attribution.plot_probe_comparison(comparison.table);  # pyplot figure: shown once by the inline backend
+attribution.plot_probe_comparison(
+    comparison.table
+)  # pyplot figure: shown once by the inline backend
 
 # %%
-print(f"probes trained on {len(comparison.train_indices)} digits, evaluated on {len(comparison.test_indices)}")
-comparison.table.query("layer == 'resid_post' and kind == 'image'").groupby(["block", "readout"])["accuracy"].describe()[
-    ["mean", "min", "max"]].unstack("readout")
+print(
+    f"probes trained on {len(comparison.train_indices)} digits, evaluated on {len(comparison.test_indices)}"
+)
+comparison.table.query("layer == 'resid_post' and kind == 'image'").groupby(["block", "readout"])[
+    "accuracy"
+].describe()[["mean", "min", "max"]].unstack("readout")

@@ -37,7 +37,9 @@ def chefer_relevance(
     classes = resolve_classes(model, images, classes)
     names = [pattern_name(l) for l in range(model.cfg.n_layers)]
     maps = []
-    for sl in tqdm(batch_slices(images.shape[0], batch_size), desc="Chefer relevance", disable=not progress):
+    for sl in tqdm(
+        batch_slices(images.shape[0], batch_size), desc="Chefer relevance", disable=not progress
+    ):
         with torch.enable_grad():
             x = images[sl].detach().requires_grad_(True)  # a graph even when the weights are frozen
             logits, acts = capture(model, x, {n: None for n in names}, detach=False)
@@ -52,7 +54,9 @@ def chefer_relevance(
 def _propagate(patterns, grads) -> Float[Tensor, "batch n_tokens n_tokens"]:
     """``R = I; R += mean_h(clamp(∇A ⊙ A, 0)) @ R`` through the blocks."""
     a0 = patterns[0]
-    relevance = torch.eye(a0.shape[-1], dtype=a0.dtype, device=a0.device).expand(a0.shape[0], -1, -1)
+    relevance = torch.eye(a0.shape[-1], dtype=a0.dtype, device=a0.device).expand(
+        a0.shape[0], -1, -1
+    )
     for a, g in zip(patterns, grads):
         cam = (g * a).clamp(min=0).mean(1)
         relevance = relevance + cam @ relevance

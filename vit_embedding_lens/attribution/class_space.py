@@ -38,7 +38,9 @@ from vit_embedding_lens.lens.projection import ClassProjection
 Loss = Literal["cross_entropy", "double_softmax"]
 
 
-def class_space_loss(logits: Float[Tensor, "... n_classes"], classes: Int[Tensor, "..."], loss: Loss) -> Tensor:
+def class_space_loss(
+    logits: Float[Tensor, "... n_classes"], classes: Int[Tensor, "..."], loss: Loss
+) -> Tensor:
     """Per-vector loss of the class of interest: cross-entropy on the projected logits, or
     (``"double_softmax"``, the reference code) cross-entropy applied to their softmax."""
     if loss == "cross_entropy":
@@ -69,14 +71,20 @@ def class_space_attribution(
     projected logits (default) or ``"double_softmax"`` as the reference code. ``blocks``: which
     blocks to sum (default all). Per-block maps are always kept; per-head maps with ``per_head``.
     """
-    class_space_loss(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), loss)  # validates ``loss``
+    class_space_loss(
+        torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), loss
+    )  # validates ``loss``
     layout = image_layout(model, images)
     rows = readout_positions(model, layout)
     blocks = resolve_blocks(model, blocks)
     classes = resolve_classes(model, images, classes)
     projection = ClassProjection(model)
     block_maps, head_maps = [], []
-    for sl in tqdm(batch_slices(images.shape[0], batch_size), desc="class-space attribution", disable=not progress):
+    for sl in tqdm(
+        batch_slices(images.shape[0], batch_size),
+        desc="class-space attribution",
+        disable=not progress,
+    ):
         heads = _block_head_maps(model, images[sl], classes[sl], blocks, rows, projection, loss)
         heads = heads[..., layout.n_prefix :]  # keys: image tokens
         block_maps.append(heads.sum(2))
@@ -95,7 +103,13 @@ def class_space_attribution(
 
 
 def _block_head_maps(
-    model, images: Tensor, classes: Tensor, blocks: Sequence[int], rows: Sequence[int], projection, loss: Loss
+    model,
+    images: Tensor,
+    classes: Tensor,
+    blocks: Sequence[int],
+    rows: Sequence[int],
+    projection,
+    loss: Loss,
 ) -> Float[Tensor, "batch n_blocks n_heads n_tokens"]:
     """``-∂loss_l/∂A^l`` averaged over the readout query rows, for every block and head."""
     keep = {}
@@ -105,7 +119,9 @@ def _block_head_maps(
     with torch.no_grad():
         _, acts = capture(model, images, keep)
     with torch.enable_grad():
-        pattern = torch.stack([acts[pattern_name(l)] for l in blocks]).requires_grad_(True)  # [L,B,H,R,N]
+        pattern = torch.stack([acts[pattern_name(l)] for l in blocks]).requires_grad_(
+            True
+        )  # [L,B,H,R,N]
         v = torch.stack([acts[value_name(l)] for l in blocks])  # [L, B, N, H, dh]
         z = einops.einsum(pattern, v, "l b h r n, l b n h e -> l b r h e")
         w_o = torch.stack([model.blocks[l].attn.W_O for l in blocks]).detach()  # [L, H, dh, d]

@@ -33,8 +33,11 @@ def plot_perturbation_curves(result, *, fraction: bool = False, figsize=(10, 4))
             if (hi > lo).any():
                 ax.fill_between(mean.index, lo.values, hi.values, color=line.get_color(), alpha=0.2)
         better = "lower" if order == "positive" else "higher"
-        ax.set_title(f"{order} order ({'most' if order == 'positive' else 'least'} important removed first; "
-                     f"{better} AUC is better)", fontsize=9)
+        ax.set_title(
+            f"{order} order ({'most' if order == 'positive' else 'least'} important removed first; "
+            f"{better} AUC is better)",
+            fontsize=9,
+        )
         ax.set_xlabel("fraction of image tokens kept" if fraction else "image tokens kept")
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("accuracy")
@@ -57,7 +60,14 @@ def plot_probe_comparison(table: pd.DataFrame, *, figsize=(12, 3.5)):
             for readout in ("projection", "probe"):
                 rows = part[(part.kind == kind) & (part.readout == readout)]
                 mean = rows.groupby("block")["accuracy"].mean()
-                ax.plot(mean.index, mean.values, styles[readout], marker="o", ms=3, label=f"{kind} {readout}")
+                ax.plot(
+                    mean.index,
+                    mean.values,
+                    styles[readout],
+                    marker="o",
+                    ms=3,
+                    label=f"{kind} {readout}",
+                )
         ax.set_title(layer)
         ax.set_xlabel("block")
         ax.set_ylim(0, 1.02)
@@ -91,10 +101,20 @@ def plot_attribution_maps(
     for row, i in enumerate(indices):
         axes[row][0].imshow(image_to_rgb(images[i], mean, std))
         cls = int(items[0][1].classes[i])
-        axes[row][0].set_title(class_names[cls] if class_names and cls >= 0 else f"class {cls}", fontsize=8)
+        axes[row][0].set_title(
+            class_names[cls] if class_names and cls >= 0 else f"class {cls}", fontsize=8
+        )
         for col, (name, amap) in enumerate(items, start=1):
             axes[row][col].imshow(
-                overlay(amap.scores[i], images[i], layout=amap.layout, alpha=alpha, cmap=cmap, mean=mean, std=std)
+                overlay(
+                    amap.scores[i],
+                    images[i],
+                    layout=amap.layout,
+                    alpha=alpha,
+                    cmap=cmap,
+                    mean=mean,
+                    std=std,
+                )
             )
             if row == 0:
                 axes[row][col].set_title(name, fontsize=8)

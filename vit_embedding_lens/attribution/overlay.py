@@ -29,7 +29,9 @@ def upsample_map(
     """A map ``[..., grid_h, grid_w]`` (or ``[..., n_patches]`` with ``layout``) resized to
     ``size = (height, width)`` pixels (``mode``: ``"bilinear"`` or ``"nearest"``)."""
     values = torch.as_tensor(values)
-    if layout is not None and (values.ndim < 2 or tuple(values.shape[-2:]) != tuple(layout.grid_size)):
+    if layout is not None and (
+        values.ndim < 2 or tuple(values.shape[-2:]) != tuple(layout.grid_size)
+    ):
         values = layout.to_grid(values)
     if values.ndim < 2:
         raise ValueError(
@@ -66,7 +68,9 @@ def image_to_rgb(
     [0, 1]: the normalization undone with ``mean``/``std`` when given, else min-max scaled."""
     if isinstance(image, Tensor):
         if image.ndim != 3:
-            raise ValueError(f"an image tensor must be [channels, height, width], got {tuple(image.shape)}")
+            raise ValueError(
+                f"an image tensor must be [channels, height, width], got {tuple(image.shape)}"
+            )
         arr = image.detach().cpu().float().permute(1, 2, 0).numpy()
     else:
         arr = np.asarray(image, dtype=float)
@@ -103,7 +107,9 @@ def overlay(
     rgb = image_to_rgb(image, mean, std)
     heat = upsample_map(values, rgb.shape[:2], layout, mode).numpy()
     if heat.ndim != 2:
-        raise ValueError(f"overlay takes one image's map; got {heat.ndim - 2} extra leading dimensions")
+        raise ValueError(
+            f"overlay takes one image's map; got {heat.ndim - 2} extra leading dimensions"
+        )
     lo, hi = heat.min(), heat.max()
     heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
     return (1.0 - alpha) * rgb + alpha * colorize(heat, cmap)

@@ -69,8 +69,12 @@ class PerturbationResult:
         for r, (name, seed) in enumerate(rankings):
             for o, order in enumerate(orders):
                 acc = accuracy[r, o].numpy()
-                curve_rows += [(name, order, n, float(acc[k]), seed) for k, n in enumerate(n_values)]
-                auc_rows.append((name, order, seed, perturbation_auc(acc, n_patches), float(acc.mean())))
+                curve_rows += [
+                    (name, order, n, float(acc[k]), seed) for k, n in enumerate(n_values)
+                ]
+                auc_rows.append(
+                    (name, order, seed, perturbation_auc(acc, n_patches), float(acc.mean()))
+                )
         curves = pd.DataFrame(curve_rows, columns=["method", "order", "n", "accuracy", "seed"])
         auc = pd.DataFrame(auc_rows, columns=["method", "order", "seed", "auc", "mean_accuracy"])
         for frame in (curves, auc):
@@ -82,14 +86,18 @@ class PerturbationResult:
         """AUC and mean accuracy per method and order, averaged over seeds (``auc_std`` over seeds)."""
         grouped = self.auc.groupby(["method", "order"], sort=False)["auc"]
         out = grouped.agg(auc="mean", auc_std=_nan_std, n_seeds="size").reset_index()
-        means = self.auc.groupby(["method", "order"], sort=False)["mean_accuracy"].mean().reset_index()
+        means = (
+            self.auc.groupby(["method", "order"], sort=False)["mean_accuracy"].mean().reset_index()
+        )
         return out.merge(means, on=["method", "order"])
 
     def auc_of(self, method: str, order: str) -> float:
         """Mean AUC of one method in one order."""
         rows = self.auc[(self.auc.method == method) & (self.auc.order == order)]
         if rows.empty:
-            raise ValueError(f"no AUC for method {method!r}, order {order!r}; have {sorted(set(self.auc.method))}")
+            raise ValueError(
+                f"no AUC for method {method!r}, order {order!r}; have {sorted(set(self.auc.method))}"
+            )
         return float(rows.auc.mean())
 
     def plot(self, **kwargs):
@@ -143,7 +151,12 @@ def perturbation_benchmark(
     model,
     images: Float[Tensor, "batch chan height width"],
     labels: Optional[Int[Tensor, " batch"]] = None,
-    methods: Union[Sequence[MethodSpec], Mapping[str, MethodSpec]] = ("class_space", "chefer", "rollout", "random"),
+    methods: Union[Sequence[MethodSpec], Mapping[str, MethodSpec]] = (
+        "class_space",
+        "chefer",
+        "rollout",
+        "random",
+    ),
     *,
     orders: Sequence[str] = ORDERS,
     n_keep: Optional[Sequence[int]] = None,
@@ -202,14 +215,18 @@ def _check_n_keep(n_keep: Optional[Sequence[int]], n_patches: int) -> List[int]:
         return list(range(1, n_patches))
     values = sorted({int(n) for n in n_keep})
     if not values or values[0] < 1 or values[-1] > n_patches - 1:
-        raise ValueError(f"n_keep values must lie in 1..{n_patches - 1} (image tokens kept), got {list(n_keep)}")
+        raise ValueError(
+            f"n_keep values must lie in 1..{n_patches - 1} (image tokens kept), got {list(n_keep)}"
+        )
     return values
 
 
 def _targets(model, images: Tensor, labels: Optional[Tensor], batch_size: int) -> Tensor:
     if labels is None:
         with torch.no_grad():
-            return torch.cat([model(images[sl]).argmax(-1) for sl in batch_slices(images.shape[0], batch_size)])
+            return torch.cat(
+                [model(images[sl]).argmax(-1) for sl in batch_slices(images.shape[0], batch_size)]
+            )
     if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.is_floating_point():
         raise TypeError("labels must be a 1-D integer tensor of class ids, one per image")
     if labels.shape[0] != images.shape[0]:
@@ -217,7 +234,9 @@ def _targets(model, images: Tensor, labels: Optional[Tensor], batch_size: int) -
     return labels.to(images.device).long()
 
 
-def _rankings(model, images, targets, methods, seeds, progress) -> List[Tuple[str, Optional[int], Tensor]]:
+def _rankings(
+    model, images, targets, methods, seeds, progress
+) -> List[Tuple[str, Optional[int], Tensor]]:
     """``(method name, seed, importance rank [B, P])`` per ranking to evaluate."""
     if isinstance(methods, Mapping):
         items = list(methods.items())
@@ -247,7 +266,9 @@ def _rankings(model, images, targets, methods, seeds, progress) -> List[Tuple[st
                 f"got {type(spec).__name__}"
             )
         if tuple(scores.shape) != expected:
-            raise ValueError(f"method {name!r} gives scores of shape {tuple(scores.shape)}, expected {expected}")
+            raise ValueError(
+                f"method {name!r} gives scores of shape {tuple(scores.shape)}, expected {expected}"
+            )
         out.append((name, None, importance_rank(scores.detach().to(images.device))))
     names = [(n, s) for n, s, _ in out]
     if len(set(names)) != len(names):

@@ -50,7 +50,9 @@ def collect_token_activations(
     blocks = resolve_blocks(model, blocks)
     names = [f"blocks.{l}.hook_{layer}" for layer in layers for l in blocks]
     out = []
-    for sl in tqdm(batch_slices(images.shape[0], batch_size), desc="activations", disable=not progress):
+    for sl in tqdm(
+        batch_slices(images.shape[0], batch_size), desc="activations", disable=not progress
+    ):
         with torch.no_grad():
             _, cache = model.run_with_cache(images[sl], names_filter=names)
         acts = torch.stack([cache[n] for n in names], dim=1)
@@ -78,7 +80,10 @@ class LinearProbes:
                 f"activations {tuple(acts.shape)} do not match the probes' [layers, blocks, tokens] "
                 f"{tuple(self.weight.shape[:3])}; collect them with the same layers and blocks"
             )
-        return einops.einsum(acts, self.weight.to(acts.dtype), "b k l n d, k l n d c -> b k l n c") + self.bias
+        return (
+            einops.einsum(acts, self.weight.to(acts.dtype), "b k l n d, k l n d c -> b k l n c")
+            + self.bias
+        )
 
     def index(self, layer: str, block: int) -> Tuple[int, int]:
         """Positions of a layer type and a block in the probe tensors (a negative ``block`` counts
@@ -109,13 +114,19 @@ def fit_linear_probes(
     layers, blocks = _check_layers(layers), resolve_blocks(model, blocks)
     labels = _check_labels(labels, images.shape[0])
     if acts is None:
-        acts = collect_token_activations(model, images, layers, blocks, batch_size=batch_size, progress=progress)
+        acts = collect_token_activations(
+            model, images, layers, blocks, batch_size=batch_size, progress=progress
+        )
     n, k, l, t, d = acts.shape
-    targets = one_vs_all_targets(labels.cpu(), model.cfg.n_classes).to(device=acts.device, dtype=acts.dtype)
+    targets = one_vs_all_targets(labels.cpu(), model.cfg.n_classes).to(
+        device=acts.device, dtype=acts.dtype
+    )
     problems = einops.rearrange(acts, "b k l n d -> (k l n) b d")
     per_chunk = max(1, _SOLVE_BYTES // (8 * min(n, d) ** 2 + 8 * n * d))
     weights, biases = [], []
-    for start in tqdm(range(0, problems.shape[0], per_chunk), desc="ridge probes", disable=not progress):
+    for start in tqdm(
+        range(0, problems.shape[0], per_chunk), desc="ridge probes", disable=not progress
+    ):
         x = problems[start : start + per_chunk]
         fit = fit_ridge(x, targets.expand(x.shape[0], -1, -1), alpha)
         weights.append(fit.weight)
@@ -141,7 +152,9 @@ def sample_per_class(labels: Int[Tensor, " n"], k: int, seed: int = 0) -> Tuple[
     for c in torch.unique(labels):
         idx = torch.nonzero(labels == c).flatten()
         if len(idx) <= k:
-            raise ValueError(f"class {int(c)} has {len(idx)} images; k={k} per class leaves none held out")
+            raise ValueError(
+                f"class {int(c)} has {len(idx)} images; k={k} per class leaves none held out"
+            )
         train.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
     train = torch.sort(torch.cat(train)).values
     test_mask = torch.ones(len(labels), dtype=torch.bool)
@@ -177,7 +190,9 @@ def probe_accuracy_table(
     names, kinds = layout.token_labels(), layout.token_kinds()
     frames = []
     for readout, hit in (("probe", probe_hit), ("projection", projection_hit)):
-        grid = np.stack(np.meshgrid(np.arange(k), np.arange(l), np.arange(t), indexing="ij"), -1).reshape(-1, 3)
+        grid = np.stack(
+            np.meshgrid(np.arange(k), np.arange(l), np.arange(t), indexing="ij"), -1
+        ).reshape(-1, 3)
         frames.append(
             pd.DataFrame(
                 {
@@ -207,7 +222,9 @@ class ProbeComparison:
     def summary(self) -> pd.DataFrame:
         """Mean accuracy per layer, block, token kind and readout (image tokens averaged)."""
         return (
-            self.table.groupby(["layer", "block", "kind", "readout"], sort=False)["accuracy"].mean().reset_index()
+            self.table.groupby(["layer", "block", "kind", "readout"], sort=False)["accuracy"]
+            .mean()
+            .reset_index()
         )
 
 
@@ -229,13 +246,23 @@ def probe_comparison(
     layers, blocks = _check_layers(layers), resolve_blocks(model, blocks)
     labels = _check_labels(labels, images.shape[0])
     train, test = sample_per_class(labels, k_per_class, seed)
-    acts = collect_token_activations(model, images, layers, blocks, batch_size=batch_size, progress=progress)
+    acts = collect_token_activations(
+        model, images, layers, blocks, batch_size=batch_size, progress=progress
+    )
     train_d, test_d = train.to(acts.device), test.to(acts.device)
     probes = fit_linear_probes(
-        model, images[train_d], labels[train], layers=layers, blocks=blocks, alpha=alpha,
-        acts=acts[train_d], progress=progress,
+        model,
+        images[train_d],
+        labels[train],
+        layers=layers,
+        blocks=blocks,
+        alpha=alpha,
+        acts=acts[train_d],
+        progress=progress,
     )
-    table = probe_accuracy_table(model, probes, images[test_d], labels[test], acts=acts[test_d], progress=progress)
+    table = probe_accuracy_table(
+        model, probes, images[test_d], labels[test], acts=acts[test_d], progress=progress
+    )
     return ProbeComparison(probes=probes, table=table, train_indices=train, test_indices=test)
 
 

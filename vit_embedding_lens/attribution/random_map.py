@@ -23,7 +23,9 @@ def random_attribution(
     layout = image_layout(model, images)
     batch = images.shape[0]
     gen = torch.Generator().manual_seed(int(seed))
-    scores = torch.rand(batch, layout.n_patches, generator=gen).to(device=images.device, dtype=images.dtype)
+    scores = torch.rand(batch, layout.n_patches, generator=gen).to(
+        device=images.device, dtype=images.dtype
+    )
     if classes is None:
         ids = torch.full((batch,), -1, dtype=torch.long, device=images.device)
     else:

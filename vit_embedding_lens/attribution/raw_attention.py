@@ -36,8 +36,12 @@ def raw_attention(
     classes = resolve_classes(model, images, classes)
     name = pattern_name(block)
     maps = []
-    for sl in tqdm(batch_slices(images.shape[0], batch_size), desc="raw attention", disable=not progress):
+    for sl in tqdm(
+        batch_slices(images.shape[0], batch_size), desc="raw attention", disable=not progress
+    ):
         with torch.no_grad():
             _, acts = capture(model, images[sl], {name: lambda a: a[:, :, rows].mean((1, 2))})
         maps.append(acts[name][:, layout.n_prefix :])
-    return AttributionMap(scores=torch.cat(maps), layout=layout, classes=classes, method="raw_attention")
+    return AttributionMap(
+        scores=torch.cat(maps), layout=layout, classes=classes, method="raw_attention"
+    )

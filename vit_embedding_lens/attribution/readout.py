@@ -57,17 +57,25 @@ def resolve_classes(
         with torch.no_grad():
             return model(images).argmax(-1)
     if isinstance(classes, (int, str)):
-        return torch.full((batch,), model.to_single_token(classes), dtype=torch.long, device=images.device)
+        return torch.full(
+            (batch,), model.to_single_token(classes), dtype=torch.long, device=images.device
+        )
     if isinstance(classes, Tensor):
         if classes.is_floating_point():
-            raise TypeError(f"classes must be integer class ids, got dtype {classes.dtype}; use classes.long()")
+            raise TypeError(
+                f"classes must be integer class ids, got dtype {classes.dtype}; use classes.long()"
+            )
         ids = classes.to(device=images.device, dtype=torch.long).reshape(-1)
     else:
-        ids = torch.tensor([model.to_single_token(c) for c in classes], dtype=torch.long, device=images.device)
+        ids = torch.tensor(
+            [model.to_single_token(c) for c in classes], dtype=torch.long, device=images.device
+        )
     if ids.numel() == 1:
         ids = ids.expand(batch)
     if ids.numel() != batch:
-        raise ValueError(f"got {ids.numel()} classes for {batch} images; give one class, or one per image")
+        raise ValueError(
+            f"got {ids.numel()} classes for {batch} images; give one class, or one per image"
+        )
     n_classes = model.cfg.n_classes
     if ((ids < 0) | (ids >= n_classes)).any():
         raise ValueError(f"class ids must be in [0, {n_classes}), got {ids.tolist()[:10]}")

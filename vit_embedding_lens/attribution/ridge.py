@@ -19,7 +19,9 @@ class RidgeFit(NamedTuple):
     bias: Float[Tensor, "... n_out"]
 
 
-def fit_ridge(x: Float[Tensor, "... n d"], y: Float[Tensor, "... n n_out"], alpha: float = 1.0) -> RidgeFit:
+def fit_ridge(
+    x: Float[Tensor, "... n d"], y: Float[Tensor, "... n n_out"], alpha: float = 1.0
+) -> RidgeFit:
     """Ridge regression of ``y`` on ``x`` (leading dimensions are independent problems)."""
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
@@ -45,7 +47,11 @@ def fit_ridge(x: Float[Tensor, "... n d"], y: Float[Tensor, "... n n_out"], alph
 def one_vs_all_targets(labels: Int[Tensor, " n"], n_classes: int) -> Float[Tensor, "n n_classes"]:
     """``+1`` for the image's class, ``-1`` for every other class."""
     if labels.ndim != 1:
-        raise ValueError(f"labels must be a 1-D tensor of class ids, got shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be a 1-D tensor of class ids, got shape {tuple(labels.shape)}"
+        )
     if labels.numel() and (labels.min() < 0 or labels.max() >= n_classes):
-        raise ValueError(f"labels must be in [0, {n_classes}), got range [{labels.min()}, {labels.max()}]")
+        raise ValueError(
+            f"labels must be in [0, {n_classes}), got range [{labels.min()}, {labels.max()}]"
+        )
     return torch.nn.functional.one_hot(labels.long(), n_classes).float() * 2 - 1

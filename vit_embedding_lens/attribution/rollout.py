@@ -38,12 +38,16 @@ def attention_rollout(
     classes = resolve_classes(model, images, classes)
     names = [pattern_name(l) for l in range(model.cfg.n_layers)]
     maps = []
-    for sl in tqdm(batch_slices(images.shape[0], batch_size), desc="attention rollout", disable=not progress):
+    for sl in tqdm(
+        batch_slices(images.shape[0], batch_size), desc="attention rollout", disable=not progress
+    ):
         with torch.no_grad():
             _, acts = capture(model, images[sl], {n: lambda a: a.mean(1) for n in names})
         rollout = None
         for n in names:
-            mixed = acts[n] + torch.eye(acts[n].shape[-1], dtype=acts[n].dtype, device=acts[n].device)
+            mixed = acts[n] + torch.eye(
+                acts[n].shape[-1], dtype=acts[n].dtype, device=acts[n].device
+            )
             mixed = mixed / mixed.sum(-1, keepdim=True)
             rollout = mixed if rollout is None else mixed @ rollout
         maps.append(rollout[:, rows].mean(1)[:, layout.n_prefix :])

@@ -1,6 +1,10 @@
 """Data: image folders and the ImageNet-S layout with masks, preprocessing, token labels from masks."""
 
-from vit_embedding_lens.data.imagenet_s import AMBIGUOUS_SYNSETS, decode_segmentation, imagenet_s_dataset
+from vit_embedding_lens.data.imagenet_s import (
+    AMBIGUOUS_SYNSETS,
+    decode_segmentation,
+    imagenet_s_dataset,
+)
 from vit_embedding_lens.data.images import (
     ImageDataset,
     ImageRecord,

@@ -110,7 +110,9 @@ def read_categories(path: Union[str, Path]) -> List[str]:
     return read_synset_mapping(path)
 
 
-def _find_file(root: Path, images_dir: Path, name: str, subdirs: Sequence[str] = ()) -> Optional[Path]:
+def _find_file(
+    root: Path, images_dir: Path, name: str, subdirs: Sequence[str] = ()
+) -> Optional[Path]:
     for base in dict.fromkeys((root, images_dir.parent)):
         for sub in ("", *subdirs):
             candidate = base / sub / name if sub else base / name
@@ -119,7 +121,9 @@ def _find_file(root: Path, images_dir: Path, name: str, subdirs: Sequence[str] =
     return None
 
 
-def segmentation_ids(synset_folders: Sequence[str], categories: Optional[Sequence[str]] = None) -> Dict[str, int]:
+def segmentation_ids(
+    synset_folders: Sequence[str], categories: Optional[Sequence[str]] = None
+) -> Dict[str, int]:
     """Segmentation id (1-based) of each synset: its position in the sorted ``categories`` (all of
     ImageNet-S's synsets), else in the sorted folder list."""
     table = sorted(set(categories if categories is not None else synset_folders))
@@ -161,16 +165,25 @@ def imagenet_s_records(
                 )
             )
     if empty:
-        raise ValueError(f"{len(empty)} ImageNet-S class folders in {images_dir} have no JPEG images: {empty[:20]}")
+        raise ValueError(
+            f"{len(empty)} ImageNet-S class folders in {images_dir} have no JPEG images: {empty[:20]}"
+        )
     if short:
-        action = "skipped, as the reference does" if drop_short_classes else "kept with fewer images"
-        warnings.warn(f"{len(short)} classes have fewer than {per_class} images ({action}): {short[:20]}", stacklevel=2)
+        action = (
+            "skipped, as the reference does" if drop_short_classes else "kept with fewer images"
+        )
+        warnings.warn(
+            f"{len(short)} classes have fewer than {per_class} images ({action}): {short[:20]}",
+            stacklevel=2,
+        )
     if not records:
         raise ValueError(f"no ImageNet-S images selected from {images_dir}")
     return records
 
 
-def verify_segmentation_ids(records: Sequence[ImageRecord], n_classes: int = _N_VERIFIED_CLASSES) -> None:
+def verify_segmentation_ids(
+    records: Sequence[ImageRecord], n_classes: int = _N_VERIFIED_CLASSES
+) -> None:
     """Check, on the first mask of up to ``n_classes`` classes spread over the data set, that the
     record's mask id is the most frequent object id of its mask. Raise when it is not."""
     firsts: Dict[str, ImageRecord] = {}
@@ -218,7 +231,9 @@ def imagenet_s_dataset(
     """ImageNet-S images with their masks as per-token class masks for ``model`` (see module doc)."""
     root = Path(root).resolve()
     images_dir, masks_dir = split_folders(root, split)
-    folders = sorted(p.name for p in images_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(
+        p.name for p in images_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
     if not folders:
         raise ValueError(f"{images_dir} has no synset folders")
     categories = categories or _find_file(root, images_dir, CATEGORIES_FILE, ("data/categories",))
@@ -230,7 +245,9 @@ def imagenet_s_dataset(
         raise ValueError(f"every synset folder in {images_dir} is excluded as ambiguous")
     synsets = read_synset_mapping(synset_mapping) if synset_mapping else None
     mapping = class_indices(used, model.cfg.n_classes, None, synsets)
-    records = imagenet_s_records(images_dir, masks_dir, mapping, seg_ids, per_class, drop_short_classes)
+    records = imagenet_s_records(
+        images_dir, masks_dir, mapping, seg_ids, per_class, drop_short_classes
+    )
     if verify:
         verify_segmentation_ids(records)
     source = {

@@ -27,7 +27,18 @@ from torch import Tensor
 from vit_embedding_lens.data.transforms import Preprocessing, binary_mask_image, mask_from_image
 
 #: file name endings read as images (case-insensitive)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+)
 SYNSET_PATTERN = re.compile(r"^n\d{8}$")
 OnError = str  # "skip" (default: count, warn, go on) or "raise"
 
@@ -44,7 +55,9 @@ class ImageRecord:
 
     path: Path
     label: int
-    image_id: str  # path relative to the data set root, e.g. "n01440764/ILSVRC2012_val_00000293.JPEG"
+    image_id: (
+        str  # path relative to the data set root, e.g. "n01440764/ILSVRC2012_val_00000293.JPEG"
+    )
     mask_path: Optional[Path] = None
     mask_label: Optional[int] = None  # the value that marks this image's class in its mask
 
@@ -108,7 +121,9 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.has_masks and not all(r.mask_path is not None for r in records):
             raise ValueError("either every record has a mask or none has")
         if self.has_masks and layout is None:
-            raise ValueError("records with masks need the model's layout (layout=model.layout) for token masks")
+            raise ValueError(
+                "records with masks need the model's layout (layout=model.layout) for token masks"
+            )
         self.records = list(records)
         self.preprocessing = preprocessing
         self.layout = layout
@@ -141,7 +156,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _load(self, index: int, record: ImageRecord) -> Sample:
         if self._transforms is None:
-            self._transforms = (self.preprocessing.image_transform(), self.preprocessing.mask_transform())
+            self._transforms = (
+                self.preprocessing.image_transform(),
+                self.preprocessing.mask_transform(),
+            )
         image_tf, mask_tf = self._transforms
         image = open_image(record.path, self.preprocessing.image_mode)
         token_mask = None
@@ -159,7 +177,11 @@ class ImageDataset(torch.utils.data.Dataset):
                 on_object, self.layout, method=self.token_labels, threshold=self.threshold
             )
         return Sample(
-            index=index, image=image_tf(image), label=record.label, image_id=record.image_id, token_mask=token_mask
+            index=index,
+            image=image_tf(image),
+            label=record.label,
+            image_id=record.image_id,
+            token_mask=token_mask,
         )
 
     def fingerprint(self) -> Dict[str, Any]:
@@ -172,7 +194,9 @@ class ImageDataset(torch.utils.data.Dataset):
             "n_images": len(self.records),
             "files_sha256": digest.hexdigest(),
             "preprocessing": self.preprocessing.as_dict(),
-            "token_labels": {"method": self.token_labels, "threshold": self.threshold} if self.has_masks else None,
+            "token_labels": {"method": self.token_labels, "threshold": self.threshold}
+            if self.has_masks
+            else None,
         }
 
 
@@ -185,7 +209,9 @@ def open_image(path: Path, mode: Optional[str], what: str = "image") -> Image.Im
     except FileNotFoundError as err:
         raise UnusableImageError(f"{path}: {what} file not found") from err
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise UnusableImageError(f"{path}: cannot read the {what} ({type(err).__name__}: {err})") from err
+        raise UnusableImageError(
+            f"{path}: cannot read the {what} ({type(err).__name__}: {err})"
+        ) from err
 
 
 def decode_label_mask(img: Image.Image) -> np.ndarray:
@@ -248,7 +274,9 @@ def class_indices(
                 f"whose line order is the model's class order"
             )
         if len(table) != n_classes:
-            raise ValueError(f"the synset mapping lists {len(table)} classes but the model has {n_classes}")
+            raise ValueError(
+                f"the synset mapping lists {len(table)} classes but the model has {n_classes}"
+            )
         index = {s: i for i, s in enumerate(table)}
         unknown = [n for n in names if n not in index]
         if unknown:
@@ -311,7 +339,11 @@ def list_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> L
     """Image files directly in ``folder``, sorted by file name."""
     exts = tuple(e.lower() for e in extensions)
     return sorted(
-        (p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")),
+        (
+            p
+            for p in Path(folder).iterdir()
+            if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")
+        ),
         key=lambda p: p.name,
     )
 
@@ -342,7 +374,9 @@ def image_folder_records(
             empty.append(name)
             continue
         for path in select_per_class(files, per_class):
-            records.append(ImageRecord(path=path, label=class_index[name], image_id=f"{name}/{path.name}"))
+            records.append(
+                ImageRecord(path=path, label=class_index[name], image_id=f"{name}/{path.name}")
+            )
     if empty:
         raise ValueError(
             f"{len(empty)} class folders in {root} have no images ({', '.join(extensions)}): {empty[:20]}; "
@@ -385,7 +419,9 @@ class InMemoryDataset(torch.utils.data.Dataset):
         source: Optional[Mapping[str, Any]] = None,
     ) -> None:
         if images.ndim != 4:
-            raise ValueError(f"images must be [n, chan, height, width], got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be [n, chan, height, width], got shape {tuple(images.shape)}"
+            )
         n = images.shape[0]
         if len(labels) != n:
             raise ValueError(f"{len(labels)} labels for {n} images")
@@ -393,7 +429,9 @@ class InMemoryDataset(torch.utils.data.Dataset):
             raise ValueError(f"{token_masks.shape[0]} token masks for {n} images")
         self.images = images
         self.label_tensor = torch.as_tensor(labels).long()
-        self.image_ids = list(image_ids) if image_ids is not None else [f"{i:06d}" for i in range(n)]
+        self.image_ids = (
+            list(image_ids) if image_ids is not None else [f"{i:06d}" for i in range(n)]
+        )
         if len(self.image_ids) != n:
             raise ValueError(f"{len(self.image_ids)} image ids for {n} images")
         self.token_masks = token_masks
@@ -409,7 +447,9 @@ class InMemoryDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         mask = self.token_masks[index] if self.token_masks is not None else None
-        return Sample(index, self.images[index], int(self.label_tensor[index]), self.image_ids[index], mask)
+        return Sample(
+            index, self.images[index], int(self.label_tensor[index]), self.image_ids[index], mask
+        )
 
     def fingerprint(self) -> Dict[str, Any]:
         digest = hashlib.sha256()
@@ -426,7 +466,12 @@ def bundled_eval_dataset(
     per-token class masks for ``model``. ``n``: that many images, balanced over the classes (image
     0 of every class, then image 1, ...); ids keep each image's index in the shipped set. ``name``:
     the bundled model (default: ``model``'s own when it is a bundled one, else ``mnist-vit``)."""
-    from vit_embedding_lens.zoo.bundled import DEFAULT_BUNDLED, bundled_name, check_subset_size, load_bundled_eval
+    from vit_embedding_lens.zoo.bundled import (
+        DEFAULT_BUNDLED,
+        bundled_name,
+        check_subset_size,
+        load_bundled_eval,
+    )
 
     if name is None:
         name = bundled_name(getattr(model.cfg, "model_name", None)) or DEFAULT_BUNDLED
@@ -443,5 +488,11 @@ def bundled_eval_dataset(
     masks = data.class_token_mask(model.layout, method=token_labels)[pick]
     set_name = f"{name.removesuffix('-vit')}-eval"
     ids = [f"{set_name}/{i:04d}" for i in pick.tolist()]
-    source = {"layout": "bundled", "name": set_name, "n": n, "order": "balanced", "token_labels": token_labels}
+    source = {
+        "layout": "bundled",
+        "name": set_name,
+        "n": n,
+        "order": "balanced",
+        "token_labels": token_labels,
+    }
     return InMemoryDataset(data.images[pick], data.labels[pick], ids, masks, source=source)

@@ -30,7 +30,9 @@ def mask_to_grid(mask: Tensor, grid_size: Sequence[int], method: Method = "neare
     multiple of the grid.
     """
     if mask.ndim < 2:
-        raise ValueError(f"a mask needs at least 2 dimensions [..., H, W], got shape {tuple(mask.shape)}")
+        raise ValueError(
+            f"a mask needs at least 2 dimensions [..., H, W], got shape {tuple(mask.shape)}"
+        )
     gh, gw = int(grid_size[0]), int(grid_size[1])
     H, W = mask.shape[-2:]
     if H < gh or W < gw:

@@ -65,12 +65,18 @@ class Preprocessing:
             return "RGB"
         if self.channels == 1:
             return "L"
-        raise ValueError(f"images for a {self.channels}-channel model cannot be read from image files")
+        raise ValueError(
+            f"images for a {self.channels}-channel model cannot be read from image files"
+        )
 
     def as_dict(self) -> Dict[str, Any]:
         """JSON-ready description (part of a run's configuration fingerprint)."""
         d = asdict(self)
-        d["input_size"], d["mean"], d["std"] = list(self.input_size), list(self.mean), list(self.std)
+        d["input_size"], d["mean"], d["std"] = (
+            list(self.input_size),
+            list(self.mean),
+            list(self.std),
+        )
         return d
 
     def image_transform(self) -> Callable[[Image.Image], Tensor]:
@@ -163,7 +169,9 @@ def resolve_preprocessing(
         )
     from timm.data import resolve_data_config
 
-    config = dict(resolve_data_config(pretrained_cfg=dict(data_config or {}, input_size=input_size)))
+    config = dict(
+        resolve_data_config(pretrained_cfg=dict(data_config or {}, input_size=input_size))
+    )
     return Preprocessing(
         kind="timm",
         input_size=input_size,

@@ -59,7 +59,9 @@ def component_hook_names(model, component: str, blocks=None) -> List[str]:
         raise ValueError(f"unknown component {component!r}; use one of {sorted(COMPONENTS)}")
     suffix = COMPONENTS[component]
     if suffix == "attn.hook_result" and not model.cfg.use_attn_result:
-        raise ValueError("per-head results are not computed; call model.set_use_attn_result(True) first")
+        raise ValueError(
+            "per-head results are not computed; call model.set_use_attn_result(True) first"
+        )
     return [f"blocks.{l}.{suffix}" for l in _resolve(blocks, model.cfg.n_layers, "block")]
 
 
@@ -81,13 +83,28 @@ def ablation_hooks(
     names = component_hook_names(model, component, blocks)
     if neurons is not None and not names[0].endswith(("mlp.hook_post", "mlp.hook_pre")):
         raise ValueError("neurons= applies to the 'neuron' / 'mlp_pre' components")
-    if heads is not None and not names[0].split(".")[-1] in ("hook_z", "hook_result", "hook_q", "hook_k", "hook_v", "hook_pattern"):
-        raise ValueError(f"heads= applies to per-head components (head, result, q, k, v, pattern), not {component!r}")
+    if heads is not None and names[0].split(".")[-1] not in (
+        "hook_z",
+        "hook_result",
+        "hook_q",
+        "hook_k",
+        "hook_v",
+        "hook_pattern",
+    ):
+        raise ValueError(
+            f"heads= applies to per-head components (head, result, q, k, v, pattern), not {component!r}"
+        )
     device = model.embed.W_E.device
     masks = {
         name: selection_mask(
-            name, model.layout, model.cfg.n_heads, tokens=tokens, heads=heads, units=neurons,
-            n_units=model.cfg.d_mlp, device=device,
+            name,
+            model.layout,
+            model.cfg.n_heads,
+            tokens=tokens,
+            heads=heads,
+            units=neurons,
+            n_units=model.cfg.d_mlp,
+            device=device,
         )
         for name in names
     }
@@ -111,7 +128,9 @@ def ablation_hooks(
             gen = torch.Generator().manual_seed(seed)
             ref = ref[torch.randint(ref.shape[0], (act.shape[0],), generator=gen).to(ref.device)]
         if mask.shape[0] not in (1, act.shape[0]):
-            raise ValueError(f"a per-image token mask has {mask.shape[0]} rows for a batch of {act.shape[0]}")
+            raise ValueError(
+                f"a per-image token mask has {mask.shape[0]} rows for a batch of {act.shape[0]}"
+            )
         return torch.where(mask, ref, act)
 
     return [(name, hook) for name in names]

@@ -66,11 +66,15 @@ def knockout_mask(
             return image[:, None] & ~torch.eye(N, dtype=torch.bool)
         if preset == "no_cls":
             return image[:, None] & token_mask(layout, "cls")[None, :]
-        raise ValueError(f"unknown knockout preset {preset!r}; use one of {PRESETS} or queries=/keys=")
+        raise ValueError(
+            f"unknown knockout preset {preset!r}; use one of {PRESETS} or queries=/keys="
+        )
     q = token_mask(layout, "all" if queries is None else queries).cpu()
     k = token_mask(layout, "all" if keys is None else keys).cpu()
     if q.ndim != 1 or k.ndim != 1:
-        raise ValueError("knockout takes one token set for the whole batch ([n_tokens]), not one per image")
+        raise ValueError(
+            "knockout takes one token set for the whole batch ([n_tokens]), not one per image"
+        )
     return q[:, None] & k[None, :]
 
 
@@ -162,7 +166,9 @@ class AttentionKnockout:
             for l in self.blocks:
                 attn = self.model.blocks[l].attn
                 self._saved.append((attn, attn.score_mask))
-                attn.score_mask = self.allowed if attn.score_mask is None else attn.score_mask & self.allowed
+                attn.score_mask = (
+                    self.allowed if attn.score_mask is None else attn.score_mask & self.allowed
+                )
         return self
 
     def __exit__(self, *exc) -> None:

@@ -17,9 +17,19 @@ from torch import Tensor
 
 from vit_embedding_lens.lens.projection import ClassProjection, pooled_readout
 
-Kind = Literal["logit", "logit_diff", "probability", "log_probability", "identifiability", "rank", "rank0"]
+Kind = Literal[
+    "logit", "logit_diff", "probability", "log_probability", "identifiability", "rank", "rank0"
+]
 Readout = Union[Literal["logits", "pooled", "cls", "image"], int]
-KINDS = ("logit", "logit_diff", "probability", "log_probability", "identifiability", "rank", "rank0")
+KINDS = (
+    "logit",
+    "logit_diff",
+    "probability",
+    "log_probability",
+    "identifiability",
+    "rank",
+    "rank0",
+)
 
 
 def class_rank(logits: Float[Tensor, "... C"], target: Tensor) -> Tensor:
@@ -66,11 +76,17 @@ class ClassSpaceMetric:
             raise IndexError(f"block {block} is out of range for {n_layers} blocks")
         layout = model.layout
         if readout == "cls" and layout.cls_index is None:
-            raise ValueError(f"{model.cfg.model_name} has no CLS token; use readout='pooled' or 'image'")
+            raise ValueError(
+                f"{model.cfg.model_name} has no CLS token; use readout='pooled' or 'image'"
+            )
         if isinstance(readout, int) and not 0 <= readout < layout.n_tokens:
-            raise IndexError(f"readout token {readout} is out of range for {layout.n_tokens} tokens")
+            raise IndexError(
+                f"readout token {readout} is out of range for {layout.n_tokens} tokens"
+            )
         if not isinstance(readout, int) and readout not in ("logits", "pooled", "cls", "image"):
-            raise ValueError(f"readout must be 'logits', 'pooled', 'cls', 'image' or a token index, got {readout!r}")
+            raise ValueError(
+                f"readout must be 'logits', 'pooled', 'cls', 'image' or a token index, got {readout!r}"
+            )
         self.model, self.kind, self.readout, self.reduce = model, kind, readout, reduce
         self.block = block % n_layers
         self.target, self.other = target, other
@@ -107,7 +123,9 @@ class ClassSpaceMetric:
                 rest = logits.scatter(-1, target[..., None], float("-inf"))
                 value = own - rest.amax(-1)
             else:
-                value = own - logits.gather(-1, self._per_row(self.other, logits)[..., None])[..., 0]
+                value = (
+                    own - logits.gather(-1, self._per_row(self.other, logits)[..., None])[..., 0]
+                )
         elif self.kind in ("probability", "log_probability"):
             logp = logits.log_softmax(-1).gather(-1, target[..., None])[..., 0]
             value = logp if self.kind == "log_probability" else logp.exp()
@@ -134,7 +152,9 @@ class ClassSpaceMetric:
         if t.ndim == 0:
             t = t.expand(batch)
         if t.ndim != 1 or t.shape[0] != batch:
-            raise ValueError(f"target must be a class index or a [batch] tensor of {batch} ids, got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"target must be a class index or a [batch] tensor of {batch} ids, got shape {tuple(t.shape)}"
+            )
         if logits.ndim == 3:
             t = t[:, None].expand(batch, logits.shape[1])
         return t

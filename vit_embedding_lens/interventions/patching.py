@@ -148,7 +148,12 @@ def run_patching(
     stop = readout_layer + 1 if readout_layer is not None else None
 
     chunks = [list(range(i, min(i + k, len(cells)))) for i in range(0, len(cells), k)]
-    starts = [_start_layer(cells, chunk, readout_layer, model.cfg.n_layers) if skip_unpatched_layers else 0 for chunk in chunks]
+    starts = [
+        _start_layer(cells, chunk, readout_layer, model.cfg.n_layers)
+        if skip_unpatched_layers
+        else 0
+        for chunk in chunks
+    ]
     start_resid = _corrupted_resid(model, corrupted_images, sorted(set(starts) - {0}))
 
     results: List[Tensor] = []
@@ -162,7 +167,9 @@ def run_patching(
                 n = len(chunk)
                 if start > 0:
                     x = start_resid[start].repeat(n, 1, 1)
-                    out = model.run_with_hooks(x, start_at_layer=start, stop_at_layer=stop, fwd_hooks=hooks)
+                    out = model.run_with_hooks(
+                        x, start_at_layer=start, stop_at_layer=stop, fwd_hooks=hooks
+                    )
                 else:
                     x = corrupted_images.repeat(n, 1, 1, 1)
                     out = model.run_with_hooks(x, stop_at_layer=stop, fwd_hooks=hooks)
@@ -290,22 +297,32 @@ def sweep(
     suffixes = [activations] if single else list(activations)
     for suffix in suffixes:
         if suffix.endswith("hook_result") and not model.cfg.use_attn_result:
-            raise ValueError("per-head results are not computed; call model.set_use_attn_result(True) first")
+            raise ValueError(
+                "per-head results are not computed; call model.set_use_attn_result(True) first"
+            )
     from vit_embedding_lens.interventions.knockout import _resolve
 
     layer_ids = _resolve(layers, model.cfg.n_layers, "block")
     dims: List[str] = [] if single else ["component"]
-    coords: Dict[str, List] = {} if single else {"component": [s.split(".")[-1].replace("hook_", "") for s in suffixes]}
+    coords: Dict[str, List] = (
+        {} if single else {"component": [s.split(".")[-1].replace("hook_", "") for s in suffixes]}
+    )
     axes: List[List] = [] if single else [list(range(len(suffixes)))]
     token_specs: List = [None]
     for dim in per:
         if dim == "layer":
-            dims.append("layer"); coords["layer"] = layer_ids; axes.append(layer_ids)
+            dims.append("layer")
+            coords["layer"] = layer_ids
+            axes.append(layer_ids)
         elif dim == "head":
-            dims.append("head"); coords["head"] = list(range(H)); axes.append(list(range(H)))
+            dims.append("head")
+            coords["head"] = list(range(H))
+            axes.append(list(range(H)))
         elif dim == "token":
             name, labels, token_specs = _token_sets(layout, tokens)
-            dims.append(name); coords[name] = labels; axes.append(list(range(len(labels))))
+            dims.append(name)
+            coords[name] = labels
+            axes.append(list(range(len(labels))))
         else:
             raise ValueError(f"unknown sweep dimension {dim!r}; use 'layer', 'token' and 'head'")
     if "layer" not in dims:
@@ -351,49 +368,116 @@ also :func:`~vit_embedding_lens.interventions.selection.grid_tiles`. Other optio
 
 
 def _make(suffix, per, what, shape_doc):
-    def fn(model, corrupted_images, clean_cache, metric, *, tokens: Tokens = None, **options) -> PatchingResult:
-        return sweep(model, corrupted_images, clean_cache, metric, suffix, per, tokens=tokens, **options)
+    def fn(
+        model, corrupted_images, clean_cache, metric, *, tokens: Tokens = None, **options
+    ) -> PatchingResult:
+        return sweep(
+            model, corrupted_images, clean_cache, metric, suffix, per, tokens=tokens, **options
+        )
 
     fn.__doc__ = _DOC.format(what=what, per=" × ".join(per), shape=shape_doc)
     return fn
 
 
-get_act_patch_resid_pre = _make("hook_resid_pre", ("layer", "token"), "resid_pre", "[n_layers, n_tokens]")
-get_act_patch_resid_mid = _make("hook_resid_mid", ("layer", "token"), "resid_mid", "[n_layers, n_tokens]")
-get_act_patch_resid_post = _make("hook_resid_post", ("layer", "token"), "resid_post", "[n_layers, n_tokens]")
-get_act_patch_attn_out = _make("hook_attn_out", ("layer", "token"), "attn_out", "[n_layers, n_tokens]")
-get_act_patch_mlp_out = _make("hook_mlp_out", ("layer", "token"), "mlp_out", "[n_layers, n_tokens]")
-get_act_patch_attn_head_out_all_pos = _make("attn.hook_z", ("layer", "head"), "each head's output z (all positions)", "[n_layers, n_heads]")
-get_act_patch_attn_head_out_by_pos = _make("attn.hook_z", ("layer", "token", "head"), "each head's output z", "[n_layers, n_tokens, n_heads]")
-get_act_patch_attn_head_q_all_pos = _make("attn.hook_q", ("layer", "head"), "each head's queries (all positions)", "[n_layers, n_heads]")
-get_act_patch_attn_head_k_all_pos = _make("attn.hook_k", ("layer", "head"), "each head's keys (all positions)", "[n_layers, n_heads]")
-get_act_patch_attn_head_v_all_pos = _make("attn.hook_v", ("layer", "head"), "each head's values (all positions)", "[n_layers, n_heads]")
-get_act_patch_attn_head_q_by_pos = _make("attn.hook_q", ("layer", "token", "head"), "each head's queries", "[n_layers, n_tokens, n_heads]")
-get_act_patch_attn_head_k_by_pos = _make("attn.hook_k", ("layer", "token", "head"), "each head's keys", "[n_layers, n_tokens, n_heads]")
-get_act_patch_attn_head_v_by_pos = _make("attn.hook_v", ("layer", "token", "head"), "each head's values", "[n_layers, n_tokens, n_heads]")
-get_act_patch_attn_head_pattern_all_pos = _make("attn.hook_pattern", ("layer", "head"), "each head's attention pattern (all positions)", "[n_layers, n_heads]")
-get_act_patch_attn_head_pattern_by_query_pos = _make(
-    "attn.hook_pattern", ("layer", "token", "head"), "each head's attention pattern, one query (destination) row at a time", "[n_layers, n_tokens, n_heads]"
+get_act_patch_resid_pre = _make(
+    "hook_resid_pre", ("layer", "token"), "resid_pre", "[n_layers, n_tokens]"
 )
-get_act_patch_attn_head_result_all_pos = _make("attn.hook_result", ("layer", "head"), "each head's write-in (result; needs use_attn_result)", "[n_layers, n_heads]")
-get_act_patch_attn_head_result_by_pos = _make("attn.hook_result", ("layer", "token", "head"), "each head's write-in (result; needs use_attn_result)", "[n_layers, n_tokens, n_heads]")
+get_act_patch_resid_mid = _make(
+    "hook_resid_mid", ("layer", "token"), "resid_mid", "[n_layers, n_tokens]"
+)
+get_act_patch_resid_post = _make(
+    "hook_resid_post", ("layer", "token"), "resid_post", "[n_layers, n_tokens]"
+)
+get_act_patch_attn_out = _make(
+    "hook_attn_out", ("layer", "token"), "attn_out", "[n_layers, n_tokens]"
+)
+get_act_patch_mlp_out = _make("hook_mlp_out", ("layer", "token"), "mlp_out", "[n_layers, n_tokens]")
+get_act_patch_attn_head_out_all_pos = _make(
+    "attn.hook_z", ("layer", "head"), "each head's output z (all positions)", "[n_layers, n_heads]"
+)
+get_act_patch_attn_head_out_by_pos = _make(
+    "attn.hook_z",
+    ("layer", "token", "head"),
+    "each head's output z",
+    "[n_layers, n_tokens, n_heads]",
+)
+get_act_patch_attn_head_q_all_pos = _make(
+    "attn.hook_q", ("layer", "head"), "each head's queries (all positions)", "[n_layers, n_heads]"
+)
+get_act_patch_attn_head_k_all_pos = _make(
+    "attn.hook_k", ("layer", "head"), "each head's keys (all positions)", "[n_layers, n_heads]"
+)
+get_act_patch_attn_head_v_all_pos = _make(
+    "attn.hook_v", ("layer", "head"), "each head's values (all positions)", "[n_layers, n_heads]"
+)
+get_act_patch_attn_head_q_by_pos = _make(
+    "attn.hook_q",
+    ("layer", "token", "head"),
+    "each head's queries",
+    "[n_layers, n_tokens, n_heads]",
+)
+get_act_patch_attn_head_k_by_pos = _make(
+    "attn.hook_k", ("layer", "token", "head"), "each head's keys", "[n_layers, n_tokens, n_heads]"
+)
+get_act_patch_attn_head_v_by_pos = _make(
+    "attn.hook_v", ("layer", "token", "head"), "each head's values", "[n_layers, n_tokens, n_heads]"
+)
+get_act_patch_attn_head_pattern_all_pos = _make(
+    "attn.hook_pattern",
+    ("layer", "head"),
+    "each head's attention pattern (all positions)",
+    "[n_layers, n_heads]",
+)
+get_act_patch_attn_head_pattern_by_query_pos = _make(
+    "attn.hook_pattern",
+    ("layer", "token", "head"),
+    "each head's attention pattern, one query (destination) row at a time",
+    "[n_layers, n_tokens, n_heads]",
+)
+get_act_patch_attn_head_result_all_pos = _make(
+    "attn.hook_result",
+    ("layer", "head"),
+    "each head's write-in (result; needs use_attn_result)",
+    "[n_layers, n_heads]",
+)
+get_act_patch_attn_head_result_by_pos = _make(
+    "attn.hook_result",
+    ("layer", "token", "head"),
+    "each head's write-in (result; needs use_attn_result)",
+    "[n_layers, n_tokens, n_heads]",
+)
 for _name, _fn in list(globals().items()):
     if _name.startswith("get_act_patch_"):
         _fn.__name__ = _fn.__qualname__ = _name
 
 
-def get_act_patch_block_every(model, corrupted_images, clean_cache, metric, *, tokens: Tokens = None, **options) -> PatchingResult:
+def get_act_patch_block_every(
+    model, corrupted_images, clean_cache, metric, *, tokens: Tokens = None, **options
+) -> PatchingResult:
     """``resid_pre``, ``attn_out`` and ``mlp_out`` per layer × token: ``[3, n_layers, n_tokens]``
     (dimension ``"component"`` first), as TransformerLens's function of that name."""
     return sweep(
-        model, corrupted_images, clean_cache, metric, ["hook_resid_pre", "hook_attn_out", "hook_mlp_out"],
-        ("layer", "token"), tokens=tokens, **options,
+        model,
+        corrupted_images,
+        clean_cache,
+        metric,
+        ["hook_resid_pre", "hook_attn_out", "hook_mlp_out"],
+        ("layer", "token"),
+        tokens=tokens,
+        **options,
     )
 
 
-def get_act_patch_attn_head_all_pos_every(model, corrupted_images, clean_cache, metric, **options) -> PatchingResult:
+def get_act_patch_attn_head_all_pos_every(
+    model, corrupted_images, clean_cache, metric, **options
+) -> PatchingResult:
     """Head output (z), q, k, v and pattern per layer × head, all positions: ``[5, n_layers, n_heads]``."""
     return sweep(
-        model, corrupted_images, clean_cache, metric,
-        ["attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern"], ("layer", "head"), **options,
+        model,
+        corrupted_images,
+        clean_cache,
+        metric,
+        ["attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern"],
+        ("layer", "head"),
+        **options,
     )

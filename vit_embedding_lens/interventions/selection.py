@@ -23,7 +23,9 @@ TokenSpec = Union[str, int, range, Sequence[int], Tensor]
 GROUPS = ("all", "cls", "dist", "registers", "prefix", "image")
 
 
-def token_mask(layout: TokenLayout, spec: TokenSpec, device: Optional[torch.device] = None) -> Tensor:
+def token_mask(
+    layout: TokenLayout, spec: TokenSpec, device: Optional[torch.device] = None
+) -> Tensor:
     """A boolean mask over the sequence (``[n_tokens]``, or ``[batch, n_tokens]`` when ``spec`` is a
     per-image mask) that is True at the tokens ``spec`` names."""
     N = layout.n_tokens
@@ -38,7 +40,9 @@ def token_mask(layout: TokenLayout, spec: TokenSpec, device: Optional[torch.devi
         return spec.to(device) if device is not None else spec
     if isinstance(spec, Tensor):
         if spec.is_floating_point() or spec.ndim > 1:
-            raise TypeError(f"token indices must be a 1-D integer tensor (or use a bool mask), got {spec.dtype} {tuple(spec.shape)}")
+            raise TypeError(
+                f"token indices must be a 1-D integer tensor (or use a bool mask), got {spec.dtype} {tuple(spec.shape)}"
+            )
         spec = spec.tolist()
     if isinstance(spec, int):
         spec = [spec]
@@ -67,7 +71,9 @@ def _group_mask(layout: TokenLayout, group: str, device: Optional[torch.device])
         mask[: layout.n_prefix] = True
     elif name == "cls":
         if layout.cls_index is None:
-            raise ValueError("this model has no CLS token (it pools its image tokens); choose other tokens")
+            raise ValueError(
+                "this model has no CLS token (it pools its image tokens); choose other tokens"
+            )
         mask[layout.cls_index] = True
     elif name in ("dist", "distillation"):
         if layout.dist_index is None:
@@ -78,11 +84,17 @@ def _group_mask(layout: TokenLayout, group: str, device: Optional[torch.device])
             raise ValueError("this model has no register tokens; choose other tokens")
         mask[list(layout.register_indices)] = True
     else:
-        raise ValueError(f"unknown token group {group!r}; use one of {GROUPS}, token indices or a bool mask")
+        raise ValueError(
+            f"unknown token group {group!r}; use one of {GROUPS}, token indices or a bool mask"
+        )
     return mask
 
 
-def grid_region(layout: TokenLayout, rows: Union[slice, range, Sequence[int]], cols: Union[slice, range, Sequence[int]]) -> Bool[Tensor, " n_tokens"]:
+def grid_region(
+    layout: TokenLayout,
+    rows: Union[slice, range, Sequence[int]],
+    cols: Union[slice, range, Sequence[int]],
+) -> Bool[Tensor, " n_tokens"]:
     """Token mask of a region of the patch grid, e.g. ``grid_region(layout, slice(0, 3), slice(2, 5))``."""
     grid = torch.zeros(layout.grid_size, dtype=torch.bool)
     r = torch.arange(layout.grid_size[0])[_as_index(rows)]
@@ -97,7 +109,9 @@ def _as_index(index):
     return index if isinstance(index, slice) else list(index)
 
 
-def grid_tiles(layout: TokenLayout, tile: Union[int, Tuple[int, int]] = 2) -> Dict[str, Bool[Tensor, " n_tokens"]]:
+def grid_tiles(
+    layout: TokenLayout, tile: Union[int, Tuple[int, int]] = 2
+) -> Dict[str, Bool[Tensor, " n_tokens"]]:
     """The patch grid cut into ``tile``-sized blocks (the last row/column of blocks may be smaller):
     ``{"r0:2,c0:2": mask, ...}`` in row-major order, for per-region patching sweeps."""
     th, tw = (tile, tile) if isinstance(tile, int) else tile
@@ -182,13 +196,17 @@ def selection_mask(
         mask = mask & tok.reshape(tshape)
     if heads is not None:
         if axes.head is None:
-            raise ValueError(f"{name} has no head axis; heads= applies to q, k, v, z, result and the pattern")
+            raise ValueError(
+                f"{name} has no head axis; heads= applies to q, k, v, z, result and the pattern"
+            )
         hshape = [1] * axes.ndim
         hshape[axes.head] = n_heads
         mask = mask & _index_mask(n_heads, heads, "head", device).reshape(hshape)
     if units is not None:
         if axes.unit is None or n_units is None:
-            raise ValueError(f"{name} has no neuron axis; units= applies to mlp.hook_pre / mlp.hook_post")
+            raise ValueError(
+                f"{name} has no neuron axis; units= applies to mlp.hook_pre / mlp.hook_post"
+            )
         ushape = [1] * axes.ndim
         ushape[axes.unit] = n_units
         mask = mask & _index_mask(n_units, units, "neuron", device).reshape(ushape)

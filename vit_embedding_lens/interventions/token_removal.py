@@ -26,9 +26,13 @@ def check_keep_mask(keep: Tensor, layout: TokenLayout, batch: int, device: torch
     """Raise a clear error unless ``keep`` is a bool ``[batch, n_tokens]`` mask that keeps every
     prefix token and at least one token per row."""
     if not isinstance(keep, Tensor):
-        raise TypeError(f"keep_mask must be a bool tensor [batch, {layout.n_tokens}], got {type(keep).__name__}")
+        raise TypeError(
+            f"keep_mask must be a bool tensor [batch, {layout.n_tokens}], got {type(keep).__name__}"
+        )
     if keep.dtype != torch.bool:
-        raise TypeError(f"keep_mask must be a bool tensor (True = keep the token), got dtype {keep.dtype}; use keep.bool()")
+        raise TypeError(
+            f"keep_mask must be a bool tensor (True = keep the token), got dtype {keep.dtype}; use keep.bool()"
+        )
     if keep.ndim != 2 or keep.shape[1] != layout.n_tokens:
         raise ValueError(
             f"keep_mask must have shape [batch, n_tokens] = [{batch}, {layout.n_tokens}] in layout order "
@@ -37,17 +41,23 @@ def check_keep_mask(keep: Tensor, layout: TokenLayout, batch: int, device: torch
     if keep.shape[0] != batch:
         raise ValueError(f"keep_mask has {keep.shape[0]} rows for a batch of {batch} images")
     if keep.device != device:
-        raise ValueError(f"keep_mask is on {keep.device} but the model is on {device}; use keep.to('{device}')")
+        raise ValueError(
+            f"keep_mask is on {keep.device} but the model is on {device}; use keep.to('{device}')"
+        )
     if layout.n_prefix and not bool(keep[:, : layout.n_prefix].all()):
         raise ValueError(
             "keep_mask drops a prefix token (CLS, distillation or register): prefix tokens are always kept; "
             f"set keep[:, :{layout.n_prefix}] = True"
         )
     if not bool(keep.any(dim=1).all()):
-        raise ValueError("a row of keep_mask keeps no token at all; keep at least one image token per image")
+        raise ValueError(
+            "a row of keep_mask keeps no token at all; keep at least one image token per image"
+        )
 
 
-def kept_positions(keep: Bool[Tensor, "batch n_tokens"]) -> Tuple[Int[Tensor, "batch max_kept"], Bool[Tensor, "batch max_kept"]]:
+def kept_positions(
+    keep: Bool[Tensor, "batch n_tokens"],
+) -> Tuple[Int[Tensor, "batch max_kept"], Bool[Tensor, "batch max_kept"]]:
     """Original positions of the kept tokens, row by row, in their original order.
 
     Returns ``(index, valid)``, both ``[batch, max_kept]`` with ``max_kept`` the largest number of
@@ -56,7 +66,9 @@ def kept_positions(keep: Bool[Tensor, "batch n_tokens"]) -> Tuple[Int[Tensor, "b
     ``index.clamp(min=0)`` before gathering and ``valid`` to ignore what comes back).
     """
     if keep.dtype != torch.bool or keep.ndim != 2:
-        raise ValueError(f"keep must be a bool tensor [batch, n_tokens], got {keep.dtype} {tuple(keep.shape)}")
+        raise ValueError(
+            f"keep must be a bool tensor [batch, n_tokens], got {keep.dtype} {tuple(keep.shape)}"
+        )
     n_kept = keep.sum(dim=1)
     max_kept = int(n_kept.max()) if keep.shape[0] else 0
     # a stable sort of "dropped" (False first) keeps kept tokens first, in their original order
@@ -123,19 +135,31 @@ class RemovalRun:
         from vit_embedding_lens.interventions.selection import hook_axes
 
         if self.cache is None:
-            raise ValueError("this run kept no cache; call remove_tokens(..., names_filter=...) to cache activations")
+            raise ValueError(
+                "this run kept no cache; call remove_tokens(..., names_filter=...) to cache activations"
+            )
         act = self.cache[name]
-        return to_layout_order(act, self.index, self.keep.shape[1], dim=hook_axes(name).token, fill=fill)
+        return to_layout_order(
+            act, self.index, self.keep.shape[1], dim=hook_axes(name).token, fill=fill
+        )
 
 
-def keep_class_tokens(class_tokens: Bool[Tensor, "batch n_tokens"], layout: TokenLayout) -> Bool[Tensor, "batch n_tokens"]:
+def keep_class_tokens(
+    class_tokens: Bool[Tensor, "batch n_tokens"], layout: TokenLayout
+) -> Bool[Tensor, "batch n_tokens"]:
     """Keep mask that removes the context: prefix tokens plus the image tokens on the object."""
-    return _prefix(layout, class_tokens) | (class_tokens & layout.image_token_mask(class_tokens.device))
+    return _prefix(layout, class_tokens) | (
+        class_tokens & layout.image_token_mask(class_tokens.device)
+    )
 
 
-def keep_context_tokens(class_tokens: Bool[Tensor, "batch n_tokens"], layout: TokenLayout) -> Bool[Tensor, "batch n_tokens"]:
+def keep_context_tokens(
+    class_tokens: Bool[Tensor, "batch n_tokens"], layout: TokenLayout
+) -> Bool[Tensor, "batch n_tokens"]:
     """Keep mask that removes the object: prefix tokens plus the image tokens off the object."""
-    return _prefix(layout, class_tokens) | (~class_tokens & layout.image_token_mask(class_tokens.device))
+    return _prefix(layout, class_tokens) | (
+        ~class_tokens & layout.image_token_mask(class_tokens.device)
+    )
 
 
 def _prefix(layout: TokenLayout, like: Tensor) -> Tensor:
@@ -160,7 +184,9 @@ def remove_tokens(
     slots; :meth:`RemovalRun.in_layout_order` maps them back to layout positions."""
     keep = keep.to(model.embed.W_E.device)
     if names_filter is not None or cache:
-        logits, activations = model.run_with_cache(images, keep_mask=keep, names_filter=names_filter)
+        logits, activations = model.run_with_cache(
+            images, keep_mask=keep, names_filter=names_filter
+        )
     else:
         logits, activations = model(images, keep_mask=keep), None
     index, valid = kept_positions(keep)

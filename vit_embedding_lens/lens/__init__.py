@@ -30,14 +30,54 @@ from vit_embedding_lens.lens.metrics import (
 from vit_embedding_lens.lens.projection import ClassProjection, pooled_readout, project
 from vit_embedding_lens.lens.ranks import class_rank, identifiability_score
 from vit_embedding_lens.lens.readings import logit_lens, project_head_writes, project_neuron_values
-from vit_embedding_lens.lens.stats import permutation_test_greater, significance_stars, wilcoxon_greater
-from vit_embedding_lens.lens.streaming import LensRecorder, LensResult, lens_batch, lens_dataset, lens_from_cache
+from vit_embedding_lens.lens.stats import (
+    permutation_test_greater,
+    significance_stars,
+    wilcoxon_greater,
+)
+from vit_embedding_lens.lens.streaming import (
+    LensRecorder,
+    LensResult,
+    lens_batch,
+    lens_dataset,
+    lens_from_cache,
+)
 
 __all__ = [
-    "ClassProjection", "LensRecorder", "MemoryUsage", "class_value_agreement", "compare_class_value_agreement",
-    "memory_usage", "memory_usage_batch", "memory_usage_per_image", "PerImageMemoryCounts", "memory_values", "top_memories", "value_projection", "value_topk", "LensResult", "change_rate_table", "class_rank", "class_vs_context",
-    "compare_with_random", "composition_table", "identifiability_score", "identifiability_table",
-    "lens_batch", "lens_dataset", "lens_from_cache", "logit_lens", "per_image_identifiability",
-    "permutation_test_greater", "pooled_readout", "project", "project_head_writes", "project_neuron_values",
-    "random_init_twin", "significance_stars", "summarize", "token_groups", "wilcoxon_greater",
+    "ClassProjection",
+    "LensRecorder",
+    "MemoryUsage",
+    "class_value_agreement",
+    "compare_class_value_agreement",
+    "memory_usage",
+    "memory_usage_batch",
+    "memory_usage_per_image",
+    "PerImageMemoryCounts",
+    "memory_values",
+    "top_memories",
+    "value_projection",
+    "value_topk",
+    "LensResult",
+    "change_rate_table",
+    "class_rank",
+    "class_vs_context",
+    "compare_with_random",
+    "composition_table",
+    "identifiability_score",
+    "identifiability_table",
+    "lens_batch",
+    "lens_dataset",
+    "lens_from_cache",
+    "logit_lens",
+    "per_image_identifiability",
+    "permutation_test_greater",
+    "pooled_readout",
+    "project",
+    "project_head_writes",
+    "project_neuron_values",
+    "random_init_twin",
+    "significance_stars",
+    "summarize",
+    "token_groups",
+    "wilcoxon_greater",
 ]

@@ -38,7 +38,11 @@ def random_init_twin(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             timm_model = _rebuild_timm(model.cfg, timm_kwargs)
-    twin = HookedViT.from_timm(timm_model, class_names=model.class_names, model_name=f"{model.cfg.model_name} (random init)")
+    twin = HookedViT.from_timm(
+        timm_model,
+        class_names=model.class_names,
+        model_name=f"{model.cfg.model_name} (random init)",
+    )
     _check_same_architecture(model.cfg, twin.cfg)
     return twin.to(device=param.device, dtype=param.dtype)
 

@@ -47,7 +47,9 @@ SUBLAYER_KINDS: Tuple[str, str] = ("attn", "mlp")
 def check_kind(kind: str) -> str:
     """``kind`` if it names a sublayer with memories, else a ValueError that says which do."""
     if kind not in SUBLAYER_KINDS:
-        raise ValueError(f"kind must be 'attn' or 'mlp' (the sublayers with key-value memories), got {kind!r}")
+        raise ValueError(
+            f"kind must be 'attn' or 'mlp' (the sublayers with key-value memories), got {kind!r}"
+        )
     return kind
 
 
@@ -55,7 +57,9 @@ def check_kinds(kinds: Union[str, Sequence[str]]) -> Tuple[str, ...]:
     """A tuple of distinct sublayer kinds (a single string is one kind)."""
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     if not kinds or len(set(kinds)) != len(kinds):
-        raise ValueError(f"kinds must be a non-empty selection of distinct 'attn'/'mlp', got {kinds!r}")
+        raise ValueError(
+            f"kinds must be a non-empty selection of distinct 'attn'/'mlp', got {kinds!r}"
+        )
     return tuple(check_kind(k) for k in kinds)
 
 
@@ -77,7 +81,11 @@ def n_memories(model, kind: SublayerKind) -> int:
 
 def coefficient_hook_name(block: int, kind: SublayerKind) -> str:
     """The hook point whose activation holds the memory coefficients of a sublayer."""
-    return f"blocks.{block}.mlp.hook_pre" if check_kind(kind) == "mlp" else f"blocks.{block}.attn.hook_z"
+    return (
+        f"blocks.{block}.mlp.hook_pre"
+        if check_kind(kind) == "mlp"
+        else f"blocks.{block}.attn.hook_z"
+    )
 
 
 def write_in_hook_name(block: int, kind: SublayerKind) -> str:
@@ -184,7 +192,9 @@ def class_value_agreement_frame(
     kinds = check_kinds(kinds)
     n_kinds, n_layers, n_classes = agreement.shape
     if n_kinds != len(kinds):
-        raise ValueError(f"agreement has {n_kinds} sublayer kinds but {len(kinds)} names were given: {kinds}")
+        raise ValueError(
+            f"agreement has {n_kinds} sublayer kinds but {len(kinds)} names were given: {kinds}"
+        )
     names = _class_names(class_names, n_classes)
     values = agreement.detach().cpu().double()
     rows = [
@@ -193,7 +203,9 @@ def class_value_agreement_frame(
         for block in range(n_layers)
         for c in range(n_classes)
     ]
-    return pd.DataFrame(rows, columns=["block", "sublayer", "class", "class_name", "model", "max_cosine"])
+    return pd.DataFrame(
+        rows, columns=["block", "sublayer", "class", "class_name", "model", "max_cosine"]
+    )
 
 
 class ClassValueComparison(NamedTuple):
@@ -239,10 +251,29 @@ def compare_class_value_agreement(
             a, b = trained[k, block].cpu().numpy(), random[k, block].cpu().numpy()
             test = wilcoxon_greater(a, b, paired=True)
             rows.append(
-                (block, kind, float(a.mean()), float(b.mean()), test.effect, test.statistic, test.p_value, test.stars)
+                (
+                    block,
+                    kind,
+                    float(a.mean()),
+                    float(b.mean()),
+                    test.effect,
+                    test.statistic,
+                    test.p_value,
+                    test.stars,
+                )
             )
     tests = pd.DataFrame(
-        rows, columns=["block", "sublayer", "trained", "random", "effect", "statistic", "p_value", "stars"]
+        rows,
+        columns=[
+            "block",
+            "sublayer",
+            "trained",
+            "random",
+            "effect",
+            "statistic",
+            "p_value",
+            "stars",
+        ],
     )
     classes = pd.concat(
         [
@@ -275,9 +306,15 @@ def value_topk(
     _check_k(k, embeddings.shape[0], "k (classes per value)")
     names = _class_names(model.class_names, embeddings.shape[0])
     if (vector is None) == (index is None):
-        raise ValueError("give either a memory (block=, kind=, index=) or a vector=, not both and not neither")
+        raise ValueError(
+            "give either a memory (block=, kind=, index=) or a vector=, not both and not neither"
+        )
     if vector is not None:
-        if not isinstance(vector, Tensor) or vector.ndim not in (1, 2) or vector.shape[-1] != model.cfg.d_model:
+        if (
+            not isinstance(vector, Tensor)
+            or vector.ndim not in (1, 2)
+            or vector.shape[-1] != model.cfg.d_model
+        ):
             shape = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
             raise ValueError(
                 f"vector must be a tensor [d_model] or [n, d_model] with d_model={model.cfg.d_model}, got {shape}"
@@ -287,7 +324,9 @@ def value_topk(
         labels: List[dict] = [{"memory": i} for i in indices]
     else:
         if block is None:
-            raise ValueError("a memory index needs its block=; or pass vector= for any residual-space vector")
+            raise ValueError(
+                "a memory index needs its block=; or pass vector= for any residual-space vector"
+            )
         block = check_block(model, block)
         n = n_memories(model, kind)
         indices = [index] if isinstance(index, int) else list(index)
@@ -314,7 +353,12 @@ def value_topk(
 
 
 def top_memories(
-    model, block: int, kind: SublayerKind, class_id: Union[int, str], k: int = 5, head: HeadChoice = "mean"
+    model,
+    block: int,
+    kind: SublayerKind,
+    class_id: Union[int, str],
+    k: int = 5,
+    head: HeadChoice = "mean",
 ) -> pd.DataFrame:
     """The ``k`` memories whose values write the largest logit for a class (an index or a name).
 
@@ -329,8 +373,14 @@ def top_memories(
     own = memory_classes(projection)
     rows = [
         {
-            "block": block, "sublayer": kind, "class": c, "class_name": names[c], "rank": rank,
-            "memory": int(m), "score": float(projection[c, m]), "memory_class": int(own[m]),
+            "block": block,
+            "sublayer": kind,
+            "class": c,
+            "class_name": names[c],
+            "rank": rank,
+            "memory": int(m),
+            "score": float(projection[c, m]),
+            "memory_class": int(own[m]),
         }
         for rank, m in enumerate(top)
     ]

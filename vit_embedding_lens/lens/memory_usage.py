@@ -80,13 +80,21 @@ class MemoryTables:
 
     @classmethod
     def from_model(
-        cls, model, kinds: Union[str, Sequence[str]] = SUBLAYER_KINDS, top_memories: int = 5, head: HeadChoice = "mean"
+        cls,
+        model,
+        kinds: Union[str, Sequence[str]] = SUBLAYER_KINDS,
+        top_memories: int = 5,
+        head: HeadChoice = "mean",
     ) -> "MemoryTables":
         kinds = check_kinds(kinds)
         class_top, memory_class = {}, {}
         for kind in kinds:
-            projections = [value_projection(model, b, kind, head) for b in range(model.cfg.n_layers)]
-            class_top[kind] = torch.stack([class_top_memories(p, top_memories) for p in projections])
+            projections = [
+                value_projection(model, b, kind, head) for b in range(model.cfg.n_layers)
+            ]
+            class_top[kind] = torch.stack(
+                [class_top_memories(p, top_memories) for p in projections]
+            )
             memory_class[kind] = torch.stack([memory_classes(p) for p in projections])
         return cls(kinds, class_top, memory_class)
 
@@ -124,19 +132,34 @@ class MemoryUsage:
             return torch.zeros(shape, dtype=torch.long)
 
         return cls(
-            tuple(kinds), z(g, n_classes), z(k, n_layers, g, n_classes), z(k, n_layers, g, n_classes),
-            z(n_draws, g, n_classes), z(n_draws, k, n_layers, g, n_classes), 0,
+            tuple(kinds),
+            z(g, n_classes),
+            z(k, n_layers, g, n_classes),
+            z(k, n_layers, g, n_classes),
+            z(n_draws, g, n_classes),
+            z(n_draws, k, n_layers, g, n_classes),
+            0,
             list(class_names) if class_names is not None else None,
         )
 
     def __add__(self, other: "MemoryUsage") -> "MemoryUsage":
-        same = self.agree.shape == other.agree.shape and self.random_agree.shape == other.random_agree.shape
+        same = (
+            self.agree.shape == other.agree.shape
+            and self.random_agree.shape == other.random_agree.shape
+        )
         if self.kinds != other.kinds or not same:
-            raise ValueError("can only add MemoryUsage counts of the same model, sublayer kinds and number of draws")
+            raise ValueError(
+                "can only add MemoryUsage counts of the same model, sublayer kinds and number of draws"
+            )
         return MemoryUsage(
-            self.kinds, self.tokens + other.tokens, self.agree + other.agree, self.match + other.match,
-            self.random_tokens + other.random_tokens, self.random_agree + other.random_agree,
-            self.n_images + other.n_images, self.class_names,
+            self.kinds,
+            self.tokens + other.tokens,
+            self.agree + other.agree,
+            self.match + other.match,
+            self.random_tokens + other.random_tokens,
+            self.random_agree + other.random_agree,
+            self.n_images + other.n_images,
+            self.class_names,
         )
 
     # -- rates ------------------------------------------------------------------------------------
@@ -177,15 +200,29 @@ class MemoryUsage:
                 for group in self.groups:
                     g = TOKEN_GROUPS.index(group)
                     for metric, values in metrics.items():
-                        rows.append((block, kind, group, metric, float(values[k, block, g]), int(self.tokens[g].sum())))
-        return pd.DataFrame(rows, columns=["block", "sublayer", "token_group", "metric", "value", "n_tokens"])
+                        rows.append(
+                            (
+                                block,
+                                kind,
+                                group,
+                                metric,
+                                float(values[k, block, g]),
+                                int(self.tokens[g].sum()),
+                            )
+                        )
+        return pd.DataFrame(
+            rows, columns=["block", "sublayer", "token_group", "metric", "value", "n_tokens"]
+        )
 
     def per_class_frame(self) -> pd.DataFrame:
         """Tidy rows ``block, sublayer, token_group, class, class_name, metric, value, n_tokens`` for
         the per-class agreement (``kv_agreement``) and match rates (``composition_match``)."""
         n_classes = self.tokens.shape[-1]
         names = _class_names(self.class_names, n_classes)
-        metrics = {"kv_agreement": self.agreement_per_class(), "composition_match": _ratio(self.match, self.tokens)}
+        metrics = {
+            "kv_agreement": self.agreement_per_class(),
+            "composition_match": _ratio(self.match, self.tokens),
+        }
         rows = []
         for k, kind in enumerate(self.kinds):
             for block in range(self.agree.shape[1]):
@@ -194,14 +231,36 @@ class MemoryUsage:
                     for c in range(n_classes):
                         for metric, values in metrics.items():
                             value = float(values[k, block, g, c])
-                            rows.append((block, kind, group, c, names[c], metric, value, int(self.tokens[g, c])))
-        columns = ["block", "sublayer", "token_group", "class", "class_name", "metric", "value", "n_tokens"]
+                            rows.append(
+                                (
+                                    block,
+                                    kind,
+                                    group,
+                                    c,
+                                    names[c],
+                                    metric,
+                                    value,
+                                    int(self.tokens[g, c]),
+                                )
+                            )
+        columns = [
+            "block",
+            "sublayer",
+            "token_group",
+            "class",
+            "class_name",
+            "metric",
+            "value",
+            "n_tokens",
+        ]
         return pd.DataFrame(rows, columns=columns)
 
 
 def _ratio(count: Tensor, total: Tensor) -> Tensor:
     total = total.double()
-    return torch.where(total > 0, count.double() / total.clamp(min=1), torch.full_like(total, float("nan")))
+    return torch.where(
+        total > 0, count.double() / total.clamp(min=1), torch.full_like(total, float("nan"))
+    )
 
 
 # -- streaming ------------------------------------------------------------------------------------
@@ -227,13 +286,23 @@ def memory_usage_batch(
     ``n_random_draws=0`` skips the baseline (its rate is then NaN).
     """
     per_image = memory_usage_per_image(
-        model, images, labels, k=k, top_memories=top_memories, kinds=kinds, n_random_draws=n_random_draws,
-        generator=generator, tables=tables, head=head,
+        model,
+        images,
+        labels,
+        k=k,
+        top_memories=top_memories,
+        kinds=kinds,
+        n_random_draws=n_random_draws,
+        generator=generator,
+        tables=tables,
+        head=head,
     )
     return per_image.usage(model.cfg.n_classes, model.class_names)
 
 
-def _checked_inputs(model, images, labels, k, top_memories, kinds, n_random_draws, generator, tables, head):
+def _checked_inputs(
+    model, images, labels, k, top_memories, kinds, n_random_draws, generator, tables, head
+):
     """Validate the arguments shared by the batch functions; build the tables and generator if missing."""
     kinds = check_kinds(kinds)
     labels = _check_labels(images, labels, model.cfg.n_classes)
@@ -243,7 +312,9 @@ def _checked_inputs(model, images, labels, k, top_memories, kinds, n_random_draw
         raise ValueError(f"n_random_draws must be a non-negative int, got {n_random_draws!r}")
     if tables is None:
         tables = MemoryTables.from_model(model, kinds, top_memories, head)
-    elif tables.kinds != kinds or any(t.shape[-1] != top_memories for t in tables.class_top.values()):
+    elif tables.kinds != kinds or any(
+        t.shape[-1] != top_memories for t in tables.class_top.values()
+    ):
         raise ValueError(
             f"tables were built for kinds {tables.kinds} and {next(iter(tables.class_top.values())).shape[-1]} top "
             f"memories per class, not {kinds} and {top_memories}; rebuild them with MemoryTables.from_model"
@@ -289,7 +360,9 @@ class PerImageMemoryCounts:
         for d in range(n_draws):
             drawn = self.drawn[:, d].long().cpu()
             out.random_tokens[d].index_add_(1, drawn, self.tokens.long().cpu().T)
-            out.random_agree[d].index_add_(3, drawn, self.random_agree[:, d].long().cpu().permute(1, 2, 3, 0))
+            out.random_agree[d].index_add_(
+                3, drawn, self.random_agree[:, d].long().cpu().permute(1, 2, 3, 0)
+            )
         return out
 
 
@@ -316,7 +389,9 @@ def memory_usage_per_image(
     device = images.device
     groups = token_group_ids(model.layout_for(images.shape[-2:])).to(device)  # [N]
     one_hot = torch.nn.functional.one_hot(groups, len(TOKEN_GROUPS)).long()  # [N, G]
-    drawn = random_classes(generator, n_random_draws, labels.shape[0], cfg.n_classes).to(device)  # [D, B]
+    drawn = random_classes(generator, n_random_draws, labels.shape[0], cfg.n_classes).to(
+        device
+    )  # [D, B]
 
     def per_group(flags: Tensor) -> Tensor:  # [B, N] bool -> [B, G] counts
         return flags.long() @ one_hot
@@ -333,7 +408,9 @@ def memory_usage_per_image(
             top = active[kind][block]  # [B, N, k]
             agree[:, ki, block] = per_group(_agrees(top, class_top[block][labels], n_mem))
             for d in range(D):
-                random_agree[:, d, ki, block] = per_group(_agrees(top, class_top[block][drawn[d]], n_mem))
+                random_agree[:, d, ki, block] = per_group(
+                    _agrees(top, class_top[block][drawn[d]], n_mem)
+                )
             matched = (memory_class[block][top] == write_class[kind][block][..., None]).any(-1)
             match[:, ki, block] = per_group(matched)
     return PerImageMemoryCounts(
@@ -378,8 +455,16 @@ def memory_usage(
             )
         images, labels = item[0], item[1]
         part = memory_usage_batch(
-            model, images.to(device), torch.as_tensor(labels).to(device), k=k, top_memories=top_memories,
-            kinds=kinds, n_random_draws=n_random_draws, generator=generator, tables=tables, head=head,
+            model,
+            images.to(device),
+            torch.as_tensor(labels).to(device),
+            k=k,
+            top_memories=top_memories,
+            kinds=kinds,
+            n_random_draws=n_random_draws,
+            generator=generator,
+            tables=tables,
+            head=head,
         )
         result = part if result is None else result + part
     if result is None:
@@ -387,7 +472,9 @@ def memory_usage(
     return result
 
 
-def _run_reduced(model, images: Tensor, kinds: Tuple[str, ...], k: int, projection: ClassProjection):
+def _run_reduced(
+    model, images: Tensor, kinds: Tuple[str, ...], k: int, projection: ClassProjection
+):
     """One forward pass whose hooks keep, per block and kind, only the top-``k`` memory indices of
     each token ``[B, N, k]`` and the top-1 class of the sublayer's write-in ``[B, N]``."""
     n_layers = model.cfg.n_layers
@@ -418,7 +505,9 @@ def _run_reduced(model, images: Tensor, kinds: Tuple[str, ...], k: int, projecti
     return active, write_class
 
 
-def _agrees(top: Int[Tensor, "batch pos k"], class_top: Int[Tensor, "batch m"], n_memories: int) -> Tensor:
+def _agrees(
+    top: Int[Tensor, "batch pos k"], class_top: Int[Tensor, "batch m"], n_memories: int
+) -> Tensor:
     """Per token: is any of its top memories among its image's class's top memories?"""
     member = torch.zeros(top.shape[0], n_memories, dtype=torch.bool, device=top.device)
     member.scatter_(1, class_top, True)  # [B, n_memories]: one row per image, not per token
@@ -430,11 +519,17 @@ def _check_labels(images: Tensor, labels, n_classes: int) -> Tensor:
         got = getattr(images, "shape", type(images).__name__)
         raise TypeError(f"images must be a tensor [batch, chan, height, width], got {got}")
     labels = torch.as_tensor(labels, device=images.device)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape != (images.shape[0],):
+    if (
+        labels.dtype.is_floating_point
+        or labels.dtype == torch.bool
+        or labels.shape != (images.shape[0],)
+    ):
         raise ValueError(
             f"labels must be integer class ids, one per image (shape ({images.shape[0]},)), got dtype "
             f"{labels.dtype} and shape {tuple(labels.shape)}"
         )
     if labels.numel() and (labels.min() < 0 or labels.max() >= n_classes):
-        raise ValueError(f"labels must lie in [0, {n_classes}), got {labels.min().item()}..{labels.max().item()}")
+        raise ValueError(
+            f"labels must lie in [0, {n_classes}), got {labels.min().item()}..{labels.max().item()}"
+        )
     return labels.long()

@@ -44,7 +44,9 @@ def token_groups(result: LensResult) -> Dict[str, Bool[Tensor, "image token"]]:
     return groups
 
 
-def _per_image_mean(values: Tensor, mask: Bool[Tensor, "image token"]) -> Float[Tensor, "image block"]:
+def _per_image_mean(
+    values: Tensor, mask: Bool[Tensor, "image token"]
+) -> Float[Tensor, "image block"]:
     """Mean of ``values [image, block, token]`` over each image's tokens in ``mask`` (NaN if none)."""
     m = mask[:, None, :].to(torch.float64)
     count = m.sum(-1)
@@ -52,7 +54,9 @@ def _per_image_mean(values: Tensor, mask: Bool[Tensor, "image token"]) -> Float[
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
 
 
-def identifiability_scores(result: LensResult, kind: str = "resid") -> Float[Tensor, "image block token"]:
+def identifiability_scores(
+    result: LensResult, kind: str = "resid"
+) -> Float[Tensor, "image block token"]:
     """Per-token score ``1 - rank / C`` for one layer type (``resid``, ``attn`` or ``mlp``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -66,7 +70,9 @@ def per_image_identifiability(
     (``"identifiable"``, rank 0) of one token group. NaN where an image has no token of the group."""
     groups = token_groups(result)
     if group not in groups:
-        raise ValueError(f"token group {group!r} is not in this result; available: {sorted(groups)}")
+        raise ValueError(
+            f"token group {group!r} is not in this result; available: {sorted(groups)}"
+        )
     if metric == "score":
         values = identifiability_scores(result, kind)
     elif metric == "identifiable":
@@ -93,15 +99,27 @@ def identifiability_table(result: LensResult) -> pd.DataFrame:
                 "identifiable_pct": 100 * _nanmean(per_image_ident),
             }
             if group in ("image", "class", "context"):
-                has = (identifiable * mask[:, None, :]).amax(-1)  # any identifiable token of the group
+                has = (identifiable * mask[:, None, :]).amax(
+                    -1
+                )  # any identifiable token of the group
                 valid = mask.any(-1)
-                metrics["images_with_identifiable_pct"] = 100 * has[valid].mean(0) if valid.any() else None
+                metrics["images_with_identifiable_pct"] = (
+                    100 * has[valid].mean(0) if valid.any() else None
+                )
             n_valid = int((~torch.isnan(per_image_score[:, 0])).sum())
             for metric, per_block in metrics.items():
                 for block in range(result.n_blocks):
                     value = float("nan") if per_block is None else float(per_block[block])
-                    rows.append(dict(block=block, layer_type=kind, token_group=group, metric=metric,
-                                     value=value, n_images=n_valid))
+                    rows.append(
+                        dict(
+                            block=block,
+                            layer_type=kind,
+                            token_group=group,
+                            metric=metric,
+                            value=value,
+                            n_images=n_valid,
+                        )
+                    )
     return pd.DataFrame(rows)
 
 
@@ -117,7 +135,14 @@ def change_rate_table(result: LensResult) -> pd.DataFrame:
         for group, mask in token_groups(result).items():
             per_block = 100 * _nanmean(_per_image_mean(rose, mask))
             for block in range(result.n_blocks):
-                rows.append(dict(block=block, comparison=comparison, token_group=group, value=float(per_block[block])))
+                rows.append(
+                    dict(
+                        block=block,
+                        comparison=comparison,
+                        token_group=group,
+                        value=float(per_block[block]),
+                    )
+                )
     return pd.DataFrame(rows)
 
 
@@ -133,7 +158,11 @@ def composition_table(result: LensResult) -> pd.DataFrame:
         for group, mask in token_groups(result).items():
             per_block = 100 * _nanmean(_per_image_mean(flags, mask))
             for block in range(result.n_blocks):
-                rows.append(dict(block=block, source=source, token_group=group, value=float(per_block[block])))
+                rows.append(
+                    dict(
+                        block=block, source=source, token_group=group, value=float(per_block[block])
+                    )
+                )
     return pd.DataFrame(rows)
 
 
@@ -147,7 +176,9 @@ def compare_with_random(
     per-image mean scores of the same images. Columns: block, layer_type, token_group, trained,
     random, statistic, p_value, stars."""
     if not torch.equal(trained.labels, random.labels):
-        raise ValueError("the trained and random-init results must cover the same images (labels differ)")
+        raise ValueError(
+            "the trained and random-init results must cover the same images (labels differ)"
+        )
     rows = []
     available = token_groups(trained)
     for kind in kinds:
@@ -159,10 +190,18 @@ def compare_with_random(
             for block in range(trained.n_blocks):
                 ok = ~(np.isnan(a[:, block]) | np.isnan(b[:, block]))
                 test = wilcoxon_greater(a[ok, block], b[ok, block])
-                rows.append(dict(block=block, layer_type=kind, token_group=group,
-                                 trained=float(a[ok, block].mean()) if ok.any() else float("nan"),
-                                 random=float(b[ok, block].mean()) if ok.any() else float("nan"),
-                                 statistic=test.statistic, p_value=test.p_value, stars=test.stars))
+                rows.append(
+                    dict(
+                        block=block,
+                        layer_type=kind,
+                        token_group=group,
+                        trained=float(a[ok, block].mean()) if ok.any() else float("nan"),
+                        random=float(b[ok, block].mean()) if ok.any() else float("nan"),
+                        statistic=test.statistic,
+                        p_value=test.p_value,
+                        stars=test.stars,
+                    )
+                )
     return pd.DataFrame(rows)
 
 
@@ -172,19 +211,31 @@ def class_vs_context(
     """Identifiability of class- vs context-labelled image tokens per block (METHODS §5): mean scores,
     their difference, and a one-sided permutation test (class > context) over the pooled tokens."""
     if result.token_mask is None:
-        raise ValueError("class vs context needs token labels: pass token_mask (True = token on the object)")
+        raise ValueError(
+            "class vs context needs token labels: pass token_mask (True = token on the object)"
+        )
     groups = token_groups(result)
     scores = identifiability_scores(result, kind)
     rows = []
     for block in range(result.n_blocks):
         cls_scores = scores[:, block][groups["class"]].numpy()
         ctx_scores = scores[:, block][groups["context"]].numpy()
-        test = permutation_test_greater(cls_scores, ctx_scores, n_permutations=n_permutations, seed=seed)
-        rows.append(dict(block=block, layer_type=kind,
-                         class_score=float(cls_scores.mean()) if cls_scores.size else float("nan"),
-                         context_score=float(ctx_scores.mean()) if ctx_scores.size else float("nan"),
-                         difference=test.effect, p_value=test.p_value, stars=test.stars,
-                         n_class_tokens=int(cls_scores.size), n_context_tokens=int(ctx_scores.size)))
+        test = permutation_test_greater(
+            cls_scores, ctx_scores, n_permutations=n_permutations, seed=seed
+        )
+        rows.append(
+            dict(
+                block=block,
+                layer_type=kind,
+                class_score=float(cls_scores.mean()) if cls_scores.size else float("nan"),
+                context_score=float(ctx_scores.mean()) if ctx_scores.size else float("nan"),
+                difference=test.effect,
+                p_value=test.p_value,
+                stars=test.stars,
+                n_class_tokens=int(cls_scores.size),
+                n_context_tokens=int(ctx_scores.size),
+            )
+        )
     return pd.DataFrame(rows)
 
 

@@ -21,7 +21,9 @@ from torch import Tensor
 HeadChoice = Literal["mean", "cls", "dist"]
 
 
-def classifier_head(model, head: HeadChoice = "mean") -> Tuple[Float[Tensor, "d_model n_classes"], Float[Tensor, " n_classes"]]:
+def classifier_head(
+    model, head: HeadChoice = "mean"
+) -> Tuple[Float[Tensor, "d_model n_classes"], Float[Tensor, " n_classes"]]:
     """The classifier's weight and bias (live parameters). Distilled models have two heads: ``"mean"``
     averages them (timm averages their logits), ``"cls"``/``"dist"`` pick one."""
     cfg = model.cfg
@@ -93,20 +95,28 @@ class ClassProjection:
         """Like ``__call__`` but through the live parameters, so gradients reach the model's weights
         (and ``v``). Used by gradient attributions that differentiate through the readout."""
         weight, bias = self._folded()
-        return (v - v.mean(-1, keepdim=True)) / self.scale(v) @ weight.to(v.dtype) + bias.to(v.dtype)
+        return (v - v.mean(-1, keepdim=True)) / self.scale(v) @ weight.to(v.dtype) + bias.to(
+            v.dtype
+        )
 
-    def to(self, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> "ClassProjection":
+    def to(
+        self, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None
+    ) -> "ClassProjection":
         self.weight = self.weight.to(device=device, dtype=dtype)
         self.bias = self.bias.to(device=device, dtype=dtype)
         return self
 
 
-def project(model, v: Float[Tensor, "... d_model"], head: HeadChoice = "mean") -> Float[Tensor, "... n_classes"]:
+def project(
+    model, v: Float[Tensor, "... d_model"], head: HeadChoice = "mean"
+) -> Float[Tensor, "... n_classes"]:
     """Project residual-space vectors onto the class space: ``E · ln_final(v) + b`` per vector."""
     return ClassProjection(model, head=head)(v)
 
 
-def pooled_readout(model, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch n_classes"]:
+def pooled_readout(
+    model, resid: Float[Tensor, "batch pos d_model"]
+) -> Float[Tensor, "batch n_classes"]:
     """The model's own readout of a whole residual stream (pooling included): equals the logits
     when ``resid`` is the last ``resid_post``. Hook-free; for any block's residual stream."""
     cfg = model.cfg
@@ -114,7 +124,10 @@ def pooled_readout(model, resid: Float[Tensor, "batch pos d_model"]) -> Float[Te
     if cfg.final_norm == "pooled":  # average/max pooling, then fc_norm
         return proj(model.pool(resid))
     if cfg.has_dist_token:
-        cls_proj, dist_proj = ClassProjection(model, head="cls"), ClassProjection(model, head="dist")
+        cls_proj, dist_proj = (
+            ClassProjection(model, head="cls"),
+            ClassProjection(model, head="dist"),
+        )
         layout = model.layout
         return (cls_proj(resid[:, layout.cls_index]) + dist_proj(resid[:, layout.dist_index])) / 2
     if cfg.global_pool == "token":

@@ -12,18 +12,20 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 
-def class_rank(logits: Float[Tensor, "... n_classes"], target: Int[Tensor, "..."]) -> Int[Tensor, "..."]:
+def class_rank(
+    logits: Float[Tensor, "... n_classes"], target: Int[Tensor, "..."]
+) -> Int[Tensor, "..."]:
     """0-based rank of ``target`` in ``logits`` (``target`` broadcasts against the leading axes)."""
     target = torch.as_tensor(target, device=logits.device).long()
     target = target.expand(logits.shape[:-1])
     if (target < 0).any() or (target >= logits.shape[-1]).any():
-        raise ValueError(f"class ids must lie in [0, {logits.shape[-1]}), got {target.min().item()}..{target.max().item()}")
+        raise ValueError(
+            f"class ids must lie in [0, {logits.shape[-1]}), got {target.min().item()}..{target.max().item()}"
+        )
     return rank_and_logit(logits, target)[0]
 
 
-def rank_and_logit(
-    logits: Float[Tensor, "... n_classes"], target: Int[Tensor, "..."]
-) -> tuple:
+def rank_and_logit(logits: Float[Tensor, "... n_classes"], target: Int[Tensor, "..."]) -> tuple:
     """``(rank, logit)`` of ``target`` (shaped like ``logits[..., 0]``); no range check (hot path)."""
     correct = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return count_true(logits > correct.unsqueeze(-1)), correct
@@ -37,7 +39,9 @@ def count_true(flags: Bool[Tensor, "... n"]) -> Int[Tensor, "..."]:
     stays below 256, i.e. up to 2,040 flags per row), and the eight lane counts are added at the end.
     """
     n = flags.shape[-1]
-    packable = n and n % 8 == 0 and n <= 8 * 255 and flags.storage_offset() % 8 == 0  # whole int64 words
+    packable = (
+        n and n % 8 == 0 and n <= 8 * 255 and flags.storage_offset() % 8 == 0
+    )  # whole int64 words
     if not packable or not flags.is_contiguous() or flags.device.type != "cpu":
         return flags.sum(-1)
     packed = flags.view(torch.int64).sum(-1)

@@ -54,7 +54,9 @@ def logit_lens(
     with torch.no_grad():
         _, cache = model.run_with_cache(images, names_filter=names)
     proj = ClassProjection(model)
-    names_of = np.asarray(model.class_names if model.class_names else [str(c) for c in range(n_classes)], dtype=object)
+    names_of = np.asarray(
+        model.class_names if model.class_names else [str(c) for c in range(n_classes)], dtype=object
+    )
     frames = []
     for block in blocks:
         for layer_type in layer_types:
@@ -66,12 +68,22 @@ def logit_lens(
                 np.arange(images.shape[0]), np.asarray(tokens), np.arange(k), indexing="ij"
             )
             ids = top_id.cpu().numpy().ravel()
-            frames.append(pd.DataFrame(dict(
-                image=image.ravel(), block=block, layer_type=layer_type, token=token.ravel(),
-                token_label=np.asarray(labels, dtype=object)[token.ravel()], rank=rank.ravel(),
-                class_id=ids, class_name=names_of[ids],
-                logit=top_logit.cpu().double().numpy().ravel(), probability=top_prob.cpu().double().numpy().ravel(),
-            )))
+            frames.append(
+                pd.DataFrame(
+                    dict(
+                        image=image.ravel(),
+                        block=block,
+                        layer_type=layer_type,
+                        token=token.ravel(),
+                        token_label=np.asarray(labels, dtype=object)[token.ravel()],
+                        rank=rank.ravel(),
+                        class_id=ids,
+                        class_name=names_of[ids],
+                        logit=top_logit.cpu().double().numpy().ravel(),
+                        probability=top_prob.cpu().double().numpy().ravel(),
+                    )
+                )
+            )
     return pd.concat(frames, ignore_index=True)
 
 

@@ -141,7 +141,9 @@ class LensRecorder:
         self.attn: Optional[_Reading] = None
         self.mid_correct: Optional[Tensor] = None
         self.mlp: Optional[_Reading] = None
-        self.rows: Dict[str, List[Tensor]] = {k: [] for k in (*_rank_rows(), *_rose_rows(), "composition")}
+        self.rows: Dict[str, List[Tensor]] = {
+            k: [] for k in (*_rank_rows(), *_rose_rows(), "composition")
+        }
 
     def hooks(self) -> List[Tuple[str, callable]]:
         """``(hook name, function)`` pairs for ``model.hooks(fwd_hooks=...)`` / ``run_with_hooks``."""
@@ -170,7 +172,9 @@ class LensRecorder:
         centered = vectors.detach().to(self.work_dtype)
         centered = centered - centered.mean(-1, keepdim=True)
         d = centered.shape[-1]
-        scale = (torch.linalg.vector_norm(centered, dim=-1, keepdim=True).square() / d + self.proj.eps).sqrt()
+        scale = (
+            torch.linalg.vector_norm(centered, dim=-1, keepdim=True).square() / d + self.proj.eps
+        ).sqrt()
         return centered, scale
 
     def _read(self, vectors: Tensor, q: Optional[Tensor] = None) -> _Reading:
@@ -184,7 +188,9 @@ class LensRecorder:
         if self.target is None:
             raise RuntimeError("LensRecorder hooks ran outside recording(target)")
         if self.target.shape[0] != resid_pre.shape[0]:
-            raise ValueError(f"{self.target.shape[0]} labels for a batch of {resid_pre.shape[0]} images")
+            raise ValueError(
+                f"{self.target.shape[0]} labels for a batch of {resid_pre.shape[0]} images"
+            )
         self.prev = self._read(resid_pre)
 
     def _on_attn_out(self, attn_out: Tensor, hook) -> None:
@@ -263,7 +269,9 @@ def lens_batch(
 ) -> LensResult:
     """Read every block of one batch in class space (one forward pass, no activation kept)."""
     recorder = recorder or LensRecorder(model)
-    recorder.layout = model.layout_for(images.shape[-2:]) if model.cfg.dynamic_img_size else model.layout
+    recorder.layout = (
+        model.layout_for(images.shape[-2:]) if model.cfg.dynamic_img_size else model.layout
+    )
     with torch.no_grad(), recorder.recording(_as_target(labels, images.shape[0])):
         model(images)
     return _with_mask(recorder.result, token_mask)
@@ -279,7 +287,9 @@ def lens_from_cache(
     recorder.start(_as_target(labels, first.shape[0]))
     for name, fn in recorder.hooks():
         if name not in cache.cache_dict:
-            raise KeyError(f"the cache has no {name!r}; run_with_cache without a names_filter that drops it")
+            raise KeyError(
+                f"the cache has no {name!r}; run_with_cache without a names_filter that drops it"
+            )
         fn(cache[name].to(recorder.proj.weight.device), None)
     return _with_mask(recorder.result, token_mask)
 
@@ -299,7 +309,9 @@ def lens_dataset(
     parts = []
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)
-    for batch in tqdm(batches, total=total, disable=not progress, desc="class-embedding lens", unit="batch"):
+    for batch in tqdm(
+        batches, total=total, disable=not progress, desc="class-embedding lens", unit="batch"
+    ):
         if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
             raise ValueError("each batch must be (images, labels) or (images, labels, token_mask)")
         images, labels = batch[0].to(device=param.device, dtype=param.dtype), batch[1]
@@ -318,6 +330,8 @@ def _with_mask(result: LensResult, token_mask: Optional[Tensor]) -> LensResult:
                 f"got {list(token_mask.shape)}"
             )
         if token_mask[:, list(result.layout.prefix_indices)].any():
-            raise ValueError("token_mask marks a prefix token (CLS/distillation/register) as a class token")
+            raise ValueError(
+                "token_mask marks a prefix token (CLS/distillation/register) as a class token"
+            )
         result.token_mask = token_mask
     return result

@@ -35,7 +35,9 @@ class ViTActivationCache(ActivationCache):
         """Token axis of a cached activation: -3 for per-head tensors, -2 otherwise."""
         name = key if isinstance(key, str) and key in self.cache_dict else _full_name(key)
         if name.endswith(("hook_pattern", "hook_attn_scores")):
-            raise ValueError(f"{name} has a query and a key token axis; index it with model.layout directly")
+            raise ValueError(
+                f"{name} has a query and a key token axis; index it with model.layout directly"
+            )
         return -3 if name.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")) else -2
 
 

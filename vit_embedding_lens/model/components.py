@@ -194,8 +194,9 @@ class Attention(nn.Module):
             return result.sum(dim=-2) + self.b_O
         return F.linear(z.reshape(B, N, H * dh), self.W_O.reshape(H * dh, -1).T, self.b_O)
 
-
-    def combined_mask(self, attn_mask: Optional[Tensor], positions: Optional[Tensor], n: int) -> Optional[Tensor]:
+    def combined_mask(
+        self, attn_mask: Optional[Tensor], positions: Optional[Tensor], n: int
+    ) -> Optional[Tensor]:
         """``attn_mask`` combined with the standing ``score_mask`` (mapped through ``positions``)."""
         if self.score_mask is None:
             return attn_mask

@@ -22,6 +22,7 @@ from vit_embedding_lens.errors import ConversionError, UnsupportedArchitectureEr
 from vit_embedding_lens.model.activations import activation_name
 from vit_embedding_lens.model.config import HookedViTConfig
 
+
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     """Whether ``pretrained=True`` can download: ``HF_HUB_OFFLINE`` is unset and ``host`` answers on
     port 443 within ``timeout`` seconds (for notebooks and scripts with optional hub cells)."""
@@ -61,7 +62,9 @@ def load_timm_model(
     """The timm module to convert and its name: a live module as given, or one created by name."""
     if isinstance(model_or_name, nn.Module):
         if pretrained or timm_kwargs:
-            raise ValueError("pretrained= and timm keyword arguments apply only when a timm model name is given")
+            raise ValueError(
+                "pretrained= and timm keyword arguments apply only when a timm model name is given"
+            )
         model = model_or_name
         name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
     elif isinstance(model_or_name, str):
@@ -70,10 +73,14 @@ def load_timm_model(
         name = model_or_name
         if name.split(".")[0] not in timm.list_models():
             close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3)
-            raise ValueError(f"{name!r} is not a timm model name (close: {close}); see timm.list_models('vit*')")
+            raise ValueError(
+                f"{name!r} is not a timm model name (close: {close}); see timm.list_models('vit*')"
+            )
         try:
             model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
-        except OSError as err:  # the hub is unreachable (HF_HUB_OFFLINE, no network) or the file is gone
+        except (
+            OSError
+        ) as err:  # the hub is unreachable (HF_HUB_OFFLINE, no network) or the file is gone
             if not pretrained:
                 raise
             raise OSError(
@@ -82,7 +89,9 @@ def load_timm_model(
                 f"weights as checkpoint_path=..., or use the bundled model (HookedViT.from_bundled())."
             ) from err
     else:
-        raise TypeError(f"expected a timm model or a timm model name, got {type(model_or_name).__name__}")
+        raise TypeError(
+            f"expected a timm model or a timm model name, got {type(model_or_name).__name__}"
+        )
     if checkpoint_path is not None:
         load_checkpoint_(model, checkpoint_path)
     return model, name
@@ -155,9 +164,13 @@ def check_supported(model: nn.Module, name: str) -> None:
     from timm.models.vision_transformer import VisionTransformer
 
     if not isinstance(model, VisionTransformer):
-        raise _refuse(name, f"the model class {kind} (only timm VisionTransformer and DeiT are converted)")
+        raise _refuse(
+            name, f"the model class {kind} (only timm VisionTransformer and DeiT are converted)"
+        )
     if getattr(model, "attn_pool", None) is not None or model.global_pool in ("map", "prr"):
-        raise _refuse(name, f"the attention-pool head (global_pool={model.global_pool!r}, as in SigLIP)")
+        raise _refuse(
+            name, f"the attention-pool head (global_pool={model.global_pool!r}, as in SigLIP)"
+        )
     if model.global_pool not in ("token", "avg", "max", "avgmax"):
         raise _refuse(name, f"global_pool={model.global_pool!r} (no pooling before the head)")
     if isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity):
@@ -177,7 +190,9 @@ def check_supported(model: nn.Module, name: str) -> None:
         or conv.groups != 1
         or any(d != 1 for d in conv.dilation)
     ):
-        raise _refuse(name, "a patch embedding whose convolution is not one non-overlapping patch per token")
+        raise _refuse(
+            name, "a patch embedding whose convolution is not one non-overlapping patch per token"
+        )
     if not isinstance(embed.norm, nn.Identity):
         raise _refuse(name, "a norm inside the patch embedding (embed_norm_layer)")
     for i, block in enumerate(model.blocks):
@@ -199,13 +214,19 @@ def _check_block(block: nn.Module, i: int, name: str) -> None:
     if type(attn).__name__ != "Attention":
         raise _refuse(name, f"the attention layer {type(attn).__name__} (blocks.{i}.attn)")
     if not isinstance(attn.norm, nn.Identity):
-        raise _refuse(name, f"a norm on the attention output (scale_attn_norm, blocks.{i}.attn.norm)")
+        raise _refuse(
+            name, f"a norm on the attention output (scale_attn_norm, blocks.{i}.attn.norm)"
+        )
     if getattr(attn, "gate", None) is not None:
         raise _refuse(name, f"gated attention (blocks.{i}.attn.gate)")
     if attn.attn_dim != attn.proj.out_features or attn.qkv.in_features != attn.proj.out_features:
-        raise _refuse(name, f"attention whose width differs from the residual width (blocks.{i}.attn)")
+        raise _refuse(
+            name, f"attention whose width differs from the residual width (blocks.{i}.attn)"
+        )
     if type(mlp).__name__ != "Mlp" or not isinstance(mlp.fc1, nn.Linear):
-        raise _refuse(name, f"the MLP {type(mlp).__name__} (a gated MLP such as SwiGLU; blocks.{i}.mlp)")
+        raise _refuse(
+            name, f"the MLP {type(mlp).__name__} (a gated MLP such as SwiGLU; blocks.{i}.mlp)"
+        )
     if not isinstance(mlp.norm, nn.Identity):
         raise _refuse(name, f"a norm inside the MLP (scale_mlp_norm, blocks.{i}.mlp.norm)")
     if activation_name(mlp.act) is None:
@@ -231,7 +252,9 @@ def _check_norm(norm: nn.Module, norm_name: str, name: str) -> None:
     if isinstance(norm, nn.Identity):
         return
     if type(norm).__name__ not in _NORMS or not isinstance(norm, nn.LayerNorm):
-        raise _refuse(name, f"the norm layer {type(norm).__name__} ({norm_name}; only LayerNorm is supported)")
+        raise _refuse(
+            name, f"the norm layer {type(norm).__name__} ({norm_name}; only LayerNorm is supported)"
+        )
     if norm.weight is None or norm.bias is None:
         raise _refuse(name, f"a LayerNorm without affine weight and bias ({norm_name})")
 
@@ -266,11 +289,17 @@ def config_from_timm(model: nn.Module, name: str) -> HookedViTConfig:
         pre_norm=not isinstance(model.norm_pre, nn.Identity),
         block_norm="post" if type(block0).__name__ == "ResPostBlock" else "pre",
         final_norm="tokens" if not isinstance(model.norm, nn.Identity) else "pooled",
-        global_pool="token" if getattr(model, "dist_token", None) is not None else model.global_pool,
+        global_pool="token"
+        if getattr(model, "dist_token", None) is not None
+        else model.global_pool,
         pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
         qkv_bias=attn.qkv.bias is not None,
         qk_norm=not isinstance(attn.q_norm, nn.Identity),
-        layer_scale=any(type(getattr(b, ls, None)).__name__ == "LayerScale" for b in model.blocks for ls in ("ls1", "ls2")),
+        layer_scale=any(
+            type(getattr(b, ls, None)).__name__ == "LayerScale"
+            for b in model.blocks
+            for ls in ("ls1", "ls2")
+        ),
         act_fn=activation_name(block0.mlp.act),
         eps=eps_values.pop(),
         dynamic_img_size=bool(model.dynamic_img_size),
@@ -317,7 +346,9 @@ def _layer_scale(c: _Consumer, prefix: str, d: int, like: Tensor) -> Tensor:
     return gamma if gamma is not None else torch.ones(d, dtype=like.dtype, device=like.device)
 
 
-def state_dict_from_timm(model: nn.Module, cfg: HookedViTConfig, dtype: torch.dtype) -> Dict[str, Tensor]:
+def state_dict_from_timm(
+    model: nn.Module, cfg: HookedViTConfig, dtype: torch.dtype
+) -> Dict[str, Tensor]:
     """HookedViT state dict from a timm ViT: TransformerLens layout, LayerScale folded in.
 
     Folding is done in float64 and cast once to ``dtype``.
@@ -328,7 +359,9 @@ def state_dict_from_timm(model: nn.Module, cfg: HookedViTConfig, dtype: torch.dt
     w_e = c.take("patch_embed.proj.weight")
     sd["embed.W_E"] = w_e
     sd["embed.b_E"] = _or_zeros(c.maybe("patch_embed.proj.bias"), d, w_e)
-    prefix = [c.take(k).reshape(-1, d) for k in ("cls_token", "dist_token", "reg_token") if k in c.tensors]
+    prefix = [
+        c.take(k).reshape(-1, d) for k in ("cls_token", "dist_token", "reg_token") if k in c.tensors
+    ]
     sd["embed.W_prefix"] = torch.cat(prefix, dim=0) if prefix else w_e.new_zeros(0, d)
     if cfg.has_pos_embed:
         sd["pos_embed.W_pos"] = c.take("pos_embed").reshape(-1, d)
@@ -401,7 +434,9 @@ def convert_timm_vit(
     state = state_dict_from_timm(model, cfg, dtype)
     if class_names is None:
         class_names = _timm_class_names(model, cfg.n_classes)
-    hooked = HookedViT(cfg, class_names=class_names, init_weights=False).to(device=device or like.device, dtype=dtype)
+    hooked = HookedViT(cfg, class_names=class_names, init_weights=False).to(
+        device=device or like.device, dtype=dtype
+    )
     hooked.load_state_dict(state, strict=True)
     return hooked
 

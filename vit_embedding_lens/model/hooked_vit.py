@@ -74,7 +74,9 @@ class HookedViT(HookedRootModule):
             patch_size=cfg.patch_size,
             cls_index=0 if cfg.has_cls_token else None,
             dist_index=1 if cfg.has_dist_token else None,
-            register_indices=tuple(range(int(cfg.has_cls_token), int(cfg.has_cls_token) + cfg.n_registers)),
+            register_indices=tuple(
+                range(int(cfg.has_cls_token), int(cfg.has_cls_token) + cfg.n_registers)
+            ),
         )
         if init_weights:
             self._init_weights()
@@ -111,12 +113,19 @@ class HookedViT(HookedRootModule):
         ``"bundled:NAME"`` (``mnist-vit``, ``fashion-vit``) names a trained model shipped with the package (see
         :meth:`from_bundled`). ``model_name`` labels the result (default: the timm name).
         """
-        from vit_embedding_lens.zoo.bundled import BUNDLED_PREFIX, bundled_class_names, bundled_name, load_bundled_timm
+        from vit_embedding_lens.zoo.bundled import (
+            BUNDLED_PREFIX,
+            bundled_class_names,
+            bundled_name,
+            load_bundled_timm,
+        )
 
         bundled = bundled_name(model_or_name)
         if bundled is not None:
             if pretrained or checkpoint_path is not None or timm_kwargs:
-                raise ValueError("a bundled model takes no pretrained=, checkpoint_path= or timm arguments")
+                raise ValueError(
+                    "a bundled model takes no pretrained=, checkpoint_path= or timm arguments"
+                )
             model_or_name = load_bundled_timm(bundled)
             class_names = class_names or bundled_class_names(bundled)
             model_name = model_name or f"{BUNDLED_PREFIX}{bundled}"
@@ -134,7 +143,11 @@ class HookedViT(HookedRootModule):
         # weight processing runs in float64 and is cast once, so it adds no rounding of its own
         work_dtype = torch.float64 if any(steps.values()) else target_dtype
         model = convert_timm_vit(
-            timm_model, name=model_name or name, class_names=class_names, device=device, dtype=work_dtype
+            timm_model,
+            name=model_name or name,
+            class_names=class_names,
+            device=device,
+            dtype=work_dtype,
         )
         return process_weights_(model, **steps).to(target_dtype)
 
@@ -216,18 +229,26 @@ class HookedViT(HookedRootModule):
         return self.readout(resid, positions)
 
     def _forward_from(
-        self, resid: Tensor, start_at_layer: int, stop_at_layer: Optional[int], keep_mask: Optional[Tensor]
+        self,
+        resid: Tensor,
+        start_at_layer: int,
+        stop_at_layer: Optional[int],
+        keep_mask: Optional[Tensor],
     ) -> Tensor:
         """Blocks ``start_at_layer..`` (to ``stop_at_layer``) and the readout on a given residual stream."""
         if keep_mask is not None:
-            raise ValueError("keep_mask= removes tokens from images; it cannot be combined with start_at_layer=")
+            raise ValueError(
+                "keep_mask= removes tokens from images; it cannot be combined with start_at_layer="
+            )
         if not isinstance(resid, Tensor) or resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model:
             raise ValueError(
                 f"with start_at_layer= the input is the residual stream [batch, pos, {self.cfg.d_model}], got "
                 f"{tuple(getattr(resid, 'shape', ()))}"
             )
         if not 0 <= start_at_layer <= self.cfg.n_layers:
-            raise ValueError(f"start_at_layer must be in 0..{self.cfg.n_layers}, got {start_at_layer}")
+            raise ValueError(
+                f"start_at_layer must be in 0..{self.cfg.n_layers}, got {start_at_layer}"
+            )
         self.token_positions = None
         for block in self.blocks[start_at_layer:stop_at_layer]:
             resid = block(resid)
@@ -237,10 +258,18 @@ class HookedViT(HookedRootModule):
         self, resid: Float[Tensor, "batch pos d_model"], keep_mask: Tensor, grid: Sequence[int]
     ) -> tuple:
         """Drop the tokens ``keep_mask`` removes: ``(resid [batch, max_kept, d], positions, padding mask)``."""
-        from vit_embedding_lens.interventions.token_removal import check_keep_mask, gather_tokens, kept_positions
+        from vit_embedding_lens.interventions.token_removal import (
+            check_keep_mask,
+            gather_tokens,
+            kept_positions,
+        )
         from vit_embedding_lens.model.components import padding_mask
 
-        layout = self.layout if tuple(grid) == tuple(self.layout.grid_size) else self.layout.with_grid(grid)
+        layout = (
+            self.layout
+            if tuple(grid) == tuple(self.layout.grid_size)
+            else self.layout.with_grid(grid)
+        )
         check_keep_mask(keep_mask, layout, resid.shape[0], resid.device)
         if self.cfg.global_pool != "token" and not self.cfg.pool_include_prefix:
             if not bool(keep_mask[:, layout.n_prefix :].any(dim=1).all()):
@@ -275,7 +304,9 @@ class HookedViT(HookedRootModule):
         return self.hook_logits(self.head(pooled, pooled_dist))
 
     def pool(
-        self, resid: Float[Tensor, "batch pos d_model"], valid: Optional[Bool[Tensor, "batch pos"]] = None
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        valid: Optional[Bool[Tensor, "batch pos"]] = None,
     ) -> Float[Tensor, "batch d_model"]:
         """timm's global pooling: the CLS token, or avg/max/avgmax over the image tokens.
 
@@ -313,7 +344,9 @@ class HookedViT(HookedRootModule):
         """Raise a clear error for inputs the model cannot take; say what to do instead."""
         cfg = self.cfg
         if not isinstance(images, Tensor):
-            raise TypeError(f"images must be a torch.Tensor [batch, {cfg.in_chans}, H, W], got {type(images).__name__}")
+            raise TypeError(
+                f"images must be a torch.Tensor [batch, {cfg.in_chans}, H, W], got {type(images).__name__}"
+            )
         if images.ndim != 4:
             hint = " (a single image? use images.unsqueeze(0))" if images.ndim == 3 else ""
             raise ValueError(
@@ -327,9 +360,13 @@ class HookedViT(HookedRootModule):
             )
         w = self.embed.W_E
         if images.dtype != w.dtype:
-            raise TypeError(f"images are {images.dtype} but the model's weights are {w.dtype}; use images.to({w.dtype})")
+            raise TypeError(
+                f"images are {images.dtype} but the model's weights are {w.dtype}; use images.to({w.dtype})"
+            )
         if images.device != w.device:
-            raise ValueError(f"images are on {images.device} but the model is on {w.device}; use images.to('{w.device}')")
+            raise ValueError(
+                f"images are on {images.device} but the model is on {w.device}; use images.to('{w.device}')"
+            )
         if images.shape[1] != cfg.in_chans:
             raise ValueError(
                 f"images have {images.shape[1]} channels, {cfg.model_name} expects {cfg.in_chans} "
@@ -345,7 +382,9 @@ class HookedViT(HookedRootModule):
         if cfg.dynamic_img_size and not cfg.dynamic_img_pad:
             ph, pw = cfg.patch_size
             if size[0] % ph or size[1] % pw:
-                raise ValueError(f"image size {size[0]}x{size[1]} is not a multiple of the patch size {ph}x{pw}")
+                raise ValueError(
+                    f"image size {size[0]}x{size[1]} is not a multiple of the patch size {ph}x{pw}"
+                )
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or infinite values")
 
@@ -353,7 +392,11 @@ class HookedViT(HookedRootModule):
     # Hooks and caching
     # ---------------------------------------------------------------------------------------------
     def run_with_cache(
-        self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs: Any
+        self,
+        *model_args: Any,
+        return_cache_object: bool = True,
+        remove_batch_dim: bool = False,
+        **kwargs: Any,
     ) -> Any:
         """Run the model and return ``(output, ViTActivationCache)``, as TransformerLens does.
 
@@ -367,7 +410,9 @@ class HookedViT(HookedRootModule):
             for name in names_filter:
                 self.check_hook_name(name)
             kwargs["names_filter"] = list(names_filter)
-        out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        out, cache_dict = super().run_with_cache(
+            *model_args, remove_batch_dim=remove_batch_dim, **kwargs
+        )
         if return_cache_object:
             return out, ViTActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
         return out, cache_dict
@@ -378,9 +423,13 @@ class HookedViT(HookedRootModule):
             return
         close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"{name!r} is not a hook point of this {self.cfg.model_name} HookedViT{hint}")
+        raise ValueError(
+            f"{name!r} is not a hook point of this {self.cfg.model_name} HookedViT{hint}"
+        )
 
-    def add_hook(self, name: Union[str, Callable[[str], bool]], hook: Callable, *args: Any, **kwargs: Any) -> None:
+    def add_hook(
+        self, name: Union[str, Callable[[str], bool]], hook: Callable, *args: Any, **kwargs: Any
+    ) -> None:
         if isinstance(name, str):
             self.check_hook_name(name)
         super().add_hook(name, hook, *args, **kwargs)
@@ -432,7 +481,9 @@ class HookedViT(HookedRootModule):
         if isinstance(class_id, str):
             return self.class_index(class_id)
         if not 0 <= int(class_id) < self.cfg.n_classes:
-            raise ValueError(f"class index {class_id} is out of range for {self.cfg.n_classes} classes")
+            raise ValueError(
+                f"class index {class_id} is out of range for {self.cfg.n_classes} classes"
+            )
         return int(class_id)
 
     def class_index(self, name: str) -> int:
@@ -472,24 +523,36 @@ class HookedViT(HookedRootModule):
         self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
     ) -> Float[Tensor, " d_model"]:
         """Sum of the attention and MLP output biases written into the residual before ``layer``."""
-        bias = torch.zeros(self.cfg.d_model, device=self.embed.W_E.device, dtype=self.embed.W_E.dtype)
+        bias = torch.zeros(
+            self.cfg.d_model, device=self.embed.W_E.device, dtype=self.embed.W_E.dtype
+        )
         for i in range(layer):
             bias = bias + self.blocks[i].attn.b_O
             if include_mlp_biases:
                 bias = bias + self.blocks[i].mlp.b_out
         if mlp_input:
             if layer >= self.cfg.n_layers:
-                raise ValueError(f"layer {layer} has no MLP input: the model has {self.cfg.n_layers} layers")
+                raise ValueError(
+                    f"layer {layer} has no MLP input: the model has {self.cfg.n_layers} layers"
+                )
             bias = bias + self.blocks[layer].attn.b_O
         return bias
 
     def _stack(self, attr: str, sub: str) -> Tensor:
         return torch.stack([getattr(getattr(block, sub), attr) for block in self.blocks], dim=0)
 
-    W_Q = property(lambda self: self._stack("W_Q", "attn"), doc="[n_layers, n_heads, d_model, d_head]")
-    W_K = property(lambda self: self._stack("W_K", "attn"), doc="[n_layers, n_heads, d_model, d_head]")
-    W_V = property(lambda self: self._stack("W_V", "attn"), doc="[n_layers, n_heads, d_model, d_head]")
-    W_O = property(lambda self: self._stack("W_O", "attn"), doc="[n_layers, n_heads, d_head, d_model]")
+    W_Q = property(
+        lambda self: self._stack("W_Q", "attn"), doc="[n_layers, n_heads, d_model, d_head]"
+    )
+    W_K = property(
+        lambda self: self._stack("W_K", "attn"), doc="[n_layers, n_heads, d_model, d_head]"
+    )
+    W_V = property(
+        lambda self: self._stack("W_V", "attn"), doc="[n_layers, n_heads, d_model, d_head]"
+    )
+    W_O = property(
+        lambda self: self._stack("W_O", "attn"), doc="[n_layers, n_heads, d_head, d_model]"
+    )
     b_Q = property(lambda self: self._stack("b_Q", "attn"), doc="[n_layers, n_heads, d_head]")
     b_K = property(lambda self: self._stack("b_K", "attn"), doc="[n_layers, n_heads, d_head]")
     b_V = property(lambda self: self._stack("b_V", "attn"), doc="[n_layers, n_heads, d_head]")

@@ -32,15 +32,19 @@ class TokenLayout:
         prefix = [i for i in (self.cls_index, self.dist_index) if i is not None]
         prefix += list(self.register_indices)
         if sorted(prefix) != list(range(len(prefix))):
-            raise ValueError(f"prefix token indices must be 0..n_prefix-1 without gaps, got {prefix}")
+            raise ValueError(
+                f"prefix token indices must be 0..n_prefix-1 without gaps, got {prefix}"
+            )
         if min(self.grid_size) < 1:
             raise ValueError(f"grid_size must be positive, got {self.grid_size}")
 
     # -- counts ----------------------------------------------------------------------------------
     @property
     def n_prefix(self) -> int:
-        return int(self.cls_index is not None) + int(self.dist_index is not None) + len(
-            self.register_indices
+        return (
+            int(self.cls_index is not None)
+            + int(self.dist_index is not None)
+            + len(self.register_indices)
         )
 
     @property
@@ -131,12 +135,16 @@ class TokenLayout:
                 f"expected a last dimension of {self.n_patches} patches (or {self.n_tokens} tokens), "
                 f"got shape {tuple(values.shape)}"
             )
-        return einops.rearrange(values, "... (h w) -> ... h w", h=self.grid_size[0], w=self.grid_size[1])
+        return einops.rearrange(
+            values, "... (h w) -> ... h w", h=self.grid_size[0], w=self.grid_size[1]
+        )
 
     def from_grid(self, grid: Tensor) -> Tensor:
         """``[..., grid_h, grid_w]`` -> ``[..., n_patches]`` in token order."""
         if tuple(grid.shape[-2:]) != tuple(self.grid_size):
-            raise ValueError(f"expected a trailing {self.grid_size} grid, got shape {tuple(grid.shape)}")
+            raise ValueError(
+                f"expected a trailing {self.grid_size} grid, got shape {tuple(grid.shape)}"
+            )
         return einops.rearrange(grid, "... h w -> ... (h w)")
 
     def with_grid(self, grid_size: Sequence[int]) -> "TokenLayout":

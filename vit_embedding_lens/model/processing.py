@@ -56,14 +56,18 @@ def fold_layer_norm_(model: "HookedViT") -> None:
     """
     cfg = model.cfg
     if cfg.normalization_type != "LN":
-        raise ValueError(f"fold_ln: the norms are already folded (normalization_type={cfg.normalization_type!r})")
+        raise ValueError(
+            f"fold_ln: the norms are already folded (normalization_type={cfg.normalization_type!r})"
+        )
     if cfg.block_norm == "post":
         raise ValueError(
             f"fold_ln: {cfg.model_name} has residual post-norm blocks, whose norms write into the residual "
             f"stream; there is no following weight to fold them into"
         )
     if not cfg.n_classes:
-        raise ValueError(f"fold_ln: {cfg.model_name} has no classifier head to fold the final norm into")
+        raise ValueError(
+            f"fold_ln: {cfg.model_name} has no classifier head to fold the final norm into"
+        )
     for block in model.blocks:
         w1, b1 = block.ln1.w, block.ln1.b
         attn = block.attn

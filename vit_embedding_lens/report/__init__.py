@@ -2,7 +2,14 @@
 
 from vit_embedding_lens.report.figures import save_figures
 from vit_embedding_lens.report.html import write_index
-from vit_embedding_lens.report.tables import headline_tables, format_headlines, write_tables
+from vit_embedding_lens.report.tables import format_headlines, headline_tables, write_tables
 from vit_embedding_lens.report.write import write_report
 
-__all__ = ["format_headlines", "headline_tables", "save_figures", "write_index", "write_report", "write_tables"]
+__all__ = [
+    "format_headlines",
+    "headline_tables",
+    "save_figures",
+    "write_index",
+    "write_report",
+    "write_tables",
+]

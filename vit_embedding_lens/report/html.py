@@ -49,7 +49,9 @@ def write_index(
     ]
     for key, value in meta.items():
         if key != "title":
-            parts.append(f"<tr><td><b>{html.escape(str(key))}</b></td><td>{html.escape(str(value))}</td></tr>")
+            parts.append(
+                f"<tr><td><b>{html.escape(str(key))}</b></td><td>{html.escape(str(value))}</td></tr>"
+            )
     parts.append("</table>")
     for analysis in list(dict.fromkeys(list(figure_paths) + list(tables))):
         parts.append(f"<h2>{html.escape(analysis)}</h2>")

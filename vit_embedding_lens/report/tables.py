@@ -14,7 +14,9 @@ def table_file(analysis: str, name: str) -> str:
     return f"{analysis}__{name}.csv"
 
 
-def write_tables(tables: Mapping[str, Mapping[str, pd.DataFrame]], report_dir: Path) -> Dict[str, Dict[str, Path]]:
+def write_tables(
+    tables: Mapping[str, Mapping[str, pd.DataFrame]], report_dir: Path
+) -> Dict[str, Dict[str, Path]]:
     """``report_dir/tables/<analysis>__<table>.csv`` for every table; returns the paths."""
     folder = Path(report_dir) / TABLES_DIR
     folder.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,17 @@ through the ``vit_embedding_lens.analyses`` entry-point group.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Protocol, Sequence, runtime_checkable
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Protocol,
+    Sequence,
+    runtime_checkable,
+)
 
 import numpy as np
 
@@ -57,12 +67,18 @@ AnalysisFactory = Callable[[], Analysis]
 ANALYSES: Dict[str, AnalysisFactory] = {}
 
 
-def register_analysis(name: str, factory: AnalysisFactory, overwrite: bool = False) -> AnalysisFactory:
+def register_analysis(
+    name: str, factory: AnalysisFactory, overwrite: bool = False
+) -> AnalysisFactory:
     """Register ``factory`` under ``name`` (letters, digits, ``_``, ``-``). Returns the factory."""
     if not NAME_PATTERN.match(name):
-        raise ValueError(f"analysis name {name!r} must be letters, digits, '_' or '-' (it names files)")
+        raise ValueError(
+            f"analysis name {name!r} must be letters, digits, '_' or '-' (it names files)"
+        )
     if name in ANALYSES and not overwrite and ANALYSES[name] is not factory:
-        raise ValueError(f"an analysis named {name!r} is already registered; pass overwrite=True to replace it")
+        raise ValueError(
+            f"an analysis named {name!r} is already registered; pass overwrite=True to replace it"
+        )
     if not callable(factory):
         raise TypeError(f"the factory for {name!r} must be callable, got {type(factory).__name__}")
     ANALYSES[name] = factory
@@ -132,9 +148,9 @@ def _ensure_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    import vit_embedding_lens.runner.analyses  # noqa: F401  (registers on import)
-
     from importlib.metadata import entry_points
+
+    import vit_embedding_lens.runner.analyses  # noqa: F401  (registers on import)
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in ANALYSES:
@@ -144,4 +160,6 @@ def _ensure_builtins() -> None:
         except Exception as err:  # a broken plug-in must not take the built-ins down
             import warnings
 
-            warnings.warn(f"analysis plug-in {ep.name!r} ({ep.value}) failed to load: {err}", stacklevel=2)
+            warnings.warn(
+                f"analysis plug-in {ep.name!r} ({ep.value}) failed to load: {err}", stacklevel=2
+            )

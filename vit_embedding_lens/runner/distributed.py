@@ -65,7 +65,11 @@ def launched_distributed() -> bool:
 def current() -> DistContext:
     """The context of an initialized process group, else a single process."""
     if torch_dist.is_available() and torch_dist.is_initialized():
-        return DistContext(torch_dist.get_rank(), torch_dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return DistContext(
+            torch_dist.get_rank(),
+            torch_dist.get_world_size(),
+            int(os.environ.get("LOCAL_RANK", "0")),
+        )
     return DistContext()
 
 

@@ -58,7 +58,9 @@ def differences(old: Any, new: Any, prefix: str = "") -> List[str]:
     return [] if old == new else [f"{prefix or '(config)'}: {old!r} -> {new!r}"]
 
 
-def check_same_config(existing: Mapping[str, Any], config: Mapping[str, Any], out_dir: Path) -> None:
+def check_same_config(
+    existing: Mapping[str, Any], config: Mapping[str, Any], out_dir: Path
+) -> None:
     diffs = differences(to_json(existing), to_json(config))
     if diffs:
         shown = "\n  ".join(diffs[:20])
@@ -78,7 +80,9 @@ def read_manifest(out_dir: Path) -> Optional[Dict[str, Any]]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); start over with --overwrite") from err
     if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format {manifest.get('format')}, expected {FORMAT_VERSION}; use --overwrite")
+        raise ValueError(
+            f"{path} has format {manifest.get('format')}, expected {FORMAT_VERSION}; use --overwrite"
+        )
     return manifest
 
 

@@ -78,11 +78,15 @@ def check_model_support(name: str) -> SupportEntry:
     try:
         model = _build_on_meta(base)
     except Exception as err:  # noqa: BLE001 - report, never crash a listing
-        return SupportEntry(name, module, False, f"could not be built ({type(err).__name__}: {err})")
+        return SupportEntry(
+            name, module, False, f"could not be built ({type(err).__name__}: {err})"
+        )
     try:
         check_supported(model, base)
     except UnsupportedArchitectureError as err:
-        return SupportEntry(name, module, False, re.sub(r"blocks\.\d+", "blocks.N", refusal_feature(err)))
+        return SupportEntry(
+            name, module, False, re.sub(r"blocks\.\d+", "blocks.N", refusal_feature(err))
+        )
     return SupportEntry(name, module, True)
 
 
@@ -92,7 +96,9 @@ def _module_of(name: str) -> str:
     return _model_to_module.get(name, "?")
 
 
-def vit_model_names(modules: Sequence[str] = VIT_MODULES, pattern: Optional[str] = None) -> List[str]:
+def vit_model_names(
+    modules: Sequence[str] = VIT_MODULES, pattern: Optional[str] = None
+) -> List[str]:
     import timm
 
     names = timm.list_models(pattern or "*", module=list(modules))
@@ -106,8 +112,13 @@ def _cache_file(cache_dir: Optional[Path]) -> Path:
     from vit_embedding_lens.model import convert
 
     source = Path(convert.__file__).read_bytes()
-    key = hashlib.sha256(f"{timm.__version__}|{vit_embedding_lens.__version__}|".encode() + source).hexdigest()[:16]
-    base = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vit-embedding-lens"
+    key = hashlib.sha256(
+        f"{timm.__version__}|{vit_embedding_lens.__version__}|".encode() + source
+    ).hexdigest()[:16]
+    base = (
+        cache_dir
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vit-embedding-lens"
+    )
     return Path(base) / f"model-support-{key}.json"
 
 
@@ -127,14 +138,18 @@ def survey_models(
         except (ValueError, TypeError, KeyError):
             known = {}
     todo = [n for n in names if n not in known]
-    for name in tqdm(todo, desc="checking timm models", unit="model", disable=not progress or not todo):
+    for name in tqdm(
+        todo, desc="checking timm models", unit="model", disable=not progress or not todo
+    ):
         known[name] = check_model_support(name)
     if cache and todo:
         from vit_embedding_lens.runner.storage import atomic_write_json
 
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, [asdict(e) for e in known.values()])
-    return pd.DataFrame([asdict(known[n]) for n in names], columns=["model", "module", "supported", "reason"])
+    return pd.DataFrame(
+        [asdict(known[n]) for n in names], columns=["model", "module", "supported", "reason"]
+    )
 
 
 def support_by_module(survey: pd.DataFrame) -> pd.DataFrame:

@@ -17,7 +17,12 @@ BUNDLED_DATA_CONFIG: Dict[str, Any] = {
     "crop_pct": 1.0,
     "crop_mode": "center",
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 @dataclass
@@ -60,13 +65,17 @@ def load_model(
     dtype = parse_dtype(dtype)
     class_names = None
     if name is None and checkpoint is None:
-        raise ValueError("name a model: --model NAME (a timm name or bundled:mnist-vit) or --checkpoint PATH")
+        raise ValueError(
+            "name a model: --model NAME (a timm name or bundled:mnist-vit) or --checkpoint PATH"
+        )
     from vit_embedding_lens.zoo.bundled import bundled_class_names, bundled_name, load_bundled_timm
 
     bundled = bundled_name(name)
     if bundled is not None:
         if checkpoint is not None or pretrained:
-            raise ValueError(f"{name} is a bundled trained model: it takes no --checkpoint or --pretrained")
+            raise ValueError(
+                f"{name} is a bundled trained model: it takes no --checkpoint or --pretrained"
+            )
         timm_model, label = load_bundled_timm(bundled), name
         class_names = bundled_class_names(bundled)
         data_config = dict(BUNDLED_DATA_CONFIG)
@@ -94,7 +103,9 @@ def load_model(
             label = name
         data_config = dict(resolve_data_config(model=timm_model))
     timm_model.eval()
-    model = HookedViT.from_timm(timm_model, class_names=class_names, model_name=label, device=device, dtype=dtype)
+    model = HookedViT.from_timm(
+        timm_model, class_names=class_names, model_name=label, device=device, dtype=dtype
+    )
     spec = {
         "model_name": label,
         "checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,

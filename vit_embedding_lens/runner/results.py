@@ -85,26 +85,34 @@ def load_results(out_dir: Union[str, Path]) -> RunResults:
                 f"{expected[0]}..{expected[-1]}; the folder mixes runs: start over with --overwrite"
             )
         np.add.at(seen, covered, 1)
-        for i, image_id, reason in zip(skipped_index, data[f"{META}/skipped_image_id"], data[f"{META}/skipped_reason"]):
+        for i, image_id, reason in zip(
+            skipped_index, data[f"{META}/skipped_image_id"], data[f"{META}/skipped_reason"]
+        ):
             skipped_rows.append({"index": int(i), "image_id": str(image_id), "reason": str(reason)})
         for key, value in data.items():
             if len(index) or key.startswith(f"{META}/skipped"):
                 parts.setdefault(key, []).append(value)
     if (seen != 1).any():
         bad = np.flatnonzero(seen != 1)
-        raise IncompleteRunError(f"items {bad[:10].tolist()} appear {seen[bad[:10]].tolist()} times in {out_dir}")
+        raise IncompleteRunError(
+            f"items {bad[:10].tolist()} appear {seen[bad[:10]].tolist()} times in {out_dir}"
+        )
     merged = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
     index = merged.pop(f"{META}/index", np.zeros(0, dtype=np.int64))
     order = np.argsort(index, kind="stable")
     if not np.array_equal(order, np.arange(len(index))):
-        merged = {k: (v[order] if not k.startswith(f"{META}/skipped") else v) for k, v in merged.items()}
+        merged = {
+            k: (v[order] if not k.startswith(f"{META}/skipped") else v) for k, v in merged.items()
+        }
         index = index[order]
     arrays: Dict[str, Dict[str, np.ndarray]] = {}
     for key, value in merged.items():
         group, name = key.split("/", 1)
         if group != META:
             if len(value) != len(index):
-                raise IncompleteRunError(f"{key} has {len(value)} rows for {len(index)} images in {out_dir}")
+                raise IncompleteRunError(
+                    f"{key} has {len(value)} rows for {len(index)} images in {out_dir}"
+                )
             arrays.setdefault(group, {})[name] = value
     skipped = pd.DataFrame(skipped_rows, columns=["index", "image_id", "reason"]).sort_values(
         "index", ignore_index=True

@@ -37,9 +37,9 @@ from vit_embedding_lens.runner.manifest import (
     MANIFEST_FILE,
     ConfigMismatchError,
     check_same_config,
-    to_json,
     new_manifest,
     read_manifest,
+    to_json,
     weights_digest,
     write_manifest,
 )
@@ -104,7 +104,9 @@ def run_analyses(
     n_batches = math.ceil(n_images / batch_size)
 
     if ctx.active:
-        pending = _prepare_on_rank0(ctx, out_dir, config, n_batches, batch_size, n_images, resume, overwrite)
+        pending = _prepare_on_rank0(
+            ctx, out_dir, config, n_batches, batch_size, n_images, resume, overwrite
+        )
         _check_shared_folder(ctx, out_dir)
     else:
         pending = _prepare(out_dir, config, n_batches, batch_size, n_images, resume, overwrite)
@@ -210,10 +212,14 @@ def _prepare(
         remove_run(out_dir)
     manifest = read_manifest(out_dir)
     if manifest is None and batch_ids_on_disk(out_dir):
-        raise ValueError(f"{out_dir} has batch files but no {MANIFEST_FILE}; start over with --overwrite")
+        raise ValueError(
+            f"{out_dir} has batch files but no {MANIFEST_FILE}; start over with --overwrite"
+        )
     if manifest is not None:
         if not resume:
-            raise ValueError(f"{out_dir} already holds a run; resume it (resume=True) or start over with --overwrite")
+            raise ValueError(
+                f"{out_dir} already holds a run; resume it (resume=True) or start over with --overwrite"
+            )
         check_same_config(manifest["config"], config, out_dir)
     else:
         manifest = new_manifest(config, n_batches)
@@ -225,11 +231,18 @@ def _prepare(
         if b < n_batches and _batch_is_valid(out_dir, b, batch_size, n_images):
             finished.append(b)
         else:  # cannot happen with atomic writes unless files were edited by hand
-            warnings.warn(f"{batch_path(out_dir, b)} does not hold batch {b} of this run; recomputing it", stacklevel=3)
+            warnings.warn(
+                f"{batch_path(out_dir, b)} does not hold batch {b} of this run; recomputing it",
+                stacklevel=3,
+            )
             batch_path(out_dir, b).unlink()
     done = set(finished)
     pending = [b for b in range(n_batches) if b not in done]
-    attempt = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": world_size, "pending_batches": len(pending)}
+    attempt = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "world_size": world_size,
+        "pending_batches": len(pending),
+    }
     manifest.update(finished_batches=finished, status="running", n_batches=n_batches)
     manifest["attempts"] = manifest.get("attempts", []) + [attempt]
     write_manifest(out_dir, manifest)
@@ -269,13 +282,24 @@ def _prepare_on_rank0(
     if ctx.is_main:
         try:
             status = {
-                "pending": _prepare(out_dir, config, n_batches, batch_size, n_images, resume, overwrite, ctx.world_size)
+                "pending": _prepare(
+                    out_dir,
+                    config,
+                    n_batches,
+                    batch_size,
+                    n_images,
+                    resume,
+                    overwrite,
+                    ctx.world_size,
+                )
             }
         except (ValueError, OSError) as err:
             status = {"error": type(err).__name__, "message": str(err)}
     status = ctx.broadcast(status)
     if "error" in status:
-        raise (ConfigMismatchError if status["error"] == "ConfigMismatchError" else ValueError)(status["message"])
+        raise (ConfigMismatchError if status["error"] == "ConfigMismatchError" else ValueError)(
+            status["message"]
+        )
     return status["pending"]
 
 
@@ -335,22 +359,33 @@ def _process(
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=n_todo, unit="img", disable=not progress, desc="analyze", dynamic_ncols=True) as bar:
+        with tqdm(
+            total=n_todo, unit="img", disable=not progress, desc="analyze", dynamic_ncols=True
+        ) as bar:
             for batch_id, batch in zip(batch_ids, loader):
                 arrays = _run_batch(model, batch, analyses, hooks, device, dtype)
                 write_batch(out_dir, batch_id, arrays)
                 tracker.finished(batch_id)
                 for s in batch.skipped:
-                    warnings.warn(f"skipped {s.image_id}: {s.reason}", UnusableImageWarning, stacklevel=2)
+                    warnings.warn(
+                        f"skipped {s.image_id}: {s.reason}", UnusableImageWarning, stacklevel=2
+                    )
                 bar.update(len(batch) + len(batch.skipped))
     finally:
         model.train(was_training)
 
 
 def _run_batch(
-    model: Any, batch: Batch, analyses: Sequence[Analysis], hooks: tuple, device: torch.device, dtype: torch.dtype
+    model: Any,
+    batch: Batch,
+    analyses: Sequence[Analysis],
+    hooks: tuple,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> Dict[str, np.ndarray]:
-    arrays = meta_arrays(batch.indices.tolist(), batch.labels.tolist(), batch.image_ids, batch.skipped)
+    arrays = meta_arrays(
+        batch.indices.tolist(), batch.labels.tolist(), batch.image_ids, batch.skipped
+    )
     if not len(batch):
         return arrays
     batch = batch.to(device, dtype)
@@ -362,13 +397,17 @@ def _run_batch(
     for analysis in analyses:
         out = analysis.run(model, batch)
         if not isinstance(out, Mapping):
-            raise TypeError(f"{analysis.name}.run must return a dict of per-image arrays, got {type(out).__name__}")
+            raise TypeError(
+                f"{analysis.name}.run must return a dict of per-image arrays, got {type(out).__name__}"
+            )
         for key, value in out.items():
             if key in META_KEYS or "/" in key:
                 raise ValueError(
                     f"{analysis.name}.run returned the key {key!r}; keys must not contain '/' or be one of {META_KEYS}"
                 )
-            arrays[f"{analysis.name}/{key}"] = check_array(value, f"{analysis.name}.run()[{key!r}]", len(batch))
+            arrays[f"{analysis.name}/{key}"] = check_array(
+                value, f"{analysis.name}.run()[{key!r}]", len(batch)
+            )
     batch.release()
     return arrays
 
@@ -389,10 +428,17 @@ class _ProgressTracker:
         if self.ctx.active:
             self.done.append(batch_id)
             atomic_write_json(
-                self.path, {"rank": self.ctx.rank, "world_size": self.ctx.world_size, "finished_batches": self.done}
+                self.path,
+                {
+                    "rank": self.ctx.rank,
+                    "world_size": self.ctx.world_size,
+                    "finished_batches": self.done,
+                },
             )
         else:
-            self.manifest["finished_batches"] = sorted(set(self.manifest["finished_batches"]) | {batch_id})
+            self.manifest["finished_batches"] = sorted(
+                set(self.manifest["finished_batches"]) | {batch_id}
+            )
             write_manifest(self.out_dir, self.manifest)
 
 
@@ -401,7 +447,11 @@ def _finish(out_dir: Path) -> RunResults:
     results = load_results(out_dir)  # raises if anything is missing or duplicated
     merged = {
         f"{META}/{k}": v
-        for k, v in (("index", results.index), ("label", results.labels), ("image_id", results.image_ids))
+        for k, v in (
+            ("index", results.index),
+            ("label", results.labels),
+            ("image_id", results.image_ids),
+        )
     }
     for name, arrays in results.arrays.items():
         merged.update({f"{name}/{k}": v for k, v in arrays.items()})

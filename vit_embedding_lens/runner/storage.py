@@ -17,7 +17,7 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, IO, Iterable, List, Optional
+from typing import IO, Any, Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 
@@ -108,9 +108,13 @@ def check_array(value: Any, where: str, n: int) -> np.ndarray:
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{where} must be a numpy array or tensor, got {type(value).__name__}")
     if value.dtype.kind not in "biufUS":
-        raise TypeError(f"{where} has dtype {value.dtype}; only numeric, boolean and string arrays are stored")
+        raise TypeError(
+            f"{where} has dtype {value.dtype}; only numeric, boolean and string arrays are stored"
+        )
     if value.ndim == 0 or value.shape[0] != n:
-        raise ValueError(f"{where} has shape {value.shape}; its first axis must be the batch ({n} images)")
+        raise ValueError(
+            f"{where} has shape {value.shape}; its first axis must be the batch ({n} images)"
+        )
     return value
 
 

@@ -5,10 +5,14 @@ companion returning the tidy data it draws. Interactive views wrap circuitsvis a
 static figure where JavaScript is unavailable. Token labels always come from ``model.layout``.
 """
 
+from vit_embedding_lens.viz._figures import figure_to_png
 from vit_embedding_lens.viz.attention import attention_table, plot_attention
 from vit_embedding_lens.viz.change_rates import change_rates_table, plot_change_rates
 from vit_embedding_lens.viz.heatmaps import heatmap_grid_table, plot_heatmap_grid
-from vit_embedding_lens.viz.identifiability import identifiability_evolution_table, plot_identifiability_evolution
+from vit_embedding_lens.viz.identifiability import (
+    identifiability_evolution_table,
+    plot_identifiability_evolution,
+)
 from vit_embedding_lens.viz.interactive import (
     InteractiveView,
     attention_view,
@@ -17,9 +21,12 @@ from vit_embedding_lens.viz.interactive import (
 )
 from vit_embedding_lens.viz.kv_agreement import kv_agreement_table, plot_kv_agreement
 from vit_embedding_lens.viz.overlay import plot_overlay
-from vit_embedding_lens.viz.predictions import TokenClassPredictions, token_class_predictions, token_types
+from vit_embedding_lens.viz.predictions import (
+    TokenClassPredictions,
+    token_class_predictions,
+    token_types,
+)
 from vit_embedding_lens.viz.token_grid import plot_token_grid, token_grid_table
-from vit_embedding_lens.viz._figures import figure_to_png
 
 __all__ = [
     "InteractiveView",

@@ -8,7 +8,7 @@ and no GUI backend is needed, so everything works headless (Agg) and inside serv
 from __future__ import annotations
 
 import io
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
@@ -62,13 +62,17 @@ def figure_and_axes(ax: Any = None, figsize: Tuple[float, float] = (6.0, 4.0)):
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def panel_grid(n_panels: int, ncols: Optional[int] = None, panel_size: float = 2.2, extra_width: float = 0.0):
+def panel_grid(
+    n_panels: int, ncols: Optional[int] = None, panel_size: float = 2.2, extra_width: float = 0.0
+):
     """A figure with ``n_panels`` axes on a grid (``ncols`` per row); unused cells are hidden."""
     if n_panels < 1:
         raise ValueError("nothing to plot: 0 panels")
     ncols = min(n_panels, ncols or min(n_panels, 6))
     nrows = -(-n_panels // ncols)
-    fig = new_figure(figsize=(panel_size * ncols + extra_width, panel_size * nrows + 0.4), layout="constrained")
+    fig = new_figure(
+        figsize=(panel_size * ncols + extra_width, panel_size * nrows + 0.4), layout="constrained"
+    )
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for extra in axes[n_panels:]:
         extra.set_visible(False)

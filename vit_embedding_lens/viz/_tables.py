@@ -47,7 +47,9 @@ def long_frame(
     elif isinstance(data, Mapping):
         if not data:
             raise ValueError(f"{what}: the mapping is empty; give {{group: array [n_blocks, ...]}}")
-        frame = pd.concat([_array_frame(v, str(k), what, block_axis) for k, v in data.items()], ignore_index=True)
+        frame = pd.concat(
+            [_array_frame(v, str(k), what, block_axis) for k, v in data.items()], ignore_index=True
+        )
     else:
         frame = _array_frame(data, default_group, what, block_axis)
     frame = frame.dropna(subset=["value"])
@@ -87,20 +89,32 @@ def ordered_groups(frame: pd.DataFrame, order: Optional[Sequence[str]] = None) -
     return list(order)
 
 
-def pvalue_frame(pvalues: Any, groups: Sequence[str], block_col: str = "block",
-                 group_col: str = "group", p_col: str = "p_value") -> pd.DataFrame:
+def pvalue_frame(
+    pvalues: Any,
+    groups: Sequence[str],
+    block_col: str = "block",
+    group_col: str = "group",
+    p_col: str = "p_value",
+) -> pd.DataFrame:
     """``block, group, p_value`` from a DataFrame, ``{group: [n_blocks]}`` or one ``[n_blocks]`` array
     (which then applies to every group)."""
     if isinstance(pvalues, pd.DataFrame):
-        frame = long_frame(pvalues, block_col=block_col, group_col=group_col, value_col=p_col, what="pvalues")
+        frame = long_frame(
+            pvalues, block_col=block_col, group_col=group_col, value_col=p_col, what="pvalues"
+        )
     elif isinstance(pvalues, Mapping):
         frame = long_frame(dict(pvalues), what="pvalues")
     else:
         arr = to_numpy(pvalues, "pvalues").astype(float)
         if arr.ndim != 1:
-            raise ValueError(f"pvalues must be one value per block [n_blocks], got shape {arr.shape}")
+            raise ValueError(
+                f"pvalues must be one value per block [n_blocks], got shape {arr.shape}"
+            )
         frame = pd.concat(
-            [pd.DataFrame({"block": np.arange(len(arr)), "group": g, "value": arr}) for g in groups],
+            [
+                pd.DataFrame({"block": np.arange(len(arr)), "group": g, "value": arr})
+                for g in groups
+            ],
             ignore_index=True,
         )
     if ((frame["value"] < 0) | (frame["value"] > 1)).any():

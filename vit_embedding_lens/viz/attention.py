@@ -18,7 +18,9 @@ from vit_embedding_lens.viz._figures import figure_and_axes, panel_grid, to_nump
 def _layout_of(model_or_layout: Any) -> Any:
     layout = getattr(model_or_layout, "layout", model_or_layout)
     if not hasattr(layout, "token_labels") or not hasattr(layout, "n_tokens"):
-        raise TypeError(f"expected a HookedViT or a TokenLayout, got {type(model_or_layout).__name__}")
+        raise TypeError(
+            f"expected a HookedViT or a TokenLayout, got {type(model_or_layout).__name__}"
+        )
     return layout
 
 
@@ -41,7 +43,9 @@ def _heads_first(pattern: Any, layout: Any) -> np.ndarray:
     return arr
 
 
-def attention_table(pattern: Any, model_or_layout: Any, head_names: Optional[Sequence[str]] = None) -> pd.DataFrame:
+def attention_table(
+    pattern: Any, model_or_layout: Any, head_names: Optional[Sequence[str]] = None
+) -> pd.DataFrame:
     """One row per (head, query, key): ``head, query, key, query_label, key_label, weight``."""
     layout = _layout_of(model_or_layout)
     arr = _heads_first(pattern, layout)
@@ -49,14 +53,16 @@ def attention_table(pattern: Any, model_or_layout: Any, head_names: Optional[Seq
     names = list(head_names) if head_names is not None else [f"H{h}" for h in range(heads)]
     labels = np.asarray(layout.token_labels())
     q, k = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    return pd.DataFrame({
-        "head": np.repeat(names, n * n),
-        "query": np.tile(q.ravel(), heads),
-        "key": np.tile(k.ravel(), heads),
-        "query_label": np.tile(labels[q.ravel()], heads),
-        "key_label": np.tile(labels[k.ravel()], heads),
-        "weight": arr.reshape(-1),
-    })
+    return pd.DataFrame(
+        {
+            "head": np.repeat(names, n * n),
+            "query": np.tile(q.ravel(), heads),
+            "key": np.tile(k.ravel(), heads),
+            "query_label": np.tile(labels[q.ravel()], heads),
+            "key_label": np.tile(labels[k.ravel()], heads),
+            "weight": arr.reshape(-1),
+        }
+    )
 
 
 def tick_positions(layout: Any, max_ticks: int = 24) -> List[int]:
@@ -84,7 +90,9 @@ def plot_attention(
     """
     layout = _layout_of(model_or_layout)
     arr = _heads_first(pattern, layout)
-    names = list(head_names) if head_names is not None else [f"head {h}" for h in range(arr.shape[0])]
+    names = (
+        list(head_names) if head_names is not None else [f"head {h}" for h in range(arr.shape[0])]
+    )
     if len(names) != arr.shape[0]:
         raise ValueError(f"{len(names)} head names for {arr.shape[0]} heads")
     if heads is not None:
@@ -104,7 +112,9 @@ def plot_attention(
     fontsize = 6 if len(ticks) > 12 else 8
     image = None
     for a, weights, name in zip(axes, arr, names):
-        image = a.imshow(weights, cmap=cmap, vmin=0.0, vmax=float(arr.max()) or 1.0, interpolation="nearest")
+        image = a.imshow(
+            weights, cmap=cmap, vmin=0.0, vmax=float(arr.max()) or 1.0, interpolation="nearest"
+        )
         a.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=fontsize)
         a.set_yticks(ticks, [labels[i] for i in ticks], fontsize=fontsize)
         if layout.n_prefix:

@@ -37,20 +37,30 @@ def change_rates_table(
     """
     if isinstance(data, pd.DataFrame):
         if sublayer_col not in data:
-            raise ValueError(f"change rates: no column {sublayer_col!r} (columns: {list(data.columns)}); "
-                             f"pass sublayer_col=")
+            raise ValueError(
+                f"change rates: no column {sublayer_col!r} (columns: {list(data.columns)}); "
+                f"pass sublayer_col="
+            )
         parts = []
         for sub, rows in data.groupby(sublayer_col, sort=False):
-            frame = long_frame(rows, block_col=block_col, group_col=group_col, value_col=value_col,
-                               what="change rates")
+            frame = long_frame(
+                rows,
+                block_col=block_col,
+                group_col=group_col,
+                value_col=value_col,
+                what="change rates",
+            )
             parts.append(frame.assign(sublayer=str(sub)))
         frame = pd.concat(parts, ignore_index=True)
     elif isinstance(data, Mapping):
         parts = []
         for sub, values in data.items():
             values = values if isinstance(values, Mapping) else {"all": values}
-            parts.append(long_frame(dict(values), what=f"change rates[{sub!r}]", block_axis=block_axis)
-                         .assign(sublayer=str(sub)))
+            parts.append(
+                long_frame(
+                    dict(values), what=f"change rates[{sub!r}]", block_axis=block_axis
+                ).assign(sublayer=str(sub))
+            )
         frame = pd.concat(parts, ignore_index=True)
     else:
         raise TypeError(
@@ -59,7 +69,9 @@ def change_rates_table(
         )
     frame = as_fractions(frame, percent, "change rates")
     grouped = frame.groupby(["block", "sublayer", "group"], sort=False)["value"]
-    table = grouped.agg(n="size", rate="mean", sem=lambda v: v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0)
+    table = grouped.agg(
+        n="size", rate="mean", sem=lambda v: v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
+    )
     return table.reset_index().sort_values("block", kind="stable").reset_index(drop=True)
 
 
@@ -80,12 +92,21 @@ def plot_change_rates(
 
     ``data``: see :func:`change_rates_table`. Rates are plotted in percent.
     """
-    table = change_rates_table(data, block_col=block_col, sublayer_col=sublayer_col, group_col=group_col,
-                               value_col=value_col, block_axis=block_axis, percent=percent)
+    table = change_rates_table(
+        data,
+        block_col=block_col,
+        sublayer_col=sublayer_col,
+        group_col=group_col,
+        value_col=value_col,
+        block_axis=block_axis,
+        percent=percent,
+    )
     order = ordered_groups(table, groups)
     sublayers = list(dict.fromkeys(table["sublayer"]))
     blocks = sorted(table["block"].unique())
-    fig = new_figure(figsize=(max(4.0, 0.6 * len(blocks) + 1.5) * len(order), 3.6), layout="constrained")
+    fig = new_figure(
+        figsize=(max(4.0, 0.6 * len(blocks) + 1.5) * len(order), 3.6), layout="constrained"
+    )
     axes = fig.subplots(1, len(order), squeeze=False, sharey=True)[0]
     width = 0.8 / len(sublayers)
     for ax, group in zip(axes, order):
@@ -93,8 +114,16 @@ def plot_change_rates(
             rows = table[(table["group"] == group) & (table["sublayer"] == sub)].set_index("block")
             present = [b for b in blocks if b in rows.index]
             x = np.asarray(present, dtype=float) + (si - (len(sublayers) - 1) / 2) * width
-            ax.bar(x, 100 * rows.loc[present, "rate"], width * 0.95, yerr=100 * rows.loc[present, "sem"],
-                   color=SUBLAYER_COLORS.get(sub, f"C{si}"), alpha=0.85, label=sub, capsize=2)
+            ax.bar(
+                x,
+                100 * rows.loc[present, "rate"],
+                width * 0.95,
+                yerr=100 * rows.loc[present, "sem"],
+                color=SUBLAYER_COLORS.get(sub, f"C{si}"),
+                alpha=0.85,
+                label=sub,
+                capsize=2,
+            )
         if reference is not None:
             ax.axhline(100 * reference, color="0.4", lw=0.8, ls=":")
         ax.set_xticks(blocks)

@@ -38,14 +38,21 @@ def identifiability_evolution_table(
     Columns: ``block, group, n, mean, median, low, high`` (``low``/``high`` = the ``band``
     percentiles), then ``random_mean, random_low, random_high`` and ``p_value, stars`` when given.
     """
-    columns = dict(block_col=block_col, group_col=group_col, value_col=value_col, block_axis=block_axis)
+    columns = dict(
+        block_col=block_col, group_col=group_col, value_col=value_col, block_axis=block_axis
+    )
     frame = long_frame(data, what="data", **columns)
     table = _summarize(frame, band)
     if random is not None:
         rand = _summarize(long_frame(random, what="random", **columns), band)
-        rand = rand.rename(columns={"mean": "random_mean", "low": "random_low", "high": "random_high"})
-        table = table.merge(rand[["block", "group", "random_mean", "random_low", "random_high"]],
-                            on=["block", "group"], how="left")
+        rand = rand.rename(
+            columns={"mean": "random_mean", "low": "random_low", "high": "random_high"}
+        )
+        table = table.merge(
+            rand[["block", "group", "random_mean", "random_low", "random_high"]],
+            on=["block", "group"],
+            how="left",
+        )
     if pvalues is not None:
         groups = ordered_groups(frame)
         p = pvalue_frame(pvalues, groups, block_col=block_col, group_col=group_col)
@@ -97,7 +104,9 @@ def plot_identifiability_evolution(
     """
     if kind not in ("violin", "box"):
         raise ValueError(f"kind must be 'violin' or 'box', got {kind!r}")
-    columns = dict(block_col=block_col, group_col=group_col, value_col=value_col, block_axis=block_axis)
+    columns = dict(
+        block_col=block_col, group_col=group_col, value_col=value_col, block_axis=block_axis
+    )
     frame = long_frame(data, what="data", **columns)
     order = ordered_groups(frame, groups)
     table = identifiability_evolution_table(data, random, pvalues, band=band, **columns)
@@ -116,13 +125,29 @@ def plot_identifiability_evolution(
         rows = table[table["group"] == group].set_index("block").loc[present]
         ax.plot(positions, rows["mean"], "o-", color=color, markersize=4, label=f"{group} (mean)")
         if "random_mean" in rows and rows["random_mean"].notna().any():
-            ax.fill_between(positions, rows["random_low"], rows["random_high"], color=color, alpha=0.12, lw=0)
-            ax.plot(positions, rows["random_mean"], "--", color=color, alpha=0.8, label=f"{group} (random init)")
+            ax.fill_between(
+                positions, rows["random_low"], rows["random_high"], color=color, alpha=0.12, lw=0
+            )
+            ax.plot(
+                positions,
+                rows["random_mean"],
+                "--",
+                color=color,
+                alpha=0.8,
+                label=f"{group} (random init)",
+            )
         if "stars" in rows:
             for x, stars in zip(positions, rows["stars"]):
                 if stars:
-                    ax.text(x, top + 0.03 * (abs(top) or 1), stars, ha="center", va="bottom",
-                            fontsize=8, color=color)
+                    ax.text(
+                        x,
+                        top + 0.03 * (abs(top) or 1),
+                        stars,
+                        ha="center",
+                        va="bottom",
+                        fontsize=8,
+                        color=color,
+                    )
     if "stars" in table and (table["stars"] != "").any():
         low, high = ax.get_ylim()
         ax.set_ylim(low, max(high, top + 0.12 * (high - low)))  # room for the stars
@@ -137,10 +162,18 @@ def plot_identifiability_evolution(
     return fig
 
 
-def _draw_distributions(ax: Any, samples: list, positions: np.ndarray, width: float, color: str, kind: str) -> None:
+def _draw_distributions(
+    ax: Any, samples: list, positions: np.ndarray, width: float, color: str, kind: str
+) -> None:
     if kind == "box":
-        parts = ax.boxplot(samples, positions=positions, widths=width, patch_artist=True,
-                           showfliers=False, manage_ticks=False)
+        parts = ax.boxplot(
+            samples,
+            positions=positions,
+            widths=width,
+            patch_artist=True,
+            showfliers=False,
+            manage_ticks=False,
+        )
         for box in parts["boxes"]:
             box.set(facecolor=color, alpha=0.35, edgecolor=color)
         for line in parts["medians"]:
@@ -149,7 +182,8 @@ def _draw_distributions(ax: Any, samples: list, positions: np.ndarray, width: fl
     # a violin needs spread: constant samples (e.g. one image per block) show only their mean marker
     keep = [i for i, s in enumerate(samples) if len(s) > 1 and np.ptp(s) > 0]
     if keep:
-        parts = ax.violinplot([samples[i] for i in keep], positions=positions[keep], widths=width,
-                              showextrema=False)
+        parts = ax.violinplot(
+            [samples[i] for i in keep], positions=positions[keep], widths=width, showextrema=False
+        )
         for body in parts["bodies"]:
             body.set(facecolor=color, edgecolor=color, alpha=0.3)

@@ -20,7 +20,12 @@ import torch
 from torch import Tensor
 
 from vit_embedding_lens.viz._figures import figure_to_png, to_numpy
-from vit_embedding_lens.viz.attention import _heads_first, _layout_of, attention_table, plot_attention
+from vit_embedding_lens.viz.attention import (
+    _heads_first,
+    _layout_of,
+    attention_table,
+    plot_attention,
+)
 from vit_embedding_lens.viz.predictions import SUBLAYER_HOOKS, token_types
 from vit_embedding_lens.viz.token_grid import plot_token_grid
 
@@ -39,7 +44,9 @@ class InteractiveView:
         source: Source = "local",
     ) -> None:
         if source not in ("local", "cdn"):
-            raise ValueError(f"source must be 'local' (JavaScript inlined, offline) or 'cdn', got {source!r}")
+            raise ValueError(
+                f"source must be 'local' (JavaScript inlined, offline) or 'cdn', got {source!r}"
+            )
         self._rendered, self._figure_factory = rendered, figure_factory
         self._figure, self._png = None, None
         self.title, self.data, self.source = title, data, source
@@ -93,7 +100,9 @@ class InteractiveView:
 
 def _is_cache(x: Any) -> bool:
     """An activation cache (TransformerLens ``ActivationCache`` or a plain dict of activations)."""
-    return isinstance(x, Mapping) or (not isinstance(x, (Tensor, np.ndarray)) and hasattr(x, "keys"))
+    return isinstance(x, Mapping) or (
+        not isinstance(x, (Tensor, np.ndarray)) and hasattr(x, "keys")
+    )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -119,15 +128,21 @@ def attention_view(
     layout = _layout_of(model_or_layout)
     if _is_cache(pattern):
         if block is None:
-            raise ValueError("block= is required when a cache is given (which block's attention to show)")
+            raise ValueError(
+                "block= is required when a cache is given (which block's attention to show)"
+            )
         name = f"blocks.{block}.attn.hook_pattern"
         if name not in pattern:
-            raise ValueError(f"the cache has no {name!r}; run the model with names_filter including it")
+            raise ValueError(
+                f"the cache has no {name!r}; run the model with names_filter including it"
+            )
         pattern = pattern[name]
     arr = to_numpy(pattern, "pattern")
     if arr.ndim == 4:
         if not 0 <= image_index < arr.shape[0]:
-            raise IndexError(f"image_index {image_index} out of range for a batch of {arr.shape[0]}")
+            raise IndexError(
+                f"image_index {image_index} out of range for a batch of {arr.shape[0]}"
+            )
         arr = arr[image_index]
     arr = _heads_first(arr, layout)
     head_ids = list(range(arr.shape[0])) if heads is None else list(heads)
@@ -164,8 +179,10 @@ def _class_probabilities(model: Any, cache: Any, hook: str, layout: Any) -> tupl
             _, cache = model.run_with_cache(cache, names_filter=names + ["hook_logits"])
     missing = [n for n in names if n not in cache]
     if missing:
-        raise ValueError(f"the cache has no {missing[0]!r} (and {len(missing) - 1} more); "
-                         f"run the model with names_filter=lambda n: n.endswith({hook!r})")
+        raise ValueError(
+            f"the cache has no {missing[0]!r} (and {len(missing) - 1} more); "
+            f"run the model with names_filter=lambda n: n.endswith({hook!r})"
+        )
     projection = ClassProjection(model)
     probs = []
     with torch.no_grad():
@@ -173,7 +190,9 @@ def _class_probabilities(model: Any, cache: Any, hook: str, layout: Any) -> tupl
             resid = cache[name]
             resid = resid[None] if resid.ndim == 2 else resid
             if resid.shape[1] != layout.n_tokens:
-                raise ValueError(f"{name} has {resid.shape[1]} tokens, the layout {layout.n_tokens}")
+                raise ValueError(
+                    f"{name} has {resid.shape[1]} tokens, the layout {layout.n_tokens}"
+                )
             probs.append(projection(resid.detach()).float().softmax(-1))
     return torch.stack(probs, dim=1), cache
 
@@ -186,9 +205,13 @@ def _predicted_class(model: Any, cache: Any, image_index: int) -> int:
 
         last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
         if last not in cache:
-            raise ValueError("class_id= is needed: the cache has neither hook_logits nor the last resid_post")
+            raise ValueError(
+                "class_id= is needed: the cache has neither hook_logits nor the last resid_post"
+            )
         with torch.no_grad():
-            logits = pooled_readout(model, cache[last] if cache[last].ndim == 3 else cache[last][None])
+            logits = pooled_readout(
+                model, cache[last] if cache[last].ndim == 3 else cache[last][None]
+            )
     logits = logits[None] if logits.ndim == 1 else logits
     return int(logits[image_index].argmax())
 
@@ -216,27 +239,34 @@ def class_probability_view(
     probs, cache = _class_probabilities(model, cache, hook, layout)
     if not 0 <= image_index < probs.shape[0]:
         raise IndexError(f"image_index {image_index} out of range for a batch of {probs.shape[0]}")
-    c = _predicted_class(model, cache, image_index) if class_id is None else model.to_single_token(class_id)
+    c = (
+        _predicted_class(model, cache, image_index)
+        if class_id is None
+        else model.to_single_token(class_id)
+    )
     name = model.class_names[c] if getattr(model, "class_names", None) else str(c)
     values = probs[image_index, :, :, c]  # [n_blocks, n_tokens]
     blocks = [f"block {b}" for b in range(values.shape[0])]
     labels = layout.token_labels()
     rendered = circuitsvis.tokens.colored_tokens_multi(labels, values.T.contiguous(), blocks)
     n_blocks, n_tokens = values.shape
-    data = pd.DataFrame({
-        "block": np.repeat(np.arange(n_blocks), n_tokens),
-        "position": np.tile(np.arange(n_tokens), n_blocks),
-        "token": labels * n_blocks,
-        "token_type": token_types(layout) * n_blocks,
-        "class": c,
-        "class_name": name,
-        "prob": values.reshape(-1).double().cpu().numpy(),
-    })
+    data = pd.DataFrame(
+        {
+            "block": np.repeat(np.arange(n_blocks), n_tokens),
+            "position": np.tile(np.arange(n_tokens), n_blocks),
+            "token": labels * n_blocks,
+            "token_type": token_types(layout) * n_blocks,
+            "class": c,
+            "class_name": name,
+            "prob": values.reshape(-1).double().cpu().numpy(),
+        }
+    )
     title = f"p(class {name}) per token and block ({hook})"
     return InteractiveView(
         rendered,
-        lambda: plot_token_grid(values, image=image, layout=layout, vmin=0.0, vmax=1.0,
-                                colorbar_label=f"p({name})"),
+        lambda: plot_token_grid(
+            values, image=image, layout=layout, vmin=0.0, vmax=1.0, colorbar_label=f"p({name})"
+        ),
         title,
         data=data,
         source=source,
@@ -273,21 +303,33 @@ def topk_tokens_view(
         sample_labels=[f"image {i}" for i in indices],
         first_dimension_labels=[f"block {b}" for b in range(probs.shape[1])],
     )
-    top_p, top_c = probs[indices].topk(min(k, probs.shape[2]), dim=2)  # over tokens: [n_img, blocks, k, C]
+    top_p, top_c = probs[indices].topk(
+        min(k, probs.shape[2]), dim=2
+    )  # over tokens: [n_img, blocks, k, C]
     n_img, n_blocks, kk, n_cls = top_c.shape
-    grid = np.stack(np.meshgrid(np.arange(n_img), np.arange(n_blocks), np.arange(kk), np.arange(n_cls),
-                                indexing="ij"), -1).reshape(-1, 4)
-    names = list(model.class_names) if getattr(model, "class_names", None) else [str(i) for i in range(n_cls)]
-    data = pd.DataFrame({
-        "image": np.asarray(indices)[grid[:, 0]],
-        "block": grid[:, 1],
-        "k": grid[:, 2],
-        "class": grid[:, 3],
-        "class_name": np.asarray(names)[grid[:, 3]],
-        "position": top_c.reshape(-1).cpu().numpy(),
-        "token": np.asarray(labels)[top_c.reshape(-1).cpu().numpy()],
-        "prob": top_p.reshape(-1).double().cpu().numpy(),
-    })
+    grid = np.stack(
+        np.meshgrid(
+            np.arange(n_img), np.arange(n_blocks), np.arange(kk), np.arange(n_cls), indexing="ij"
+        ),
+        -1,
+    ).reshape(-1, 4)
+    names = (
+        list(model.class_names)
+        if getattr(model, "class_names", None)
+        else [str(i) for i in range(n_cls)]
+    )
+    data = pd.DataFrame(
+        {
+            "image": np.asarray(indices)[grid[:, 0]],
+            "block": grid[:, 1],
+            "k": grid[:, 2],
+            "class": grid[:, 3],
+            "class_name": np.asarray(names)[grid[:, 3]],
+            "position": top_c.reshape(-1).cpu().numpy(),
+            "token": np.asarray(labels)[top_c.reshape(-1).cpu().numpy()],
+            "prob": top_p.reshape(-1).double().cpu().numpy(),
+        }
+    )
     first = probs[indices[0]].argmax(-1)  # [n_blocks, n_tokens]
     class_names = getattr(model, "class_names", None)
     return InteractiveView(

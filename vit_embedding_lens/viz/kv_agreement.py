@@ -42,14 +42,28 @@ def kv_agreement_table(
     """
     if isinstance(baseline, str):
         if not isinstance(agreement, pd.DataFrame) or baseline not in agreement:
-            raise ValueError(f"baseline={baseline!r} names a column, but agreement has no such column")
+            raise ValueError(
+                f"baseline={baseline!r} names a column, but agreement has no such column"
+            )
         baseline = agreement.drop(columns=[value_col]).rename(columns={baseline: value_col})
-    columns = dict(block_col=block_col, group_col=group_col, value_col=value_col, default_group="mlp",
-                   block_axis=block_axis)
-    table = _summary(as_fractions(long_frame(agreement, what="agreement", **columns), percent, "agreement"), band)
+    columns = dict(
+        block_col=block_col,
+        group_col=group_col,
+        value_col=value_col,
+        default_group="mlp",
+        block_axis=block_axis,
+    )
+    table = _summary(
+        as_fractions(long_frame(agreement, what="agreement", **columns), percent, "agreement"), band
+    )
     if baseline is not None:
-        base = _summary(as_fractions(long_frame(baseline, what="baseline", **columns), percent, "baseline"), band)
-        base = base.rename(columns={"mean": "baseline_mean"})[["block", "sublayer", "baseline_mean"]]
+        base = _summary(
+            as_fractions(long_frame(baseline, what="baseline", **columns), percent, "baseline"),
+            band,
+        )
+        base = base.rename(columns={"mean": "baseline_mean"})[
+            ["block", "sublayer", "baseline_mean"]
+        ]
         table = table.merge(base, on=["block", "sublayer"], how="left")
     return table
 
@@ -57,7 +71,10 @@ def kv_agreement_table(
 def _summary(frame: pd.DataFrame, band: Tuple[float, float]) -> pd.DataFrame:
     lo, hi = band
     table = frame.groupby(["block", "group"], sort=False)["value"].agg(
-        n="size", mean="mean", low=lambda v: np.percentile(v, lo), high=lambda v: np.percentile(v, hi)
+        n="size",
+        mean="mean",
+        low=lambda v: np.percentile(v, lo),
+        high=lambda v: np.percentile(v, hi),
     )
     table = table.reset_index().rename(columns={"group": "sublayer"})
     return table.sort_values("block", kind="stable").reset_index(drop=True)
@@ -81,8 +98,16 @@ def plot_kv_agreement(
 
     Inputs: see :func:`kv_agreement_table`. The band spans the ``band`` percentiles over classes.
     """
-    table = kv_agreement_table(agreement, baseline, block_col=block_col, group_col=group_col,
-                               value_col=value_col, block_axis=block_axis, percent=percent, band=band)
+    table = kv_agreement_table(
+        agreement,
+        baseline,
+        block_col=block_col,
+        group_col=group_col,
+        value_col=value_col,
+        block_axis=block_axis,
+        percent=percent,
+        band=band,
+    )
     order = ordered_groups(table.rename(columns={"sublayer": "group"}), sublayers)
     blocks = sorted(table["block"].unique())
     fig, ax = figure_and_axes(ax, figsize=(max(4.5, 0.6 * len(blocks) + 2), 3.6))
@@ -91,10 +116,18 @@ def plot_kv_agreement(
         color = f"C{i}"
         ax.plot(rows["block"], 100 * rows["mean"], "o-", color=color, label=f"{sub}")
         if (rows["n"] > 1).any():
-            ax.fill_between(rows["block"], 100 * rows["low"], 100 * rows["high"], color=color, alpha=0.15, lw=0)
+            ax.fill_between(
+                rows["block"], 100 * rows["low"], 100 * rows["high"], color=color, alpha=0.15, lw=0
+            )
         if "baseline_mean" in rows and rows["baseline_mean"].notna().any():
-            ax.plot(rows["block"], 100 * rows["baseline_mean"], "--", color=color, alpha=0.8,
-                    label=f"{sub} (random classes)")
+            ax.plot(
+                rows["block"],
+                100 * rows["baseline_mean"],
+                "--",
+                color=color,
+                alpha=0.8,
+                label=f"{sub} (random classes)",
+            )
     ax.set_xticks(blocks)
     ax.set_xlabel("block")
     ax.set_ylabel("key-value agreement (%)")

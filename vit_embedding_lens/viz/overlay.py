@@ -5,7 +5,7 @@ The blended picture as data (no plotting) is :func:`vit_embedding_lens.attributi
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 import numpy as np
 

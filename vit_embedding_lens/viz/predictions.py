@@ -17,7 +17,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-SUBLAYER_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+SUBLAYER_HOOKS = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+)
 
 
 #: the display name of each kind of position (:meth:`TokenLayout.token_kinds`)
@@ -59,36 +65,51 @@ class TokenClassPredictions:
     def grid(self, what: str = "top1", image_index: int = 0) -> Tensor:
         """``[n_blocks, grid_h, grid_w]`` of ``"top1"``, ``"top1_prob"``, ``"target_prob"`` or
         ``"target_rank"`` for one image (image tokens only), ready for ``plot_token_grid``."""
-        sources = {"top1": self.top1, "top1_prob": self.topk_probs[..., 0],
-                   "target_prob": self.target_probs, "target_rank": self.target_ranks}
+        sources = {
+            "top1": self.top1,
+            "top1_prob": self.topk_probs[..., 0],
+            "target_prob": self.target_probs,
+            "target_rank": self.target_ranks,
+        }
         if what not in sources:
             raise ValueError(f"what must be one of {sorted(sources)}, got {what!r}")
         values = sources[what]
         if values is None:
-            raise ValueError(f"{what!r} needs targets: call token_class_predictions(..., targets=labels)")
+            raise ValueError(
+                f"{what!r} needs targets: call token_class_predictions(..., targets=labels)"
+            )
         if not 0 <= image_index < values.shape[0]:
-            raise IndexError(f"image_index {image_index} out of range for a batch of {values.shape[0]}")
+            raise IndexError(
+                f"image_index {image_index} out of range for a batch of {values.shape[0]}"
+            )
         return self.layout.to_grid(values[image_index])
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy table, one row per (image, block, token, k): ``image, block, position, token,
         token_type, k, class, class_name, prob`` (+ ``target, target_prob, target_rank``)."""
         b, n_blocks, n, k = self.topk_classes.shape
-        idx = np.stack(np.meshgrid(np.arange(b), np.arange(n_blocks), np.arange(n), np.arange(k), indexing="ij"), -1)
+        idx = np.stack(
+            np.meshgrid(
+                np.arange(b), np.arange(n_blocks), np.arange(n), np.arange(k), indexing="ij"
+            ),
+            -1,
+        )
         idx = idx.reshape(-1, 4)
         labels, types = np.asarray(self.token_labels), np.asarray(token_types(self.layout))
         classes = self.topk_classes.reshape(-1).cpu().numpy()
-        frame = pd.DataFrame({
-            "image": idx[:, 0],
-            "block": np.asarray(self.blocks)[idx[:, 1]],
-            "position": idx[:, 2],
-            "token": labels[idx[:, 2]],
-            "token_type": types[idx[:, 2]],
-            "k": idx[:, 3],
-            "class": classes,
-            "class_name": [self.class_name(int(c)) for c in classes],
-            "prob": self.topk_probs.reshape(-1).cpu().double().numpy(),
-        })
+        frame = pd.DataFrame(
+            {
+                "image": idx[:, 0],
+                "block": np.asarray(self.blocks)[idx[:, 1]],
+                "position": idx[:, 2],
+                "token": labels[idx[:, 2]],
+                "token_type": types[idx[:, 2]],
+                "k": idx[:, 3],
+                "class": classes,
+                "class_name": [self.class_name(int(c)) for c in classes],
+                "prob": self.topk_probs.reshape(-1).cpu().double().numpy(),
+            }
+        )
         if self.targets is not None:
             per_token = (idx[:, 0], idx[:, 1], idx[:, 2])
             frame["target"] = self.targets.cpu().numpy()[idx[:, 0]]
@@ -161,12 +182,20 @@ def token_class_predictions(
                 target_tensor = _targets(targets, resid.shape[0], n_classes, probs.device)
             index = target_tensor[:, None, None].expand(-1, probs.shape[1], 1)  # [B, N, 1]
             t_prob.append(probs.gather(-1, index)[..., 0])
-            t_rank.append((logits > logits.gather(-1, index)).sum(-1))  # ranks on logits, not rounded probs
+            t_rank.append(
+                (logits > logits.gather(-1, index)).sum(-1)
+            )  # ranks on logits, not rounded probs
     stack = lambda xs: torch.stack(xs, dim=1) if xs else None  # noqa: E731  [B, blocks, ...]
     return TokenClassPredictions(
-        topk_classes=stack(top_c), topk_probs=stack(top_p), blocks=blocks, layout=layout, hook=hook,
+        topk_classes=stack(top_c),
+        topk_probs=stack(top_p),
+        blocks=blocks,
+        layout=layout,
+        hook=hook,
         class_names=list(model.class_names) if getattr(model, "class_names", None) else None,
-        targets=target_tensor, target_probs=stack(t_prob), target_ranks=stack(t_rank),
+        targets=target_tensor,
+        target_probs=stack(t_prob),
+        target_ranks=stack(t_rank),
     )
 
 

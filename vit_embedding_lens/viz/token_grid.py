@@ -18,24 +18,40 @@ from vit_embedding_lens.viz._figures import image_to_display, panel_grid, to_num
 def _as_grids(values: Any, layout: Any, what: str) -> tuple:
     """``([n_panels, gh, gw] array, prefix [n_panels, n_prefix] or None)`` from grid or token input."""
     arr = to_numpy(values, what)
-    if layout is not None and arr.ndim in (1, 2) and arr.shape[-1] in (layout.n_tokens, layout.n_patches):
+    if (
+        layout is not None
+        and arr.ndim in (1, 2)
+        and arr.shape[-1] in (layout.n_tokens, layout.n_patches)
+    ):
         arr = arr[None] if arr.ndim == 1 else arr
-        prefix = arr[:, : layout.n_prefix] if arr.shape[-1] == layout.n_tokens and layout.n_prefix else None
+        prefix = (
+            arr[:, : layout.n_prefix]
+            if arr.shape[-1] == layout.n_tokens and layout.n_prefix
+            else None
+        )
         grid_h, grid_w = layout.grid_size
-        patches = arr[:, -layout.n_patches:]
+        patches = arr[:, -layout.n_patches :]
         return patches.reshape(arr.shape[0], grid_h, grid_w), prefix
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
         hint = "" if layout is not None else "; token vectors need layout= to be put on the grid"
-        raise ValueError(f"{what} must be [grid_h, grid_w] or [n_panels, grid_h, grid_w], got shape {arr.shape}{hint}")
+        raise ValueError(
+            f"{what} must be [grid_h, grid_w] or [n_panels, grid_h, grid_w], got shape {arr.shape}{hint}"
+        )
     if layout is not None and tuple(arr.shape[-2:]) != tuple(layout.grid_size):
-        raise ValueError(f"{what} has a {arr.shape[-2:]} grid, the layout has {tuple(layout.grid_size)}")
+        raise ValueError(
+            f"{what} has a {arr.shape[-2:]} grid, the layout has {tuple(layout.grid_size)}"
+        )
     return arr, None
 
 
 def token_grid_table(
-    values: Any, labels: Any = None, *, layout: Any = None, class_names: Optional[Sequence[str]] = None
+    values: Any,
+    labels: Any = None,
+    *,
+    layout: Any = None,
+    class_names: Optional[Sequence[str]] = None,
 ) -> pd.DataFrame:
     """The data behind :func:`plot_token_grid`: one row per panel and cell (``panel, row, col, value``
     and ``label``), plus prefix tokens (``row``/``col`` missing, ``token`` named by the layout)."""
@@ -43,27 +59,33 @@ def token_grid_table(
     text = _cell_labels(labels, grids.shape, layout, class_names, grids)
     n, gh, gw = grids.shape
     rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
-    frame = pd.DataFrame({
-        "panel": np.repeat(np.arange(n), gh * gw),
-        "row": np.tile(rows.ravel(), n),
-        "col": np.tile(cols.ravel(), n),
-        "token": [f"P{r},{c}" for _ in range(n) for r, c in zip(rows.ravel(), cols.ravel())],
-        "value": grids.reshape(-1),
-    })
+    frame = pd.DataFrame(
+        {
+            "panel": np.repeat(np.arange(n), gh * gw),
+            "row": np.tile(rows.ravel(), n),
+            "col": np.tile(cols.ravel(), n),
+            "token": [f"P{r},{c}" for _ in range(n) for r, c in zip(rows.ravel(), cols.ravel())],
+            "value": grids.reshape(-1),
+        }
+    )
     if text is not None:
         frame["label"] = text.reshape(-1)
     if prefix is not None:
         names = layout.token_labels()[: layout.n_prefix]
-        extra = pd.DataFrame({
-            "panel": np.repeat(np.arange(n), len(names)),
-            "token": names * n,
-            "value": prefix.reshape(-1),
-        })
+        extra = pd.DataFrame(
+            {
+                "panel": np.repeat(np.arange(n), len(names)),
+                "token": names * n,
+                "value": prefix.reshape(-1),
+            }
+        )
         frame = pd.concat([frame, extra], ignore_index=True)
     return frame
 
 
-def _cell_labels(labels: Any, shape: tuple, layout: Any, class_names: Optional[Sequence[str]], grids: np.ndarray):
+def _cell_labels(
+    labels: Any, shape: tuple, layout: Any, class_names: Optional[Sequence[str]], grids: np.ndarray
+):
     """Text per cell (``[n_panels, gh, gw]`` of str) or None."""
     if labels is None:
         if class_names is not None and np.issubdtype(grids.dtype, np.integer):
@@ -72,16 +94,23 @@ def _cell_labels(labels: Any, shape: tuple, layout: Any, class_names: Optional[S
             return None
     if isinstance(labels, str):
         raise TypeError("labels must be an array of per-cell labels, not one string")
-    lab = np.asarray(to_numpy(labels, "labels") if not isinstance(labels, (list, tuple)) else labels, dtype=object)
-    if lab.shape[-1] in ((layout.n_tokens, layout.n_patches) if layout is not None else ()) and lab.ndim in (1, 2):
+    lab = np.asarray(
+        to_numpy(labels, "labels") if not isinstance(labels, (list, tuple)) else labels,
+        dtype=object,
+    )
+    if lab.shape[-1] in (
+        (layout.n_tokens, layout.n_patches) if layout is not None else ()
+    ) and lab.ndim in (1, 2):
         lab = lab[None] if lab.ndim == 1 else lab
-        lab = lab[:, -layout.n_patches:].reshape(lab.shape[0], *layout.grid_size)
+        lab = lab[:, -layout.n_patches :].reshape(lab.shape[0], *layout.grid_size)
     if lab.ndim == 2:
         lab = lab[None]
     if lab.shape != shape:
         raise ValueError(f"labels have shape {lab.shape}, the values {shape}")
     if class_names is not None:
-        lab = np.vectorize(lambda v: class_names[int(v)] if _is_int(v) else str(v), otypes=[object])(lab)
+        lab = np.vectorize(
+            lambda v: class_names[int(v)] if _is_int(v) else str(v), otypes=[object]
+        )(lab)
     return lab.astype(str)
 
 
@@ -120,11 +149,19 @@ def plot_token_grid(
     n, gh, gw = grids.shape
     if titles is not None and len(titles) != n:
         raise ValueError(f"{len(titles)} titles for {n} panels")
-    titles = list(titles) if titles is not None else ([f"block {i}" for i in range(n)] if n > 1 else [""])
+    titles = (
+        list(titles)
+        if titles is not None
+        else ([f"block {i}" for i in range(n)] if n > 1 else [""])
+    )
     if prefix is not None:
         names = layout.token_labels()[: layout.n_prefix]
-        titles = [t + "\n" + ", ".join(_prefix_text(nm, v, class_names, categorical) for nm, v in zip(names, p))
-                  for t, p in zip(titles, prefix)]
+        titles = [
+            t
+            + "\n"
+            + ", ".join(_prefix_text(nm, v, class_names, categorical) for nm, v in zip(names, p))
+            for t, p in zip(titles, prefix)
+        ]
     picture = image_to_display(image) if image is not None else None
     extent = (0, picture.shape[1], picture.shape[0], 0) if picture is not None else (0, gw, gh, 0)
     if categorical:
@@ -142,14 +179,28 @@ def plot_token_grid(
     for ax, grid, title, i in zip(axes, grids, titles, range(n)):
         if picture is not None:
             ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, extent=extent)
-        mappable = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, extent=extent, interpolation="nearest",
-                             alpha=alpha if picture is not None else 1.0)
+        mappable = ax.imshow(
+            grid,
+            cmap=cmap,
+            vmin=vmin,
+            vmax=vmax,
+            extent=extent,
+            interpolation="nearest",
+            alpha=alpha if picture is not None else 1.0,
+        )
         if text is not None:
             cell_h, cell_w = (extent[2] / gh, extent[1] / gw)
             for r in range(gh):
                 for c in range(gw):
-                    ax.text((c + 0.5) * cell_w, (r + 0.5) * cell_h, text[i, r, c], ha="center", va="center",
-                            fontsize=size, color="white" if picture is not None else "black")
+                    ax.text(
+                        (c + 0.5) * cell_w,
+                        (r + 0.5) * cell_h,
+                        text[i, r, c],
+                        ha="center",
+                        va="center",
+                        fontsize=size,
+                        color="white" if picture is not None else "black",
+                    )
         ax.set_title(title, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -160,8 +211,9 @@ def plot_token_grid(
     return fig
 
 
-def _prefix_text(name: str, value: Any, class_names: Optional[Sequence[str]], categorical: bool) -> str:
+def _prefix_text(
+    name: str, value: Any, class_names: Optional[Sequence[str]], categorical: bool
+) -> str:
     if categorical:
         return f"{name}: {class_names[int(value)] if class_names is not None else int(value)}"
     return f"{name}: {float(value):.2f}"
-

@@ -42,7 +42,16 @@ MNIST_CLASS_NAMES: List[str] = [str(d) for d in range(10)]
 #: a pixel (0..255) brighter than this is on the digit's stroke: a "class" token, not "context"
 MNIST_FOREGROUND_THRESHOLD = 64
 FASHION_CLASS_NAMES: List[str] = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 #: Fashion-MNIST backgrounds are black; garments have dark patches, so the threshold is low
 FASHION_FOREGROUND_THRESHOLD = 8
@@ -64,12 +73,22 @@ class BundledSpec:
 
 BUNDLED_MODELS: Dict[str, BundledSpec] = {
     "mnist-vit": BundledSpec(
-        "mnist-vit", "mnist_vit.safetensors", "mnist_vit.json", "mnist_eval.npz",
-        MNIST_CLASS_NAMES, MNIST_FOREGROUND_THRESHOLD, "digit stroke",
+        "mnist-vit",
+        "mnist_vit.safetensors",
+        "mnist_vit.json",
+        "mnist_eval.npz",
+        MNIST_CLASS_NAMES,
+        MNIST_FOREGROUND_THRESHOLD,
+        "digit stroke",
     ),
     "fashion-vit": BundledSpec(
-        "fashion-vit", "fashion_vit.safetensors", "fashion_vit.json", "fashion_eval.npz",
-        FASHION_CLASS_NAMES, FASHION_FOREGROUND_THRESHOLD, "garment",
+        "fashion-vit",
+        "fashion_vit.safetensors",
+        "fashion_vit.json",
+        "fashion_eval.npz",
+        FASHION_CLASS_NAMES,
+        FASHION_FOREGROUND_THRESHOLD,
+        "garment",
     ),
 }
 
@@ -100,7 +119,9 @@ def preprocess_grey28(images: Union[Tensor, np.ndarray]) -> Float[Tensor, "batch
     if x.ndim == 3:
         x = x.unsqueeze(1)
     if x.ndim != 4 or tuple(x.shape[-3:]) != (1, 28, 28):
-        raise ValueError(f"expected 28x28 grey images of shape [n, 28, 28] or [n, 1, 28, 28], got {tuple(x.shape)}")
+        raise ValueError(
+            f"expected 28x28 grey images of shape [n, 28, 28] or [n, 1, 28, 28], got {tuple(x.shape)}"
+        )
     return (x.float() / 255.0 - 0.5) / 0.5
 
 
@@ -117,7 +138,9 @@ class BundledEvalSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def class_token_mask(self, layout, method: str = "nearest", threshold: float = 0.5) -> Bool[Tensor, "n n_tokens"]:
+    def class_token_mask(
+        self, layout, method: str = "nearest", threshold: float = 0.5
+    ) -> Bool[Tensor, "n n_tokens"]:
         """True at image tokens on the object ("class" tokens); the rest are "context"."""
         from vit_embedding_lens.data.token_labels import token_mask_from_mask
 
@@ -148,7 +171,9 @@ def load_bundled_eval(name: str = DEFAULT_BUNDLED, n: Optional[int] = None) -> B
     check_subset_size(n, len(labels), f"{name} eval images")
     if n is not None:
         raw, labels, masks = raw[:n], labels[:n], masks[:n]
-    return BundledEvalSet(preprocess_grey28(raw), torch.from_numpy(labels), torch.from_numpy(masks), raw, name)
+    return BundledEvalSet(
+        preprocess_grey28(raw), torch.from_numpy(labels), torch.from_numpy(masks), raw, name
+    )
 
 
 def load_mnist_eval(n: Optional[int] = None) -> BundledEvalSet:

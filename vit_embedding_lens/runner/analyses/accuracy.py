@@ -43,7 +43,9 @@ class Accuracy:
         rank, labels = results["correct_rank"], results["label"]
         names = class_names(model)
         df = pd.DataFrame({"label": labels, "top1": rank == 0, f"top{k}": rank < k})
-        summary = pd.DataFrame([{"n_images": len(df), "top1": df["top1"].mean(), f"top{k}": df[f"top{k}"].mean()}])
+        summary = pd.DataFrame(
+            [{"n_images": len(df), "top1": df["top1"].mean(), f"top{k}": df[f"top{k}"].mean()}]
+        )
         per_class = df.groupby("label", sort=True).agg(
             n_images=("top1", "size"), top1=("top1", "mean"), **{f"top{k}": (f"top{k}", "mean")}
         )

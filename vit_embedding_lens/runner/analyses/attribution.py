@@ -70,7 +70,12 @@ class AttributionBenchmark:
         return out
 
     def config(self) -> Dict[str, Any]:
-        return {"methods": list(self.methods), "seeds": list(self.seeds), "orders": list(ORDERS), "n_keep": "grid"}
+        return {
+            "methods": list(self.methods),
+            "seeds": list(self.seeds),
+            "orders": list(ORDERS),
+            "n_keep": "grid",
+        }
 
     def scores(self, model: Any, batch: Any, method: str, seed: Optional[int]) -> torch.Tensor:
         """``[batch, n_patches]`` importance of every image token for the image's label."""
@@ -80,7 +85,9 @@ class AttributionBenchmark:
         images, labels = batch.images, batch.labels.long()
         if method == "random":
             rows = [
-                random_attribution(model, images[i : i + 1], seed=self.image_seed(seed, int(idx))).scores
+                random_attribution(
+                    model, images[i : i + 1], seed=self.image_seed(seed, int(idx))
+                ).scores
                 for i, idx in enumerate(batch.indices.tolist())
             ]
             return torch.cat(rows)
@@ -99,11 +106,18 @@ class AttributionBenchmark:
         n = len(batch)
         correct = np.zeros((n, len(rankings), len(ORDERS), len(grid)), dtype=bool)
         for r, (method, seed) in enumerate(rankings):
-            rank = importance_rank(self.scores(model, batch, method, seed).to(images.device))  # [B, P]
+            rank = importance_rank(
+                self.scores(model, batch, method, seed).to(images.device)
+            )  # [B, P]
             for o, order in enumerate(ORDERS):
                 negative = torch.full((n,), order == "negative", device=images.device)
                 for k, n_kept in enumerate(grid):
-                    keep = keep_masks(rank, torch.full((n,), n_kept, device=images.device), negative, layout.n_prefix)
+                    keep = keep_masks(
+                        rank,
+                        torch.full((n,), n_kept, device=images.device),
+                        negative,
+                        layout.n_prefix,
+                    )
                     with torch.no_grad():
                         pred = model(images, keep_mask=keep).argmax(-1)
                     correct[:, r, o, k] = (pred == labels).cpu().numpy()
@@ -120,7 +134,9 @@ class AttributionBenchmark:
                 f"{(len(rankings), len(ORDERS), len(grid))}; summarize with the configuration the run used"
             )
         accuracy = torch.from_numpy(correct.mean(axis=0, dtype=np.float64))  # [R, O, n]
-        return PerturbationResult.from_accuracy(rankings, ORDERS, grid, accuracy, model.layout.n_patches)
+        return PerturbationResult.from_accuracy(
+            rankings, ORDERS, grid, accuracy, model.layout.n_patches
+        )
 
     def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
         result = self.result(results, model)

@@ -57,7 +57,9 @@ class ClsIdentifiability:
         n_images, n_layers, n_tokens = rank.shape
         layout = model.layout
         if n_tokens != layout.n_tokens:
-            raise ValueError(f"results have {n_tokens} tokens, the model's layout {layout.n_tokens}")
+            raise ValueError(
+                f"results have {n_tokens} tokens, the model's layout {layout.n_tokens}"
+            )
         n_classes = model.cfg.n_classes
         identifiable = rank == 0
         score = 1.0 - rank / n_classes
@@ -85,9 +87,15 @@ class ClsIdentifiability:
                         "block": layer,
                         "tokens": group,
                         "n_images": int(has.sum()),
-                        "mean_score": float(np.nanmean(mean_score[has, layer])) if has.any() else np.nan,
-                        "pct_identifiable": 100 * float(np.nanmean(frac[has, layer])) if has.any() else np.nan,
-                        "pct_images_any": 100 * float(any_ident[has, layer].mean()) if has.any() else np.nan,
+                        "mean_score": float(np.nanmean(mean_score[has, layer]))
+                        if has.any()
+                        else np.nan,
+                        "pct_identifiable": 100 * float(np.nanmean(frac[has, layer]))
+                        if has.any()
+                        else np.nan,
+                        "pct_images_any": 100 * float(any_ident[has, layer].mean())
+                        if has.any()
+                        else np.nan,
                     }
                 )
         by_block = pd.DataFrame(rows)
@@ -139,7 +147,10 @@ class ClsIdentifiability:
         dist = Figure(figsize=(6, 3.5))
         ax = dist.add_subplot()
         blocks = sorted(per_image["block"].unique())
-        data = [per_image.loc[per_image["block"] == b, "pct_image_identifiable"].dropna().to_numpy() for b in blocks]
+        data = [
+            per_image.loc[per_image["block"] == b, "pct_image_identifiable"].dropna().to_numpy()
+            for b in blocks
+        ]
         ax.boxplot(data, positions=blocks, widths=0.6)
         ax.set_xlabel("block")
         ax.set_ylabel("% identifiable image tokens per image")

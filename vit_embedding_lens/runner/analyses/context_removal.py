@@ -61,11 +61,15 @@ class ContextRemoval:
             n_kept[:, c] = keep.sum(-1).cpu().numpy()
             if not bool(usable.any()):
                 continue
-            keep = torch.where(usable[:, None], keep, torch.ones_like(keep))  # placeholder rows, ignored
+            keep = torch.where(
+                usable[:, None], keep, torch.ones_like(keep)
+            )  # placeholder rows, ignored
             with torch.no_grad():
                 logits = model(batch.images, keep_mask=keep.to(batch.images.device))
             hit = (logits.argmax(-1) == labels).float()
-            correct[:, c] = torch.where(usable, hit, torch.full_like(hit, float("nan"))).cpu().numpy()
+            correct[:, c] = (
+                torch.where(usable, hit, torch.full_like(hit, float("nan"))).cpu().numpy()
+            )
             n_kept[~usable.cpu().numpy(), c] = 0
         return {"has_mask": np.ones(n, dtype=bool), "correct": correct, "n_kept": n_kept}
 
@@ -74,7 +78,9 @@ class ContextRemoval:
             return {"note": pd.DataFrame([{"analysis": self.name, "note": NO_MASK_NOTE}])}
         correct, n_kept = results["correct"], results["n_kept"]
         if correct.shape[1] != len(CONDITIONS):
-            raise ValueError(f"the stored results have {correct.shape[1]} conditions, expected {list(CONDITIONS)}")
+            raise ValueError(
+                f"the stored results have {correct.shape[1]} conditions, expected {list(CONDITIONS)}"
+            )
         rows = []
         for c, condition in enumerate(CONDITIONS):
             valid = ~np.isnan(correct[:, c])
@@ -97,10 +103,17 @@ class ContextRemoval:
         table = tables["accuracy"]
         fig = new_figure(figsize=(5, 3.2))
         ax = fig.add_subplot()
-        bars = ax.bar(table["condition"], table["accuracy"], color=["tab:gray", "tab:blue", "tab:orange"])
+        bars = ax.bar(
+            table["condition"], table["accuracy"], color=["tab:gray", "tab:blue", "tab:orange"]
+        )
         for bar, kept in zip(bars, table["mean_tokens_kept"]):
-            ax.annotate(f"{kept:.1f} tokens", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)
+            ax.annotate(
+                f"{kept:.1f} tokens",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         ax.set_ylim(0, 1.1)
         ax.set_ylabel("top-1 accuracy")
         ax.set_title("Accuracy with the context or the object removed")
@@ -112,4 +125,6 @@ class ContextRemoval:
         """Accuracy and mean tokens kept per condition (or the note when there were no masks)."""
         if "accuracy" not in tables:
             return tables["note"]
-        return tables["accuracy"][["condition", "accuracy", "n_images", "mean_tokens_kept"]].round(3)
+        return tables["accuracy"][["condition", "accuracy", "n_images", "mean_tokens_kept"]].round(
+            3
+        )

@@ -40,13 +40,20 @@ class KnockoutAnalysis:
     def __init__(self, conditions: Sequence[str] = CONDITIONS, mode: str = "pre_softmax") -> None:
         unknown = [c for c in conditions if c not in CONDITIONS]
         if unknown or not conditions:
-            raise ValueError(f"knockout conditions must be among {CONDITIONS}, got {list(conditions)}")
+            raise ValueError(
+                f"knockout conditions must be among {CONDITIONS}, got {list(conditions)}"
+            )
         self.conditions = tuple(conditions)
         self.mode = mode
         self._recorder: Optional[LensRecorder] = None
 
     def config(self) -> Dict[str, Any]:
-        return {"conditions": list(self.conditions), "mode": self.mode, "blocks": "all", "stream": "resid_post"}
+        return {
+            "conditions": list(self.conditions),
+            "mode": self.mode,
+            "blocks": "all",
+            "stream": "resid_post",
+        }
 
     def applies(self, model: Any, condition: str) -> bool:
         """Whether ``condition`` can be run on ``model`` (``no_cls`` needs a CLS token)."""
@@ -58,7 +65,9 @@ class KnockoutAnalysis:
         if self._recorder is None or self._recorder.model is not model:
             self._recorder = LensRecorder(model)
         images = batch.images
-        self._recorder.layout = model.layout_for(images.shape[-2:]) if model.cfg.dynamic_img_size else model.layout
+        self._recorder.layout = (
+            model.layout_for(images.shape[-2:]) if model.cfg.dynamic_img_size else model.layout
+        )
         n, n_layers = len(batch), model.cfg.n_layers
         pct = np.full((n, len(self.conditions), n_layers), np.nan, dtype=np.float32)
         correct = np.full((n, len(self.conditions)), np.nan, dtype=np.float32)
@@ -66,7 +75,9 @@ class KnockoutAnalysis:
         for c, condition in enumerate(self.conditions):
             if not self.applies(model, condition):
                 continue
-            context = nullcontext() if condition == NONE else knockout(model, condition, mode=self.mode)
+            context = (
+                nullcontext() if condition == NONE else knockout(model, condition, mode=self.mode)
+            )
             with context, torch.no_grad(), self._recorder.recording(labels):
                 logits = model(images)
             result = self._recorder.result
@@ -114,8 +125,12 @@ class KnockoutAnalysis:
         for condition, rows in table.groupby("condition", sort=False):
             if rows["pct_identifiable"].isna().all():
                 continue
-            ax.plot(rows["block"], rows["pct_identifiable"], marker="o",
-                    label=f"{condition} (accuracy {accuracy[condition]:.1%})")
+            ax.plot(
+                rows["block"],
+                rows["pct_identifiable"],
+                marker="o",
+                label=f"{condition} (accuracy {accuracy[condition]:.1%})",
+            )
         ax.set_xlabel("block")
         ax.set_ylabel("% identifiable image tokens")
         ax.set_ylim(-2, 102)

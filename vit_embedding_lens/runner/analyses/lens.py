@@ -52,7 +52,9 @@ class LensAnalysis:
             out["class_token"] = batch.token_masks.cpu().numpy()
         twin = self._twin_of(model) if self.random_twin else None
         if twin is not None:
-            out["random_rank_resid"] = lens_batch(twin, batch.images, batch.labels).rank["resid"].numpy()
+            out["random_rank_resid"] = (
+                lens_batch(twin, batch.images, batch.labels).rank["resid"].numpy()
+            )
         return out
 
     def _twin_of(self, model: Any):
@@ -98,7 +100,10 @@ class LensAnalysis:
             )
         }
         changes = tables["change_rates"]
-        changes = changes[changes["comparison"].isin(["attn", "mlp"]) & changes["token_group"].isin(["cls", "image"])]
+        changes = changes[
+            changes["comparison"].isin(["attn", "mlp"])
+            & changes["token_group"].isin(["cls", "image"])
+        ]
         figures["change_rates"] = plot_change_rates(
             changes,
             sublayer_col="comparison",
@@ -125,7 +130,9 @@ def _to_arrays(result: LensResult) -> Dict[str, np.ndarray]:
     return out  # the runner stores each image's label beside them (results["label"])
 
 
-def from_arrays(results: Dict[str, np.ndarray], model: Any, rank_resid: Optional[np.ndarray] = None) -> LensResult:
+def from_arrays(
+    results: Dict[str, np.ndarray], model: Any, rank_resid: Optional[np.ndarray] = None
+) -> LensResult:
     """A :class:`LensResult` from the stored per-image arrays (``rank_resid`` swaps in another
     model's residual ranks, e.g. the random twin's, keeping everything else)."""
     rank = {k: torch.from_numpy(np.ascontiguousarray(results[f"rank_{k}"])) for k in KINDS}
@@ -155,7 +162,9 @@ def _per_image_scores(result: LensResult, random: Optional[LensResult]) -> pd.Da
             if label == "random init" and group in ("class", "context"):
                 continue
             scores = per_image_identifiability(res, "resid", group).numpy()  # [image, block]
-            image, block = np.meshgrid(np.arange(scores.shape[0]), np.arange(scores.shape[1]), indexing="ij")
+            image, block = np.meshgrid(
+                np.arange(scores.shape[0]), np.arange(scores.shape[1]), indexing="ij"
+            )
             keep = ~np.isnan(scores.ravel())
             frames.append(
                 pd.DataFrame(

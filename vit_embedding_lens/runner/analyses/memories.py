@@ -13,7 +13,6 @@ weights only and is computed in ``summarize``.
 from __future__ import annotations
 
 import warnings
-
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -43,17 +42,30 @@ class MemoriesAnalysis:
     hook_names = ()
 
     def __init__(
-        self, k: int = 5, top_memories: int = 5, n_random_draws: int = 3, seed: int = 0, class_values: bool = True
+        self,
+        k: int = 5,
+        top_memories: int = 5,
+        n_random_draws: int = 3,
+        seed: int = 0,
+        class_values: bool = True,
     ) -> None:
-        self.k, self.top_memories, self.n_random_draws = int(k), int(top_memories), int(n_random_draws)
+        self.k, self.top_memories, self.n_random_draws = (
+            int(k),
+            int(top_memories),
+            int(n_random_draws),
+        )
         self.seed, self.class_values = int(seed), bool(class_values)
         self._tables: Optional[MemoryTables] = None
         self._tables_of: Any = None
 
     def config(self) -> Dict[str, Any]:
         return {
-            "k": self.k, "top_memories": self.top_memories, "n_random_draws": self.n_random_draws,
-            "seed": self.seed, "kinds": list(SUBLAYERS), "head": "mean",
+            "k": self.k,
+            "top_memories": self.top_memories,
+            "n_random_draws": self.n_random_draws,
+            "seed": self.seed,
+            "kinds": list(SUBLAYERS),
+            "head": "mean",
         }
 
     def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
@@ -62,8 +74,15 @@ class MemoriesAnalysis:
             self._tables_of = model
         generator = torch.Generator().manual_seed(self.batch_seed(int(batch.indices[0])))
         counts = memory_usage_per_image(
-            model, batch.images, batch.labels, k=self.k, top_memories=self.top_memories, kinds=SUBLAYERS,
-            n_random_draws=self.n_random_draws, generator=generator, tables=self._tables,
+            model,
+            batch.images,
+            batch.labels,
+            k=self.k,
+            top_memories=self.top_memories,
+            kinds=SUBLAYERS,
+            n_random_draws=self.n_random_draws,
+            generator=generator,
+            tables=self._tables,
         )
         small = np.int32
         return {
@@ -83,8 +102,10 @@ class MemoriesAnalysis:
         counts = PerImageMemoryCounts(
             kinds=SUBLAYERS,
             labels=torch.from_numpy(np.asarray(results["label"])).long(),
-            **{key: torch.from_numpy(np.asarray(results[key])).long()
-               for key in ("tokens", "agree", "match", "drawn", "random_agree")},
+            **{
+                key: torch.from_numpy(np.asarray(results[key])).long()
+                for key in ("tokens", "agree", "match", "drawn", "random_agree")
+            },
         )
         return counts.usage(model.cfg.n_classes, model.class_names)
 
@@ -96,9 +117,15 @@ class MemoriesAnalysis:
 
             try:
                 comparison = compare_class_value_agreement(model, seed=self.seed, kinds=SUBLAYERS)
-            except ValueError as err:  # no random-init twin for this model: report it, keep the rest
-                warnings.warn(f"memories: no class-value comparison with random init: {err}", stacklevel=2)
-                tables["class_value_tests"] = pd.DataFrame({"note": [f"no random-init twin: {err}"]})
+            except (
+                ValueError
+            ) as err:  # no random-init twin for this model: report it, keep the rest
+                warnings.warn(
+                    f"memories: no class-value comparison with random init: {err}", stacklevel=2
+                )
+                tables["class_value_tests"] = pd.DataFrame(
+                    {"note": [f"no random-init twin: {err}"]}
+                )
             else:
                 tables["class_value_tests"] = comparison.tests
                 tables["class_values"] = comparison.classes
@@ -111,13 +138,20 @@ class MemoriesAnalysis:
         usage = tables["usage"]
         figures = {}
         for group in [g for g in TOKEN_GROUPS if g in set(usage["token_group"])]:
-            agreement = per_class[(per_class["token_group"] == group) & (per_class["metric"] == "kv_agreement")]
+            agreement = per_class[
+                (per_class["token_group"] == group) & (per_class["metric"] == "kv_agreement")
+            ]
             agreement = agreement.dropna(subset=["value"])
-            baseline = usage[(usage["token_group"] == group) & (usage["metric"] == "kv_agreement_random")]
+            baseline = usage[
+                (usage["token_group"] == group) & (usage["metric"] == "kv_agreement_random")
+            ]
             if agreement.empty:
                 continue
             figures[f"kv_agreement_{group}"] = plot_kv_agreement(
-                agreement, baseline, value_col="value", title=f"key-value agreement, {group} tokens (dashed: random class)"
+                agreement,
+                baseline,
+                value_col="value",
+                title=f"key-value agreement, {group} tokens (dashed: random class)",
             )
         return figures
 
@@ -125,8 +159,13 @@ class MemoriesAnalysis:
         """Image-token agreement (%) per block and sublayer next to its random-class baseline."""
         usage = tables["usage"]
         group = "image" if "image" in set(usage["token_group"]) else usage["token_group"].iloc[0]
-        t = usage[(usage["token_group"] == group) & usage["metric"].isin(["kv_agreement", "kv_agreement_random"])]
+        t = usage[
+            (usage["token_group"] == group)
+            & usage["metric"].isin(["kv_agreement", "kv_agreement_random"])
+        ]
         wide = t.pivot_table(index="block", columns=["sublayer", "metric"], values="value")
         wide = (100 * wide).round(1)
-        wide.columns = [f"% {s} {'random' if m.endswith('random') else 'agree'}" for s, m in wide.columns]
+        wide.columns = [
+            f"% {s} {'random' if m.endswith('random') else 'agree'}" for s, m in wide.columns
+        ]
         return wide.reset_index()
