@@ -4,6 +4,8 @@
 (class-embedding lens, interventions, attributions) build on it.
 """
 
+# the loading floor registers HookedViT.from_timm's and from_bundled's loaders when imported
+from vit_embedding_lens import loading  # noqa: F401
 from vit_embedding_lens.errors import ConversionError, UnsupportedArchitectureError
 from vit_embedding_lens.model import HookedViT, HookedViTConfig, TokenLayout, ViTActivationCache
 

@@ -230,13 +230,11 @@ def _detect_layout(data: Path, split: str) -> str:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from vit_embedding_lens.data.transforms import resolve_preprocessing
+    from vit_embedding_lens.loading import parse_model_name
     from vit_embedding_lens.runner import distributed
     from vit_embedding_lens.runner.models import load_model
 
-    if args.model is None and args.checkpoint is None:
-        raise ValueError(
-            "name a model: --model NAME (timm name or bundled:mnist-vit) or --checkpoint PATH"
-        )
+    parse_model_name(args.model, args.checkpoint)  # a bad model name fails before any work
     device = _resolve_device(args.device)
     ctx = distributed.init_distributed(device)
     try:
@@ -301,12 +299,13 @@ def _build_dataset(
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from vit_embedding_lens.data.images import bundled_eval_dataset
+    from vit_embedding_lens.loading import ModelSource
     from vit_embedding_lens.runner.models import load_model
     from vit_embedding_lens.zoo.bundled import bundled_spec
 
     device = _resolve_device(args.device)
     spec = bundled_spec(args.bundled)
-    loaded = load_model(f"bundled:{spec.name}", device=device, dtype=args.dtype)
+    loaded = load_model(ModelSource("bundled", spec.name).label, device=device, dtype=args.dtype)
     dataset = bundled_eval_dataset(loaded.model, n=args.n, name=spec.name)
     print(
         f"{loaded.model!r}\n{len(dataset)} bundled eval images ({spec.foreground} masks as segmentation) "

@@ -1,8 +1,23 @@
 """Errors a user can act on: each names the model, the problem and, where there is one, the fix."""
 
+from __future__ import annotations
+
+from typing import Optional
+
 
 class UnsupportedArchitectureError(ValueError):
-    """The timm model uses an architecture feature HookedViT does not implement exactly."""
+    """The timm model uses an architecture feature HookedViT does not implement exactly.
+
+    ``model`` names the model and ``feature`` the refused feature (e.g. ``"rotary position
+    embeddings (blocks.0.attn)"``), so callers such as the model survey read them, not the message.
+    """
+
+    def __init__(
+        self, message: str, *, model: Optional[str] = None, feature: Optional[str] = None
+    ) -> None:
+        super().__init__(message)
+        self.model = model
+        self.feature = feature
 
 
 class ConversionError(ValueError):

@@ -3,9 +3,10 @@
 Two modes:
 
 - ``"pre_softmax"`` (default): the removed scores are masked before the softmax, so each query's
-  remaining weights are renormalized. As a context manager it fills the ``score_mask`` slot of the
-  chosen blocks' attention, so the model keeps its fused attention kernel (and caching, hooks and
-  token removal all still work); as a hook list it masks ``hook_attn_scores`` (explicit path).
+  remaining weights are renormalized. As a context manager it masks the scores of the chosen
+  blocks' attention (``Attention.masked_scores``), so the model keeps its fused attention kernel
+  (and caching, hooks and token removal all still work); as a hook list it masks
+  ``hook_attn_scores`` (explicit path).
 - ``"post_softmax"``: the removed weights are zeroed after the softmax and *not* renormalized, as the
   paper's reference code does (a hook on ``hook_pattern``).
 
@@ -120,7 +121,6 @@ class AttentionKnockout:
         #: True when the knockout removes nothing (then it leaves the model untouched)
         self.is_empty = bool(self.allowed.all()) or not self.blocks
         self._stack: Optional[ExitStack] = None
-        self._saved: List[Tuple[object, Optional[Tensor]]] = []
 
     # -- as hooks ---------------------------------------------------------------------------------
     def hooks(self) -> List[Tuple[str, Callable]]:
@@ -164,17 +164,10 @@ class AttentionKnockout:
             self._stack.enter_context(self.model.hooks(fwd_hooks=self.hooks()))
         else:
             for l in self.blocks:
-                attn = self.model.blocks[l].attn
-                self._saved.append((attn, attn.score_mask))
-                attn.score_mask = (
-                    self.allowed if attn.score_mask is None else attn.score_mask & self.allowed
-                )
+                self._stack.enter_context(self.model.blocks[l].attn.masked_scores(self.allowed))
         return self
 
     def __exit__(self, *exc) -> None:
-        for attn, previous in reversed(self._saved):
-            attn.score_mask = previous
-        self._saved = []
         stack, self._stack = self._stack, None
         if stack is not None:
             stack.close()

@@ -1,90 +1,29 @@
 """Token removal: drop tokens from the sequence right after the position embedding (METHODS §5).
 
-``model(images, keep_mask=keep)`` does the removal inside the forward pass; this module holds the
-pieces that do not need a model: validating a keep mask, the original position of every kept slot
-(:func:`kept_positions`), and scattering per-slot results back to layout order
-(:func:`to_layout_order`). Rows that keep different numbers of tokens are padded to the longest
-row; padded slots are marked ``valid == False`` (index ``-1``) and never influence real tokens.
+``model(images, keep_mask=keep)`` does the removal inside the forward pass, with the slot kernels of
+:mod:`vit_embedding_lens.model.token_slots` (validating a keep mask, the original position of every
+kept slot: :func:`kept_positions`, re-exported here); this module scatters per-slot results back
+to layout order (:func:`to_layout_order`) and runs removals. Rows that keep different numbers of
+tokens are padded to the longest row; padded slots are marked ``valid == False`` (index ``-1``)
+and never influence real tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
 from vit_embedding_lens.model.layout import TokenLayout
-
-#: index of a padded slot in :func:`kept_positions`' index (never a real token position)
-PAD_INDEX = -1
-
-
-def check_keep_mask(keep: Tensor, layout: TokenLayout, batch: int, device: torch.device) -> None:
-    """Raise a clear error unless ``keep`` is a bool ``[batch, n_tokens]`` mask that keeps every
-    prefix token and at least one token per row."""
-    if not isinstance(keep, Tensor):
-        raise TypeError(
-            f"keep_mask must be a bool tensor [batch, {layout.n_tokens}], got {type(keep).__name__}"
-        )
-    if keep.dtype != torch.bool:
-        raise TypeError(
-            f"keep_mask must be a bool tensor (True = keep the token), got dtype {keep.dtype}; use keep.bool()"
-        )
-    if keep.ndim != 2 or keep.shape[1] != layout.n_tokens:
-        raise ValueError(
-            f"keep_mask must have shape [batch, n_tokens] = [{batch}, {layout.n_tokens}] in layout order "
-            f"({layout.n_prefix} prefix + {layout.n_patches} patches), got {tuple(keep.shape)}"
-        )
-    if keep.shape[0] != batch:
-        raise ValueError(f"keep_mask has {keep.shape[0]} rows for a batch of {batch} images")
-    if keep.device != device:
-        raise ValueError(
-            f"keep_mask is on {keep.device} but the model is on {device}; use keep.to('{device}')"
-        )
-    if layout.n_prefix and not bool(keep[:, : layout.n_prefix].all()):
-        raise ValueError(
-            "keep_mask drops a prefix token (CLS, distillation or register): prefix tokens are always kept; "
-            f"set keep[:, :{layout.n_prefix}] = True"
-        )
-    if not bool(keep.any(dim=1).all()):
-        raise ValueError(
-            "a row of keep_mask keeps no token at all; keep at least one image token per image"
-        )
-
-
-def kept_positions(
-    keep: Bool[Tensor, "batch n_tokens"],
-) -> Tuple[Int[Tensor, "batch max_kept"], Bool[Tensor, "batch max_kept"]]:
-    """Original positions of the kept tokens, row by row, in their original order.
-
-    Returns ``(index, valid)``, both ``[batch, max_kept]`` with ``max_kept`` the largest number of
-    tokens any row keeps: ``index[b, s]`` is the layout position of slot ``s`` of image ``b`` after
-    removal, ``valid[b, s]`` is False at padded slots (there ``index`` is ``-1``; use
-    ``index.clamp(min=0)`` before gathering and ``valid`` to ignore what comes back).
-    """
-    if keep.dtype != torch.bool or keep.ndim != 2:
-        raise ValueError(
-            f"keep must be a bool tensor [batch, n_tokens], got {keep.dtype} {tuple(keep.shape)}"
-        )
-    n_kept = keep.sum(dim=1)
-    max_kept = int(n_kept.max()) if keep.shape[0] else 0
-    # a stable sort of "dropped" (False first) keeps kept tokens first, in their original order
-    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :max_kept]
-    valid = torch.arange(max_kept, device=keep.device)[None, :] < n_kept[:, None]
-    index = torch.where(valid, order, torch.full_like(order, PAD_INDEX))
-    return index, valid
-
-
-def gather_tokens(x: Tensor, index: Int[Tensor, "batch n"], dim: int = 1) -> Tensor:
-    """``x[b, index[b, s]]`` along token dimension ``dim``; padded slots (index -1) read token 0."""
-    idx = index.clamp(min=0)
-    shape = [1] * x.ndim
-    shape[0], shape[dim] = idx.shape
-    idx = idx.view(shape).expand(*[s if i != dim else idx.shape[1] for i, s in enumerate(x.shape)])
-    return torch.gather(x, dim, idx)
+from vit_embedding_lens.model.token_slots import (
+    PAD_INDEX,
+    check_keep_mask,
+    gather_tokens,
+    kept_positions,
+)
 
 
 def to_layout_order(
@@ -201,3 +140,18 @@ def remove_context(model, images: Tensor, class_tokens: Tensor, **kwargs) -> Rem
 def remove_object(model, images: Tensor, class_tokens: Tensor, **kwargs) -> RemovalRun:
     """Keep only the prefix and the context tokens (everything off the object)."""
     return remove_tokens(model, images, keep_context_tokens(class_tokens, model.layout), **kwargs)
+
+
+__all__ = [
+    "PAD_INDEX",
+    "RemovalRun",
+    "check_keep_mask",
+    "gather_tokens",
+    "keep_class_tokens",
+    "keep_context_tokens",
+    "kept_positions",
+    "remove_context",
+    "remove_object",
+    "remove_tokens",
+    "to_layout_order",
+]

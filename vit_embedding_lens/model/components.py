@@ -7,11 +7,12 @@ counterpart computes; hook points sit where TransformerLens users expect them.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
@@ -126,11 +127,10 @@ class Attention(nn.Module):
     path does. Both paths compute the same function. ``attn_mask`` (boolean, True = may attend,
     or additive float) broadcasts to ``[batch, head, query, key]`` and is honoured by both paths.
 
-    ``score_mask`` is a slot for a standing mask in *layout order* (``[query, key]`` or ``[head,
-    query, key]``, boolean, True = may attend), set by attention knockout
-    (:mod:`vit_embedding_lens.interventions.knockout`): scores it forbids are removed before the
-    softmax, on the fused path as well. When tokens were removed from the sequence, ``positions``
-    (``[batch, n]``, the layout position of every slot, ``-1`` at padding) maps it to the slots.
+    :meth:`masked_scores` sets a standing mask in *layout order* for the duration of a ``with``
+    block (attention knockout uses it): scores it forbids are removed before the softmax, on the
+    fused path as well. When tokens were removed from the sequence, ``positions`` (``[batch, n]``,
+    the layout position of every slot, ``-1`` at padding) maps it to the slots.
     """
 
     def __init__(self, cfg: HookedViTConfig) -> None:
@@ -150,8 +150,7 @@ class Attention(nn.Module):
             self.k_norm = LayerNorm(dh, cfg.eps)
         self.scale = dh**-0.5
         self.force_explicit = False
-        #: standing mask in layout order, True = may attend (attention knockout); None = no mask
-        self.score_mask: Optional[Tensor] = None
+        self._score_mask: Optional[Tensor] = None
 
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()
@@ -194,13 +193,49 @@ class Attention(nn.Module):
             return result.sum(dim=-2) + self.b_O
         return F.linear(z.reshape(B, N, H * dh), self.W_O.reshape(H * dh, -1).T, self.b_O)
 
+    @property
+    def score_mask(self) -> Optional[Bool[Tensor, "... pos pos"]]:
+        """The standing mask in layout order (True = may attend), or None: read-only; set it with
+        :meth:`masked_scores`."""
+        return self._score_mask
+
+    @contextmanager
+    def masked_scores(self, allowed: Bool[Tensor, "... pos pos"]) -> Iterator[None]:
+        """Within the ``with`` block, remove the scores ``allowed`` forbids before the softmax.
+
+        ``allowed`` is a bool ``[query, key]`` or ``[head, query, key]`` mask in layout order (True
+        = may attend). Nested blocks combine their masks (logical and); leaving a block restores
+        the mask before it. The fused kernel stays in use: the mask is passed to it.
+        """
+        if not isinstance(allowed, Tensor) or allowed.dtype != torch.bool:
+            raise TypeError(
+                f"the score mask must be a bool tensor (True = may attend), got "
+                f"{getattr(allowed, 'dtype', type(allowed).__name__)}"
+            )
+        n_heads = self.cfg.n_heads
+        if allowed.ndim not in (2, 3) or allowed.shape[-1] != allowed.shape[-2]:
+            raise ValueError(
+                f"the score mask must be [query, key] or [{n_heads}, query, key] over the same "
+                f"tokens, got shape {tuple(allowed.shape)}"
+            )
+        if allowed.ndim == 3 and allowed.shape[0] != n_heads:
+            raise ValueError(
+                f"the score mask has {allowed.shape[0]} heads but the attention has {n_heads}"
+            )
+        previous = self._score_mask
+        self._score_mask = allowed if previous is None else previous & allowed
+        try:
+            yield
+        finally:
+            self._score_mask = previous
+
     def combined_mask(
         self, attn_mask: Optional[Tensor], positions: Optional[Tensor], n: int
     ) -> Optional[Tensor]:
-        """``attn_mask`` combined with the standing ``score_mask`` (mapped through ``positions``)."""
-        if self.score_mask is None:
+        """``attn_mask`` combined with the standing score mask (mapped through ``positions``)."""
+        if self._score_mask is None:
             return attn_mask
-        mask = self.score_mask.to(device=self.W_Q.device)
+        mask = self._score_mask.to(device=self.W_Q.device)
         if positions is None:
             if mask.shape[-1] != n or mask.shape[-2] != n:
                 raise ValueError(
@@ -236,21 +271,6 @@ def _mask_at_positions(mask: Tensor, positions: Tensor) -> Tensor:
     out = mask[:, idx[:, :, None], idx[:, None, :]]  # [head, batch, n, n]
     out = out.transpose(0, 1)
     return out | ~valid[:, None, :, None]
-
-
-def padding_mask(positions: Tensor) -> Optional[Tensor]:
-    """Attention mask ``[batch, 1, n, n]`` (True = may attend) for a padded token sequence.
-
-    Real tokens attend to real tokens only; a padded slot (position -1) attends to itself only, so
-    padding neither reads nor influences real tokens and no softmax row is empty. ``None`` when no
-    row is padded.
-    """
-    valid = positions >= 0
-    if bool(valid.all()):
-        return None
-    n = positions.shape[1]
-    eye = torch.eye(n, dtype=torch.bool, device=positions.device)
-    return torch.where(valid[:, :, None], valid[:, None, :], eye).unsqueeze(1)
 
 
 def _apply_mask(scores: Tensor, attn_mask: Tensor) -> Tensor:

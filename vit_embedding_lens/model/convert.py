@@ -1,18 +1,17 @@
-"""timm -> HookedViT, exact and strict.
+"""timm -> HookedViT weights, exact and strict: the converter returns what it converts.
 
 The configuration is read from the live timm module (never from the model name or hub metadata);
 every timm parameter and buffer is consumed exactly once or the conversion fails; an architecture
-feature HookedViT does not implement raises :class:`UnsupportedArchitectureError` naming it.
+feature HookedViT does not implement raises :class:`UnsupportedArchitectureError` naming it (its
+``feature`` field says which). :func:`convert_timm` returns a :class:`TimmConversion` (config,
+state dict, class names); :meth:`HookedViT.from_conversion` builds the model from it.
 """
 
 from __future__ import annotations
 
-import difflib
-import os
-import socket
+from dataclasses import dataclass
 from itertools import chain
-from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence
 
 import einops
 import torch
@@ -20,20 +19,9 @@ from torch import Tensor, nn
 
 from vit_embedding_lens.errors import ConversionError, UnsupportedArchitectureError
 from vit_embedding_lens.model.activations import activation_name
+from vit_embedding_lens.model.checkpoint import load_checkpoint_ as load_checkpoint_
+from vit_embedding_lens.model.checkpoint import read_state_dict as read_state_dict
 from vit_embedding_lens.model.config import HookedViTConfig
-
-
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """Whether ``pretrained=True`` can download: ``HF_HUB_OFFLINE`` is unset and ``host`` answers on
-    port 443 within ``timeout`` seconds (for notebooks and scripts with optional hub cells)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
 
 #: timm classes that are ViTs but whose computation HookedViT does not reproduce, and why
 _UNSUPPORTED_MODEL_CLASSES = {
@@ -48,102 +36,7 @@ _UNSUPPORTED_BLOCKS = {
     "DiffParallelScalingBlock": "parallel blocks with differential attention",
     "ParallelThingsBlock": "parallel blocks",
 }
-#: modules that do nothing in evaluation mode and carry no weights
-_INERT = ("Dropout", "DropPath", "Identity", "PatchDropout")
 _NORMS = ("LayerNorm",)
-
-
-def load_timm_model(
-    model_or_name: Union[str, nn.Module],
-    pretrained: bool,
-    checkpoint_path: Optional[Union[str, Path]],
-    timm_kwargs: Dict[str, Any],
-) -> Tuple[nn.Module, str]:
-    """The timm module to convert and its name: a live module as given, or one created by name."""
-    if isinstance(model_or_name, nn.Module):
-        if pretrained or timm_kwargs:
-            raise ValueError(
-                "pretrained= and timm keyword arguments apply only when a timm model name is given"
-            )
-        model = model_or_name
-        name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-    elif isinstance(model_or_name, str):
-        import timm
-
-        name = model_or_name
-        if name.split(".")[0] not in timm.list_models():
-            close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3)
-            raise ValueError(
-                f"{name!r} is not a timm model name (close: {close}); see timm.list_models('vit*')"
-            )
-        try:
-            model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
-        except (
-            OSError
-        ) as err:  # the hub is unreachable (HF_HUB_OFFLINE, no network) or the file is gone
-            if not pretrained:
-                raise
-            raise OSError(
-                f"could not fetch the pretrained weights of {name!r} ({type(err).__name__}: {err}). "
-                f"Without a model hub, create the model with pretrained=False and pass your own "
-                f"weights as checkpoint_path=..., or use the bundled model (HookedViT.from_bundled())."
-            ) from err
-    else:
-        raise TypeError(
-            f"expected a timm model or a timm model name, got {type(model_or_name).__name__}"
-        )
-    if checkpoint_path is not None:
-        load_checkpoint_(model, checkpoint_path)
-    return model, name
-
-
-def read_state_dict(path: Union[str, Path]) -> Dict[str, Tensor]:
-    """A state dict from a safetensors file, or from a torch file read with ``weights_only=True``.
-
-    Never unpickles arbitrary objects. Accepts the common wrappers (``{"state_dict": ...}``,
-    ``{"model": ...}``) and strips DistributedDataParallel's ``module.`` prefix.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle.UnpicklingError and friends
-            raise ConversionError(
-                f"could not read {path} as a plain tensor checkpoint (weights_only=True refuses "
-                f"arbitrary pickled objects): {err}. Save model.state_dict() with torch.save or as "
-                f"safetensors."
-            ) from err
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ConversionError(f"{path} does not hold a state dict of tensors")
-    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
-
-
-def load_checkpoint_(model: nn.Module, path: Union[str, Path]) -> None:
-    """Load a user's checkpoint into a timm model, strictly, naming any missing or extra key."""
-    state = read_state_dict(path)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or wrong_shape:
-        raise ConversionError(
-            f"checkpoint {path} does not match the timm model: missing keys {missing[:10]}, "
-            f"unexpected keys {unexpected[:10]}, wrong shapes {wrong_shape[:10]}"
-        )
-    model.load_state_dict(state, strict=True)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -152,7 +45,9 @@ def load_checkpoint_(model: nn.Module, path: Union[str, Path]) -> None:
 def _refuse(name: str, feature: str) -> UnsupportedArchitectureError:
     return UnsupportedArchitectureError(
         f"{name}: {feature} is not supported by HookedViT, which converts only architectures it "
-        f"reproduces exactly (see `vit-lens models` / the README for the supported families)"
+        f"reproduces exactly (see `vit-lens models` / the README for the supported families)",
+        model=name,
+        feature=feature,
     )
 
 
@@ -412,33 +307,46 @@ def _or_zeros(t: Optional[Tensor], n: int, like: Tensor) -> Tensor:
     return t if t is not None else like.new_zeros(n)
 
 
-def convert_timm_vit(
+@dataclass(frozen=True)
+class TimmConversion:
+    """What the converter produces: the architecture, the HookedViT state dict and class names.
+
+    ``state_dict`` is in the TransformerLens layout, cast once to its dtype, on the timm weights'
+    device; :meth:`HookedViT.from_conversion` builds the model from it.
+    """
+
+    cfg: HookedViTConfig
+    state_dict: Dict[str, Tensor]
+    class_names: Optional[List[str]]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.state_dict["embed.W_E"].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.state_dict["embed.W_E"].device
+
+
+def convert_timm(
     model: nn.Module,
     name: Optional[str] = None,
     class_names: Optional[Sequence[str]] = None,
-    device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
-):
-    """Build the HookedViT equivalent of a timm ViT; the timm module is left untouched.
+) -> TimmConversion:
+    """Check, configure and convert a timm ViT; the timm module is left untouched.
 
-    ``device``/``dtype`` default to the timm weights'; converting to a wider dtype than timm's
-    folds in that dtype, so a float64 HookedViT of a float32 timm model is exact in float64.
+    ``dtype`` defaults to the timm weights'; converting to a wider dtype than timm's folds in that
+    dtype, so a float64 HookedViT of a float32 timm model is exact in float64. ``class_names``
+    default to timm's ImageNet labels when the model's label set is known.
     """
-    from vit_embedding_lens.model.hooked_vit import HookedViT
-
     name = name or type(model).__name__
     check_supported(model, name)
     cfg = config_from_timm(model, name)
-    like = model.patch_embed.proj.weight
-    dtype = dtype or like.dtype
-    state = state_dict_from_timm(model, cfg, dtype)
+    state = state_dict_from_timm(model, cfg, dtype or model.patch_embed.proj.weight.dtype)
     if class_names is None:
         class_names = _timm_class_names(model, cfg.n_classes)
-    hooked = HookedViT(cfg, class_names=class_names, init_weights=False).to(
-        device=device or like.device, dtype=dtype
-    )
-    hooked.load_state_dict(state, strict=True)
-    return hooked
+    return TimmConversion(cfg, state, None if class_names is None else list(class_names))
 
 
 def _timm_class_names(model: nn.Module, n_classes: int) -> Optional[Sequence[str]]:

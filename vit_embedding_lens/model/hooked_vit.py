@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -23,7 +24,15 @@ from vit_embedding_lens.model.components import (
     TransformerBlock,
 )
 from vit_embedding_lens.model.config import HookedViTConfig
+from vit_embedding_lens.model.convert import TimmConversion, convert_timm
 from vit_embedding_lens.model.layout import TokenLayout
+from vit_embedding_lens.model.registry import loader
+from vit_embedding_lens.model.token_slots import (
+    check_keep_mask,
+    gather_tokens,
+    kept_positions,
+    padding_mask,
+)
 
 ClassIds = Union[int, str, Int[Tensor, "..."], Sequence[int]]
 
@@ -87,6 +96,24 @@ class HookedViT(HookedRootModule):
     # Construction
     # ---------------------------------------------------------------------------------------------
     @classmethod
+    def from_conversion(
+        cls,
+        conversion: TimmConversion,
+        *,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> "HookedViT":
+        """The HookedViT of a converter's output, its weights loaded strictly (all keys and shapes).
+
+        The one place a converted model is built. ``device``/``dtype`` default to the converted
+        weights'.
+        """
+        model = cls(conversion.cfg, class_names=conversion.class_names, init_weights=False)
+        model = model.to(device=device or conversion.device, dtype=dtype or conversion.dtype)
+        model.load_state_dict(conversion.state_dict, strict=True)
+        return model
+
+    @classmethod
     def from_timm(
         cls,
         model_or_name: Union[str, nn.Module],
@@ -106,62 +133,40 @@ class HookedViT(HookedRootModule):
         """Convert a timm ViT (a live module, or a timm model name with tag) exactly and strictly.
 
         ``pretrained`` and ``timm_kwargs`` go to ``timm.create_model`` when a name is given.
-        ``checkpoint_path`` loads the user's own weights for that timm model (safetensors, or a torch
-        file read with ``weights_only=True``) before conversion. Every timm parameter and buffer is
-        consumed, or the conversion fails. The weight-processing flags are opt-in and each keeps the
-        model's log-probabilities (see :mod:`vit_embedding_lens.model.processing`).
-        ``"bundled:NAME"`` (``mnist-vit``, ``fashion-vit``) names a trained model shipped with the package (see
-        :meth:`from_bundled`). ``model_name`` labels the result (default: the timm name).
+        ``checkpoint_path`` loads the user's own weights for that timm model (safetensors, or a
+        torch file read with ``weights_only=True``) before conversion. Every timm parameter and
+        buffer is consumed, or the conversion fails. The weight-processing flags are opt-in and
+        each keeps the model's log-probabilities (see :mod:`vit_embedding_lens.model.processing`).
+        ``"bundled:NAME"`` (``mnist-vit``, ``fashion-vit``) names a trained model shipped with the
+        package (see :meth:`from_bundled`). ``model_name`` labels the result (default: the timm
+        name). Names are parsed and modules created by :mod:`vit_embedding_lens.loading`.
         """
-        from vit_embedding_lens.zoo.bundled import (
-            BUNDLED_PREFIX,
-            bundled_class_names,
-            bundled_name,
-            load_bundled_timm,
-        )
-
-        bundled = bundled_name(model_or_name)
-        if bundled is not None:
-            if pretrained or checkpoint_path is not None or timm_kwargs:
-                raise ValueError(
-                    "a bundled model takes no pretrained=, checkpoint_path= or timm arguments"
-                )
-            model_or_name = load_bundled_timm(bundled)
-            class_names = class_names or bundled_class_names(bundled)
-            model_name = model_name or f"{BUNDLED_PREFIX}{bundled}"
-        from vit_embedding_lens.model.convert import convert_timm_vit, load_timm_model
-        from vit_embedding_lens.model.processing import process_weights_
-
-        timm_model, name = load_timm_model(model_or_name, pretrained, checkpoint_path, timm_kwargs)
-        steps = dict(
+        return loader("timm")(
+            model_or_name,
+            pretrained,
+            checkpoint_path,
+            device=device,
+            dtype=dtype,
             fold_ln=fold_ln,
             center_writing_weights=center_writing_weights,
             center_unembed=center_unembed,
             fold_value_biases=fold_value_biases,
-        )
-        target_dtype = dtype or next(timm_model.parameters()).dtype
-        # weight processing runs in float64 and is cast once, so it adds no rounding of its own
-        work_dtype = torch.float64 if any(steps.values()) else target_dtype
-        model = convert_timm_vit(
-            timm_model,
-            name=model_name or name,
             class_names=class_names,
-            device=device,
-            dtype=work_dtype,
+            model_name=model_name,
+            **timm_kwargs,
         )
-        return process_weights_(model, **steps).to(target_dtype)
 
     @classmethod
     def from_bundled(cls, name: str = "mnist-vit", **kwargs: Any) -> "HookedViT":
         """A small trained model shipped with the package (offline): ``"mnist-vit"`` (the default, a
         6-block ViT on MNIST digits) or ``"fashion-vit"`` (the same architecture on Fashion-MNIST).
 
-        Its held-out images come from :func:`vit_embedding_lens.zoo.load_bundled_eval`; its model card
-        (data, split, accuracy, training command) from :func:`vit_embedding_lens.zoo.model_card`.
+        Its held-out images come from :func:`vit_embedding_lens.zoo.load_bundled_eval`; its model
+        card (data, split, accuracy, training command) from
+        :func:`vit_embedding_lens.zoo.model_card`.
+        ``kwargs`` are :meth:`from_timm`'s.
         """
-        from vit_embedding_lens.zoo.bundled import BUNDLED_PREFIX
-
-        return cls.from_timm(f"{BUNDLED_PREFIX}{name}", **kwargs)
+        return loader("bundled")(name, **kwargs)
 
     def _init_weights(self) -> None:
         """Small random weights for a model built from a config alone (from_timm overwrites all)."""
@@ -184,7 +189,7 @@ class HookedViT(HookedRootModule):
         *,
         stop_at_layer: Optional[int] = None,
         start_at_layer: Optional[int] = None,
-        keep_mask: Optional[Bool[Tensor, "batch n_tokens"]] = None,
+        keep_mask: Optional[Bool[Tensor, "batch pos"]] = None,
     ) -> Tensor:
         """Logits ``[batch, n_classes]`` for a batch of preprocessed images.
 
@@ -256,15 +261,8 @@ class HookedViT(HookedRootModule):
 
     def _remove_tokens(
         self, resid: Float[Tensor, "batch pos d_model"], keep_mask: Tensor, grid: Sequence[int]
-    ) -> tuple:
-        """Drop the tokens ``keep_mask`` removes: ``(resid [batch, max_kept, d], positions, padding mask)``."""
-        from vit_embedding_lens.interventions.token_removal import (
-            check_keep_mask,
-            gather_tokens,
-            kept_positions,
-        )
-        from vit_embedding_lens.model.components import padding_mask
-
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Drop the tokens ``keep_mask`` removes: ``(resid, positions, padding mask)``."""
         layout = (
             self.layout
             if tuple(grid) == tuple(self.layout.grid_size)
@@ -274,8 +272,8 @@ class HookedViT(HookedRootModule):
         if self.cfg.global_pool != "token" and not self.cfg.pool_include_prefix:
             if not bool(keep_mask[:, layout.n_prefix :].any(dim=1).all()):
                 raise ValueError(
-                    f"{self.cfg.model_name} pools its image tokens ({self.cfg.global_pool!r}) and a row of "
-                    f"keep_mask keeps none of them; keep at least one image token per image"
+                    f"{self.cfg.model_name} pools its image tokens ({self.cfg.global_pool!r}) and "
+                    f"a row of keep_mask keeps none of them; keep at least one image token per image"
                 )
         positions, valid = kept_positions(keep_mask)
         resid = gather_tokens(resid, positions, dim=1) * valid[..., None].to(resid.dtype)
@@ -440,7 +438,7 @@ class HookedViT(HookedRootModule):
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """Compute per-head write-ins (``attn.hook_result``) on every forward, as TransformerLens."""
-        self._replace_cfg(use_attn_result=use_attn_result)
+        self.replace_cfg(use_attn_result=use_attn_result)
 
     def set_attention_implementation(self, mode: str) -> None:
         """``"auto"`` (fused unless scores/pattern are hooked) or ``"explicit"`` (always)."""
@@ -449,10 +447,13 @@ class HookedViT(HookedRootModule):
         for block in self.blocks:
             block.attn.force_explicit = mode == "explicit"
 
-    def _replace_cfg(self, **changes: Any) -> None:
-        from dataclasses import replace
+    def replace_cfg(self, **changes: Any) -> None:
+        """Swap in ``dataclasses.replace(cfg, **changes)`` here and in every submodule.
 
-        self.cfg = replace(self.cfg, **changes)
+        For changes that keep the weights valid (weight processing, ``use_attn_result``); the
+        architecture fields must not change.
+        """
+        self.cfg = dataclasses.replace(self.cfg, **changes)
         for module in self.modules():
             if module is not self and hasattr(module, "cfg"):
                 module.cfg = self.cfg
@@ -462,13 +463,14 @@ class HookedViT(HookedRootModule):
     # ---------------------------------------------------------------------------------------------
     @property
     def W_U(self) -> Float[Tensor, "d_model n_classes"]:
-        return self._head().W_head
+        return self.classifier_head().W_head
 
     @property
     def b_U(self) -> Float[Tensor, " n_classes"]:
-        return self._head().b_head
+        return self.classifier_head().b_head
 
-    def _head(self) -> ClassifierHead:
+    def classifier_head(self) -> ClassifierHead:
+        """The classifier head; a clear error for a headless model (``num_classes=0``)."""
         if not self.cfg.n_classes:
             raise ValueError(
                 f"{self.cfg.model_name} has no classifier head (num_classes=0); create the timm model "
@@ -579,3 +581,20 @@ class HookedViT(HookedRootModule):
             f"{c.n_ctx} tokens = {self.layout.n_prefix} prefix + {c.grid_size[0]}x{c.grid_size[1]} patches, "
             f"{c.n_classes} classes)"
         )
+
+
+def convert_timm_vit(
+    model: nn.Module,
+    name: Optional[str] = None,
+    class_names: Optional[Sequence[str]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> HookedViT:
+    """Build the HookedViT equivalent of a timm ViT; the timm module is left untouched.
+
+    :func:`~vit_embedding_lens.model.convert.convert_timm` then :meth:`HookedViT.from_conversion`.
+    ``device``/``dtype`` default to the timm weights'; converting to a wider dtype than timm's
+    folds in that dtype, so a float64 HookedViT of a float32 timm model is exact in float64.
+    """
+    conversion = convert_timm(model, name, class_names, dtype)
+    return HookedViT.from_conversion(conversion, device=device)

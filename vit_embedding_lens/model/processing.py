@@ -95,7 +95,7 @@ def _drop_norm_affine(model: "HookedViT") -> None:
         del norm.w
         del norm.b
         norm.affine = False
-    model._replace_cfg(normalization_type="LNPre")
+    model.replace_cfg(normalization_type="LNPre")
     model.setup()
 
 
@@ -131,7 +131,7 @@ def center_writing_weights_(model: "HookedViT") -> None:
 @torch.no_grad()
 def center_unembed_(model: "HookedViT") -> None:
     """Zero-mean the classifier over classes: each logit shifts by the same per-image constant."""
-    head = model._head()
+    head = model.classifier_head()
     pairs = [(head.W_head, head.b_head)]
     if model.cfg.has_dist_token:
         pairs.append((head.W_head_dist, head.b_head_dist))

@@ -1,10 +1,8 @@
-"""Which timm Vision Transformers the converter takes, and why it refuses the others.
+"""The survey behind ``vit-lens models``: which timm ViT families convert, and why not.
 
-Nothing here restates a refusal: every model is built on PyTorch's ``meta`` device (no memory, no
-weights; one block where the family allows it, all blocks otherwise) and passed to the converter's
-own ``check_supported``; a refusal's reason is the feature named in its
-:class:`~vit_embedding_lens.errors.UnsupportedArchitectureError`. A survey of all ViT families takes
-a while, so its result is cached per timm version, library version and converter source.
+Each model is checked by :func:`vit_embedding_lens.loading.check_model_support` (the converter's
+own refusal, read from its ``feature`` field). A survey of all ViT families takes a while, so its
+result is cached per timm version, library version and converter source.
 """
 
 from __future__ import annotations
@@ -12,97 +10,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, Optional
 
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-#: timm modules that define Vision Transformer classifiers (the converter's candidates)
-VIT_MODULES = (
-    "vision_transformer",
-    "deit",
-    "eva",
-    "beit",
-    "vision_transformer_relpos",
-    "vision_transformer_sam",
-    "vision_transformer_hybrid",
-    "naflexvit",
+# the per-model check lives on the loading floor; these names stay importable from here
+from vit_embedding_lens.loading.support import (
+    VIT_MODULES,
+    SupportEntry,
+    check_model_support,
+    refusal_feature,
+    vit_model_names,
 )
-_REFUSAL = re.compile(r"^(?P<name>.*?): (?P<feature>.*) is not supported by HookedViT\b", re.S)
 
-
-@dataclass(frozen=True)
-class SupportEntry:
-    model: str
-    module: str
-    supported: bool
-    reason: Optional[str] = None  # the refused feature, or why the model could not be built
-
-
-def refusal_feature(err: Exception) -> str:
-    """The feature a converter refusal names (its ``feature`` attribute, or parsed from the message)."""
-    feature = getattr(err, "feature", None)
-    if feature:
-        return str(feature)
-    match = _REFUSAL.match(str(err))
-    return match.group("feature") if match else str(err)
-
-
-def _build_on_meta(name: str) -> torch.nn.Module:
-    import timm
-
-    with warnings.catch_warnings(), torch.device("meta"):
-        warnings.simplefilter("ignore")
-        try:
-            return timm.create_model(name, pretrained=False, depth=1)
-        except Exception:  # families whose per-block settings need their full depth
-            return timm.create_model(name, pretrained=False)
-
-
-def check_model_support(name: str) -> SupportEntry:
-    """Whether HookedViT converts the timm model ``name`` (no weights are created or downloaded)."""
-    import timm
-
-    from vit_embedding_lens.errors import UnsupportedArchitectureError
-    from vit_embedding_lens.model.convert import check_supported
-
-    base = name.split(".")[0]
-    if base not in timm.list_models():
-        raise ValueError(f"{name!r} is not a timm model name; see timm.list_models('vit*')")
-    module = _module_of(base)
-    try:
-        model = _build_on_meta(base)
-    except Exception as err:  # noqa: BLE001 - report, never crash a listing
-        return SupportEntry(
-            name, module, False, f"could not be built ({type(err).__name__}: {err})"
-        )
-    try:
-        check_supported(model, base)
-    except UnsupportedArchitectureError as err:
-        return SupportEntry(
-            name, module, False, re.sub(r"blocks\.\d+", "blocks.N", refusal_feature(err))
-        )
-    return SupportEntry(name, module, True)
-
-
-def _module_of(name: str) -> str:
-    from timm.models._registry import _model_to_module
-
-    return _model_to_module.get(name, "?")
-
-
-def vit_model_names(
-    modules: Sequence[str] = VIT_MODULES, pattern: Optional[str] = None
-) -> List[str]:
-    import timm
-
-    names = timm.list_models(pattern or "*", module=list(modules))
-    return sorted(names)
+__all__ = [
+    "VIT_MODULES",
+    "SupportEntry",
+    "check_model_support",
+    "refusal_feature",
+    "refusal_reasons",
+    "support_by_module",
+    "survey_models",
+    "vit_model_names",
+]
 
 
 def _cache_file(cache_dir: Optional[Path]) -> Path:

@@ -21,10 +21,13 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+# model names are parsed by the loading floor; these names stay importable from here
+from vit_embedding_lens.loading.names import BUNDLED_PREFIX as BUNDLED_PREFIX
+from vit_embedding_lens.loading.names import bundled_name as bundled_name
+from vit_embedding_lens.model.checkpoint import load_checkpoint_
+
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_BUNDLED = "mnist-vit"
-#: model names ``bundled:NAME`` (``HookedViT.from_timm``, ``--model``) name a bundled model
-BUNDLED_PREFIX = "bundled:"
 
 #: timm VisionTransformer arguments of the bundled models: 28x28 grey input, 7x7 patches of 4 px
 GREY28_ARCH: Dict[str, object] = dict(
@@ -91,13 +94,6 @@ BUNDLED_MODELS: Dict[str, BundledSpec] = {
         "garment",
     ),
 }
-
-
-def bundled_name(model_name: object) -> Optional[str]:
-    """``"mnist-vit"`` for the model name ``"bundled:mnist-vit"``; None for any other name or object."""
-    if isinstance(model_name, str) and model_name.startswith(BUNDLED_PREFIX):
-        return model_name[len(BUNDLED_PREFIX) :]
-    return None
 
 
 def bundled_spec(name: str = DEFAULT_BUNDLED) -> BundledSpec:
@@ -188,8 +184,6 @@ def model_card(name: str = DEFAULT_BUNDLED) -> dict:
 
 def load_bundled_timm(name: str = DEFAULT_BUNDLED) -> torch.nn.Module:
     """A bundled model as a timm module (eval mode), its weights loaded strictly."""
-    from vit_embedding_lens.model.convert import load_checkpoint_
-
     model = create_bundled_timm_model(name)
     load_checkpoint_(model, _data_file(bundled_spec(name).weights, name))
     return model.eval()

@@ -1,0 +1,80 @@
+"""The loading floor: every kind of model source and name, above :mod:`vit_embedding_lens.model`.
+
+- :func:`parse_model_name` -> :class:`ModelSource` (``kind``: ``"bundled"``, ``"timm"``,
+  ``"checkpoint"``, ``"timm-folder"``): the one parser of model names;
+- :func:`load_timm` / :func:`to_hooked`: the timm module a source names, and its HookedViT;
+- :func:`random_init_twin`: the same architecture untrained, built from the model's config;
+- :func:`check_model_support`: whether the converter takes a timm model, and why not;
+- :func:`hub_reachable`: whether pretrained weights can be downloaded.
+
+Importing it registers its loaders with :mod:`vit_embedding_lens.model.registry`, which
+``HookedViT.from_timm`` and ``from_bundled`` use (``import vit_embedding_lens`` imports it). timm is
+imported only inside functions, so importing the package stays cheap.
+"""
+
+import socket as _socket
+
+from vit_embedding_lens.loading.hub import hub_reachable
+from vit_embedding_lens.loading.names import (
+    BUNDLED_PREFIX,
+    LOCAL_DIR_PREFIX,
+    ModelSource,
+    SourceKind,
+    bundled_name,
+    parse_model_name,
+)
+from vit_embedding_lens.loading.support import (
+    VIT_MODULES,
+    SupportEntry,
+    check_model_support,
+    refusal_feature,
+    vit_model_names,
+)
+from vit_embedding_lens.loading.timm_models import (
+    BUNDLED_DATA_CONFIG,
+    LoadedTimm,
+    create_timm_model,
+    hooked_from_bundled,
+    hooked_from_timm,
+    load_timm,
+    load_timm_model,
+    to_hooked,
+)
+from vit_embedding_lens.loading.twin import random_init_twin, timm_from_config
+from vit_embedding_lens.model import convert as _convert
+from vit_embedding_lens.model.registry import register_loader
+
+register_loader("timm", hooked_from_timm)
+register_loader("bundled", hooked_from_bundled)
+
+# Names that lived in model.convert before the loading floor (notebooks 01/02 and tests import
+# hub_reachable from there and patch its socket); model/ may not import upward, so the floor
+# hands them down.
+_convert.hub_reachable = hub_reachable
+_convert.load_timm_model = load_timm_model
+_convert.socket = _socket
+
+__all__ = [
+    "BUNDLED_DATA_CONFIG",
+    "BUNDLED_PREFIX",
+    "LOCAL_DIR_PREFIX",
+    "VIT_MODULES",
+    "LoadedTimm",
+    "ModelSource",
+    "SourceKind",
+    "SupportEntry",
+    "bundled_name",
+    "check_model_support",
+    "create_timm_model",
+    "hooked_from_bundled",
+    "hooked_from_timm",
+    "hub_reachable",
+    "load_timm",
+    "load_timm_model",
+    "parse_model_name",
+    "random_init_twin",
+    "refusal_feature",
+    "timm_from_config",
+    "to_hooked",
+    "vit_model_names",
+]

@@ -1,0 +1,206 @@
+"""timm modules from model sources, and HookedViTs from timm modules.
+
+:func:`load_timm` creates the timm module a :class:`~vit_embedding_lens.loading.names.ModelSource`
+names (bundled weights, a timm name with optional pretrained weights, a checkpoint, a timm model
+folder); :func:`to_hooked` converts it (weight processing in float64, cast once). The functions
+registered for ``HookedViT.from_timm`` / ``from_bundled`` are :func:`hooked_from_timm` and
+:func:`hooked_from_bundled`. timm is imported inside the functions, so importing the package stays
+cheap.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from vit_embedding_lens.loading.names import ModelSource, parse_model_name
+from vit_embedding_lens.model.checkpoint import load_checkpoint_
+from vit_embedding_lens.model.convert import convert_timm
+from vit_embedding_lens.model.hooked_vit import HookedViT
+from vit_embedding_lens.model.processing import process_weights_
+
+#: the bundled models' preprocessing as a timm data config: 28x28, no crop, (x/255 - 0.5)/0.5
+BUNDLED_DATA_CONFIG: Dict[str, Any] = {
+    "interpolation": "bilinear",
+    "mean": (0.5,),
+    "std": (0.5,),
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+}
+
+
+@dataclass(frozen=True)
+class LoadedTimm:
+    """A timm module made from a source, what to call it, and its class names (when known)."""
+
+    module: nn.Module
+    source: ModelSource
+    class_names: Optional[List[str]] = None
+
+    @property
+    def label(self) -> str:
+        return self.source.label
+
+    def data_config(self) -> Dict[str, Any]:
+        """The timm data config (input size, interpolation, mean/std, crop) its weights expect."""
+        if self.source.kind == "bundled":
+            return dict(BUNDLED_DATA_CONFIG)
+        from timm.data import resolve_data_config
+
+        return dict(resolve_data_config(model=self.module))
+
+
+def create_timm_model(name: str, pretrained: bool, timm_kwargs: Dict[str, Any]) -> nn.Module:
+    """``timm.create_model`` with clear errors: an unknown name suggests close names, a failed
+    download says how to work without the hub."""
+    import timm
+
+    known = timm.list_models()
+    if name.split(".")[0] not in known:
+        close = difflib.get_close_matches(name.split(".")[0], known, n=3)
+        raise ValueError(
+            f"{name!r} is not a timm model name (close: {close}); see timm.list_models('vit*')"
+        )
+    try:
+        return timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+    except (
+        OSError
+    ) as err:  # the hub is unreachable (HF_HUB_OFFLINE, no network) or the file is gone
+        if not pretrained:
+            raise
+        raise OSError(
+            f"could not fetch the pretrained weights of {name!r} ({type(err).__name__}: {err}). "
+            f"Without a model hub, create the model with pretrained=False and pass your own "
+            f"weights as checkpoint_path=..., or use the bundled model (HookedViT.from_bundled())."
+        ) from err
+
+
+def load_timm(
+    source: ModelSource, pretrained: bool = False, timm_kwargs: Optional[Dict[str, Any]] = None
+) -> LoadedTimm:
+    """The timm module (evaluation mode) a parsed source names; one creation, weights loaded.
+
+    ``pretrained`` downloads a timm name's weights (a checkpoint then overwrites them);
+    ``timm_kwargs`` go to ``timm.create_model``. A bundled model takes neither.
+    """
+    timm_kwargs = dict(timm_kwargs or {})
+    if source.kind == "bundled":
+        if pretrained or timm_kwargs:
+            raise ValueError(
+                f"{source.label}: a bundled model takes no pretrained= or timm arguments (its "
+                f"trained weights ship with the package)"
+            )
+        from vit_embedding_lens.zoo.bundled import bundled_class_names, load_bundled_timm
+
+        return LoadedTimm(load_bundled_timm(source.name), source, bundled_class_names(source.name))
+    if source.kind == "timm-folder":
+        import timm
+
+        module = timm.create_model(source.name, pretrained=True, **timm_kwargs)
+    else:
+        module = create_timm_model(source.name, pretrained, timm_kwargs)
+        if source.kind == "checkpoint":
+            load_checkpoint_(module, source.path)
+    return LoadedTimm(module.eval(), source)
+
+
+def load_timm_model(
+    model_or_name: Union[str, nn.Module],
+    pretrained: bool,
+    checkpoint_path: Optional[Union[str, Path]],
+    timm_kwargs: Dict[str, Any],
+) -> Tuple[nn.Module, str]:
+    """The timm module to convert and its name: a live module as given, or one made from a name."""
+    if isinstance(model_or_name, nn.Module):
+        if pretrained or timm_kwargs:
+            raise ValueError(
+                "pretrained= and timm keyword arguments apply only when a timm model name is given"
+            )
+        if checkpoint_path is not None:
+            load_checkpoint_(model_or_name, checkpoint_path)
+        cfg = getattr(model_or_name, "pretrained_cfg", {})
+        return model_or_name, cfg.get("architecture") or type(model_or_name).__name__
+    if not isinstance(model_or_name, str):
+        raise TypeError(
+            f"expected a timm model or a timm model name, got {type(model_or_name).__name__}"
+        )
+    loaded = load_timm(parse_model_name(model_or_name, checkpoint_path), pretrained, timm_kwargs)
+    return loaded.module, loaded.label
+
+
+def to_hooked(
+    timm_model: nn.Module,
+    name: str,
+    *,
+    class_names: Optional[Sequence[str]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    center_unembed: bool = False,
+    fold_value_biases: bool = False,
+) -> HookedViT:
+    """Convert a timm module and apply the requested weight processing.
+
+    Processing runs in float64 and is cast once to ``dtype`` (default: the timm weights'), so it
+    adds no rounding of its own.
+    """
+    steps = dict(
+        fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed,
+        fold_value_biases=fold_value_biases,
+    )
+    target_dtype = dtype or next(timm_model.parameters()).dtype
+    work_dtype = torch.float64 if any(steps.values()) else target_dtype
+    conversion = convert_timm(timm_model, name, class_names, work_dtype)
+    model = HookedViT.from_conversion(conversion, device=device)
+    return process_weights_(model, **steps).to(target_dtype)
+
+
+def hooked_from_timm(
+    model_or_name: Union[str, nn.Module],
+    pretrained: bool = False,
+    checkpoint_path: Optional[Union[str, Path]] = None,
+    *,
+    class_names: Optional[Sequence[str]] = None,
+    model_name: Optional[str] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    center_unembed: bool = False,
+    fold_value_biases: bool = False,
+    **timm_kwargs: Any,
+) -> HookedViT:
+    """``HookedViT.from_timm``: parse the name once, create the module once, convert it."""
+    steps = dict(
+        device=device,
+        dtype=dtype,
+        fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed,
+        fold_value_biases=fold_value_biases,
+    )
+    if isinstance(model_or_name, str):
+        loaded = load_timm(
+            parse_model_name(model_or_name, checkpoint_path), pretrained, timm_kwargs
+        )
+        return to_hooked(
+            loaded.module,
+            model_name or loaded.label,
+            class_names=class_names or loaded.class_names,
+            **steps,
+        )
+    module, name = load_timm_model(model_or_name, pretrained, checkpoint_path, timm_kwargs)
+    return to_hooked(module, model_name or name, class_names=class_names, **steps)
+
+
+def hooked_from_bundled(name: str = "mnist-vit", **kwargs: Any) -> HookedViT:
+    """``HookedViT.from_bundled``: the bundled model ``name`` through :func:`hooked_from_timm`."""
+    return hooked_from_timm(ModelSource("bundled", name).label, **kwargs)

@@ -1,0 +1,129 @@
+"""The random-init twin: the same architecture, timm's default initialisation (METHODS §2, §4).
+
+The paper compares every metric of a trained model with the same architecture untrained, to show
+what training (not the architecture) puts into the class space. The twin's timm module is built
+from the model's own config (never from its name), so any converted model has one, and its weights
+follow timm's default init (tiny class tokens, truncated-normal weights, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from vit_embedding_lens.model.activations import ACTIVATIONS
+from vit_embedding_lens.model.config import HookedViTConfig
+from vit_embedding_lens.model.convert import convert_timm
+from vit_embedding_lens.model.hooked_vit import HookedViT
+
+#: config fields that describe how a model was converted or processed, not its architecture
+_NOT_ARCHITECTURE = {"model_name", "normalization_type", "use_attn_result"}
+
+
+def timm_from_config(cfg: HookedViTConfig, **timm_kwargs: Any) -> nn.Module:
+    """An untrained timm ``VisionTransformer`` (``VisionTransformerDistilled`` for distilled DeiT)
+    of ``cfg``'s architecture, with timm's default initialisation from the global RNG.
+
+    ``timm_kwargs`` override or add constructor arguments. LayerScale's initial value
+    (``init_values``) is folded into the converted weights, so a config with ``layer_scale`` needs
+    it given.
+    """
+    from timm.layers import LayerNorm
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
+
+    if cfg.layer_scale and "init_values" not in timm_kwargs:
+        raise ValueError(
+            f"{cfg.model_name} has LayerScale (layer_scale=True), whose initial value is folded "
+            f"into its weights and is not in the config; pass init_values=<timm's init_values, "
+            f"e.g. 1e-5>"
+        )
+    kwargs: Dict[str, Any] = dict(
+        img_size=tuple(cfg.image_size),
+        patch_size=tuple(cfg.patch_size),
+        in_chans=cfg.in_chans,
+        num_classes=cfg.n_classes,
+        global_pool=cfg.global_pool,
+        embed_dim=cfg.d_model,
+        depth=cfg.n_layers,
+        num_heads=cfg.n_heads,
+        mlp_ratio=_mlp_ratio(cfg.d_mlp, cfg.d_model),
+        qkv_bias=cfg.qkv_bias,
+        qk_norm=cfg.qk_norm,
+        class_token=cfg.has_cls_token,
+        pos_embed="learn" if cfg.has_pos_embed else "none",
+        no_embed_class=cfg.no_embed_class,
+        reg_tokens=cfg.n_registers,
+        pre_norm=cfg.pre_norm,
+        fc_norm=cfg.final_norm == "pooled",
+        pool_include_prefix=cfg.pool_include_prefix,
+        dynamic_img_size=cfg.dynamic_img_size,
+        dynamic_img_pad=cfg.dynamic_img_pad,
+        norm_layer=partial(LayerNorm, eps=cfg.eps),
+        act_layer=ACTIVATIONS[cfg.act_fn],
+        block_fn=ResPostBlock if cfg.block_norm == "post" else Block,
+    )
+    kwargs.update(timm_kwargs)
+    kind = VisionTransformerDistilled if cfg.has_dist_token else VisionTransformer
+    try:
+        return kind(**kwargs)
+    except (TypeError, AssertionError, ValueError) as err:
+        raise ValueError(
+            f"timm could not build {cfg.model_name}'s architecture from its config ({err}); pass "
+            f"timm_model=<an untrained timm module of the same architecture> or timm keyword "
+            f"arguments"
+        ) from err
+
+
+def _mlp_ratio(d_mlp: int, d_model: int) -> float:
+    """A ratio timm turns back into ``d_mlp`` (it takes ``int(d_model * mlp_ratio)``)."""
+    ratio = d_mlp / d_model
+    while int(d_model * ratio) < d_mlp:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+def random_init_twin(
+    model: HookedViT,
+    seed: int = 0,
+    timm_model: Optional[nn.Module] = None,
+    **timm_kwargs: Any,
+) -> HookedViT:
+    """A HookedViT of ``model``'s architecture with timm's default (untrained) initialisation.
+
+    The timm module is built from ``model.cfg`` (:func:`timm_from_config`; ``timm_kwargs`` go to
+    its constructor), or pass ``timm_model`` (an untrained timm module) to use your own.
+    Deterministic in ``seed``; the global RNG is left untouched. Same class names, device and
+    dtype as ``model``. Raises ``ValueError`` if the twin's architecture differs from ``model``'s.
+    """
+    param = next(model.parameters())
+    if timm_model is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            timm_model = timm_from_config(model.cfg, **timm_kwargs)
+    conversion = convert_timm(
+        timm_model,
+        f"{model.cfg.model_name} (random init)",
+        class_names=model.class_names,
+        dtype=param.dtype,
+    )
+    _check_same_architecture(model.cfg, conversion.cfg)
+    return HookedViT.from_conversion(conversion, device=param.device)
+
+
+def _check_same_architecture(cfg: HookedViTConfig, twin_cfg: HookedViTConfig) -> None:
+    mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_ARCHITECTURE}
+    theirs = {k: v for k, v in dataclasses.asdict(twin_cfg).items() if k not in _NOT_ARCHITECTURE}
+    diff = {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+    if diff:
+        detail = ", ".join(f"{k}: model {a!r} vs twin {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"the random-init twin differs from the model ({detail}); pass timm_model=<an "
+            f"untrained timm module of the same architecture> or the timm keyword arguments that "
+            f"make it match"
+        )
