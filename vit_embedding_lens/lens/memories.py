@@ -37,6 +37,8 @@ from torch import Tensor
 
 from vit_embedding_lens.lens.projection import HeadChoice, classifier_head
 from vit_embedding_lens.lens.stats import wilcoxon_greater
+from vit_embedding_lens.model.hook_names import act_name
+from vit_embedding_lens.model.indices import resolve_block
 
 SublayerKind = Literal["attn", "mlp"]
 #: the two kinds of sublayer with key-value memories, in the order every result uses
@@ -63,16 +65,6 @@ def check_kinds(kinds: Union[str, Sequence[str]]) -> Tuple[str, ...]:
     return tuple(check_kind(k) for k in kinds)
 
 
-def check_block(model, block: int) -> int:
-    """``block`` as a non-negative index (negative counts from the end), or a clear error."""
-    n = model.cfg.n_layers
-    if not isinstance(block, int) or isinstance(block, bool):
-        raise TypeError(f"block must be an int, got {type(block).__name__}")
-    if not -n <= block < n:
-        raise ValueError(f"block {block} is out of range: the model has {n} blocks (0..{n - 1})")
-    return block % n
-
-
 def n_memories(model, kind: SublayerKind) -> int:
     """Memories per block: ``d_mlp`` neurons, or ``n_heads * d_head`` attention value rows."""
     cfg = model.cfg
@@ -81,16 +73,12 @@ def n_memories(model, kind: SublayerKind) -> int:
 
 def coefficient_hook_name(block: int, kind: SublayerKind) -> str:
     """The hook point whose activation holds the memory coefficients of a sublayer."""
-    return (
-        f"blocks.{block}.mlp.hook_pre"
-        if check_kind(kind) == "mlp"
-        else f"blocks.{block}.attn.hook_z"
-    )
+    return act_name("pre" if check_kind(kind) == "mlp" else "z", block)
 
 
 def write_in_hook_name(block: int, kind: SublayerKind) -> str:
     """The hook point of what the sublayer writes into the residual stream (``attn_out``/``mlp_out``)."""
-    return f"blocks.{block}.hook_{check_kind(kind)}_out"
+    return act_name(f"{check_kind(kind)}_out", block)
 
 
 def memory_coefficients(
@@ -105,7 +93,7 @@ def memory_coefficients(
 
 def memory_values(model, block: int, kind: SublayerKind) -> Float[Tensor, "n_memories d_model"]:
     """The value vectors of a sublayer, one row per memory (what each memory writes; see module doc)."""
-    block = check_block(model, block)
+    block = resolve_block(model, block)
     layer = model.blocks[block]
     if check_kind(kind) == "mlp":
         values = layer.mlp.W_out
@@ -121,7 +109,7 @@ def memory_values(model, block: int, kind: SublayerKind) -> Float[Tensor, "n_mem
 
 def memory_keys(model, block: int) -> Float[Tensor, "d_mlp d_model"]:
     """The MLP's key vectors ``W_in[:, i]``, one row per neuron (attention memories have no key row)."""
-    return model.blocks[check_block(model, block)].mlp.W_in.T
+    return model.blocks[resolve_block(model, block)].mlp.W_in.T
 
 
 # -- reading values in the class space ------------------------------------------------------------
@@ -327,7 +315,7 @@ def value_topk(
             raise ValueError(
                 "a memory index needs its block=; or pass vector= for any residual-space vector"
             )
-        block = check_block(model, block)
+        block = resolve_block(model, block)
         n = n_memories(model, kind)
         indices = [index] if isinstance(index, int) else list(index)
         bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < n]
@@ -365,7 +353,7 @@ def top_memories(
     Rows: ``block, sublayer, class, class_name, rank, memory, score`` (``score = P[c, memory]``), plus
     each memory's own top class (``memory_class``), the argmax over its column of ``P``.
     """
-    block = check_block(model, block)
+    block = resolve_block(model, block)
     c = model.to_single_token(class_id)
     projection = value_projection(model, block, kind, head)
     names = _class_names(model.class_names, projection.shape[0])
