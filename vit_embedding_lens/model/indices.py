@@ -58,35 +58,26 @@ def resolve_indices(
     return sorted(set(out)) if distinct else out
 
 
-def _n_layers(model_or_n: Union["HookedViT", int]) -> int:
-    return model_or_n if isinstance(model_or_n, int) else model_or_n.cfg.n_layers
+def _size(model_or_size: Union["HookedViT", int], attr: str) -> int:
+    return model_or_size if isinstance(model_or_size, int) else getattr(model_or_size.cfg, attr)
 
 
 def resolve_block(model_or_n_layers: Union["HookedViT", int], block: int) -> int:
     """One block index (negative counts from the end) of a model or of ``n_layers`` blocks."""
-    return resolve_index(block, _n_layers(model_or_n_layers), "block")
+    return resolve_index(block, _size(model_or_n_layers, "n_layers"), "block")
 
 
 def resolve_blocks(
-    model_or_n_layers: Union["HookedViT", int],
-    blocks: Indices = None,
-    *,
-    distinct: bool = False,
-    allow_empty: bool = False,
+    model_or_n_layers: Union["HookedViT", int], blocks: Indices = None, **options: bool
 ) -> List[int]:
-    """Block indices of a model (or of ``n_layers`` blocks); all blocks when None."""
-    return resolve_indices(
-        blocks, _n_layers(model_or_n_layers), "block", distinct=distinct, allow_empty=allow_empty
-    )
+    """Block indices of a model (or of ``n_layers`` blocks); all blocks when None. ``options``:
+    ``distinct``, ``allow_empty`` of :func:`resolve_indices` (both False by default)."""
+    return resolve_indices(blocks, _size(model_or_n_layers, "n_layers"), "block", **options)
 
 
 def resolve_heads(
-    model_or_n_heads: Union["HookedViT", int],
-    heads: Indices = None,
-    *,
-    distinct: bool = True,
-    allow_empty: bool = False,
+    model_or_n_heads: Union["HookedViT", int], heads: Indices = None, **options: bool
 ) -> List[int]:
-    """Head indices (sorted, distinct by default); all heads when None."""
-    n = model_or_n_heads if isinstance(model_or_n_heads, int) else model_or_n_heads.cfg.n_heads
-    return resolve_indices(heads, n, "head", distinct=distinct, allow_empty=allow_empty)
+    """Head indices, sorted and distinct unless ``distinct=False``; all heads when None."""
+    options = {"distinct": True, **options}
+    return resolve_indices(heads, _size(model_or_n_heads, "n_heads"), "head", **options)
