@@ -39,6 +39,7 @@ from vit_embedding_lens.lens.projection import HeadChoice, classifier_head
 from vit_embedding_lens.lens.stats import wilcoxon_greater
 from vit_embedding_lens.model.hook_names import act_name
 from vit_embedding_lens.model.indices import resolve_block
+from vit_embedding_lens.model.targets import class_names_or_ids
 
 SublayerKind = Literal["attn", "mlp"]
 #: the two kinds of sublayer with key-value memories, in the order every result uses
@@ -135,7 +136,7 @@ def class_top_memories(
     projection: Float[Tensor, "n_classes n_memories"], k: int = 5
 ) -> Int[Tensor, "n_classes k"]:
     """Per class, the ``k`` memories whose values write the largest logit for it (by ``P[c, :]``)."""
-    _check_k(k, projection.shape[-1], "memories per class")
+    check_k(k, projection.shape[-1], "memories per class")
     return projection.topk(k, dim=-1).indices
 
 
@@ -144,7 +145,8 @@ def memory_classes(projection: Float[Tensor, "n_classes n_memories"]) -> Int[Ten
     return projection.argmax(dim=0)
 
 
-def _check_k(k: int, n: int, what: str) -> None:
+def check_k(k: int, n: int, what: str) -> None:
+    """``k`` as an int in ``1..n``, or a ValueError that names ``what`` it counts."""
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
         raise ValueError(f"{what} must be an int in 1..{n}, got {k!r}")
 
@@ -183,7 +185,7 @@ def class_value_agreement_frame(
         raise ValueError(
             f"agreement has {n_kinds} sublayer kinds but {len(kinds)} names were given: {kinds}"
         )
-    names = _class_names(class_names, n_classes)
+    names = class_names_or_ids(class_names, n_classes)
     values = agreement.detach().cpu().double()
     rows = [
         (block, kind, c, names[c], model_label, float(values[k, block, c]))
@@ -291,8 +293,8 @@ def value_topk(
     for memories, and ``head, d_head_index`` for attention memories).
     """
     embeddings = class_embeddings(model, head)
-    _check_k(k, embeddings.shape[0], "k (classes per value)")
-    names = _class_names(model.class_names, embeddings.shape[0])
+    check_k(k, embeddings.shape[0], "k (classes per value)")
+    names = class_names_or_ids(model.class_names, embeddings.shape[0])
     if (vector is None) == (index is None):
         raise ValueError(
             "give either a memory (block=, kind=, index=) or a vector=, not both and not neither"
@@ -356,7 +358,7 @@ def top_memories(
     block = resolve_block(model, block)
     c = model.to_single_token(class_id)
     projection = value_projection(model, block, kind, head)
-    names = _class_names(model.class_names, projection.shape[0])
+    names = class_names_or_ids(model.class_names, projection.shape[0])
     top = class_top_memories(projection, k)[c]
     own = memory_classes(projection)
     rows = [
@@ -373,7 +375,3 @@ def top_memories(
         for rank, m in enumerate(top)
     ]
     return pd.DataFrame(rows)
-
-
-def _class_names(names: Optional[Sequence[str]], n_classes: int) -> List[str]:
-    return list(names) if names is not None else [str(c) for c in range(n_classes)]

@@ -33,8 +33,7 @@ from tqdm.auto import tqdm
 
 from vit_embedding_lens.lens.memories import (
     SUBLAYER_KINDS,
-    _check_k,
-    _class_names,
+    check_k,
     check_kinds,
     class_top_memories,
     coefficient_hook_name,
@@ -45,7 +44,7 @@ from vit_embedding_lens.lens.memories import (
     write_in_hook_name,
 )
 from vit_embedding_lens.lens.projection import ClassProjection, HeadChoice
-from vit_embedding_lens.model.targets import class_targets
+from vit_embedding_lens.model.targets import class_names_or_ids, class_targets
 
 if TYPE_CHECKING:
     from vit_embedding_lens.model.hooked_vit import HookedViT
@@ -222,7 +221,7 @@ class MemoryUsage:
         """Tidy rows ``block, sublayer, token_group, class, class_name, metric, value, n_tokens`` for
         the per-class agreement (``kv_agreement``) and match rates (``composition_match``)."""
         n_classes = self.tokens.shape[-1]
-        names = _class_names(self.class_names, n_classes)
+        names = class_names_or_ids(self.class_names, n_classes)
         metrics = {
             "kv_agreement": self.agreement_per_class(),
             "composition_match": _ratio(self.match, self.tokens),
@@ -311,7 +310,7 @@ def _checked_inputs(
     kinds = check_kinds(kinds)
     labels = _check_labels(model, images, labels)
     for kind in kinds:
-        _check_k(k, n_memories(model, kind), f"k (most activated {kind} memories per token)")
+        check_k(k, n_memories(model, kind), f"k (most activated {kind} memories per token)")
     if not isinstance(n_random_draws, int) or n_random_draws < 0:
         raise ValueError(f"n_random_draws must be a non-negative int, got {n_random_draws!r}")
     if tables is None:

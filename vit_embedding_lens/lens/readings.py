@@ -28,7 +28,7 @@ from vit_embedding_lens.lens.projection import ClassProjection
 from vit_embedding_lens.lens.ranks import class_rank
 from vit_embedding_lens.model.hook_names import act_name, block_hook_names
 from vit_embedding_lens.model.indices import resolve_blocks
-from vit_embedding_lens.model.targets import class_targets
+from vit_embedding_lens.model.targets import class_names_or_ids, class_targets
 
 if TYPE_CHECKING:
     from vit_embedding_lens.model.hooked_vit import HookedViT
@@ -300,9 +300,7 @@ def logit_lens(
         for t in layer_types
     }
     labels = np.asarray(layout.token_labels(), dtype=object)
-    class_names = np.asarray(
-        model.class_names if model.class_names else [str(c) for c in range(n_classes)], object
-    )
+    class_names = np.asarray(class_names_or_ids(model.class_names, n_classes), object)
     image, token, rank = (
         a.ravel()
         for a in np.meshgrid(np.arange(images.shape[0]), tokens, np.arange(k), indexing="ij")

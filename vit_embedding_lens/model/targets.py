@@ -3,7 +3,7 @@ analysis that takes labels, targets or classes (ids, names, tensors, or the mode
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -81,3 +81,8 @@ def class_targets(
         )
     check_class_ids(ids, model.cfg.n_classes, what)
     return ids.clone()
+
+
+def class_names_or_ids(names: Optional[Sequence[str]], n_classes: int) -> List[str]:
+    """The class names for tables and labels, or the ids as strings for models without names."""
+    return list(names) if names else [str(c) for c in range(n_classes)]

@@ -23,6 +23,7 @@ from vit_embedding_lens.lens.projection import ClassProjection
 from vit_embedding_lens.lens.readings import sublayer_cache, token_logits, token_types
 from vit_embedding_lens.model.hook_names import LOGITS, act_name
 from vit_embedding_lens.model.readout import readout_logits
+from vit_embedding_lens.model.targets import class_names_or_ids
 from vit_embedding_lens.viz._figures import figure_to_png, to_numpy
 from vit_embedding_lens.viz.attention import (
     attention_table,
@@ -225,7 +226,7 @@ def class_probability_view(
         if class_id is None
         else model.to_single_token(class_id)
     )
-    name = model.class_names[c] if getattr(model, "class_names", None) else str(c)
+    name = class_names_or_ids(model.class_names, model.cfg.n_classes)[c]
     values = probs[image_index, :, :, c]  # [n_blocks, n_tokens]
     blocks = [f"block {b}" for b in range(values.shape[0])]
     labels = layout.token_labels()
@@ -294,11 +295,7 @@ def topk_tokens_view(
         ),
         -1,
     ).reshape(-1, 4)
-    names = (
-        list(model.class_names)
-        if getattr(model, "class_names", None)
-        else [str(i) for i in range(n_cls)]
-    )
+    names = class_names_or_ids(model.class_names, n_cls)
     data = pd.DataFrame(
         {
             "image": np.asarray(indices)[grid[:, 0]],
