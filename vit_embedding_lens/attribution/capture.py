@@ -34,11 +34,3 @@ def capture(
     if missing:
         raise RuntimeError(f"hook points {missing} did not fire; check the model's block count")
     return out, store
-
-
-def pattern_name(block: int) -> str:
-    return f"blocks.{block}.attn.hook_pattern"
-
-
-def value_name(block: int) -> str:
-    return f"blocks.{block}.attn.hook_v"

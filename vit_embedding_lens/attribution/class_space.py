@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vit_embedding_lens.attribution.capture import capture, pattern_name, value_name
+from vit_embedding_lens.attribution.capture import capture
 from vit_embedding_lens.attribution.readout import (
     ClassSpec,
     batch_slices,
@@ -34,6 +34,7 @@ from vit_embedding_lens.attribution.readout import (
 )
 from vit_embedding_lens.attribution.result import AttributionMap
 from vit_embedding_lens.lens.projection import ClassProjection
+from vit_embedding_lens.model.hook_names import act_name
 
 Loss = Literal["cross_entropy", "double_softmax"]
 
@@ -114,15 +115,15 @@ def _block_head_maps(
     """``-∂loss_l/∂A^l`` averaged over the readout query rows, for every block and head."""
     keep = {}
     for l in blocks:
-        keep[pattern_name(l)] = lambda a: a[:, :, rows]  # [B, H, R, N]
-        keep[value_name(l)] = None  # [B, N, H, dh]
+        keep[act_name("pattern", l)] = lambda a: a[:, :, rows]  # [B, H, R, N]
+        keep[act_name("v", l)] = None  # [B, N, H, dh]
     with torch.no_grad():
         _, acts = capture(model, images, keep)
     with torch.enable_grad():
-        pattern = torch.stack([acts[pattern_name(l)] for l in blocks]).requires_grad_(
+        pattern = torch.stack([acts[act_name("pattern", l)] for l in blocks]).requires_grad_(
             True
         )  # [L,B,H,R,N]
-        v = torch.stack([acts[value_name(l)] for l in blocks])  # [L, B, N, H, dh]
+        v = torch.stack([acts[act_name("v", l)] for l in blocks])  # [L, B, N, H, dh]
         z = einops.einsum(pattern, v, "l b h r n, l b n h e -> l b r h e")
         w_o = torch.stack([model.blocks[l].attn.W_O for l in blocks]).detach()  # [L, H, dh, d]
         b_o = torch.stack([model.blocks[l].attn.b_O for l in blocks]).detach()  # [L, d]

@@ -28,6 +28,7 @@ from vit_embedding_lens.attribution.methods import get_attribution_method
 from vit_embedding_lens.attribution.random_map import random_attribution
 from vit_embedding_lens.attribution.readout import batch_slices, image_layout
 from vit_embedding_lens.attribution.result import AttributionMap
+from vit_embedding_lens.model.targets import class_targets, predicted_classes
 
 ORDERS = ("positive", "negative")
 MethodSpec = Union[str, Callable, AttributionMap, Tensor]
@@ -181,7 +182,10 @@ def perturbation_benchmark(
     if bad or not orders:
         raise ValueError(f"orders must be among {ORDERS}, got {list(orders)}")
     n_values = _check_n_keep(n_keep, n_patches)
-    targets = _targets(model, images, labels, batch_size)
+    if labels is None:
+        targets = predicted_classes(model, images, batch_size)
+    else:
+        targets = class_targets(model, labels, images.shape[0], what="labels", device=images.device)
     rankings = _rankings(model, images, targets, methods, seeds, progress)
 
     # one row per (n, ranking, order, image), n outermost so that each forward pads little; rows
@@ -219,19 +223,6 @@ def _check_n_keep(n_keep: Optional[Sequence[int]], n_patches: int) -> List[int]:
             f"n_keep values must lie in 1..{n_patches - 1} (image tokens kept), got {list(n_keep)}"
         )
     return values
-
-
-def _targets(model, images: Tensor, labels: Optional[Tensor], batch_size: int) -> Tensor:
-    if labels is None:
-        with torch.no_grad():
-            return torch.cat(
-                [model(images[sl]).argmax(-1) for sl in batch_slices(images.shape[0], batch_size)]
-            )
-    if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.is_floating_point():
-        raise TypeError("labels must be a 1-D integer tensor of class ids, one per image")
-    if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{labels.shape[0]} labels for {images.shape[0]} images")
-    return labels.to(images.device).long()
 
 
 def _rankings(

@@ -29,7 +29,9 @@ from vit_embedding_lens.attribution.readout import (
 from vit_embedding_lens.attribution.result import AttributionMap
 from vit_embedding_lens.attribution.ridge import fit_ridge, one_vs_all_targets
 from vit_embedding_lens.lens.projection import ClassProjection
+from vit_embedding_lens.model.hook_names import act_name
 from vit_embedding_lens.model.layout import TokenLayout
+from vit_embedding_lens.model.targets import class_targets
 
 LAYERS: Tuple[str, ...] = ("resid_post", "attn_out", "mlp_out")
 #: float64 bytes of one batch of ridge systems solved at once (bounds the memory of large models)
@@ -48,7 +50,7 @@ def collect_token_activations(
     """Every token's ``blocks.{l}.hook_{layer}`` activation, stacked ``[batch, layer, block, token, d]``."""
     layers = _check_layers(layers)
     blocks = resolve_blocks(model, blocks)
-    names = [f"blocks.{l}.hook_{layer}" for layer in layers for l in blocks]
+    names = [act_name(layer, l) for layer in layers for l in blocks]
     out = []
     for sl in tqdm(
         batch_slices(images.shape[0], batch_size), desc="activations", disable=not progress
@@ -112,7 +114,7 @@ def fit_linear_probes(
     """Train one ridge probe per (layer type, block, token position) on all the given images.
     ``acts`` (from :func:`collect_token_activations`, same layers and blocks) skips the forward."""
     layers, blocks = _check_layers(layers), resolve_blocks(model, blocks)
-    labels = _check_labels(labels, images.shape[0])
+    labels = class_targets(model, labels, images.shape[0], what="labels")
     if acts is None:
         acts = collect_token_activations(
             model, images, layers, blocks, batch_size=batch_size, progress=progress
@@ -177,7 +179,7 @@ def probe_accuracy_table(
     One row per (layer, block, token position, readout): columns ``layer, block, token, label,
     kind, readout`` (``"probe"`` or ``"projection"``), ``accuracy``, ``n_images``.
     """
-    labels = _check_labels(labels, images.shape[0])
+    labels = class_targets(model, labels, images.shape[0], what="labels")
     if acts is None:
         acts = collect_token_activations(
             model, images, probes.layers, probes.blocks, batch_size=batch_size, progress=progress
@@ -244,7 +246,7 @@ def probe_comparison(
     """Train probes on ``k_per_class`` images per class (seeded choice) and compare them with the
     projection on all the other images."""
     layers, blocks = _check_layers(layers), resolve_blocks(model, blocks)
-    labels = _check_labels(labels, images.shape[0])
+    labels = class_targets(model, labels, images.shape[0], what="labels")
     train, test = sample_per_class(labels, k_per_class, seed)
     acts = collect_token_activations(
         model, images, layers, blocks, batch_size=batch_size, progress=progress
@@ -313,11 +315,3 @@ def _check_layers(layers: Sequence[str]) -> List[str]:
     if bad or not layers:
         raise ValueError(f"layer types must be among {LAYERS}, got {list(layers)}")
     return list(layers)
-
-
-def _check_labels(labels: Tensor, n: int) -> Tensor:
-    if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.is_floating_point():
-        raise TypeError("labels must be a 1-D integer tensor of class ids (one per image)")
-    if labels.shape[0] != n:
-        raise ValueError(f"{labels.shape[0]} labels for {n} images")
-    return labels.long()

@@ -7,16 +7,17 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vit_embedding_lens.attribution.capture import capture, pattern_name
+from vit_embedding_lens.attribution.capture import capture
 from vit_embedding_lens.attribution.readout import (
     ClassSpec,
     batch_slices,
     image_layout,
     readout_positions,
-    resolve_blocks,
     resolve_classes,
 )
 from vit_embedding_lens.attribution.result import AttributionMap
+from vit_embedding_lens.model.hook_names import act_name
+from vit_embedding_lens.model.indices import resolve_block
 
 
 def raw_attention(
@@ -32,9 +33,9 @@ def raw_attention(
     ``classes`` is recorded only, default the prediction)."""
     layout = image_layout(model, images)
     rows = readout_positions(model, layout)
-    (block,) = resolve_blocks(model, [block])
+    block = resolve_block(model, block)
     classes = resolve_classes(model, images, classes)
-    name = pattern_name(block)
+    name = act_name("pattern", block)
     maps = []
     for sl in tqdm(
         batch_slices(images.shape[0], batch_size), desc="raw attention", disable=not progress

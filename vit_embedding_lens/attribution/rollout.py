@@ -12,7 +12,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vit_embedding_lens.attribution.capture import capture, pattern_name
+from vit_embedding_lens.attribution.capture import capture
 from vit_embedding_lens.attribution.readout import (
     ClassSpec,
     batch_slices,
@@ -21,6 +21,7 @@ from vit_embedding_lens.attribution.readout import (
     resolve_classes,
 )
 from vit_embedding_lens.attribution.result import AttributionMap
+from vit_embedding_lens.model.hook_names import act_name
 
 
 def attention_rollout(
@@ -36,7 +37,7 @@ def attention_rollout(
     layout = image_layout(model, images)
     rows = readout_positions(model, layout)
     classes = resolve_classes(model, images, classes)
-    names = [pattern_name(l) for l in range(model.cfg.n_layers)]
+    names = [act_name("pattern", l) for l in range(model.cfg.n_layers)]
     maps = []
     for sl in tqdm(
         batch_slices(images.shape[0], batch_size), desc="attention rollout", disable=not progress

@@ -26,8 +26,9 @@ from typing import Callable, Dict, Iterator, List, Literal, Mapping, Optional, T
 import torch
 from torch import Tensor
 
-from vit_embedding_lens.interventions.knockout import _resolve
 from vit_embedding_lens.interventions.selection import TokenSpec, selection_mask
+from vit_embedding_lens.model.hook_names import block_hook_names
+from vit_embedding_lens.model.indices import resolve_blocks
 
 Method = Literal["zero", "mean", "resample"]
 COMPONENTS: Dict[str, str] = {
@@ -62,7 +63,7 @@ def component_hook_names(model, component: str, blocks=None) -> List[str]:
         raise ValueError(
             "per-head results are not computed; call model.set_use_attn_result(True) first"
         )
-    return [f"blocks.{l}.{suffix}" for l in _resolve(blocks, model.cfg.n_layers, "block")]
+    return block_hook_names(suffix, resolve_blocks(model, blocks, distinct=True, allow_empty=True))
 
 
 def ablation_hooks(

@@ -25,6 +25,8 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from vit_embedding_lens.interventions.selection import TokenSpec, token_mask
+from vit_embedding_lens.model.hook_names import act_name
+from vit_embedding_lens.model.indices import resolve_blocks, resolve_heads
 from vit_embedding_lens.model.layout import TokenLayout
 
 Mode = Literal["pre_softmax", "post_softmax"]
@@ -103,8 +105,8 @@ class AttentionKnockout:
         self.model = model
         self.mode = mode
         self.removed = knockout_mask(model.layout, preset, queries=queries, keys=keys, mask=mask)
-        self.blocks = _resolve(blocks, model.cfg.n_layers, "block")
-        self.heads = None if heads is None else _resolve(heads, model.cfg.n_heads, "head")
+        self.blocks = resolve_blocks(model, blocks, distinct=True, allow_empty=True)
+        self.heads = None if heads is None else resolve_heads(model, heads, allow_empty=True)
         allowed = ~self.removed
         if self.heads is not None:
             per_head = torch.ones(model.cfg.n_heads, *allowed.shape, dtype=torch.bool)
@@ -128,9 +130,9 @@ class AttentionKnockout:
         (``pre_softmax``, explicit attention path) or zeroed pattern weights (``post_softmax``)."""
         if self.is_empty:
             return []
-        point = "hook_attn_scores" if self.mode == "pre_softmax" else "hook_pattern"
+        point = "attn_scores" if self.mode == "pre_softmax" else "pattern"
         hook = self._mask_scores if self.mode == "pre_softmax" else self._zero_pattern
-        return [(f"blocks.{l}.attn.{point}", hook) for l in self.blocks]
+        return [(act_name(point, l), hook) for l in self.blocks]
 
     def _allowed_for(self, act: Tensor) -> Tensor:
         """The allowed mask as ``[batch|1, head|1, query, key]`` for this forward's token slots."""
@@ -195,17 +197,3 @@ def knockout(
     return AttentionKnockout(
         model, preset, queries=queries, keys=keys, mask=mask, blocks=blocks, heads=heads, mode=mode
     )
-
-
-def _resolve(index, size: int, what: str) -> List[int]:
-    """Indices (negative allowed) as a sorted list of distinct non-negative ints; None = all."""
-    if index is None:
-        return list(range(size))
-    items = [index] if isinstance(index, int) else list(index)
-    out = set()
-    for i in items:
-        i = int(i)
-        if not -size <= i < size:
-            raise IndexError(f"{what} {i} is out of range: the model has {size} {what}s")
-        out.add(i % size)
-    return sorted(out)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from vit_embedding_lens.lens.projection import ClassProjection, pooled_readout
+from vit_embedding_lens.lens.ranks import class_rank
+from vit_embedding_lens.model.hook_names import LOGITS, act_name
+from vit_embedding_lens.model.indices import resolve_block
+from vit_embedding_lens.model.targets import class_targets
 
 Kind = Literal[
     "logit", "logit_diff", "probability", "log_probability", "identifiability", "rank", "rank0"
@@ -30,12 +32,6 @@ KINDS = (
     "rank",
     "rank0",
 )
-
-
-def class_rank(logits: Float[Tensor, "... C"], target: Tensor) -> Tensor:
-    """0-based rank of ``target`` among the logits, high to low: ``#{k : p_k > p_target}``."""
-    own = logits.gather(-1, target.unsqueeze(-1))
-    return (logits > own).sum(-1)
 
 
 class ClassSpaceMetric:
@@ -71,9 +67,6 @@ class ClassSpaceMetric:
             raise ValueError(f"reduce must be 'mean' or 'none', got {reduce!r}")
         if other is not None and kind != "logit_diff":
             raise ValueError("other= is only used by kind='logit_diff'")
-        n_layers = model.cfg.n_layers
-        if not -n_layers <= block < n_layers:
-            raise IndexError(f"block {block} is out of range for {n_layers} blocks")
         layout = model.layout
         if readout == "cls" and layout.cls_index is None:
             raise ValueError(
@@ -88,7 +81,7 @@ class ClassSpaceMetric:
                 f"readout must be 'logits', 'pooled', 'cls', 'image' or a token index, got {readout!r}"
             )
         self.model, self.kind, self.readout, self.reduce = model, kind, readout, reduce
-        self.block = block % n_layers
+        self.block = resolve_block(model, block)
         self.target, self.other = target, other
         self.n_classes = model.cfg.n_classes
         self._projection = ClassProjection(model) if readout not in ("logits", "pooled") else None
@@ -96,7 +89,7 @@ class ClassSpaceMetric:
     @property
     def hook_name(self) -> str:
         """The activation this metric reads: ``hook_logits`` or ``blocks.{block}.hook_resid_post``."""
-        return "hook_logits" if self.readout == "logits" else f"blocks.{self.block}.hook_resid_post"
+        return LOGITS if self.readout == "logits" else act_name("resid_post", self.block)
 
     def class_logits(self, activation: Tensor) -> Tensor:
         """Class logits ``[batch, C]`` (``[batch, n_image_tokens, C]`` for the image readout)."""
@@ -148,13 +141,9 @@ class ClassSpaceMetric:
     def _per_row(self, target, logits: Tensor) -> Tensor:
         """Target class ids broadcast to the logits' leading dimensions."""
         batch = logits.shape[0]
-        t = torch.as_tensor(target, device=logits.device).long()
-        if t.ndim == 0:
-            t = t.expand(batch)
-        if t.ndim != 1 or t.shape[0] != batch:
-            raise ValueError(
-                f"target must be a class index or a [batch] tensor of {batch} ids, got shape {tuple(t.shape)}"
-            )
+        t = class_targets(
+            self.model, target, batch, what="target", broadcast=True, device=logits.device
+        )
         if logits.ndim == 3:
             t = t[:, None].expand(batch, logits.shape[1])
         return t

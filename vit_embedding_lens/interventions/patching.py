@@ -24,7 +24,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vit_embedding_lens.interventions.selection import TokenSpec, hook_layer, selection_mask
+from vit_embedding_lens.interventions.selection import TokenSpec, selection_mask
+from vit_embedding_lens.model.hook_names import act_name, block_hook_names, hook_block
+from vit_embedding_lens.model.indices import resolve_blocks
 from vit_embedding_lens.model.layout import TokenLayout
 
 Cell = Dict[str, Tensor]
@@ -144,7 +146,7 @@ def run_patching(
     readout = getattr(metric, "hook_name", None)
     if readout is not None:
         model.check_hook_name(readout)
-    readout_layer = hook_layer(readout) if readout is not None else None
+    readout_layer = hook_block(readout) if readout is not None else None
     stop = readout_layer + 1 if readout_layer is not None else None
 
     chunks = [list(range(i, min(i + k, len(cells)))) for i in range(0, len(cells), k)]
@@ -205,7 +207,7 @@ def _clean_activations(model, clean_cache, names: List[str], batch: int) -> Dict
 
 
 def _start_layer(cells, chunk, readout_layer, n_layers) -> int:
-    layers = [hook_layer(name) for c in chunk for name in cells[c]]
+    layers = [hook_block(name) for c in chunk for name in cells[c]]
     if any(l is None for l in layers):
         return 0  # a patch before the blocks (embeddings): run everything
     start = min(layers)
@@ -218,7 +220,7 @@ def _corrupted_resid(model, images: Tensor, layers: List[int]) -> Dict[int, Tens
     """The corrupted run's residual stream entering each block in ``layers`` (one forward)."""
     if not layers:
         return {}
-    names = [f"blocks.{l}.hook_resid_pre" for l in layers]
+    names = block_hook_names("hook_resid_pre", layers)
     with torch.no_grad():
         _, cache = model.run_with_cache(images, names_filter=names, stop_at_layer=max(layers) + 1)
     return {l: cache[name] for l, name in zip(layers, names)}
@@ -300,9 +302,7 @@ def sweep(
             raise ValueError(
                 "per-head results are not computed; call model.set_use_attn_result(True) first"
             )
-    from vit_embedding_lens.interventions.knockout import _resolve
-
-    layer_ids = _resolve(layers, model.cfg.n_layers, "block")
+    layer_ids = resolve_blocks(model, layers, distinct=True, allow_empty=True)
     dims: List[str] = [] if single else ["component"]
     coords: Dict[str, List] = (
         {} if single else {"component": [s.split(".")[-1].replace("hook_", "") for s in suffixes]}
@@ -338,7 +338,7 @@ def sweep(
         layer = coord["layer"]
         tok_index = coord.get("token", coord.get("group"))
         head = coord.get("head")
-        name = f"blocks.{layer}.{suffix}"
+        name = act_name(suffix, layer)
         key = (suffix, tok_index, head)
         if key not in mask_cache:
             spec = token_specs[tok_index] if tok_index is not None else token_specs[0]

@@ -9,7 +9,6 @@ model's :class:`~vit_embedding_lens.model.layout.TokenLayout`.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -17,6 +16,8 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from vit_embedding_lens.model.hook_names import hook_block as hook_layer  # noqa: F401 (old name)
+from vit_embedding_lens.model.indices import resolve_indices
 from vit_embedding_lens.model.layout import TokenLayout
 
 TokenSpec = Union[str, int, range, Sequence[int], Tensor]
@@ -137,15 +138,6 @@ class HookAxes:
     unit: Optional[int] = None  # MLP neuron or feature
 
 
-_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
-
-
-def hook_layer(name: str) -> Optional[int]:
-    """Block index of a hook name (``blocks.3.attn.hook_z`` -> 3); None outside the blocks."""
-    match = _LAYER_RE.match(name)
-    return int(match.group(1)) if match else None
-
-
 def hook_axes(name: str) -> HookAxes:
     """The axes of the activation at hook point ``name``."""
     if name.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")):
@@ -163,11 +155,9 @@ def hook_axes(name: str) -> HookAxes:
 
 def _index_mask(size: int, index, what: str, device) -> Tensor:
     mask = torch.zeros(size, dtype=torch.bool, device=device)
-    idx = [index] if isinstance(index, int) else list(index)
-    for i in idx:
-        if not -size <= int(i) < size:
-            raise IndexError(f"{what} {i} is out of range (there are {size})")
-        mask[int(i)] = True
+    chosen = resolve_indices(index, size, what, distinct=True, allow_empty=True)
+    if chosen:
+        mask[chosen] = True
     return mask
 
 

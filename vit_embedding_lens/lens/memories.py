@@ -37,6 +37,9 @@ from torch import Tensor
 
 from vit_embedding_lens.lens.projection import HeadChoice, classifier_head
 from vit_embedding_lens.lens.stats import wilcoxon_greater
+from vit_embedding_lens.model.hook_names import act_name
+from vit_embedding_lens.model.indices import resolve_block
+from vit_embedding_lens.model.targets import class_names_or_ids
 
 SublayerKind = Literal["attn", "mlp"]
 #: the two kinds of sublayer with key-value memories, in the order every result uses
@@ -63,16 +66,6 @@ def check_kinds(kinds: Union[str, Sequence[str]]) -> Tuple[str, ...]:
     return tuple(check_kind(k) for k in kinds)
 
 
-def check_block(model, block: int) -> int:
-    """``block`` as a non-negative index (negative counts from the end), or a clear error."""
-    n = model.cfg.n_layers
-    if not isinstance(block, int) or isinstance(block, bool):
-        raise TypeError(f"block must be an int, got {type(block).__name__}")
-    if not -n <= block < n:
-        raise ValueError(f"block {block} is out of range: the model has {n} blocks (0..{n - 1})")
-    return block % n
-
-
 def n_memories(model, kind: SublayerKind) -> int:
     """Memories per block: ``d_mlp`` neurons, or ``n_heads * d_head`` attention value rows."""
     cfg = model.cfg
@@ -81,16 +74,12 @@ def n_memories(model, kind: SublayerKind) -> int:
 
 def coefficient_hook_name(block: int, kind: SublayerKind) -> str:
     """The hook point whose activation holds the memory coefficients of a sublayer."""
-    return (
-        f"blocks.{block}.mlp.hook_pre"
-        if check_kind(kind) == "mlp"
-        else f"blocks.{block}.attn.hook_z"
-    )
+    return act_name("pre" if check_kind(kind) == "mlp" else "z", block)
 
 
 def write_in_hook_name(block: int, kind: SublayerKind) -> str:
     """The hook point of what the sublayer writes into the residual stream (``attn_out``/``mlp_out``)."""
-    return f"blocks.{block}.hook_{check_kind(kind)}_out"
+    return act_name(f"{check_kind(kind)}_out", block)
 
 
 def memory_coefficients(
@@ -105,7 +94,7 @@ def memory_coefficients(
 
 def memory_values(model, block: int, kind: SublayerKind) -> Float[Tensor, "n_memories d_model"]:
     """The value vectors of a sublayer, one row per memory (what each memory writes; see module doc)."""
-    block = check_block(model, block)
+    block = resolve_block(model, block)
     layer = model.blocks[block]
     if check_kind(kind) == "mlp":
         values = layer.mlp.W_out
@@ -121,7 +110,7 @@ def memory_values(model, block: int, kind: SublayerKind) -> Float[Tensor, "n_mem
 
 def memory_keys(model, block: int) -> Float[Tensor, "d_mlp d_model"]:
     """The MLP's key vectors ``W_in[:, i]``, one row per neuron (attention memories have no key row)."""
-    return model.blocks[check_block(model, block)].mlp.W_in.T
+    return model.blocks[resolve_block(model, block)].mlp.W_in.T
 
 
 # -- reading values in the class space ------------------------------------------------------------
@@ -147,7 +136,7 @@ def class_top_memories(
     projection: Float[Tensor, "n_classes n_memories"], k: int = 5
 ) -> Int[Tensor, "n_classes k"]:
     """Per class, the ``k`` memories whose values write the largest logit for it (by ``P[c, :]``)."""
-    _check_k(k, projection.shape[-1], "memories per class")
+    check_k(k, projection.shape[-1], "memories per class")
     return projection.topk(k, dim=-1).indices
 
 
@@ -156,7 +145,8 @@ def memory_classes(projection: Float[Tensor, "n_classes n_memories"]) -> Int[Ten
     return projection.argmax(dim=0)
 
 
-def _check_k(k: int, n: int, what: str) -> None:
+def check_k(k: int, n: int, what: str) -> None:
+    """``k`` as an int in ``1..n``, or a ValueError that names ``what`` it counts."""
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
         raise ValueError(f"{what} must be an int in 1..{n}, got {k!r}")
 
@@ -195,7 +185,7 @@ def class_value_agreement_frame(
         raise ValueError(
             f"agreement has {n_kinds} sublayer kinds but {len(kinds)} names were given: {kinds}"
         )
-    names = _class_names(class_names, n_classes)
+    names = class_names_or_ids(class_names, n_classes)
     values = agreement.detach().cpu().double()
     rows = [
         (block, kind, c, names[c], model_label, float(values[k, block, c]))
@@ -303,8 +293,8 @@ def value_topk(
     for memories, and ``head, d_head_index`` for attention memories).
     """
     embeddings = class_embeddings(model, head)
-    _check_k(k, embeddings.shape[0], "k (classes per value)")
-    names = _class_names(model.class_names, embeddings.shape[0])
+    check_k(k, embeddings.shape[0], "k (classes per value)")
+    names = class_names_or_ids(model.class_names, embeddings.shape[0])
     if (vector is None) == (index is None):
         raise ValueError(
             "give either a memory (block=, kind=, index=) or a vector=, not both and not neither"
@@ -327,7 +317,7 @@ def value_topk(
             raise ValueError(
                 "a memory index needs its block=; or pass vector= for any residual-space vector"
             )
-        block = check_block(model, block)
+        block = resolve_block(model, block)
         n = n_memories(model, kind)
         indices = [index] if isinstance(index, int) else list(index)
         bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < n]
@@ -365,10 +355,10 @@ def top_memories(
     Rows: ``block, sublayer, class, class_name, rank, memory, score`` (``score = P[c, memory]``), plus
     each memory's own top class (``memory_class``), the argmax over its column of ``P``.
     """
-    block = check_block(model, block)
+    block = resolve_block(model, block)
     c = model.to_single_token(class_id)
     projection = value_projection(model, block, kind, head)
-    names = _class_names(model.class_names, projection.shape[0])
+    names = class_names_or_ids(model.class_names, projection.shape[0])
     top = class_top_memories(projection, k)[c]
     own = memory_classes(projection)
     rows = [
@@ -385,7 +375,3 @@ def top_memories(
         for rank, m in enumerate(top)
     ]
     return pd.DataFrame(rows)
-
-
-def _class_names(names: Optional[Sequence[str]], n_classes: int) -> List[str]:
-    return list(names) if names is not None else [str(c) for c in range(n_classes)]

@@ -23,7 +23,7 @@ memory indices of each token survive the forward pass, never a ``n_memories``-wi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 import torch
@@ -33,8 +33,7 @@ from tqdm.auto import tqdm
 
 from vit_embedding_lens.lens.memories import (
     SUBLAYER_KINDS,
-    _check_k,
-    _class_names,
+    check_k,
     check_kinds,
     class_top_memories,
     coefficient_hook_name,
@@ -45,6 +44,10 @@ from vit_embedding_lens.lens.memories import (
     write_in_hook_name,
 )
 from vit_embedding_lens.lens.projection import ClassProjection, HeadChoice
+from vit_embedding_lens.model.targets import class_names_or_ids, class_targets
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 #: token groups, in the order every result uses (only those a layout has are reported)
 TOKEN_GROUPS: Tuple[str, str, str] = ("cls", "prefix", "image")
@@ -218,7 +221,7 @@ class MemoryUsage:
         """Tidy rows ``block, sublayer, token_group, class, class_name, metric, value, n_tokens`` for
         the per-class agreement (``kv_agreement``) and match rates (``composition_match``)."""
         n_classes = self.tokens.shape[-1]
-        names = _class_names(self.class_names, n_classes)
+        names = class_names_or_ids(self.class_names, n_classes)
         metrics = {
             "kv_agreement": self.agreement_per_class(),
             "composition_match": _ratio(self.match, self.tokens),
@@ -305,9 +308,9 @@ def _checked_inputs(
 ):
     """Validate the arguments shared by the batch functions; build the tables and generator if missing."""
     kinds = check_kinds(kinds)
-    labels = _check_labels(images, labels, model.cfg.n_classes)
+    labels = _check_labels(model, images, labels)
     for kind in kinds:
-        _check_k(k, n_memories(model, kind), f"k (most activated {kind} memories per token)")
+        check_k(k, n_memories(model, kind), f"k (most activated {kind} memories per token)")
     if not isinstance(n_random_draws, int) or n_random_draws < 0:
         raise ValueError(f"n_random_draws must be a non-negative int, got {n_random_draws!r}")
     if tables is None:
@@ -514,22 +517,8 @@ def _agrees(
     return member.gather(1, top.flatten(1)).view(top.shape).any(-1)
 
 
-def _check_labels(images: Tensor, labels, n_classes: int) -> Tensor:
+def _check_labels(model: "HookedViT", images: Tensor, labels) -> Tensor:
     if not isinstance(images, Tensor) or images.ndim != 4:
         got = getattr(images, "shape", type(images).__name__)
         raise TypeError(f"images must be a tensor [batch, chan, height, width], got {got}")
-    labels = torch.as_tensor(labels, device=images.device)
-    if (
-        labels.dtype.is_floating_point
-        or labels.dtype == torch.bool
-        or labels.shape != (images.shape[0],)
-    ):
-        raise ValueError(
-            f"labels must be integer class ids, one per image (shape ({images.shape[0]},)), got dtype "
-            f"{labels.dtype} and shape {tuple(labels.shape)}"
-        )
-    if labels.numel() and (labels.min() < 0 or labels.max() >= n_classes):
-        raise ValueError(
-            f"labels must lie in [0, {n_classes}), got {labels.min().item()}..{labels.max().item()}"
-        )
-    return labels.long()
+    return class_targets(model, labels, images.shape[0], what="labels", device=images.device)

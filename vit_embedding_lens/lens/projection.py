@@ -18,6 +18,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+# the model's own readout, hook-free (one home: model/readout.py); kept here under its old name
+from vit_embedding_lens.model.readout import readout_logits as pooled_readout
+
+__all__ = ["ClassProjection", "HeadChoice", "classifier_head", "pooled_readout", "project"]
+
 HeadChoice = Literal["mean", "cls", "dist"]
 
 
@@ -112,28 +117,3 @@ def project(
 ) -> Float[Tensor, "... n_classes"]:
     """Project residual-space vectors onto the class space: ``E · ln_final(v) + b`` per vector."""
     return ClassProjection(model, head=head)(v)
-
-
-def pooled_readout(
-    model, resid: Float[Tensor, "batch pos d_model"]
-) -> Float[Tensor, "batch n_classes"]:
-    """The model's own readout of a whole residual stream (pooling included): equals the logits
-    when ``resid`` is the last ``resid_post``. Hook-free; for any block's residual stream."""
-    cfg = model.cfg
-    proj = ClassProjection(model)
-    if cfg.final_norm == "pooled":  # average/max pooling, then fc_norm
-        return proj(model.pool(resid))
-    if cfg.has_dist_token:
-        cls_proj, dist_proj = (
-            ClassProjection(model, head="cls"),
-            ClassProjection(model, head="dist"),
-        )
-        layout = model.layout
-        return (cls_proj(resid[:, layout.cls_index]) + dist_proj(resid[:, layout.dist_index])) / 2
-    if cfg.global_pool == "token":
-        return proj(resid[:, model.layout.cls_index])
-    # pooling after a per-token final norm (timm's final_norm before avg pool)
-    normed = torch.nn.functional.layer_norm(resid, (cfg.d_model,), eps=model.ln_final.eps)
-    if model.ln_final.affine:
-        normed = normed * model.ln_final.w + model.ln_final.b
-    return model.head(model.pool(normed))

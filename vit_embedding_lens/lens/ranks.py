@@ -11,17 +11,18 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from vit_embedding_lens.model.targets import check_class_ids
+
 
 def class_rank(
-    logits: Float[Tensor, "... n_classes"], target: Int[Tensor, "..."]
+    logits: Float[Tensor, "... class"], target: Int[Tensor, "..."]
 ) -> Int[Tensor, "..."]:
-    """0-based rank of ``target`` in ``logits`` (``target`` broadcasts against the leading axes)."""
+    """0-based rank of ``target`` in ``logits``, ``#{k : logit_k > logit_target}`` (int64; ties
+    count in the class's favour). ``target`` broadcasts against the leading axes; ids outside
+    the class range are refused."""
     target = torch.as_tensor(target, device=logits.device).long()
     target = target.expand(logits.shape[:-1])
-    if (target < 0).any() or (target >= logits.shape[-1]).any():
-        raise ValueError(
-            f"class ids must lie in [0, {logits.shape[-1]}), got {target.min().item()}..{target.max().item()}"
-        )
+    check_class_ids(target, logits.shape[-1])
     return rank_and_logit(logits, target)[0]
 
 

@@ -16,7 +16,7 @@ see :class:`~vit_embedding_lens.lens.projection.ClassProjection`), one matmul pe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from jaxtyping import Bool, Int
@@ -25,7 +25,12 @@ from tqdm.auto import tqdm
 
 from vit_embedding_lens.lens.projection import ClassProjection
 from vit_embedding_lens.lens.ranks import rank_and_logit, rank_dtype
+from vit_embedding_lens.model.hook_names import act_name
 from vit_embedding_lens.model.layout import TokenLayout
+from vit_embedding_lens.model.targets import class_targets
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 #: where ranks are read, per block: attention write-in, MLP write-in, residual after the block
 KINDS = ("attn", "mlp", "resid")
@@ -124,7 +129,7 @@ class LensRecorder:
     for that batch). The projection runs in float32 (float64 for float64 models).
     """
 
-    def __init__(self, model) -> None:
+    def __init__(self, model: "HookedViT") -> None:
         self.model = model
         param = next(model.parameters())
         self.work_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
@@ -133,6 +138,15 @@ class LensRecorder:
         #: the token layout of the recorded inputs (differs from ``model.layout`` only for other
         #: input sizes of ``dynamic_img_size`` models)
         self.layout = model.layout
+        # hook names are built once here, not on every recorded batch
+        self._hooks: List[Tuple[str, Callable]] = [(act_name("resid_pre", 0), self._on_input)]
+        for layer in range(model.cfg.n_layers):
+            self._hooks += [
+                (act_name("attn_out", layer), self._on_attn_out),
+                (act_name("resid_mid", layer), self._on_resid_mid),
+                (act_name("mlp_out", layer), self._on_mlp_out),
+                (act_name("resid_post", layer), self._on_resid_post),
+            ]
         self._reset(None)
 
     def _reset(self, target: Optional[Tensor]) -> None:
@@ -145,17 +159,9 @@ class LensRecorder:
             k: [] for k in (*_rank_rows(), *_rose_rows(), "composition")
         }
 
-    def hooks(self) -> List[Tuple[str, callable]]:
+    def hooks(self) -> List[Tuple[str, Callable]]:
         """``(hook name, function)`` pairs for ``model.hooks(fwd_hooks=...)`` / ``run_with_hooks``."""
-        hooks = [("blocks.0.hook_resid_pre", self._on_input)]
-        for layer in range(self.model.cfg.n_layers):
-            hooks += [
-                (f"blocks.{layer}.hook_attn_out", self._on_attn_out),
-                (f"blocks.{layer}.hook_resid_mid", self._on_resid_mid),
-                (f"blocks.{layer}.hook_mlp_out", self._on_mlp_out),
-                (f"blocks.{layer}.hook_resid_post", self._on_resid_post),
-            ]
-        return hooks
+        return list(self._hooks)
 
     def start(self, target: Int[Tensor, " batch"]) -> None:
         """Prepare to record one forward pass through :meth:`hooks`, reading class ``target[i]``
@@ -253,13 +259,6 @@ class LensRecorder:
         )
 
 
-def _as_target(labels, n_images: int) -> Tensor:
-    labels = torch.as_tensor(labels).long().reshape(-1)
-    if labels.shape[0] != n_images:
-        raise ValueError(f"{labels.shape[0]} labels for {n_images} images")
-    return labels
-
-
 def lens_batch(
     model,
     images: Tensor,
@@ -272,7 +271,8 @@ def lens_batch(
     recorder.layout = (
         model.layout_for(images.shape[-2:]) if model.cfg.dynamic_img_size else model.layout
     )
-    with torch.no_grad(), recorder.recording(_as_target(labels, images.shape[0])):
+    target = class_targets(model, labels, images.shape[0], what="labels")
+    with torch.no_grad(), recorder.recording(target):
         model(images)
     return _with_mask(recorder.result, token_mask)
 
@@ -283,8 +283,8 @@ def lens_from_cache(
     """The same readings from a ``run_with_cache`` cache (needs ``resid_pre`` of block 0 and every
     block's ``attn_out``, ``resid_mid``, ``mlp_out`` and ``resid_post``)."""
     recorder = LensRecorder(model)
-    first = cache["blocks.0.hook_resid_pre"]
-    recorder.start(_as_target(labels, first.shape[0]))
+    first = cache[act_name("resid_pre", 0)]
+    recorder.start(class_targets(model, labels, first.shape[0], what="labels"))
     for name, fn in recorder.hooks():
         if name not in cache.cache_dict:
             raise KeyError(

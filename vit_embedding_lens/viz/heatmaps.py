@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from vit_embedding_lens.viz._figures import panel_grid, to_numpy
-from vit_embedding_lens.viz.token_grid import _as_grids
+from vit_embedding_lens.viz.token_grid import as_grids
 
 
 def _panels(
@@ -23,7 +23,7 @@ def _panels(
     if isinstance(maps, Mapping):
         if not maps:
             raise ValueError("maps is empty")
-        parts = [_as_grids(v, layout, f"maps[{k!r}]") for k, v in maps.items()]
+        parts = [as_grids(v, layout, f"maps[{k!r}]") for k, v in maps.items()]
         if any(g.shape[0] != 1 for g, _ in parts):
             raise ValueError(
                 "each entry of a maps dict must be one map ([grid_h, grid_w] or [n_tokens])"
@@ -39,7 +39,7 @@ def _panels(
         and arr.shape[-1] in (layout.n_tokens, layout.n_patches)
     ):
         n_rows, n_cols = arr.shape[:2]
-        grids, prefix = _as_grids(arr.reshape(n_rows * n_cols, *arr.shape[2:]), layout, "maps")
+        grids, prefix = as_grids(arr.reshape(n_rows * n_cols, *arr.shape[2:]), layout, "maps")
         rows = list(row_labels) if row_labels is not None else [f"block {i}" for i in range(n_rows)]
         cols = list(col_labels) if col_labels is not None else [str(j) for j in range(n_cols)]
         if len(rows) != n_rows or len(cols) != n_cols:
@@ -49,7 +49,7 @@ def _panels(
         default = [f"{r} · {c}" for r in rows for c in cols]
         ncols = n_cols
     else:
-        grids, prefix = _as_grids(arr, layout, "maps")
+        grids, prefix = as_grids(arr, layout, "maps")
         labels = row_labels if row_labels is not None else None
         default = (
             list(labels) if labels is not None else [f"block {i}" for i in range(grids.shape[0])]

@@ -12,22 +12,29 @@ from __future__ import annotations
 import base64
 import html as html_lib
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
+from vit_embedding_lens.lens.projection import ClassProjection
+from vit_embedding_lens.lens.readings import sublayer_cache, token_logits, token_types
+from vit_embedding_lens.model.hook_names import LOGITS, act_name
+from vit_embedding_lens.model.readout import readout_logits
+from vit_embedding_lens.model.targets import class_names_or_ids
 from vit_embedding_lens.viz._figures import figure_to_png, to_numpy
 from vit_embedding_lens.viz.attention import (
-    _heads_first,
-    _layout_of,
     attention_table,
+    heads_first,
+    layout_of,
     plot_attention,
 )
-from vit_embedding_lens.viz.predictions import SUBLAYER_HOOKS, token_types
 from vit_embedding_lens.viz.token_grid import plot_token_grid
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 Source = Literal["local", "cdn"]
 
@@ -125,13 +132,13 @@ def attention_view(
     """
     import circuitsvis
 
-    layout = _layout_of(model_or_layout)
+    layout = layout_of(model_or_layout)
     if _is_cache(pattern):
         if block is None:
             raise ValueError(
                 "block= is required when a cache is given (which block's attention to show)"
             )
-        name = f"blocks.{block}.attn.hook_pattern"
+        name = act_name("pattern", block)
         if name not in pattern:
             raise ValueError(
                 f"the cache has no {name!r}; run the model with names_filter including it"
@@ -144,7 +151,7 @@ def attention_view(
                 f"image_index {image_index} out of range for a batch of {arr.shape[0]}"
             )
         arr = arr[image_index]
-    arr = _heads_first(arr, layout)
+    arr = heads_first(arr, layout)
     head_ids = list(range(arr.shape[0])) if heads is None else list(heads)
     if any(not 0 <= h < arr.shape[0] for h in head_ids):
         raise ValueError(f"heads {head_ids} out of range for {arr.shape[0]} heads")
@@ -167,51 +174,26 @@ def attention_view(
 # -------------------------------------------------------------------------------------------------
 # Class probabilities across blocks
 # -------------------------------------------------------------------------------------------------
-def _class_probabilities(model: Any, cache: Any, hook: str, layout: Any) -> tuple:
+def _class_probabilities(model: "HookedViT", cache: Any, hook: str, layout: Any) -> tuple:
     """``(probs [batch, n_blocks, n_tokens, n_classes], cache)``: every token after every block."""
-    from vit_embedding_lens.lens.projection import ClassProjection
-
-    if hook not in SUBLAYER_HOOKS:
-        raise ValueError(f"hook must be one of {SUBLAYER_HOOKS}, got {hook!r}")
-    names = [f"blocks.{b}.{hook}" for b in range(model.cfg.n_layers)]
-    if isinstance(cache, Tensor):
-        with torch.no_grad():
-            _, cache = model.run_with_cache(cache, names_filter=names + ["hook_logits"])
-    missing = [n for n in names if n not in cache]
-    if missing:
-        raise ValueError(
-            f"the cache has no {missing[0]!r} (and {len(missing) - 1} more); "
-            f"run the model with names_filter=lambda n: n.endswith({hook!r})"
-        )
+    _, names, cache = sublayer_cache(model, cache, hook, also=[LOGITS])
     projection = ClassProjection(model)
-    probs = []
-    with torch.no_grad():
-        for name in names:
-            resid = cache[name]
-            resid = resid[None] if resid.ndim == 2 else resid
-            if resid.shape[1] != layout.n_tokens:
-                raise ValueError(
-                    f"{name} has {resid.shape[1]} tokens, the layout {layout.n_tokens}"
-                )
-            probs.append(projection(resid.detach()).float().softmax(-1))
+    probs = [token_logits(projection, cache[n], layout, n).float().softmax(-1) for n in names]
     return torch.stack(probs, dim=1), cache
 
 
-def _predicted_class(model: Any, cache: Any, image_index: int) -> int:
-    if "hook_logits" in cache:
-        logits = cache["hook_logits"]
+def _predicted_class(model: "HookedViT", cache: Any, image_index: int) -> int:
+    if LOGITS in cache:
+        logits = cache[LOGITS]
     else:
-        from vit_embedding_lens.lens.projection import pooled_readout
-
-        last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+        last = act_name("resid_post", model.cfg.n_layers - 1)
         if last not in cache:
             raise ValueError(
                 "class_id= is needed: the cache has neither hook_logits nor the last resid_post"
             )
         with torch.no_grad():
-            logits = pooled_readout(
-                model, cache[last] if cache[last].ndim == 3 else cache[last][None]
-            )
+            resid = cache[last] if cache[last].ndim == 3 else cache[last][None]
+            logits = readout_logits(model, resid)
     logits = logits[None] if logits.ndim == 1 else logits
     return int(logits[image_index].argmax())
 
@@ -244,7 +226,7 @@ def class_probability_view(
         if class_id is None
         else model.to_single_token(class_id)
     )
-    name = model.class_names[c] if getattr(model, "class_names", None) else str(c)
+    name = class_names_or_ids(model.class_names, model.cfg.n_classes)[c]
     values = probs[image_index, :, :, c]  # [n_blocks, n_tokens]
     blocks = [f"block {b}" for b in range(values.shape[0])]
     labels = layout.token_labels()
@@ -313,11 +295,7 @@ def topk_tokens_view(
         ),
         -1,
     ).reshape(-1, 4)
-    names = (
-        list(model.class_names)
-        if getattr(model, "class_names", None)
-        else [str(i) for i in range(n_cls)]
-    )
+    names = class_names_or_ids(model.class_names, n_cls)
     data = pd.DataFrame(
         {
             "image": np.asarray(indices)[grid[:, 0]],

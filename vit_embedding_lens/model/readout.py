@@ -1,0 +1,73 @@
+"""The model's readout (final norm, pooling, ``fc_norm``, classifier head) without hook points.
+
+:meth:`HookedViT.readout` fires ``ln_final``'s hooks, ``hook_pooled`` and ``hook_logits``;
+analyses that read a residual stream of any block as the model would (inside hooks, or many
+times per forward) need the same computation with no hook firing. It lives here, once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, List, Optional
+
+import torch.nn.functional as F
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from vit_embedding_lens.model.layout import TokenLayout
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
+
+def final_norm(model: "HookedViT", x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+    """``ln_final`` (or ``fc_norm``) applied without its hook points."""
+    ln = model.ln_final
+    w, b = (ln.w, ln.b) if ln.affine else (None, None)
+    return F.layer_norm(x, (ln.d,), w, b, ln.eps)
+
+
+def readout_logits(
+    model: "HookedViT",
+    resid: Float[Tensor, "batch pos d_model"],
+    valid: Optional[Bool[Tensor, "batch pos"]] = None,
+) -> Float[Tensor, "batch n_classes"]:
+    """The model's logits for a residual stream (any block's), computed as
+    :meth:`HookedViT.readout` does but firing no hook: equals the logits at the last block.
+    ``valid`` (False at padded slots after token removal) leaves padding out of the pool."""
+    cfg = model.cfg
+    if not cfg.n_classes:
+        raise ValueError(
+            f"{cfg.model_name} has no classifier head (num_classes=0): there are no logits to "
+            f"read; load a checkpoint with a head or create the model with num_classes>0"
+        )
+    if cfg.final_norm == "tokens":
+        resid = final_norm(model, resid)
+    pooled = model.pool(resid, valid)
+    if cfg.final_norm == "pooled":
+        pooled = final_norm(model, pooled)
+    pooled_dist = resid[:, model.layout.dist_index] if cfg.has_dist_token else None
+    return model.head(pooled, pooled_dist)
+
+
+def readout_positions(model: "HookedViT", layout: Optional[TokenLayout] = None) -> List[int]:
+    """Sequence positions whose (mean) residual the classifier reads (``layout`` defaults to
+    ``model.layout``; pass ``model.layout_for(size)`` for other input sizes).
+
+    ``global_pool='token'``: the CLS token (distilled models too: the distillation token is not
+    used). ``'avg'``: the image tokens, plus the prefix tokens when the model pools them too.
+    Max pooling has no linear readout to explain: a ValueError says so.
+    """
+    cfg = model.cfg
+    layout = model.layout if layout is None else layout
+    if cfg.global_pool == "token":
+        if layout.cls_index is None:
+            raise ValueError(f"{cfg.model_name} pools the CLS token but its layout has none")
+        return [layout.cls_index]
+    if cfg.global_pool == "avg":
+        start = 0 if cfg.pool_include_prefix else layout.n_prefix
+        return list(range(start, layout.n_tokens))
+    raise ValueError(
+        f"{cfg.model_name} uses global_pool={cfg.global_pool!r}: attributions need the CLS token "
+        f"or average pooling (a readout that is a mean of tokens); use a model with "
+        f"global_pool='token' or 'avg'"
+    )
