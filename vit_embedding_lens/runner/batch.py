@@ -10,7 +10,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from vit_embedding_lens.data.images import Sample, SkippedImage
+from vit_embedding_lens.data.samples import Sample, SkippedImage
 
 if TYPE_CHECKING:
     from vit_embedding_lens.model.cache import ViTActivationCache
