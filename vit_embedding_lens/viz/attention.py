@@ -15,7 +15,8 @@ import pandas as pd
 from vit_embedding_lens.viz._figures import figure_and_axes, panel_grid, to_numpy
 
 
-def _layout_of(model_or_layout: Any) -> Any:
+def layout_of(model_or_layout: Any) -> Any:
+    """The :class:`~vit_embedding_lens.model.layout.TokenLayout` of a HookedViT, or the layout."""
     layout = getattr(model_or_layout, "layout", model_or_layout)
     if not hasattr(layout, "token_labels") or not hasattr(layout, "n_tokens"):
         raise TypeError(
@@ -24,7 +25,7 @@ def _layout_of(model_or_layout: Any) -> Any:
     return layout
 
 
-def _heads_first(pattern: Any, layout: Any) -> np.ndarray:
+def heads_first(pattern: Any, layout: Any) -> np.ndarray:
     """``[heads, N, N]`` from ``[N, N]`` or ``[heads, N, N]``, checked against the layout."""
     arr = to_numpy(pattern, "pattern").astype(float)
     if arr.ndim == 2:
@@ -47,8 +48,8 @@ def attention_table(
     pattern: Any, model_or_layout: Any, head_names: Optional[Sequence[str]] = None
 ) -> pd.DataFrame:
     """One row per (head, query, key): ``head, query, key, query_label, key_label, weight``."""
-    layout = _layout_of(model_or_layout)
-    arr = _heads_first(pattern, layout)
+    layout = layout_of(model_or_layout)
+    arr = heads_first(pattern, layout)
     heads, n, _ = arr.shape
     names = list(head_names) if head_names is not None else [f"H{h}" for h in range(heads)]
     labels = np.asarray(layout.token_labels())
@@ -88,8 +89,8 @@ def plot_attention(
     ``heads`` picks a subset; ``ax`` is accepted for a single pattern. Token labels come from the
     model's layout (pass the model or its ``TokenLayout``).
     """
-    layout = _layout_of(model_or_layout)
-    arr = _heads_first(pattern, layout)
+    layout = layout_of(model_or_layout)
+    arr = heads_first(pattern, layout)
     names = (
         list(head_names) if head_names is not None else [f"head {h}" for h in range(arr.shape[0])]
     )
@@ -128,3 +129,7 @@ def plot_attention(
     if title and len(axes) > 1:
         fig.suptitle(title)
     return fig
+
+
+# the names viz.interactive still imports; drop once it imports layout_of and heads_first
+_layout_of, _heads_first = layout_of, heads_first

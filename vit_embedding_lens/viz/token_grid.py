@@ -15,8 +15,9 @@ import pandas as pd
 from vit_embedding_lens.viz._figures import image_to_display, panel_grid, to_numpy
 
 
-def _as_grids(values: Any, layout: Any, what: str) -> tuple:
-    """``([n_panels, gh, gw] array, prefix [n_panels, n_prefix] or None)`` from grid or token input."""
+def as_grids(values: Any, layout: Any, what: str) -> tuple:
+    """``([n_panels, gh, gw] array, prefix [n_panels, n_prefix] or None)`` from grid or token
+    input."""
     arr = to_numpy(values, what)
     if (
         layout is not None
@@ -55,7 +56,7 @@ def token_grid_table(
 ) -> pd.DataFrame:
     """The data behind :func:`plot_token_grid`: one row per panel and cell (``panel, row, col, value``
     and ``label``), plus prefix tokens (``row``/``col`` missing, ``token`` named by the layout)."""
-    grids, prefix = _as_grids(values, layout, "values")
+    grids, prefix = as_grids(values, layout, "values")
     text = _cell_labels(labels, grids.shape, layout, class_names, grids)
     n, gh, gw = grids.shape
     rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
@@ -143,7 +144,7 @@ def plot_token_grid(
     grid at ``alpha``. ``labels``: text per cell, same shape as ``values`` (class ids are translated with
     ``class_names``). Float values share one colour scale across panels.
     """
-    grids, prefix = _as_grids(values, layout, "values")
+    grids, prefix = as_grids(values, layout, "values")
     categorical = np.issubdtype(grids.dtype, np.integer)
     text = _cell_labels(labels, grids.shape, layout, class_names, grids)
     n, gh, gw = grids.shape
@@ -217,3 +218,7 @@ def _prefix_text(
     if categorical:
         return f"{name}: {class_names[int(value)] if class_names is not None else int(value)}"
     return f"{name}: {float(value):.2f}"
+
+
+# the name viz.heatmaps still imports; drop once it imports as_grids
+_as_grids = as_grids
