@@ -13,13 +13,12 @@ import pytest
 import torch
 
 from vit_embedding_lens import HookedViT
-from vit_embedding_lens.data.images import InMemoryDataset
+from vit_embedding_lens.data import bundled_eval_dataset
 from vit_embedding_lens.lens import lens_batch, per_image_identifiability
 from vit_embedding_lens.report import headline_tables
 from vit_embedding_lens.runner import Analysis, Batch, run_analyses, summarize_run
 from vit_embedding_lens.runner.analyses import ClsIdentifiability, LensAnalysis
 from vit_embedding_lens.runner.manifest import read_manifest
-from vit_embedding_lens.zoo import load_mnist_eval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N, BATCH = 24, 8
@@ -32,10 +31,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def dataset(model):
-    data = load_mnist_eval()
-    pick = [50 * (i % 10) + i // 10 for i in range(N)]
-    masks = data.class_token_mask(model.layout)[pick]
-    return InMemoryDataset(data.images[pick], data.labels[pick], None, masks, {"layout": "test"})
+    return bundled_eval_dataset(model, n=N)  # balanced over the classes, with stroke masks
 
 
 class Minimal(Analysis):
