@@ -11,11 +11,6 @@ Definitions: ``METHODS.md`` §6.
 
 from vit_embedding_lens.attribution.chefer import chefer_relevance
 from vit_embedding_lens.attribution.class_space import class_space_attribution, class_space_loss
-from vit_embedding_lens.attribution.figures import (
-    plot_attribution_maps,
-    plot_perturbation_curves,
-    plot_probe_comparison,
-)
 from vit_embedding_lens.attribution.methods import ATTRIBUTION_METHODS, get_attribution_method
 from vit_embedding_lens.attribution.overlay import colorize, image_to_rgb, overlay, upsample_map
 from vit_embedding_lens.attribution.perturbation import (
@@ -41,6 +36,11 @@ from vit_embedding_lens.attribution.readout import readout_positions, resolve_cl
 from vit_embedding_lens.attribution.result import AttributionMap
 from vit_embedding_lens.attribution.ridge import RidgeFit, fit_ridge, one_vs_all_targets
 from vit_embedding_lens.attribution.rollout import attention_rollout
+from vit_embedding_lens.viz.attribution import (  # figures: their home is viz/
+    plot_attribution_maps,
+    plot_perturbation_curves,
+    plot_probe_comparison,
+)
 
 __all__ = [
     "ATTRIBUTION_METHODS",

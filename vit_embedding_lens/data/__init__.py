@@ -8,16 +8,14 @@ from vit_embedding_lens.data.imagenet_s import (
 from vit_embedding_lens.data.images import (
     ImageDataset,
     ImageRecord,
-    InMemoryDataset,
-    Sample,
-    SkippedImage,
     UnusableImageError,
-    bundled_eval_dataset,
     class_indices,
     image_folder_dataset,
 )
+from vit_embedding_lens.data.samples import InMemoryDataset, Sample, SkippedImage
 from vit_embedding_lens.data.token_labels import area_fractions, mask_to_grid, token_mask_from_mask
 from vit_embedding_lens.data.transforms import Preprocessing, resolve_preprocessing
+from vit_embedding_lens.zoo.eval_dataset import bundled_eval_dataset  # its home is the zoo
 
 __all__ = [
     "AMBIGUOUS_SYNSETS",

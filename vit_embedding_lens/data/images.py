@@ -1,4 +1,4 @@
-"""Image data sets for whole-data-set runs: class-subfolder image folders and in-memory tensors.
+"""Image data sets for whole-data-set runs: class-subfolder image folders.
 
 A data set is a list of items in a fixed order; item ``i`` is a :class:`Sample` (the preprocessed
 image, its class index, an id, and optionally a per-token class mask from a segmentation mask) or a
@@ -20,11 +20,14 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
 from PIL import Image
-from torch import Tensor
 
+from vit_embedding_lens.data.samples import InMemoryDataset as InMemoryDataset  # its old address
+from vit_embedding_lens.data.samples import Sample, SkippedImage
 from vit_embedding_lens.data.transforms import Preprocessing, binary_mask_image, mask_from_image
+from vit_embedding_lens.zoo.eval_dataset import (  # its old address
+    bundled_eval_dataset as bundled_eval_dataset,
+)
 
 #: file name endings read as images (case-insensitive)
 IMAGE_EXTENSIONS = (
@@ -60,26 +63,6 @@ class ImageRecord:
     )
     mask_path: Optional[Path] = None
     mask_label: Optional[int] = None  # the value that marks this image's class in its mask
-
-
-@dataclass
-class Sample:
-    """A preprocessed image ready for the model."""
-
-    index: int  # position in the data set
-    image: Float[Tensor, "chan height width"]
-    label: int
-    image_id: str
-    token_mask: Optional[Bool[Tensor, " n_tokens"]] = None  # True at image tokens on the object
-
-
-@dataclass(frozen=True)
-class SkippedImage:
-    """An item that could not be used, and why (the run goes on without it)."""
-
-    index: int
-    image_id: str
-    reason: str
 
 
 class UnusableImageError(ValueError):
@@ -402,97 +385,3 @@ def image_folder_dataset(
     records = image_folder_records(root, mapping, per_class, extensions)
     source = {"layout": "folder", "root": str(root), "per_class": per_class}
     return ImageDataset(records, preprocessing, model.layout, source=source, on_error=on_error)
-
-
-# -------------------------------------------------------------------------------------------------
-# In-memory data
-# -------------------------------------------------------------------------------------------------
-class InMemoryDataset(torch.utils.data.Dataset):
-    """Preprocessed images already in memory (e.g. the bundled eval digits) as :class:`Sample` items."""
-
-    def __init__(
-        self,
-        images: Float[Tensor, "n chan height width"],
-        labels: Int[Tensor, " n"],
-        image_ids: Optional[Sequence[str]] = None,
-        token_masks: Optional[Bool[Tensor, "n n_tokens"]] = None,
-        source: Optional[Mapping[str, Any]] = None,
-    ) -> None:
-        if images.ndim != 4:
-            raise ValueError(
-                f"images must be [n, chan, height, width], got shape {tuple(images.shape)}"
-            )
-        n = images.shape[0]
-        if len(labels) != n:
-            raise ValueError(f"{len(labels)} labels for {n} images")
-        if token_masks is not None and token_masks.shape[0] != n:
-            raise ValueError(f"{token_masks.shape[0]} token masks for {n} images")
-        self.images = images
-        self.label_tensor = torch.as_tensor(labels).long()
-        self.image_ids = (
-            list(image_ids) if image_ids is not None else [f"{i:06d}" for i in range(n)]
-        )
-        if len(self.image_ids) != n:
-            raise ValueError(f"{len(self.image_ids)} image ids for {n} images")
-        self.token_masks = token_masks
-        self.has_masks = token_masks is not None
-        self.source = dict(source or {"layout": "memory"})
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def labels(self) -> List[int]:
-        return self.label_tensor.tolist()
-
-    def __getitem__(self, index: int) -> Sample:
-        mask = self.token_masks[index] if self.token_masks is not None else None
-        return Sample(
-            index, self.images[index], int(self.label_tensor[index]), self.image_ids[index], mask
-        )
-
-    def fingerprint(self) -> Dict[str, Any]:
-        digest = hashlib.sha256()
-        for t in (self.images, self.label_tensor, self.token_masks):
-            if t is not None:
-                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-        return {"source": self.source, "n_images": len(self), "content_sha256": digest.hexdigest()}
-
-
-def bundled_eval_dataset(
-    model: Any, n: Optional[int] = None, token_labels: str = "nearest", name: Optional[str] = None
-) -> InMemoryDataset:
-    """A bundled model's held-out images, their foreground masks (digit strokes, garments) as
-    per-token class masks for ``model``. ``n``: that many images, balanced over the classes (image
-    0 of every class, then image 1, ...); ids keep each image's index in the shipped set. ``name``:
-    the bundled model (default: ``model``'s own when it is a bundled one, else ``mnist-vit``)."""
-    from vit_embedding_lens.zoo.bundled import (
-        DEFAULT_BUNDLED,
-        bundled_name,
-        check_subset_size,
-        load_bundled_eval,
-    )
-
-    if name is None:
-        name = bundled_name(getattr(model.cfg, "model_name", None)) or DEFAULT_BUNDLED
-    data = load_bundled_eval(name)
-    pick = torch.arange(len(data))
-    check_subset_size(n, len(data), f"{name} eval images")
-    if n is not None:
-        labels = data.labels
-        rank_in_class = torch.empty_like(labels)
-        for c in labels.unique():
-            members = torch.nonzero(labels == c).flatten()
-            rank_in_class[members] = torch.arange(len(members))
-        pick = torch.from_numpy(np.lexsort((labels.numpy(), rank_in_class.numpy())))[:n]
-    masks = data.class_token_mask(model.layout, method=token_labels)[pick]
-    set_name = f"{name.removesuffix('-vit')}-eval"
-    ids = [f"{set_name}/{i:04d}" for i in pick.tolist()]
-    source = {
-        "layout": "bundled",
-        "name": set_name,
-        "n": n,
-        "order": "balanced",
-        "token_labels": token_labels,
-    }
-    return InMemoryDataset(data.images[pick], data.labels[pick], ids, masks, source=source)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping, Sequence
+from typing import TYPE_CHECKING, Dict, Mapping, Sequence
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.runner.analysis import Analysis
 
 TABLES_DIR = "tables"
 
@@ -34,18 +37,18 @@ def write_tables(
 
 
 def headline_tables(
-    tables: Mapping[str, Mapping[str, pd.DataFrame]], analyses: Sequence[Any] = ()
+    tables: Mapping[str, Mapping[str, pd.DataFrame]], analyses: Sequence[Analysis] = ()
 ) -> Dict[str, pd.DataFrame]:
-    """One small table per analysis: its ``headline(tables)`` if it has one, else its ``summary``
-    table, else its first table (first rows)."""
+    """One small table per analysis: its :meth:`~Analysis.headline` if it gives one, else its
+    ``summary`` table, else its first table (first rows)."""
     by_name = {a.name: a for a in analyses}
     out = {}
     for analysis, named in tables.items():
         if not named:
             continue
-        headline = getattr(by_name.get(analysis), "headline", None)
-        if callable(headline):
-            out[analysis] = headline(named)
+        headline = by_name[analysis].headline(named) if analysis in by_name else None
+        if headline is not None:
+            out[analysis] = headline
         elif "summary" in named:
             out[analysis] = named["summary"]
         else:

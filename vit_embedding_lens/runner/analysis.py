@@ -2,63 +2,118 @@
 
 An analysis turns batches into per-image arrays, the arrays of a whole data set into tidy tables,
 and tables into figures. The runner streams batches through every selected analysis, stores the
-arrays, and hands the merged arrays back for the tables and figures::
+arrays, and hands the merged arrays back for the tables and figures. An analysis subclasses
+:class:`Analysis`: it must give ``name``, :meth:`~Analysis.run` and :meth:`~Analysis.summarize`;
+everything else it may declare has a default::
 
-    class MyAnalysis:
+    class MyAnalysis(Analysis):
         name = "my_analysis"
-        hook_names = ("blocks.0.hook_resid_post",)      # optional: activations to share
+
+        def hook_names(self, model):                      # activations to share (default: none)
+            return ["blocks.0.hook_resid_post"]
 
         def run(self, model, batch) -> dict[str, np.ndarray]:         # first axis = len(batch)
             logits, cache = batch.shared_forward(model)
             ...
         def summarize(self, results, model) -> dict[str, pd.DataFrame]: ...
-        def figures(self, tables, model) -> dict[str, matplotlib.figure.Figure]: ...
 
     register_analysis("my_analysis", MyAnalysis)
 
-``hook_names`` is optional (a sequence, or a method taking the model): the runner runs one
-``run_with_cache`` per batch over the union of all analyses' names (``batch.shared_forward``), so
-analyses that only read activations share a single forward pass; analyses that intervene run their
-own forwards. ``config()`` (optional) returns the analysis's settings: they enter the run's
-fingerprint, so a changed setting refuses to resume over old results. ``headline(tables)``
-(optional) picks the small table the command line prints. Analyses of other packages register
-through the ``vit_embedding_lens.analyses`` entry-point group.
+Per batch the runner runs one forward pass shared by all analyses (``batch.shared_forward``): one
+``run_with_cache`` over the union of their :meth:`~Analysis.hook_names`, with the hooks of every
+:meth:`~Analysis.forward_reader` attached (readers reduce activations inside hooks instead of
+caching them, as the lens does). Analyses that intervene run their own forwards. Analyses of other
+packages register through the ``vit_embedding_lens.analyses`` entry-point group.
 """
 
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from typing import (
+    TYPE_CHECKING,
     Any,
     Callable,
     Dict,
     Iterable,
     List,
     Mapping,
+    Optional,
     Protocol,
     Sequence,
+    Tuple,
     runtime_checkable,
 )
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+    from vit_embedding_lens.runner.batch import Batch
+
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
 @runtime_checkable
-class Analysis(Protocol):
-    """What the runner needs from an analysis (see the module docstring)."""
+class ForwardReader(Protocol):
+    """Reads a batch's shared forward pass through hooks (e.g. the lens's
+    :class:`~vit_embedding_lens.lens.streaming.LensRecorder`) and keeps what it read."""
 
+    def hooks(self) -> List[Tuple[str, Callable[..., Any]]]:
+        """``(hook name, function)`` pairs attached during the shared forward pass."""
+
+
+class Analysis(ABC):
+    """What the runner needs from an analysis; subclass it (see the module docstring).
+
+    Must give: :attr:`name`, :meth:`run`, :meth:`summarize`. May declare (defaults in brackets):
+    :meth:`config` (``{}``), :meth:`hook_names` (none), :meth:`forward_reader` (none),
+    :meth:`figures` (none), :meth:`headline` (None: the report picks a table).
+    """
+
+    #: names the analysis's arrays, tables and files (letters, digits, ``_``, ``-``)
     name: str
 
-    def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
+    def config(self) -> Mapping[str, Any]:
+        """The analysis's settings. They enter the run's fingerprint, so a run with changed
+        settings refuses to resume over old results."""
+        return {}
+
+    def hook_names(self, model: HookedViT) -> Sequence[str]:
+        """Activations this analysis reads from the batch's shared ``run_with_cache``
+        (``batch.shared_forward(model)[1]``); the runner caches the union over all analyses."""
+        return ()
+
+    def forward_reader(self, model: HookedViT, batch: Batch) -> Optional[ForwardReader]:
+        """A reader whose hooks run during this batch's shared forward pass, or None. The runner
+        attaches it and hands it back through ``batch.reader(model, self.name)`` in :meth:`run`."""
+        return None
+
+    @abstractmethod
+    def run(self, model: HookedViT, batch: Batch) -> Dict[str, np.ndarray]:
         """Per-image arrays for one batch; the first axis of every array is the batch."""
 
-    def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, Any]:
-        """Tidy ``pandas.DataFrame`` tables (one row per observation) from the whole data set's arrays."""
+    @abstractmethod
+    def summarize(
+        self, results: Dict[str, np.ndarray], model: HookedViT
+    ) -> Dict[str, pd.DataFrame]:
+        """Tidy tables (one row per observation) from the whole data set's arrays."""
 
-    def figures(self, tables: Dict[str, Any], model: Any) -> Dict[str, Any]:
+    def figures(self, tables: Dict[str, pd.DataFrame], model: HookedViT) -> Dict[str, Figure]:
         """Matplotlib figures from the tables."""
+        return {}
+
+    def headline(self, tables: Dict[str, pd.DataFrame]) -> Optional[pd.DataFrame]:
+        """The small table the command line prints, or None to print the ``summary`` table (else
+        the first table's first rows)."""
+        return None
+
+
+#: what an object must have to run as an analysis without subclassing :class:`Analysis`
+PROTOCOL = ("config", "hook_names", "forward_reader", "run", "summarize", "figures", "headline")
 
 
 AnalysisFactory = Callable[[], Analysis]
@@ -113,27 +168,24 @@ def build_analyses(names: Iterable[str] | None = None) -> List[Analysis]:
 
 
 def check_analysis(analysis: Any) -> None:
-    """Raise TypeError naming what an object lacks to be an :class:`Analysis`."""
-    missing = [m for m in ("name", "run", "summarize", "figures") if not hasattr(analysis, m)]
-    if missing:
-        raise TypeError(f"{type(analysis).__name__} is not an Analysis: it lacks {missing}")
+    """Raise TypeError naming what an object lacks to be an :class:`Analysis` (a subclass has
+    everything; another object must have the whole :data:`PROTOCOL`), ValueError for a bad name."""
+    if not isinstance(analysis, Analysis):
+        missing = [m for m in ("name", *PROTOCOL) if not hasattr(analysis, m)]
+        if missing:
+            raise TypeError(
+                f"{type(analysis).__name__} is not an Analysis: it lacks {missing} "
+                "(subclass vit_embedding_lens.runner.Analysis for the defaults)"
+            )
     if not NAME_PATTERN.match(str(analysis.name)):
         raise ValueError(f"analysis name {analysis.name!r} must be letters, digits, '_' or '-'")
 
 
-def analysis_config(analysis: Analysis) -> Mapping[str, Any]:
-    """The analysis's settings for the run fingerprint (``config()`` if it has one)."""
-    config = getattr(analysis, "config", None)
-    return dict(config()) if callable(config) else {}
-
-
-def hook_names_of(analyses: Sequence[Analysis], model: Any) -> tuple:
+def hook_names_of(analyses: Sequence[Analysis], model: HookedViT) -> Tuple[str, ...]:
     """Union of the activations the analyses share, in first-seen order."""
     names: Dict[str, None] = {}
     for a in analyses:
-        wanted = getattr(a, "hook_names", ())
-        wanted = wanted(model) if callable(wanted) else wanted
-        names.update(dict.fromkeys(wanted))
+        names.update(dict.fromkeys(a.hook_names(model)))
     return tuple(names)
 
 

@@ -2,24 +2,67 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from vit_embedding_lens.data.images import Sample, SkippedImage
+from vit_embedding_lens.data.samples import Sample, SkippedImage
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.cache import ViTActivationCache
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+    from vit_embedding_lens.runner.analysis import ForwardReader
 
 
-@dataclass
+class SharedForward:
+    """The one forward pass (no gradients) that the analyses of a batch share, run on first use.
+
+    It caches the activations in ``hook_names`` (one ``run_with_cache``) and attaches the hooks of
+    every reader in ``readers`` (analysis name ->
+    :class:`~vit_embedding_lens.runner.analysis.ForwardReader`). The runner builds one per batch
+    from what the analyses declare.
+    """
+
+    def __init__(
+        self,
+        hook_names: Sequence[str] = (),
+        readers: Optional[Mapping[str, ForwardReader]] = None,
+    ) -> None:
+        self.hook_names: Tuple[str, ...] = tuple(hook_names)
+        self.readers: Dict[str, ForwardReader] = dict(readers or {})
+        self._outputs: Optional[Tuple[Tensor, Optional[ViTActivationCache]]] = None
+
+    def outputs(
+        self, model: HookedViT, images: Tensor
+    ) -> Tuple[Tensor, Optional[ViTActivationCache]]:
+        """``(logits, cache)``; the cache is None when no analysis asked for activations."""
+        if self._outputs is None:
+            hooks = [hook for reader in self.readers.values() for hook in reader.hooks()]
+            with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+                if self.hook_names:
+                    names = list(self.hook_names)
+                    self._outputs = model.run_with_cache(images, names_filter=names)
+                else:
+                    self._outputs = (model(images), None)
+        return self._outputs
+
+    def release(self) -> None:
+        """Drop the logits and activations (the readers keep what they read)."""
+        self._outputs = None
+
+
+@dataclass(frozen=True, eq=False)
 class Batch:
     """Images of one batch with their labels, ids and positions in the data set.
 
     ``token_masks`` is True at image tokens on the object (from segmentation masks), ``None`` when
     the data set has no masks. ``skipped`` lists the items of this batch that could not be loaded
-    (they are not in ``images``). ``hook_names`` is the union of the activations the running
-    analyses asked for; :meth:`shared_forward` computes them once for all analyses.
+    (they are not in ``images``). ``forward`` is the batch's :class:`SharedForward` (the runner's
+    holds what the running analyses declared; a batch built by hand gets a plain forward pass).
     """
 
     images: Float[Tensor, "batch chan height width"]
@@ -28,17 +71,13 @@ class Batch:
     indices: Int[Tensor, " batch"]
     token_masks: Optional[Bool[Tensor, "batch n_tokens"]] = None
     skipped: List[SkippedImage] = field(default_factory=list)
-    hook_names: Tuple[str, ...] = ()
-    #: ``(hook name, function)`` pairs attached during :meth:`shared_forward` (analyses that reduce
-    #: activations inside hooks instead of caching them, e.g. the lens)
-    forward_hooks: List[Tuple[str, Any]] = field(default_factory=list)
-    _forward: Optional[Tuple[Tensor, Any]] = field(default=None, repr=False)
+    forward: SharedForward = field(default_factory=SharedForward, repr=False)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: Union[str, torch.device], dtype: Optional[torch.dtype] = None) -> "Batch":
-        """Images (cast to ``dtype``), labels and masks on ``device``."""
+    def to(self, device: Union[str, torch.device], dtype: Optional[torch.dtype] = None) -> Batch:
+        """Images (cast to ``dtype``), labels and masks on ``device``, with a fresh forward pass."""
         return Batch(
             images=self.images.to(device=device, dtype=dtype or self.images.dtype),
             labels=self.labels.to(device),
@@ -46,24 +85,27 @@ class Batch:
             indices=self.indices,
             token_masks=None if self.token_masks is None else self.token_masks.to(device),
             skipped=self.skipped,
-            hook_names=self.hook_names,
         )
 
-    def shared_forward(self, model: Any) -> Tuple[Tensor, Any]:
-        """``(logits, cache)`` of one ``run_with_cache`` over :attr:`hook_names`, computed on first use
-        and shared by every analysis of this batch (no gradients); :attr:`forward_hooks` run during it."""
-        if self._forward is None:
-            names = list(self.hook_names)
-            with torch.no_grad(), model.hooks(fwd_hooks=self.forward_hooks):
-                if names:
-                    self._forward = model.run_with_cache(self.images, names_filter=names)
-                else:
-                    self._forward = (model(self.images), None)
-        return self._forward
+    def with_forward(self, forward: SharedForward) -> Batch:
+        """The same batch with ``forward`` as its shared forward pass."""
+        return dataclasses.replace(self, forward=forward)
+
+    def shared_forward(self, model: HookedViT) -> Tuple[Tensor, Optional[ViTActivationCache]]:
+        """``(logits, cache)`` of the shared forward pass, computed on first use."""
+        return self.forward.outputs(model, self.images)
+
+    def reader(self, model: HookedViT, analysis: str) -> Optional[ForwardReader]:
+        """The reader ``analysis`` declared for this batch, after the shared forward pass it reads
+        (None when it has none, e.g. in a batch built by hand)."""
+        reader = self.forward.readers.get(analysis)
+        if reader is not None:
+            self.forward.outputs(model, self.images)
+        return reader
 
     def release(self) -> None:
         """Drop the shared forward's activations (the runner calls it when the batch is done)."""
-        self._forward = None
+        self.forward.release()
 
 
 def collate(items: Sequence[Union[Sample, SkippedImage]]) -> Batch:

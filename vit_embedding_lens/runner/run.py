@@ -27,12 +27,11 @@ from tqdm.auto import tqdm
 from vit_embedding_lens.runner import distributed
 from vit_embedding_lens.runner.analysis import (
     Analysis,
-    analysis_config,
     build_analyses,
     check_analysis,
     hook_names_of,
 )
-from vit_embedding_lens.runner.batch import Batch, collate
+from vit_embedding_lens.runner.batch import Batch, SharedForward, collate
 from vit_embedding_lens.runner.manifest import (
     MANIFEST_FILE,
     ConfigMismatchError,
@@ -152,7 +151,7 @@ def run_fingerprint(
         "model": model.cfg.model_name,
         "weights_sha256": weights_digest(model),
         "data": fingerprint(),
-        "analyses": {a.name: analysis_config(a) for a in analyses},
+        "analyses": {a.name: dict(a.config()) for a in analyses},
         "dtype": str(dtype).replace("torch.", ""),
         "device_type": device.type,
         "batch_size": int(batch_size),
@@ -389,11 +388,12 @@ def _run_batch(
     if not len(batch):
         return arrays
     batch = batch.to(device, dtype)
-    batch.hook_names = hooks
-    for analysis in analyses:  # hooks that reduce activations during the shared forward
-        wants = getattr(analysis, "forward_hooks", None)
-        if callable(wants):
-            batch.forward_hooks.extend(wants(model, batch))
+    readers = {}
+    for analysis in analyses:
+        reader = analysis.forward_reader(model, batch)
+        if reader is not None:
+            readers[analysis.name] = reader
+    batch = batch.with_forward(SharedForward(hooks, readers))
     for analysis in analyses:
         out = analysis.run(model, batch)
         if not isinstance(out, Mapping):

@@ -7,6 +7,11 @@ static figure where JavaScript is unavailable. Token labels always come from ``m
 
 from vit_embedding_lens.viz._figures import figure_to_png
 from vit_embedding_lens.viz.attention import attention_table, plot_attention
+from vit_embedding_lens.viz.attribution import (
+    plot_attribution_maps,
+    plot_perturbation_curves,
+    plot_probe_comparison,
+)
 from vit_embedding_lens.viz.change_rates import change_rates_table, plot_change_rates
 from vit_embedding_lens.viz.heatmaps import heatmap_grid_table, plot_heatmap_grid
 from vit_embedding_lens.viz.identifiability import (
@@ -40,11 +45,14 @@ __all__ = [
     "identifiability_evolution_table",
     "kv_agreement_table",
     "plot_attention",
+    "plot_attribution_maps",
     "plot_change_rates",
     "plot_heatmap_grid",
     "plot_identifiability_evolution",
     "plot_kv_agreement",
     "plot_overlay",
+    "plot_perturbation_curves",
+    "plot_probe_comparison",
     "plot_token_grid",
     "token_class_predictions",
     "token_grid_table",

@@ -16,6 +16,7 @@ from vit_embedding_lens.viz._figures import figure_and_axes, panel_grid, to_nump
 
 
 def layout_of(model_or_layout: Any) -> Any:
+    """The :class:`~vit_embedding_lens.model.layout.TokenLayout` of a HookedViT, or the layout."""
     layout = getattr(model_or_layout, "layout", model_or_layout)
     if not hasattr(layout, "token_labels") or not hasattr(layout, "n_tokens"):
         raise TypeError(
@@ -128,3 +129,7 @@ def plot_attention(
     if title and len(axes) > 1:
         fig.suptitle(title)
     return fig
+
+
+# the names viz.interactive still imports; drop once it imports layout_of and heads_first
+_layout_of, _heads_first = layout_of, heads_first

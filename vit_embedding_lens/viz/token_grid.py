@@ -16,7 +16,8 @@ from vit_embedding_lens.viz._figures import image_to_display, panel_grid, to_num
 
 
 def as_grids(values: Any, layout: Any, what: str) -> tuple:
-    """``([n_panels, gh, gw] array, prefix [n_panels, n_prefix] or None)`` from grid or token input."""
+    """``([n_panels, gh, gw] array, prefix [n_panels, n_prefix] or None)`` from grid or token
+    input."""
     arr = to_numpy(values, what)
     if (
         layout is not None
@@ -217,3 +218,7 @@ def _prefix_text(
     if categorical:
         return f"{name}: {class_names[int(value)] if class_names is not None else int(value)}"
     return f"{name}: {float(value):.2f}"
+
+
+# the name viz.heatmaps still imports; drop once it imports as_grids
+_as_grids = as_grids

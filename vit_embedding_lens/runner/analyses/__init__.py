@@ -1,4 +1,4 @@
-"""Built-in analyses, registered on import: ``accuracy`` and ``cls_identifiability``."""
+"""Built-in analyses, registered on import (:data:`BUILTIN_ANALYSES`)."""
 
 from vit_embedding_lens.runner.analyses.accuracy import Accuracy
 from vit_embedding_lens.runner.analyses.attribution import AttributionBenchmark

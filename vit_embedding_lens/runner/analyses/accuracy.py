@@ -9,9 +9,10 @@ import pandas as pd
 
 from vit_embedding_lens.lens.ranks import class_rank
 from vit_embedding_lens.runner.analyses._common import class_names
+from vit_embedding_lens.runner.analysis import Analysis
 
 
-class Accuracy:
+class Accuracy(Analysis):
     """Per image: the prediction, the rank of the correct class, the predicted class's probability.
 
     Tables: ``summary`` (one row: images, top-1, top-k), ``per_class`` (one row per class present).
@@ -19,7 +20,6 @@ class Accuracy:
     """
 
     name = "accuracy"
-    hook_names = ()
 
     def __init__(self, top_k: int = 5) -> None:
         self.top_k = int(top_k)

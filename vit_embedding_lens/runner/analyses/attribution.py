@@ -26,6 +26,7 @@ from vit_embedding_lens.attribution.perturbation import (
     importance_rank,
     keep_masks,
 )
+from vit_embedding_lens.runner.analysis import Analysis
 
 METHODS = ("class_space", "chefer", "random")
 
@@ -41,7 +42,7 @@ def n_keep_grid(n_patches: int) -> List[int]:
     return grid + [n_patches - 1]
 
 
-class AttributionBenchmark:
+class AttributionBenchmark(Analysis):
     """Per image: ``correct [ranking, order, n]`` (bool) for the rankings of :meth:`rankings`.
 
     Tables: ``curves`` (method, order, seed, n, accuracy), ``auc`` (method, order, seed, auc,
@@ -49,7 +50,6 @@ class AttributionBenchmark:
     """
 
     name = "attribution"
-    hook_names = ()
 
     def __init__(self, methods: Sequence[str] = METHODS, seeds: Sequence[int] = (0, 1, 2)) -> None:
         from vit_embedding_lens.attribution.methods import get_attribution_method

@@ -3,27 +3,41 @@
 Every token of every block's residual stream (``resid_post``) is projected onto the class space
 (``E · ln_final(v) + b``, :class:`~vit_embedding_lens.lens.ClassProjection`) and the rank of the
 image's correct class among all classes is kept: ``r = #{k : p_k > p_c}``, identifiable when
-``r == 0``, score ``s = 1 - r / C``. Prefix tokens (CLS, distillation, registers) are reported one
-by one, never mixed with the image tokens; with segmentation masks, image tokens on the object
-("class") and off it ("context") are reported apart as well.
+``r == 0``, score ``s = 1 - r / C``; the tables come from the lens's identifiability metrics
+(:mod:`vit_embedding_lens.lens.metrics`) over these ranks. Prefix tokens (CLS, distillation,
+registers) are reported one by one, never mixed with the image tokens; with segmentation masks,
+image tokens on the object ("class") and off it ("context") are reported apart as well.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 import numpy as np
 import pandas as pd
+import torch
 
-from vit_embedding_lens.lens.ranks import class_rank
+from vit_embedding_lens.lens.metrics import (
+    identifiability_scores,
+    per_image_identifiability,
+    token_groups,
+)
+from vit_embedding_lens.lens.projection import ClassProjection
+from vit_embedding_lens.lens.ranks import class_rank, rank_dtype
+from vit_embedding_lens.lens.streaming import LensResult
+from vit_embedding_lens.runner.analysis import Analysis
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+    from vit_embedding_lens.runner.batch import Batch
 
 #: per-image token groups reported besides the prefix tokens
 IMAGE, CLASS, CONTEXT = "image", "class", "context"
 
 
-class ClsIdentifiability:
-    """Per image: ``token_rank [n_layers, n_tokens]`` (rank of the correct class per token and block),
-    and ``class_token [n_tokens]`` when the data set has masks.
+class ClsIdentifiability(Analysis):
+    """Per image: ``token_rank [n_layers, n_tokens]`` (rank of the correct class per token and
+    block), and ``class_token [n_tokens]`` when the data set has masks.
 
     Tables: ``by_block`` (one row per block and token group: mean score, % identifiable, % of images
     with at least one identifiable token) and ``per_image`` (one row per image and block).
@@ -31,83 +45,81 @@ class ClsIdentifiability:
 
     name = "cls_identifiability"
 
-    def hook_names(self, model: Any) -> List[str]:
+    def hook_names(self, model: HookedViT) -> List[str]:
         return [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
 
     def config(self) -> Dict[str, Any]:
         return {"stream": "resid_post", "rank": "strictly greater logits"}
 
-    def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
-        from vit_embedding_lens.lens.projection import ClassProjection
-
+    def run(self, model: HookedViT, batch: Batch) -> Dict[str, np.ndarray]:
         _, cache = batch.shared_forward(model)
         projection = ClassProjection(model)
-        dtype = np.int16 if model.cfg.n_classes <= np.iinfo(np.int16).max else np.int32
+        dtype = rank_dtype(model.cfg.n_classes)
         ranks = []
         for name in self.hook_names(model):
             logits = projection(cache[name].float())  # [batch, tokens, classes]
-            ranks.append(class_rank(logits, batch.labels[:, None]).cpu().numpy().astype(dtype))
+            ranks.append(class_rank(logits, batch.labels[:, None]).to(dtype).cpu().numpy())
         out = {"token_rank": np.stack(ranks, axis=1)}  # [batch, layers, tokens]
         if batch.token_masks is not None:
             out["class_token"] = batch.token_masks.cpu().numpy()
         return out
 
-    def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
-        rank = results["token_rank"].astype(np.int64)  # [n, L, N]
-        n_images, n_layers, n_tokens = rank.shape
+    def summarize(
+        self, results: Dict[str, np.ndarray], model: HookedViT
+    ) -> Dict[str, pd.DataFrame]:
+        reading = resid_reading(results, model)
+        rank = reading.rank["resid"]  # [n, L, N]
+        n_images, n_layers, _ = rank.shape
         layout = model.layout
-        if n_tokens != layout.n_tokens:
-            raise ValueError(
-                f"results have {n_tokens} tokens, the model's layout {layout.n_tokens}"
-            )
-        n_classes = model.cfg.n_classes
         identifiable = rank == 0
-        score = 1.0 - rank / n_classes
+        scores = identifiability_scores(reading, "resid")
         labels = layout.token_labels()
-        groups: Dict[str, np.ndarray] = {}
-        for i in layout.prefix_indices:
-            groups[labels[i]] = np.zeros(n_tokens, dtype=bool)
-            groups[labels[i]][i] = True
-        image_tokens = np.zeros(n_tokens, dtype=bool)
-        image_tokens[layout.n_prefix :] = True
-        rows, per_image = [], {}
-        for group, member in self._groups(groups, image_tokens, results).items():
-            member = np.broadcast_to(member, (n_images, n_tokens))  # per image
-            count = member.sum(-1)  # [n]
-            has = count > 0
-            with np.errstate(invalid="ignore", divide="ignore"):
-                frac = (identifiable & member[:, None, :]).sum(-1) / count[:, None]  # [n, L]
-                mean_score = (score * member[:, None, :]).sum(-1) / count[:, None]
-            any_ident = (identifiable & member[:, None, :]).any(-1)  # [n, L]
-            if group in (IMAGE, CLASS, CONTEXT):
-                per_image[group] = frac
+        # group -> (per-image % identifiable, mean score, any identifiable token: [n, L]; has: [n])
+        groups: Dict[str, Tuple[torch.Tensor, ...]] = {}
+        for i in layout.prefix_indices:  # one by one, never mixed with the image tokens
+            ident = identifiable[:, :, i]
+            groups[labels[i]] = (
+                ident.double(),
+                scores[:, :, i],
+                ident,
+                torch.ones(n_images).bool(),
+            )
+        members = token_groups(reading)
+        for group in (IMAGE, CLASS, CONTEXT):
+            if group in members:
+                member = members[group]
+                groups[group] = (
+                    per_image_identifiability(reading, "resid", group, "identifiable"),
+                    per_image_identifiability(reading, "resid", group, "score"),
+                    (identifiable & member[:, None, :]).any(-1),
+                    member.any(-1),
+                )
+        rows = []
+        for group, (frac, mean_score, any_ident, has) in groups.items():
+            frac, mean_score, any_ident, has = (
+                t.numpy() for t in (frac, mean_score, any_ident, has)
+            )
             for layer in range(n_layers):
                 rows.append(
                     {
                         "block": layer,
                         "tokens": group,
                         "n_images": int(has.sum()),
-                        "mean_score": float(np.nanmean(mean_score[has, layer]))
-                        if has.any()
-                        else np.nan,
-                        "pct_identifiable": 100 * float(np.nanmean(frac[has, layer]))
-                        if has.any()
-                        else np.nan,
-                        "pct_images_any": 100 * float(any_ident[has, layer].mean())
-                        if has.any()
-                        else np.nan,
+                        "mean_score": _nanmean(mean_score[has, layer]),
+                        "pct_identifiable": 100 * _nanmean(frac[has, layer]),
+                        "pct_images_any": 100 * _nanmean(any_ident[has, layer]),
                     }
                 )
-        by_block = pd.DataFrame(rows)
         image_rows = {
             "index": np.repeat(results["index"], n_layers),
             "block": np.tile(np.arange(n_layers), n_images),
         }
-        for group, frac in per_image.items():
-            image_rows[f"pct_{group}_identifiable"] = 100 * frac.reshape(-1)
+        for group in (IMAGE, CLASS, CONTEXT):
+            if group in groups:
+                image_rows[f"pct_{group}_identifiable"] = 100 * groups[group][0].numpy().reshape(-1)
         if layout.cls_index is not None:
-            image_rows["cls_rank"] = rank[:, :, layout.cls_index].reshape(-1)
-        return {"by_block": by_block, "per_image": pd.DataFrame(image_rows)}
+            image_rows["cls_rank"] = rank[:, :, layout.cls_index].numpy().reshape(-1)
+        return {"by_block": pd.DataFrame(rows), "per_image": pd.DataFrame(image_rows)}
 
     def headline(self, tables: Dict[str, pd.DataFrame]) -> pd.DataFrame:
         """% identifiable tokens per block (rows) and token group (columns), for the terminal."""
@@ -115,18 +127,6 @@ class ClsIdentifiability:
         wide = wide[list(dict.fromkeys(tables["by_block"]["tokens"]))]
         wide.columns = [f"% {c}" for c in wide.columns]
         return wide.reset_index()
-
-    @staticmethod
-    def _groups(
-        prefix: Dict[str, np.ndarray], image_tokens: np.ndarray, results: Dict[str, np.ndarray]
-    ) -> Dict[str, np.ndarray]:
-        groups: Dict[str, np.ndarray] = dict(prefix)
-        groups[IMAGE] = image_tokens
-        if "class_token" in results:
-            on_object = results["class_token"].astype(bool) & image_tokens
-            groups[CLASS] = on_object
-            groups[CONTEXT] = image_tokens & ~on_object
-        return groups
 
     def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
         from matplotlib.figure import Figure
@@ -157,3 +157,30 @@ class ClsIdentifiability:
         ax.set_title("Distribution over images")
         dist.tight_layout()
         return {"identifiability_by_block": fig, "identifiability_per_image": dist}
+
+
+def resid_reading(results: Dict[str, np.ndarray], model: HookedViT) -> LensResult:
+    """The stored ranks as a residual-stream-only :class:`~vit_embedding_lens.lens.LensResult`
+    (no change flags, no composition), for the lens's identifiability metrics."""
+    rank = torch.from_numpy(results["token_rank"].astype(np.int64))  # [n, L, N]
+    n_images, n_layers, n_tokens = rank.shape
+    if n_tokens != model.layout.n_tokens:
+        raise ValueError(
+            f"results have {n_tokens} tokens, the model's layout {model.layout.n_tokens}"
+        )
+    mask = results.get("class_token")
+    return LensResult(
+        rank={"resid": rank},
+        rose={},
+        composition=torch.zeros((n_images, n_layers, 0), dtype=torch.uint8),
+        labels=torch.from_numpy(np.asarray(results["label"])).long(),
+        n_classes=model.cfg.n_classes,
+        layout=model.layout,
+        token_mask=None if mask is None else torch.from_numpy(mask.astype(bool)),
+        class_names=model.class_names,
+    )
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """The mean over images that have tokens of a group; NaN when none has."""
+    return float(np.nanmean(values)) if values.size else np.nan

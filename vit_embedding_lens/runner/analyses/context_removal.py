@@ -16,12 +16,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vit_embedding_lens.runner.analysis import Analysis
+
 #: the conditions, in the order of the stored arrays' condition axis
 CONDITIONS = ("all_tokens", "class_tokens_only", "context_tokens_only")
 NO_MASK_NOTE = "the data set has no segmentation masks, so class and context tokens are unknown; nothing was run"
 
 
-class ContextRemoval:
+class ContextRemoval(Analysis):
     """Per image: ``correct [conditions]`` (1.0/0.0; NaN when the image has no class, or no context,
     token) and ``n_kept [conditions]`` (tokens the model saw, prefix included).
 
@@ -30,7 +32,6 @@ class ContextRemoval:
     """
 
     name = "context_removal"
-    hook_names = ()
 
     def config(self) -> Dict[str, Any]:
         return {"conditions": list(CONDITIONS), "removal": "after position embedding"}

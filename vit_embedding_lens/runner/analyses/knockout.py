@@ -19,13 +19,14 @@ import torch
 
 from vit_embedding_lens.lens.metrics import per_image_identifiability
 from vit_embedding_lens.lens.streaming import LensRecorder
+from vit_embedding_lens.runner.analysis import Analysis
 
 #: the conditions, in the order of the stored arrays' condition axis
 NONE = "none"
 CONDITIONS = (NONE, "self_only", "no_cls")
 
 
-class KnockoutAnalysis:
+class KnockoutAnalysis(Analysis):
     """Per image: ``pct_identifiable [conditions, blocks]`` (% of image tokens whose correct class is
     top-1 at ``resid_post``) and ``correct [conditions]`` (1.0/0.0, NaN where a condition does not
     apply to the model).
@@ -35,7 +36,6 @@ class KnockoutAnalysis:
     """
 
     name = "knockout"
-    hook_names = ()
 
     def __init__(self, conditions: Sequence[str] = CONDITIONS, mode: str = "pre_softmax") -> None:
         unknown = [c for c in conditions if c not in CONDITIONS]

@@ -10,7 +10,7 @@ analysis adds no forward pass of its own (the twin's pass is its own, by necessi
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import numpy as np
 import pandas as pd
@@ -18,12 +18,17 @@ import torch
 
 from vit_embedding_lens.lens.metrics import per_image_identifiability, summarize, token_groups
 from vit_embedding_lens.lens.streaming import CHANGES, KINDS, LensRecorder, LensResult, lens_batch
+from vit_embedding_lens.runner.analysis import Analysis
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+    from vit_embedding_lens.runner.batch import Batch
 
 #: token groups drawn in the identifiability figure, when present
 FIGURE_GROUPS = ("cls", "image", "class", "context")
 
 
-class LensAnalysis:
+class LensAnalysis(Analysis):
     """Identifiability per block and layer type, change rates, composition, class vs context, and
     (``random_twin=True``) the trained-vs-random-init comparison with one-sided Wilcoxon tests."""
 
@@ -38,16 +43,22 @@ class LensAnalysis:
     def config(self) -> Dict[str, Any]:
         return {"random_twin": self.random_twin, "twin_seed": self.twin_seed, "kinds": list(KINDS)}
 
-    def forward_hooks(self, model: Any, batch: Any) -> List[tuple]:
-        """Hooks for the batch's shared forward pass: they read every block as it runs."""
-        if self._recorder is None or self._recorder.model is not model:
-            self._recorder = LensRecorder(model)
-        self._recorder.start(batch.labels)
-        return self._recorder.hooks()
+    def forward_reader(self, model: HookedViT, batch: Batch) -> LensRecorder:
+        """The lens's recorder, started on this batch's labels: its hooks read every block during
+        the batch's shared forward pass, and :meth:`run` gets it back from the batch."""
+        recorder = self._recorder_for(model)
+        recorder.start(batch.labels)
+        return recorder
 
-    def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
-        batch.shared_forward(model)  # the hooks above fire during it
-        out = _to_arrays(self._recorder.result)
+    def run(self, model: HookedViT, batch: Batch) -> Dict[str, np.ndarray]:
+        recorder = batch.reader(model, self.name)
+        if recorder is None:  # a batch the runner did not prepare: a forward pass of its own
+            result = lens_batch(
+                model, batch.images, batch.labels, recorder=self._recorder_for(model)
+            )
+        else:
+            result = recorder.result
+        out = _to_arrays(result)
         if batch.token_masks is not None:
             out["class_token"] = batch.token_masks.cpu().numpy()
         twin = self._twin_of(model) if self.random_twin else None
@@ -56,6 +67,12 @@ class LensAnalysis:
                 lens_batch(twin, batch.images, batch.labels).rank["resid"].numpy()
             )
         return out
+
+    def _recorder_for(self, model: HookedViT) -> LensRecorder:
+        """One recorder per model, built once (it holds the folded class projection)."""
+        if self._recorder is None or self._recorder.model is not model:
+            self._recorder = LensRecorder(model)
+        return self._recorder
 
     def _twin_of(self, model: Any):
         """The random-init twin, built once; None (with one warning) when the architecture cannot be

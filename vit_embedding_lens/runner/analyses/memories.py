@@ -25,11 +25,12 @@ from vit_embedding_lens.lens.memory_usage import (
     PerImageMemoryCounts,
     memory_usage_per_image,
 )
+from vit_embedding_lens.runner.analysis import Analysis
 
 SUBLAYERS = ("mlp", "attn")
 
 
-class MemoriesAnalysis:
+class MemoriesAnalysis(Analysis):
     """Per image: ``tokens [group]``, ``agree``/``match [kind, block, group]``, ``drawn [draw]`` and
     ``random_agree [draw, kind, block, group]`` (counts).
 
@@ -39,7 +40,6 @@ class MemoriesAnalysis:
     """
 
     name = "memories"
-    hook_names = ()
 
     def __init__(
         self,
