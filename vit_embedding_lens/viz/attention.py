@@ -129,7 +129,3 @@ def plot_attention(
     if title and len(axes) > 1:
         fig.suptitle(title)
     return fig
-
-
-# the names viz.interactive still imports; drop once it imports layout_of and heads_first
-_layout_of, _heads_first = layout_of, heads_first

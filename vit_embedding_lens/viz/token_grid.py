@@ -218,7 +218,3 @@ def _prefix_text(
     if categorical:
         return f"{name}: {class_names[int(value)] if class_names is not None else int(value)}"
     return f"{name}: {float(value):.2f}"
-
-
-# the name viz.heatmaps still imports; drop once it imports as_grids
-_as_grids = as_grids

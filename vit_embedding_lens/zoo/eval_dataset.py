@@ -12,12 +12,8 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
-from vit_embedding_lens.zoo.bundled import (
-    DEFAULT_BUNDLED,
-    bundled_name,
-    check_subset_size,
-    load_bundled_eval,
-)
+from vit_embedding_lens.loading.names import bundled_name
+from vit_embedding_lens.zoo.bundled import DEFAULT_BUNDLED, check_subset_size, load_bundled_eval
 
 if TYPE_CHECKING:
     from vit_embedding_lens.data.samples import InMemoryDataset
