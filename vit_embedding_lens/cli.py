@@ -102,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--synset-mapping", help="LOC_synset_mapping.txt: synset -> class index by line order"
     )
     data.add_argument(
-        "--token-labels", choices=("nearest", "area"), default="nearest", help="mask -> tokens"
+        "--token-labels",
+        choices=("nearest", "corner", "area"),
+        default="nearest",
+        help="mask -> tokens: nearest (patch centre, default), corner (top-left pixel, the "
+        "reference code's rule; --preset paper), area (--threshold)",
     )
     data.add_argument(
         "--threshold", type=float, default=0.5, help="area fraction for --token-labels area"
