@@ -178,6 +178,18 @@ def test_context_removal_equals_keep_mask_forwards(run, model, dataset):
         pred = model(images, keep_mask=keep).argmax(-1)
         np.testing.assert_array_equal(r["correct"][:, c], (pred == labels).float().numpy())
         np.testing.assert_array_equal(r["n_kept"][:, c], keep.sum(-1).numpy())
+    # identifiability of the kept image tokens at the last block, as the reference code ranks them:
+    # project the kept sequence's last residual, rank the label (CLS excluded here)
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    for c, on_object in ((1, True), (2, False)):
+        for i in range(0, n, 7):
+            keep = hand_keep(masks[i : i + 1], P, on_object)
+            _, cache = model.run_with_cache(images[i : i + 1], keep_mask=keep, names_filter=last)
+            tokens = model.head(model.ln_final(cache[last]))[0, P:]  # [kept image tokens, C]
+            order = torch.argsort(tokens, dim=-1, descending=True)
+            top1 = (order[:, 0] == labels[i]).float()
+            expected = 100 * top1.mean().item() if len(top1) else float("nan")
+            np.testing.assert_allclose(r["pct_identifiable"][i, c], expected, rtol=1e-5)
     acc = tables["context_removal"]["accuracy"].set_index("condition")
     # the model needs strokes and background together; either alone still beats chance (10 classes)
     for condition in ("class_tokens_only", "context_tokens_only"):
@@ -189,8 +201,9 @@ def test_context_removal_equals_keep_mask_forwards(run, model, dataset):
 
 
 def test_context_removal_without_tokens_or_masks(model, dataset):
+    """An image with no object token runs with CLS alone (as the reference code), not skipped."""
     masks = dataset.token_masks[:3].clone()
-    masks[0] = False  # no class token: only the context condition applies
+    masks[0] = False  # no class token: the class-tokens-only condition sees CLS alone
     batch = Batch(
         dataset.images[:3],
         dataset.label_tensor[:3],
@@ -199,8 +212,21 @@ def test_context_removal_without_tokens_or_masks(model, dataset):
         token_masks=masks,
     )
     out = ContextRemoval().run(model, batch)
-    assert np.isnan(out["correct"][0, 1]) and not np.isnan(out["correct"][0, [0, 2]]).any()
-    assert not np.isnan(out["correct"][1:]).any()
+    assert not np.isnan(out["correct"]).any()
+    P = model.layout.n_prefix
+    assert out["n_kept"][0, 1] == P
+    cls_only = torch.zeros(1, model.layout.n_tokens, dtype=torch.bool)
+    cls_only[:, :P] = True
+    pred = model(dataset.images[:1], keep_mask=cls_only).argmax(-1)
+    assert out["correct"][0, 1] == float(pred.item() == int(dataset.label_tensor[0]))
+    # no image token kept: the image-token share is undefined, the all-token share is CLS's
+    assert np.isnan(out["pct_identifiable"][0, 1])
+    all_tokens = ContextRemoval(tokens="all").run(model, batch)
+    assert all_tokens["pct_identifiable"][0, 1] in (0.0, 100.0)
+    tables = ContextRemoval().summarize({**out, "label": np.zeros(3)}, model)
+    row = tables["accuracy"].set_index("condition").loc["class_tokens_only"]
+    assert row["n_images"] == 3 and row["n_images_prefix_only"] == 1
+    assert row["n_images_skipped"] == 0
 
     unmasked = ContextRemoval().run(
         model, Batch(dataset.images[:3], dataset.label_tensor[:3], ["a"] * 3, torch.arange(3))
