@@ -281,8 +281,8 @@ def test_memories_directions(run, model):
 def test_attribution_equals_perturbation_benchmark(run, model, dataset):
     results, tables, _, analyses = run
     r = results["attribution"]
-    grid = n_keep_grid(model.layout.n_patches)
-    assert grid[0] == 1 and grid[-1] == model.layout.n_patches - 1
+    grid = list(range(1, model.layout.n_patches))  # the default: the full curve, every n
+    assert analyses["attribution"].n_values(model.layout.n_patches) == grid
     n = len(dataset)
     assert r["correct"].shape == (n, 5, 2, len(grid))
     analysis = analyses["attribution"]
@@ -317,13 +317,36 @@ def test_attribution_equals_perturbation_benchmark(run, model, dataset):
     auc = tables["attribution"]["auc"]
     for (method, order), rows in tables["attribution"]["curves"].groupby(["method", "order"]):
         for seed, part in rows.groupby(rows.seed.fillna(-1)):
-            expected = perturbation_auc(
-                part.sort_values("n").accuracy.to_numpy(), model.layout.n_patches
-            )
+            acc = part.sort_values("n").accuracy.to_numpy()
+            assert len(acc) == model.layout.n_patches - 1
+            # the paper's AUC: the full curve's sum over its maximum and N
+            expected = acc.sum() / (acc.max() * model.layout.n_patches)
+            assert perturbation_auc(acc, model.layout.n_patches) == pytest.approx(expected)
             got = auc[
                 (auc.method == method) & (auc.order == order) & (auc.seed.fillna(-1) == seed)
             ].auc
             assert got.iloc[0] == pytest.approx(expected)
+    assert set(auc.auc_estimator) == {"full curve"}
+
+
+def test_attribution_grid_auc_is_interpolated_not_a_plain_mean(run, model):
+    """On the power-of-two grid the AUC integrates the curve between the grid points: close to the
+    full-curve AUC, where the old plain mean of the grid points was biased low."""
+    _, tables, _, _ = run
+    N = model.layout.n_patches
+    grid = n_keep_grid(N)
+    curves = tables["attribution"]["curves"]
+    curves = curves[curves.seed.isna() | (curves.seed == 0)]
+    worst_mean, worst_interp = 0.0, 0.0
+    for _, part in curves.groupby(["method", "order"]):
+        full = part.sort_values("n").accuracy.to_numpy()
+        exact = full.sum() / (full.max() * N)
+        sampled = full[np.array(grid) - 1]
+        interpolated = perturbation_auc(sampled, N, grid)
+        plain_mean = sampled.mean() * (N - 1) / (sampled.max() * N)
+        worst_interp = max(worst_interp, abs(interpolated - exact))
+        worst_mean = max(worst_mean, abs(plain_mean - exact))
+    assert worst_interp < 0.05 and worst_mean > 2 * worst_interp, (worst_interp, worst_mean)
 
 
 def test_attribution_directions(run):
