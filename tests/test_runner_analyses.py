@@ -30,7 +30,7 @@ from vit_embedding_lens.runner.analyses.attribution import n_keep_grid
 from vit_embedding_lens.runner.analyses.context_removal import ContextRemoval
 from vit_embedding_lens.runner.analyses.knockout import KnockoutAnalysis
 
-NAMES = ["knockout", "context_removal", "memories", "attribution"]
+NAMES = ["knockout", "context_removal", "memories", "attribution", "lens"]
 BATCH = 16
 PER_CLASS = 4
 
@@ -275,6 +275,32 @@ def test_memories_directions(run, model):
     assert value["kv_agreement"] > value["kv_agreement_random"] + 0.1
     tests = tables["memories"]["class_value_tests"]
     assert (tests["trained"] > tests["random"]).all()
+
+
+def test_memories_and_lens_compare_groups(run, model, dataset):
+    """Key-value agreement of correct vs incorrect images (from the stored per-image counts), and
+    the lens's class- vs context-token change rates, in the runner's tables."""
+    from vit_embedding_lens.lens.memory_usage import TOKEN_GROUPS
+
+    results, tables, _, _ = run
+    r = results["memories"]
+    with torch.no_grad():
+        correct = (model(dataset.images).argmax(-1) == dataset.label_tensor).numpy()
+    np.testing.assert_array_equal(r["correct"], correct)
+    assert 0 < correct.sum() < len(correct)
+    table = tables["memories"]["kv_agreement_by_correctness"]
+    L, g = model.cfg.n_layers, TOKEN_GROUPS.index("cls")
+    for k, kind in enumerate(("mlp", "attn")):
+        row = table[
+            (table.sublayer == kind) & (table.token_group == "cls") & (table.block == L - 1)
+        ]
+        rate = 100 * r["agree"][:, k, L - 1, g] / r["tokens"][:, g]
+        assert row.agreement_correct.iloc[0] == pytest.approx(rate[correct].mean())
+        assert row.agreement_incorrect.iloc[0] == pytest.approx(rate[~correct].mean())
+        assert 0 < row.p_value.iloc[0] <= 1
+    changes = tables["lens"]["class_vs_context_changes"]
+    assert set(changes.comparison) == {"attn", "mlp"} and len(changes) == 2 * L
+    assert changes[["class_rate", "context_rate"]].notna().all().all()
 
 
 # -- attribution ----------------------------------------------------------------------------------
