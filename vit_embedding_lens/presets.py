@@ -2,21 +2,14 @@
 design (METHODS; docs "Reproducing the paper").
 
 ``"library"`` (the default) computes the library's definitions; ``"paper"`` sets each choice to the
-reference code's, so that published numbers are reproduced:
+reference code's, so that published numbers are reproduced (library | paper):
 
-=====================  =====================================  ======================================
-choice                 library                                paper (reference code)
-=====================  =====================================  ======================================
-knockout               scores masked before the softmax       weights edited after it, not
-                                                              renormalized; ``self_only`` sets the
-                                                              self-weight to 1
-token labels           patch centre pixel (``nearest``)       top-left pixel (``corner``)
-attribution loss       cross-entropy on the projected logits  cross-entropy on their softmax
-% identifiable         image tokens only                      all tokens, CLS included (knockout,
-(knockout, context                                            context removal)
-removal)
-perturbation AUC       full curve, every ``n``                full curve, every ``n``
-=====================  =====================================  ======================================
+- knockout: scores masked before the softmax | weights edited after it, not renormalized
+  (``self_only`` sets each image token's self-weight to 1);
+- token labels: the patch-centre pixel (``nearest``) | the top-left pixel (``corner``);
+- attribution loss: cross-entropy on the projected logits | on their softmax (``double_softmax``);
+- % identifiable in knockout and context removal: image tokens | all tokens, CLS included;
+- perturbation AUC: the full curve, every ``n`` | the same.
 
     from vit_embedding_lens.presets import run_preset
     results = run_preset(model, dataset, "out/", preset="paper")   # analyses configured, recorded
