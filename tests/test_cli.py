@@ -44,7 +44,7 @@ def test_demo_writes_a_report_and_resumes(tmp_path, capsys):
     page = (report / "index.html").read_text()
     pngs = sorted(p.relative_to(report).as_posix() for p in (report / "figures").glob("*.png"))
     csvs = sorted(p.relative_to(report).as_posix() for p in (report / "tables").glob("*.csv"))
-    assert len(pngs) == 3 and len(csvs) == 8
+    assert len(pngs) == 3 and len(csvs) == 9  # lens: 8 tables + class_vs_context_changes
     assert sorted(re.findall(r'<img src="([^"]+)"', page)) == pngs
     assert all(f'href="{c}"' in page for c in csvs)
     summary = (report / "tables" / "accuracy__summary.csv").read_text().splitlines()
