@@ -47,11 +47,24 @@ def test_keep_masks_keep_the_prefix_and_the_right_end_of_the_ranking():
 def test_auc_is_the_methods_formula():
     acc = np.array([0.2, 0.5, 0.9, 0.6])  # N = 5 image tokens: n = 1..4
     assert perturbation_auc(acc, 5) == pytest.approx(acc.sum() / (0.9 * 5))
-    # a curve sampled at every other n estimates the sum by mean * (N - 1)
-    assert perturbation_auc(acc[::2], 5) == pytest.approx(acc[::2].mean() * 4 / (0.9 * 5))
-    assert np.isnan(perturbation_auc([0.0, 0.0], 5))
+    assert perturbation_auc(acc, 5, [1, 2, 3, 4]) == perturbation_auc(acc, 5)
+    # a curve sampled at some n is integrated between them (n = 2 is interpolated to 0.55), not
+    # averaged: a plain mean of the samples would weight them as if they were evenly spread
+    assert perturbation_auc(acc[::2], 5, [1, 3]) == pytest.approx(
+        (0.2 + 0.55 + 0.9 + 0.9) / (0.9 * 5)
+    )
+    # a linear curve sampled on a grid dense at small n gives its exact AUC
+    N = 49
+    line = np.linspace(0.1, 0.9, N - 1)
+    grid = [1, 2, 4, 8, 16, 32, 48]
+    exact = perturbation_auc(line, N)
+    assert exact == pytest.approx(line.sum() / (0.9 * N))
+    assert perturbation_auc(line[np.array(grid) - 1], N, grid) == pytest.approx(exact)
+    assert np.isnan(perturbation_auc([0.0, 0.0], 5, [1, 2]))
     with pytest.raises(ValueError, match="accuracies"):
         perturbation_auc(np.ones(5), 5)
+    with pytest.raises(ValueError, match="n_values"):
+        perturbation_auc(acc[::2], 5)
 
 
 def masked_accuracy(model, images, targets, scores, n, order):

@@ -44,7 +44,7 @@ def test_demo_writes_a_report_and_resumes(tmp_path, capsys):
     page = (report / "index.html").read_text()
     pngs = sorted(p.relative_to(report).as_posix() for p in (report / "figures").glob("*.png"))
     csvs = sorted(p.relative_to(report).as_posix() for p in (report / "tables").glob("*.csv"))
-    assert len(pngs) == 3 and len(csvs) == 8
+    assert len(pngs) == 3 and len(csvs) == 9  # lens: 8 tables + class_vs_context_changes
     assert sorted(re.findall(r'<img src="([^"]+)"', page)) == pngs
     assert all(f'href="{c}"' in page for c in csvs)
     summary = (report / "tables" / "accuracy__summary.csv").read_text().splitlines()
@@ -58,6 +58,41 @@ def test_demo_writes_a_report_and_resumes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "batch_size: 16 -> 8" in err and "--overwrite" in err and "Traceback" not in err
     assert main(other_batch + ["--overwrite"]) == 0
+
+
+def test_demo_paper_preset_configures_the_analyses_and_says_so(tmp_path, capsys):
+    """``--preset paper``: post-softmax knockout, corner token labels, CLS-inclusive percentages,
+    recorded in the manifest and shown in the report; the default preset's run differs."""
+    from vit_embedding_lens.data.token_labels import token_mask_from_mask
+    from vit_embedding_lens.zoo.bundled import load_bundled_eval
+
+    common = ["--n", "20", "--no-progress", "--analyses", "knockout,context_removal"]
+    paper, library = tmp_path / "paper", tmp_path / "library"
+    assert main(["demo", "--preset", "paper", "--out", str(paper), *common]) == 0
+    assert main(["demo", "--out", str(library), *common]) == 0
+    config = read_manifest(paper)["config"]
+    assert config["preset"]["name"] == "paper"
+    assert config["analyses"]["knockout"]["mode"] == "post_softmax"
+    assert config["analyses"]["knockout"]["tokens"] == "all"
+    assert config["analyses"]["context_removal"]["identifiability"]["tokens"] == "all"
+    assert config["data"]["source"]["token_labels"] == "corner"
+    default = read_manifest(library)["config"]
+    assert default["preset"]["name"] == "library"
+    assert default["analyses"]["knockout"]["mode"] == "pre_softmax"
+    assert default["data"]["source"]["token_labels"] == "nearest"
+    page = (paper / "report" / "index.html").read_text()
+    assert "<b>preset</b></td><td>paper (knockout_mode=post_softmax" in page
+    # the stored token masks are the corner rule's
+    model = HookedViT.from_bundled()
+    expected = bundled_eval_dataset(model, n=20, token_labels="corner")
+    data = load_bundled_eval("mnist-vit")
+    assert torch.equal(
+        token_mask_from_mask(data.masks[:1], model.layout, method="corner"),
+        data.class_token_mask(model.layout, method="corner")[:1],
+    )
+    got = load_results(paper)["context_removal"]["n_kept"][:, 1]
+    assert np.array_equal(got, expected.token_masks.sum(-1).numpy() + model.layout.n_prefix)
+    capsys.readouterr()
 
 
 def test_demo_on_the_fashion_model_and_an_unknown_bundled_name(tmp_path, capsys):

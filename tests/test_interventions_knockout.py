@@ -38,8 +38,11 @@ def all_names(model, suffix):
     return [f"blocks.{l}.{suffix}" for l in range(model.cfg.n_layers)]
 
 
-def hand_attention(q, k, v, allowed, mode):
-    """Attention from cached q, k, v [B, N, H, dh] with an allowed mask, by explicit loops over heads."""
+def hand_attention(q, k, v, allowed, mode, self_only_from=None):
+    """Attention from cached q, k, v [B, N, H, dh] with an allowed mask, by loops over heads.
+
+    ``self_only_from``: the reference code's post-softmax ``self_only``, written as it does it:
+    for every image token ``t`` (from this index on), ``attn[t, :] = 0; attn[t, t] = 1``."""
     B, N, H, dh = q.shape
     z = torch.empty_like(q)
     for h in range(H):
@@ -47,6 +50,11 @@ def hand_attention(q, k, v, allowed, mode):
         scores = q[:, :, h] @ k[:, :, h].transpose(1, 2) / dh**0.5  # [B, N, N]
         if mode == "pre_softmax":
             weights = torch.softmax(scores.masked_fill(~a, float("-inf")), dim=-1)
+        elif self_only_from is not None:
+            weights = torch.softmax(scores, dim=-1).clone()
+            for t in range(self_only_from, N):
+                weights[:, t, :] = 0
+                weights[:, t, t] = 1
         else:
             weights = torch.softmax(scores, dim=-1) * a
         z[:, :, h] = weights @ v[:, :, h]
@@ -83,7 +91,7 @@ def test_knockout_matches_hand_built_attention(n_prefix, mode, make_images):
         logits, cache = model.run_with_cache(images, names_filter=names)
     for l in range(model.cfg.n_layers):
         q, k, v = (cache[f"blocks.{l}.attn.hook_{x}"] for x in "qkv")
-        expected = hand_attention(q, k, v, ko.allowed, mode)
+        expected = hand_attention(q, k, v, ko.allowed, mode, self_only_from=model.layout.n_prefix)
         assert_close_scaled(cache[f"blocks.{l}.attn.hook_z"], expected, rel=2e-5)
     # the hook-list form (explicit path) gives the same run
     with model.hooks(fwd_hooks=ko.hooks()):
@@ -127,11 +135,32 @@ def test_self_only_pattern_and_prefix_rows(make_images):
     torch.testing.assert_close(pattern[:, :, image], eye.expand_as(pattern[:, :, image]))
     prefix = list(layout.prefix_indices)
     torch.testing.assert_close(pattern[:, :, prefix], clean[name][:, :, prefix])
-    # post-softmax: image rows keep only their own (unrenormalized) weight
+    # post-softmax (the reference code's rule): image rows zeroed, self-weight set to 1, so they
+    # equal the pre-softmax rows; prefix rows keep the clean softmax
     with knockout(model, "self_only", mode="post_softmax"):
         _, post = model.run_with_cache(images, names_filter=name)
-    diag = clean[name].diagonal(dim1=-2, dim2=-1)[..., image]
-    torch.testing.assert_close(post[name][:, :, image].sum(-1), diag)
+    torch.testing.assert_close(post[name][:, :, image], eye.expand_as(pattern[:, :, image]))
+    torch.testing.assert_close(post[name][:, :, prefix], clean[name][:, :, prefix])
+
+
+def test_post_softmax_self_only_by_hand_on_one_head():
+    """A 1-layer, 1-head model: the reference's post-softmax ``self_only`` computed by hand from the
+    weights (image rows one-hot on the diagonal, CLS row the clean softmax) gives the same z, and
+    differs from keeping the softmax self-weight (the old behaviour)."""
+    model = HookedViT.from_timm(
+        create_prefix_variant(1, depth=1, img_size=16, patch_size=8, embed_dim=8, num_heads=1)
+    )
+    images = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    names = ["blocks.0.attn.hook_q", "blocks.0.attn.hook_k", "blocks.0.attn.hook_v"]
+    names.append("blocks.0.attn.hook_z")
+    with knockout(model, "self_only", mode="post_softmax"):
+        _, cache = model.run_with_cache(images, names_filter=names)
+    q, k, v = (cache[n][0, :, 0] for n in names[:3])  # [N, dh], N = 1 + 4
+    weights = torch.softmax(q @ k.T / q.shape[-1] ** 0.5, dim=-1)
+    by_hand = torch.stack([weights[0] @ v] + [v[t] for t in range(1, 5)])  # self-weight 1
+    torch.testing.assert_close(cache["blocks.0.attn.hook_z"][0, :, 0], by_hand)
+    kept = torch.stack([weights[0] @ v] + [weights[t, t] * v[t] for t in range(1, 5)])
+    assert (kept - by_hand).abs().max() > 1e-3
 
 
 def test_heads_and_blocks_are_respected(make_images):
@@ -224,6 +253,7 @@ def test_bundled_self_only_collapses_identifiability_no_cls_does_not():
             with knockout(model, preset, mode=mode):
                 found[preset, mode] = measure()
     for mode in ("pre_softmax", "post_softmax"):
-        # measured (50 digits): base 0.305; self_only 0.113 / 0.088; no_cls 0.323 / 0.317
+        # measured (50 digits): base 0.305; self_only 0.113 (both modes: equal on image rows);
+        # no_cls 0.323 / 0.317
         assert found["self_only", mode] < 0.7 * base, (base, found)
         assert abs(found["no_cls", mode] - base) < 0.1 * base, (base, found)

@@ -30,7 +30,7 @@ from vit_embedding_lens.runner.analyses.attribution import n_keep_grid
 from vit_embedding_lens.runner.analyses.context_removal import ContextRemoval
 from vit_embedding_lens.runner.analyses.knockout import KnockoutAnalysis
 
-NAMES = ["knockout", "context_removal", "memories", "attribution"]
+NAMES = ["knockout", "context_removal", "memories", "attribution", "lens"]
 BATCH = 16
 PER_CLASS = 4
 
@@ -178,6 +178,18 @@ def test_context_removal_equals_keep_mask_forwards(run, model, dataset):
         pred = model(images, keep_mask=keep).argmax(-1)
         np.testing.assert_array_equal(r["correct"][:, c], (pred == labels).float().numpy())
         np.testing.assert_array_equal(r["n_kept"][:, c], keep.sum(-1).numpy())
+    # identifiability of the kept image tokens at the last block, as the reference code ranks them:
+    # project the kept sequence's last residual, rank the label (CLS excluded here)
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    for c, on_object in ((1, True), (2, False)):
+        for i in range(0, n, 7):
+            keep = hand_keep(masks[i : i + 1], P, on_object)
+            _, cache = model.run_with_cache(images[i : i + 1], keep_mask=keep, names_filter=last)
+            tokens = model.head(model.ln_final(cache[last]))[0, P:]  # [kept image tokens, C]
+            order = torch.argsort(tokens, dim=-1, descending=True)
+            top1 = (order[:, 0] == labels[i]).float()
+            expected = 100 * top1.mean().item() if len(top1) else float("nan")
+            np.testing.assert_allclose(r["pct_identifiable"][i, c], expected, rtol=1e-5)
     acc = tables["context_removal"]["accuracy"].set_index("condition")
     # the model needs strokes and background together; either alone still beats chance (10 classes)
     for condition in ("class_tokens_only", "context_tokens_only"):
@@ -189,8 +201,9 @@ def test_context_removal_equals_keep_mask_forwards(run, model, dataset):
 
 
 def test_context_removal_without_tokens_or_masks(model, dataset):
+    """An image with no object token runs with CLS alone (as the reference code), not skipped."""
     masks = dataset.token_masks[:3].clone()
-    masks[0] = False  # no class token: only the context condition applies
+    masks[0] = False  # no class token: the class-tokens-only condition sees CLS alone
     batch = Batch(
         dataset.images[:3],
         dataset.label_tensor[:3],
@@ -199,8 +212,21 @@ def test_context_removal_without_tokens_or_masks(model, dataset):
         token_masks=masks,
     )
     out = ContextRemoval().run(model, batch)
-    assert np.isnan(out["correct"][0, 1]) and not np.isnan(out["correct"][0, [0, 2]]).any()
-    assert not np.isnan(out["correct"][1:]).any()
+    assert not np.isnan(out["correct"]).any()
+    P = model.layout.n_prefix
+    assert out["n_kept"][0, 1] == P
+    cls_only = torch.zeros(1, model.layout.n_tokens, dtype=torch.bool)
+    cls_only[:, :P] = True
+    pred = model(dataset.images[:1], keep_mask=cls_only).argmax(-1)
+    assert out["correct"][0, 1] == float(pred.item() == int(dataset.label_tensor[0]))
+    # no image token kept: the image-token share is undefined, the all-token share is CLS's
+    assert np.isnan(out["pct_identifiable"][0, 1])
+    all_tokens = ContextRemoval(tokens="all").run(model, batch)
+    assert all_tokens["pct_identifiable"][0, 1] in (0.0, 100.0)
+    tables = ContextRemoval().summarize({**out, "label": np.zeros(3)}, model)
+    row = tables["accuracy"].set_index("condition").loc["class_tokens_only"]
+    assert row["n_images"] == 3 and row["n_images_prefix_only"] == 1
+    assert row["n_images_skipped"] == 0
 
     unmasked = ContextRemoval().run(
         model, Batch(dataset.images[:3], dataset.label_tensor[:3], ["a"] * 3, torch.arange(3))
@@ -251,12 +277,38 @@ def test_memories_directions(run, model):
     assert (tests["trained"] > tests["random"]).all()
 
 
+def test_memories_and_lens_compare_groups(run, model, dataset):
+    """Key-value agreement of correct vs incorrect images (from the stored per-image counts), and
+    the lens's class- vs context-token change rates, in the runner's tables."""
+    from vit_embedding_lens.lens.memory_usage import TOKEN_GROUPS
+
+    results, tables, _, _ = run
+    r = results["memories"]
+    with torch.no_grad():
+        correct = (model(dataset.images).argmax(-1) == dataset.label_tensor).numpy()
+    np.testing.assert_array_equal(r["correct"], correct)
+    assert 0 < correct.sum() < len(correct)
+    table = tables["memories"]["kv_agreement_by_correctness"]
+    L, g = model.cfg.n_layers, TOKEN_GROUPS.index("cls")
+    for k, kind in enumerate(("mlp", "attn")):
+        row = table[
+            (table.sublayer == kind) & (table.token_group == "cls") & (table.block == L - 1)
+        ]
+        rate = 100 * r["agree"][:, k, L - 1, g] / r["tokens"][:, g]
+        assert row.agreement_correct.iloc[0] == pytest.approx(rate[correct].mean())
+        assert row.agreement_incorrect.iloc[0] == pytest.approx(rate[~correct].mean())
+        assert 0 < row.p_value.iloc[0] <= 1
+    changes = tables["lens"]["class_vs_context_changes"]
+    assert set(changes.comparison) == {"attn", "mlp"} and len(changes) == 2 * L
+    assert changes[["class_rate", "context_rate"]].notna().all().all()
+
+
 # -- attribution ----------------------------------------------------------------------------------
 def test_attribution_equals_perturbation_benchmark(run, model, dataset):
     results, tables, _, analyses = run
     r = results["attribution"]
-    grid = n_keep_grid(model.layout.n_patches)
-    assert grid[0] == 1 and grid[-1] == model.layout.n_patches - 1
+    grid = list(range(1, model.layout.n_patches))  # the default: the full curve, every n
+    assert analyses["attribution"].n_values(model.layout.n_patches) == grid
     n = len(dataset)
     assert r["correct"].shape == (n, 5, 2, len(grid))
     analysis = analyses["attribution"]
@@ -291,13 +343,36 @@ def test_attribution_equals_perturbation_benchmark(run, model, dataset):
     auc = tables["attribution"]["auc"]
     for (method, order), rows in tables["attribution"]["curves"].groupby(["method", "order"]):
         for seed, part in rows.groupby(rows.seed.fillna(-1)):
-            expected = perturbation_auc(
-                part.sort_values("n").accuracy.to_numpy(), model.layout.n_patches
-            )
+            acc = part.sort_values("n").accuracy.to_numpy()
+            assert len(acc) == model.layout.n_patches - 1
+            # the paper's AUC: the full curve's sum over its maximum and N
+            expected = acc.sum() / (acc.max() * model.layout.n_patches)
+            assert perturbation_auc(acc, model.layout.n_patches) == pytest.approx(expected)
             got = auc[
                 (auc.method == method) & (auc.order == order) & (auc.seed.fillna(-1) == seed)
             ].auc
             assert got.iloc[0] == pytest.approx(expected)
+    assert set(auc.auc_estimator) == {"full curve"}
+
+
+def test_attribution_grid_auc_is_interpolated_not_a_plain_mean(run, model):
+    """On the power-of-two grid the AUC integrates the curve between the grid points: close to the
+    full-curve AUC, where the old plain mean of the grid points was biased low."""
+    _, tables, _, _ = run
+    N = model.layout.n_patches
+    grid = n_keep_grid(N)
+    curves = tables["attribution"]["curves"]
+    curves = curves[curves.seed.isna() | (curves.seed == 0)]
+    worst_mean, worst_interp = 0.0, 0.0
+    for _, part in curves.groupby(["method", "order"]):
+        full = part.sort_values("n").accuracy.to_numpy()
+        exact = full.sum() / (full.max() * N)
+        sampled = full[np.array(grid) - 1]
+        interpolated = perturbation_auc(sampled, N, grid)
+        plain_mean = sampled.mean() * (N - 1) / (sampled.max() * N)
+        worst_interp = max(worst_interp, abs(interpolated - exact))
+        worst_mean = max(worst_mean, abs(plain_mean - exact))
+    assert worst_interp < 0.05 and worst_mean > 2 * worst_interp, (worst_interp, worst_mean)
 
 
 def test_attribution_directions(run):

@@ -102,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--synset-mapping", help="LOC_synset_mapping.txt: synset -> class index by line order"
     )
     data.add_argument(
-        "--token-labels", choices=("nearest", "area"), default="nearest", help="mask -> tokens"
+        "--token-labels",
+        choices=("nearest", "corner", "area"),
+        default=None,
+        help="mask -> tokens (default: the preset's): nearest (patch centre; library), corner "
+        "(top-left pixel, the reference code's rule; paper), area (--threshold)",
     )
     data.add_argument(
         "--threshold", type=float, default=0.5, help="area fraction for --token-labels area"
@@ -136,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_run_options(p: argparse.ArgumentParser, default_out: Optional[str] = None) -> None:
     run = p.add_argument_group("run")
+    run.add_argument(
+        "--preset",
+        choices=("library", "paper"),
+        default="library",
+        help="library: the library's definitions (default); paper: every choice where the "
+        "reference code differs by design set to the reference's (knockout post-softmax, corner "
+        "token labels, double-softmax attribution loss, CLS-inclusive percentages), to reproduce "
+        "published numbers",
+    )
     run.add_argument(
         "--analyses",
         default=None,
@@ -281,7 +294,7 @@ def _build_dataset(
             drop_short_classes=not args.keep_short_classes,
             categories=args.categories,
             synset_mapping=args.synset_mapping,
-            token_labels=args.token_labels,
+            token_labels=args.token_labels or _preset(args).token_labels,
             threshold=args.threshold,
             on_error=args.on_error,
         )
@@ -306,7 +319,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     spec = bundled_spec(args.bundled)
     loaded = load_model(ModelSource("bundled", spec.name).label, device=device, dtype=args.dtype)
-    dataset = bundled_eval_dataset(loaded.model, n=args.n, name=spec.name)
+    dataset = bundled_eval_dataset(
+        loaded.model, n=args.n, name=spec.name, token_labels=_preset(args).token_labels
+    )
     print(
         f"{loaded.model!r}\n{len(dataset)} bundled eval images ({spec.foreground} masks as segmentation) "
         f"on {device}, {args.dtype}"
@@ -325,11 +340,13 @@ def _run_and_report(
     title: str,
     ctx: Any = None,
 ) -> int:
+    from vit_embedding_lens.presets import preset_analyses
     from vit_embedding_lens.report import format_headlines, headline_tables, write_report
-    from vit_embedding_lens.runner import build_analyses, run_analyses, summarize_run
-    from vit_embedding_lens.runner.analyses import DEFAULT_ANALYSES
+    from vit_embedding_lens.runner import run_analyses, summarize_run
 
-    analyses = build_analyses(args.analyses.split(",") if args.analyses else DEFAULT_ANALYSES)
+    preset = _preset(args)
+    analyses = preset_analyses(args.analyses.split(",") if args.analyses else None, preset)
+    run_config = {**run_config, "preset": preset.as_dict()}
     device_type = next(model.parameters()).device.type
     workers = (
         args.num_workers if args.num_workers is not None else (4 if device_type == "cuda" else 0)
@@ -365,6 +382,7 @@ def _run_and_report(
         "images": len(results),
         "skipped": n_skipped,
         "analyses": ", ".join(a.name for a in analyses),
+        "preset": _preset_summary(preset),
         "dtype": args.dtype,
         "batch size": args.batch_size,
         "output": str(out.resolve()),
@@ -372,6 +390,18 @@ def _run_and_report(
     page = write_report(out / "report", tables, figures, meta, results.manifest)
     print(f"\nreport: {page}")
     return 0
+
+
+def _preset(args: argparse.Namespace) -> Any:
+    from vit_embedding_lens.presets import get_preset
+
+    return get_preset(getattr(args, "preset", None))
+
+
+def _preset_summary(preset: Any) -> str:
+    """The preset's name and choices, for the report's header."""
+    choices = ", ".join(f"{k}={v}" for k, v in preset.as_dict().items() if k != "name")
+    return f"{preset.name} ({choices})"
 
 
 # -------------------------------------------------------------------------------------------------

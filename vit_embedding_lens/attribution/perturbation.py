@@ -5,7 +5,8 @@ tokens (``n = 1 .. N-1``, ``N`` image tokens), the rest removed with ``model(ima
 keep_mask=...)``. In the *positive* order the most important tokens are removed first, so the
 ``n`` least important are kept (accuracy should fall fast: a lower area is better); in the
 *negative* order the least important are removed first, so the ``n`` most important are kept (a
-higher area is better). ``AUC = sum_n acc(n) / (max_n acc(n) · N)``.
+higher area is better). ``AUC = sum_n acc(n) / (max_n acc(n) · N)``, over every ``n`` (a curve
+evaluated at some ``n`` only is interpolated between them, see :func:`perturbation_auc`).
 
 All (n, method, seed, order, image) rows are run in forward batches of ``batch_size`` rows in
 order of ``n``: a forward mixes at most a few neighbouring ``n`` (little padding), and small image
@@ -73,11 +74,11 @@ class PerturbationResult:
                 curve_rows += [
                     (name, order, n, float(acc[k]), seed) for k, n in enumerate(n_values)
                 ]
-                auc_rows.append(
-                    (name, order, seed, perturbation_auc(acc, n_patches), float(acc.mean()))
-                )
+                auc = perturbation_auc(acc, n_patches, n_values)
+                auc_rows.append((name, order, seed, auc, float(acc.mean())))
         curves = pd.DataFrame(curve_rows, columns=["method", "order", "n", "accuracy", "seed"])
         auc = pd.DataFrame(auc_rows, columns=["method", "order", "seed", "auc", "mean_accuracy"])
+        auc["auc_estimator"] = auc_estimator(n_values, n_patches)
         for frame in (curves, auc):
             frame["seed"] = frame["seed"].astype("Int64")
         curves["fraction_kept"] = curves["n"] / n_patches
@@ -90,7 +91,10 @@ class PerturbationResult:
         means = (
             self.auc.groupby(["method", "order"], sort=False)["mean_accuracy"].mean().reset_index()
         )
-        return out.merge(means, on=["method", "order"])
+        out = out.merge(means, on=["method", "order"])
+        if "auc_estimator" in self.auc:
+            out["auc_estimator"] = self.auc["auc_estimator"].iloc[0]
+        return out
 
     def auc_of(self, method: str, order: str) -> float:
         """Mean AUC of one method in one order."""
@@ -108,19 +112,46 @@ class PerturbationResult:
         return plot_perturbation_curves(self, **kwargs)
 
 
-def perturbation_auc(accuracy: Sequence[float], n_patches: int) -> float:
+def perturbation_auc(
+    accuracy: Sequence[float], n_patches: int, n_values: Optional[Sequence[int]] = None
+) -> float:
     """``sum(acc) / (max(acc) · N)`` over the curve ``n = 1 .. N-1`` (METHODS §6).
 
-    For a curve sampled at a subset of ``n`` the sum is estimated as ``mean(acc) · (N-1)``, which
-    is the exact sum when all ``N-1`` points are present. NaN when the accuracy is 0 everywhere.
+    ``accuracy`` is the whole curve (``N-1`` points, ``n = 1 .. N-1``), or a curve sampled at
+    ``n_values``: its sum is then integrated over every ``n`` by linear interpolation between the
+    sampled points (constant beyond the first and last), which is exact when every ``n`` is present
+    and unbiased for a curve that is linear between samples; a plain mean of the samples is not
+    (on a grid dense at small ``n`` it weights them far too much). NaN when the accuracy is 0
+    everywhere.
     """
     acc = np.asarray(accuracy, dtype=float)
-    if acc.size == 0 or acc.size > n_patches - 1:
-        raise ValueError(f"expected 1..{n_patches - 1} accuracies (n = 1..N-1), got {acc.size}")
+    if n_values is None:
+        if acc.size != n_patches - 1:
+            raise ValueError(
+                f"expected the whole curve, {n_patches - 1} accuracies (n = 1..N-1), got "
+                f"{acc.size}; pass n_values= for a curve sampled at some n"
+            )
+        n_values = range(1, n_patches)
+    n = np.asarray(list(n_values), dtype=float)
+    if acc.size == 0 or acc.size > n_patches - 1 or n.shape != acc.shape:
+        raise ValueError(
+            f"expected 1..{n_patches - 1} accuracies (n = 1..N-1), one per n value; got "
+            f"{acc.size} accuracies for {n.size} n values"
+        )
+    if (np.diff(n) <= 0).any() or n[0] < 1 or n[-1] > n_patches - 1:
+        raise ValueError(f"n_values must increase within 1..{n_patches - 1}, got {n.tolist()}")
     top = acc.max()
     if top <= 0:
         return float("nan")
-    return float(acc.mean() * (n_patches - 1) / (top * n_patches))
+    curve = np.interp(np.arange(1, n_patches), n, acc)
+    return float(curve.sum() / (top * n_patches))
+
+
+def auc_estimator(n_values: Sequence[int], n_patches: int) -> str:
+    """How :func:`perturbation_auc` gets the curve's sum from these ``n``: ``"full curve"`` (every
+    ``n`` evaluated, exact) or ``"interpolated grid"`` (linear between the evaluated ``n``)."""
+    full = sorted(int(n) for n in n_values) == list(range(1, n_patches))
+    return "full curve" if full else "interpolated grid"
 
 
 def keep_masks(

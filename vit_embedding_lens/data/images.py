@@ -78,7 +78,8 @@ class ImageDataset(torch.utils.data.Dataset):
     ``layout`` (the model's TokenLayout) is needed only when records carry masks: a mask is reduced
     to ``mask == record.mask_label``, brought to the model's input pixels with the image's own
     geometry (nearest), then to tokens with :func:`token_mask_from_mask` (``token_labels`` =
-    ``"nearest"`` at patch centres, or ``"area"`` with ``threshold``). ``on_error="skip"`` turns an
+    ``"nearest"`` at patch centres, ``"corner"`` at their top-left pixels as the reference code, or
+    ``"area"`` with ``threshold``). ``on_error="skip"`` turns an
     unusable file into a :class:`SkippedImage`; ``"raise"`` raises :class:`UnusableImageError`.
     """
 
@@ -98,8 +99,10 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError("the data set has no images")
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-        if token_labels not in ("nearest", "area"):
-            raise ValueError(f"token_labels must be 'nearest' or 'area', got {token_labels!r}")
+        from vit_embedding_lens.data.token_labels import METHODS
+
+        if token_labels not in METHODS:
+            raise ValueError(f"token_labels must be one of {METHODS}, got {token_labels!r}")
         self.has_masks = any(r.mask_path is not None for r in records)
         if self.has_masks and not all(r.mask_path is not None for r in records):
             raise ValueError("either every record has a mask or none has")

@@ -2,9 +2,13 @@
 which on the background ("context" tokens).
 
 A mask covers the image the model sees (images resized to the input size with no crop keep the
-mask aligned with the patch grid). It is brought to the patch grid either by nearest neighbour
-(the pixel at each patch's centre decides, as in the paper) or by the fraction of each patch's
-pixels that are on the object (``method="area"``, then thresholded).
+mask aligned with the patch grid). It is brought to the patch grid by one of:
+
+- ``"nearest"`` (the library's default): the pixel at each patch's centre decides;
+- ``"corner"``: the pixel at each patch's top-left corner decides (``mask[::p, ::p]``), which is
+  what the paper's reference code gets from OpenCV's nearest resize of the mask to the grid; use it
+  to reproduce the published numbers;
+- ``"area"``: the fraction of each patch's pixels that are on the object, then thresholded.
 """
 
 from __future__ import annotations
@@ -18,14 +22,18 @@ from torch import Tensor
 
 from vit_embedding_lens.model.layout import TokenLayout
 
-Method = Literal["nearest", "area"]
+Method = Literal["nearest", "corner", "area"]
+#: the methods, in the order the command line offers them
+METHODS = ("nearest", "corner", "area")
 
 
 def mask_to_grid(mask: Tensor, grid_size: Sequence[int], method: Method = "nearest") -> Tensor:
     """``[..., H, W]`` mask -> ``[..., grid_h, grid_w]``.
 
     ``"nearest"``: the value of the pixel at the centre of each patch cell (any dtype, so label
-    masks keep their labels). ``"area"``: the fraction of each cell's pixels that are nonzero
+    masks keep their labels). ``"corner"``: the pixel at each cell's top-left corner (row
+    ``floor(i * H / grid_h)``, as OpenCV's ``INTER_NEAREST``; ``mask[..., ::p, ::p]`` for a
+    ``p``-pixel patch grid), the reference code's rule. ``"area"``: the fraction of each cell's pixels that are nonzero
     (float in [0, 1]); cells are the same as ``F.adaptive_avg_pool2d``'s when H or W is not a
     multiple of the grid.
     """
@@ -41,10 +49,14 @@ def mask_to_grid(mask: Tensor, grid_size: Sequence[int], method: Method = "neare
         rows = ((torch.arange(gh, device=mask.device) + 0.5) * H / gh).long()
         cols = ((torch.arange(gw, device=mask.device) + 0.5) * W / gw).long()
         return mask[..., rows[:, None], cols[None, :]]
+    if method == "corner":
+        rows = torch.arange(gh, device=mask.device) * H // gh
+        cols = torch.arange(gw, device=mask.device) * W // gw
+        return mask[..., rows[:, None], cols[None, :]]
     if method == "area":
         flat = (mask != 0).float().reshape(-1, 1, H, W)
         return F.adaptive_avg_pool2d(flat, (gh, gw)).reshape(*mask.shape[:-2], gh, gw)
-    raise ValueError(f"method must be 'nearest' or 'area', got {method!r}")
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
 def token_mask_from_mask(
@@ -63,7 +75,7 @@ def token_mask_from_mask(
     """
     if label is not None:
         mask = mask == label
-    elif mask.is_floating_point() and method == "nearest":
+    elif mask.is_floating_point() and method != "area":
         mask = mask != 0
     grid = mask_to_grid(mask, layout.grid_size, method)
     on_object = grid >= threshold if method == "area" else grid != 0

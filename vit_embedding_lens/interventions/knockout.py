@@ -8,7 +8,9 @@ Two modes:
   (and caching, hooks and token removal all still work); as a hook list it masks
   ``hook_attn_scores`` (explicit path).
 - ``"post_softmax"``: the removed weights are zeroed after the softmax and *not* renormalized, as the
-  paper's reference code does (a hook on ``hook_pattern``).
+  paper's reference code does (a hook on ``hook_pattern``). For the ``self_only`` preset it also
+  sets each image token's self-weight to 1, as the reference does (``attn[:, :, t, :] = 0;
+  attn[:, :, t, t] = 1``); on image-token rows that equals ``pre_softmax``. Other masks only zero.
 
     with knockout(model, "self_only", blocks=range(3, 6)):
         logits, cache = model.run_with_cache(images)
@@ -105,6 +107,11 @@ class AttentionKnockout:
         self.model = model
         self.mode = mode
         self.removed = knockout_mask(model.layout, preset, queries=queries, keys=keys, mask=mask)
+        #: ``[N, N]`` True at the weights a post-softmax knockout sets to 1 (the reference's
+        #: ``self_only`` rule: an image token's self-weight); None when it only zeroes
+        self.set_to_one: Optional[Tensor] = None
+        if mode == "post_softmax" and preset == "self_only":
+            self.set_to_one = torch.diag(token_mask(model.layout, "image").cpu())
         self.blocks = resolve_blocks(model, blocks, distinct=True, allow_empty=True)
         self.heads = None if heads is None else resolve_heads(model, heads, allow_empty=True)
         allowed = ~self.removed
@@ -113,6 +120,12 @@ class AttentionKnockout:
             per_head[self.heads] = allowed
             allowed = per_head
         device = model.embed.W_E.device
+        if self.set_to_one is not None and self.heads is not None:
+            per_head = torch.zeros(model.cfg.n_heads, *self.set_to_one.shape, dtype=torch.bool)
+            per_head[self.heads] = self.set_to_one
+            self.set_to_one = per_head
+        if self.set_to_one is not None:
+            self.set_to_one = self.set_to_one.to(device)
         #: True = may attend: ``[N, N]``, or ``[n_heads, N, N]`` when heads are chosen
         self.allowed: Tensor = allowed.to(device)
         if mode == "pre_softmax" and not bool(allowed.any(-1).all()):
@@ -134,14 +147,18 @@ class AttentionKnockout:
         hook = self._mask_scores if self.mode == "pre_softmax" else self._zero_pattern
         return [(act_name(point, l), hook) for l in self.blocks]
 
-    def _allowed_for(self, act: Tensor) -> Tensor:
-        """The allowed mask as ``[batch|1, head|1, query, key]`` for this forward's token slots."""
+    def _allowed_for(self, act: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """The allowed mask (or ``mask``, same layout) as ``[batch|1, head|1, query, key]`` for this
+        forward's token slots."""
         from vit_embedding_lens.model.components import _mask_at_positions
 
         positions = self.model.token_positions
-        allowed = self.allowed.to(act.device)
+        allowed = (self.allowed if mask is None else mask).to(act.device)
         if positions is not None and positions.shape[1] == act.shape[-1]:
-            return _mask_at_positions(allowed, positions)
+            out = _mask_at_positions(allowed, positions)
+            if mask is not None:  # padded slots: never set anything there
+                out = out & (positions >= 0)[:, None, :, None].to(act.device)
+            return out
         if act.shape[-1] != allowed.shape[-1]:
             raise ValueError(
                 f"attention over {act.shape[-1]} tokens but the knockout mask is over {allowed.shape[-1]}; "
@@ -153,7 +170,10 @@ class AttentionKnockout:
         return scores.masked_fill(~self._allowed_for(scores), float("-inf"))
 
     def _zero_pattern(self, pattern: Tensor, hook) -> Tensor:
-        return pattern * self._allowed_for(pattern).to(pattern.dtype)
+        pattern = pattern * self._allowed_for(pattern).to(pattern.dtype)
+        if self.set_to_one is not None:
+            pattern = pattern.masked_fill(self._allowed_for(pattern, self.set_to_one), 1.0)
+        return pattern
 
     # -- as a context manager ---------------------------------------------------------------------
     def __enter__(self) -> "AttentionKnockout":

@@ -2,6 +2,10 @@
 identifiability and change metrics, key-value memories, and their statistics (METHODS §1–§4)."""
 
 from vit_embedding_lens.lens.baseline import random_init_twin
+from vit_embedding_lens.lens.group_tests import (
+    class_vs_context_changes,
+    kv_agreement_by_correctness,
+)
 from vit_embedding_lens.lens.memories import (
     class_value_agreement,
     compare_class_value_agreement,
@@ -80,4 +84,6 @@ __all__ = [
     "summarize",
     "token_groups",
     "wilcoxon_greater",
+    "class_vs_context_changes",
+    "kv_agreement_by_correctness",
 ]

@@ -1,10 +1,11 @@
 """The token-removal benchmark of attributions as a runner analysis (METHODS §6).
 
 Per image and for every attribution (``class_space``, ``chefer``, ``random`` with several seeds),
-order (``positive``: most important removed first; ``negative``: least important removed first) and
-``n`` of a fixed grid (powers of two below ``N-1``, plus ``N-1``), whether the model is right when it
-sees the prefix tokens plus ``n`` image tokens. ``summarize`` averages over images into the same
-:class:`~vit_embedding_lens.attribution.PerturbationResult` as
+order (``positive``: most important removed first; ``negative``: least important removed first)
+and ``n`` (``n_keep="full"``, default: every ``n`` in ``1 .. N-1``, the curve the paper sums;
+``"grid"``: powers of two below ``N-1`` plus ``N-1``, the AUC then interpolated between them),
+whether the model is right when it sees the prefix tokens plus ``n`` image tokens. ``summarize``
+averages over images into the same :class:`~vit_embedding_lens.attribution.PerturbationResult` as
 :func:`~vit_embedding_lens.attribution.perturbation_benchmark` (AUC by
 :func:`~vit_embedding_lens.attribution.perturbation_auc`).
 
@@ -26,9 +27,16 @@ from vit_embedding_lens.attribution.perturbation import (
     importance_rank,
     keep_masks,
 )
+from vit_embedding_lens.runner.analyses._attribution_options import (
+    LOSSES,
+    N_KEEP,
+    method_with_loss,
+)
 from vit_embedding_lens.runner.analysis import Analysis
 
 METHODS = ("class_space", "chefer", "random")
+#: rows (image x ranking x order x n) per forward of the removal benchmark
+ROWS_PER_FORWARD = 512
 
 
 def n_keep_grid(n_patches: int) -> List[int]:
@@ -51,12 +59,23 @@ class AttributionBenchmark(Analysis):
 
     name = "attribution"
 
-    def __init__(self, methods: Sequence[str] = METHODS, seeds: Sequence[int] = (0, 1, 2)) -> None:
+    def __init__(
+        self,
+        methods: Sequence[str] = METHODS,
+        seeds: Sequence[int] = (0, 1, 2),
+        n_keep: str = "full",
+        loss: str = "cross_entropy",
+    ) -> None:
         from vit_embedding_lens.attribution.methods import get_attribution_method
 
         for m in methods:
             if m != "random":
                 get_attribution_method(m)  # a clear error for unknown names
+        if n_keep not in N_KEEP:
+            raise ValueError(f"n_keep must be one of {N_KEEP}, got {n_keep!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.n_keep, self.loss = n_keep, loss
         self.methods = tuple(methods)
         self.seeds = tuple(int(s) for s in seeds)
         if "random" in self.methods and not self.seeds:
@@ -74,8 +93,13 @@ class AttributionBenchmark(Analysis):
             "methods": list(self.methods),
             "seeds": list(self.seeds),
             "orders": list(ORDERS),
-            "n_keep": "grid",
+            "n_keep": self.n_keep,
+            "class_space_loss": self.loss,
         }
+
+    def n_values(self, n_patches: int) -> List[int]:
+        """The numbers of image tokens kept: every ``n`` (``"full"``) or the grid."""
+        return list(range(1, n_patches)) if self.n_keep == "full" else n_keep_grid(n_patches)
 
     def scores(self, model: Any, batch: Any, method: str, seed: Optional[int]) -> torch.Tensor:
         """``[batch, n_patches]`` importance of every image token for the image's label."""
@@ -91,7 +115,8 @@ class AttributionBenchmark(Analysis):
                 for i, idx in enumerate(batch.indices.tolist())
             ]
             return torch.cat(rows)
-        return get_attribution_method(method)(model, images, labels, progress=False).scores.detach()
+        compute = method_with_loss(get_attribution_method(method), method, self.loss)
+        return compute(model, images, labels, progress=False).scores.detach()
 
     @staticmethod
     def image_seed(seed: int, index: int) -> int:
@@ -100,34 +125,39 @@ class AttributionBenchmark(Analysis):
 
     def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
         layout = model.layout
-        grid = n_keep_grid(layout.n_patches)
+        grid = self.n_values(layout.n_patches)
         rankings = self.rankings()
         images, labels = batch.images, batch.labels.long().to(batch.images.device)
         n = len(batch)
-        correct = np.zeros((n, len(rankings), len(ORDERS), len(grid)), dtype=bool)
-        for r, (method, seed) in enumerate(rankings):
-            rank = importance_rank(
-                self.scores(model, batch, method, seed).to(images.device)
-            )  # [B, P]
-            for o, order in enumerate(ORDERS):
-                negative = torch.full((n,), order == "negative", device=images.device)
-                for k, n_kept in enumerate(grid):
-                    keep = keep_masks(
-                        rank,
-                        torch.full((n,), n_kept, device=images.device),
-                        negative,
-                        layout.n_prefix,
-                    )
-                    with torch.no_grad():
-                        pred = model(images, keep_mask=keep).argmax(-1)
-                    correct[:, r, o, k] = (pred == labels).cpu().numpy()
+        ranks = torch.stack(
+            [
+                importance_rank(self.scores(model, batch, method, seed).to(images.device))
+                for method, seed in rankings
+            ]
+        )  # [R, B, P]
+        # every (n, ranking, order, image) row, n outermost so that a forward pads little, run in
+        # forwards of ROWS_PER_FORWARD rows
+        R, O, K = len(rankings), len(ORDERS), len(grid)
+        flat = torch.arange(K * R * O * n, device=images.device)
+        k, r = flat // (R * O * n), (flat // (O * n)) % R
+        o, i = (flat // n) % O, flat % n
+        n_kept = torch.tensor(grid, device=images.device)[k]
+        negative = torch.tensor([x == "negative" for x in ORDERS], device=images.device)[o]
+        hits = torch.empty(flat.shape[0], dtype=torch.bool)
+        for start in range(0, flat.shape[0], ROWS_PER_FORWARD):
+            sl = slice(start, start + ROWS_PER_FORWARD)
+            keep = keep_masks(ranks[r[sl], i[sl]], n_kept[sl], negative[sl], layout.n_prefix)
+            with torch.no_grad():
+                pred = model(images[i[sl]], keep_mask=keep).argmax(-1)
+            hits[sl] = (pred == labels[i[sl]]).cpu()
+        correct = hits.view(K, R, O, n).permute(3, 1, 2, 0).numpy()
         return {"correct": correct}
 
     def result(self, results: Dict[str, np.ndarray], model: Any) -> PerturbationResult:
         """The :class:`PerturbationResult` of the stored images (accuracy = mean over images)."""
         correct = np.asarray(results["correct"])
         rankings = self.rankings()
-        grid = n_keep_grid(model.layout.n_patches)
+        grid = self.n_values(model.layout.n_patches)
         if correct.shape[1:] != (len(rankings), len(ORDERS), len(grid)):
             raise ValueError(
                 f"the stored results have shape {correct.shape[1:]} per image, expected "
@@ -149,8 +179,9 @@ class AttributionBenchmark(Analysis):
         return {"perturbation_curves": plot_perturbation_curves(result)}
 
     def headline(self, tables: Dict[str, pd.DataFrame]) -> pd.DataFrame:
-        """AUC per method (rows) and order (columns)."""
+        """AUC per method (rows) and order (columns), the estimator named in the column."""
         summary = tables["summary"]
         wide = summary.pivot(index="method", columns="order", values="auc").round(3)
-        wide.columns = [f"AUC {o}" for o in wide.columns]
+        how = summary["auc_estimator"].iloc[0] if "auc_estimator" in summary else "AUC"
+        wide.columns = [f"AUC {o} ({how})" for o in wide.columns]
         return wide.reset_index()

@@ -4,8 +4,13 @@ sees only the object's tokens, or only the context's?
 Three forwards per batch: all tokens; prefix + class tokens (the image tokens on the object,
 :func:`~vit_embedding_lens.interventions.keep_class_tokens`); prefix + context tokens
 (:func:`~vit_embedding_lens.interventions.keep_context_tokens`). Tokens are removed after the position
-embedding (``model(images, keep_mask=...)``). It needs the data set's token masks; without them it
-stores nothing but ``has_mask`` and its table says so.
+embedding (``model(images, keep_mask=...)``). An image with no token of the kept kind is run with
+its prefix tokens only (CLS alone), as the reference code does; only a model that pools image tokens
+and has nothing else to read skips it. Beside the accuracy it reports the identifiability of the
+tokens the model saw at the last block (the paper's measure, :func:`kept_token_identifiability`):
+of the kept image tokens (``tokens="image"``, default) or of every kept token, CLS included
+(``tokens="all"``, the reference's). It needs the data set's token masks; without them it stores
+nothing but ``has_mask`` and its table says so.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vit_embedding_lens.runner.analyses._kept_tokens import (
+    TOKEN_SETS,
+    kept_token_identifiability,
+    prefix_only_allowed,
+)
 from vit_embedding_lens.runner.analysis import Analysis
 
 #: the conditions, in the order of the stored arrays' condition axis
@@ -24,17 +34,29 @@ NO_MASK_NOTE = "the data set has no segmentation masks, so class and context tok
 
 
 class ContextRemoval(Analysis):
-    """Per image: ``correct [conditions]`` (1.0/0.0; NaN when the image has no class, or no context,
-    token) and ``n_kept [conditions]`` (tokens the model saw, prefix included).
+    """Per image: ``correct [conditions]`` (1.0/0.0; NaN only where the model cannot run without
+    image tokens), ``n_kept [conditions]`` (tokens the model saw, prefix included) and
+    ``pct_identifiable [conditions]`` (% of the kept tokens of ``tokens`` whose label is top-1 at
+    the last block; NaN when there are none).
 
-    Tables: ``accuracy`` (one row per condition: accuracy, images, mean tokens kept), or a ``note``
-    when the data set has no masks.
+    Tables: ``accuracy`` (one row per condition: accuracy, % identifiable kept tokens, images,
+    images run with the prefix only, mean tokens kept), or a ``note`` when there are no masks.
     """
 
     name = "context_removal"
 
+    def __init__(self, tokens: str = "image") -> None:
+        if tokens not in TOKEN_SETS:
+            raise ValueError(f"tokens must be one of {TOKEN_SETS}, got {tokens!r}")
+        self.tokens = tokens
+
     def config(self) -> Dict[str, Any]:
-        return {"conditions": list(CONDITIONS), "removal": "after position embedding"}
+        return {
+            "conditions": list(CONDITIONS),
+            "removal": "after position embedding",
+            "no_kept_token": "prefix only",
+            "identifiability": {"tokens": self.tokens, "block": "last", "stream": "resid_post"},
+        }
 
     def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
         from vit_embedding_lens.interventions import (
@@ -54,42 +76,56 @@ class ContextRemoval(Analysis):
         }
         image = layout.image_token_mask(class_tokens.device)
         correct = np.full((n, len(CONDITIONS)), np.nan, dtype=np.float32)
+        pct = np.full((n, len(CONDITIONS)), np.nan, dtype=np.float32)
         n_kept = np.zeros((n, len(CONDITIONS)), dtype=np.int32)
         labels = batch.labels.long()
         for c, condition in enumerate(CONDITIONS):
             keep = keeps[condition]
-            usable = (keep & image).any(-1)  # an image with no token of the kind is not evaluated
+            # an image with no token of the kind runs with its prefix only (the reference's CLS
+            # alone), unless the model pools image tokens and has nothing else to read
+            usable = (keep & image).any(-1) | prefix_only_allowed(model)
             n_kept[:, c] = keep.sum(-1).cpu().numpy()
             if not bool(usable.any()):
                 continue
-            keep = torch.where(
-                usable[:, None], keep, torch.ones_like(keep)
-            )  # placeholder rows, ignored
-            with torch.no_grad():
-                logits = model(batch.images, keep_mask=keep.to(batch.images.device))
-            hit = (logits.argmax(-1) == labels).float()
-            correct[:, c] = (
-                torch.where(usable, hit, torch.full_like(hit, float("nan"))).cpu().numpy()
+            keep = torch.where(usable[:, None], keep, torch.ones_like(keep))  # placeholder rows
+            logits, ident = kept_token_identifiability(
+                model, batch.images, labels, keep.to(batch.images.device), self.tokens
             )
+            hit = (logits.argmax(-1) == labels.to(logits.device)).float().cpu()
+            nan = torch.full_like(hit, float("nan"))
+            correct[:, c] = torch.where(usable.cpu(), hit, nan).numpy()
+            pct[:, c] = torch.where(usable.cpu(), 100 * ident, nan).numpy()
             n_kept[~usable.cpu().numpy(), c] = 0
-        return {"has_mask": np.ones(n, dtype=bool), "correct": correct, "n_kept": n_kept}
+        return {
+            "has_mask": np.ones(n, dtype=bool),
+            "correct": correct,
+            "n_kept": n_kept,
+            "pct_identifiable": pct,
+        }
 
     def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
         if "correct" not in results:
             return {"note": pd.DataFrame([{"analysis": self.name, "note": NO_MASK_NOTE}])}
         correct, n_kept = results["correct"], results["n_kept"]
+        pct = results.get("pct_identifiable", np.full(correct.shape, np.nan))
         if correct.shape[1] != len(CONDITIONS):
             raise ValueError(
                 f"the stored results have {correct.shape[1]} conditions, expected {list(CONDITIONS)}"
             )
         rows = []
+        prefix = model.layout.n_prefix
         for c, condition in enumerate(CONDITIONS):
             valid = ~np.isnan(correct[:, c])
+            has_pct = ~np.isnan(pct[:, c])
             rows.append(
                 {
                     "condition": condition,
                     "accuracy": float(correct[valid, c].mean()) if valid.any() else np.nan,
+                    f"pct_identifiable_{self.tokens}_tokens": float(pct[has_pct, c].mean())
+                    if has_pct.any()
+                    else np.nan,
                     "n_images": int(valid.sum()),
+                    "n_images_prefix_only": int((valid & (n_kept[:, c] == prefix)).sum()),
                     "n_images_skipped": int((~valid).sum()),
                     "mean_tokens_kept": float(n_kept[valid, c].mean()) if valid.any() else np.nan,
                 }
@@ -126,6 +162,6 @@ class ContextRemoval(Analysis):
         """Accuracy and mean tokens kept per condition (or the note when there were no masks)."""
         if "accuracy" not in tables:
             return tables["note"]
-        return tables["accuracy"][["condition", "accuracy", "n_images", "mean_tokens_kept"]].round(
-            3
-        )
+        table = tables["accuracy"]
+        pct = [c for c in table.columns if c.startswith("pct_identifiable")]
+        return table[["condition", "accuracy", *pct, "n_images", "mean_tokens_kept"]].round(3)

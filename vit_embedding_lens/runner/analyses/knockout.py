@@ -27,9 +27,9 @@ CONDITIONS = (NONE, "self_only", "no_cls")
 
 
 class KnockoutAnalysis(Analysis):
-    """Per image: ``pct_identifiable [conditions, blocks]`` (% of image tokens whose correct class is
-    top-1 at ``resid_post``) and ``correct [conditions]`` (1.0/0.0, NaN where a condition does not
-    apply to the model).
+    """Per image: ``pct_identifiable [conditions, blocks]`` (% of image tokens, or of all tokens
+    with ``tokens="all"`` as the reference counts, whose correct class is top-1 at
+    ``resid_post``) and ``correct [conditions]`` (1.0/0.0, NaN where a condition does not apply to the model).
 
     Tables: ``identifiability`` (block × condition: mean % identifiable image tokens) and
     ``accuracy`` (one row per condition).
@@ -37,7 +37,17 @@ class KnockoutAnalysis(Analysis):
 
     name = "knockout"
 
-    def __init__(self, conditions: Sequence[str] = CONDITIONS, mode: str = "pre_softmax") -> None:
+    def __init__(
+        self,
+        conditions: Sequence[str] = CONDITIONS,
+        mode: str = "pre_softmax",
+        tokens: str = "image",
+    ) -> None:
+        from vit_embedding_lens.runner.analyses._kept_tokens import TOKEN_SETS
+
+        if tokens not in TOKEN_SETS:  # "all": every token, CLS included, as the reference counts
+            raise ValueError(f"tokens must be one of {TOKEN_SETS}, got {tokens!r}")
+        self.tokens = tokens
         unknown = [c for c in conditions if c not in CONDITIONS]
         if unknown or not conditions:
             raise ValueError(
@@ -53,6 +63,7 @@ class KnockoutAnalysis(Analysis):
             "mode": self.mode,
             "blocks": "all",
             "stream": "resid_post",
+            "tokens": self.tokens,
         }
 
     def applies(self, model: Any, condition: str) -> bool:
@@ -81,7 +92,10 @@ class KnockoutAnalysis(Analysis):
             with context, torch.no_grad(), self._recorder.recording(labels):
                 logits = model(images)
             result = self._recorder.result
-            frac = per_image_identifiability(result, "resid", "image", metric="identifiable")
+            if self.tokens == "all":
+                frac = (result.rank["resid"] == 0).double().mean(-1)
+            else:
+                frac = per_image_identifiability(result, "resid", "image", metric="identifiable")
             pct[:, c] = 100 * frac.numpy()
             correct[:, c] = (logits.argmax(-1) == labels).float().cpu().numpy()
         return {"pct_identifiable": pct, "correct": correct}
@@ -99,6 +113,7 @@ class KnockoutAnalysis(Analysis):
                         "block": block,
                         "condition": condition,
                         "pct_identifiable": float(values[valid].mean()) if valid.any() else np.nan,
+                        "tokens": self.tokens,
                         "n_images": int(valid.sum()),
                     }
                 )

@@ -94,6 +94,10 @@ class LensAnalysis(Analysis):
         if "random_rank_resid" in results:
             random = from_arrays(results, model, rank_resid=results["random_rank_resid"])
         tables = summarize(result, random)
+        if result.token_mask is not None:  # attention / MLP change: class vs context tokens
+            from vit_embedding_lens.lens.group_tests import class_vs_context_changes
+
+            tables["class_vs_context_changes"] = class_vs_context_changes(result)
         tables["per_image_scores"] = _per_image_scores(result, random)
         return tables
 

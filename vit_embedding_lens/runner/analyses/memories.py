@@ -35,7 +35,9 @@ class MemoriesAnalysis(Analysis):
     ``random_agree [draw, kind, block, group]`` (counts).
 
     Tables: ``usage`` (block × sublayer × token group × metric: ``kv_agreement``,
-    ``kv_agreement_random``, ``composition_match``), ``per_class`` and, with ``class_values``,
+    ``kv_agreement_random``, ``composition_match``), ``per_class``,
+    ``kv_agreement_by_correctness`` (correctly vs incorrectly classified images, permutation test;
+    per image ``correct`` is stored for it) and, with ``class_values``,
     ``class_value_tests`` (trained vs random-init twin, one-sided Wilcoxon) and ``class_values``.
     """
 
@@ -84,8 +86,11 @@ class MemoriesAnalysis(Analysis):
             generator=generator,
             tables=self._tables,
         )
+        with torch.no_grad():  # correct vs incorrect images (kv_agreement_by_correctness)
+            correct = model(batch.images).argmax(-1).cpu() == batch.labels.long().cpu()
         small = np.int32
         return {
+            "correct": correct.numpy(),
             "tokens": counts.tokens.numpy().astype(small),
             "agree": counts.agree.numpy().astype(small),
             "match": counts.match.numpy().astype(small),
@@ -109,9 +114,28 @@ class MemoriesAnalysis(Analysis):
         )
         return counts.usage(model.cfg.n_classes, model.class_names)
 
+    def by_correctness(self, results: Dict[str, np.ndarray]) -> pd.DataFrame:
+        """Key-value agreement of correctly vs incorrectly classified images, per block, sublayer
+        and token group, with a one-sided permutation test (the reference code's comparison)."""
+        from vit_embedding_lens.lens.group_tests import kv_agreement_by_correctness
+
+        counts = PerImageMemoryCounts(
+            kinds=SUBLAYERS,
+            labels=torch.from_numpy(np.asarray(results["label"])).long(),
+            **{
+                key: torch.from_numpy(np.asarray(results[key])).long()
+                for key in ("tokens", "agree", "match", "drawn", "random_agree")
+            },
+        )
+        return kv_agreement_by_correctness(
+            counts, torch.from_numpy(np.asarray(results["correct"])), seed=self.seed
+        )
+
     def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
         usage = self.usage(results, model)
         tables = {"usage": usage.to_frame(), "per_class": usage.per_class_frame()}
+        if "correct" in results:
+            tables["kv_agreement_by_correctness"] = self.by_correctness(results)
         if self.class_values:
             from vit_embedding_lens.lens.memories import compare_class_value_agreement
 
