@@ -25,6 +25,7 @@ from vit_embedding_lens.lens.memory_usage import (
     PerImageMemoryCounts,
     memory_usage_per_image,
 )
+from vit_embedding_lens.lens.ranks import class_rank
 from vit_embedding_lens.runner.analysis import Analysis
 
 SUBLAYERS = ("mlp", "attn")
@@ -86,8 +87,10 @@ class MemoriesAnalysis(Analysis):
             generator=generator,
             tables=self._tables,
         )
-        with torch.no_grad():  # correct vs incorrect images (kv_agreement_by_correctness)
-            correct = model(batch.images).argmax(-1).cpu() == batch.labels.long().cpu()
+        # correct vs incorrect images (kv_agreement_by_correctness), top-1 as the accuracy counts it,
+        # from the forward pass the batch's analyses share
+        logits, _ = batch.shared_forward(model)
+        correct = class_rank(logits.float(), batch.labels).cpu() == 0
         small = np.int32
         return {
             "correct": correct.numpy(),
