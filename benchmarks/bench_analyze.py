@@ -14,7 +14,8 @@ and medians are compared as ratios to timm within this one run. Target: analyze 
 a second model's forward, left out).
 
     python benchmarks/bench_analyze.py [--model vit_small_patch16_224] [--images 64] [--batch 16]
-        [--device cpu|cuda] [--workers 0] [--rounds 3] [--sources files,memory] [--json results.json]
+        [--device cpu|cuda] [--workers 0] [--rounds 3] [--sources files,memory]
+        [--json results.json]
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ from vit_embedding_lens.testing import create_timm_vit  # noqa: E402
 TARGET = 1.5
 VARIANTS = {
     "analyze[accuracy]": lambda: ["accuracy"],
-    # the full per-image lens (every block; attn, mlp and resid ranks among all classes; change flags;
-    # composition) read by hooks during the one shared forward; the random-init twin is a second
-    # model's forward by definition, so it is left out here
+    # the full per-image lens (every block; attn, mlp and resid ranks among all classes; change
+    # flags; composition) read by hooks during the one shared forward; the random-init twin is a
+    # second model's forward by definition, so it is left out here
     "analyze[accuracy,lens]": lambda: ["accuracy", LensAnalysis(random_twin=False)],
 }
 
@@ -125,7 +126,8 @@ def bench(timm_model, model, dataset, args, device, workdir: Path, label: str) -
     median = {n: statistics.median(t) for n, t in times.items()}
     n = len(dataset)
     print(
-        f"\n{label}: {n} images, batch {args.batch}, {args.workers} loader workers, median of {args.rounds}"
+        f"\n{label}: {n} images, batch {args.batch}, {args.workers} loader workers, median of "
+        f"{args.rounds}"
     )
     print(f"{'variant':42s} {'img/s':>9s} {'cost vs timm':>13s}")
     rows = {}

@@ -1,10 +1,10 @@
 """The ``vit-lens`` command: ``models``, ``analyze`` and ``demo``.
 
-    vit-lens models                                  # which timm ViTs convert, which are refused and why
+    vit-lens models                         # which timm ViTs convert, which are refused and why
     vit-lens analyze --model vit_base_patch16_224.augreg_in21k_ft_in1k --pretrained \\
         --data /data/ImageNet-S --layout imagenet-s --preprocess paper --out runs/b16
     torchrun --nproc-per-node 4 -m vit_embedding_lens analyze ...   # data-parallel
-    vit-lens demo                                    # offline, bundled model and digits
+    vit-lens demo                           # offline, bundled model and digits
 
 ``analyze`` is resumable: rerunning the same command continues where a killed run stopped; a
 different configuration in the same ``--out`` is refused (``--overwrite`` starts over). Exit codes:
@@ -32,7 +32,9 @@ DTYPE_NOTE = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vit-lens",
-        description="Class-embedding lens for timm Vision Transformers (Vilas et al., NeurIPS 2023).",
+        description=(
+            "Class-embedding lens for timm Vision Transformers (Vilas et al., NeurIPS 2023)."
+        ),
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--preprocess",
         choices=("timm", "paper"),
         default="timm",
-        help="timm: the model's data config; paper: resize to the input size, bilinear, mean=std=0.5",
+        help=(
+            "timm: the model's data config; paper: resize to the input size, bilinear, mean=std=0.5"
+        ),
     )
     data.add_argument(
         "--on-error",
@@ -139,7 +143,10 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: Optional[str] = No
     run.add_argument(
         "--analyses",
         default=None,
-        help="comma-separated analyses (default: accuracy, lens, knockout, context_removal, memories, attribution; `vit-lens models --list` style names, see docs)",
+        help=(
+            "comma-separated analyses (default: accuracy, lens, knockout, context_removal, "
+            "memories, attribution; `vit-lens models --list` style names, see docs)"
+        ),
     )
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
@@ -192,7 +199,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     with pd.option_context("display.max_colwidth", 90, "display.width", 200):
         print(
-            f"timm {_timm_version()}: {int(survey['supported'].sum())} of {len(survey)} ViT models convert exactly\n"
+            f"timm {_timm_version()}: {int(survey['supported'].sum())} of {len(survey)} ViT models "
+            "convert exactly\n"
         )
         print(support_by_module(survey).to_string(index=False))
         reasons = refusal_reasons(survey)
@@ -308,8 +316,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     loaded = load_model(ModelSource("bundled", spec.name).label, device=device, dtype=args.dtype)
     dataset = bundled_eval_dataset(loaded.model, n=args.n, name=spec.name)
     print(
-        f"{loaded.model!r}\n{len(dataset)} bundled eval images ({spec.foreground} masks as segmentation) "
-        f"on {device}, {args.dtype}"
+        f"{loaded.model!r}\n{len(dataset)} bundled eval images ({spec.foreground} masks as "
+        f"segmentation) on {device}, {args.dtype}"
     )
     run_config = {"model_spec": loaded.spec}
     return _run_and_report(
@@ -386,7 +394,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from vit_embedding_lens.errors import ConversionError, UnsupportedArchitectureError
     from vit_embedding_lens.runner.manifest import ConfigMismatchError
 
-    # OSError covers missing files and an unreachable model hub (the converter says what to do instead)
+    # OSError covers missing files and an unreachable model hub (the converter says what to do
+    # instead)
     user_errors = (
         UnsupportedArchitectureError,
         ConversionError,

@@ -60,7 +60,8 @@ class PerturbationResult:
         n_patches: int,
     ) -> "PerturbationResult":
         """The tables from ``accuracy[r, o, k]``: ranking ``r`` = ``(method, seed or None)``, order
-        ``o``, ``n_values[k]`` image tokens kept (the benchmark's and the runner's common ending)."""
+        ``o``, ``n_values[k]`` image tokens kept (the benchmark's and the runner's common
+        ending)."""
         if tuple(accuracy.shape) != (len(rankings), len(orders), len(n_values)):
             raise ValueError(
                 f"accuracy has shape {tuple(accuracy.shape)}, expected "
@@ -84,7 +85,8 @@ class PerturbationResult:
         return cls(curves=curves, auc=auc, n_patches=n_patches)
 
     def summary(self) -> pd.DataFrame:
-        """AUC and mean accuracy per method and order, averaged over seeds (``auc_std`` over seeds)."""
+        """AUC and mean accuracy per method and order, averaged over seeds (``auc_std`` over
+        seeds)."""
         grouped = self.auc.groupby(["method", "order"], sort=False)["auc"]
         out = grouped.agg(auc="mean", auc_std=_nan_std, n_seeds="size").reset_index()
         means = (
@@ -97,7 +99,8 @@ class PerturbationResult:
         rows = self.auc[(self.auc.method == method) & (self.auc.order == order)]
         if rows.empty:
             raise ValueError(
-                f"no AUC for method {method!r}, order {order!r}; have {sorted(set(self.auc.method))}"
+                f"no AUC for method {method!r}, order {order!r}; have "
+                f"{sorted(set(self.auc.method))}"
             )
         return float(rows.auc.mean())
 

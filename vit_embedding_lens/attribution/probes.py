@@ -47,7 +47,8 @@ def collect_token_activations(
     batch_size: int = 64,
     progress: bool = True,
 ) -> Float[Tensor, "batch n_layers n_blocks n_tokens d_model"]:
-    """Every token's ``blocks.{l}.hook_{layer}`` activation, stacked ``[batch, layer, block, token, d]``."""
+    """Every token's ``blocks.{l}.hook_{layer}`` activation, stacked
+    ``[batch, layer, block, pos, d_model]``."""
     layers = _check_layers(layers)
     blocks = resolve_blocks(model, blocks)
     names = [act_name(layer, l) for layer in layers for l in blocks]
@@ -76,11 +77,13 @@ class LinearProbes:
     def scores(
         self, acts: Float[Tensor, "batch n_layers n_blocks n_tokens d_model"]
     ) -> Float[Tensor, "batch n_layers n_blocks n_tokens n_classes"]:
-        """Class scores of activations laid out as :func:`collect_token_activations` returns them."""
+        """Class scores of activations laid out as :func:`collect_token_activations` returns
+        them."""
         if tuple(acts.shape[1:4]) != tuple(self.weight.shape[:3]):
             raise ValueError(
-                f"activations {tuple(acts.shape)} do not match the probes' [layers, blocks, tokens] "
-                f"{tuple(self.weight.shape[:3])}; collect them with the same layers and blocks"
+                f"activations {tuple(acts.shape)} do not match the probes' [layers, blocks, "
+                f"tokens] {tuple(self.weight.shape[:3])}; collect them with the same layers and "
+                "blocks"
             )
         return (
             einops.einsum(acts, self.weight.to(acts.dtype), "b k l n d, k l n d c -> b k l n c")
@@ -145,7 +148,8 @@ def fit_linear_probes(
 
 
 def sample_per_class(labels: Int[Tensor, " n"], k: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
-    """``(train, test)`` indices: ``k`` random images of every class for training, the rest held out."""
+    """``(train, test)`` indices: ``k`` random images of every class for training, the rest held
+    out."""
     if k < 1:
         raise ValueError(f"k (images per class) must be >= 1, got {k}")
     gen = torch.Generator().manual_seed(int(seed))
@@ -272,7 +276,8 @@ class ProbeAttribution:
     """Token importance from probes: the probe's score of the class of interest for every image
     token at one block and layer type (each token read by the probe trained at its position).
 
-    Call it like the other attribution functions: ``ProbeAttribution(probes)(model, images, classes)``.
+    Call it like the other attribution functions:
+    ``ProbeAttribution(probes)(model, images, classes)``.
     """
 
     def __init__(self, probes: LinearProbes, block: int = -1, layer: str = "resid_post") -> None:
@@ -292,8 +297,9 @@ class ProbeAttribution:
         layout = image_layout(model, images)
         if layout != self.probes.layout:
             raise ValueError(
-                f"these images give a {layout.grid_size} grid with {layout.n_prefix} prefix tokens; the "
-                f"probes were trained on {self.probes.layout.grid_size} with {self.probes.layout.n_prefix}"
+                f"these images give a {layout.grid_size} grid with {layout.n_prefix} prefix "
+                f"tokens; the probes were trained on {self.probes.layout.grid_size} with "
+                f"{self.probes.layout.n_prefix}"
             )
         classes = resolve_classes(model, images, classes)
         acts = collect_token_activations(

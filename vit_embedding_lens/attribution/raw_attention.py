@@ -1,4 +1,5 @@
-"""Raw attention of one block (default the last), a baseline: the readout query row, mean over heads."""
+"""Raw attention of one block (default the last), a baseline: the readout query row, mean over
+heads."""
 
 from __future__ import annotations
 

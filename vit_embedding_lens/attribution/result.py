@@ -34,7 +34,8 @@ class AttributionMap:
     def __post_init__(self) -> None:
         if self.scores.ndim != 2 or self.scores.shape[-1] != self.layout.n_patches:
             raise ValueError(
-                f"scores must be [batch, {self.layout.n_patches}] (one per image token), got {tuple(self.scores.shape)}"
+                f"scores must be [batch, {self.layout.n_patches}] (one per image token), got "
+                f"{tuple(self.scores.shape)}"
             )
 
     def __len__(self) -> int:

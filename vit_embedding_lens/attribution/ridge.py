@@ -27,7 +27,8 @@ def fit_ridge(
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     if x.ndim < 2 or y.ndim != x.ndim or x.shape[:-1] != y.shape[:-1]:
         raise ValueError(
-            f"x [..., n, d] and y [..., n, n_out] must share [..., n]; got {tuple(x.shape)}, {tuple(y.shape)}"
+            f"x [..., n, d] and y [..., n, n_out] must share [..., n]; got {tuple(x.shape)}, "
+            f"{tuple(y.shape)}"
         )
     dtype = x.dtype
     x, y = x.double(), y.double()

@@ -93,7 +93,8 @@ def ablation_hooks(
         "hook_pattern",
     ):
         raise ValueError(
-            f"heads= applies to per-head components (head, result, q, k, v, pattern), not {component!r}"
+            "heads= applies to per-head components (head, result, q, k, v, pattern), not "
+            f"{component!r}"
         )
     device = model.embed.W_E.device
     masks = {
@@ -122,8 +123,9 @@ def ablation_hooks(
         ref = refs[hook.name].to(act.device, act.dtype)
         if ref.shape[1:] != act.shape[1:]:
             raise ValueError(
-                f"{hook.name}: the reference activation has shape {tuple(ref.shape[1:])} per image but the "
-                f"ablated run has {tuple(act.shape[1:])}; use reference images of the same size (and no token removal)"
+                f"{hook.name}: the reference activation has shape {tuple(ref.shape[1:])} per image "
+                f"but the ablated run has {tuple(act.shape[1:])}; use reference images of the same "
+                "size (and no token removal)"
             )
         if method == "resample":
             gen = torch.Generator().manual_seed(seed)

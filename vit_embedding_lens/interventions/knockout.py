@@ -7,12 +7,13 @@ Two modes:
   blocks' attention (``Attention.masked_scores``), so the model keeps its fused attention kernel
   (and caching, hooks and token removal all still work); as a hook list it masks
   ``hook_attn_scores`` (explicit path).
-- ``"post_softmax"``: the removed weights are zeroed after the softmax and *not* renormalized, as the
-  paper's reference code does (a hook on ``hook_pattern``).
+- ``"post_softmax"``: the removed weights are zeroed after the softmax and *not* renormalized, as
+  the paper's reference code does (a hook on ``hook_pattern``).
 
     with knockout(model, "self_only", blocks=range(3, 6)):
         logits, cache = model.run_with_cache(images)
-    logits = model.run_with_hooks(images, fwd_hooks=knockout(model, "no_cls", mode="post_softmax").hooks())
+    hooks = knockout(model, "no_cls", mode="post_softmax").hooks()
+    logits = model.run_with_hooks(images, fwd_hooks=hooks)
 """
 
 from __future__ import annotations
@@ -52,15 +53,16 @@ def knockout_mask(
     given = [preset is not None, queries is not None or keys is not None, mask is not None]
     if sum(given) != 1:
         raise ValueError(
-            "give exactly one of: a preset ('self_only', 'no_cls'), queries=/keys= token sets, or a full "
-            "[n_tokens, n_tokens] bool mask="
+            "give exactly one of: a preset ('self_only', 'no_cls'), queries=/keys= token sets, or "
+            "a full [n_tokens, n_tokens] bool mask="
         )
     N = layout.n_tokens
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (N, N):
             raise ValueError(
                 f"mask= must be a bool tensor [n_tokens, n_tokens] = [{N}, {N}] (True = remove the "
-                f"query->key attention), got {getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}"
+                f"query->key attention), got {getattr(mask, 'dtype', type(mask))} "
+                f"{tuple(getattr(mask, 'shape', ()))}"
             )
         return mask.cpu()
     if preset is not None:
@@ -117,8 +119,9 @@ class AttentionKnockout:
         self.allowed: Tensor = allowed.to(device)
         if mode == "pre_softmax" and not bool(allowed.any(-1).all()):
             raise ValueError(
-                "this knockout removes every key of some query token, so its softmax is undefined; keep at "
-                "least one key per query (e.g. the token itself), or use mode='post_softmax'"
+                "this knockout removes every key of some query token, so its softmax is "
+                "undefined; keep at least one key per query (e.g. the token itself), or use "
+                "mode='post_softmax'"
             )
         #: True when the knockout removes nothing (then it leaves the model untouched)
         self.is_empty = bool(self.allowed.all()) or not self.blocks
@@ -144,8 +147,8 @@ class AttentionKnockout:
             return _mask_at_positions(allowed, positions)
         if act.shape[-1] != allowed.shape[-1]:
             raise ValueError(
-                f"attention over {act.shape[-1]} tokens but the knockout mask is over {allowed.shape[-1]}; "
-                f"build the knockout for this model's input size"
+                f"attention over {act.shape[-1]} tokens but the knockout mask is over "
+                f"{allowed.shape[-1]}; build the knockout for this model's input size"
             )
         return allowed if allowed.ndim == 3 else allowed[None]
 
@@ -177,8 +180,8 @@ class AttentionKnockout:
     def __repr__(self) -> str:
         heads = "all" if self.heads is None else self.heads
         return (
-            f"AttentionKnockout({int(self.removed.sum())} query->key edges removed, blocks={self.blocks}, "
-            f"heads={heads}, mode={self.mode!r})"
+            f"AttentionKnockout({int(self.removed.sum())} query->key edges removed, "
+            f"blocks={self.blocks}, heads={heads}, mode={self.mode!r})"
         )
 
 
@@ -193,7 +196,8 @@ def knockout(
     heads: Heads = None,
     mode: Mode = "pre_softmax",
 ) -> AttentionKnockout:
-    """An :class:`AttentionKnockout`: use it as ``with knockout(...):`` or ``knockout(...).hooks()``."""
+    """An :class:`AttentionKnockout`: use it as ``with knockout(...):`` or
+    ``knockout(...).hooks()``."""
     return AttentionKnockout(
         model, preset, queries=queries, keys=keys, mask=mask, blocks=blocks, heads=heads, mode=mode
     )

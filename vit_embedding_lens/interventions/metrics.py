@@ -44,10 +44,10 @@ class ClassSpaceMetric:
 
     readouts: ``"logits"`` (the model's output; ``hook_name`` is ``hook_logits``), ``"pooled"`` (the
     model's own pooled readout of ``resid_post`` at ``block``: equals the logits at the last block),
-    ``"cls"`` or a token index (that token's ``resid_post`` at ``block`` projected), ``"image"`` (every
-    image token projected; the value is averaged over image tokens). ``target`` / ``other``: a class
-    index or a per-image ``[batch]`` tensor (e.g. the labels). ``reduce``: ``"mean"`` over images (a
-    scalar) or ``"none"`` (``[batch]``).
+    ``"cls"`` or a token index (that token's ``resid_post`` at ``block`` projected), ``"image"``
+    (every image token projected; the value is averaged over image tokens). ``target`` / ``other``:
+    a class index or a per-image ``[batch]`` tensor (e.g. the labels). ``reduce``: ``"mean"`` over
+    images (a scalar) or ``"none"`` (``[batch]``).
     """
 
     def __init__(
@@ -78,7 +78,8 @@ class ClassSpaceMetric:
             )
         if not isinstance(readout, int) and readout not in ("logits", "pooled", "cls", "image"):
             raise ValueError(
-                f"readout must be 'logits', 'pooled', 'cls', 'image' or a token index, got {readout!r}"
+                "readout must be 'logits', 'pooled', 'cls', 'image' or a token index, got "
+                f"{readout!r}"
             )
         self.model, self.kind, self.readout, self.reduce = model, kind, readout, reduce
         self.block = resolve_block(model, block)
@@ -88,7 +89,8 @@ class ClassSpaceMetric:
 
     @property
     def hook_name(self) -> str:
-        """The activation this metric reads: ``hook_logits`` or ``blocks.{block}.hook_resid_post``."""
+        """The activation this metric reads: ``hook_logits`` or
+        ``blocks.{block}.hook_resid_post``."""
         return LOGITS if self.readout == "logits" else act_name("resid_post", self.block)
 
     def class_logits(self, activation: Tensor) -> Tensor:
@@ -163,5 +165,6 @@ def probability(model, target, **kwargs) -> ClassSpaceMetric:
 
 
 def identifiability(model, target, *, top1: bool = False, **kwargs) -> ClassSpaceMetric:
-    """Identifiability score ``1 - rank / C`` of the target class (``top1=True``: rank-0 indicator)."""
+    """Identifiability score ``1 - rank / C`` of the target class (``top1=True``: rank-0
+    indicator)."""
     return ClassSpaceMetric(model, "rank0" if top1 else "identifiability", target, **kwargs)

@@ -109,7 +109,10 @@ class PatchingResult:
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{d}={len(self.coords[d])}" for d in self.dims)
-        return f"PatchingResult({self.activation or 'patching'}: {sizes}, values {tuple(self.values.shape)})"
+        return (
+            f"PatchingResult({self.activation or 'patching'}: {sizes}, values "
+            f"{tuple(self.values.shape)})"
+        )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -194,13 +197,14 @@ def _clean_activations(model, clean_cache, names: List[str], batch: int) -> Dict
             act = clean_cache[name]
         except (KeyError, ValueError):
             raise ValueError(
-                f"the clean cache has no {name!r}; run model.run_with_cache(clean_images) without a "
-                f"names_filter, or with names_filter={names}"
+                f"the clean cache has no {name!r}; run model.run_with_cache(clean_images) without "
+                f"a names_filter, or with names_filter={names}"
             ) from None
         if act.shape[0] != batch:
             raise ValueError(
-                f"the clean cache holds {act.shape[0]} images at {name} but there are {batch} corrupted "
-                f"images; patch between batches of the same size (pairs of clean and corrupted images)"
+                f"the clean cache holds {act.shape[0]} images at {name} but there are {batch} "
+                "corrupted images; patch between batches of the same size (pairs of clean and "
+                "corrupted images)"
             )
         clean[name] = act.to(device)
     return clean
@@ -227,7 +231,8 @@ def _corrupted_resid(model, images: Tensor, layers: List[int]) -> Dict[int, Tens
 
 
 def _chunk_hooks(cells, chunk, clean, B, readout) -> Tuple[List, List[Tensor]]:
-    """Patch hooks for a chunk of cells (copy ``c`` patches ``cells[chunk[c]]``) and a capture hook."""
+    """Patch hooks for a chunk of cells (copy ``c`` patches ``cells[chunk[c]]``) and a capture
+    hook."""
     n = len(chunk)
     by_name: Dict[str, List[Tuple[int, Tensor]]] = {}
     for copy, c in enumerate(chunk):
@@ -252,8 +257,9 @@ def _patch_hook(stacked: Tensor, clean: Tensor, n: int, B: int) -> Callable:
     def hook(act: Tensor, hook) -> Tensor:
         if act.shape[1:] != clean.shape[1:]:
             raise ValueError(
-                f"{hook.name}: the corrupted activation has shape {tuple(act.shape[1:])} per image, the clean "
-                f"one {tuple(clean.shape[1:])}; patch between images of the same size"
+                f"{hook.name}: the corrupted activation has shape {tuple(act.shape[1:])} per "
+                f"image, the clean one {tuple(clean.shape[1:])}; patch between images of the same "
+                "size"
             )
         patched = torch.where(mask, clean.unsqueeze(0), act.reshape(n, B, *act.shape[1:]))
         return patched.reshape(act.shape)
@@ -357,7 +363,7 @@ def sweep(
     )
 
 
-# -- TransformerLens-like names ---------------------------------------------------------------------
+# -- TransformerLens-like names --------------------------------------------------------------------
 _DOC = """Patch ``{what}`` from the clean run into the corrupted one, per {per}.
 
 ``tokens`` (optional): named token groups instead of single tokens - a dict ``{{name: spec}}``, a
@@ -471,7 +477,8 @@ def get_act_patch_block_every(
 def get_act_patch_attn_head_all_pos_every(
     model, corrupted_images, clean_cache, metric, **options
 ) -> PatchingResult:
-    """Head output (z), q, k, v and pattern per layer × head, all positions: ``[5, n_layers, n_heads]``."""
+    """Head output (z), q, k, v and pattern per layer × head, all positions:
+    ``[5, block, head]``."""
     return sweep(
         model,
         corrupted_images,

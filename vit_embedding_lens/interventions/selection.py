@@ -42,7 +42,8 @@ def token_mask(
     if isinstance(spec, Tensor):
         if spec.is_floating_point() or spec.ndim > 1:
             raise TypeError(
-                f"token indices must be a 1-D integer tensor (or use a bool mask), got {spec.dtype} {tuple(spec.shape)}"
+                "token indices must be a 1-D integer tensor (or use a bool mask), got "
+                f"{spec.dtype} {tuple(spec.shape)}"
             )
         spec = spec.tolist()
     if isinstance(spec, int):
@@ -51,7 +52,8 @@ def token_mask(
         indices = [int(i) for i in spec]
     except TypeError:
         raise TypeError(
-            f"cannot read {spec!r} as a token set; use a group name {GROUPS}, token indices, or a bool mask"
+            f"cannot read {spec!r} as a token set; use a group name {GROUPS}, token indices, or a "
+            "bool mask"
         ) from None
     mask = torch.zeros(N, dtype=torch.bool, device=device)
     for i in indices:
@@ -96,7 +98,8 @@ def grid_region(
     rows: Union[slice, range, Sequence[int]],
     cols: Union[slice, range, Sequence[int]],
 ) -> Bool[Tensor, " n_tokens"]:
-    """Token mask of a region of the patch grid, e.g. ``grid_region(layout, slice(0, 3), slice(2, 5))``."""
+    """Token mask of a region of the patch grid, e.g.
+    ``grid_region(layout, slice(0, 3), slice(2, 5))``."""
     grid = torch.zeros(layout.grid_size, dtype=torch.bool)
     r = torch.arange(layout.grid_size[0])[_as_index(rows)]
     c = torch.arange(layout.grid_size[1])[_as_index(cols)]
@@ -173,7 +176,8 @@ def selection_mask(
     device: Optional[torch.device] = None,
 ) -> Tensor:
     """Boolean mask broadcastable to the activation at ``name`` (``[1 or batch, ...]``), True where
-    the intervention acts: the chosen tokens (all if None) × heads (all if None) × units (all if None)."""
+    the intervention acts: the chosen tokens (all if None) × heads (all if None) × units (all if
+    None)."""
     axes = hook_axes(name)
     shape = [1] * axes.ndim
     mask = torch.ones(shape, dtype=torch.bool, device=device)

@@ -33,7 +33,8 @@ def to_layout_order(
     dim: int = 1,
     fill: float = float("nan"),
 ) -> Tensor:
-    """Scatter per-slot results ``[batch, ..., n_kept, ...]`` back to layout order ``[.., n_tokens, ..]``.
+    """Scatter per-slot results ``[batch, ..., n_kept, ...]`` back to layout
+    order ``[.., pos, ..]``.
 
     Removed tokens (and nothing from padded slots) get ``fill`` (NaN by default, so a forgotten
     removal shows up instead of passing for a zero).
@@ -75,7 +76,8 @@ class RemovalRun:
 
         if self.cache is None:
             raise ValueError(
-                "this run kept no cache; call remove_tokens(..., names_filter=...) to cache activations"
+                "this run kept no cache; call remove_tokens(..., names_filter=...) to cache "
+                "activations"
             )
         act = self.cache[name]
         return to_layout_order(
@@ -104,8 +106,8 @@ def keep_context_tokens(
 def _prefix(layout: TokenLayout, like: Tensor) -> Tensor:
     if like.dtype != torch.bool or like.shape[-1] != layout.n_tokens:
         raise ValueError(
-            f"class_tokens must be a bool mask [..., {layout.n_tokens}] over the token sequence (e.g. from "
-            f"token_mask_from_mask), got {like.dtype} {tuple(like.shape)}"
+            f"class_tokens must be a bool mask [..., {layout.n_tokens}] over the token sequence "
+            f"(e.g. from token_mask_from_mask), got {like.dtype} {tuple(like.shape)}"
         )
     return (~layout.image_token_mask(like.device)).expand_as(like)
 
@@ -133,7 +135,8 @@ def remove_tokens(
 
 
 def remove_context(model, images: Tensor, class_tokens: Tensor, **kwargs) -> RemovalRun:
-    """Keep only the prefix and the object's tokens (``class_tokens``, e.g. from a segmentation mask)."""
+    """Keep only the prefix and the object's tokens (``class_tokens``, e.g. from a segmentation
+    mask)."""
     return remove_tokens(model, images, keep_class_tokens(class_tokens, model.layout), **kwargs)
 
 

@@ -28,7 +28,8 @@ def write_tables(
         for name, df in named.items():
             if not isinstance(df, pd.DataFrame):
                 raise TypeError(
-                    f"{analysis}.summarize returned {type(df).__name__} for table {name!r}; tables are DataFrames"
+                    f"{analysis}.summarize returned {type(df).__name__} for table {name!r}; tables "
+                    "are DataFrames"
                 )
             path = folder / table_file(analysis, name)
             df.to_csv(path, index=False)

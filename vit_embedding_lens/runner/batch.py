@@ -1,4 +1,5 @@
-"""Batch: what an analysis receives, one slice of a data set, plus a forward pass shared by analyses."""
+"""Batch: what an analysis receives, one slice of a data set, plus a forward pass shared by
+analyses."""
 
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ class Batch:
 
 
 def collate(items: Sequence[Union[Sample, SkippedImage]]) -> Batch:
-    """Samples -> one :class:`Batch`; skipped items are listed apart. Used as a DataLoader collate_fn."""
+    """Samples -> one :class:`Batch`; skipped items are listed apart. Used as a DataLoader
+    collate_fn."""
     samples = [s for s in items if isinstance(s, Sample)]
     skipped = [s for s in items if isinstance(s, SkippedImage)]
     if samples:

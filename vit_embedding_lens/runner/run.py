@@ -144,7 +144,8 @@ def run_fingerprint(
     fingerprint = getattr(dataset, "fingerprint", None)
     if not callable(fingerprint):
         raise TypeError(
-            f"the data set {type(dataset).__name__} needs a fingerprint() method (what identifies its content)"
+            f"the data set {type(dataset).__name__} needs a fingerprint() method (what identifies "
+            "its content)"
         )
     return {
         **dict(run_config or {}),
@@ -217,7 +218,8 @@ def _prepare(
     if manifest is not None:
         if not resume:
             raise ValueError(
-                f"{out_dir} already holds a run; resume it (resume=True) or start over with --overwrite"
+                f"{out_dir} already holds a run; resume it (resume=True) or start over with "
+                "--overwrite"
             )
         check_same_config(manifest["config"], config, out_dir)
     else:
@@ -274,8 +276,8 @@ def _prepare_on_rank0(
     digest = hashlib.sha256(json.dumps(to_json(config), sort_keys=True).encode()).hexdigest()
     if len(set(ctx.all_gather(digest))) != 1:
         raise ValueError(
-            "the ranks disagree on the run's configuration (model weights, data listing or settings); "
-            "every rank must see the same model and data"
+            "the ranks disagree on the run's configuration (model weights, data listing or "
+            "settings); every rank must see the same model and data"
         )
     status: Dict[str, Any] = {}
     if ctx.is_main:
@@ -303,7 +305,8 @@ def _prepare_on_rank0(
 
 
 def _check_shared_folder(ctx: distributed.DistContext, out_dir: Path) -> None:
-    """Every rank must see the folder rank 0 writes to (a shared filesystem), or merging cannot work."""
+    """Every rank must see the folder rank 0 writes to (a shared filesystem), or merging cannot
+    work."""
     if not ctx.active:
         return
     token = ctx.broadcast(uuid.uuid4().hex if ctx.is_main else None)
@@ -321,8 +324,8 @@ def _check_shared_folder(ctx: distributed.DistContext, out_dir: Path) -> None:
     if not all(ok):
         blind = [r for r, s in enumerate(ok) if not s]
         raise RuntimeError(
-            f"ranks {blind} do not see {out_dir} as rank 0 writes it; under torchrun the output folder "
-            f"must be on a filesystem shared by all nodes"
+            f"ranks {blind} do not see {out_dir} as rank 0 writes it; under torchrun the output "
+            "folder must be on a filesystem shared by all nodes"
         )
 
 
@@ -398,12 +401,14 @@ def _run_batch(
         out = analysis.run(model, batch)
         if not isinstance(out, Mapping):
             raise TypeError(
-                f"{analysis.name}.run must return a dict of per-image arrays, got {type(out).__name__}"
+                f"{analysis.name}.run must return a dict of per-image arrays, got "
+                f"{type(out).__name__}"
             )
         for key, value in out.items():
             if key in META_KEYS or "/" in key:
                 raise ValueError(
-                    f"{analysis.name}.run returned the key {key!r}; keys must not contain '/' or be one of {META_KEYS}"
+                    f"{analysis.name}.run returned the key {key!r}; keys must not contain '/' or "
+                    f"be one of {META_KEYS}"
                 )
             arrays[f"{analysis.name}/{key}"] = check_array(
                 value, f"{analysis.name}.run()[{key!r}]", len(batch)
@@ -413,7 +418,8 @@ def _run_batch(
 
 
 class _ProgressTracker:
-    """Keeps the list of finished batches on disk: in the manifest (one process) or one file per rank."""
+    """Keeps the list of finished batches on disk: in the manifest (one process) or one file per
+    rank."""
 
     def __init__(self, out_dir: Path, ctx: distributed.DistContext) -> None:
         self.out_dir, self.ctx = out_dir, ctx

@@ -27,7 +27,8 @@ _TMP_SUFFIX = ".tmp"
 
 
 def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (no-op where directories cannot be opened, e.g. Windows)."""
+    """Make a rename in ``path`` durable (no-op where directories cannot be opened, e.g.
+    Windows)."""
     try:
         fd = os.open(str(path), os.O_RDONLY)
     except OSError:
@@ -41,7 +42,8 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` atomically: ``write(f)`` into a temporary file, fsync, ``os.replace``, fsync dir."""
+    """Write ``path`` atomically: ``write(f)`` into a temporary file, fsync, ``os.replace``, fsync
+    dir."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
     try:
@@ -66,7 +68,8 @@ def atomic_write_npz(path: Path, arrays: Dict[str, np.ndarray]) -> None:
 
 
 def clean_temp_files(folder: Path) -> int:
-    """Remove temporary files left by interrupted atomic writes under ``folder``; returns how many."""
+    """Remove temporary files left by interrupted atomic writes under ``folder``; returns how
+    many."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0

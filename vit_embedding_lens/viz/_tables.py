@@ -35,8 +35,8 @@ def long_frame(
         missing = [c for c in (block_col, value_col) if c not in data]
         if missing:
             raise ValueError(
-                f"{what}: the DataFrame has no column(s) {missing} (columns: {list(data.columns)}); "
-                f"name the right ones with block_col=/value_col="
+                f"{what}: the DataFrame has no column(s) {missing} (columns: "
+                f"{list(data.columns)}); name the right ones with block_col=/value_col="
             )
         frame = data[needed].rename(columns={block_col: "block", value_col: "value"})
         if group_col and group_col in data:
@@ -96,8 +96,8 @@ def pvalue_frame(
     group_col: str = "group",
     p_col: str = "p_value",
 ) -> pd.DataFrame:
-    """``block, group, p_value`` from a DataFrame, ``{group: [n_blocks]}`` or one ``[n_blocks]`` array
-    (which then applies to every group)."""
+    """``block, group, p_value`` from a DataFrame, ``{group: [n_blocks]}`` or one ``[n_blocks]``
+    array (which then applies to every group)."""
     if isinstance(pvalues, pd.DataFrame):
         frame = long_frame(
             pvalues, block_col=block_col, group_col=group_col, value_col=p_col, what="pvalues"

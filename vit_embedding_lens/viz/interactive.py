@@ -1,10 +1,10 @@
 """Interactive circuitsvis views with a static fallback that needs no JavaScript.
 
 A view is an object Jupyter displays: ``_repr_html_`` gives the circuitsvis HTML (self-contained by
-default: the JavaScript is inlined, so it works offline) followed by a ``<noscript>`` block holding a
-PNG (base64) of the matching static matplotlib figure; ``_repr_png_`` and ``.figure()`` serve front
-ends without HTML (terminals, PDF export). ``.data`` is the tidy table behind both, and ``.save()``
-writes a standalone ``.html`` page or a ``.png``.
+default: the JavaScript is inlined, so it works offline) followed by a ``<noscript>`` block holding
+a PNG (base64) of the matching static matplotlib figure; ``_repr_png_`` and ``.figure()`` serve
+front ends without HTML (terminals, PDF export). ``.data`` is the tidy table behind both, and
+``.save()`` writes a standalone ``.html`` page or a ``.png``.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ class InteractiveView:
         elif path.suffix.lower() in (".html", ".htm"):
             title = html_lib.escape(self.title)
             path.write_text(
-                f'<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8"><title>{title}</title></head>\n'
+                '<!DOCTYPE html>\n<html lang="en">\n<head><meta '
+                f'charset="utf-8"><title>{title}</title></head>\n'
                 f"<body>\n{self._repr_html_()}\n</body>\n</html>\n",
                 encoding="utf-8",
             )
@@ -102,7 +103,10 @@ class InteractiveView:
         return path
 
     def __repr__(self) -> str:
-        return f"<InteractiveView: {self.title} (display in Jupyter, or .figure() / .save('view.html'))>"
+        return (
+            f"<InteractiveView: {self.title} (display in Jupyter, or .figure() / "
+            ".save('view.html'))>"
+        )
 
 
 def _is_cache(x: Any) -> bool:
@@ -126,9 +130,9 @@ def attention_view(
 ) -> InteractiveView:
     """Attention heads of one block over the token sequence, labelled "CLS", "REG0", "P{r},{c}".
 
-    ``pattern``: a cache (then ``block`` is required and ``blocks.{block}.attn.hook_pattern`` is read),
-    a cached pattern ``[batch, heads, N, N]`` (``image_index`` picks the image), ``[heads, N, N]`` or
-    ``[N, N]``. Static fallback: :func:`~vit_embedding_lens.viz.plot_attention`.
+    ``pattern``: a cache (then ``block`` is required and ``blocks.{block}.attn.hook_pattern`` is
+    read), a cached pattern ``[batch, heads, N, N]`` (``image_index`` picks the image), ``[heads, N,
+    N]`` or ``[N, N]``. Static fallback: :func:`~vit_embedding_lens.viz.plot_attention`.
     """
     import circuitsvis
 
@@ -208,12 +212,13 @@ def class_probability_view(
     hook: str = "hook_resid_post",
     source: Source = "local",
 ) -> InteractiveView:
-    """Probability of one class at every token after every block (circuitsvis ``colored_tokens_multi``).
+    """Probability of one class at every token after every block (circuitsvis
+    ``colored_tokens_multi``).
 
-    Tokens are labelled from ``model.layout``; hover a token to see its probability per block, pick a
-    block to colour the sequence by it. ``class_id`` (index or name) defaults to the model's prediction
-    for the image. ``cache`` may also be a batch of images. The static fallback puts the same numbers
-    on the patch grid (over ``image`` when given), prefix tokens in the titles.
+    Tokens are labelled from ``model.layout``; hover a token to see its probability per block, pick
+    a block to colour the sequence by it. ``class_id`` (index or name) defaults to the model's
+    prediction for the image. ``cache`` may also be a batch of images. The static fallback puts the
+    same numbers on the patch grid (over ``image`` when given), prefix tokens in the titles.
     """
     import circuitsvis
 

@@ -31,9 +31,9 @@ def kv_agreement_table(
     ``baseline_mean`` when a baseline is given.
 
     ``agreement`` is a tidy DataFrame (one row per block, or per block and class), a mapping
-    ``{sublayer: array [n_blocks] or [n_blocks, n_classes]}``, or one such array. ``baseline``: the same
-    forms, or, when ``agreement`` is a DataFrame, the name of its baseline column. In arrays, axis
-    ``block_axis`` is the block. Rates are fractions, or percentages with ``percent=True``.
+    ``{sublayer: array [n_blocks] or [n_blocks, n_classes]}``, or one such array. ``baseline``: the
+    same forms, or, when ``agreement`` is a DataFrame, the name of its baseline column. In arrays,
+    axis ``block_axis`` is the block. Rates are fractions, or percentages with ``percent=True``.
     Example with the lens's memory usage (``block, sublayer, metric, value`` rows)::
 
         f = usage.to_frame().query("token_group == 'image'")
@@ -94,7 +94,8 @@ def plot_kv_agreement(
     title: Optional[str] = None,
     ax: Any = None,
 ):
-    """Agreement rate (%) per block for each memory type, with the random-class baseline; the Figure.
+    """Agreement rate (%) per block for each memory type, with the random-class baseline; the
+    Figure.
 
     Inputs: see :func:`kv_agreement_table`. The band spans the ``band`` percentiles over classes.
     """

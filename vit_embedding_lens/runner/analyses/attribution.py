@@ -2,8 +2,8 @@
 
 Per image and for every attribution (``class_space``, ``chefer``, ``random`` with several seeds),
 order (``positive``: most important removed first; ``negative``: least important removed first) and
-``n`` of a fixed grid (powers of two below ``N-1``, plus ``N-1``), whether the model is right when it
-sees the prefix tokens plus ``n`` image tokens. ``summarize`` averages over images into the same
+``n`` of a fixed grid (powers of two below ``N-1``, plus ``N-1``), whether the model is right when
+it sees the prefix tokens plus ``n`` image tokens. ``summarize`` averages over images into the same
 :class:`~vit_embedding_lens.attribution.PerturbationResult` as
 :func:`~vit_embedding_lens.attribution.perturbation_benchmark` (AUC by
 :func:`~vit_embedding_lens.attribution.perturbation_auc`).
@@ -131,7 +131,8 @@ class AttributionBenchmark(Analysis):
         if correct.shape[1:] != (len(rankings), len(ORDERS), len(grid)):
             raise ValueError(
                 f"the stored results have shape {correct.shape[1:]} per image, expected "
-                f"{(len(rankings), len(ORDERS), len(grid))}; summarize with the configuration the run used"
+                f"{(len(rankings), len(ORDERS), len(grid))}; summarize with the configuration the "
+                "run used"
             )
         accuracy = torch.from_numpy(correct.mean(axis=0, dtype=np.float64))  # [R, O, n]
         return PerturbationResult.from_accuracy(

@@ -3,9 +3,9 @@ sees only the object's tokens, or only the context's?
 
 Three forwards per batch: all tokens; prefix + class tokens (the image tokens on the object,
 :func:`~vit_embedding_lens.interventions.keep_class_tokens`); prefix + context tokens
-(:func:`~vit_embedding_lens.interventions.keep_context_tokens`). Tokens are removed after the position
-embedding (``model(images, keep_mask=...)``). It needs the data set's token masks; without them it
-stores nothing but ``has_mask`` and its table says so.
+(:func:`~vit_embedding_lens.interventions.keep_context_tokens`). Tokens are removed after the
+position embedding (``model(images, keep_mask=...)``). It needs the data set's token masks; without
+them it stores nothing but ``has_mask`` and its table says so.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from vit_embedding_lens.runner.analysis import Analysis
 
 #: the conditions, in the order of the stored arrays' condition axis
 CONDITIONS = ("all_tokens", "class_tokens_only", "context_tokens_only")
-NO_MASK_NOTE = "the data set has no segmentation masks, so class and context tokens are unknown; nothing was run"
+NO_MASK_NOTE = (
+    "the data set has no segmentation masks, so class and context tokens are unknown; nothing was "
+    "run"
+)
 
 
 class ContextRemoval(Analysis):
@@ -80,7 +83,8 @@ class ContextRemoval(Analysis):
         correct, n_kept = results["correct"], results["n_kept"]
         if correct.shape[1] != len(CONDITIONS):
             raise ValueError(
-                f"the stored results have {correct.shape[1]} conditions, expected {list(CONDITIONS)}"
+                f"the stored results have {correct.shape[1]} conditions, expected "
+                f"{list(CONDITIONS)}"
             )
         rows = []
         for c, condition in enumerate(CONDITIONS):

@@ -2,9 +2,10 @@
 
 Per image it stores the lens's per-token readings (:class:`~vit_embedding_lens.lens.LensResult`:
 ranks of the correct class at every block's attention write-in, MLP write-in and residual stream,
-change flags, composition bits), and with ``random_twin`` the residual-stream ranks of the random-init
-twin on the same image. The readings are taken by hooks during the batch's shared forward pass, so the
-analysis adds no forward pass of its own (the twin's pass is its own, by necessity).
+change flags, composition bits), and with ``random_twin`` the residual-stream ranks of the
+random-init twin on the same image. The readings are taken by hooks during the batch's shared
+forward pass, so the analysis adds no forward pass of its own (the twin's pass is its own, by
+necessity).
 """
 
 from __future__ import annotations

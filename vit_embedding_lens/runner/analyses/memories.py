@@ -1,9 +1,10 @@
 """Key-value memories as a runner analysis (METHODS §4).
 
-Per image it stores the counts of :func:`~vit_embedding_lens.lens.memory_usage.memory_usage_per_image`
-(tokens that agree with the label's top memories, that match a top memory's class, and that agree
-with randomly drawn classes, per block × sublayer × token group); ``summarize`` folds them by class
-into a :class:`~vit_embedding_lens.lens.MemoryUsage`, so the rates are exactly those of
+Per image it stores the counts of
+:func:`~vit_embedding_lens.lens.memory_usage.memory_usage_per_image` (tokens that agree with the
+label's top memories, that match a top memory's class, and that agree with randomly drawn classes,
+per block × sublayer × token group); ``summarize`` folds them by class into a
+:class:`~vit_embedding_lens.lens.MemoryUsage`, so the rates are exactly those of
 :func:`~vit_embedding_lens.lens.memory_usage` over the same images and draws. The random classes of
 a batch are drawn from a generator seeded by ``seed`` and the batch's first data set index, so a
 resumed run draws the same classes. The class-value agreement against the random-init twin uses the
@@ -94,7 +95,8 @@ class MemoriesAnalysis(Analysis):
         }
 
     def batch_seed(self, first_index: int) -> int:
-        """The random-class generator's seed for the batch that starts at data set index ``first_index``."""
+        """The random-class generator's seed for the batch that starts at data set index
+        ``first_index``."""
         return self.seed * 1_000_003 + first_index
 
     def usage(self, results: Dict[str, np.ndarray], model: Any):
