@@ -52,7 +52,7 @@ def chefer_relevance(
     return AttributionMap(scores=torch.cat(maps), layout=layout, classes=classes, method="chefer")
 
 
-def _propagate(patterns, grads) -> Float[Tensor, "batch n_tokens n_tokens"]:
+def _propagate(patterns, grads) -> Float[Tensor, "batch pos pos"]:
     """``R = I; R += mean_h(clamp(∇A ⊙ A, 0)) @ R`` through the blocks."""
     a0 = patterns[0]
     relevance = torch.eye(a0.shape[-1], dtype=a0.dtype, device=a0.device).expand(

@@ -40,7 +40,7 @@ Loss = Literal["cross_entropy", "double_softmax"]
 
 
 def class_space_loss(
-    logits: Float[Tensor, "... n_classes"], classes: Int[Tensor, "..."], loss: Loss
+    logits: Float[Tensor, "... class"], classes: Int[Tensor, "..."], loss: Loss
 ) -> Tensor:
     """Per-vector loss of the class of interest: cross-entropy on the projected logits, or
     (``"double_softmax"``, the reference code) cross-entropy applied to their softmax."""
@@ -111,7 +111,7 @@ def _block_head_maps(
     rows: Sequence[int],
     projection,
     loss: Loss,
-) -> Float[Tensor, "batch n_blocks n_heads n_tokens"]:
+) -> Float[Tensor, "batch block head pos"]:
     """``-∂loss_l/∂A^l`` averaged over the readout query rows, for every block and head."""
     keep = {}
     for l in blocks:

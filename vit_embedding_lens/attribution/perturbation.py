@@ -56,7 +56,7 @@ class PerturbationResult:
         rankings: Sequence[Tuple[str, Optional[int]]],
         orders: Sequence[str],
         n_values: Sequence[int],
-        accuracy: Float[Tensor, "ranking order n"],
+        accuracy: Float[Tensor, "n_rankings n_orders n_values"],
         n_patches: int,
     ) -> "PerturbationResult":
         """The tables from ``accuracy[r, o, k]``: ranking ``r`` = ``(method, seed or None)``, order

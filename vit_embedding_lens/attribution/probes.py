@@ -46,7 +46,7 @@ def collect_token_activations(
     *,
     batch_size: int = 64,
     progress: bool = True,
-) -> Float[Tensor, "batch n_layers n_blocks n_tokens d_model"]:
+) -> Float[Tensor, "batch n_layer_types block pos d_model"]:
     """Every token's ``blocks.{l}.hook_{layer}`` activation, stacked
     ``[batch, layer, block, pos, d_model]``."""
     layers = _check_layers(layers)
@@ -67,16 +67,16 @@ def collect_token_activations(
 class LinearProbes:
     """Ridge probes ``scores = x W + b`` for every (layer type, block, token position)."""
 
-    weight: Float[Tensor, "n_layers n_blocks n_tokens d_model n_classes"]
-    bias: Float[Tensor, "n_layers n_blocks n_tokens n_classes"]
+    weight: Float[Tensor, "n_layer_types block pos d_model class"]
+    bias: Float[Tensor, "n_layer_types block pos class"]
     layers: Tuple[str, ...]
     blocks: Tuple[int, ...]
     layout: TokenLayout
     alpha: float
 
     def scores(
-        self, acts: Float[Tensor, "batch n_layers n_blocks n_tokens d_model"]
-    ) -> Float[Tensor, "batch n_layers n_blocks n_tokens n_classes"]:
+        self, acts: Float[Tensor, "batch n_layer_types block pos d_model"]
+    ) -> Float[Tensor, "batch n_layer_types block pos class"]:
         """Class scores of activations laid out as :func:`collect_token_activations` returns
         them."""
         if tuple(acts.shape[1:4]) != tuple(self.weight.shape[:3]):
@@ -147,7 +147,7 @@ def fit_linear_probes(
     )
 
 
-def sample_per_class(labels: Int[Tensor, " n"], k: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
+def sample_per_class(labels: Int[Tensor, " batch"], k: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
     """``(train, test)`` indices: ``k`` random images of every class for training, the rest held
     out."""
     if k < 1:

@@ -45,7 +45,7 @@ def fit_ridge(
     return RidgeFit(weight.to(dtype), bias.to(dtype))
 
 
-def one_vs_all_targets(labels: Int[Tensor, " n"], n_classes: int) -> Float[Tensor, "n n_classes"]:
+def one_vs_all_targets(labels: Int[Tensor, " n"], n_classes: int) -> Float[Tensor, "n class"]:
     """``+1`` for the image's class, ``-1`` for every other class."""
     if labels.ndim != 1:
         raise ValueError(

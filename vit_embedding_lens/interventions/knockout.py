@@ -43,12 +43,12 @@ def knockout_mask(
     queries: Optional[TokenSpec] = None,
     keys: Optional[TokenSpec] = None,
     mask: Optional[Tensor] = None,
-) -> Bool[Tensor, "n_tokens n_tokens"]:
+) -> Bool[Tensor, "pos pos"]:
     """``[query, key]`` mask in layout order, True where attention is *removed*.
 
     Exactly one of: a ``preset`` (``"self_only"``: image tokens attend only to themselves, prefix
     rows untouched; ``"no_cls"``: image tokens cannot attend to CLS), a pair ``queries``/``keys``
-    (token sets; either defaults to all tokens), or a full boolean ``mask`` ``[N, N]``.
+    (token sets; either defaults to all tokens), or a full boolean ``mask`` ``[pos, pos]``.
     """
     given = [preset is not None, queries is not None or keys is not None, mask is not None]
     if sum(given) != 1:
@@ -115,7 +115,7 @@ class AttentionKnockout:
             per_head[self.heads] = allowed
             allowed = per_head
         device = model.embed.W_E.device
-        #: True = may attend: ``[N, N]``, or ``[n_heads, N, N]`` when heads are chosen
+        #: True = may attend: ``[pos, pos]``, or ``[head, pos, pos]`` when heads are chosen
         self.allowed: Tensor = allowed.to(device)
         if mode == "pre_softmax" and not bool(allowed.any(-1).all()):
             raise ValueError(

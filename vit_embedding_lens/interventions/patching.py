@@ -9,7 +9,7 @@ starts from the corrupted residual stream there), and blocks after the metric's 
 
 The TransformerLens-like functions (``get_act_patch_resid_pre`` ...) take images, infer positions
 from ``model.layout`` and return a :class:`PatchingResult`: the values as a tensor shaped like the
-sweep (e.g. ``[n_layers, n_tokens]``), a tidy DataFrame, and patch-grid maps for per-token sweeps.
+sweep (e.g. ``[block, pos]``), a tidy DataFrame, and patch-grid maps for per-token sweeps.
 """
 
 from __future__ import annotations
@@ -64,13 +64,13 @@ class PatchingResult:
     @property
     def grid(self) -> Tensor:
         """Image-token values on the patch grid: the token dimension becomes ``grid_h, grid_w``
-        (e.g. ``[n_layers, grid_h, grid_w]``). Prefix tokens are in :attr:`prefix`."""
+        (e.g. ``[block, grid_h, grid_w]``). Prefix tokens are in :attr:`prefix`."""
         dim = self._token_dim()
         return self.layout.patch_tokens(self.values, dim=dim).unflatten(dim, self.layout.grid_size)
 
     @property
     def prefix(self) -> Tensor:
-        """Prefix-token values (CLS, distillation, registers), e.g. ``[n_layers, n_prefix]``."""
+        """Prefix-token values (CLS, distillation, registers), e.g. ``[block, n_prefix]``."""
         return self.layout.prefix_tokens(self.values, dim=self._token_dim())
 
     @property
@@ -368,7 +368,7 @@ _DOC = """Patch ``{what}`` from the clean run into the corrupted one, per {per}.
 
 ``tokens`` (optional): named token groups instead of single tokens - a dict ``{{name: spec}}``, a
 list of specs, or one spec; a spec is a layout group (``"cls"``, ``"image"`` ...), token indices,
-a per-token bool mask ``[n_tokens]`` or a per-image one ``[batch, n_tokens]`` (an object mask); see
+a per-token bool mask ``[pos]`` or a per-image one ``[batch, pos]`` (an object mask); see
 also :func:`~vit_embedding_lens.interventions.selection.grid_tiles`. Other options go to
 :func:`run_patching`. Returns a :class:`PatchingResult` shaped ``{shape}``."""
 
@@ -385,72 +385,66 @@ def _make(suffix, per, what, shape_doc):
     return fn
 
 
-get_act_patch_resid_pre = _make(
-    "hook_resid_pre", ("layer", "token"), "resid_pre", "[n_layers, n_tokens]"
-)
-get_act_patch_resid_mid = _make(
-    "hook_resid_mid", ("layer", "token"), "resid_mid", "[n_layers, n_tokens]"
-)
+get_act_patch_resid_pre = _make("hook_resid_pre", ("layer", "token"), "resid_pre", "[block, pos]")
+get_act_patch_resid_mid = _make("hook_resid_mid", ("layer", "token"), "resid_mid", "[block, pos]")
 get_act_patch_resid_post = _make(
-    "hook_resid_post", ("layer", "token"), "resid_post", "[n_layers, n_tokens]"
+    "hook_resid_post", ("layer", "token"), "resid_post", "[block, pos]"
 )
-get_act_patch_attn_out = _make(
-    "hook_attn_out", ("layer", "token"), "attn_out", "[n_layers, n_tokens]"
-)
-get_act_patch_mlp_out = _make("hook_mlp_out", ("layer", "token"), "mlp_out", "[n_layers, n_tokens]")
+get_act_patch_attn_out = _make("hook_attn_out", ("layer", "token"), "attn_out", "[block, pos]")
+get_act_patch_mlp_out = _make("hook_mlp_out", ("layer", "token"), "mlp_out", "[block, pos]")
 get_act_patch_attn_head_out_all_pos = _make(
-    "attn.hook_z", ("layer", "head"), "each head's output z (all positions)", "[n_layers, n_heads]"
+    "attn.hook_z", ("layer", "head"), "each head's output z (all positions)", "[block, head]"
 )
 get_act_patch_attn_head_out_by_pos = _make(
     "attn.hook_z",
     ("layer", "token", "head"),
     "each head's output z",
-    "[n_layers, n_tokens, n_heads]",
+    "[block, pos, head]",
 )
 get_act_patch_attn_head_q_all_pos = _make(
-    "attn.hook_q", ("layer", "head"), "each head's queries (all positions)", "[n_layers, n_heads]"
+    "attn.hook_q", ("layer", "head"), "each head's queries (all positions)", "[block, head]"
 )
 get_act_patch_attn_head_k_all_pos = _make(
-    "attn.hook_k", ("layer", "head"), "each head's keys (all positions)", "[n_layers, n_heads]"
+    "attn.hook_k", ("layer", "head"), "each head's keys (all positions)", "[block, head]"
 )
 get_act_patch_attn_head_v_all_pos = _make(
-    "attn.hook_v", ("layer", "head"), "each head's values (all positions)", "[n_layers, n_heads]"
+    "attn.hook_v", ("layer", "head"), "each head's values (all positions)", "[block, head]"
 )
 get_act_patch_attn_head_q_by_pos = _make(
     "attn.hook_q",
     ("layer", "token", "head"),
     "each head's queries",
-    "[n_layers, n_tokens, n_heads]",
+    "[block, pos, head]",
 )
 get_act_patch_attn_head_k_by_pos = _make(
-    "attn.hook_k", ("layer", "token", "head"), "each head's keys", "[n_layers, n_tokens, n_heads]"
+    "attn.hook_k", ("layer", "token", "head"), "each head's keys", "[block, pos, head]"
 )
 get_act_patch_attn_head_v_by_pos = _make(
-    "attn.hook_v", ("layer", "token", "head"), "each head's values", "[n_layers, n_tokens, n_heads]"
+    "attn.hook_v", ("layer", "token", "head"), "each head's values", "[block, pos, head]"
 )
 get_act_patch_attn_head_pattern_all_pos = _make(
     "attn.hook_pattern",
     ("layer", "head"),
     "each head's attention pattern (all positions)",
-    "[n_layers, n_heads]",
+    "[block, head]",
 )
 get_act_patch_attn_head_pattern_by_query_pos = _make(
     "attn.hook_pattern",
     ("layer", "token", "head"),
     "each head's attention pattern, one query (destination) row at a time",
-    "[n_layers, n_tokens, n_heads]",
+    "[block, pos, head]",
 )
 get_act_patch_attn_head_result_all_pos = _make(
     "attn.hook_result",
     ("layer", "head"),
     "each head's write-in (result; needs use_attn_result)",
-    "[n_layers, n_heads]",
+    "[block, head]",
 )
 get_act_patch_attn_head_result_by_pos = _make(
     "attn.hook_result",
     ("layer", "token", "head"),
     "each head's write-in (result; needs use_attn_result)",
-    "[n_layers, n_tokens, n_heads]",
+    "[block, pos, head]",
 )
 for _name, _fn in list(globals().items()):
     if _name.startswith("get_act_patch_"):
@@ -460,7 +454,7 @@ for _name, _fn in list(globals().items()):
 def get_act_patch_block_every(
     model, corrupted_images, clean_cache, metric, *, tokens: Tokens = None, **options
 ) -> PatchingResult:
-    """``resid_pre``, ``attn_out`` and ``mlp_out`` per layer × token: ``[3, n_layers, n_tokens]``
+    """``resid_pre``, ``attn_out`` and ``mlp_out`` per layer × token: ``[3, block, pos]``
     (dimension ``"component"`` first), as TransformerLens's function of that name."""
     return sweep(
         model,

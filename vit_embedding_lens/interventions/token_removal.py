@@ -28,7 +28,7 @@ from vit_embedding_lens.model.token_slots import (
 
 def to_layout_order(
     values: Tensor,
-    index: Int[Tensor, "batch n"],
+    index: Int[Tensor, "batch max_kept"],
     n_tokens: int,
     dim: int = 1,
     fill: float = float("nan"),
@@ -65,12 +65,12 @@ class RemovalRun:
 
     logits: Tensor
     cache: Optional[object]
-    keep: Bool[Tensor, "batch n_tokens"]
+    keep: Bool[Tensor, "batch pos"]
     index: Int[Tensor, "batch max_kept"]
     valid: Bool[Tensor, "batch max_kept"]
 
     def in_layout_order(self, name: str, fill: float = float("nan")) -> Tensor:
-        """A cached per-token activation scattered back to layout order ``[batch, n_tokens, ...]``
+        """A cached per-token activation scattered back to layout order ``[batch, pos, ...]``
         (for the pattern: the query axis); removed tokens get ``fill`` (NaN)."""
         from vit_embedding_lens.interventions.selection import hook_axes
 
@@ -86,8 +86,8 @@ class RemovalRun:
 
 
 def keep_class_tokens(
-    class_tokens: Bool[Tensor, "batch n_tokens"], layout: TokenLayout
-) -> Bool[Tensor, "batch n_tokens"]:
+    class_tokens: Bool[Tensor, "batch pos"], layout: TokenLayout
+) -> Bool[Tensor, "batch pos"]:
     """Keep mask that removes the context: prefix tokens plus the image tokens on the object."""
     return _prefix(layout, class_tokens) | (
         class_tokens & layout.image_token_mask(class_tokens.device)
@@ -95,8 +95,8 @@ def keep_class_tokens(
 
 
 def keep_context_tokens(
-    class_tokens: Bool[Tensor, "batch n_tokens"], layout: TokenLayout
-) -> Bool[Tensor, "batch n_tokens"]:
+    class_tokens: Bool[Tensor, "batch pos"], layout: TokenLayout
+) -> Bool[Tensor, "batch pos"]:
     """Keep mask that removes the object: prefix tokens plus the image tokens off the object."""
     return _prefix(layout, class_tokens) | (
         ~class_tokens & layout.image_token_mask(class_tokens.device)
@@ -115,7 +115,7 @@ def _prefix(layout: TokenLayout, like: Tensor) -> Tensor:
 def remove_tokens(
     model,
     images: Tensor,
-    keep: Bool[Tensor, "batch n_tokens"],
+    keep: Bool[Tensor, "batch pos"],
     *,
     names_filter=None,
     cache: bool = False,

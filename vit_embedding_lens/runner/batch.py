@@ -70,7 +70,7 @@ class Batch:
     labels: Int[Tensor, " batch"]
     image_ids: List[str]
     indices: Int[Tensor, " batch"]
-    token_masks: Optional[Bool[Tensor, "batch n_tokens"]] = None
+    token_masks: Optional[Bool[Tensor, "batch pos"]] = None
     skipped: List[SkippedImage] = field(default_factory=list)
     forward: SharedForward = field(default_factory=SharedForward, repr=False)
 

@@ -27,7 +27,7 @@ def long_frame(
     """``block, group, value`` rows from a DataFrame, ``{group: array}`` or an array.
 
     In arrays, axis ``block_axis`` is the block and every other axis is flattened into observations
-    (``[n_layers, batch, n_tokens]`` tensors go in as they are; per-image ``[image, block]`` tables
+    (``[block, batch, pos]`` tensors go in as they are; per-image ``[batch, block]`` tables
     with ``block_axis=1``). NaNs are dropped.
     """
     if isinstance(data, pd.DataFrame):
@@ -96,7 +96,7 @@ def pvalue_frame(
     group_col: str = "group",
     p_col: str = "p_value",
 ) -> pd.DataFrame:
-    """``block, group, p_value`` from a DataFrame, ``{group: [n_blocks]}`` or one ``[n_blocks]``
+    """``block, group, p_value`` from a DataFrame, ``{group: [block]}`` or one ``[block]``
     array (which then applies to every group)."""
     if isinstance(pvalues, pd.DataFrame):
         frame = long_frame(

@@ -123,8 +123,8 @@ def plot_heatmap_grid(
 
     ``maps``: ``[n, grid_h, grid_w]`` (one panel per block), ``[n_rows, n_cols, grid_h, grid_w]``
     (e.g. block x head, labelled by ``row_labels``/``col_labels``), a dict ``{title: [grid_h,
-    grid_w]}``, or, with ``layout=``, token vectors ``[n, n_tokens]`` / ``[n_rows, n_cols,
-    n_tokens]`` whose prefix-token values are written in the panel titles. ``center`` makes the
+    grid_w]}``, or, with ``layout=``, token vectors ``[n, pos]`` / ``[n_rows, n_cols,
+    pos]`` whose prefix-token values are written in the panel titles. ``center`` makes the
     scale symmetric around it (``None``: plain min..max).
     """
     grids, prefix, names, grid_cols = _panels(maps, layout, titles, row_labels, col_labels)

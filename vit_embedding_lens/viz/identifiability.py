@@ -34,7 +34,7 @@ def identifiability_evolution_table(
 
     ``data`` (and ``random``) is a tidy DataFrame (``block_col``, ``group_col``, ``value_col``; one
     row per observation), a mapping ``{group: array}``, or one array; in arrays, axis ``block_axis``
-    is the block and the other axes are observations (per-image ``[image, block]`` scores:
+    is the block and the other axes are observations (per-image ``[batch, block]`` scores:
     ``block_axis=1``). Columns: ``block, group, n, mean, median, low, high`` (``low``/``high`` = the
     ``band`` percentiles), then ``random_mean, random_low, random_high`` and ``p_value, stars`` when
     given.
@@ -98,7 +98,7 @@ def plot_identifiability_evolution(
 
     ``data``/``random``: see :func:`identifiability_evolution_table`. ``random`` is drawn per group
     as a dashed mean line in the group's colour inside a band between the ``band`` percentiles.
-    ``pvalues`` (``{group: [n_blocks]}``, one ``[n_blocks]`` array for all groups, or a DataFrame
+    ``pvalues`` (``{group: [block]}``, one ``[block]`` array for all groups, or a DataFrame
     with ``block, group, p_value``) put ``*``/``**``/``***`` (p < .05/.01/.001) above the
     distributions. ``chance`` draws a reference line (0.5 is chance for ``s = 1 - r/C``; ``None``
     hides it). Returns the Figure.

@@ -131,8 +131,8 @@ def attention_view(
     """Attention heads of one block over the token sequence, labelled "CLS", "REG0", "P{r},{c}".
 
     ``pattern``: a cache (then ``block`` is required and ``blocks.{block}.attn.hook_pattern`` is
-    read), a cached pattern ``[batch, heads, N, N]`` (``image_index`` picks the image), ``[heads, N,
-    N]`` or ``[N, N]``. Static fallback: :func:`~vit_embedding_lens.viz.plot_attention`.
+    read), a cached pattern ``[batch, head, pos, pos]`` (``image_index`` picks the image), ``[head,
+    pos, pos]`` or ``[pos, pos]``. Static fallback: :func:`~vit_embedding_lens.viz.plot_attention`.
     """
     import circuitsvis
 
@@ -179,7 +179,7 @@ def attention_view(
 # Class probabilities across blocks
 # -------------------------------------------------------------------------------------------------
 def _class_probabilities(model: "HookedViT", cache: Any, hook: str, layout: Any) -> tuple:
-    """``(probs [batch, n_blocks, n_tokens, n_classes], cache)``: every token after every block."""
+    """``(probs [batch, block, pos, class], cache)``: every token after every block."""
     _, names, cache = sublayer_cache(model, cache, hook, also=[LOGITS])
     projection = ClassProjection(model)
     probs = [token_logits(projection, cache[n], layout, n).float().softmax(-1) for n in names]
@@ -232,7 +232,7 @@ def class_probability_view(
         else model.to_single_token(class_id)
     )
     name = class_names_or_ids(model.class_names, model.cfg.n_classes)[c]
-    values = probs[image_index, :, :, c]  # [n_blocks, n_tokens]
+    values = probs[image_index, :, :, c]  # [block, pos]
     blocks = [f"block {b}" for b in range(values.shape[0])]
     labels = layout.token_labels()
     rendered = circuitsvis.tokens.colored_tokens_multi(labels, values.T.contiguous(), blocks)
@@ -313,7 +313,7 @@ def topk_tokens_view(
             "prob": top_p.reshape(-1).double().cpu().numpy(),
         }
     )
-    first = probs[indices[0]].argmax(-1)  # [n_blocks, n_tokens]
+    first = probs[indices[0]].argmax(-1)  # [block, pos]
     class_names = getattr(model, "class_names", None)
     return InteractiveView(
         rendered,

@@ -31,7 +31,7 @@ def kv_agreement_table(
     ``baseline_mean`` when a baseline is given.
 
     ``agreement`` is a tidy DataFrame (one row per block, or per block and class), a mapping
-    ``{sublayer: array [n_blocks] or [n_blocks, n_classes]}``, or one such array. ``baseline``: the
+    ``{sublayer: array [block] or [block, class]}``, or one such array. ``baseline``: the
     same forms, or, when ``agreement`` is a DataFrame, the name of its baseline column. In arrays,
     axis ``block_axis`` is the block. Rates are fractions, or percentages with ``percent=True``.
     Example with the lens's memory usage (``block, sublayer, metric, value`` rows)::

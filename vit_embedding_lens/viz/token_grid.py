@@ -140,8 +140,8 @@ def plot_token_grid(
     """One panel per block: every image token's value (or top-1 class) on the patch grid; the
     Figure.
 
-    ``values``: ``[n_blocks, grid_h, grid_w]`` or ``[grid_h, grid_w]``; with ``layout=`` also
-    ``[n_blocks, n_tokens]`` or ``[n_blocks, n_patches]`` in token order (prefix values then appear
+    ``values``: ``[block, grid_h, grid_w]`` or ``[grid_h, grid_w]``; with ``layout=`` also
+    ``[block, pos]`` or ``[block, n_patches]`` in token order (prefix values then appear
     in the titles). Integer values are classes: coloured categorically and annotated with
     ``class_names`` when given. ``image`` (``[C, H, W]`` or ``[H, W, C]``) is drawn underneath with
     the grid at ``alpha``. ``labels``: text per cell, same shape as ``values`` (class ids are

@@ -36,8 +36,8 @@ IMAGE, CLASS, CONTEXT = "image", "class", "context"
 
 
 class ClsIdentifiability(Analysis):
-    """Per image: ``token_rank [n_layers, n_tokens]`` (rank of the correct class per token and
-    block), and ``class_token [n_tokens]`` when the data set has masks.
+    """Per image: ``token_rank [block, pos]`` (rank of the correct class per token and
+    block), and ``class_token [pos]`` when the data set has masks.
 
     Tables: ``by_block`` (one row per block and token group: mean score, % identifiable, % of images
     with at least one identifiable token) and ``per_image`` (one row per image and block).
