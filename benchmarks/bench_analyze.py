@@ -91,7 +91,7 @@ def time_timm(timm_model, dataset, batch: int, workers: int, device: torch.devic
 
 
 def time_analyze(
-    model, dataset, analyses, batch: int, workers: int, out: Path, device: torch.device
+    model: HookedViT, dataset, analyses, batch: int, workers: int, out: Path, device: torch.device
 ) -> float:
     sync(device)
     start = time.perf_counter()
@@ -109,7 +109,7 @@ def time_analyze(
     return time.perf_counter() - start
 
 
-def bench(timm_model, model, dataset, args, device, workdir: Path, label: str) -> dict:
+def bench(timm_model, model: HookedViT, dataset, args, device, workdir: Path, label: str) -> dict:
     runs = {"timm": lambda: time_timm(timm_model, dataset, args.batch, args.workers, device)}
     for name, analyses in VARIANTS.items():
         runs[name] = lambda a=analyses, n=name: time_analyze(

@@ -36,7 +36,7 @@ from vit_embedding_lens.testing import create_timm_vit  # noqa: E402
 TARGET = 5.0
 
 
-def per_cell_loop(model, corrupted, clean_cache, metric, tokens):
+def per_cell_loop(model: HookedViT, corrupted, clean_cache, metric, tokens):
     """One forward per (block, token): the hook copies the clean token into the corrupted run."""
     values = torch.empty(model.cfg.n_layers, len(tokens))
     with torch.no_grad():
@@ -53,7 +53,7 @@ def per_cell_loop(model, corrupted, clean_cache, metric, tokens):
     return values
 
 
-def bench(label, model, clean, corrupted, metric, tokens=None, max_batch=256):
+def bench(label, model: HookedViT, clean, corrupted, metric, tokens=None, max_batch=256):
     with torch.no_grad():
         _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
     token_list = list(range(model.layout.n_tokens)) if tokens is None else tokens

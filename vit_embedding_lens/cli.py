@@ -17,7 +17,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 USER_ERROR = 2
 DTYPE_NOTE = (
@@ -274,7 +277,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _build_dataset(
-    args: argparse.Namespace, layout: str, data: Path, model: Any, preprocessing: Any
+    args: argparse.Namespace, layout: str, data: Path, model: HookedViT, preprocessing: Any
 ) -> Any:
     if layout == "imagenet-s":
         from vit_embedding_lens.data.imagenet_s import imagenet_s_dataset
@@ -327,7 +330,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _run_and_report(
     args: argparse.Namespace,
-    model: Any,
+    model: HookedViT,
     dataset: Any,
     run_config: dict,
     title: str,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional
 
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 
 def capture(
-    model,
+    model: HookedViT,
     images: Tensor,
     keep: Mapping[str, Optional[Callable[[Tensor], Tensor]]],
     *,

@@ -14,7 +14,7 @@ write-ins (the pooled readout of ``attn_out``) and the map is the mean over thos
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
 import einops
 import torch
@@ -36,6 +36,9 @@ from vit_embedding_lens.attribution.result import AttributionMap
 from vit_embedding_lens.lens.projection import ClassProjection
 from vit_embedding_lens.model.hook_names import act_name
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 Loss = Literal["cross_entropy", "double_softmax"]
 
 
@@ -55,7 +58,7 @@ def class_space_loss(
 
 
 def class_space_attribution(
-    model,
+    model: HookedViT,
     images: Float[Tensor, "batch chan height width"],
     classes: ClassSpec = None,
     *,
@@ -104,7 +107,7 @@ def class_space_attribution(
 
 
 def _block_head_maps(
-    model,
+    model: HookedViT,
     images: Tensor,
     classes: Tensor,
     blocks: Sequence[int],

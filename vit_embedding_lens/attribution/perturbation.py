@@ -15,7 +15,7 @@ sets still fill whole batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,9 @@ from vit_embedding_lens.attribution.random_map import random_attribution
 from vit_embedding_lens.attribution.readout import batch_slices, image_layout
 from vit_embedding_lens.attribution.result import AttributionMap
 from vit_embedding_lens.model.targets import class_targets, predicted_classes
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 ORDERS = ("positive", "negative")
 MethodSpec = Union[str, Callable, AttributionMap, Tensor]
@@ -152,7 +155,7 @@ def importance_rank(scores: Float[Tensor, "batch n_patches"]) -> Int[Tensor, "ba
 
 
 def perturbation_benchmark(
-    model,
+    model: HookedViT,
     images: Float[Tensor, "batch chan height width"],
     labels: Optional[Int[Tensor, " batch"]] = None,
     methods: Union[Sequence[MethodSpec], Mapping[str, MethodSpec]] = (
@@ -229,7 +232,7 @@ def _check_n_keep(n_keep: Optional[Sequence[int]], n_patches: int) -> List[int]:
 
 
 def _rankings(
-    model, images, targets, methods, seeds, progress
+    model: HookedViT, images, targets, methods, seeds, progress
 ) -> List[Tuple[str, Optional[int], Tensor]]:
     """``(method name, seed, importance rank [B, P])`` per ranking to evaluate."""
     if isinstance(methods, Mapping):

@@ -9,7 +9,7 @@ onto the class space (§1) of the same tokens. The projection needs no training 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import einops
 import numpy as np
@@ -33,13 +33,16 @@ from vit_embedding_lens.model.hook_names import act_name
 from vit_embedding_lens.model.layout import TokenLayout
 from vit_embedding_lens.model.targets import class_targets
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 LAYERS: Tuple[str, ...] = ("resid_post", "attn_out", "mlp_out")
 #: float64 bytes of one batch of ridge systems solved at once (bounds the memory of large models)
 _SOLVE_BYTES = 256 * 2**20
 
 
 def collect_token_activations(
-    model,
+    model: HookedViT,
     images: Float[Tensor, "batch chan height width"],
     layers: Sequence[str] = LAYERS,
     blocks: Optional[Sequence[int]] = None,
@@ -103,7 +106,7 @@ class LinearProbes:
 
 
 def fit_linear_probes(
-    model,
+    model: HookedViT,
     images: Float[Tensor, "batch chan height width"],
     labels: Int[Tensor, " batch"],
     *,
@@ -169,7 +172,7 @@ def sample_per_class(labels: Int[Tensor, " batch"], k: int, seed: int = 0) -> Tu
 
 
 def probe_accuracy_table(
-    model,
+    model: HookedViT,
     probes: LinearProbes,
     images: Float[Tensor, "batch chan height width"],
     labels: Int[Tensor, " batch"],
@@ -235,7 +238,7 @@ class ProbeComparison:
 
 
 def probe_comparison(
-    model,
+    model: HookedViT,
     images: Float[Tensor, "batch chan height width"],
     labels: Int[Tensor, " batch"],
     *,
@@ -287,7 +290,7 @@ class ProbeAttribution:
 
     def __call__(
         self,
-        model,
+        model: HookedViT,
         images: Float[Tensor, "batch chan height width"],
         classes: ClassSpec = None,
         *,

@@ -19,7 +19,7 @@ Two modes:
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import Callable, Iterable, List, Literal, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Iterable, List, Literal, Optional, Tuple, Union
 
 import torch
 from jaxtyping import Bool
@@ -29,6 +29,9 @@ from vit_embedding_lens.interventions.selection import TokenSpec, token_mask
 from vit_embedding_lens.model.hook_names import act_name
 from vit_embedding_lens.model.indices import resolve_blocks, resolve_heads
 from vit_embedding_lens.model.layout import TokenLayout
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 Mode = Literal["pre_softmax", "post_softmax"]
 PRESETS = ("self_only", "no_cls")
@@ -92,7 +95,7 @@ class AttentionKnockout:
 
     def __init__(
         self,
-        model,
+        model: HookedViT,
         preset: Optional[str] = None,
         *,
         queries: Optional[TokenSpec] = None,
@@ -186,7 +189,7 @@ class AttentionKnockout:
 
 
 def knockout(
-    model,
+    model: HookedViT,
     preset: Optional[str] = None,
     *,
     queries: Optional[TokenSpec] = None,

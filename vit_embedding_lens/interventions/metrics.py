@@ -9,7 +9,7 @@ on the activation named by ``hook_name`` (``None`` = the logits).
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import TYPE_CHECKING, Literal, Optional, Union
 
 from torch import Tensor
 
@@ -18,6 +18,9 @@ from vit_embedding_lens.lens.ranks import class_rank
 from vit_embedding_lens.model.hook_names import LOGITS, act_name
 from vit_embedding_lens.model.indices import resolve_block
 from vit_embedding_lens.model.targets import class_targets
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 Kind = Literal[
     "logit", "logit_diff", "probability", "log_probability", "identifiability", "rank", "rank0"
@@ -52,7 +55,7 @@ class ClassSpaceMetric:
 
     def __init__(
         self,
-        model,
+        model: HookedViT,
         kind: Kind,
         target: Union[int, Tensor],
         *,
@@ -154,17 +157,17 @@ class ClassSpaceMetric:
         return f"ClassSpaceMetric({self.kind!r}, readout={self.readout!r}, block={self.block})"
 
 
-def logit_diff(model, target, other=None, **kwargs) -> ClassSpaceMetric:
+def logit_diff(model: HookedViT, target, other=None, **kwargs) -> ClassSpaceMetric:
     """Target logit minus ``other``'s (or minus the best other class's) at a readout."""
     return ClassSpaceMetric(model, "logit_diff", target, other=other, **kwargs)
 
 
-def probability(model, target, **kwargs) -> ClassSpaceMetric:
+def probability(model: HookedViT, target, **kwargs) -> ClassSpaceMetric:
     """Softmax probability of the target class at a readout."""
     return ClassSpaceMetric(model, "probability", target, **kwargs)
 
 
-def identifiability(model, target, *, top1: bool = False, **kwargs) -> ClassSpaceMetric:
+def identifiability(model: HookedViT, target, *, top1: bool = False, **kwargs) -> ClassSpaceMetric:
     """Identifiability score ``1 - rank / C`` of the target class (``top1=True``: rank-0
     indicator)."""
     return ClassSpaceMetric(model, "rank0" if top1 else "identifiability", target, **kwargs)

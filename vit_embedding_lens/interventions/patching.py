@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,9 @@ from vit_embedding_lens.interventions.selection import TokenSpec, selection_mask
 from vit_embedding_lens.model.hook_names import act_name, block_hook_names, hook_block
 from vit_embedding_lens.model.indices import resolve_blocks
 from vit_embedding_lens.model.layout import TokenLayout
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 Cell = Dict[str, Tensor]
 Metric = Callable[[Tensor], Tensor]
@@ -119,7 +122,7 @@ class PatchingResult:
 # The engine
 # -------------------------------------------------------------------------------------------------
 def run_patching(
-    model,
+    model: HookedViT,
     corrupted_images: Tensor,
     clean_cache: Mapping[str, Tensor],
     metric: Metric,
@@ -188,7 +191,9 @@ def run_patching(
     return torch.stack(results)
 
 
-def _clean_activations(model, clean_cache, names: List[str], batch: int) -> Dict[str, Tensor]:
+def _clean_activations(
+    model: HookedViT, clean_cache, names: List[str], batch: int
+) -> Dict[str, Tensor]:
     clean = {}
     device = model.embed.W_E.device
     for name in names:
@@ -220,7 +225,7 @@ def _start_layer(cells, chunk, readout_layer, n_layers) -> int:
     return start
 
 
-def _corrupted_resid(model, images: Tensor, layers: List[int]) -> Dict[int, Tensor]:
+def _corrupted_resid(model: HookedViT, images: Tensor, layers: List[int]) -> Dict[int, Tensor]:
     """The corrupted run's residual stream entering each block in ``layers`` (one forward)."""
     if not layers:
         return {}
@@ -283,7 +288,7 @@ def _token_sets(layout: TokenLayout, tokens: Tokens) -> Tuple[str, List, List[To
 
 
 def sweep(
-    model,
+    model: HookedViT,
     corrupted_images: Tensor,
     clean_cache: Mapping[str, Tensor],
     metric: Metric,
@@ -375,7 +380,7 @@ also :func:`~vit_embedding_lens.interventions.selection.grid_tiles`. Other optio
 
 def _make(suffix, per, what, shape_doc):
     def fn(
-        model, corrupted_images, clean_cache, metric, *, tokens: Tokens = None, **options
+        model: HookedViT, corrupted_images, clean_cache, metric, *, tokens: Tokens = None, **options
     ) -> PatchingResult:
         return sweep(
             model, corrupted_images, clean_cache, metric, suffix, per, tokens=tokens, **options
@@ -452,7 +457,7 @@ for _name, _fn in list(globals().items()):
 
 
 def get_act_patch_block_every(
-    model, corrupted_images, clean_cache, metric, *, tokens: Tokens = None, **options
+    model: HookedViT, corrupted_images, clean_cache, metric, *, tokens: Tokens = None, **options
 ) -> PatchingResult:
     """``resid_pre``, ``attn_out`` and ``mlp_out`` per layer × token: ``[3, block, pos]``
     (dimension ``"component"`` first), as TransformerLens's function of that name."""
@@ -469,7 +474,7 @@ def get_act_patch_block_every(
 
 
 def get_act_patch_attn_head_all_pos_every(
-    model, corrupted_images, clean_cache, metric, **options
+    model: HookedViT, corrupted_images, clean_cache, metric, **options
 ) -> PatchingResult:
     """Head output (z), q, k, v and pattern per layer × head, all positions:
     ``[5, block, head]``."""

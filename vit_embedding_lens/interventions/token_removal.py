@@ -11,7 +11,7 @@ and never influence real tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from jaxtyping import Bool, Int
@@ -24,6 +24,9 @@ from vit_embedding_lens.model.token_slots import (
     gather_tokens,
     kept_positions,
 )
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 
 def to_layout_order(
@@ -113,7 +116,7 @@ def _prefix(layout: TokenLayout, like: Tensor) -> Tensor:
 
 
 def remove_tokens(
-    model,
+    model: HookedViT,
     images: Tensor,
     keep: Bool[Tensor, "batch pos"],
     *,
@@ -134,13 +137,13 @@ def remove_tokens(
     return RemovalRun(logits, activations, keep, index, valid)
 
 
-def remove_context(model, images: Tensor, class_tokens: Tensor, **kwargs) -> RemovalRun:
+def remove_context(model: HookedViT, images: Tensor, class_tokens: Tensor, **kwargs) -> RemovalRun:
     """Keep only the prefix and the object's tokens (``class_tokens``, e.g. from a segmentation
     mask)."""
     return remove_tokens(model, images, keep_class_tokens(class_tokens, model.layout), **kwargs)
 
 
-def remove_object(model, images: Tensor, class_tokens: Tensor, **kwargs) -> RemovalRun:
+def remove_object(model: HookedViT, images: Tensor, class_tokens: Tensor, **kwargs) -> RemovalRun:
     """Keep only the prefix and the context tokens (everything off the object)."""
     return remove_tokens(model, images, keep_context_tokens(class_tokens, model.layout), **kwargs)
 

@@ -17,7 +17,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ from vit_embedding_lens.runner.storage import (
     write_batch,
 )
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 PROGRESS_DIR = "progress"
 MERGED_FILE = "results.npz"
 _SHARED_CHECK_FILE = ".shared-folder-check"
@@ -69,7 +72,7 @@ class UnusableImageWarning(UserWarning):
 
 
 def run_analyses(
-    model: Any,
+    model: HookedViT,
     dataset: Any,
     analyses: Union[Sequence[Union[str, Analysis]], None],
     out_dir: Union[str, Path],
@@ -132,7 +135,7 @@ def run_analyses(
 
 
 def run_fingerprint(
-    model: Any,
+    model: HookedViT,
     dataset: Any,
     analyses: Sequence[Analysis],
     batch_size: int,
@@ -177,7 +180,7 @@ def _resolve_analyses(analyses: Union[Sequence[Union[str, Analysis]], None]) -> 
     return out
 
 
-def _model_device_dtype(model: Any) -> tuple:
+def _model_device_dtype(model: HookedViT) -> tuple:
     param = next(model.parameters())
     return param.device, param.dtype
 
@@ -330,7 +333,7 @@ def _check_shared_folder(ctx: distributed.DistContext, out_dir: Path) -> None:
 
 
 def _process(
-    model: Any,
+    model: HookedViT,
     dataset: Any,
     analyses: Sequence[Analysis],
     out_dir: Path,
@@ -378,7 +381,7 @@ def _process(
 
 
 def _run_batch(
-    model: Any,
+    model: HookedViT,
     batch: Batch,
     analyses: Sequence[Analysis],
     hooks: tuple,

@@ -203,7 +203,7 @@ def _predicted_class(model: "HookedViT", cache: Any, image_index: int) -> int:
 
 
 def class_probability_view(
-    model: Any,
+    model: HookedViT,
     cache: Union[Mapping[str, Tensor], Tensor],
     *,
     image_index: int = 0,
@@ -261,7 +261,7 @@ def class_probability_view(
 
 
 def topk_tokens_view(
-    model: Any,
+    model: HookedViT,
     cache: Union[Mapping[str, Tensor], Tensor],
     *,
     image_indices: Optional[Sequence[int]] = None,

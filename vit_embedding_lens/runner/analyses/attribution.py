@@ -14,7 +14,7 @@ images share its batch), so a run gives the same numbers for any batch size.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,9 @@ from vit_embedding_lens.attribution.perturbation import (
     keep_masks,
 )
 from vit_embedding_lens.runner.analysis import Analysis
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 METHODS = ("class_space", "chefer", "random")
 
@@ -77,7 +80,9 @@ class AttributionBenchmark(Analysis):
             "n_keep": "grid",
         }
 
-    def scores(self, model: Any, batch: Any, method: str, seed: Optional[int]) -> torch.Tensor:
+    def scores(
+        self, model: HookedViT, batch: Any, method: str, seed: Optional[int]
+    ) -> torch.Tensor:
         """``[batch, n_patches]`` importance of every image token for the image's label."""
         from vit_embedding_lens.attribution import random_attribution
         from vit_embedding_lens.attribution.methods import get_attribution_method
@@ -98,7 +103,7 @@ class AttributionBenchmark(Analysis):
         """The random ranking's seed of the image at data set position ``index``."""
         return seed * 1_000_003 + index
 
-    def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
+    def run(self, model: HookedViT, batch: Any) -> Dict[str, np.ndarray]:
         layout = model.layout
         grid = n_keep_grid(layout.n_patches)
         rankings = self.rankings()
@@ -123,7 +128,7 @@ class AttributionBenchmark(Analysis):
                     correct[:, r, o, k] = (pred == labels).cpu().numpy()
         return {"correct": correct}
 
-    def result(self, results: Dict[str, np.ndarray], model: Any) -> PerturbationResult:
+    def result(self, results: Dict[str, np.ndarray], model: HookedViT) -> PerturbationResult:
         """The :class:`PerturbationResult` of the stored images (accuracy = mean over images)."""
         correct = np.asarray(results["correct"])
         rankings = self.rankings()
@@ -139,11 +144,13 @@ class AttributionBenchmark(Analysis):
             rankings, ORDERS, grid, accuracy, model.layout.n_patches
         )
 
-    def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
+    def summarize(
+        self, results: Dict[str, np.ndarray], model: HookedViT
+    ) -> Dict[str, pd.DataFrame]:
         result = self.result(results, model)
         return {"curves": result.curves, "auc": result.auc, "summary": result.summary()}
 
-    def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
+    def figures(self, tables: Dict[str, pd.DataFrame], model: HookedViT) -> Dict[str, Any]:
         from vit_embedding_lens.attribution import plot_perturbation_curves
 
         result = PerturbationResult(tables["curves"], tables["auc"], model.layout.n_patches)

@@ -128,7 +128,7 @@ class ClsIdentifiability(Analysis):
         wide.columns = [f"% {c}" for c in wide.columns]
         return wide.reset_index()
 
-    def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
+    def figures(self, tables: Dict[str, pd.DataFrame], model: HookedViT) -> Dict[str, Any]:
         from matplotlib.figure import Figure
 
         by_block = tables["by_block"]

@@ -10,13 +10,16 @@ them it stores nothing but ``has_mask`` and its table says so.
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
 import numpy as np
 import pandas as pd
 import torch
 
 from vit_embedding_lens.runner.analysis import Analysis
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 #: the conditions, in the order of the stored arrays' condition axis
 CONDITIONS = ("all_tokens", "class_tokens_only", "context_tokens_only")
@@ -39,7 +42,7 @@ class ContextRemoval(Analysis):
     def config(self) -> Dict[str, Any]:
         return {"conditions": list(CONDITIONS), "removal": "after position embedding"}
 
-    def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
+    def run(self, model: HookedViT, batch: Any) -> Dict[str, np.ndarray]:
         from vit_embedding_lens.interventions import (
             keep_class_tokens,
             keep_context_tokens,
@@ -77,7 +80,9 @@ class ContextRemoval(Analysis):
             n_kept[~usable.cpu().numpy(), c] = 0
         return {"has_mask": np.ones(n, dtype=bool), "correct": correct, "n_kept": n_kept}
 
-    def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
+    def summarize(
+        self, results: Dict[str, np.ndarray], model: HookedViT
+    ) -> Dict[str, pd.DataFrame]:
         if "correct" not in results:
             return {"note": pd.DataFrame([{"analysis": self.name, "note": NO_MASK_NOTE}])}
         correct, n_kept = results["correct"], results["n_kept"]
@@ -100,7 +105,7 @@ class ContextRemoval(Analysis):
             )
         return {"accuracy": pd.DataFrame(rows)}
 
-    def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
+    def figures(self, tables: Dict[str, pd.DataFrame], model: HookedViT) -> Dict[str, Any]:
         if "accuracy" not in tables:
             return {}
         from vit_embedding_lens.viz._figures import new_figure

@@ -75,7 +75,7 @@ class LensAnalysis(Analysis):
             self._recorder = LensRecorder(model)
         return self._recorder
 
-    def _twin_of(self, model: Any):
+    def _twin_of(self, model: HookedViT):
         """The random-init twin, built once; None (with one warning) when the architecture cannot be
         rebuilt from its name, so a long run goes on without the comparison instead of failing."""
         if self._twin is None:
@@ -89,7 +89,9 @@ class LensAnalysis(Analysis):
                 self._twin = False
         return self._twin or None
 
-    def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
+    def summarize(
+        self, results: Dict[str, np.ndarray], model: HookedViT
+    ) -> Dict[str, pd.DataFrame]:
         result = from_arrays(results, model)
         random = None
         if "random_rank_resid" in results:
@@ -98,7 +100,7 @@ class LensAnalysis(Analysis):
         tables["per_image_scores"] = _per_image_scores(result, random)
         return tables
 
-    def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
+    def figures(self, tables: Dict[str, pd.DataFrame], model: HookedViT) -> Dict[str, Any]:
         from vit_embedding_lens.viz import plot_change_rates, plot_identifiability_evolution
 
         scores = tables["per_image_scores"]
@@ -149,7 +151,7 @@ def _to_arrays(result: LensResult) -> Dict[str, np.ndarray]:
 
 
 def from_arrays(
-    results: Dict[str, np.ndarray], model: Any, rank_resid: Optional[np.ndarray] = None
+    results: Dict[str, np.ndarray], model: HookedViT, rank_resid: Optional[np.ndarray] = None
 ) -> LensResult:
     """A :class:`LensResult` from the stored per-image arrays (``rank_resid`` swaps in another
     model's residual ranks, e.g. the random twin's, keeping everything else)."""

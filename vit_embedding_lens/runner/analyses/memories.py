@@ -14,7 +14,7 @@ weights only and is computed in ``summarize``.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,9 @@ from vit_embedding_lens.lens.memory_usage import (
     memory_usage_per_image,
 )
 from vit_embedding_lens.runner.analysis import Analysis
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 SUBLAYERS = ("mlp", "attn")
 
@@ -69,7 +72,7 @@ class MemoriesAnalysis(Analysis):
             "head": "mean",
         }
 
-    def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
+    def run(self, model: HookedViT, batch: Any) -> Dict[str, np.ndarray]:
         if self._tables_of is not model:  # value projections from the weights, once per model
             self._tables = MemoryTables.from_model(model, SUBLAYERS, self.top_memories)
             self._tables_of = model
@@ -99,7 +102,7 @@ class MemoriesAnalysis(Analysis):
         ``first_index``."""
         return self.seed * 1_000_003 + first_index
 
-    def usage(self, results: Dict[str, np.ndarray], model: Any):
+    def usage(self, results: Dict[str, np.ndarray], model: HookedViT):
         """The per-class :class:`~vit_embedding_lens.lens.MemoryUsage` of the stored images."""
         counts = PerImageMemoryCounts(
             kinds=SUBLAYERS,
@@ -111,7 +114,9 @@ class MemoriesAnalysis(Analysis):
         )
         return counts.usage(model.cfg.n_classes, model.class_names)
 
-    def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
+    def summarize(
+        self, results: Dict[str, np.ndarray], model: HookedViT
+    ) -> Dict[str, pd.DataFrame]:
         usage = self.usage(results, model)
         tables = {"usage": usage.to_frame(), "per_class": usage.per_class_frame()}
         if self.class_values:
@@ -133,7 +138,7 @@ class MemoriesAnalysis(Analysis):
                 tables["class_values"] = comparison.classes
         return tables
 
-    def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
+    def figures(self, tables: Dict[str, pd.DataFrame], model: HookedViT) -> Dict[str, Any]:
         from vit_embedding_lens.viz import plot_kv_agreement
 
         per_class = tables["per_class"]
