@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from torch import Tensor
 
@@ -31,7 +31,9 @@ def capture(
 
         return hook
 
-    hooks = [(name, make_hook(fn)) for name, fn in keep.items()]
+    hooks: List[Tuple[Union[str, Callable], Callable]] = [
+        (name, make_hook(fn)) for name, fn in keep.items()
+    ]
     out = model.run_with_hooks(images, fwd_hooks=hooks)
     missing = [name for name in keep if name not in store]
     if missing:

@@ -14,7 +14,7 @@ write-ins (the pooled readout of ``attn_out``) and the map is the mean over thos
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, Literal, Optional, Sequence, cast
 
 import einops
 import torch
@@ -37,6 +37,7 @@ from vit_embedding_lens.lens.projection import ClassProjection
 from vit_embedding_lens.model.hook_names import act_name
 
 if TYPE_CHECKING:
+    from vit_embedding_lens.model.components import Attention
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 Loss = Literal["cross_entropy", "double_softmax"]
@@ -116,7 +117,7 @@ def _block_head_maps(
     loss: Loss,
 ) -> Float[Tensor, "batch block head pos"]:
     """``-∂loss_l/∂A^l`` averaged over the readout query rows, for every block and head."""
-    keep = {}
+    keep: Dict[str, Optional[Callable[[Tensor], Tensor]]] = {}
     for l in blocks:
         keep[act_name("pattern", l)] = lambda a: a[:, :, rows]  # [B, H, R, N]
         keep[act_name("v", l)] = None  # [B, N, H, dh]
@@ -128,8 +129,9 @@ def _block_head_maps(
         )  # [L,B,H,R,N]
         v = torch.stack([acts[act_name("v", l)] for l in blocks])  # [L, B, N, H, dh]
         z = einops.einsum(pattern, v, "l b h r n, l b n h e -> l b r h e")
-        w_o = torch.stack([model.blocks[l].attn.W_O for l in blocks]).detach()  # [L, H, dh, d]
-        b_o = torch.stack([model.blocks[l].attn.b_O for l in blocks]).detach()  # [L, d]
+        attns = [cast("Attention", model.blocks[l].attn) for l in blocks]
+        w_o = torch.stack([a.W_O for a in attns]).detach()  # [L, H, dh, d]
+        b_o = torch.stack([a.b_O for a in attns]).detach()  # [L, d]
         write = einops.einsum(z, w_o, "l b r h e, l h e d -> l b r d") + b_o[:, None, None]
         if model.cfg.block_norm == "post":
             write = torch.stack([_ln1(model.blocks[l].ln1, w) for l, w in zip(blocks, write)])

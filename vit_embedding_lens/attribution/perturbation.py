@@ -114,7 +114,7 @@ class PerturbationResult:
         return plot_perturbation_curves(self, **kwargs)
 
 
-def perturbation_auc(accuracy: Sequence[float], n_patches: int) -> float:
+def perturbation_auc(accuracy: Union[Sequence[float], np.ndarray], n_patches: int) -> float:
     """``sum(acc) / (max(acc) · N)`` over the curve ``n = 1 .. N-1`` (METHODS §6).
 
     For a curve sampled at a subset of ``n`` the sum is estimated as ``mean(acc) · (N-1)``, which
@@ -239,7 +239,7 @@ def _rankings(
         items = list(methods.items())
     else:
         items = [(m if isinstance(m, str) else _name(m), m) for m in methods]
-    out = []
+    out: List[Tuple[str, Optional[int], Tensor]] = []
     expected = (images.shape[0], image_layout(model, images).n_patches)
     for name, spec in items:
         if isinstance(spec, str) and spec == "random":

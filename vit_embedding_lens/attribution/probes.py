@@ -157,15 +157,15 @@ def sample_per_class(labels: Int[Tensor, " batch"], k: int, seed: int = 0) -> Tu
         raise ValueError(f"k (images per class) must be >= 1, got {k}")
     gen = torch.Generator().manual_seed(int(seed))
     labels = labels.cpu()
-    train = []
+    picks = []
     for c in torch.unique(labels):
         idx = torch.nonzero(labels == c).flatten()
         if len(idx) <= k:
             raise ValueError(
                 f"class {int(c)} has {len(idx)} images; k={k} per class leaves none held out"
             )
-        train.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
-    train = torch.sort(torch.cat(train)).values
+        picks.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
+    train = torch.sort(torch.cat(picks)).values
     test_mask = torch.ones(len(labels), dtype=torch.bool)
     test_mask[train] = False
     return train, torch.nonzero(test_mask).flatten()

@@ -172,5 +172,5 @@ def _reference_activations(model: HookedViT, names: List[str], reference) -> Dic
 @contextmanager
 def ablate(model: HookedViT, component: str, **kwargs) -> Iterator[None]:
     """Context manager form of :func:`ablation_hooks`: the model runs ablated inside the block."""
-    with model.hooks(fwd_hooks=ablation_hooks(model, component, **kwargs)):
+    with model.hooks(fwd_hooks=list(ablation_hooks(model, component, **kwargs))):
         yield

@@ -19,7 +19,7 @@ Two modes:
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Callable, Iterable, List, Literal, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Iterable, List, Literal, Optional, Tuple, Union, cast
 
 import torch
 from jaxtyping import Bool
@@ -31,6 +31,7 @@ from vit_embedding_lens.model.indices import resolve_blocks, resolve_heads
 from vit_embedding_lens.model.layout import TokenLayout
 
 if TYPE_CHECKING:
+    from vit_embedding_lens.model.components import Attention
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 Mode = Literal["pre_softmax", "post_softmax"]
@@ -169,10 +170,11 @@ class AttentionKnockout:
         if self.is_empty:
             return self  # nothing removed: leave the model's computation untouched
         if self.mode == "post_softmax":
-            self._stack.enter_context(self.model.hooks(fwd_hooks=self.hooks()))
+            self._stack.enter_context(self.model.hooks(fwd_hooks=list(self.hooks())))
         else:
             for l in self.blocks:
-                self._stack.enter_context(self.model.blocks[l].attn.masked_scores(self.allowed))
+                attn = cast("Attention", self.model.blocks[l].attn)
+                self._stack.enter_context(attn.masked_scores(self.allowed))
         return self
 
     def __exit__(self, *exc) -> None:

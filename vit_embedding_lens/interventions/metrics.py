@@ -102,11 +102,14 @@ class ClassSpaceMetric:
             return activation
         if self.readout == "pooled":
             return pooled_readout(self.model, activation)
+        projection = self._projection
+        if projection is None:  # built in __init__ for every readout but "logits" and "pooled"
+            raise RuntimeError(f"no class projection for readout {self.readout!r}")
         layout = self.model.layout
         if self.readout == "image":
-            return self._projection(layout.patch_tokens(activation, dim=1))
+            return projection(layout.patch_tokens(activation, dim=1))
         index = layout.cls_index if self.readout == "cls" else self.readout
-        return self._projection(activation[:, index])
+        return projection(activation[:, index])
 
     def __call__(self, activation: Tensor) -> Tensor:
         """The metric of the activation at ``hook_name`` (logits for the ``"logits"`` readout)."""

@@ -86,7 +86,7 @@ class PatchingResult:
         extra = values.shape[len(self.dims) :]
         extra_names = ["image"] if len(extra) == 1 else [f"index_{i}" for i in range(len(extra))]
         grids = np.meshgrid(*[np.arange(s) for s in values.shape], indexing="ij")
-        frame = {}
+        frame: Dict[str, np.ndarray] = {}
         labels = self.layout.token_labels()
         for axis, dim in enumerate(self.dims):
             pos = grids[axis].ravel()
@@ -217,9 +217,10 @@ def _clean_activations(
 
 def _start_layer(cells, chunk, readout_layer, n_layers) -> int:
     layers = [hook_block(name) for c in chunk for name in cells[c]]
-    if any(l is None for l in layers):
+    blocks = [l for l in layers if l is not None]
+    if len(blocks) < len(layers):
         return 0  # a patch before the blocks (embeddings): run everything
-    start = min(layers)
+    start = min(blocks)
     if readout_layer is not None:
         start = min(start, readout_layer)
     return start
@@ -283,6 +284,8 @@ def _token_sets(layout: TokenLayout, tokens: Tokens) -> Tuple[str, List, List[To
         return "group", list(tokens.keys()), list(tokens.values())
     if isinstance(tokens, (str, Tensor)):
         return "group", [tokens if isinstance(tokens, str) else "selected"], [tokens]
+    if isinstance(tokens, int):
+        raise TypeError(f"tokens= takes token groups, not one token index; use [{tokens}]")
     specs = list(tokens)
     return "group", [s if isinstance(s, str) else f"group{i}" for i, s in enumerate(specs)], specs
 
@@ -307,7 +310,7 @@ def sweep(
     layout = model.layout
     H = model.cfg.n_heads
     single = isinstance(activations, str)
-    suffixes = [activations] if single else list(activations)
+    suffixes = [activations] if isinstance(activations, str) else list(activations)
     for suffix in suffixes:
         if suffix.endswith("hook_result") and not model.cfg.use_attn_result:
             raise ValueError(

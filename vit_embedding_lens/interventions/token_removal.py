@@ -26,6 +26,7 @@ from vit_embedding_lens.model.token_slots import (
 )
 
 if TYPE_CHECKING:
+    from vit_embedding_lens.model.cache import ViTActivationCache
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 
@@ -67,7 +68,7 @@ class RemovalRun:
     map from slots to layout positions (``index``, ``valid``; see :func:`kept_positions`)."""
 
     logits: Tensor
-    cache: Optional[object]
+    cache: Optional[ViTActivationCache]
     keep: Bool[Tensor, "batch pos"]
     index: Int[Tensor, "batch max_kept"]
     valid: Bool[Tensor, "batch max_kept"]

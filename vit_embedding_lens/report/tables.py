@@ -47,7 +47,7 @@ def headline_tables(
     for analysis, named in tables.items():
         if not named:
             continue
-        headline = by_name[analysis].headline(named) if analysis in by_name else None
+        headline = by_name[analysis].headline(dict(named)) if analysis in by_name else None
         if headline is not None:
             out[analysis] = headline
         elif "summary" in named:

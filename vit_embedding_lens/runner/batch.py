@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    cast,
+)
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -42,7 +53,9 @@ class SharedForward:
     ) -> Tuple[Tensor, Optional[ViTActivationCache]]:
         """``(logits, cache)``; the cache is None when no analysis asked for activations."""
         if self._outputs is None:
-            hooks = [hook for reader in self.readers.values() for hook in reader.hooks()]
+            hooks: List[Tuple[Union[str, Callable], Callable]] = [
+                hook for reader in self.readers.values() for hook in reader.hooks()
+            ]
             with torch.no_grad(), model.hooks(fwd_hooks=hooks):
                 if self.hook_names:
                     names = list(self.hook_names)
@@ -126,6 +139,9 @@ def collate(items: Sequence[Union[Sample, SkippedImage]]) -> Batch:
         labels=torch.tensor([s.label for s in samples], dtype=torch.long),
         image_ids=[s.image_id for s in samples],
         indices=torch.tensor([s.index for s in samples], dtype=torch.long),
-        token_masks=torch.stack(masks) if samples and masks[0] is not None else None,
+        # all or none of the masks are given (checked above)
+        token_masks=(
+            torch.stack(cast(List[Tensor], masks)) if samples and masks[0] is not None else None
+        ),
         skipped=skipped,
     )

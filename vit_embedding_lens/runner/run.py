@@ -431,7 +431,10 @@ class _ProgressTracker:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.done: List[int] = []
         else:
-            self.manifest = read_manifest(out_dir)
+            manifest = read_manifest(out_dir)
+            if manifest is None:
+                raise FileNotFoundError(f"{out_dir} has no run manifest to record progress in")
+            self.manifest = manifest
 
     def finished(self, batch_id: int) -> None:
         if self.ctx.active:
@@ -466,6 +469,8 @@ def _finish(out_dir: Path) -> RunResults:
         merged.update({f"{name}/{k}": v for k, v in arrays.items()})
     atomic_write_npz(out_dir / MERGED_FILE, merged)
     manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{out_dir} has no run manifest; the run cannot be finished")
     manifest.update(
         finished_batches=batch_ids_on_disk(out_dir),
         status="complete",

@@ -41,7 +41,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write ``path`` atomically: ``write(f)`` into a temporary file, fsync, ``os.replace``, fsync
     dir."""
     path = Path(path)
@@ -64,7 +64,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_write_npz(path: Path, arrays: Dict[str, np.ndarray]) -> None:
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    # numpy's stub types **kwds as if a key could be `allow_pickle` (a bool)
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
 def clean_temp_files(folder: Path) -> int:

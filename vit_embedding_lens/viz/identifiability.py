@@ -8,7 +8,7 @@ Wilcoxon test of pretrained > random).
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -39,7 +39,7 @@ def identifiability_evolution_table(
     ``band`` percentiles), then ``random_mean, random_low, random_high`` and ``p_value, stars`` when
     given.
     """
-    columns = dict(
+    columns: Dict[str, Any] = dict(
         block_col=block_col, group_col=group_col, value_col=value_col, block_axis=block_axis
     )
     frame = long_frame(data, what="data", **columns)
@@ -105,7 +105,7 @@ def plot_identifiability_evolution(
     """
     if kind not in ("violin", "box"):
         raise ValueError(f"kind must be 'violin' or 'box', got {kind!r}")
-    columns = dict(
+    columns: Dict[str, Any] = dict(
         block_col=block_col, group_col=group_col, value_col=value_col, block_axis=block_axis
     )
     frame = long_frame(data, what="data", **columns)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import html as html_lib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Optional, Sequence, Union, cast
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,8 @@ from vit_embedding_lens.viz.attention import (
 from vit_embedding_lens.viz.token_grid import plot_token_grid
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 Source = Literal["local", "cdn"]
@@ -55,7 +57,8 @@ class InteractiveView:
                 f"source must be 'local' (JavaScript inlined, offline) or 'cdn', got {source!r}"
             )
         self._rendered, self._figure_factory = rendered, figure_factory
-        self._figure, self._png = None, None
+        self._figure: Optional[Figure] = None
+        self._png: Optional[bytes] = None
         self.title, self.data, self.source = title, data, source
 
     def html(self) -> str:
@@ -147,7 +150,7 @@ def attention_view(
             raise ValueError(
                 f"the cache has no {name!r}; run the model with names_filter including it"
             )
-        pattern = pattern[name]
+        pattern = cast(Mapping[str, Tensor], pattern)[name]  # a cache, by hook name
     arr = to_numpy(pattern, "pattern")
     if arr.ndim == 4:
         if not 0 <= image_index < arr.shape[0]:

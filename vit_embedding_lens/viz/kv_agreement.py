@@ -7,7 +7,7 @@ same colour.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -46,7 +46,7 @@ def kv_agreement_table(
                 f"baseline={baseline!r} names a column, but agreement has no such column"
             )
         baseline = agreement.drop(columns=[value_col]).rename(columns={baseline: value_col})
-    columns = dict(
+    columns: Dict[str, Any] = dict(
         block_col=block_col,
         group_col=group_col,
         value_col=value_col,

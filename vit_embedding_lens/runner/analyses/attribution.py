@@ -89,6 +89,8 @@ class AttributionBenchmark(Analysis):
 
         images, labels = batch.images, batch.labels.long()
         if method == "random":
+            if seed is None:
+                raise ValueError("the random ranking needs a seed")
             rows = [
                 random_attribution(
                     model, images[i : i + 1], seed=self.image_seed(seed, int(idx))

@@ -55,6 +55,10 @@ class ClsIdentifiability(Analysis):
         _, cache = batch.shared_forward(model)
         projection = ClassProjection(model)
         dtype = rank_dtype(model.cfg.n_classes)
+        if cache is None:  # the runner caches what hook_names() asks for
+            raise RuntimeError(
+                "cls_identifiability needs the batch's cached resid_post activations"
+            )
         ranks = []
         for name in self.hook_names(model):
             logits = projection(cache[name].float())  # [batch, tokens, classes]
@@ -95,10 +99,8 @@ class ClsIdentifiability(Analysis):
                     member.any(-1),
                 )
         rows = []
-        for group, (frac, mean_score, any_ident, has) in groups.items():
-            frac, mean_score, any_ident, has = (
-                t.numpy() for t in (frac, mean_score, any_ident, has)
-            )
+        for group, tensors in groups.items():
+            frac, mean_score, any_ident, has = (t.numpy() for t in tensors)
             for layer in range(n_layers):
                 rows.append(
                     {

@@ -22,6 +22,7 @@ from vit_embedding_lens.lens.streaming import LensRecorder
 from vit_embedding_lens.runner.analysis import Analysis
 
 if TYPE_CHECKING:
+    from vit_embedding_lens.interventions.knockout import Mode
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 #: the conditions, in the order of the stored arrays' condition axis
@@ -40,7 +41,7 @@ class KnockoutAnalysis(Analysis):
 
     name = "knockout"
 
-    def __init__(self, conditions: Sequence[str] = CONDITIONS, mode: str = "pre_softmax") -> None:
+    def __init__(self, conditions: Sequence[str] = CONDITIONS, mode: Mode = "pre_softmax") -> None:
         unknown = [c for c in conditions if c not in CONDITIONS]
         if unknown or not conditions:
             raise ValueError(

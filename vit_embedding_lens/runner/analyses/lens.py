@@ -11,7 +11,7 @@ necessity).
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Literal, Optional, Union, cast
 
 import numpy as np
 import pandas as pd
@@ -39,7 +39,7 @@ class LensAnalysis(Analysis):
         self.random_twin = random_twin
         self.twin_seed = twin_seed
         self._recorder: Optional[LensRecorder] = None
-        self._twin = None
+        self._twin: Union[HookedViT, Literal[False], None] = None  # False: no twin for this model
 
     def config(self) -> Dict[str, Any]:
         return {"random_twin": self.random_twin, "twin_seed": self.twin_seed, "kinds": list(KINDS)}
@@ -58,7 +58,7 @@ class LensAnalysis(Analysis):
                 model, batch.images, batch.labels, recorder=self._recorder_for(model)
             )
         else:
-            result = recorder.result
+            result = cast(LensRecorder, recorder).result
         out = _to_arrays(result)
         if batch.token_masks is not None:
             out["class_token"] = batch.token_masks.cpu().numpy()
@@ -75,15 +75,16 @@ class LensAnalysis(Analysis):
             self._recorder = LensRecorder(model)
         return self._recorder
 
-    def _twin_of(self, model: HookedViT):
+    def _twin_of(self, model: HookedViT) -> Optional[HookedViT]:
         """The random-init twin, built once; None (with one warning) when the architecture cannot be
         rebuilt from its name, so a long run goes on without the comparison instead of failing."""
         if self._twin is None:
             from vit_embedding_lens.lens.baseline import random_init_twin
 
             try:
-                self._twin = random_init_twin(model, seed=self.twin_seed)
-                self._twin.validate_inputs = False
+                twin = random_init_twin(model, seed=self.twin_seed)
+                twin.validate_inputs = False
+                self._twin = twin
             except ValueError as err:
                 warnings.warn(f"lens: no random-init comparison: {err}", stacklevel=2)
                 self._twin = False
