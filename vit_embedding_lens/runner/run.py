@@ -431,10 +431,7 @@ class _ProgressTracker:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.done: List[int] = []
         else:
-            manifest = read_manifest(out_dir)
-            if manifest is None:
-                raise FileNotFoundError(f"{out_dir} has no run manifest to record progress in")
-            self.manifest = manifest
+            self.manifest = read_manifest(out_dir)
 
     def finished(self, batch_id: int) -> None:
         if self.ctx.active:
@@ -448,6 +445,8 @@ class _ProgressTracker:
                 },
             )
         else:
+            if self.manifest is None:  # written by the run's preparation, before any batch
+                raise FileNotFoundError(f"{self.out_dir} has no run manifest to record progress in")
             self.manifest["finished_batches"] = sorted(
                 set(self.manifest["finished_batches"]) | {batch_id}
             )
