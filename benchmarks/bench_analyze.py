@@ -14,7 +14,8 @@ and medians are compared as ratios to timm within this one run. Target: analyze 
 a second model's forward, left out).
 
     python benchmarks/bench_analyze.py [--model vit_small_patch16_224] [--images 64] [--batch 16]
-        [--device cpu|cuda] [--workers 0] [--rounds 3] [--sources files,memory] [--json results.json]
+        [--device cpu|cuda] [--workers 0] [--rounds 3] [--sources files,memory]
+        [--json results.json]
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ from vit_embedding_lens.testing import create_timm_vit  # noqa: E402
 TARGET = 1.5
 VARIANTS = {
     "analyze[accuracy]": lambda: ["accuracy"],
-    # the full per-image lens (every block; attn, mlp and resid ranks among all classes; change flags;
-    # composition) read by hooks during the one shared forward; the random-init twin is a second
-    # model's forward by definition, so it is left out here
+    # the full per-image lens (every block; attn, mlp and resid ranks among all classes; change
+    # flags; composition) read by hooks during the one shared forward; the random-init twin is a
+    # second model's forward by definition, so it is left out here
     "analyze[accuracy,lens]": lambda: ["accuracy", LensAnalysis(random_twin=False)],
 }
 
@@ -90,7 +91,7 @@ def time_timm(timm_model, dataset, batch: int, workers: int, device: torch.devic
 
 
 def time_analyze(
-    model, dataset, analyses, batch: int, workers: int, out: Path, device: torch.device
+    model: HookedViT, dataset, analyses, batch: int, workers: int, out: Path, device: torch.device
 ) -> float:
     sync(device)
     start = time.perf_counter()
@@ -108,7 +109,7 @@ def time_analyze(
     return time.perf_counter() - start
 
 
-def bench(timm_model, model, dataset, args, device, workdir: Path, label: str) -> dict:
+def bench(timm_model, model: HookedViT, dataset, args, device, workdir: Path, label: str) -> dict:
     runs = {"timm": lambda: time_timm(timm_model, dataset, args.batch, args.workers, device)}
     for name, analyses in VARIANTS.items():
         runs[name] = lambda a=analyses, n=name: time_analyze(
@@ -125,7 +126,8 @@ def bench(timm_model, model, dataset, args, device, workdir: Path, label: str) -
     median = {n: statistics.median(t) for n, t in times.items()}
     n = len(dataset)
     print(
-        f"\n{label}: {n} images, batch {args.batch}, {args.workers} loader workers, median of {args.rounds}"
+        f"\n{label}: {n} images, batch {args.batch}, {args.workers} loader workers, median of "
+        f"{args.rounds}"
     )
     print(f"{'variant':42s} {'img/s':>9s} {'cost vs timm':>13s}")
     rows = {}

@@ -2,9 +2,9 @@
 
 Trains ridge probes on ``--k`` digits per class of the bundled evaluation set, then, on the held-out
 digits, times every attribution method and runs the perturbation benchmark (every ``n`` from 1 to
-N-1, or every ``--stride``-th n plus N-1; random order over ``--seeds``). Prints the AUC table (positive order: lower
-is better; negative: higher is better), the probe-vs-projection summary, and writes the curves,
-AUCs and figures to ``--out`` when given.
+N-1, or every ``--stride``-th n plus N-1; random order over ``--seeds``). Prints the AUC table
+(positive order: lower is better; negative: higher is better), the probe-vs-projection summary, and
+writes the curves, AUCs and figures to ``--out`` when given.
 
     python benchmarks/bench_attribution.py [--stride 1] [--seeds 0 1 2] [--k 5] [--out results/]
 """

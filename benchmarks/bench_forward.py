@@ -1,9 +1,9 @@
 """Forward-pass overhead of HookedViT against timm, and the memory of a full activation cache.
 
 ViT-B/16 shape (``vit_base_patch16_224``, ``pretrained=False``: timing does not depend on the weight
-values), CPU, fp32, ``torch.inference_mode()``. Four variants are timed interleaved - every round runs
-each once, in a rotating order - after a warm-up, and the medians are compared as ratios to timm
-within this one run:
+values), CPU, fp32, ``torch.inference_mode()``. Four variants are timed interleaved - every round
+runs each once, in a rotating order - after a warm-up, and the medians are compared as ratios to
+timm within this one run:
 
     timm            timm_model(x)
     hooked          model(x)                                    (no hooks attached)
@@ -15,7 +15,8 @@ Targets (reported, never asserted): hooked <= 1.05x timm, cache_resid <= 1.2x ti
 Memory of a full cache, per image: the bytes of the distinct tensor storages it keeps alive (the
 exact number; the plain sum over cached tensors is shown too), and, in a fresh child process after
 warm-up forwards, the rise of resident memory during one full ``run_with_cache`` (peak, with the
-kernel's peak-RSS mark reset first on Linux) and while the cache is held (allocator effects included).
+kernel's peak-RSS mark reset first on Linux) and while the cache is held (allocator effects
+included).
 
     python benchmarks/bench_forward.py --batch 8 [--rounds 7] [--warmup 2] [--json results.json]
 """
@@ -48,7 +49,8 @@ def resid_post_filter(name: str) -> bool:
 
 
 def build(model_name: str, img_size: int) -> tuple[torch.nn.Module, HookedViT]:
-    # realistic random weights: timm's init zeroes the head, which would make the sanity check vacuous
+    # realistic random weights: timm's init zeroes the head, which would make the sanity check
+    # vacuous
     timm_model = create_timm_vit(model_name, img_size=img_size)
     return timm_model, HookedViT.from_timm(timm_model)
 
@@ -59,7 +61,8 @@ def cache_nbytes(cache) -> int:
 
 
 def cache_storage_nbytes(cache) -> int:
-    """Bytes of the distinct storages the cache keeps alive (shared tensors and views counted once)."""
+    """Bytes of the distinct storages the cache keeps alive (shared tensors and views counted
+    once)."""
     storages = {}
     for t in cache.values():
         if isinstance(t, torch.Tensor):
@@ -259,7 +262,8 @@ def main() -> None:
     }
     print(
         f"\n   full cache, per image: {full_bytes / args.batch / mib:.1f} MiB summed over its "
-        f"{n_hooks} tensors, {full_storage_bytes / args.batch / mib:.1f} MiB of distinct storage held"
+        f"{n_hooks} tensors, {full_storage_bytes / args.batch / mib:.1f} MiB of distinct storage "
+        "held"
     )
     print(f"   resid_post-only cache, per image: {resid_bytes / args.batch / mib:.2f} MiB")
     if rss is not None:

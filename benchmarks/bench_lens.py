@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_lens.py [--batch 8] [--repeats 3]
 
 Measures the full per-image analysis (every block; resid, resid_mid, attn and mlp readings; every
-token; ranks among all 1,000 classes; change flags and composition) against ``timm_model(images)`` on
-the same batch, interleaved, best of ``repeats``. Target: at most 1.5x.
+token; ranks among all 1,000 classes; change flags and composition) against ``timm_model(images)``
+on the same batch, interleaved, best of ``repeats``. Target: at most 1.5x.
 """
 
 from __future__ import annotations

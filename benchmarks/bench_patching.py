@@ -9,11 +9,12 @@ difference of the clean and the corrupted class. Two ways, timed in the same pro
                 per (block, token), as a TransformerLens-style generic patching loop does
 
 Models: the bundled MNIST ViT (6 blocks, 50 tokens: 300 cells) and a ViT-B/16-shaped model with
-random weights (12 blocks, 197 tokens; ``--vitb-tokens`` evenly spaced tokens, all 12 blocks, so that
-the per-cell loop finishes in minutes on a CPU). Both ways are checked to give the same values.
+random weights (12 blocks, 197 tokens; ``--vitb-tokens`` evenly spaced tokens, all 12 blocks, so
+that the per-cell loop finishes in minutes on a CPU). Both ways are checked to give the same values.
 The ratio per-cell / batched is printed; the target is >= 5x.
 
-    python benchmarks/bench_patching.py [--batch 8] [--vitb-batch 2] [--vitb-tokens 16] [--skip-vitb] [--json out.json]
+    python benchmarks/bench_patching.py [--batch 8] [--vitb-batch 2] [--vitb-tokens 16]
+        [--skip-vitb] [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from vit_embedding_lens.testing import create_timm_vit  # noqa: E402
 TARGET = 5.0
 
 
-def per_cell_loop(model, corrupted, clean_cache, metric, tokens):
+def per_cell_loop(model: HookedViT, corrupted, clean_cache, metric, tokens):
     """One forward per (block, token): the hook copies the clean token into the corrupted run."""
     values = torch.empty(model.cfg.n_layers, len(tokens))
     with torch.no_grad():
@@ -52,7 +53,7 @@ def per_cell_loop(model, corrupted, clean_cache, metric, tokens):
     return values
 
 
-def bench(label, model, clean, corrupted, metric, tokens=None, max_batch=256):
+def bench(label, model: HookedViT, clean, corrupted, metric, tokens=None, max_batch=256):
     with torch.no_grad():
         _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
     token_list = list(range(model.layout.n_tokens)) if tokens is None else tokens
@@ -74,8 +75,9 @@ def bench(label, model, clean, corrupted, metric, tokens=None, max_batch=256):
     ratio = t_loop / t_batched
     print(
         f"{label}: {n_cells} cells, batch {clean.shape[0]} images | batched {t_batched:.2f} s "
-        f"({1e3 * t_batched / n_cells:.1f} ms/cell) | per cell {t_loop:.2f} s ({1e3 * t_loop / n_cells:.1f} ms/cell) | "
-        f"speed-up {ratio:.1f}x (target >= {TARGET:.0f}x: {'met' if ratio >= TARGET else 'NOT met'}) | max |diff| {diff:.1e}"
+        f"({1e3 * t_batched / n_cells:.1f} ms/cell) | per cell {t_loop:.2f} s "
+        f"({1e3 * t_loop / n_cells:.1f} ms/cell) | speed-up {ratio:.1f}x (target >= {TARGET:.0f}x: "
+        f"{'met' if ratio >= TARGET else 'NOT met'}) | max |diff| {diff:.1e}"
     )
     return dict(
         model=label,

@@ -22,7 +22,8 @@ from vit_embedding_lens import HookedViT
 
 
 def build_timm_vit() -> torch.nn.Module:
-    """A 4-block ViT-S/16, no download; every parameter randomized when the testing helper exists."""
+    """A 4-block ViT-S/16, no download; every parameter randomized when the testing helper
+    exists."""
     from vit_embedding_lens.testing import create_timm_vit
 
     print(
@@ -45,7 +46,8 @@ def bundled_model_logit_lens() -> None:
         )
     acc = (logits.argmax(-1) == digits.labels).float().mean().item()
     print(
-        f"   held-out accuracy on {len(digits)} digits: {acc:.3f} (model card: {model_card()['held_out_accuracy']})"
+        f"   held-out accuracy on {len(digits)} digits: {acc:.3f} (model card: "
+        f"{model_card()['held_out_accuracy']})"
     )
     print("   CLS token read through the final norm and classifier after each block:")
     for layer in range(model.cfg.n_layers):

@@ -2,8 +2,8 @@
 
 Each ``notebooks/sources/NAME.py`` becomes ``notebooks/NAME.ipynb``. Cells are separated by lines
 starting with ``# %%``; ``# %% [markdown]`` starts a Markdown cell whose lines are comments
-(``# `` is stripped). Cell ids are derived from the position, so rebuilding an unchanged source gives
-an identical file (the tests check that every notebook matches its source).
+(``# `` is stripped). Cell ids are derived from the position, so rebuilding an unchanged source
+gives an identical file (the tests check that every notebook matches its source).
 
     python notebooks/build.py            # rebuild all
     python notebooks/build.py --check    # exit 1 if a notebook is out of date

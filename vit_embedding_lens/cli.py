@@ -1,10 +1,10 @@
 """The ``vit-lens`` command: ``models``, ``analyze`` and ``demo``.
 
-    vit-lens models                                  # which timm ViTs convert, which are refused and why
+    vit-lens models                         # which timm ViTs convert, which are refused and why
     vit-lens analyze --model vit_base_patch16_224.augreg_in21k_ft_in1k --pretrained \\
         --data /data/ImageNet-S --layout imagenet-s --preprocess paper --out runs/b16
     torchrun --nproc-per-node 4 -m vit_embedding_lens analyze ...   # data-parallel
-    vit-lens demo                                    # offline, bundled model and digits
+    vit-lens demo                           # offline, bundled model and digits
 
 ``analyze`` is resumable: rerunning the same command continues where a killed run stopped; a
 different configuration in the same ``--out`` is refused (``--overwrite`` starts over). Exit codes:
@@ -17,7 +17,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 USER_ERROR = 2
 DTYPE_NOTE = (
@@ -32,7 +35,9 @@ DTYPE_NOTE = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vit-lens",
-        description="Class-embedding lens for timm Vision Transformers (Vilas et al., NeurIPS 2023).",
+        description=(
+            "Class-embedding lens for timm Vision Transformers (Vilas et al., NeurIPS 2023)."
+        ),
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--preprocess",
         choices=("timm", "paper"),
         default="timm",
-        help="timm: the model's data config; paper: resize to the input size, bilinear, mean=std=0.5",
+        help=(
+            "timm: the model's data config; paper: resize to the input size, bilinear, mean=std=0.5"
+        ),
     )
     data.add_argument(
         "--on-error",
@@ -152,7 +159,10 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: Optional[str] = No
     run.add_argument(
         "--analyses",
         default=None,
-        help="comma-separated analyses (default: accuracy, lens, knockout, context_removal, memories, attribution; `vit-lens models --list` style names, see docs)",
+        help=(
+            "comma-separated analyses (default: accuracy, lens, knockout, context_removal, "
+            "memories, attribution; `vit-lens models --list` style names, see docs)"
+        ),
     )
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
@@ -205,7 +215,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     with pd.option_context("display.max_colwidth", 90, "display.width", 200):
         print(
-            f"timm {_timm_version()}: {int(survey['supported'].sum())} of {len(survey)} ViT models convert exactly\n"
+            f"timm {_timm_version()}: {int(survey['supported'].sum())} of {len(survey)} ViT models "
+            "convert exactly\n"
         )
         print(support_by_module(survey).to_string(index=False))
         reasons = refusal_reasons(survey)
@@ -279,7 +290,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _build_dataset(
-    args: argparse.Namespace, layout: str, data: Path, model: Any, preprocessing: Any
+    args: argparse.Namespace, layout: str, data: Path, model: HookedViT, preprocessing: Any
 ) -> Any:
     if layout == "imagenet-s":
         from vit_embedding_lens.data.imagenet_s import imagenet_s_dataset
@@ -323,8 +334,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         loaded.model, n=args.n, name=spec.name, token_labels=_preset(args).token_labels
     )
     print(
-        f"{loaded.model!r}\n{len(dataset)} bundled eval images ({spec.foreground} masks as segmentation) "
-        f"on {device}, {args.dtype}"
+        f"{loaded.model!r}\n{len(dataset)} bundled eval images ({spec.foreground} masks as "
+        f"segmentation) on {device}, {args.dtype}"
     )
     run_config = {"model_spec": loaded.spec}
     return _run_and_report(
@@ -334,7 +345,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _run_and_report(
     args: argparse.Namespace,
-    model: Any,
+    model: HookedViT,
     dataset: Any,
     run_config: dict,
     title: str,
@@ -416,7 +427,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from vit_embedding_lens.errors import ConversionError, UnsupportedArchitectureError
     from vit_embedding_lens.runner.manifest import ConfigMismatchError
 
-    # OSError covers missing files and an unreachable model hub (the converter says what to do instead)
+    # OSError covers missing files and an unreachable model hub (the converter says what to do
+    # instead)
     user_errors = (
         UnsupportedArchitectureError,
         ConversionError,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 
 def capture(
-    model,
+    model: HookedViT,
     images: Tensor,
     keep: Mapping[str, Optional[Callable[[Tensor], Tensor]]],
     *,
@@ -28,7 +31,9 @@ def capture(
 
         return hook
 
-    hooks = [(name, make_hook(fn)) for name, fn in keep.items()]
+    hooks: List[Tuple[Union[str, Callable], Callable]] = [
+        (name, make_hook(fn)) for name, fn in keep.items()
+    ]
     out = model.run_with_hooks(images, fwd_hooks=hooks)
     missing = [name for name in keep if name not in store]
     if missing:

@@ -7,6 +7,8 @@ whole model). The map is the readout row of ``R`` over the image tokens.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -23,9 +25,12 @@ from vit_embedding_lens.attribution.readout import (
 from vit_embedding_lens.attribution.result import AttributionMap
 from vit_embedding_lens.model.hook_names import act_name
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 
 def chefer_relevance(
-    model,
+    model: HookedViT,
     images: Float[Tensor, "batch chan height width"],
     classes: ClassSpec = None,
     *,
@@ -52,7 +57,7 @@ def chefer_relevance(
     return AttributionMap(scores=torch.cat(maps), layout=layout, classes=classes, method="chefer")
 
 
-def _propagate(patterns, grads) -> Float[Tensor, "batch n_tokens n_tokens"]:
+def _propagate(patterns, grads) -> Float[Tensor, "batch pos pos"]:
     """``R = I; R += mean_h(clamp(∇A ⊙ A, 0)) @ R`` through the blocks."""
     a0 = patterns[0]
     relevance = torch.eye(a0.shape[-1], dtype=a0.dtype, device=a0.device).expand(

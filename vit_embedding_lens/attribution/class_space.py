@@ -14,7 +14,7 @@ write-ins (the pooled readout of ``attn_out``) and the map is the mean over thos
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, Literal, Optional, Sequence, cast
 
 import einops
 import torch
@@ -36,11 +36,15 @@ from vit_embedding_lens.attribution.result import AttributionMap
 from vit_embedding_lens.lens.projection import ClassProjection
 from vit_embedding_lens.model.hook_names import act_name
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.components import Attention
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 Loss = Literal["cross_entropy", "double_softmax"]
 
 
 def class_space_loss(
-    logits: Float[Tensor, "... n_classes"], classes: Int[Tensor, "..."], loss: Loss
+    logits: Float[Tensor, "... class"], classes: Int[Tensor, "..."], loss: Loss
 ) -> Tensor:
     """Per-vector loss of the class of interest: cross-entropy on the projected logits, or
     (``"double_softmax"``, the reference code) cross-entropy applied to their softmax."""
@@ -55,7 +59,7 @@ def class_space_loss(
 
 
 def class_space_attribution(
-    model,
+    model: HookedViT,
     images: Float[Tensor, "batch chan height width"],
     classes: ClassSpec = None,
     *,
@@ -104,16 +108,16 @@ def class_space_attribution(
 
 
 def _block_head_maps(
-    model,
+    model: HookedViT,
     images: Tensor,
     classes: Tensor,
     blocks: Sequence[int],
     rows: Sequence[int],
     projection,
     loss: Loss,
-) -> Float[Tensor, "batch n_blocks n_heads n_tokens"]:
+) -> Float[Tensor, "batch block head pos"]:
     """``-∂loss_l/∂A^l`` averaged over the readout query rows, for every block and head."""
-    keep = {}
+    keep: Dict[str, Optional[Callable[[Tensor], Tensor]]] = {}
     for l in blocks:
         keep[act_name("pattern", l)] = lambda a: a[:, :, rows]  # [B, H, R, N]
         keep[act_name("v", l)] = None  # [B, N, H, dh]
@@ -125,8 +129,9 @@ def _block_head_maps(
         )  # [L,B,H,R,N]
         v = torch.stack([acts[act_name("v", l)] for l in blocks])  # [L, B, N, H, dh]
         z = einops.einsum(pattern, v, "l b h r n, l b n h e -> l b r h e")
-        w_o = torch.stack([model.blocks[l].attn.W_O for l in blocks]).detach()  # [L, H, dh, d]
-        b_o = torch.stack([model.blocks[l].attn.b_O for l in blocks]).detach()  # [L, d]
+        attns = [cast("Attention", model.blocks[l].attn) for l in blocks]
+        w_o = torch.stack([a.W_O for a in attns]).detach()  # [L, H, dh, d]
+        b_o = torch.stack([a.b_O for a in attns]).detach()  # [L, d]
         write = einops.einsum(z, w_o, "l b r h e, l h e d -> l b r d") + b_o[:, None, None]
         if model.cfg.block_norm == "post":
             write = torch.stack([_ln1(model.blocks[l].ln1, w) for l, w in zip(blocks, write)])

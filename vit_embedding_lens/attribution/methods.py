@@ -7,7 +7,7 @@ a :class:`~vit_embedding_lens.attribution.probes.ProbeAttribution` fits the same
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Dict
+from typing import TYPE_CHECKING, Callable, Dict
 
 from vit_embedding_lens.attribution.chefer import chefer_relevance
 from vit_embedding_lens.attribution.class_space import class_space_attribution
@@ -15,7 +15,10 @@ from vit_embedding_lens.attribution.random_map import random_attribution
 from vit_embedding_lens.attribution.raw_attention import raw_attention
 from vit_embedding_lens.attribution.rollout import attention_rollout
 
-AttributionMethod = Callable[..., "AttributionMap"]  # noqa: F821
+if TYPE_CHECKING:
+    from vit_embedding_lens.attribution.result import AttributionMap
+
+AttributionMethod = Callable[..., "AttributionMap"]
 
 ATTRIBUTION_METHODS: Dict[str, AttributionMethod] = {
     "class_space": class_space_attribution,

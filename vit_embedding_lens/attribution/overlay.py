@@ -35,8 +35,8 @@ def upsample_map(
         values = layout.to_grid(values)
     if values.ndim < 2:
         raise ValueError(
-            f"expected a grid [..., grid_h, grid_w], got {tuple(values.shape)}; pass layout= or reshape token "
-            f"scores with layout.to_grid()"
+            f"expected a grid [..., grid_h, grid_w], got {tuple(values.shape)}; pass layout= or "
+            "reshape token scores with layout.to_grid()"
         )
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
@@ -64,8 +64,9 @@ def image_to_rgb(
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
 ) -> np.ndarray:
-    """An image ``[C, H, W]`` tensor or ``[H, W]``/``[H, W, C]``/``[C, H, W]`` array -> RGB floats ``[H, W, 3]`` in
-    [0, 1]: the normalization undone with ``mean``/``std`` when given, else min-max scaled."""
+    """An image ``[C, H, W]`` tensor or ``[H, W]``/``[H, W, C]``/``[C, H, W]`` array -> RGB floats
+    ``[H, W, 3]`` in [0, 1]: the normalization undone with ``mean``/``std`` when given, else min-max
+    scaled."""
     if isinstance(image, Tensor):
         if image.ndim != 3:
             raise ValueError(

@@ -16,7 +16,7 @@ sets still fill whole batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,9 @@ from vit_embedding_lens.attribution.random_map import random_attribution
 from vit_embedding_lens.attribution.readout import batch_slices, image_layout
 from vit_embedding_lens.attribution.result import AttributionMap
 from vit_embedding_lens.model.targets import class_targets, predicted_classes
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 ORDERS = ("positive", "negative")
 MethodSpec = Union[str, Callable, AttributionMap, Tensor]
@@ -57,11 +60,12 @@ class PerturbationResult:
         rankings: Sequence[Tuple[str, Optional[int]]],
         orders: Sequence[str],
         n_values: Sequence[int],
-        accuracy: Float[Tensor, "ranking order n"],
+        accuracy: Float[Tensor, "n_rankings n_orders n_values"],
         n_patches: int,
     ) -> "PerturbationResult":
         """The tables from ``accuracy[r, o, k]``: ranking ``r`` = ``(method, seed or None)``, order
-        ``o``, ``n_values[k]`` image tokens kept (the benchmark's and the runner's common ending)."""
+        ``o``, ``n_values[k]`` image tokens kept (the benchmark's and the runner's common
+        ending)."""
         if tuple(accuracy.shape) != (len(rankings), len(orders), len(n_values)):
             raise ValueError(
                 f"accuracy has shape {tuple(accuracy.shape)}, expected "
@@ -85,7 +89,8 @@ class PerturbationResult:
         return cls(curves=curves, auc=auc, n_patches=n_patches)
 
     def summary(self) -> pd.DataFrame:
-        """AUC and mean accuracy per method and order, averaged over seeds (``auc_std`` over seeds)."""
+        """AUC and mean accuracy per method and order, averaged over seeds (``auc_std`` over
+        seeds)."""
         grouped = self.auc.groupby(["method", "order"], sort=False)["auc"]
         out = grouped.agg(auc="mean", auc_std=_nan_std, n_seeds="size").reset_index()
         means = (
@@ -101,7 +106,8 @@ class PerturbationResult:
         rows = self.auc[(self.auc.method == method) & (self.auc.order == order)]
         if rows.empty:
             raise ValueError(
-                f"no AUC for method {method!r}, order {order!r}; have {sorted(set(self.auc.method))}"
+                f"no AUC for method {method!r}, order {order!r}; have "
+                f"{sorted(set(self.auc.method))}"
             )
         return float(rows.auc.mean())
 
@@ -113,7 +119,9 @@ class PerturbationResult:
 
 
 def perturbation_auc(
-    accuracy: Sequence[float], n_patches: int, n_values: Optional[Sequence[int]] = None
+    accuracy: Union[Sequence[float], np.ndarray],
+    n_patches: int,
+    n_values: Optional[Sequence[int]] = None,
 ) -> float:
     """``sum(acc) / (max(acc) · N)`` over the curve ``n = 1 .. N-1`` (METHODS §6).
 
@@ -180,7 +188,7 @@ def importance_rank(scores: Float[Tensor, "batch n_patches"]) -> Int[Tensor, "ba
 
 
 def perturbation_benchmark(
-    model,
+    model: HookedViT,
     images: Float[Tensor, "batch chan height width"],
     labels: Optional[Int[Tensor, " batch"]] = None,
     methods: Union[Sequence[MethodSpec], Mapping[str, MethodSpec]] = (
@@ -257,14 +265,14 @@ def _check_n_keep(n_keep: Optional[Sequence[int]], n_patches: int) -> List[int]:
 
 
 def _rankings(
-    model, images, targets, methods, seeds, progress
+    model: HookedViT, images, targets, methods, seeds, progress
 ) -> List[Tuple[str, Optional[int], Tensor]]:
     """``(method name, seed, importance rank [B, P])`` per ranking to evaluate."""
     if isinstance(methods, Mapping):
         items = list(methods.items())
     else:
         items = [(m if isinstance(m, str) else _name(m), m) for m in methods]
-    out = []
+    out: List[Tuple[str, Optional[int], Tensor]] = []
     expected = (images.shape[0], image_layout(model, images).n_patches)
     for name, spec in items:
         if isinstance(spec, str) and spec == "random":

@@ -9,7 +9,7 @@ onto the class space (§1) of the same tokens. The projection needs no training 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import einops
 import numpy as np
@@ -33,21 +33,25 @@ from vit_embedding_lens.model.hook_names import act_name
 from vit_embedding_lens.model.layout import TokenLayout
 from vit_embedding_lens.model.targets import class_targets
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 LAYERS: Tuple[str, ...] = ("resid_post", "attn_out", "mlp_out")
 #: float64 bytes of one batch of ridge systems solved at once (bounds the memory of large models)
 _SOLVE_BYTES = 256 * 2**20
 
 
 def collect_token_activations(
-    model,
+    model: HookedViT,
     images: Float[Tensor, "batch chan height width"],
     layers: Sequence[str] = LAYERS,
     blocks: Optional[Sequence[int]] = None,
     *,
     batch_size: int = 64,
     progress: bool = True,
-) -> Float[Tensor, "batch n_layers n_blocks n_tokens d_model"]:
-    """Every token's ``blocks.{l}.hook_{layer}`` activation, stacked ``[batch, layer, block, token, d]``."""
+) -> Float[Tensor, "batch n_layer_types block pos d_model"]:
+    """Every token's ``blocks.{l}.hook_{layer}`` activation, stacked
+    ``[batch, layer, block, pos, d_model]``."""
     layers = _check_layers(layers)
     blocks = resolve_blocks(model, blocks)
     names = [act_name(layer, l) for layer in layers for l in blocks]
@@ -66,21 +70,23 @@ def collect_token_activations(
 class LinearProbes:
     """Ridge probes ``scores = x W + b`` for every (layer type, block, token position)."""
 
-    weight: Float[Tensor, "n_layers n_blocks n_tokens d_model n_classes"]
-    bias: Float[Tensor, "n_layers n_blocks n_tokens n_classes"]
+    weight: Float[Tensor, "n_layer_types block pos d_model class"]
+    bias: Float[Tensor, "n_layer_types block pos class"]
     layers: Tuple[str, ...]
     blocks: Tuple[int, ...]
     layout: TokenLayout
     alpha: float
 
     def scores(
-        self, acts: Float[Tensor, "batch n_layers n_blocks n_tokens d_model"]
-    ) -> Float[Tensor, "batch n_layers n_blocks n_tokens n_classes"]:
-        """Class scores of activations laid out as :func:`collect_token_activations` returns them."""
+        self, acts: Float[Tensor, "batch n_layer_types block pos d_model"]
+    ) -> Float[Tensor, "batch n_layer_types block pos class"]:
+        """Class scores of activations laid out as :func:`collect_token_activations` returns
+        them."""
         if tuple(acts.shape[1:4]) != tuple(self.weight.shape[:3]):
             raise ValueError(
-                f"activations {tuple(acts.shape)} do not match the probes' [layers, blocks, tokens] "
-                f"{tuple(self.weight.shape[:3])}; collect them with the same layers and blocks"
+                f"activations {tuple(acts.shape)} do not match the probes' [layers, blocks, "
+                f"tokens] {tuple(self.weight.shape[:3])}; collect them with the same layers and "
+                "blocks"
             )
         return (
             einops.einsum(acts, self.weight.to(acts.dtype), "b k l n d, k l n d c -> b k l n c")
@@ -100,7 +106,7 @@ class LinearProbes:
 
 
 def fit_linear_probes(
-    model,
+    model: HookedViT,
     images: Float[Tensor, "batch chan height width"],
     labels: Int[Tensor, " batch"],
     *,
@@ -144,28 +150,29 @@ def fit_linear_probes(
     )
 
 
-def sample_per_class(labels: Int[Tensor, " n"], k: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
-    """``(train, test)`` indices: ``k`` random images of every class for training, the rest held out."""
+def sample_per_class(labels: Int[Tensor, " batch"], k: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """``(train, test)`` indices: ``k`` random images of every class for training, the rest held
+    out."""
     if k < 1:
         raise ValueError(f"k (images per class) must be >= 1, got {k}")
     gen = torch.Generator().manual_seed(int(seed))
     labels = labels.cpu()
-    train = []
+    picks = []
     for c in torch.unique(labels):
         idx = torch.nonzero(labels == c).flatten()
         if len(idx) <= k:
             raise ValueError(
                 f"class {int(c)} has {len(idx)} images; k={k} per class leaves none held out"
             )
-        train.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
-    train = torch.sort(torch.cat(train)).values
+        picks.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
+    train = torch.sort(torch.cat(picks)).values
     test_mask = torch.ones(len(labels), dtype=torch.bool)
     test_mask[train] = False
     return train, torch.nonzero(test_mask).flatten()
 
 
 def probe_accuracy_table(
-    model,
+    model: HookedViT,
     probes: LinearProbes,
     images: Float[Tensor, "batch chan height width"],
     labels: Int[Tensor, " batch"],
@@ -231,7 +238,7 @@ class ProbeComparison:
 
 
 def probe_comparison(
-    model,
+    model: HookedViT,
     images: Float[Tensor, "batch chan height width"],
     labels: Int[Tensor, " batch"],
     *,
@@ -272,7 +279,8 @@ class ProbeAttribution:
     """Token importance from probes: the probe's score of the class of interest for every image
     token at one block and layer type (each token read by the probe trained at its position).
 
-    Call it like the other attribution functions: ``ProbeAttribution(probes)(model, images, classes)``.
+    Call it like the other attribution functions:
+    ``ProbeAttribution(probes)(model, images, classes)``.
     """
 
     def __init__(self, probes: LinearProbes, block: int = -1, layer: str = "resid_post") -> None:
@@ -282,7 +290,7 @@ class ProbeAttribution:
 
     def __call__(
         self,
-        model,
+        model: HookedViT,
         images: Float[Tensor, "batch chan height width"],
         classes: ClassSpec = None,
         *,
@@ -292,8 +300,9 @@ class ProbeAttribution:
         layout = image_layout(model, images)
         if layout != self.probes.layout:
             raise ValueError(
-                f"these images give a {layout.grid_size} grid with {layout.n_prefix} prefix tokens; the "
-                f"probes were trained on {self.probes.layout.grid_size} with {self.probes.layout.n_prefix}"
+                f"these images give a {layout.grid_size} grid with {layout.n_prefix} prefix "
+                f"tokens; the probes were trained on {self.probes.layout.grid_size} with "
+                f"{self.probes.layout.n_prefix}"
             )
         classes = resolve_classes(model, images, classes)
         acts = collect_token_activations(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -9,9 +11,12 @@ from torch import Tensor
 from vit_embedding_lens.attribution.readout import ClassSpec, image_layout, resolve_classes
 from vit_embedding_lens.attribution.result import AttributionMap
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 
 def random_attribution(
-    model,
+    model: HookedViT,
     images: Float[Tensor, "batch chan height width"],
     classes: ClassSpec = None,
     *,

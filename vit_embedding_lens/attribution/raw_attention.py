@@ -1,6 +1,9 @@
-"""Raw attention of one block (default the last), a baseline: the readout query row, mean over heads."""
+"""Raw attention of one block (default the last), a baseline: the readout query row, mean over
+heads."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -19,9 +22,12 @@ from vit_embedding_lens.attribution.result import AttributionMap
 from vit_embedding_lens.model.hook_names import act_name
 from vit_embedding_lens.model.indices import resolve_block
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 
 def raw_attention(
-    model,
+    model: HookedViT,
     images: Float[Tensor, "batch chan height width"],
     classes: ClassSpec = None,
     *,

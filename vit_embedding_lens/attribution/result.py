@@ -19,7 +19,7 @@ class AttributionMap:
 
     ``scores`` is ``[batch, n_patches]`` in token order; :attr:`grid` is the same as
     ``[batch, grid_h, grid_w]``. Methods that sum over blocks and heads keep the parts in
-    ``per_block`` ``[batch, n_blocks, n_patches]`` and ``per_head`` ``[batch, n_blocks, n_heads,
+    ``per_block`` ``[batch, block, n_patches]`` and ``per_head`` ``[batch, block, head,
     n_patches]`` (blocks listed in ``blocks``).
     """
 
@@ -27,14 +27,15 @@ class AttributionMap:
     layout: TokenLayout
     classes: Int[Tensor, " batch"]
     method: str
-    per_block: Optional[Float[Tensor, "batch n_blocks n_patches"]] = None
-    per_head: Optional[Float[Tensor, "batch n_blocks n_heads n_patches"]] = None
+    per_block: Optional[Float[Tensor, "batch block n_patches"]] = None
+    per_head: Optional[Float[Tensor, "batch block head n_patches"]] = None
     blocks: Optional[tuple] = None
 
     def __post_init__(self) -> None:
         if self.scores.ndim != 2 or self.scores.shape[-1] != self.layout.n_patches:
             raise ValueError(
-                f"scores must be [batch, {self.layout.n_patches}] (one per image token), got {tuple(self.scores.shape)}"
+                f"scores must be [batch, {self.layout.n_patches}] (one per image token), got "
+                f"{tuple(self.scores.shape)}"
             )
 
     def __len__(self) -> int:
@@ -46,13 +47,13 @@ class AttributionMap:
         return self.layout.to_grid(self.scores)
 
     @property
-    def per_block_grid(self) -> Float[Tensor, "batch n_blocks grid_h grid_w"]:
+    def per_block_grid(self) -> Float[Tensor, "batch block grid_h grid_w"]:
         if self.per_block is None:
             raise ValueError(f"the {self.method} map has no per-block parts")
         return self.layout.to_grid(self.per_block)
 
     @property
-    def per_head_grid(self) -> Float[Tensor, "batch n_blocks n_heads grid_h grid_w"]:
+    def per_head_grid(self) -> Float[Tensor, "batch block head grid_h grid_w"]:
         if self.per_head is None:
             raise ValueError(f"the {self.method} map has no per-head parts (ask for per_head=True)")
         return self.layout.to_grid(self.per_head)

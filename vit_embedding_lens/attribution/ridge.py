@@ -27,7 +27,8 @@ def fit_ridge(
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     if x.ndim < 2 or y.ndim != x.ndim or x.shape[:-1] != y.shape[:-1]:
         raise ValueError(
-            f"x [..., n, d] and y [..., n, n_out] must share [..., n]; got {tuple(x.shape)}, {tuple(y.shape)}"
+            f"x [..., n, d] and y [..., n, n_out] must share [..., n]; got {tuple(x.shape)}, "
+            f"{tuple(y.shape)}"
         )
     dtype = x.dtype
     x, y = x.double(), y.double()
@@ -44,7 +45,7 @@ def fit_ridge(
     return RidgeFit(weight.to(dtype), bias.to(dtype))
 
 
-def one_vs_all_targets(labels: Int[Tensor, " n"], n_classes: int) -> Float[Tensor, "n n_classes"]:
+def one_vs_all_targets(labels: Int[Tensor, " n"], n_classes: int) -> Float[Tensor, "n class"]:
     """``+1`` for the image's class, ``-1`` for every other class."""
     if labels.ndim != 1:
         raise ValueError(

@@ -7,6 +7,8 @@ the readout row of the product over the image tokens.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -23,9 +25,12 @@ from vit_embedding_lens.attribution.readout import (
 from vit_embedding_lens.attribution.result import AttributionMap
 from vit_embedding_lens.model.hook_names import act_name
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 
 def attention_rollout(
-    model,
+    model: HookedViT,
     images: Float[Tensor, "batch chan height width"],
     classes: ClassSpec = None,
     *,
@@ -44,12 +49,14 @@ def attention_rollout(
     ):
         with torch.no_grad():
             _, acts = capture(model, images[sl], {n: lambda a: a.mean(1) for n in names})
-        rollout = None
+        rollout: Optional[Tensor] = None
         for n in names:
             mixed = acts[n] + torch.eye(
                 acts[n].shape[-1], dtype=acts[n].dtype, device=acts[n].device
             )
             mixed = mixed / mixed.sum(-1, keepdim=True)
             rollout = mixed if rollout is None else mixed @ rollout
+        if rollout is None:
+            raise ValueError("attention rollout needs at least one block")
         maps.append(rollout[:, rows].mean(1)[:, layout.n_prefix :])
     return AttributionMap(scores=torch.cat(maps), layout=layout, classes=classes, method="rollout")

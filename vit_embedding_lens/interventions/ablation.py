@@ -21,7 +21,18 @@ per-image bool mask). Replacement values:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Literal, Mapping, Optional, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Tuple,
+    Union,
+)
 
 import torch
 from torch import Tensor
@@ -29,6 +40,9 @@ from torch import Tensor
 from vit_embedding_lens.interventions.selection import TokenSpec, selection_mask
 from vit_embedding_lens.model.hook_names import block_hook_names
 from vit_embedding_lens.model.indices import resolve_blocks
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 Method = Literal["zero", "mean", "resample"]
 COMPONENTS: Dict[str, str] = {
@@ -54,7 +68,7 @@ COMPONENTS: Dict[str, str] = {
 }
 
 
-def component_hook_names(model, component: str, blocks=None) -> List[str]:
+def component_hook_names(model: HookedViT, component: str, blocks=None) -> List[str]:
     """Full hook names of ``component`` in the chosen blocks (None = all)."""
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; use one of {sorted(COMPONENTS)}")
@@ -67,7 +81,7 @@ def component_hook_names(model, component: str, blocks=None) -> List[str]:
 
 
 def ablation_hooks(
-    model,
+    model: HookedViT,
     component: str,
     *,
     blocks=None,
@@ -93,7 +107,8 @@ def ablation_hooks(
         "hook_pattern",
     ):
         raise ValueError(
-            f"heads= applies to per-head components (head, result, q, k, v, pattern), not {component!r}"
+            "heads= applies to per-head components (head, result, q, k, v, pattern), not "
+            f"{component!r}"
         )
     device = model.embed.W_E.device
     masks = {
@@ -122,8 +137,9 @@ def ablation_hooks(
         ref = refs[hook.name].to(act.device, act.dtype)
         if ref.shape[1:] != act.shape[1:]:
             raise ValueError(
-                f"{hook.name}: the reference activation has shape {tuple(ref.shape[1:])} per image but the "
-                f"ablated run has {tuple(act.shape[1:])}; use reference images of the same size (and no token removal)"
+                f"{hook.name}: the reference activation has shape {tuple(ref.shape[1:])} per image "
+                f"but the ablated run has {tuple(act.shape[1:])}; use reference images of the same "
+                "size (and no token removal)"
             )
         if method == "resample":
             gen = torch.Generator().manual_seed(seed)
@@ -137,7 +153,7 @@ def ablation_hooks(
     return [(name, hook) for name in names]
 
 
-def _reference_activations(model, names: List[str], reference) -> Dict[str, Tensor]:
+def _reference_activations(model: HookedViT, names: List[str], reference) -> Dict[str, Tensor]:
     if reference is None:
         raise ValueError("mean and resample ablation need reference= images (or a cache of them)")
     if isinstance(reference, Tensor):
@@ -154,7 +170,7 @@ def _reference_activations(model, names: List[str], reference) -> Dict[str, Tens
 
 
 @contextmanager
-def ablate(model, component: str, **kwargs) -> Iterator[None]:
+def ablate(model: HookedViT, component: str, **kwargs) -> Iterator[None]:
     """Context manager form of :func:`ablation_hooks`: the model runs ablated inside the block."""
-    with model.hooks(fwd_hooks=ablation_hooks(model, component, **kwargs)):
+    with model.hooks(fwd_hooks=list(ablation_hooks(model, component, **kwargs))):
         yield

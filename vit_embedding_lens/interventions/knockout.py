@@ -14,13 +14,14 @@ Two modes:
 
     with knockout(model, "self_only", blocks=range(3, 6)):
         logits, cache = model.run_with_cache(images)
-    logits = model.run_with_hooks(images, fwd_hooks=knockout(model, "no_cls", mode="post_softmax").hooks())
+    hooks = knockout(model, "no_cls", mode="post_softmax").hooks()
+    logits = model.run_with_hooks(images, fwd_hooks=hooks)
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import Callable, Iterable, List, Literal, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Iterable, List, Literal, Optional, Tuple, Union, cast
 
 import torch
 from jaxtyping import Bool
@@ -30,6 +31,10 @@ from vit_embedding_lens.interventions.selection import TokenSpec, token_mask
 from vit_embedding_lens.model.hook_names import act_name
 from vit_embedding_lens.model.indices import resolve_blocks, resolve_heads
 from vit_embedding_lens.model.layout import TokenLayout
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.components import Attention
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 Mode = Literal["pre_softmax", "post_softmax"]
 PRESETS = ("self_only", "no_cls")
@@ -44,25 +49,26 @@ def knockout_mask(
     queries: Optional[TokenSpec] = None,
     keys: Optional[TokenSpec] = None,
     mask: Optional[Tensor] = None,
-) -> Bool[Tensor, "n_tokens n_tokens"]:
+) -> Bool[Tensor, "pos pos"]:
     """``[query, key]`` mask in layout order, True where attention is *removed*.
 
     Exactly one of: a ``preset`` (``"self_only"``: image tokens attend only to themselves, prefix
     rows untouched; ``"no_cls"``: image tokens cannot attend to CLS), a pair ``queries``/``keys``
-    (token sets; either defaults to all tokens), or a full boolean ``mask`` ``[N, N]``.
+    (token sets; either defaults to all tokens), or a full boolean ``mask`` ``[pos, pos]``.
     """
     given = [preset is not None, queries is not None or keys is not None, mask is not None]
     if sum(given) != 1:
         raise ValueError(
-            "give exactly one of: a preset ('self_only', 'no_cls'), queries=/keys= token sets, or a full "
-            "[n_tokens, n_tokens] bool mask="
+            "give exactly one of: a preset ('self_only', 'no_cls'), queries=/keys= token sets, or "
+            "a full [n_tokens, n_tokens] bool mask="
         )
     N = layout.n_tokens
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (N, N):
             raise ValueError(
                 f"mask= must be a bool tensor [n_tokens, n_tokens] = [{N}, {N}] (True = remove the "
-                f"query->key attention), got {getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}"
+                f"query->key attention), got {getattr(mask, 'dtype', type(mask))} "
+                f"{tuple(getattr(mask, 'shape', ()))}"
             )
         return mask.cpu()
     if preset is not None:
@@ -92,7 +98,7 @@ class AttentionKnockout:
 
     def __init__(
         self,
-        model,
+        model: HookedViT,
         preset: Optional[str] = None,
         *,
         queries: Optional[TokenSpec] = None,
@@ -126,12 +132,13 @@ class AttentionKnockout:
             self.set_to_one = per_head
         if self.set_to_one is not None:
             self.set_to_one = self.set_to_one.to(device)
-        #: True = may attend: ``[N, N]``, or ``[n_heads, N, N]`` when heads are chosen
+        #: True = may attend: ``[pos, pos]``, or ``[head, pos, pos]`` when heads are chosen
         self.allowed: Tensor = allowed.to(device)
         if mode == "pre_softmax" and not bool(allowed.any(-1).all()):
             raise ValueError(
-                "this knockout removes every key of some query token, so its softmax is undefined; keep at "
-                "least one key per query (e.g. the token itself), or use mode='post_softmax'"
+                "this knockout removes every key of some query token, so its softmax is "
+                "undefined; keep at least one key per query (e.g. the token itself), or use "
+                "mode='post_softmax'"
             )
         #: True when the knockout removes nothing (then it leaves the model untouched)
         self.is_empty = bool(self.allowed.all()) or not self.blocks
@@ -161,8 +168,8 @@ class AttentionKnockout:
             return out
         if act.shape[-1] != allowed.shape[-1]:
             raise ValueError(
-                f"attention over {act.shape[-1]} tokens but the knockout mask is over {allowed.shape[-1]}; "
-                f"build the knockout for this model's input size"
+                f"attention over {act.shape[-1]} tokens but the knockout mask is over "
+                f"{allowed.shape[-1]}; build the knockout for this model's input size"
             )
         return allowed if allowed.ndim == 3 else allowed[None]
 
@@ -183,10 +190,11 @@ class AttentionKnockout:
         if self.is_empty:
             return self  # nothing removed: leave the model's computation untouched
         if self.mode == "post_softmax":
-            self._stack.enter_context(self.model.hooks(fwd_hooks=self.hooks()))
+            self._stack.enter_context(self.model.hooks(fwd_hooks=list(self.hooks())))
         else:
             for l in self.blocks:
-                self._stack.enter_context(self.model.blocks[l].attn.masked_scores(self.allowed))
+                attn = cast("Attention", self.model.blocks[l].attn)
+                self._stack.enter_context(attn.masked_scores(self.allowed))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -197,13 +205,13 @@ class AttentionKnockout:
     def __repr__(self) -> str:
         heads = "all" if self.heads is None else self.heads
         return (
-            f"AttentionKnockout({int(self.removed.sum())} query->key edges removed, blocks={self.blocks}, "
-            f"heads={heads}, mode={self.mode!r})"
+            f"AttentionKnockout({int(self.removed.sum())} query->key edges removed, "
+            f"blocks={self.blocks}, heads={heads}, mode={self.mode!r})"
         )
 
 
 def knockout(
-    model,
+    model: HookedViT,
     preset: Optional[str] = None,
     *,
     queries: Optional[TokenSpec] = None,
@@ -213,7 +221,8 @@ def knockout(
     heads: Heads = None,
     mode: Mode = "pre_softmax",
 ) -> AttentionKnockout:
-    """An :class:`AttentionKnockout`: use it as ``with knockout(...):`` or ``knockout(...).hooks()``."""
+    """An :class:`AttentionKnockout`: use it as ``with knockout(...):`` or
+    ``knockout(...).hooks()``."""
     return AttentionKnockout(
         model, preset, queries=queries, keys=keys, mask=mask, blocks=blocks, heads=heads, mode=mode
     )

@@ -9,7 +9,7 @@ on the activation named by ``hook_name`` (``None`` = the logits).
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import TYPE_CHECKING, Literal, Optional, Union
 
 from torch import Tensor
 
@@ -18,6 +18,9 @@ from vit_embedding_lens.lens.ranks import class_rank
 from vit_embedding_lens.model.hook_names import LOGITS, act_name
 from vit_embedding_lens.model.indices import resolve_block
 from vit_embedding_lens.model.targets import class_targets
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 Kind = Literal[
     "logit", "logit_diff", "probability", "log_probability", "identifiability", "rank", "rank0"
@@ -44,15 +47,15 @@ class ClassSpaceMetric:
 
     readouts: ``"logits"`` (the model's output; ``hook_name`` is ``hook_logits``), ``"pooled"`` (the
     model's own pooled readout of ``resid_post`` at ``block``: equals the logits at the last block),
-    ``"cls"`` or a token index (that token's ``resid_post`` at ``block`` projected), ``"image"`` (every
-    image token projected; the value is averaged over image tokens). ``target`` / ``other``: a class
-    index or a per-image ``[batch]`` tensor (e.g. the labels). ``reduce``: ``"mean"`` over images (a
-    scalar) or ``"none"`` (``[batch]``).
+    ``"cls"`` or a token index (that token's ``resid_post`` at ``block`` projected), ``"image"``
+    (every image token projected; the value is averaged over image tokens). ``target`` / ``other``:
+    a class index or a per-image ``[batch]`` tensor (e.g. the labels). ``reduce``: ``"mean"`` over
+    images (a scalar) or ``"none"`` (``[batch]``).
     """
 
     def __init__(
         self,
-        model,
+        model: HookedViT,
         kind: Kind,
         target: Union[int, Tensor],
         *,
@@ -78,7 +81,8 @@ class ClassSpaceMetric:
             )
         if not isinstance(readout, int) and readout not in ("logits", "pooled", "cls", "image"):
             raise ValueError(
-                f"readout must be 'logits', 'pooled', 'cls', 'image' or a token index, got {readout!r}"
+                "readout must be 'logits', 'pooled', 'cls', 'image' or a token index, got "
+                f"{readout!r}"
             )
         self.model, self.kind, self.readout, self.reduce = model, kind, readout, reduce
         self.block = resolve_block(model, block)
@@ -88,7 +92,8 @@ class ClassSpaceMetric:
 
     @property
     def hook_name(self) -> str:
-        """The activation this metric reads: ``hook_logits`` or ``blocks.{block}.hook_resid_post``."""
+        """The activation this metric reads: ``hook_logits`` or
+        ``blocks.{block}.hook_resid_post``."""
         return LOGITS if self.readout == "logits" else act_name("resid_post", self.block)
 
     def class_logits(self, activation: Tensor) -> Tensor:
@@ -97,11 +102,14 @@ class ClassSpaceMetric:
             return activation
         if self.readout == "pooled":
             return pooled_readout(self.model, activation)
+        projection = self._projection
+        if projection is None:  # built in __init__ for every readout but "logits" and "pooled"
+            raise RuntimeError(f"no class projection for readout {self.readout!r}")
         layout = self.model.layout
         if self.readout == "image":
-            return self._projection(layout.patch_tokens(activation, dim=1))
+            return projection(layout.patch_tokens(activation, dim=1))
         index = layout.cls_index if self.readout == "cls" else self.readout
-        return self._projection(activation[:, index])
+        return projection(activation[:, index])
 
     def __call__(self, activation: Tensor) -> Tensor:
         """The metric of the activation at ``hook_name`` (logits for the ``"logits"`` readout)."""
@@ -152,16 +160,17 @@ class ClassSpaceMetric:
         return f"ClassSpaceMetric({self.kind!r}, readout={self.readout!r}, block={self.block})"
 
 
-def logit_diff(model, target, other=None, **kwargs) -> ClassSpaceMetric:
+def logit_diff(model: HookedViT, target, other=None, **kwargs) -> ClassSpaceMetric:
     """Target logit minus ``other``'s (or minus the best other class's) at a readout."""
     return ClassSpaceMetric(model, "logit_diff", target, other=other, **kwargs)
 
 
-def probability(model, target, **kwargs) -> ClassSpaceMetric:
+def probability(model: HookedViT, target, **kwargs) -> ClassSpaceMetric:
     """Softmax probability of the target class at a readout."""
     return ClassSpaceMetric(model, "probability", target, **kwargs)
 
 
-def identifiability(model, target, *, top1: bool = False, **kwargs) -> ClassSpaceMetric:
-    """Identifiability score ``1 - rank / C`` of the target class (``top1=True``: rank-0 indicator)."""
+def identifiability(model: HookedViT, target, *, top1: bool = False, **kwargs) -> ClassSpaceMetric:
+    """Identifiability score ``1 - rank / C`` of the target class (``top1=True``: rank-0
+    indicator)."""
     return ClassSpaceMetric(model, "rank0" if top1 else "identifiability", target, **kwargs)

@@ -9,14 +9,14 @@ starts from the corrupted residual stream there), and blocks after the metric's 
 
 The TransformerLens-like functions (``get_act_patch_resid_pre`` ...) take images, infer positions
 from ``model.layout`` and return a :class:`PatchingResult`: the values as a tensor shaped like the
-sweep (e.g. ``[n_layers, n_tokens]``), a tidy DataFrame, and patch-grid maps for per-token sweeps.
+sweep (e.g. ``[block, pos]``), a tidy DataFrame, and patch-grid maps for per-token sweeps.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,9 @@ from vit_embedding_lens.interventions.selection import TokenSpec, selection_mask
 from vit_embedding_lens.model.hook_names import act_name, block_hook_names, hook_block
 from vit_embedding_lens.model.indices import resolve_blocks
 from vit_embedding_lens.model.layout import TokenLayout
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 Cell = Dict[str, Tensor]
 Metric = Callable[[Tensor], Tensor]
@@ -64,13 +67,13 @@ class PatchingResult:
     @property
     def grid(self) -> Tensor:
         """Image-token values on the patch grid: the token dimension becomes ``grid_h, grid_w``
-        (e.g. ``[n_layers, grid_h, grid_w]``). Prefix tokens are in :attr:`prefix`."""
+        (e.g. ``[block, grid_h, grid_w]``). Prefix tokens are in :attr:`prefix`."""
         dim = self._token_dim()
         return self.layout.patch_tokens(self.values, dim=dim).unflatten(dim, self.layout.grid_size)
 
     @property
     def prefix(self) -> Tensor:
-        """Prefix-token values (CLS, distillation, registers), e.g. ``[n_layers, n_prefix]``."""
+        """Prefix-token values (CLS, distillation, registers), e.g. ``[block, n_prefix]``."""
         return self.layout.prefix_tokens(self.values, dim=self._token_dim())
 
     @property
@@ -83,7 +86,7 @@ class PatchingResult:
         extra = values.shape[len(self.dims) :]
         extra_names = ["image"] if len(extra) == 1 else [f"index_{i}" for i in range(len(extra))]
         grids = np.meshgrid(*[np.arange(s) for s in values.shape], indexing="ij")
-        frame = {}
+        frame: Dict[str, np.ndarray] = {}
         labels = self.layout.token_labels()
         for axis, dim in enumerate(self.dims):
             pos = grids[axis].ravel()
@@ -109,14 +112,17 @@ class PatchingResult:
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{d}={len(self.coords[d])}" for d in self.dims)
-        return f"PatchingResult({self.activation or 'patching'}: {sizes}, values {tuple(self.values.shape)})"
+        return (
+            f"PatchingResult({self.activation or 'patching'}: {sizes}, values "
+            f"{tuple(self.values.shape)})"
+        )
 
 
 # -------------------------------------------------------------------------------------------------
 # The engine
 # -------------------------------------------------------------------------------------------------
 def run_patching(
-    model,
+    model: HookedViT,
     corrupted_images: Tensor,
     clean_cache: Mapping[str, Tensor],
     metric: Metric,
@@ -185,7 +191,9 @@ def run_patching(
     return torch.stack(results)
 
 
-def _clean_activations(model, clean_cache, names: List[str], batch: int) -> Dict[str, Tensor]:
+def _clean_activations(
+    model: HookedViT, clean_cache, names: List[str], batch: int
+) -> Dict[str, Tensor]:
     clean = {}
     device = model.embed.W_E.device
     for name in names:
@@ -194,13 +202,14 @@ def _clean_activations(model, clean_cache, names: List[str], batch: int) -> Dict
             act = clean_cache[name]
         except (KeyError, ValueError):
             raise ValueError(
-                f"the clean cache has no {name!r}; run model.run_with_cache(clean_images) without a "
-                f"names_filter, or with names_filter={names}"
+                f"the clean cache has no {name!r}; run model.run_with_cache(clean_images) without "
+                f"a names_filter, or with names_filter={names}"
             ) from None
         if act.shape[0] != batch:
             raise ValueError(
-                f"the clean cache holds {act.shape[0]} images at {name} but there are {batch} corrupted "
-                f"images; patch between batches of the same size (pairs of clean and corrupted images)"
+                f"the clean cache holds {act.shape[0]} images at {name} but there are {batch} "
+                "corrupted images; patch between batches of the same size (pairs of clean and "
+                "corrupted images)"
             )
         clean[name] = act.to(device)
     return clean
@@ -208,15 +217,16 @@ def _clean_activations(model, clean_cache, names: List[str], batch: int) -> Dict
 
 def _start_layer(cells, chunk, readout_layer, n_layers) -> int:
     layers = [hook_block(name) for c in chunk for name in cells[c]]
-    if any(l is None for l in layers):
+    blocks = [l for l in layers if l is not None]
+    if len(blocks) < len(layers):
         return 0  # a patch before the blocks (embeddings): run everything
-    start = min(layers)
+    start = min(blocks)
     if readout_layer is not None:
         start = min(start, readout_layer)
     return start
 
 
-def _corrupted_resid(model, images: Tensor, layers: List[int]) -> Dict[int, Tensor]:
+def _corrupted_resid(model: HookedViT, images: Tensor, layers: List[int]) -> Dict[int, Tensor]:
     """The corrupted run's residual stream entering each block in ``layers`` (one forward)."""
     if not layers:
         return {}
@@ -227,7 +237,8 @@ def _corrupted_resid(model, images: Tensor, layers: List[int]) -> Dict[int, Tens
 
 
 def _chunk_hooks(cells, chunk, clean, B, readout) -> Tuple[List, List[Tensor]]:
-    """Patch hooks for a chunk of cells (copy ``c`` patches ``cells[chunk[c]]``) and a capture hook."""
+    """Patch hooks for a chunk of cells (copy ``c`` patches ``cells[chunk[c]]``) and a capture
+    hook."""
     n = len(chunk)
     by_name: Dict[str, List[Tuple[int, Tensor]]] = {}
     for copy, c in enumerate(chunk):
@@ -252,8 +263,9 @@ def _patch_hook(stacked: Tensor, clean: Tensor, n: int, B: int) -> Callable:
     def hook(act: Tensor, hook) -> Tensor:
         if act.shape[1:] != clean.shape[1:]:
             raise ValueError(
-                f"{hook.name}: the corrupted activation has shape {tuple(act.shape[1:])} per image, the clean "
-                f"one {tuple(clean.shape[1:])}; patch between images of the same size"
+                f"{hook.name}: the corrupted activation has shape {tuple(act.shape[1:])} per "
+                f"image, the clean one {tuple(clean.shape[1:])}; patch between images of the same "
+                "size"
             )
         patched = torch.where(mask, clean.unsqueeze(0), act.reshape(n, B, *act.shape[1:]))
         return patched.reshape(act.shape)
@@ -272,12 +284,14 @@ def _token_sets(layout: TokenLayout, tokens: Tokens) -> Tuple[str, List, List[To
         return "group", list(tokens.keys()), list(tokens.values())
     if isinstance(tokens, (str, Tensor)):
         return "group", [tokens if isinstance(tokens, str) else "selected"], [tokens]
+    if isinstance(tokens, int):
+        raise TypeError(f"tokens= takes token groups, not one token index; use [{tokens}]")
     specs = list(tokens)
     return "group", [s if isinstance(s, str) else f"group{i}" for i, s in enumerate(specs)], specs
 
 
 def sweep(
-    model,
+    model: HookedViT,
     corrupted_images: Tensor,
     clean_cache: Mapping[str, Tensor],
     metric: Metric,
@@ -296,7 +310,7 @@ def sweep(
     layout = model.layout
     H = model.cfg.n_heads
     single = isinstance(activations, str)
-    suffixes = [activations] if single else list(activations)
+    suffixes = [activations] if isinstance(activations, str) else list(activations)
     for suffix in suffixes:
         if suffix.endswith("hook_result") and not model.cfg.use_attn_result:
             raise ValueError(
@@ -357,19 +371,19 @@ def sweep(
     )
 
 
-# -- TransformerLens-like names ---------------------------------------------------------------------
+# -- TransformerLens-like names --------------------------------------------------------------------
 _DOC = """Patch ``{what}`` from the clean run into the corrupted one, per {per}.
 
 ``tokens`` (optional): named token groups instead of single tokens - a dict ``{{name: spec}}``, a
 list of specs, or one spec; a spec is a layout group (``"cls"``, ``"image"`` ...), token indices,
-a per-token bool mask ``[n_tokens]`` or a per-image one ``[batch, n_tokens]`` (an object mask); see
+a per-token bool mask ``[pos]`` or a per-image one ``[batch, pos]`` (an object mask); see
 also :func:`~vit_embedding_lens.interventions.selection.grid_tiles`. Other options go to
 :func:`run_patching`. Returns a :class:`PatchingResult` shaped ``{shape}``."""
 
 
 def _make(suffix, per, what, shape_doc):
     def fn(
-        model, corrupted_images, clean_cache, metric, *, tokens: Tokens = None, **options
+        model: HookedViT, corrupted_images, clean_cache, metric, *, tokens: Tokens = None, **options
     ) -> PatchingResult:
         return sweep(
             model, corrupted_images, clean_cache, metric, suffix, per, tokens=tokens, **options
@@ -379,72 +393,66 @@ def _make(suffix, per, what, shape_doc):
     return fn
 
 
-get_act_patch_resid_pre = _make(
-    "hook_resid_pre", ("layer", "token"), "resid_pre", "[n_layers, n_tokens]"
-)
-get_act_patch_resid_mid = _make(
-    "hook_resid_mid", ("layer", "token"), "resid_mid", "[n_layers, n_tokens]"
-)
+get_act_patch_resid_pre = _make("hook_resid_pre", ("layer", "token"), "resid_pre", "[block, pos]")
+get_act_patch_resid_mid = _make("hook_resid_mid", ("layer", "token"), "resid_mid", "[block, pos]")
 get_act_patch_resid_post = _make(
-    "hook_resid_post", ("layer", "token"), "resid_post", "[n_layers, n_tokens]"
+    "hook_resid_post", ("layer", "token"), "resid_post", "[block, pos]"
 )
-get_act_patch_attn_out = _make(
-    "hook_attn_out", ("layer", "token"), "attn_out", "[n_layers, n_tokens]"
-)
-get_act_patch_mlp_out = _make("hook_mlp_out", ("layer", "token"), "mlp_out", "[n_layers, n_tokens]")
+get_act_patch_attn_out = _make("hook_attn_out", ("layer", "token"), "attn_out", "[block, pos]")
+get_act_patch_mlp_out = _make("hook_mlp_out", ("layer", "token"), "mlp_out", "[block, pos]")
 get_act_patch_attn_head_out_all_pos = _make(
-    "attn.hook_z", ("layer", "head"), "each head's output z (all positions)", "[n_layers, n_heads]"
+    "attn.hook_z", ("layer", "head"), "each head's output z (all positions)", "[block, head]"
 )
 get_act_patch_attn_head_out_by_pos = _make(
     "attn.hook_z",
     ("layer", "token", "head"),
     "each head's output z",
-    "[n_layers, n_tokens, n_heads]",
+    "[block, pos, head]",
 )
 get_act_patch_attn_head_q_all_pos = _make(
-    "attn.hook_q", ("layer", "head"), "each head's queries (all positions)", "[n_layers, n_heads]"
+    "attn.hook_q", ("layer", "head"), "each head's queries (all positions)", "[block, head]"
 )
 get_act_patch_attn_head_k_all_pos = _make(
-    "attn.hook_k", ("layer", "head"), "each head's keys (all positions)", "[n_layers, n_heads]"
+    "attn.hook_k", ("layer", "head"), "each head's keys (all positions)", "[block, head]"
 )
 get_act_patch_attn_head_v_all_pos = _make(
-    "attn.hook_v", ("layer", "head"), "each head's values (all positions)", "[n_layers, n_heads]"
+    "attn.hook_v", ("layer", "head"), "each head's values (all positions)", "[block, head]"
 )
 get_act_patch_attn_head_q_by_pos = _make(
     "attn.hook_q",
     ("layer", "token", "head"),
     "each head's queries",
-    "[n_layers, n_tokens, n_heads]",
+    "[block, pos, head]",
 )
 get_act_patch_attn_head_k_by_pos = _make(
-    "attn.hook_k", ("layer", "token", "head"), "each head's keys", "[n_layers, n_tokens, n_heads]"
+    "attn.hook_k", ("layer", "token", "head"), "each head's keys", "[block, pos, head]"
 )
 get_act_patch_attn_head_v_by_pos = _make(
-    "attn.hook_v", ("layer", "token", "head"), "each head's values", "[n_layers, n_tokens, n_heads]"
+    "attn.hook_v", ("layer", "token", "head"), "each head's values", "[block, pos, head]"
 )
 get_act_patch_attn_head_pattern_all_pos = _make(
     "attn.hook_pattern",
     ("layer", "head"),
     "each head's attention pattern (all positions)",
-    "[n_layers, n_heads]",
+    "[block, head]",
 )
 get_act_patch_attn_head_pattern_by_query_pos = _make(
     "attn.hook_pattern",
     ("layer", "token", "head"),
     "each head's attention pattern, one query (destination) row at a time",
-    "[n_layers, n_tokens, n_heads]",
+    "[block, pos, head]",
 )
 get_act_patch_attn_head_result_all_pos = _make(
     "attn.hook_result",
     ("layer", "head"),
     "each head's write-in (result; needs use_attn_result)",
-    "[n_layers, n_heads]",
+    "[block, head]",
 )
 get_act_patch_attn_head_result_by_pos = _make(
     "attn.hook_result",
     ("layer", "token", "head"),
     "each head's write-in (result; needs use_attn_result)",
-    "[n_layers, n_tokens, n_heads]",
+    "[block, pos, head]",
 )
 for _name, _fn in list(globals().items()):
     if _name.startswith("get_act_patch_"):
@@ -452,9 +460,9 @@ for _name, _fn in list(globals().items()):
 
 
 def get_act_patch_block_every(
-    model, corrupted_images, clean_cache, metric, *, tokens: Tokens = None, **options
+    model: HookedViT, corrupted_images, clean_cache, metric, *, tokens: Tokens = None, **options
 ) -> PatchingResult:
-    """``resid_pre``, ``attn_out`` and ``mlp_out`` per layer × token: ``[3, n_layers, n_tokens]``
+    """``resid_pre``, ``attn_out`` and ``mlp_out`` per layer × token: ``[3, block, pos]``
     (dimension ``"component"`` first), as TransformerLens's function of that name."""
     return sweep(
         model,
@@ -469,9 +477,10 @@ def get_act_patch_block_every(
 
 
 def get_act_patch_attn_head_all_pos_every(
-    model, corrupted_images, clean_cache, metric, **options
+    model: HookedViT, corrupted_images, clean_cache, metric, **options
 ) -> PatchingResult:
-    """Head output (z), q, k, v and pattern per layer × head, all positions: ``[5, n_layers, n_heads]``."""
+    """Head output (z), q, k, v and pattern per layer × head, all positions:
+    ``[5, block, head]``."""
     return sweep(
         model,
         corrupted_images,

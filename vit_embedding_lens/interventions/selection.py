@@ -1,8 +1,8 @@
 """Which tokens, heads and units an intervention touches, as boolean masks over an activation.
 
 Token sets are given as layout groups (``"cls"``, ``"dist"``, ``"registers"``, ``"prefix"``,
-``"image"``, ``"all"``), token indices, a ``range``, or a boolean per-token mask (``[n_tokens]``,
-or ``[batch, n_tokens]`` for one set per image, e.g. an object mask from
+``"image"``, ``"all"``), token indices, a ``range``, or a boolean per-token mask (``[pos]``,
+or ``[batch, pos]`` for one set per image, e.g. an object mask from
 :func:`vit_embedding_lens.data.token_labels.token_mask_from_mask`). Everything is read from the
 model's :class:`~vit_embedding_lens.model.layout.TokenLayout`.
 """
@@ -27,7 +27,7 @@ GROUPS = ("all", "cls", "dist", "registers", "prefix", "image")
 def token_mask(
     layout: TokenLayout, spec: TokenSpec, device: Optional[torch.device] = None
 ) -> Tensor:
-    """A boolean mask over the sequence (``[n_tokens]``, or ``[batch, n_tokens]`` when ``spec`` is a
+    """A boolean mask over the sequence (``[pos]``, or ``[batch, pos]`` when ``spec`` is a
     per-image mask) that is True at the tokens ``spec`` names."""
     N = layout.n_tokens
     if isinstance(spec, str):
@@ -42,7 +42,8 @@ def token_mask(
     if isinstance(spec, Tensor):
         if spec.is_floating_point() or spec.ndim > 1:
             raise TypeError(
-                f"token indices must be a 1-D integer tensor (or use a bool mask), got {spec.dtype} {tuple(spec.shape)}"
+                "token indices must be a 1-D integer tensor (or use a bool mask), got "
+                f"{spec.dtype} {tuple(spec.shape)}"
             )
         spec = spec.tolist()
     if isinstance(spec, int):
@@ -51,7 +52,8 @@ def token_mask(
         indices = [int(i) for i in spec]
     except TypeError:
         raise TypeError(
-            f"cannot read {spec!r} as a token set; use a group name {GROUPS}, token indices, or a bool mask"
+            f"cannot read {spec!r} as a token set; use a group name {GROUPS}, token indices, or a "
+            "bool mask"
         ) from None
     mask = torch.zeros(N, dtype=torch.bool, device=device)
     for i in indices:
@@ -95,8 +97,9 @@ def grid_region(
     layout: TokenLayout,
     rows: Union[slice, range, Sequence[int]],
     cols: Union[slice, range, Sequence[int]],
-) -> Bool[Tensor, " n_tokens"]:
-    """Token mask of a region of the patch grid, e.g. ``grid_region(layout, slice(0, 3), slice(2, 5))``."""
+) -> Bool[Tensor, " pos"]:
+    """Token mask of a region of the patch grid, e.g.
+    ``grid_region(layout, slice(0, 3), slice(2, 5))``."""
     grid = torch.zeros(layout.grid_size, dtype=torch.bool)
     r = torch.arange(layout.grid_size[0])[_as_index(rows)]
     c = torch.arange(layout.grid_size[1])[_as_index(cols)]
@@ -112,7 +115,7 @@ def _as_index(index):
 
 def grid_tiles(
     layout: TokenLayout, tile: Union[int, Tuple[int, int]] = 2
-) -> Dict[str, Bool[Tensor, " n_tokens"]]:
+) -> Dict[str, Bool[Tensor, " pos"]]:
     """The patch grid cut into ``tile``-sized blocks (the last row/column of blocks may be smaller):
     ``{"r0:2,c0:2": mask, ...}`` in row-major order, for per-region patching sweeps."""
     th, tw = (tile, tile) if isinstance(tile, int) else tile
@@ -173,7 +176,8 @@ def selection_mask(
     device: Optional[torch.device] = None,
 ) -> Tensor:
     """Boolean mask broadcastable to the activation at ``name`` (``[1 or batch, ...]``), True where
-    the intervention acts: the chosen tokens (all if None) × heads (all if None) × units (all if None)."""
+    the intervention acts: the chosen tokens (all if None) × heads (all if None) × units (all if
+    None)."""
     axes = hook_axes(name)
     shape = [1] * axes.ndim
     mask = torch.ones(shape, dtype=torch.bool, device=device)

@@ -11,7 +11,7 @@ and never influence real tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from jaxtyping import Bool, Int
@@ -25,15 +25,20 @@ from vit_embedding_lens.model.token_slots import (
     kept_positions,
 )
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.cache import ViTActivationCache
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 
 def to_layout_order(
     values: Tensor,
-    index: Int[Tensor, "batch n"],
+    index: Int[Tensor, "batch max_kept"],
     n_tokens: int,
     dim: int = 1,
     fill: float = float("nan"),
 ) -> Tensor:
-    """Scatter per-slot results ``[batch, ..., n_kept, ...]`` back to layout order ``[.., n_tokens, ..]``.
+    """Scatter per-slot results ``[batch, ..., n_kept, ...]`` back to layout
+    order ``[.., pos, ..]``.
 
     Removed tokens (and nothing from padded slots) get ``fill`` (NaN by default, so a forgotten
     removal shows up instead of passing for a zero).
@@ -63,19 +68,20 @@ class RemovalRun:
     map from slots to layout positions (``index``, ``valid``; see :func:`kept_positions`)."""
 
     logits: Tensor
-    cache: Optional[object]
-    keep: Bool[Tensor, "batch n_tokens"]
+    cache: Optional[ViTActivationCache]
+    keep: Bool[Tensor, "batch pos"]
     index: Int[Tensor, "batch max_kept"]
     valid: Bool[Tensor, "batch max_kept"]
 
     def in_layout_order(self, name: str, fill: float = float("nan")) -> Tensor:
-        """A cached per-token activation scattered back to layout order ``[batch, n_tokens, ...]``
+        """A cached per-token activation scattered back to layout order ``[batch, pos, ...]``
         (for the pattern: the query axis); removed tokens get ``fill`` (NaN)."""
         from vit_embedding_lens.interventions.selection import hook_axes
 
         if self.cache is None:
             raise ValueError(
-                "this run kept no cache; call remove_tokens(..., names_filter=...) to cache activations"
+                "this run kept no cache; call remove_tokens(..., names_filter=...) to cache "
+                "activations"
             )
         act = self.cache[name]
         return to_layout_order(
@@ -84,8 +90,8 @@ class RemovalRun:
 
 
 def keep_class_tokens(
-    class_tokens: Bool[Tensor, "batch n_tokens"], layout: TokenLayout
-) -> Bool[Tensor, "batch n_tokens"]:
+    class_tokens: Bool[Tensor, "batch pos"], layout: TokenLayout
+) -> Bool[Tensor, "batch pos"]:
     """Keep mask that removes the context: prefix tokens plus the image tokens on the object."""
     return _prefix(layout, class_tokens) | (
         class_tokens & layout.image_token_mask(class_tokens.device)
@@ -93,8 +99,8 @@ def keep_class_tokens(
 
 
 def keep_context_tokens(
-    class_tokens: Bool[Tensor, "batch n_tokens"], layout: TokenLayout
-) -> Bool[Tensor, "batch n_tokens"]:
+    class_tokens: Bool[Tensor, "batch pos"], layout: TokenLayout
+) -> Bool[Tensor, "batch pos"]:
     """Keep mask that removes the object: prefix tokens plus the image tokens off the object."""
     return _prefix(layout, class_tokens) | (
         ~class_tokens & layout.image_token_mask(class_tokens.device)
@@ -104,16 +110,16 @@ def keep_context_tokens(
 def _prefix(layout: TokenLayout, like: Tensor) -> Tensor:
     if like.dtype != torch.bool or like.shape[-1] != layout.n_tokens:
         raise ValueError(
-            f"class_tokens must be a bool mask [..., {layout.n_tokens}] over the token sequence (e.g. from "
-            f"token_mask_from_mask), got {like.dtype} {tuple(like.shape)}"
+            f"class_tokens must be a bool mask [..., {layout.n_tokens}] over the token sequence "
+            f"(e.g. from token_mask_from_mask), got {like.dtype} {tuple(like.shape)}"
         )
     return (~layout.image_token_mask(like.device)).expand_as(like)
 
 
 def remove_tokens(
-    model,
+    model: HookedViT,
     images: Tensor,
-    keep: Bool[Tensor, "batch n_tokens"],
+    keep: Bool[Tensor, "batch pos"],
     *,
     names_filter=None,
     cache: bool = False,
@@ -132,12 +138,13 @@ def remove_tokens(
     return RemovalRun(logits, activations, keep, index, valid)
 
 
-def remove_context(model, images: Tensor, class_tokens: Tensor, **kwargs) -> RemovalRun:
-    """Keep only the prefix and the object's tokens (``class_tokens``, e.g. from a segmentation mask)."""
+def remove_context(model: HookedViT, images: Tensor, class_tokens: Tensor, **kwargs) -> RemovalRun:
+    """Keep only the prefix and the object's tokens (``class_tokens``, e.g. from a segmentation
+    mask)."""
     return remove_tokens(model, images, keep_class_tokens(class_tokens, model.layout), **kwargs)
 
 
-def remove_object(model, images: Tensor, class_tokens: Tensor, **kwargs) -> RemovalRun:
+def remove_object(model: HookedViT, images: Tensor, class_tokens: Tensor, **kwargs) -> RemovalRun:
     """Keep only the prefix and the context tokens (everything off the object)."""
     return remove_tokens(model, images, keep_context_tokens(class_tokens, model.layout), **kwargs)
 

@@ -22,7 +22,8 @@ def save_figures(
         for name, fig in named.items():
             if not hasattr(fig, "savefig"):
                 raise TypeError(
-                    f"{analysis}.figures returned {type(fig).__name__} for {name!r}; figures are matplotlib Figures"
+                    f"{analysis}.figures returned {type(fig).__name__} for {name!r}; figures are "
+                    "matplotlib Figures"
                 )
             path = folder / f"{analysis}__{name}.png"
             fig.savefig(path, dpi=dpi)

@@ -1,4 +1,5 @@
-"""One self-contained ``index.html`` that shows a run's figures and tables, with links to the files."""
+"""One self-contained ``index.html`` that shows a run's figures and tables, with links to the
+files."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import pandas as pd
 MAX_ROWS = 30
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+h1 { font-size: 1.5em; }
+h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 table.dataframe { border-collapse: collapse; font-size: .85em; margin: .5em 0 1.5em; }
-table.dataframe td, table.dataframe th { border: 1px solid #ddd; padding: .2em .6em; text-align: right; }
+table.dataframe td, table.dataframe th {
+  border: 1px solid #ddd; padding: .2em .6em; text-align: right;
+}
 table.dataframe th { background: #f4f4f4; }
 img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
 .meta td { padding: .1em 1em .1em 0; vertical-align: top; } .note { color: #666; font-size: .85em; }

@@ -28,7 +28,8 @@ def write_tables(
         for name, df in named.items():
             if not isinstance(df, pd.DataFrame):
                 raise TypeError(
-                    f"{analysis}.summarize returned {type(df).__name__} for table {name!r}; tables are DataFrames"
+                    f"{analysis}.summarize returned {type(df).__name__} for table {name!r}; tables "
+                    "are DataFrames"
                 )
             path = folder / table_file(analysis, name)
             df.to_csv(path, index=False)
@@ -46,7 +47,7 @@ def headline_tables(
     for analysis, named in tables.items():
         if not named:
             continue
-        headline = by_name[analysis].headline(named) if analysis in by_name else None
+        headline = by_name[analysis].headline(dict(named)) if analysis in by_name else None
         if headline is not None:
             out[analysis] = headline
         elif "summary" in named:

@@ -17,7 +17,8 @@ def write_report(
     meta: Optional[Mapping[str, Any]] = None,
     manifest: Optional[Mapping[str, Any]] = None,
 ) -> Path:
-    """Write ``tables/*.csv``, ``figures/*.png`` and ``index.html`` into ``report_dir``; returns the page."""
+    """Write ``tables/*.csv``, ``figures/*.png`` and ``index.html`` into ``report_dir``; returns the
+    page."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     table_paths = write_tables(tables, report_dir)

@@ -147,7 +147,8 @@ def available_analyses() -> List[str]:
 
 
 def build_analyses(names: Iterable[str] | None = None) -> List[Analysis]:
-    """Instantiate the named analyses (all registered ones for None), checking each against the protocol."""
+    """Instantiate the named analyses (all registered ones for None), checking each against the
+    protocol."""
     _ensure_builtins()
     names = list(ANALYSES) if names is None else [n.strip() for n in names if n.strip()]
     if not names:
@@ -189,7 +190,8 @@ def hook_names_of(analyses: Sequence[Analysis], model: HookedViT) -> Tuple[str, 
     return tuple(names)
 
 
-#: third-party packages register analyses under this entry-point group (``name = "pkg.mod:factory"``)
+#: third-party packages register analyses under this entry-point group
+#: (``name = "pkg.mod:factory"``)
 ENTRY_POINT_GROUP = "vit_embedding_lens.analyses"
 _BUILTINS_LOADED = False
 

@@ -1,10 +1,22 @@
-"""Batch: what an analysis receives, one slice of a data set, plus a forward pass shared by analyses."""
+"""Batch: what an analysis receives, one slice of a data set, plus a forward pass shared by
+analyses."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    cast,
+)
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -41,7 +53,9 @@ class SharedForward:
     ) -> Tuple[Tensor, Optional[ViTActivationCache]]:
         """``(logits, cache)``; the cache is None when no analysis asked for activations."""
         if self._outputs is None:
-            hooks = [hook for reader in self.readers.values() for hook in reader.hooks()]
+            hooks: List[Tuple[Union[str, Callable], Callable]] = [
+                hook for reader in self.readers.values() for hook in reader.hooks()
+            ]
             with torch.no_grad(), model.hooks(fwd_hooks=hooks):
                 if self.hook_names:
                     names = list(self.hook_names)
@@ -69,7 +83,7 @@ class Batch:
     labels: Int[Tensor, " batch"]
     image_ids: List[str]
     indices: Int[Tensor, " batch"]
-    token_masks: Optional[Bool[Tensor, "batch n_tokens"]] = None
+    token_masks: Optional[Bool[Tensor, "batch pos"]] = None
     skipped: List[SkippedImage] = field(default_factory=list)
     forward: SharedForward = field(default_factory=SharedForward, repr=False)
 
@@ -109,7 +123,8 @@ class Batch:
 
 
 def collate(items: Sequence[Union[Sample, SkippedImage]]) -> Batch:
-    """Samples -> one :class:`Batch`; skipped items are listed apart. Used as a DataLoader collate_fn."""
+    """Samples -> one :class:`Batch`; skipped items are listed apart. Used as a DataLoader
+    collate_fn."""
     samples = [s for s in items if isinstance(s, Sample)]
     skipped = [s for s in items if isinstance(s, SkippedImage)]
     if samples:
@@ -124,6 +139,9 @@ def collate(items: Sequence[Union[Sample, SkippedImage]]) -> Batch:
         labels=torch.tensor([s.label for s in samples], dtype=torch.long),
         image_ids=[s.image_id for s in samples],
         indices=torch.tensor([s.index for s in samples], dtype=torch.long),
-        token_masks=torch.stack(masks) if samples and masks[0] is not None else None,
+        # all or none of the masks are given (checked above)
+        token_masks=(
+            torch.stack(cast(List[Tensor], masks)) if samples and masks[0] is not None else None
+        ),
         skipped=skipped,
     )

@@ -1,4 +1,5 @@
-"""Data-parallel runs under ``torchrun``: which process am I, and the few collectives the runner needs.
+"""Data-parallel runs under ``torchrun``: which process am I, and the few collectives the runner
+needs.
 
 ``torchrun --nproc-per-node N`` (and multi-node launches) set ``RANK``, ``WORLD_SIZE`` and
 ``LOCAL_RANK``; :func:`init_distributed` joins the process group (gloo on CPU, nccl on GPU, each

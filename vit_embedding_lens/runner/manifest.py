@@ -65,9 +65,9 @@ def check_same_config(
     if diffs:
         shown = "\n  ".join(diffs[:20])
         raise ConfigMismatchError(
-            f"{out_dir} holds results of a run with another configuration:\n  {shown}\n"
-            f"Resuming would mix the two. Write to a new output folder, or start over with --overwrite "
-            f"(overwrite=True)."
+            f"{out_dir} holds results of a run with another configuration:\n  {shown}\nResuming "
+            "would mix the two. Write to a new output folder, or start over with --overwrite "
+            "(overwrite=True)."
         )
 
 
@@ -81,7 +81,8 @@ def read_manifest(out_dir: Path) -> Optional[Dict[str, Any]]:
         raise ValueError(f"{path} is not valid JSON ({err}); start over with --overwrite") from err
     if manifest.get("format") != FORMAT_VERSION:
         raise ValueError(
-            f"{path} has format {manifest.get('format')}, expected {FORMAT_VERSION}; use --overwrite"
+            f"{path} has format {manifest.get('format')}, expected {FORMAT_VERSION}; use "
+            "--overwrite"
         )
     return manifest
 

@@ -26,7 +26,8 @@ class RunResults:
     """Per-image arrays of a finished run, in data set order (skipped images left out).
 
     ``index[i]`` is the data set position of row ``i``; ``arrays[analysis][key]`` has ``len(index)``
-    rows. ``results["accuracy"]`` gives one analysis's arrays plus ``index``, ``label``, ``image_id``.
+    rows. ``results["accuracy"]`` gives one analysis's arrays plus ``index``, ``label``,
+    ``image_id``.
     """
 
     index: np.ndarray
@@ -68,8 +69,8 @@ def load_results(out_dir: Union[str, Path]) -> RunResults:
     missing = [b for b in range(n_batches) if b not in present]
     if missing:
         raise IncompleteRunError(
-            f"{out_dir}: {len(missing)} of {n_batches} batches are not finished (first: {missing[:10]}); "
-            f"rerun the same command to resume"
+            f"{out_dir}: {len(missing)} of {n_batches} batches are not finished (first: "
+            f"{missing[:10]}); rerun the same command to resume"
         )
     parts: Dict[str, List[np.ndarray]] = {}
     seen = np.zeros(n_images, dtype=np.int64)

@@ -17,7 +17,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ from vit_embedding_lens.runner.storage import (
     write_batch,
 )
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 PROGRESS_DIR = "progress"
 MERGED_FILE = "results.npz"
 _SHARED_CHECK_FILE = ".shared-folder-check"
@@ -69,7 +72,7 @@ class UnusableImageWarning(UserWarning):
 
 
 def run_analyses(
-    model: Any,
+    model: HookedViT,
     dataset: Any,
     analyses: Union[Sequence[Union[str, Analysis]], None],
     out_dir: Union[str, Path],
@@ -132,7 +135,7 @@ def run_analyses(
 
 
 def run_fingerprint(
-    model: Any,
+    model: HookedViT,
     dataset: Any,
     analyses: Sequence[Analysis],
     batch_size: int,
@@ -144,7 +147,8 @@ def run_fingerprint(
     fingerprint = getattr(dataset, "fingerprint", None)
     if not callable(fingerprint):
         raise TypeError(
-            f"the data set {type(dataset).__name__} needs a fingerprint() method (what identifies its content)"
+            f"the data set {type(dataset).__name__} needs a fingerprint() method (what identifies "
+            "its content)"
         )
     return {
         **dict(run_config or {}),
@@ -176,7 +180,7 @@ def _resolve_analyses(analyses: Union[Sequence[Union[str, Analysis]], None]) -> 
     return out
 
 
-def _model_device_dtype(model: Any) -> tuple:
+def _model_device_dtype(model: HookedViT) -> tuple:
     param = next(model.parameters())
     return param.device, param.dtype
 
@@ -217,7 +221,8 @@ def _prepare(
     if manifest is not None:
         if not resume:
             raise ValueError(
-                f"{out_dir} already holds a run; resume it (resume=True) or start over with --overwrite"
+                f"{out_dir} already holds a run; resume it (resume=True) or start over with "
+                "--overwrite"
             )
         check_same_config(manifest["config"], config, out_dir)
     else:
@@ -274,8 +279,8 @@ def _prepare_on_rank0(
     digest = hashlib.sha256(json.dumps(to_json(config), sort_keys=True).encode()).hexdigest()
     if len(set(ctx.all_gather(digest))) != 1:
         raise ValueError(
-            "the ranks disagree on the run's configuration (model weights, data listing or settings); "
-            "every rank must see the same model and data"
+            "the ranks disagree on the run's configuration (model weights, data listing or "
+            "settings); every rank must see the same model and data"
         )
     status: Dict[str, Any] = {}
     if ctx.is_main:
@@ -303,7 +308,8 @@ def _prepare_on_rank0(
 
 
 def _check_shared_folder(ctx: distributed.DistContext, out_dir: Path) -> None:
-    """Every rank must see the folder rank 0 writes to (a shared filesystem), or merging cannot work."""
+    """Every rank must see the folder rank 0 writes to (a shared filesystem), or merging cannot
+    work."""
     if not ctx.active:
         return
     token = ctx.broadcast(uuid.uuid4().hex if ctx.is_main else None)
@@ -321,13 +327,13 @@ def _check_shared_folder(ctx: distributed.DistContext, out_dir: Path) -> None:
     if not all(ok):
         blind = [r for r, s in enumerate(ok) if not s]
         raise RuntimeError(
-            f"ranks {blind} do not see {out_dir} as rank 0 writes it; under torchrun the output folder "
-            f"must be on a filesystem shared by all nodes"
+            f"ranks {blind} do not see {out_dir} as rank 0 writes it; under torchrun the output "
+            "folder must be on a filesystem shared by all nodes"
         )
 
 
 def _process(
-    model: Any,
+    model: HookedViT,
     dataset: Any,
     analyses: Sequence[Analysis],
     out_dir: Path,
@@ -375,7 +381,7 @@ def _process(
 
 
 def _run_batch(
-    model: Any,
+    model: HookedViT,
     batch: Batch,
     analyses: Sequence[Analysis],
     hooks: tuple,
@@ -398,12 +404,14 @@ def _run_batch(
         out = analysis.run(model, batch)
         if not isinstance(out, Mapping):
             raise TypeError(
-                f"{analysis.name}.run must return a dict of per-image arrays, got {type(out).__name__}"
+                f"{analysis.name}.run must return a dict of per-image arrays, got "
+                f"{type(out).__name__}"
             )
         for key, value in out.items():
             if key in META_KEYS or "/" in key:
                 raise ValueError(
-                    f"{analysis.name}.run returned the key {key!r}; keys must not contain '/' or be one of {META_KEYS}"
+                    f"{analysis.name}.run returned the key {key!r}; keys must not contain '/' or "
+                    f"be one of {META_KEYS}"
                 )
             arrays[f"{analysis.name}/{key}"] = check_array(
                 value, f"{analysis.name}.run()[{key!r}]", len(batch)
@@ -413,7 +421,8 @@ def _run_batch(
 
 
 class _ProgressTracker:
-    """Keeps the list of finished batches on disk: in the manifest (one process) or one file per rank."""
+    """Keeps the list of finished batches on disk: in the manifest (one process) or one file per
+    rank."""
 
     def __init__(self, out_dir: Path, ctx: distributed.DistContext) -> None:
         self.out_dir, self.ctx = out_dir, ctx
@@ -436,6 +445,8 @@ class _ProgressTracker:
                 },
             )
         else:
+            if self.manifest is None:  # written by the run's preparation, before any batch
+                raise FileNotFoundError(f"{self.out_dir} has no run manifest to record progress in")
             self.manifest["finished_batches"] = sorted(
                 set(self.manifest["finished_batches"]) | {batch_id}
             )
@@ -457,6 +468,8 @@ def _finish(out_dir: Path) -> RunResults:
         merged.update({f"{name}/{k}": v for k, v in arrays.items()})
     atomic_write_npz(out_dir / MERGED_FILE, merged)
     manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{out_dir} has no run manifest; the run cannot be finished")
     manifest.update(
         finished_batches=batch_ids_on_disk(out_dir),
         status="complete",

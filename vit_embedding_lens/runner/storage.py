@@ -27,7 +27,8 @@ _TMP_SUFFIX = ".tmp"
 
 
 def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (no-op where directories cannot be opened, e.g. Windows)."""
+    """Make a rename in ``path`` durable (no-op where directories cannot be opened, e.g.
+    Windows)."""
     try:
         fd = os.open(str(path), os.O_RDONLY)
     except OSError:
@@ -40,8 +41,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` atomically: ``write(f)`` into a temporary file, fsync, ``os.replace``, fsync dir."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` atomically: ``write(f)`` into a temporary file, fsync, ``os.replace``, fsync
+    dir."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
     try:
@@ -62,11 +64,13 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_write_npz(path: Path, arrays: Dict[str, np.ndarray]) -> None:
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    # numpy's stub types **kwds as if a key could be `allow_pickle` (a bool)
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
 def clean_temp_files(folder: Path) -> int:
-    """Remove temporary files left by interrupted atomic writes under ``folder``; returns how many."""
+    """Remove temporary files left by interrupted atomic writes under ``folder``; returns how
+    many."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Sequence, Tuple
 
 from vit_embedding_lens.runner.analysis import Analysis
 from vit_embedding_lens.runner.results import RunResults
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 
 def summarize_run(
-    results: RunResults, analyses: Sequence[Analysis], model: Any, figures: bool = True
+    results: RunResults, analyses: Sequence[Analysis], model: HookedViT, figures: bool = True
 ) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, Any]]]:
     """``(tables, figures)``, each ``{analysis name: {name: DataFrame | Figure}}``.
 

@@ -1,8 +1,8 @@
 """Shared plumbing for the figures: backend-free Figure creation, array coercion, PNG export.
 
-Figures are built with :class:`matplotlib.figure.Figure` directly, never through ``pyplot``: nothing is
-registered in pyplot's global state (no leaked figures in long loops, no double display in notebooks)
-and no GUI backend is needed, so everything works headless (Agg) and inside servers.
+Figures are built with :class:`matplotlib.figure.Figure` directly, never through ``pyplot``: nothing
+is registered in pyplot's global state (no leaked figures in long loops, no double display in
+notebooks) and no GUI backend is needed, so everything works headless (Agg) and inside servers.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def panel_grid(
 
 
 def to_numpy(x: Any, name: str = "values") -> np.ndarray:
-    """A numpy copy of a tensor / array / nested list (detached, on the CPU, float tensors as float64)."""
+    """A numpy copy of a tensor / array / nested list (detached, on the CPU, float tensors as
+    float64)."""
     try:
         import torch
 
@@ -98,8 +99,8 @@ def to_numpy(x: Any, name: str = "values") -> np.ndarray:
 def image_to_display(image: Any) -> np.ndarray:
     """An image for ``imshow``: ``[H, W]`` grey or ``[H, W, 3|4]`` colour, scaled to ``[0, 1]``.
 
-    Accepts torch-style ``[C, H, W]`` (C = 1, 3 or 4) and numpy-style ``[H, W, C]``. Normalized model
-    inputs (any range) are min-max rescaled per image; uint8 images are divided by 255.
+    Accepts torch-style ``[C, H, W]`` (C = 1, 3 or 4) and numpy-style ``[H, W, C]``. Normalized
+    model inputs (any range) are min-max rescaled per image; uint8 images are divided by 255.
     """
     arr = to_numpy(image, "image")
     if arr.ndim == 4 and arr.shape[0] == 1:
@@ -110,8 +111,8 @@ def image_to_display(image: Any) -> np.ndarray:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
         raise ValueError(
-            f"image must be [H, W], [C, H, W] or [H, W, C] with C in (1, 3, 4), got shape {tuple(arr.shape)}; "
-            f"pass one image, not a batch (images[0])"
+            "image must be [H, W], [C, H, W] or [H, W, C] with C in (1, 3, 4), got shape "
+            f"{tuple(arr.shape)}; pass one image, not a batch (images[0])"
         )
     if arr.dtype == np.uint8:
         return arr.astype(np.float64) / 255.0
@@ -121,8 +122,9 @@ def image_to_display(image: Any) -> np.ndarray:
 
 
 def stars_label(p: float) -> str:
-    """The label drawn above a distribution: the stars of :func:`~vit_embedding_lens.lens.stats.significance_stars`,
-    ``"n.s."`` when not significant, nothing when there is no test (NaN/None)."""
+    """The label drawn above a distribution: the stars of
+    :func:`~vit_embedding_lens.lens.stats.significance_stars`, ``"n.s."`` when not significant,
+    nothing when there is no test (NaN/None)."""
     from vit_embedding_lens.lens.stats import significance_stars
 
     if p is None or not np.isfinite(p):

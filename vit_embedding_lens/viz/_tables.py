@@ -27,7 +27,7 @@ def long_frame(
     """``block, group, value`` rows from a DataFrame, ``{group: array}`` or an array.
 
     In arrays, axis ``block_axis`` is the block and every other axis is flattened into observations
-    (``[n_layers, batch, n_tokens]`` tensors go in as they are; per-image ``[image, block]`` tables
+    (``[block, batch, pos]`` tensors go in as they are; per-image ``[batch, block]`` tables
     with ``block_axis=1``). NaNs are dropped.
     """
     if isinstance(data, pd.DataFrame):
@@ -35,8 +35,8 @@ def long_frame(
         missing = [c for c in (block_col, value_col) if c not in data]
         if missing:
             raise ValueError(
-                f"{what}: the DataFrame has no column(s) {missing} (columns: {list(data.columns)}); "
-                f"name the right ones with block_col=/value_col="
+                f"{what}: the DataFrame has no column(s) {missing} (columns: "
+                f"{list(data.columns)}); name the right ones with block_col=/value_col="
             )
         frame = data[needed].rename(columns={block_col: "block", value_col: "value"})
         if group_col and group_col in data:
@@ -96,8 +96,8 @@ def pvalue_frame(
     group_col: str = "group",
     p_col: str = "p_value",
 ) -> pd.DataFrame:
-    """``block, group, p_value`` from a DataFrame, ``{group: [n_blocks]}`` or one ``[n_blocks]`` array
-    (which then applies to every group)."""
+    """``block, group, p_value`` from a DataFrame, ``{group: [block]}`` or one ``[block]``
+    array (which then applies to every group)."""
     if isinstance(pvalues, pd.DataFrame):
         frame = long_frame(
             pvalues, block_col=block_col, group_col=group_col, value_col=p_col, what="pvalues"

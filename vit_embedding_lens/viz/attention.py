@@ -26,14 +26,16 @@ def layout_of(model_or_layout: Any) -> Any:
 
 
 def heads_first(pattern: Any, layout: Any) -> np.ndarray:
-    """``[heads, N, N]`` from ``[N, N]`` or ``[heads, N, N]``, checked against the layout."""
+    """``[head, pos, pos]`` from ``[pos, pos]`` or ``[head, pos, pos]``, checked against the
+    layout."""
     arr = to_numpy(pattern, "pattern").astype(float)
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3 or arr.shape[-1] != arr.shape[-2]:
         raise ValueError(
-            f"pattern must be [n_tokens, n_tokens] or [heads, n_tokens, n_tokens], got shape {arr.shape}; "
-            f"pick one image from a cached [batch, heads, N, N] pattern (cache[...][i])"
+            "pattern must be [n_tokens, n_tokens] or [heads, n_tokens, n_tokens], got shape "
+            f"{arr.shape}; pick one image from a cached [batch, heads, N, N] pattern "
+            "(cache[...][i])"
         )
     if arr.shape[-1] != layout.n_tokens:
         raise ValueError(
@@ -84,7 +86,8 @@ def plot_attention(
     ncols: Optional[int] = None,
     ax: Any = None,
 ):
-    """Attention weights ``[heads, N, N]`` (or ``[N, N]``) as heatmaps, one panel per head; the Figure.
+    """Attention weights ``[head, pos, pos]`` (or ``[pos, pos]``) as heatmaps, one panel per head;
+    the Figure.
 
     ``heads`` picks a subset; ``ax`` is accepted for a single pattern. Token labels come from the
     model's layout (pass the model or its ``TokenLayout``).

@@ -32,8 +32,8 @@ def change_rates_table(
 
     ``data``: a tidy DataFrame (one row per block x sublayer x group, or per image as well), or a
     mapping ``{sublayer: {group: array}}`` (or ``{sublayer: array}`` for one group) whose axis
-    ``block_axis`` is the block. Rates are fractions in ``[0, 1]``, or percentages with ``percent=True``
-    (e.g. the lens's ``change_rate_table``); the table holds fractions.
+    ``block_axis`` is the block. Rates are fractions in ``[0, 1]``, or percentages with
+    ``percent=True`` (e.g. the lens's ``change_rate_table``); the table holds fractions.
     """
     if isinstance(data, pd.DataFrame):
         if sublayer_col not in data:

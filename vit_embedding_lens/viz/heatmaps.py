@@ -44,7 +44,8 @@ def _panels(
         cols = list(col_labels) if col_labels is not None else [str(j) for j in range(n_cols)]
         if len(rows) != n_rows or len(cols) != n_cols:
             raise ValueError(
-                f"{len(rows)} row and {len(cols)} column labels for a {n_rows} x {n_cols} grid of maps"
+                f"{len(rows)} row and {len(cols)} column labels for a {n_rows} x {n_cols} grid of "
+                "maps"
             )
         default = [f"{r} · {c}" for r in rows for c in cols]
         ncols = n_cols
@@ -122,9 +123,9 @@ def plot_heatmap_grid(
 
     ``maps``: ``[n, grid_h, grid_w]`` (one panel per block), ``[n_rows, n_cols, grid_h, grid_w]``
     (e.g. block x head, labelled by ``row_labels``/``col_labels``), a dict ``{title: [grid_h,
-    grid_w]}``, or, with ``layout=``, token vectors ``[n, n_tokens]`` / ``[n_rows, n_cols, n_tokens]``
-    whose prefix-token values are written in the panel titles. ``center`` makes the scale symmetric
-    around it (``None``: plain min..max).
+    grid_w]}``, or, with ``layout=``, token vectors ``[n, pos]`` / ``[n_rows, n_cols,
+    pos]`` whose prefix-token values are written in the panel titles. ``center`` makes the
+    scale symmetric around it (``None``: plain min..max).
     """
     grids, prefix, names, grid_cols = _panels(maps, layout, titles, row_labels, col_labels)
     finite = grids[np.isfinite(grids)].astype(float)

@@ -8,7 +8,7 @@ Wilcoxon test of pretrained > random).
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -32,13 +32,14 @@ def identifiability_evolution_table(
 ) -> pd.DataFrame:
     """The numbers behind :func:`plot_identifiability_evolution`: one row per (block, group).
 
-    ``data`` (and ``random``) is a tidy DataFrame (``block_col``, ``group_col``, ``value_col``; one row
-    per observation), a mapping ``{group: array}``, or one array; in arrays, axis ``block_axis`` is the
-    block and the other axes are observations (per-image ``[image, block]`` scores: ``block_axis=1``).
-    Columns: ``block, group, n, mean, median, low, high`` (``low``/``high`` = the ``band``
-    percentiles), then ``random_mean, random_low, random_high`` and ``p_value, stars`` when given.
+    ``data`` (and ``random``) is a tidy DataFrame (``block_col``, ``group_col``, ``value_col``; one
+    row per observation), a mapping ``{group: array}``, or one array; in arrays, axis ``block_axis``
+    is the block and the other axes are observations (per-image ``[batch, block]`` scores:
+    ``block_axis=1``). Columns: ``block, group, n, mean, median, low, high`` (``low``/``high`` = the
+    ``band`` percentiles), then ``random_mean, random_low, random_high`` and ``p_value, stars`` when
+    given.
     """
-    columns = dict(
+    columns: Dict[str, Any] = dict(
         block_col=block_col, group_col=group_col, value_col=value_col, block_axis=block_axis
     )
     frame = long_frame(data, what="data", **columns)
@@ -96,15 +97,15 @@ def plot_identifiability_evolution(
     """Per block, the score distribution of each token group (e.g. ``"CLS"`` vs ``"image"``).
 
     ``data``/``random``: see :func:`identifiability_evolution_table`. ``random`` is drawn per group
-    as a dashed mean line in the group's colour inside a band between the ``band`` percentiles. ``pvalues``
-    (``{group: [n_blocks]}``, one ``[n_blocks]`` array for all groups, or a DataFrame with
-    ``block, group, p_value``) put ``*``/``**``/``***`` (p < .05/.01/.001) above the distributions.
-    ``chance`` draws a reference line (0.5 is chance for ``s = 1 - r/C``; ``None`` hides it).
-    Returns the Figure.
+    as a dashed mean line in the group's colour inside a band between the ``band`` percentiles.
+    ``pvalues`` (``{group: [block]}``, one ``[block]`` array for all groups, or a DataFrame
+    with ``block, group, p_value``) put ``*``/``**``/``***`` (p < .05/.01/.001) above the
+    distributions. ``chance`` draws a reference line (0.5 is chance for ``s = 1 - r/C``; ``None``
+    hides it). Returns the Figure.
     """
     if kind not in ("violin", "box"):
         raise ValueError(f"kind must be 'violin' or 'box', got {kind!r}")
-    columns = dict(
+    columns: Dict[str, Any] = dict(
         block_col=block_col, group_col=group_col, value_col=value_col, block_axis=block_axis
     )
     frame = long_frame(data, what="data", **columns)

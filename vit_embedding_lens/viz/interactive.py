@@ -1,10 +1,10 @@
 """Interactive circuitsvis views with a static fallback that needs no JavaScript.
 
 A view is an object Jupyter displays: ``_repr_html_`` gives the circuitsvis HTML (self-contained by
-default: the JavaScript is inlined, so it works offline) followed by a ``<noscript>`` block holding a
-PNG (base64) of the matching static matplotlib figure; ``_repr_png_`` and ``.figure()`` serve front
-ends without HTML (terminals, PDF export). ``.data`` is the tidy table behind both, and ``.save()``
-writes a standalone ``.html`` page or a ``.png``.
+default: the JavaScript is inlined, so it works offline) followed by a ``<noscript>`` block holding
+a PNG (base64) of the matching static matplotlib figure; ``_repr_png_`` and ``.figure()`` serve
+front ends without HTML (terminals, PDF export). ``.data`` is the tidy table behind both, and
+``.save()`` writes a standalone ``.html`` page or a ``.png``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import html as html_lib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Optional, Sequence, Union, cast
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,8 @@ from vit_embedding_lens.viz.attention import (
 from vit_embedding_lens.viz.token_grid import plot_token_grid
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 Source = Literal["local", "cdn"]
@@ -55,7 +57,8 @@ class InteractiveView:
                 f"source must be 'local' (JavaScript inlined, offline) or 'cdn', got {source!r}"
             )
         self._rendered, self._figure_factory = rendered, figure_factory
-        self._figure, self._png = None, None
+        self._figure: Optional[Figure] = None
+        self._png: Optional[bytes] = None
         self.title, self.data, self.source = title, data, source
 
     def html(self) -> str:
@@ -93,7 +96,8 @@ class InteractiveView:
         elif path.suffix.lower() in (".html", ".htm"):
             title = html_lib.escape(self.title)
             path.write_text(
-                f'<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8"><title>{title}</title></head>\n'
+                '<!DOCTYPE html>\n<html lang="en">\n<head><meta '
+                f'charset="utf-8"><title>{title}</title></head>\n'
                 f"<body>\n{self._repr_html_()}\n</body>\n</html>\n",
                 encoding="utf-8",
             )
@@ -102,7 +106,10 @@ class InteractiveView:
         return path
 
     def __repr__(self) -> str:
-        return f"<InteractiveView: {self.title} (display in Jupyter, or .figure() / .save('view.html'))>"
+        return (
+            f"<InteractiveView: {self.title} (display in Jupyter, or .figure() / "
+            ".save('view.html'))>"
+        )
 
 
 def _is_cache(x: Any) -> bool:
@@ -126,9 +133,9 @@ def attention_view(
 ) -> InteractiveView:
     """Attention heads of one block over the token sequence, labelled "CLS", "REG0", "P{r},{c}".
 
-    ``pattern``: a cache (then ``block`` is required and ``blocks.{block}.attn.hook_pattern`` is read),
-    a cached pattern ``[batch, heads, N, N]`` (``image_index`` picks the image), ``[heads, N, N]`` or
-    ``[N, N]``. Static fallback: :func:`~vit_embedding_lens.viz.plot_attention`.
+    ``pattern``: a cache (then ``block`` is required and ``blocks.{block}.attn.hook_pattern`` is
+    read), a cached pattern ``[batch, head, pos, pos]`` (``image_index`` picks the image), ``[head,
+    pos, pos]`` or ``[pos, pos]``. Static fallback: :func:`~vit_embedding_lens.viz.plot_attention`.
     """
     import circuitsvis
 
@@ -143,7 +150,7 @@ def attention_view(
             raise ValueError(
                 f"the cache has no {name!r}; run the model with names_filter including it"
             )
-        pattern = pattern[name]
+        pattern = cast(Mapping[str, Tensor], pattern)[name]  # a cache, by hook name
     arr = to_numpy(pattern, "pattern")
     if arr.ndim == 4:
         if not 0 <= image_index < arr.shape[0]:
@@ -175,7 +182,7 @@ def attention_view(
 # Class probabilities across blocks
 # -------------------------------------------------------------------------------------------------
 def _class_probabilities(model: "HookedViT", cache: Any, hook: str, layout: Any) -> tuple:
-    """``(probs [batch, n_blocks, n_tokens, n_classes], cache)``: every token after every block."""
+    """``(probs [batch, block, pos, class], cache)``: every token after every block."""
     _, names, cache = sublayer_cache(model, cache, hook, also=[LOGITS])
     projection = ClassProjection(model)
     probs = [token_logits(projection, cache[n], layout, n).float().softmax(-1) for n in names]
@@ -199,7 +206,7 @@ def _predicted_class(model: "HookedViT", cache: Any, image_index: int) -> int:
 
 
 def class_probability_view(
-    model: Any,
+    model: HookedViT,
     cache: Union[Mapping[str, Tensor], Tensor],
     *,
     image_index: int = 0,
@@ -208,12 +215,13 @@ def class_probability_view(
     hook: str = "hook_resid_post",
     source: Source = "local",
 ) -> InteractiveView:
-    """Probability of one class at every token after every block (circuitsvis ``colored_tokens_multi``).
+    """Probability of one class at every token after every block (circuitsvis
+    ``colored_tokens_multi``).
 
-    Tokens are labelled from ``model.layout``; hover a token to see its probability per block, pick a
-    block to colour the sequence by it. ``class_id`` (index or name) defaults to the model's prediction
-    for the image. ``cache`` may also be a batch of images. The static fallback puts the same numbers
-    on the patch grid (over ``image`` when given), prefix tokens in the titles.
+    Tokens are labelled from ``model.layout``; hover a token to see its probability per block, pick
+    a block to colour the sequence by it. ``class_id`` (index or name) defaults to the model's
+    prediction for the image. ``cache`` may also be a batch of images. The static fallback puts the
+    same numbers on the patch grid (over ``image`` when given), prefix tokens in the titles.
     """
     import circuitsvis
 
@@ -227,7 +235,7 @@ def class_probability_view(
         else model.to_single_token(class_id)
     )
     name = class_names_or_ids(model.class_names, model.cfg.n_classes)[c]
-    values = probs[image_index, :, :, c]  # [n_blocks, n_tokens]
+    values = probs[image_index, :, :, c]  # [block, pos]
     blocks = [f"block {b}" for b in range(values.shape[0])]
     labels = layout.token_labels()
     rendered = circuitsvis.tokens.colored_tokens_multi(labels, values.T.contiguous(), blocks)
@@ -256,7 +264,7 @@ def class_probability_view(
 
 
 def topk_tokens_view(
-    model: Any,
+    model: HookedViT,
     cache: Union[Mapping[str, Tensor], Tensor],
     *,
     image_indices: Optional[Sequence[int]] = None,
@@ -308,7 +316,7 @@ def topk_tokens_view(
             "prob": top_p.reshape(-1).double().cpu().numpy(),
         }
     )
-    first = probs[indices[0]].argmax(-1)  # [n_blocks, n_tokens]
+    first = probs[indices[0]].argmax(-1)  # [block, pos]
     class_names = getattr(model, "class_names", None)
     return InteractiveView(
         rendered,

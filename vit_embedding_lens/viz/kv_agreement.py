@@ -7,7 +7,7 @@ same colour.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -31,9 +31,9 @@ def kv_agreement_table(
     ``baseline_mean`` when a baseline is given.
 
     ``agreement`` is a tidy DataFrame (one row per block, or per block and class), a mapping
-    ``{sublayer: array [n_blocks] or [n_blocks, n_classes]}``, or one such array. ``baseline``: the same
-    forms, or, when ``agreement`` is a DataFrame, the name of its baseline column. In arrays, axis
-    ``block_axis`` is the block. Rates are fractions, or percentages with ``percent=True``.
+    ``{sublayer: array [block] or [block, class]}``, or one such array. ``baseline``: the
+    same forms, or, when ``agreement`` is a DataFrame, the name of its baseline column. In arrays,
+    axis ``block_axis`` is the block. Rates are fractions, or percentages with ``percent=True``.
     Example with the lens's memory usage (``block, sublayer, metric, value`` rows)::
 
         f = usage.to_frame().query("token_group == 'image'")
@@ -46,7 +46,7 @@ def kv_agreement_table(
                 f"baseline={baseline!r} names a column, but agreement has no such column"
             )
         baseline = agreement.drop(columns=[value_col]).rename(columns={baseline: value_col})
-    columns = dict(
+    columns: Dict[str, Any] = dict(
         block_col=block_col,
         group_col=group_col,
         value_col=value_col,
@@ -94,7 +94,8 @@ def plot_kv_agreement(
     title: Optional[str] = None,
     ax: Any = None,
 ):
-    """Agreement rate (%) per block for each memory type, with the random-class baseline; the Figure.
+    """Agreement rate (%) per block for each memory type, with the random-class baseline; the
+    Figure.
 
     Inputs: see :func:`kv_agreement_table`. The band spans the ``band`` percentiles over classes.
     """

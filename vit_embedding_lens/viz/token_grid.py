@@ -38,7 +38,8 @@ def as_grids(values: Any, layout: Any, what: str) -> tuple:
     if arr.ndim != 3:
         hint = "" if layout is not None else "; token vectors need layout= to be put on the grid"
         raise ValueError(
-            f"{what} must be [grid_h, grid_w] or [n_panels, grid_h, grid_w], got shape {arr.shape}{hint}"
+            f"{what} must be [grid_h, grid_w] or [n_panels, grid_h, grid_w], got shape "
+            f"{arr.shape}{hint}"
         )
     if layout is not None and tuple(arr.shape[-2:]) != tuple(layout.grid_size):
         raise ValueError(
@@ -54,8 +55,9 @@ def token_grid_table(
     layout: Any = None,
     class_names: Optional[Sequence[str]] = None,
 ) -> pd.DataFrame:
-    """The data behind :func:`plot_token_grid`: one row per panel and cell (``panel, row, col, value``
-    and ``label``), plus prefix tokens (``row``/``col`` missing, ``token`` named by the layout)."""
+    """The data behind :func:`plot_token_grid`: one row per panel and cell (``panel, row, col,
+    value`` and ``label``), plus prefix tokens (``row``/``col`` missing, ``token`` named by the
+    layout)."""
     grids, prefix = as_grids(values, layout, "values")
     text = _cell_labels(labels, grids.shape, layout, class_names, grids)
     n, gh, gw = grids.shape
@@ -135,14 +137,15 @@ def plot_token_grid(
     colorbar_label: Optional[str] = None,
     fontsize: Optional[float] = None,
 ):
-    """One panel per block: every image token's value (or top-1 class) on the patch grid; the Figure.
+    """One panel per block: every image token's value (or top-1 class) on the patch grid; the
+    Figure.
 
-    ``values``: ``[n_blocks, grid_h, grid_w]`` or ``[grid_h, grid_w]``; with ``layout=`` also
-    ``[n_blocks, n_tokens]`` or ``[n_blocks, n_patches]`` in token order (prefix values then appear in
-    the titles). Integer values are classes: coloured categorically and annotated with
-    ``class_names`` when given. ``image`` (``[C, H, W]`` or ``[H, W, C]``) is drawn underneath with the
-    grid at ``alpha``. ``labels``: text per cell, same shape as ``values`` (class ids are translated with
-    ``class_names``). Float values share one colour scale across panels.
+    ``values``: ``[block, grid_h, grid_w]`` or ``[grid_h, grid_w]``; with ``layout=`` also
+    ``[block, pos]`` or ``[block, n_patches]`` in token order (prefix values then appear
+    in the titles). Integer values are classes: coloured categorically and annotated with
+    ``class_names`` when given. ``image`` (``[C, H, W]`` or ``[H, W, C]``) is drawn underneath with
+    the grid at ``alpha``. ``labels``: text per cell, same shape as ``values`` (class ids are
+    translated with ``class_names``). Float values share one colour scale across panels.
     """
     grids, prefix = as_grids(values, layout, "values")
     categorical = np.issubdtype(grids.dtype, np.integer)

@@ -20,8 +20,8 @@ BUILTIN_ANALYSES["context_removal"] = ContextRemoval
 BUILTIN_ANALYSES["memories"] = MemoriesAnalysis
 BUILTIN_ANALYSES["attribution"] = AttributionBenchmark
 
-#: what ``vit-lens demo`` and ``analyze`` run unless ``--analyses`` says otherwise (the paper's analyses;
-#: ``cls_identifiability`` is a lighter subset of ``lens``)
+#: what ``vit-lens demo`` and ``analyze`` run unless ``--analyses`` says otherwise (the paper's
+#: analyses; ``cls_identifiability`` is a lighter subset of ``lens``)
 DEFAULT_ANALYSES = [name for name in BUILTIN_ANALYSES if name != "cls_identifiability"]
 
 for _name, _factory in BUILTIN_ANALYSES.items():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
 import numpy as np
 import pandas as pd
@@ -10,6 +10,9 @@ import pandas as pd
 from vit_embedding_lens.lens.ranks import class_rank
 from vit_embedding_lens.runner.analyses._common import class_names
 from vit_embedding_lens.runner.analysis import Analysis
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 
 class Accuracy(Analysis):
@@ -27,7 +30,7 @@ class Accuracy(Analysis):
     def config(self) -> Dict[str, Any]:
         return {"top_k": self.top_k}
 
-    def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
+    def run(self, model: HookedViT, batch: Any) -> Dict[str, np.ndarray]:
         logits, _ = batch.shared_forward(model)
         logits = logits.float()
         probs = logits.softmax(-1)
@@ -38,7 +41,9 @@ class Accuracy(Analysis):
             "confidence": probs.gather(-1, pred[:, None])[:, 0].cpu().numpy(),
         }
 
-    def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
+    def summarize(
+        self, results: Dict[str, np.ndarray], model: HookedViT
+    ) -> Dict[str, pd.DataFrame]:
         k = min(self.top_k, model.cfg.n_classes)
         rank, labels = results["correct_rank"], results["label"]
         names = class_names(model)
@@ -53,7 +58,7 @@ class Accuracy(Analysis):
         per_class.insert(1, "class_name", [names[c] for c in per_class["class"]])
         return {"summary": summary, "per_class": per_class}
 
-    def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
+    def figures(self, tables: Dict[str, pd.DataFrame], model: HookedViT) -> Dict[str, Any]:
         from matplotlib.figure import Figure
 
         per_class = tables["per_class"]

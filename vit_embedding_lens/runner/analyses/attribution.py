@@ -15,7 +15,7 @@ images share its batch), so a run gives the same numbers for any batch size.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,9 @@ from vit_embedding_lens.runner.analyses._attribution_options import (
     method_with_loss,
 )
 from vit_embedding_lens.runner.analysis import Analysis
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 METHODS = ("class_space", "chefer", "random")
 #: rows (image x ranking x order x n) per forward of the removal benchmark
@@ -101,13 +104,17 @@ class AttributionBenchmark(Analysis):
         """The numbers of image tokens kept: every ``n`` (``"full"``) or the grid."""
         return list(range(1, n_patches)) if self.n_keep == "full" else n_keep_grid(n_patches)
 
-    def scores(self, model: Any, batch: Any, method: str, seed: Optional[int]) -> torch.Tensor:
+    def scores(
+        self, model: HookedViT, batch: Any, method: str, seed: Optional[int]
+    ) -> torch.Tensor:
         """``[batch, n_patches]`` importance of every image token for the image's label."""
         from vit_embedding_lens.attribution import random_attribution
         from vit_embedding_lens.attribution.methods import get_attribution_method
 
         images, labels = batch.images, batch.labels.long()
         if method == "random":
+            if seed is None:
+                raise ValueError("the random ranking needs a seed")
             rows = [
                 random_attribution(
                     model, images[i : i + 1], seed=self.image_seed(seed, int(idx))
@@ -123,7 +130,7 @@ class AttributionBenchmark(Analysis):
         """The random ranking's seed of the image at data set position ``index``."""
         return seed * 1_000_003 + index
 
-    def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
+    def run(self, model: HookedViT, batch: Any) -> Dict[str, np.ndarray]:
         layout = model.layout
         grid = self.n_values(layout.n_patches)
         rankings = self.rankings()
@@ -153,7 +160,7 @@ class AttributionBenchmark(Analysis):
         correct = hits.view(K, R, O, n).permute(3, 1, 2, 0).numpy()
         return {"correct": correct}
 
-    def result(self, results: Dict[str, np.ndarray], model: Any) -> PerturbationResult:
+    def result(self, results: Dict[str, np.ndarray], model: HookedViT) -> PerturbationResult:
         """The :class:`PerturbationResult` of the stored images (accuracy = mean over images)."""
         correct = np.asarray(results["correct"])
         rankings = self.rankings()
@@ -161,18 +168,21 @@ class AttributionBenchmark(Analysis):
         if correct.shape[1:] != (len(rankings), len(ORDERS), len(grid)):
             raise ValueError(
                 f"the stored results have shape {correct.shape[1:]} per image, expected "
-                f"{(len(rankings), len(ORDERS), len(grid))}; summarize with the configuration the run used"
+                f"{(len(rankings), len(ORDERS), len(grid))}; summarize with the configuration the "
+                "run used"
             )
         accuracy = torch.from_numpy(correct.mean(axis=0, dtype=np.float64))  # [R, O, n]
         return PerturbationResult.from_accuracy(
             rankings, ORDERS, grid, accuracy, model.layout.n_patches
         )
 
-    def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
+    def summarize(
+        self, results: Dict[str, np.ndarray], model: HookedViT
+    ) -> Dict[str, pd.DataFrame]:
         result = self.result(results, model)
         return {"curves": result.curves, "auc": result.auc, "summary": result.summary()}
 
-    def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
+    def figures(self, tables: Dict[str, pd.DataFrame], model: HookedViT) -> Dict[str, Any]:
         from vit_embedding_lens.attribution import plot_perturbation_curves
 
         result = PerturbationResult(tables["curves"], tables["auc"], model.layout.n_patches)

@@ -36,8 +36,8 @@ IMAGE, CLASS, CONTEXT = "image", "class", "context"
 
 
 class ClsIdentifiability(Analysis):
-    """Per image: ``token_rank [n_layers, n_tokens]`` (rank of the correct class per token and
-    block), and ``class_token [n_tokens]`` when the data set has masks.
+    """Per image: ``token_rank [block, pos]`` (rank of the correct class per token and
+    block), and ``class_token [pos]`` when the data set has masks.
 
     Tables: ``by_block`` (one row per block and token group: mean score, % identifiable, % of images
     with at least one identifiable token) and ``per_image`` (one row per image and block).
@@ -55,6 +55,10 @@ class ClsIdentifiability(Analysis):
         _, cache = batch.shared_forward(model)
         projection = ClassProjection(model)
         dtype = rank_dtype(model.cfg.n_classes)
+        if cache is None:  # the runner caches what hook_names() asks for
+            raise RuntimeError(
+                "cls_identifiability needs the batch's cached resid_post activations"
+            )
         ranks = []
         for name in self.hook_names(model):
             logits = projection(cache[name].float())  # [batch, tokens, classes]
@@ -95,10 +99,8 @@ class ClsIdentifiability(Analysis):
                     member.any(-1),
                 )
         rows = []
-        for group, (frac, mean_score, any_ident, has) in groups.items():
-            frac, mean_score, any_ident, has = (
-                t.numpy() for t in (frac, mean_score, any_ident, has)
-            )
+        for group, tensors in groups.items():
+            frac, mean_score, any_ident, has = (t.numpy() for t in tensors)
             for layer in range(n_layers):
                 rows.append(
                     {
@@ -128,7 +130,7 @@ class ClsIdentifiability(Analysis):
         wide.columns = [f"% {c}" for c in wide.columns]
         return wide.reset_index()
 
-    def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
+    def figures(self, tables: Dict[str, pd.DataFrame], model: HookedViT) -> Dict[str, Any]:
         from matplotlib.figure import Figure
 
         by_block = tables["by_block"]

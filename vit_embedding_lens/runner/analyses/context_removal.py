@@ -15,7 +15,7 @@ nothing but ``has_mask`` and its table says so.
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
 import numpy as np
 import pandas as pd
@@ -28,9 +28,15 @@ from vit_embedding_lens.runner.analyses._kept_tokens import (
 )
 from vit_embedding_lens.runner.analysis import Analysis
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 #: the conditions, in the order of the stored arrays' condition axis
 CONDITIONS = ("all_tokens", "class_tokens_only", "context_tokens_only")
-NO_MASK_NOTE = "the data set has no segmentation masks, so class and context tokens are unknown; nothing was run"
+NO_MASK_NOTE = (
+    "the data set has no segmentation masks, so class and context tokens are unknown; nothing was "
+    "run"
+)
 
 
 class ContextRemoval(Analysis):
@@ -58,7 +64,7 @@ class ContextRemoval(Analysis):
             "identifiability": {"tokens": self.tokens, "block": "last", "stream": "resid_post"},
         }
 
-    def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
+    def run(self, model: HookedViT, batch: Any) -> Dict[str, np.ndarray]:
         from vit_embedding_lens.interventions import (
             keep_class_tokens,
             keep_context_tokens,
@@ -103,14 +109,17 @@ class ContextRemoval(Analysis):
             "pct_identifiable": pct,
         }
 
-    def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
+    def summarize(
+        self, results: Dict[str, np.ndarray], model: HookedViT
+    ) -> Dict[str, pd.DataFrame]:
         if "correct" not in results:
             return {"note": pd.DataFrame([{"analysis": self.name, "note": NO_MASK_NOTE}])}
         correct, n_kept = results["correct"], results["n_kept"]
         pct = results.get("pct_identifiable", np.full(correct.shape, np.nan))
         if correct.shape[1] != len(CONDITIONS):
             raise ValueError(
-                f"the stored results have {correct.shape[1]} conditions, expected {list(CONDITIONS)}"
+                f"the stored results have {correct.shape[1]} conditions, expected "
+                f"{list(CONDITIONS)}"
             )
         rows = []
         prefix = model.layout.n_prefix
@@ -132,7 +141,7 @@ class ContextRemoval(Analysis):
             )
         return {"accuracy": pd.DataFrame(rows)}
 
-    def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
+    def figures(self, tables: Dict[str, pd.DataFrame], model: HookedViT) -> Dict[str, Any]:
         if "accuracy" not in tables:
             return {}
         from vit_embedding_lens.viz._figures import new_figure

@@ -11,7 +11,7 @@ its values are NaN.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,10 @@ import torch
 from vit_embedding_lens.lens.metrics import per_image_identifiability
 from vit_embedding_lens.lens.streaming import LensRecorder
 from vit_embedding_lens.runner.analysis import Analysis
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.interventions.knockout import Mode
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 #: the conditions, in the order of the stored arrays' condition axis
 NONE = "none"
@@ -40,7 +44,7 @@ class KnockoutAnalysis(Analysis):
     def __init__(
         self,
         conditions: Sequence[str] = CONDITIONS,
-        mode: str = "pre_softmax",
+        mode: Mode = "pre_softmax",
         tokens: str = "image",
     ) -> None:
         from vit_embedding_lens.runner.analyses._kept_tokens import TOKEN_SETS
@@ -66,11 +70,11 @@ class KnockoutAnalysis(Analysis):
             "tokens": self.tokens,
         }
 
-    def applies(self, model: Any, condition: str) -> bool:
+    def applies(self, model: HookedViT, condition: str) -> bool:
         """Whether ``condition`` can be run on ``model`` (``no_cls`` needs a CLS token)."""
         return condition != "no_cls" or model.layout.cls_index is not None
 
-    def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
+    def run(self, model: HookedViT, batch: Any) -> Dict[str, np.ndarray]:
         from vit_embedding_lens.interventions import knockout
 
         if self._recorder is None or self._recorder.model is not model:
@@ -100,7 +104,9 @@ class KnockoutAnalysis(Analysis):
             correct[:, c] = (logits.argmax(-1) == labels).float().cpu().numpy()
         return {"pct_identifiable": pct, "correct": correct}
 
-    def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
+    def summarize(
+        self, results: Dict[str, np.ndarray], model: HookedViT
+    ) -> Dict[str, pd.DataFrame]:
         pct, correct = results["pct_identifiable"], results["correct"]
         _check_axis(pct.shape[1], self.conditions)
         rows = []
@@ -130,7 +136,7 @@ class KnockoutAnalysis(Analysis):
             )
         return {"identifiability": pd.DataFrame(rows), "accuracy": pd.DataFrame(accuracy)}
 
-    def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
+    def figures(self, tables: Dict[str, pd.DataFrame], model: HookedViT) -> Dict[str, Any]:
         from vit_embedding_lens.viz._figures import new_figure
 
         table = tables["identifiability"]

@@ -2,15 +2,16 @@
 
 Per image it stores the lens's per-token readings (:class:`~vit_embedding_lens.lens.LensResult`:
 ranks of the correct class at every block's attention write-in, MLP write-in and residual stream,
-change flags, composition bits), and with ``random_twin`` the residual-stream ranks of the random-init
-twin on the same image. The readings are taken by hooks during the batch's shared forward pass, so the
-analysis adds no forward pass of its own (the twin's pass is its own, by necessity).
+change flags, composition bits), and with ``random_twin`` the residual-stream ranks of the
+random-init twin on the same image. The readings are taken by hooks during the batch's shared
+forward pass, so the analysis adds no forward pass of its own (the twin's pass is its own, by
+necessity).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Literal, Optional, Union, cast
 
 import numpy as np
 import pandas as pd
@@ -38,7 +39,7 @@ class LensAnalysis(Analysis):
         self.random_twin = random_twin
         self.twin_seed = twin_seed
         self._recorder: Optional[LensRecorder] = None
-        self._twin = None
+        self._twin: Union[HookedViT, Literal[False], None] = None  # False: no twin for this model
 
     def config(self) -> Dict[str, Any]:
         return {"random_twin": self.random_twin, "twin_seed": self.twin_seed, "kinds": list(KINDS)}
@@ -57,7 +58,7 @@ class LensAnalysis(Analysis):
                 model, batch.images, batch.labels, recorder=self._recorder_for(model)
             )
         else:
-            result = recorder.result
+            result = cast(LensRecorder, recorder).result
         out = _to_arrays(result)
         if batch.token_masks is not None:
             out["class_token"] = batch.token_masks.cpu().numpy()
@@ -74,21 +75,24 @@ class LensAnalysis(Analysis):
             self._recorder = LensRecorder(model)
         return self._recorder
 
-    def _twin_of(self, model: Any):
+    def _twin_of(self, model: HookedViT) -> Optional[HookedViT]:
         """The random-init twin, built once; None (with one warning) when the architecture cannot be
         rebuilt from its name, so a long run goes on without the comparison instead of failing."""
         if self._twin is None:
             from vit_embedding_lens.lens.baseline import random_init_twin
 
             try:
-                self._twin = random_init_twin(model, seed=self.twin_seed)
-                self._twin.validate_inputs = False
+                twin = random_init_twin(model, seed=self.twin_seed)
+                twin.validate_inputs = False
+                self._twin = twin
             except ValueError as err:
                 warnings.warn(f"lens: no random-init comparison: {err}", stacklevel=2)
                 self._twin = False
         return self._twin or None
 
-    def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
+    def summarize(
+        self, results: Dict[str, np.ndarray], model: HookedViT
+    ) -> Dict[str, pd.DataFrame]:
         result = from_arrays(results, model)
         random = None
         if "random_rank_resid" in results:
@@ -101,7 +105,7 @@ class LensAnalysis(Analysis):
         tables["per_image_scores"] = _per_image_scores(result, random)
         return tables
 
-    def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
+    def figures(self, tables: Dict[str, pd.DataFrame], model: HookedViT) -> Dict[str, Any]:
         from vit_embedding_lens.viz import plot_change_rates, plot_identifiability_evolution
 
         scores = tables["per_image_scores"]
@@ -152,7 +156,7 @@ def _to_arrays(result: LensResult) -> Dict[str, np.ndarray]:
 
 
 def from_arrays(
-    results: Dict[str, np.ndarray], model: Any, rank_resid: Optional[np.ndarray] = None
+    results: Dict[str, np.ndarray], model: HookedViT, rank_resid: Optional[np.ndarray] = None
 ) -> LensResult:
     """A :class:`LensResult` from the stored per-image arrays (``rank_resid`` swaps in another
     model's residual ranks, e.g. the random twin's, keeping everything else)."""

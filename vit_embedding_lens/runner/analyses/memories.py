@@ -1,9 +1,10 @@
 """Key-value memories as a runner analysis (METHODS §4).
 
-Per image it stores the counts of :func:`~vit_embedding_lens.lens.memory_usage.memory_usage_per_image`
-(tokens that agree with the label's top memories, that match a top memory's class, and that agree
-with randomly drawn classes, per block × sublayer × token group); ``summarize`` folds them by class
-into a :class:`~vit_embedding_lens.lens.MemoryUsage`, so the rates are exactly those of
+Per image it stores the counts of
+:func:`~vit_embedding_lens.lens.memory_usage.memory_usage_per_image` (tokens that agree with the
+label's top memories, that match a top memory's class, and that agree with randomly drawn classes,
+per block × sublayer × token group); ``summarize`` folds them by class into a
+:class:`~vit_embedding_lens.lens.MemoryUsage`, so the rates are exactly those of
 :func:`~vit_embedding_lens.lens.memory_usage` over the same images and draws. The random classes of
 a batch are drawn from a generator seeded by ``seed`` and the batch's first data set index, so a
 resumed run draws the same classes. The class-value agreement against the random-init twin uses the
@@ -13,7 +14,7 @@ weights only and is computed in ``summarize``.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,9 @@ from vit_embedding_lens.lens.memory_usage import (
 )
 from vit_embedding_lens.lens.ranks import class_rank
 from vit_embedding_lens.runner.analysis import Analysis
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 SUBLAYERS = ("mlp", "attn")
 
@@ -71,7 +75,7 @@ class MemoriesAnalysis(Analysis):
             "head": "mean",
         }
 
-    def run(self, model: Any, batch: Any) -> Dict[str, np.ndarray]:
+    def run(self, model: HookedViT, batch: Any) -> Dict[str, np.ndarray]:
         if self._tables_of is not model:  # value projections from the weights, once per model
             self._tables = MemoryTables.from_model(model, SUBLAYERS, self.top_memories)
             self._tables_of = model
@@ -102,10 +106,11 @@ class MemoriesAnalysis(Analysis):
         }
 
     def batch_seed(self, first_index: int) -> int:
-        """The random-class generator's seed for the batch that starts at data set index ``first_index``."""
+        """The random-class generator's seed for the batch that starts at data set index
+        ``first_index``."""
         return self.seed * 1_000_003 + first_index
 
-    def usage(self, results: Dict[str, np.ndarray], model: Any):
+    def usage(self, results: Dict[str, np.ndarray], model: HookedViT):
         """The per-class :class:`~vit_embedding_lens.lens.MemoryUsage` of the stored images."""
         counts = PerImageMemoryCounts(
             kinds=SUBLAYERS,
@@ -134,7 +139,9 @@ class MemoriesAnalysis(Analysis):
             counts, torch.from_numpy(np.asarray(results["correct"])), seed=self.seed
         )
 
-    def summarize(self, results: Dict[str, np.ndarray], model: Any) -> Dict[str, pd.DataFrame]:
+    def summarize(
+        self, results: Dict[str, np.ndarray], model: HookedViT
+    ) -> Dict[str, pd.DataFrame]:
         usage = self.usage(results, model)
         tables = {"usage": usage.to_frame(), "per_class": usage.per_class_frame()}
         if "correct" in results:
@@ -158,7 +165,7 @@ class MemoriesAnalysis(Analysis):
                 tables["class_values"] = comparison.classes
         return tables
 
-    def figures(self, tables: Dict[str, pd.DataFrame], model: Any) -> Dict[str, Any]:
+    def figures(self, tables: Dict[str, pd.DataFrame], model: HookedViT) -> Dict[str, Any]:
         from vit_embedding_lens.viz import plot_kv_agreement
 
         per_class = tables["per_class"]
