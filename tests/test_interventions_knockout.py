@@ -39,7 +39,8 @@ def all_names(model, suffix):
 
 
 def hand_attention(q, k, v, allowed, mode):
-    """Attention from cached q, k, v [B, N, H, dh] with an allowed mask, by explicit loops over heads."""
+    """Attention from cached q, k, v [B, N, H, dh] with an allowed mask, by explicit loops over
+    heads."""
     B, N, H, dh = q.shape
     z = torch.empty_like(q)
     for h in range(H):

@@ -117,7 +117,8 @@ def randomize_vit_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def create_timm_vit(name: str, seed: int = 0, **overrides: Any) -> nn.Module:
-    """``timm.create_model(name, pretrained=False, **overrides)`` with randomized weights, in eval mode.
+    """``timm.create_model(name, pretrained=False, **overrides)`` with randomized weights, in eval
+    mode.
 
     Never downloads anything. ``overrides`` are timm model kwargs, e.g.
     ``depth=2, embed_dim=64, num_heads=4, img_size=64`` for a small, fast model.
@@ -179,8 +180,9 @@ def assert_close_scaled(
 
 
 def create_prefix_variant(n_prefix: int, seed: int = 0, **kwargs: Any) -> nn.Module:
-    """A small timm ViT with ``n_prefix`` prefix tokens (a key of :data:`PREFIX_VARIANTS`), realistic
-    random weights; ``kwargs`` (sizes, ``num_classes``, ...) go to :func:`create_timm_vit`."""
+    """A small timm ViT with ``n_prefix`` prefix tokens (a key of :data:`PREFIX_VARIANTS`),
+    realistic random weights; ``kwargs`` (sizes, ``num_classes``, ...) go to
+    :func:`create_timm_vit`."""
     if n_prefix not in PREFIX_VARIANTS:
         raise ValueError(
             f"no variant with {n_prefix} prefix tokens; choose from {sorted(PREFIX_VARIANTS)}"

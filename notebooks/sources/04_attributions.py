@@ -38,7 +38,8 @@ on_digit = layout.patch_tokens(
     digits.class_token_mask(layout)[subset], dim=1
 )  # [images, n_patches]
 print(
-    f"{len(labels)} digits, {layout.n_patches} image tokens each, {on_digit.sum(1).float().mean():.1f} on the stroke"
+    f"{len(labels)} digits, {layout.n_patches} image tokens each, "
+    f"{on_digit.sum(1).float().mean():.1f} on the stroke"
 )
 
 # %% [markdown]
@@ -115,11 +116,11 @@ pd.Series(
 # ## 3. The token-removal benchmark
 #
 # Rank the image tokens by importance and let the model see only the CLS token and `n` of them
-# (the rest are removed from the sequence). **Positive** order: the most important are removed first,
-# so the `n` least important are kept; a good map makes accuracy fall fast (lower AUC is better).
-# **Negative** order: the `n` most important are kept (higher AUC is better).
-# `AUC = sum(acc) / (max(acc) · N)`. Random is run with three seeds; probe scores (section 4) can join
-# as another method. Every 4th `n` keeps this notebook quick.
+# (the rest are removed from the sequence). **Positive** order: the most important are removed
+# first, so the `n` least important are kept; a good map makes accuracy fall fast (lower AUC is
+# better). **Negative** order: the `n` most important are kept (higher AUC is better).
+# `AUC = sum(acc) / (max(acc) · N)`. Random is run with three seeds; probe scores (section 4) can
+# join as another method. Every 4th `n` keeps this notebook quick.
 
 # %%
 comparison = attribution.probe_comparison(
@@ -148,11 +149,11 @@ summary["negative - positive"] = summary["negative"] - summary["positive"]
 summary.sort_values("negative - positive", ascending=False)
 
 # %% [markdown]
-# On ImageNet the paper finds the class-space maps competitive with Chefer's relevance. On this small
-# MNIST model they are not: their top tokens lie on the stroke hardly more often than random ones
-# (section 2), and keeping them gives *lower* accuracy than keeping random tokens (negative order).
-# Chefer's relevance and rollout, which follow the attention flow back to the input, find the
-# stroke and win both orders. What the class-space gradient asks is which tokens' *values*, read
+# On ImageNet the paper finds the class-space maps competitive with Chefer's relevance. On this
+# small MNIST model they are not: their top tokens lie on the stroke hardly more often than random
+# ones (section 2), and keeping them gives *lower* accuracy than keeping random tokens (negative
+# order). Chefer's relevance and rollout, which follow the attention flow back to the input, find
+# the stroke and win both orders. What the class-space gradient asks is which tokens' *values*, read
 # through `E`, would favour the class if the CLS token attended to them more; on this model, where
 # most image tokens do not read as their digit's class even in the last block (notebook 02: about
 # 30 % are identifiable), that is not where the evidence for the class is. Each block's part on its
@@ -222,7 +223,8 @@ attribution.plot_probe_comparison(
 
 # %%
 print(
-    f"probes trained on {len(comparison.train_indices)} digits, evaluated on {len(comparison.test_indices)}"
+    f"probes trained on {len(comparison.train_indices)} digits, evaluated on "
+    f"{len(comparison.test_indices)}"
 )
 comparison.table.query("layer == 'resid_post' and kind == 'image'").groupby(["block", "readout"])[
     "accuracy"

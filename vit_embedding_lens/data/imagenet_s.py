@@ -95,8 +95,8 @@ def split_folders(root: Union[str, Path], split: str = "validation") -> Tuple[Pa
         if images.is_dir():
             if not masks.is_dir():
                 raise FileNotFoundError(
-                    f"found ImageNet-S images in {images} but no masks folder {masks}; download the "
-                    f"segmentation annotations (datapreparation_anno.sh) or use --layout folder"
+                    f"found ImageNet-S images in {images} but no masks folder {masks}; download "
+                    f"the segmentation annotations (datapreparation_anno.sh) or use --layout folder"
                 )
             return images, masks
     raise FileNotFoundError(
@@ -142,7 +142,8 @@ def imagenet_s_records(
     per_class: Optional[int] = 5,
     drop_short_classes: bool = True,
 ) -> List[ImageRecord]:
-    """Records (image, mask, class, mask id) of the first ``per_class`` JPEGs (sorted) of each class."""
+    """Records (image, mask, class, mask id) of the first ``per_class`` JPEGs (sorted) of each
+    class."""
     records: List[ImageRecord] = []
     short, empty = [], []
     for synset in sorted(class_index):
@@ -166,7 +167,8 @@ def imagenet_s_records(
             )
     if empty:
         raise ValueError(
-            f"{len(empty)} ImageNet-S class folders in {images_dir} have no JPEG images: {empty[:20]}"
+            f"{len(empty)} ImageNet-S class folders in {images_dir} have no JPEG images: "
+            f"{empty[:20]}"
         )
     if short:
         action = (
@@ -207,9 +209,10 @@ def verify_segmentation_ids(
             wrong.append(f"{r.image_id}: expected id {r.mask_label}, mask has {dominant}")
     if wrong:
         raise ValueError(
-            f"segmentation ids do not match the masks ({len(wrong)} of {len(chosen)} checked): {wrong[:5]}. "
-            f"Without a categories file ids are positions in the sorted synset folders, which holds only "
-            f"for a complete split; pass the official {CATEGORIES_FILE} (categories=... / --categories)"
+            f"segmentation ids do not match the masks ({len(wrong)} of {len(chosen)} checked): "
+            f"{wrong[:5]}. Without a categories file ids are positions in the sorted synset "
+            f"folders, which holds only for a complete split; pass the official {CATEGORIES_FILE} "
+            "(categories=... / --categories)"
         )
 
 
@@ -228,7 +231,8 @@ def imagenet_s_dataset(
     verify: bool = True,
     on_error: str = "skip",
 ) -> ImageDataset:
-    """ImageNet-S images with their masks as per-token class masks for ``model`` (see module doc)."""
+    """ImageNet-S images with their masks as per-token class masks for ``model`` (see module
+    doc)."""
     root = Path(root).resolve()
     images_dir, masks_dir = split_folders(root, split)
     folders = sorted(

@@ -50,8 +50,9 @@ class Preprocessing:
         chans = self.input_size[0]
         if len(self.mean) != chans or len(self.std) != chans:
             raise ValueError(
-                f"the preprocessing's mean {self.mean} / std {self.std} do not have one value per input "
-                f"channel ({chans}); pass a data config for a {chans}-channel model or use --preprocess paper"
+                f"the preprocessing's mean {self.mean} / std {self.std} do not have one value per "
+                f"input channel ({chans}); pass a data config for a {chans}-channel model or use "
+                "--preprocess paper"
             )
 
     @property
@@ -80,7 +81,8 @@ class Preprocessing:
         return d
 
     def image_transform(self) -> Callable[[Image.Image], Tensor]:
-        """PIL image -> normalized float tensor ``[C, H, W]``, built by timm's ``create_transform``."""
+        """PIL image -> normalized float tensor ``[C, H, W]``, built by timm's
+        ``create_transform``."""
         from timm.data import create_transform
 
         return create_transform(
@@ -94,7 +96,8 @@ class Preprocessing:
         )
 
     def mask_transform(self) -> Callable[[Image.Image], Image.Image]:
-        """PIL mask -> PIL mask on the model's input pixels (nearest, zero fill): the image's geometry."""
+        """PIL mask -> PIL mask on the model's input pixels (nearest, zero fill): the image's
+        geometry."""
         return geometric_part(self.image_transform(), nearest=True)
 
 
@@ -129,8 +132,8 @@ def geometric_part(transform: Any, nearest: bool = True) -> Callable[[Image.Imag
                 step.fill = 0
         elif not isinstance(step, (T.CenterCrop, TrimBorder)):
             raise TypeError(
-                f"cannot replay the preprocessing step {type(step).__name__} on masks; masks can follow "
-                f"Resize, ResizeKeepRatio, CenterCrop, CenterCropOrPad and TrimBorder"
+                f"cannot replay the preprocessing step {type(step).__name__} on masks; masks can "
+                f"follow Resize, ResizeKeepRatio, CenterCrop, CenterCropOrPad and TrimBorder"
             )
         geometric.append(step)
 
@@ -147,7 +150,8 @@ def resolve_preprocessing(
     kind: str = "timm",
     data_config: Optional[Mapping[str, Any]] = None,
 ) -> Preprocessing:
-    """The preprocessing for ``model`` (a HookedViT): ``"timm"`` from its data config, or ``"paper"``.
+    """The preprocessing for ``model`` (a HookedViT): ``"timm"`` from its data config, or
+    ``"paper"``.
 
     ``data_config`` is a timm data config (``timm.data.resolve_data_config(model=timm_model)``); for
     ``"timm"`` without one, timm's defaults are used (ImageNet mean/std, bicubic, crop 0.875). The
@@ -184,7 +188,8 @@ def resolve_preprocessing(
 
 
 def binary_mask_image(mask: np.ndarray) -> Image.Image:
-    """A boolean ``[H, W]`` array as a PIL ``L`` image (0 / 255), ready for :meth:`mask_transform`."""
+    """A boolean ``[H, W]`` array as a PIL ``L`` image (0 / 255), ready for
+    :meth:`mask_transform`."""
     return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8))  # 2-D uint8: mode "L"
 
 

@@ -3,8 +3,9 @@
 After Geva et al., a sublayer's output is a weighted sum of fixed *value* vectors, one per memory,
 weighted by per-token *coefficients*:
 
-- MLP (block ``l``): memory ``i`` is neuron ``i``; its key is ``W_in[:, i]``, its value ``W_out[i, :]``
-  (timm's ``fc2.weight[:, i]``), its coefficient the pre-activation ``mlp.hook_pre[..., i]``.
+- MLP (block ``l``): memory ``i`` is neuron ``i``; its key is ``W_in[:, i]``, its value
+  ``W_out[i, :]`` (timm's ``fc2.weight[:, i]``), its coefficient the pre-activation
+  ``mlp.hook_pre[..., i]``.
 - Attention: memory ``(h, e)`` is entry ``e`` of head ``h``; its value is ``W_O[h, e, :]`` (timm's
   ``proj.weight[:, h * d_head + e]``), its coefficient the head output ``attn.hook_z[..., h, e]``.
   Memories are numbered ``h * d_head + e``, the order of timm's concatenated heads.
@@ -12,12 +13,13 @@ weighted by per-token *coefficients*:
 LayerScale is already folded into ``W_O``/``W_out``, so a value is what the memory writes into the
 residual stream. Output biases (``b_O``, ``b_out``) belong to no memory and are left out.
 
-Residual post-norm blocks (``x + norm(f(x))``, timm's ``ResPostBlock``) write ``norm(Σ c_i v_i + b)``.
-The norm centres, divides by one positive per-token scale ``σ`` and adds its bias, so memory ``i``
-writes exactly ``c_i / σ · w ⊙ (v_i - mean(v_i))`` (``c_i`` the post-activation for the MLP); for those
-blocks the value is that write-in direction ``w ⊙ (v_i - mean(v_i))`` (the block norm's weight times
-the centred raw value), not the raw ``W_out`` row. The norm's bias, like the output bias, belongs to
-no memory. (Top memories and classes are unaffected by ``1/σ``, which is the same for every memory.)
+Residual post-norm blocks (``x + norm(f(x))``, timm's ``ResPostBlock``) write
+``norm(Σ c_i v_i + b)``. The norm centres, divides by one positive per-token scale ``σ`` and adds
+its bias, so memory ``i`` writes exactly ``c_i / σ · w ⊙ (v_i - mean(v_i))`` (``c_i`` the
+post-activation for the MLP); for those blocks the value is that write-in direction
+``w ⊙ (v_i - mean(v_i))`` (the block norm's weight times the centred raw value), not the raw
+``W_out`` row. The norm's bias, like the output bias, belongs to no memory. (Top memories and
+classes are unaffected by ``1/σ``, which is the same for every memory.)
 
 The value projection ``P = E · Vᵀ`` (``[n_classes, n_memories]``) reads every value with the class
 embeddings ``E`` (the classifier head's weight as the model holds it, after any weight processing):
@@ -78,7 +80,8 @@ def coefficient_hook_name(block: int, kind: SublayerKind) -> str:
 
 
 def write_in_hook_name(block: int, kind: SublayerKind) -> str:
-    """The hook point of what the sublayer writes into the residual stream (``attn_out``/``mlp_out``)."""
+    """The hook point of what the sublayer writes into the residual stream
+    (``attn_out``/``mlp_out``)."""
     return act_name(f"{check_kind(kind)}_out", block)
 
 
@@ -86,14 +89,16 @@ def memory_coefficients(
     activation: Union[Float[Tensor, "batch pos d_mlp"], Float[Tensor, "batch pos n_heads d_head"]],
     kind: SublayerKind,
 ) -> Float[Tensor, "batch pos n_memories"]:
-    """Coefficients from the activation at :func:`coefficient_hook_name`: ``hook_z`` heads concatenated."""
+    """Coefficients from the activation at :func:`coefficient_hook_name`: ``hook_z`` heads
+    concatenated."""
     if check_kind(kind) == "mlp":
         return activation
     return einops.rearrange(activation, "... pos head d_head -> ... pos (head d_head)")
 
 
 def memory_values(model, block: int, kind: SublayerKind) -> Float[Tensor, "n_memories d_model"]:
-    """The value vectors of a sublayer, one row per memory (what each memory writes; see module doc)."""
+    """The value vectors of a sublayer, one row per memory (what each memory writes; see module
+    doc)."""
     block = resolve_block(model, block)
     layer = model.blocks[block]
     if check_kind(kind) == "mlp":
@@ -109,7 +114,8 @@ def memory_values(model, block: int, kind: SublayerKind) -> Float[Tensor, "n_mem
 
 
 def memory_keys(model, block: int) -> Float[Tensor, "d_mlp d_model"]:
-    """The MLP's key vectors ``W_in[:, i]``, one row per neuron (attention memories have no key row)."""
+    """The MLP's key vectors ``W_in[:, i]``, one row per neuron (attention memories have no key
+    row)."""
     return model.blocks[resolve_block(model, block)].mlp.W_in.T
 
 
@@ -117,8 +123,8 @@ def memory_keys(model, block: int) -> Float[Tensor, "d_mlp d_model"]:
 def class_embeddings(model, head: HeadChoice = "mean") -> Float[Tensor, "n_classes d_model"]:
     """``E``: one row per class, the classifier head's weight as the model holds it.
 
-    Distilled models have two heads; ``head`` picks them as :class:`ClassProjection` does: ``"mean"``
-    (the average of both, as timm averages their logits), ``"cls"`` or ``"dist"``.
+    Distilled models have two heads; ``head`` picks them as :class:`ClassProjection` does:
+    ``"mean"`` (the average of both, as timm averages their logits), ``"cls"`` or ``"dist"``.
     """
     weight, _ = classifier_head(model, head)
     return weight.T
@@ -135,7 +141,8 @@ def value_projection(
 def class_top_memories(
     projection: Float[Tensor, "n_classes n_memories"], k: int = 5
 ) -> Int[Tensor, "n_classes k"]:
-    """Per class, the ``k`` memories whose values write the largest logit for it (by ``P[c, :]``)."""
+    """Per class, the ``k`` memories whose values write the largest logit for it (by
+    ``P[c, :]``)."""
     check_k(k, projection.shape[-1], "memories per class")
     return projection.topk(k, dim=-1).indices
 
@@ -199,10 +206,12 @@ def class_value_agreement_frame(
 
 
 class ClassValueComparison(NamedTuple):
-    """Class-value agreement of a model and its random-init twin (unpacks as ``tests, classes, ...``)."""
+    """Class-value agreement of a model and its random-init twin (unpacks as
+    ``tests, classes, ...``)."""
 
     #: one row per block and sublayer: ``block, sublayer, trained, random, effect, statistic,
-    #: p_value, stars`` (means over classes; one-sided paired Wilcoxon over classes, trained > random)
+    #: p_value,
+    #: stars`` (means over classes; one-sided paired Wilcoxon over classes, trained > random)
     tests: pd.DataFrame
     #: per-class values of both models, tidy (as :func:`class_value_agreement_frame`)
     classes: pd.DataFrame
@@ -232,8 +241,9 @@ def compare_class_value_agreement(
     random = class_value_agreement(twin, kinds, head)
     if trained.shape != random.shape:
         raise ValueError(
-            f"the twin's agreement has shape {tuple(random.shape)}, the model's {tuple(trained.shape)}: "
-            f"pass a twin of the same architecture (same blocks, classes and widths)"
+            f"the twin's agreement has shape {tuple(random.shape)}, the model's "
+            f"{tuple(trained.shape)}: pass a twin of the same architecture (same blocks, classes "
+            "and widths)"
         )
     rows = []
     for k, kind in enumerate(kinds):
@@ -307,7 +317,8 @@ def value_topk(
         ):
             shape = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
             raise ValueError(
-                f"vector must be a tensor [d_model] or [n, d_model] with d_model={model.cfg.d_model}, got {shape}"
+                "vector must be a tensor [d_model] or [n, d_model] with "
+                f"d_model={model.cfg.d_model}, got {shape}"
             )
         vectors = vector.reshape(-1, model.cfg.d_model).to(embeddings)
         indices = list(range(vectors.shape[0]))
@@ -323,7 +334,8 @@ def value_topk(
         bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < n]
         if bad or not indices:
             raise ValueError(
-                f"memory indices must be ints in 0..{n - 1} for the {kind} of block {block}, got {bad or indices}"
+                f"memory indices must be ints in 0..{n - 1} for the {kind} of block {block}, got "
+                f"{bad or indices}"
             )
         vectors = memory_values(model, block, kind)[indices]
         labels = [{"block": block, "sublayer": kind, "memory": i} for i in indices]
@@ -352,8 +364,8 @@ def top_memories(
 ) -> pd.DataFrame:
     """The ``k`` memories whose values write the largest logit for a class (an index or a name).
 
-    Rows: ``block, sublayer, class, class_name, rank, memory, score`` (``score = P[c, memory]``), plus
-    each memory's own top class (``memory_class``), the argmax over its column of ``P``.
+    Rows: ``block, sublayer, class, class_name, rank, memory, score`` (``score = P[c, memory]``),
+    plus each memory's own top class (``memory_class``), the argmax over its column of ``P``.
     """
     block = resolve_block(model, block)
     c = model.to_single_token(class_id)

@@ -1,23 +1,23 @@
 """Which memories the tokens use: key-value agreement and compositionality, streamed (METHODS §4).
 
-For every token, block and sublayer, its *most activated* memories are the ``k`` (default 5) with the
-largest coefficients (``mlp.hook_pre`` values, or the concatenated head outputs ``hook_z``). "Largest"
-means the largest signed values, not the largest magnitudes: a memory with a large positive
-coefficient writes its value, one with a negative coefficient writes the value's opposite.
+For every token, block and sublayer, its *most activated* memories are the ``k`` (default 5) with
+the largest coefficients (``mlp.hook_pre`` values, or the concatenated head outputs ``hook_z``).
+"Largest" means the largest signed values, not the largest magnitudes: a memory with a large
+positive coefficient writes its value, one with a negative coefficient writes the value's opposite.
 
 - **Key-value agreement**: a token of an image of class ``c`` agrees when one of its most activated
   memories is among class ``c``'s top memories (the ``k`` largest ``P[c, :]``, see
-  :mod:`~vit_embedding_lens.lens.memories`). Rate per class (tokens of that class's images), then the
-  mean over the classes seen. The **random-class baseline** repeats this with a class drawn uniformly
-  at random for each image in place of its label (seeded; several draws, averaged).
+  :mod:`~vit_embedding_lens.lens.memories`). Rate per class (tokens of that class's images), then
+  the mean over the classes seen. The **random-class baseline** repeats this with a class drawn
+  uniformly at random for each image in place of its label (seeded; several draws, averaged).
 - **Compositionality**: a token *matches* when the top-1 class of the sublayer's own write-in
   (``attn_out``/``mlp_out`` read with :class:`ClassProjection`) is the top class (argmax of
   ``P[:, i]``) of one of its most activated memories. Match rate = share of tokens that match; a low
   rate means the sublayer's prediction is composed from many memories rather than copied from one.
 
 Both are counted per token group (``cls``; ``prefix`` for the other prefix tokens: distillation and
-registers; ``image``) and per class, so batches add up. The hooks reduce in place: only the top-``k``
-memory indices of each token survive the forward pass, never a ``n_memories``-wide tensor.
+registers; ``image``) and per class, so batches add up. The hooks reduce in place: only the
+top-``k`` memory indices of each token survive the forward pass, never a ``n_memories``-wide tensor.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def token_group_ids(layout) -> Int[Tensor, " n_tokens"]:
 def random_classes(
     generator: torch.Generator, n_draws: int, batch: int, n_classes: int
 ) -> Int[Tensor, "n_draws batch"]:
-    """The random-class baseline's classes: one uniform draw per image and draw, from ``generator``."""
+    """The random-class baseline's classes: one uniform draw per image and draw, from
+    ``generator``."""
     return torch.randint(n_classes, (n_draws, batch), generator=generator, device=generator.device)
 
 
@@ -73,8 +74,8 @@ def random_classes(
 class MemoryTables:
     """What the streaming needs from the weights, per sublayer kind: ``[n_layers, ...]`` tensors.
 
-    ``class_top[kind][l, c]``: class ``c``'s top memories by ``P[c, :]``; ``memory_class[kind][l, i]``:
-    the argmax class of memory ``i``'s value.
+    ``class_top[kind][l, c]``: class ``c``'s top memories by ``P[c, :]``;
+    ``memory_class[kind][l, i]``: the argmax class of memory ``i``'s value.
     """
 
     kinds: Tuple[str, ...]
@@ -106,8 +107,9 @@ class MemoryTables:
 class MemoryUsage:
     """Counts of key-value agreement and compositional matches, per class and token group.
 
-    Axes: ``kind`` (:attr:`kinds`), ``block``, ``group`` (:data:`TOKEN_GROUPS`), ``class`` and, for the
-    random-class baseline, ``draw``. Counts add over batches (``+``); rates come from the methods.
+    Axes: ``kind`` (:attr:`kinds`), ``block``, ``group`` (:data:`TOKEN_GROUPS`), ``class`` and, for
+    the random-class baseline, ``draw``. Counts add over batches (``+``); rates come from the
+    methods.
     """
 
     kinds: Tuple[str, ...]
@@ -152,7 +154,8 @@ class MemoryUsage:
         )
         if self.kinds != other.kinds or not same:
             raise ValueError(
-                "can only add MemoryUsage counts of the same model, sublayer kinds and number of draws"
+                "can only add MemoryUsage counts of the same model, sublayer kinds and number of "
+                "draws"
             )
         return MemoryUsage(
             self.kinds,
@@ -185,7 +188,8 @@ class MemoryUsage:
         return per_class.nanmean(dim=-1).mean(dim=0)
 
     def match_rate(self) -> Float[Tensor, "n_kinds n_layers n_groups"]:
-        """Compositionality: the share of all tokens of a group whose write-in matches a top memory."""
+        """Compositionality: the share of all tokens of a group whose write-in matches a top
+        memory."""
         return _ratio(self.match.sum(-1), self.tokens.sum(-1))
 
     # -- tables -----------------------------------------------------------------------------------
@@ -218,8 +222,8 @@ class MemoryUsage:
         )
 
     def per_class_frame(self) -> pd.DataFrame:
-        """Tidy rows ``block, sublayer, token_group, class, class_name, metric, value, n_tokens`` for
-        the per-class agreement (``kv_agreement``) and match rates (``composition_match``)."""
+        """Tidy rows ``block, sublayer, token_group, class, class_name, metric, value, n_tokens``
+        for the per-class agreement (``kv_agreement``) and match rates (``composition_match``)."""
         n_classes = self.tokens.shape[-1]
         names = class_names_or_ids(self.class_names, n_classes)
         metrics = {
@@ -282,11 +286,11 @@ def memory_usage_batch(
 ) -> MemoryUsage:
     """Key-value agreement and compositional-match counts of one batch (one forward pass).
 
-    ``k``: most activated memories per token; ``top_memories``: top memories per class (both 5 in the
-    paper). The random-class baseline draws ``n_random_draws`` classes per image from ``generator``
-    (default: seeded with 0). ``tables`` (from :meth:`MemoryTables.from_model`) saves recomputing the
-    value projections batch after batch; it must match ``kinds``, ``top_memories`` and ``head``.
-    ``n_random_draws=0`` skips the baseline (its rate is then NaN).
+    ``k``: most activated memories per token; ``top_memories``: top memories per class (both 5 in
+    the paper). The random-class baseline draws ``n_random_draws`` classes per image from
+    ``generator`` (default: seeded with 0). ``tables`` (from :meth:`MemoryTables.from_model`) saves
+    recomputing the value projections batch after batch; it must match ``kinds``, ``top_memories``
+    and ``head``. ``n_random_draws=0`` skips the baseline (its rate is then NaN).
     """
     per_image = memory_usage_per_image(
         model,
@@ -306,7 +310,8 @@ def memory_usage_batch(
 def _checked_inputs(
     model, images, labels, k, top_memories, kinds, n_random_draws, generator, tables, head
 ):
-    """Validate the arguments shared by the batch functions; build the tables and generator if missing."""
+    """Validate the arguments shared by the batch functions; build the tables and generator if
+    missing."""
     kinds = check_kinds(kinds)
     labels = _check_labels(model, images, labels)
     for kind in kinds:
@@ -319,8 +324,9 @@ def _checked_inputs(
         t.shape[-1] != top_memories for t in tables.class_top.values()
     ):
         raise ValueError(
-            f"tables were built for kinds {tables.kinds} and {next(iter(tables.class_top.values())).shape[-1]} top "
-            f"memories per class, not {kinds} and {top_memories}; rebuild them with MemoryTables.from_model"
+            f"tables were built for kinds {tables.kinds} and "
+            f"{next(iter(tables.class_top.values())).shape[-1]} top memories per class, not "
+            f"{kinds} and {top_memories}; rebuild them with MemoryTables.from_model"
         )
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     return kinds, labels, tables, generator
@@ -330,9 +336,10 @@ def _checked_inputs(
 class PerImageMemoryCounts:
     """The counts of :class:`MemoryUsage`, kept per image instead of per class.
 
-    Axes: ``image``, ``draw``, ``kind`` (:attr:`kinds`), ``block``, ``group`` (:data:`TOKEN_GROUPS`).
-    :meth:`usage` folds them by the images' labels (and drawn classes) into the same
-    :class:`MemoryUsage` that :func:`memory_usage_batch` gives, so any subset of images can be summed.
+    Axes: ``image``, ``draw``, ``kind`` (:attr:`kinds`), ``block``, ``group``
+    (:data:`TOKEN_GROUPS`). :meth:`usage` folds them by the images' labels (and drawn classes) into
+    the same :class:`MemoryUsage` that :func:`memory_usage_batch` gives, so any subset of images can
+    be summed.
     """
 
     kinds: Tuple[str, ...]
@@ -383,7 +390,8 @@ def memory_usage_per_image(
     head: HeadChoice = "mean",
 ) -> PerImageMemoryCounts:
     """:func:`memory_usage_batch`'s counts per image (one forward pass; same arguments, same draws
-    from ``generator``): ``memory_usage_per_image(...).usage(C)`` equals ``memory_usage_batch(...)``."""
+    from ``generator``): ``memory_usage_per_image(...).usage(C)`` equals
+    ``memory_usage_batch(...)``."""
     kinds, labels, tables, generator = _checked_inputs(
         model, images, labels, k, top_memories, kinds, n_random_draws, generator, tables, head
     )
@@ -453,8 +461,8 @@ def memory_usage(
     for item in tqdm(batches, total=total, disable=not progress, desc="key-value memories"):
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise TypeError(
-                f"each batch must be an (images, labels) pair, got {type(item).__name__}; wrap the data in a "
-                f"DataLoader over a dataset that returns (image, label)"
+                f"each batch must be an (images, labels) pair, got {type(item).__name__}; wrap the "
+                f"data in a DataLoader over a dataset that returns (image, label)"
             )
         images, labels = item[0], item[1]
         part = memory_usage_batch(

@@ -5,9 +5,10 @@ recomputed on ``v`` itself, then the classifier head. The norm's affine weights 
 head once, so a projection is one centring, one scale and one matmul, and it never fires the model's
 hook points (it is safe to call inside hooks while caching).
 
-Because centring and the matmul are linear, ``p(v) = q(v) / σ(v) + b'`` with ``q(v) = W (v - mean v)``
-linear in ``v``: the streaming analyses use that to project a residual stream as the running sum of its
-sublayer write-ins' ``q`` (``unnormalized``), one matmul per sublayer instead of one per hidden state.
+Because centring and the matmul are linear, ``p(v) = q(v) / σ(v) + b'`` with
+``q(v) = W (v - mean v)`` linear in ``v``: the streaming analyses use that to project a residual
+stream as the running sum of its sublayer write-ins' ``q`` (``unnormalized``), one matmul per
+sublayer instead of one per hidden state.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ HeadChoice = Literal["mean", "cls", "dist"]
 def classifier_head(
     model, head: HeadChoice = "mean"
 ) -> Tuple[Float[Tensor, "d_model n_classes"], Float[Tensor, " n_classes"]]:
-    """The classifier's weight and bias (live parameters). Distilled models have two heads: ``"mean"``
-    averages them (timm averages their logits), ``"cls"``/``"dist"`` pick one."""
+    """The classifier's weight and bias (live parameters). Distilled models have two heads:
+    ``"mean"`` averages them (timm averages their logits), ``"cls"``/``"dist"`` pick one."""
     cfg = model.cfg
     if not cfg.n_classes:
         raise ValueError(

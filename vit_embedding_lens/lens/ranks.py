@@ -27,7 +27,8 @@ def class_rank(
 
 
 def rank_and_logit(logits: Float[Tensor, "... n_classes"], target: Int[Tensor, "..."]) -> tuple:
-    """``(rank, logit)`` of ``target`` (shaped like ``logits[..., 0]``); no range check (hot path)."""
+    """``(rank, logit)`` of ``target`` (shaped like ``logits[..., 0]``); no range check (hot
+    path)."""
     correct = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return count_true(logits > correct.unsqueeze(-1)), correct
 
@@ -37,7 +38,8 @@ def count_true(flags: Bool[Tensor, "... n"]) -> Int[Tensor, "..."]:
 
     Summing bools converts every flag to int64 first. Instead, eight flags are read as the bytes of
     one int64 and summed as such: each byte lane counts its own flags (no carry while a lane's count
-    stays below 256, i.e. up to 2,040 flags per row), and the eight lane counts are added at the end.
+    stays below 256, i.e. up to 2,040 flags per row), and the eight lane counts are added at the
+    end.
     """
     n = flags.shape[-1]
     packable = (

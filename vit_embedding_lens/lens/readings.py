@@ -93,12 +93,13 @@ class TokenClassPredictions:
         projection: the logit lens (also importable as ``token_class_predictions``).
 
         ``cache``: an activation cache holding ``blocks.{l}.{hook}`` for the requested blocks (e.g.
-        from ``model.run_with_cache(images, names_filter=lambda n: n.endswith("hook_resid_post"))``),
-        or a batch of images, which is then run with exactly that filter. ``hook`` is one of
+        from
+        ``model.run_with_cache(images, names_filter=lambda n: n.endswith("hook_resid_post"))``), or
+        a batch of images, which is then run with exactly that filter. ``hook`` is one of
         ``hook_resid_pre/mid/post``, ``hook_attn_out``, ``hook_mlp_out`` (sublayer write-ins are
-        normalized on their own, METHODS §1). ``targets`` (one class per image, or one for all)
-        adds the target probability and rank. ``blocks`` default to all (negative ones count from
-        the end). ``layout`` defaults to ``model.layout``. Half-precision activations are read in
+        normalized on their own, METHODS §1). ``targets`` (one class per image, or one for all) adds
+        the target probability and rank. ``blocks`` default to all (negative ones count from the
+        end). ``layout`` defaults to ``model.layout``. Half-precision activations are read in
         float32; ranks are counted on the logits, not on rounded probabilities.
         """
         blocks, names, cache = sublayer_cache(model, cache, hook, blocks)
@@ -337,8 +338,8 @@ def project_head_writes(model, cache, block: int) -> Float[Tensor, "batch pos n_
     """
     if model.cfg.block_norm != "pre":
         raise ValueError(
-            "per-head write-ins are not defined for residual post-norm blocks (the block's norm acts on "
-            "the sum of the heads); read attn_out instead"
+            "per-head write-ins are not defined for residual post-norm blocks (the block's norm "
+            "acts on the sum of the heads); read attn_out instead"
         )
     z = cache[act_name("z", block)]  # [batch, pos, head, d_head]
     w_o = model.blocks[block].attn.W_O  # [head, d_head, d_model]

@@ -1,16 +1,18 @@
 """Per-token class-space readings of every block, computed inside the forward pass (METHODS §1–§3).
 
-For each block ``l`` and every token, the correct class's rank among all classes is measured at three
-places: the attention write-in (``attn``), the MLP write-in (``mlp``) and the residual after the block
-(``resid``, i.e. ``resid_post``); the residual after attention (``resid_mid``) is read for the correct
-class only, for the MLP-vs-``resid_mid`` change. Alongside, whether the
+For each block ``l`` and every token, the correct class's rank among all classes is measured at
+three places: the attention write-in (``attn``), the MLP write-in (``mlp``) and the residual after
+the block (``resid``, i.e. ``resid_post``); the residual after attention (``resid_mid``) is read for
+the correct class only, for the MLP-vs-``resid_mid`` change. Alongside, whether the
 correct-class logit rose (block change, attention and MLP change vs the block input, MLP change vs
-``resid_mid``) and how the top-1 class of ``resid_post`` relates to those of its parts (composition).
+``resid_mid``) and how the top-1 class of ``resid_post`` relates to those of its parts
+(composition).
 
 Everything is reduced inside hooks, batch by batch: a run over a data set keeps only these per-token
-integers and flags, never an activation or a ``[tokens, classes]`` logit table beyond the current batch.
-The residual streams are projected through linearity (``q(resid_post) = q(resid_mid) + q(mlp_out)``,
-see :class:`~vit_embedding_lens.lens.projection.ClassProjection`), one matmul per sublayer.
+integers and flags, never an activation or a ``[tokens, classes]`` logit table beyond the current
+batch. The residual streams are projected through linearity
+(``q(resid_post) = q(resid_mid) + q(mlp_out)``, see
+:class:`~vit_embedding_lens.lens.projection.ClassProjection`), one matmul per sublayer.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ if TYPE_CHECKING:
 
 #: where ranks are read, per block: attention write-in, MLP write-in, residual after the block
 KINDS = ("attn", "mlp", "resid")
-#: whether the correct-class logit rose: block (resid_post vs resid_pre), attention and MLP write-in vs
-#: resid_pre (the paper's comparison), and MLP write-in vs resid_mid (named variant)
+#: whether the correct-class logit rose: block (resid_post vs resid_pre), attention and MLP write-in
+#: vs resid_pre (the paper's comparison), and MLP write-in vs resid_mid (named variant)
 CHANGES = ("block", "attn", "mlp", "mlp_vs_resid_mid")
 #: composition bits: resid_post's top-1 equals the top-1 of attn_out / mlp_out / resid_pre
 COMPOSITION_BITS = {"attn": 1, "mlp": 2, "resid_pre": 4}
@@ -45,9 +47,10 @@ COMPOSITION_BITS = {"attn": 1, "mlp": 2, "resid_pre": 4}
 class LensResult:
     """Per-image, per-token class-space readings (concatenated over batches).
 
-    ``rank[kind]`` is ``[images, blocks, tokens]`` (0 = the label is top-1); ``rose[change]`` is a bool
-    ``[images, blocks, tokens]``; ``composition`` an integer bit mask ``[images, blocks, tokens]``
-    (:data:`COMPOSITION_BITS`); ``token_mask`` marks "class" tokens (on the object), when given.
+    ``rank[kind]`` is ``[images, blocks, tokens]`` (0 = the label is top-1); ``rose[change]`` is a
+    bool ``[images, blocks, tokens]``; ``composition`` an integer bit mask
+    ``[images, blocks, tokens]`` (:data:`COMPOSITION_BITS`); ``token_mask`` marks "class" tokens (on
+    the object), when given.
     """
 
     rank: Dict[str, Int[Tensor, "image block token"]]
@@ -125,8 +128,9 @@ class _Reading:
 class LensRecorder:
     """Hooks that read every block in class space while the model runs, for one batch at a time.
 
-    ``with recorder.recording(labels): model(images)`` fills ``recorder.result`` (a :class:`LensResult`
-    for that batch). The projection runs in float32 (float64 for float64 models).
+    ``with recorder.recording(labels): model(images)`` fills ``recorder.result`` (a
+    :class:`LensResult` for that batch). The projection runs in float32 (float64 for float64
+    models).
     """
 
     def __init__(self, model: "HookedViT") -> None:
@@ -160,7 +164,8 @@ class LensRecorder:
         }
 
     def hooks(self) -> List[Tuple[str, Callable]]:
-        """``(hook name, function)`` pairs for ``model.hooks(fwd_hooks=...)`` / ``run_with_hooks``."""
+        """``(hook name, function)`` pairs for ``model.hooks(fwd_hooks=...)`` /
+        ``run_with_hooks``."""
         return list(self._hooks)
 
     def start(self, target: Int[Tensor, " batch"]) -> None:
@@ -169,7 +174,8 @@ class LensRecorder:
         self._reset(torch.as_tensor(target, device=self.proj.weight.device).long())
 
     def recording(self, target: Int[Tensor, " batch"]):
-        """Context manager: record the next forward pass, reading class ``target[i]`` for image ``i``."""
+        """Context manager: record the next forward pass, reading class ``target[i]`` for image
+        ``i``."""
         self.start(target)
         return self.model.hooks(fwd_hooks=self.hooks())
 
@@ -241,8 +247,8 @@ class LensRecorder:
         rows = self.rows
         if len(rows["composition"]) != self.model.cfg.n_layers:
             raise RuntimeError(
-                f"the recorded forward pass covered {len(rows['composition'])} of {self.model.cfg.n_layers} blocks "
-                f"(stop_at_layer, or an exception mid-forward?)"
+                f"the recorded forward pass covered {len(rows['composition'])} of "
+                f"{self.model.cfg.n_layers} blocks (stop_at_layer, or an exception mid-forward?)"
             )
 
         def stack(name: str) -> Tensor:

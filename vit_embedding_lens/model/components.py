@@ -239,9 +239,9 @@ class Attention(nn.Module):
         if positions is None:
             if mask.shape[-1] != n or mask.shape[-2] != n:
                 raise ValueError(
-                    f"the attention score mask is over {mask.shape[-1]} tokens but the sequence has {n}; "
-                    f"build the knockout for this input size (or remove tokens with keep_mask=, which "
-                    f"maps the mask to the kept tokens)"
+                    f"the attention score mask is over {mask.shape[-1]} tokens but the sequence "
+                    f"has {n}; build the knockout for this input size (or remove tokens with "
+                    f"keep_mask=, which maps the mask to the kept tokens)"
                 )
         else:
             mask = _mask_at_positions(mask, positions)
@@ -253,14 +253,15 @@ class Attention(nn.Module):
             return torch.where(mask, attn_mask, torch.full_like(attn_mask, float("-inf")))
         if not bool(combined.any(dim=-1).all()):
             raise ValueError(
-                "the attention mask leaves a query token with no key to attend to (its softmax would be "
-                "undefined); keep at least one key per query, e.g. the token itself"
+                "the attention mask leaves a query token with no key to attend to (its softmax "
+                "would be undefined); keep at least one key per query, e.g. the token itself"
             )
         return combined
 
 
 def _mask_at_positions(mask: Tensor, positions: Tensor) -> Tensor:
-    """A layout-order ``[(head,) N, N]`` mask read at each row's kept positions: ``[batch, head|1, n, n]``.
+    """A layout-order ``[(head,) N, N]`` mask read at each row's kept positions:
+    ``[batch, head|1, n, n]``.
 
     Padded slots (position -1) get all-True rows: their own padding mask decides for them.
     """
@@ -327,7 +328,8 @@ class TransformerBlock(nn.Module):
         attn_mask: Optional[Tensor] = None,
         positions: Optional[Tensor] = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """``positions``: layout position of every slot after token removal (-1 = padding), or None."""
+        """``positions``: layout position of every slot after token removal (-1 = padding), or
+        None."""
         resid_pre = self.hook_resid_pre(resid_pre)
         if self.cfg.block_norm == "pre":
             attn_out = self.attn(self.ln1(resid_pre), attn_mask, positions)

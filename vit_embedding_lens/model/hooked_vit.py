@@ -204,9 +204,10 @@ class HookedViT(HookedRootModule):
         tokens, in their original order. Prefix tokens must be kept. Rows that keep different
         numbers of tokens are padded to the longest row and a padding mask keeps padded slots out of
         every attention; average pooling averages the kept image tokens only. From
-        ``blocks.0.hook_resid_pre`` on, activations are over the kept slots: ``self.token_positions``
-        (set on every forward) and :func:`vit_embedding_lens.interventions.kept_positions` say which
-        original token each slot is.
+        ``blocks.0.hook_resid_pre`` on, activations are over the kept slots:
+        ``self.token_positions`` (set on every forward) and
+        :func:`vit_embedding_lens.interventions.kept_positions` say which original token each slot
+        is.
         """
         if start_at_layer is not None:
             return self._forward_from(images, start_at_layer, stop_at_layer, keep_mask)
@@ -240,15 +241,16 @@ class HookedViT(HookedRootModule):
         stop_at_layer: Optional[int],
         keep_mask: Optional[Tensor],
     ) -> Tensor:
-        """Blocks ``start_at_layer..`` (to ``stop_at_layer``) and the readout on a given residual stream."""
+        """Blocks ``start_at_layer..`` (to ``stop_at_layer``) and the readout on a given residual
+        stream."""
         if keep_mask is not None:
             raise ValueError(
                 "keep_mask= removes tokens from images; it cannot be combined with start_at_layer="
             )
         if not isinstance(resid, Tensor) or resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model:
             raise ValueError(
-                f"with start_at_layer= the input is the residual stream [batch, pos, {self.cfg.d_model}], got "
-                f"{tuple(getattr(resid, 'shape', ()))}"
+                "with start_at_layer= the input is the residual stream [batch, pos, "
+                f"{self.cfg.d_model}], got {tuple(getattr(resid, 'shape', ()))}"
             )
         if not 0 <= start_at_layer <= self.cfg.n_layers:
             raise ValueError(
@@ -273,7 +275,8 @@ class HookedViT(HookedRootModule):
             if not bool(keep_mask[:, layout.n_prefix :].any(dim=1).all()):
                 raise ValueError(
                     f"{self.cfg.model_name} pools its image tokens ({self.cfg.global_pool!r}) and "
-                    f"a row of keep_mask keeps none of them; keep at least one image token per image"
+                    "a row of keep_mask keeps none of them; keep at least one image token per "
+                    "image"
                 )
         positions, valid = kept_positions(keep_mask)
         resid = gather_tokens(resid, positions, dim=1) * valid[..., None].to(resid.dtype)
@@ -343,7 +346,8 @@ class HookedViT(HookedRootModule):
         cfg = self.cfg
         if not isinstance(images, Tensor):
             raise TypeError(
-                f"images must be a torch.Tensor [batch, {cfg.in_chans}, H, W], got {type(images).__name__}"
+                f"images must be a torch.Tensor [batch, {cfg.in_chans}, H, W], got "
+                f"{type(images).__name__}"
             )
         if images.ndim != 4:
             hint = " (a single image? use images.unsqueeze(0))" if images.ndim == 3 else ""
@@ -353,17 +357,19 @@ class HookedViT(HookedRootModule):
             )
         if not images.is_floating_point():
             raise TypeError(
-                f"images must be a float tensor (preprocessed, normalized), got dtype {images.dtype}; "
-                f"convert with images.float() and apply the model's normalization"
+                "images must be a float tensor (preprocessed, normalized), got dtype "
+                f"{images.dtype}; convert with images.float() and apply the model's normalization"
             )
         w = self.embed.W_E
         if images.dtype != w.dtype:
             raise TypeError(
-                f"images are {images.dtype} but the model's weights are {w.dtype}; use images.to({w.dtype})"
+                f"images are {images.dtype} but the model's weights are {w.dtype}; use "
+                f"images.to({w.dtype})"
             )
         if images.device != w.device:
             raise ValueError(
-                f"images are on {images.device} but the model is on {w.device}; use images.to('{w.device}')"
+                f"images are on {images.device} but the model is on {w.device}; use "
+                f"images.to('{w.device}')"
             )
         if images.shape[1] != cfg.in_chans:
             raise ValueError(
@@ -374,8 +380,8 @@ class HookedViT(HookedRootModule):
         if not cfg.dynamic_img_size and size != tuple(cfg.image_size):
             raise ValueError(
                 f"image size {size[0]}x{size[1]} does not match {cfg.model_name}'s input size "
-                f"{cfg.image_size[0]}x{cfg.image_size[1]}; resize the images (or create the timm model "
-                f"with dynamic_img_size=True)"
+                f"{cfg.image_size[0]}x{cfg.image_size[1]}; resize the images (or create the timm "
+                f"model with dynamic_img_size=True)"
             )
         if cfg.dynamic_img_size and not cfg.dynamic_img_pad:
             ph, pw = cfg.patch_size
@@ -437,7 +443,8 @@ class HookedViT(HookedRootModule):
         super()._enable_hook_with_name(name, hook, dir)
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
-        """Compute per-head write-ins (``attn.hook_result``) on every forward, as TransformerLens."""
+        """Compute per-head write-ins (``attn.hook_result``) on every forward, as
+        TransformerLens."""
         self.replace_cfg(use_attn_result=use_attn_result)
 
     def set_attention_implementation(self, mode: str) -> None:
@@ -473,8 +480,8 @@ class HookedViT(HookedRootModule):
         """The classifier head; a clear error for a headless model (``num_classes=0``)."""
         if not self.cfg.n_classes:
             raise ValueError(
-                f"{self.cfg.model_name} has no classifier head (num_classes=0); create the timm model "
-                f"with num_classes>0 or load a checkpoint with a head"
+                f"{self.cfg.model_name} has no classifier head (num_classes=0); create the timm "
+                f"model with num_classes>0 or load a checkpoint with a head"
             )
         return self.head
 
@@ -577,9 +584,9 @@ class HookedViT(HookedRootModule):
     def __repr__(self) -> str:  # keep notebooks readable: the module tree is long
         c = self.cfg
         return (
-            f"HookedViT({c.model_name}: {c.n_layers} layers, d_model={c.d_model}, {c.n_heads} heads, "
-            f"{c.n_ctx} tokens = {self.layout.n_prefix} prefix + {c.grid_size[0]}x{c.grid_size[1]} patches, "
-            f"{c.n_classes} classes)"
+            f"HookedViT({c.model_name}: {c.n_layers} layers, d_model={c.d_model}, {c.n_heads} "
+            f"heads, {c.n_ctx} tokens = {self.layout.n_prefix} prefix + "
+            f"{c.grid_size[0]}x{c.grid_size[1]} patches, {c.n_classes} classes)"
         )
 
 

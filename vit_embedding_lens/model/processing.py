@@ -61,8 +61,8 @@ def fold_layer_norm_(model: "HookedViT") -> None:
         )
     if cfg.block_norm == "post":
         raise ValueError(
-            f"fold_ln: {cfg.model_name} has residual post-norm blocks, whose norms write into the residual "
-            f"stream; there is no following weight to fold them into"
+            f"fold_ln: {cfg.model_name} has residual post-norm blocks, whose norms write into the "
+            f"residual stream; there is no following weight to fold them into"
         )
     if not cfg.n_classes:
         raise ValueError(
@@ -105,13 +105,14 @@ def center_writing_weights_(model: "HookedViT") -> None:
     cfg = model.cfg
     if cfg.block_norm == "post":
         raise ValueError(
-            f"center_writing_weights: {cfg.model_name} has residual post-norm blocks; attention reads "
-            f"the residual stream without a norm, so centering it would change the output"
+            f"center_writing_weights: {cfg.model_name} has residual post-norm blocks; attention "
+            f"reads the residual stream without a norm, so centering it would change the output"
         )
     if cfg.final_norm == "pooled" and cfg.global_pool in ("max", "avgmax"):
         raise ValueError(
-            f"center_writing_weights: {cfg.model_name} max-pools the residual stream before its norm; "
-            f"a per-token mean does not commute with the max, so centering would change the output"
+            f"center_writing_weights: {cfg.model_name} max-pools the residual stream before its "
+            "norm; a per-token mean does not commute with the max, so centering would change the "
+            "output"
         )
     embed = model.embed
     embed.W_E.copy_(_centered(embed.W_E, dim=0))  # conv weight [d_model, chan, ph, pw]

@@ -1,12 +1,14 @@
-"""The bundled trained models: small timm ViTs trained on real 28x28 grey images, shipped in the package.
+"""The bundled trained models: small timm ViTs trained on real 28x28 grey images, shipped in the
+package.
 
 - ``mnist-vit`` (the default): 6 blocks, trained on 5,000 real MNIST digits;
 - ``fashion-vit``: the same architecture trained on the 60,000 Fashion-MNIST product photos.
 
 They are the offline models for examples, tests and the command line: no model hub is needed.
 ``HookedViT.from_bundled(name)`` (or ``HookedViT.from_timm("bundled:NAME")``) converts one like any
-timm model; ``load_bundled_timm(name)`` gives the timm module itself, ``load_bundled_eval(name)`` its
-held-out images with foreground masks, and ``model_card(name)`` how it was trained and how it scored.
+timm model; ``load_bundled_timm(name)`` gives the timm module itself, ``load_bundled_eval(name)``
+its held-out images with foreground masks, and ``model_card(name)`` how it was trained and how it
+scored.
 """
 
 from __future__ import annotations
@@ -110,13 +112,15 @@ def create_bundled_timm_model(name: str = DEFAULT_BUNDLED) -> torch.nn.Module:
 
 
 def preprocess_grey28(images: Union[Tensor, np.ndarray]) -> Float[Tensor, "batch 1 28 28"]:
-    """uint8 images ``[n, 28, 28]`` (0..255) -> the bundled models' input: ``(x / 255 - 0.5) / 0.5``."""
+    """uint8 images ``[n, 28, 28]`` (0..255) -> the bundled models' input:
+    ``(x / 255 - 0.5) / 0.5``."""
     x = torch.as_tensor(images)
     if x.ndim == 3:
         x = x.unsqueeze(1)
     if x.ndim != 4 or tuple(x.shape[-3:]) != (1, 28, 28):
         raise ValueError(
-            f"expected 28x28 grey images of shape [n, 28, 28] or [n, 1, 28, 28], got {tuple(x.shape)}"
+            "expected 28x28 grey images of shape [n, 28, 28] or [n, 1, 28, 28], got "
+            f"{tuple(x.shape)}"
         )
     return (x.float() / 255.0 - 0.5) / 0.5
 
@@ -160,7 +164,8 @@ def check_subset_size(n: Optional[int], total: int, what: str = "images") -> Non
 
 
 def load_bundled_eval(name: str = DEFAULT_BUNDLED, n: Optional[int] = None) -> BundledEvalSet:
-    """A bundled model's held-out evaluation images (500, 50 per class), optionally the first ``n``."""
+    """A bundled model's held-out evaluation images (500, 50 per class), optionally the first
+    ``n``."""
     spec = bundled_spec(name)
     with np.load(_data_file(spec.eval_file, name)) as data:
         raw, labels, masks = data["images"], data["labels"], data["masks"]
