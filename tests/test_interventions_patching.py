@@ -140,7 +140,7 @@ def test_head_sweeps_equal_one_forward_per_cell():
 
 
 def test_per_image_token_groups_equal_loop():
-    """A per-image group (an 'object mask' [batch, n_tokens]) and a grid region, at resid_mid."""
+    """A per-image group (an 'object mask' [batch, pos]) and a grid region, at resid_mid."""
     model, clean, corrupted, cache, target = pair(2)
     layout = model.layout
     metric = identifiability(model, target)

@@ -384,7 +384,7 @@ def group_members(result: LensResult, image: int) -> dict:
 
 
 def loop_mean_of_per_image(result: LensResult, group: str, values: torch.Tensor) -> float:
-    """Mean over images (those with tokens in the group) of the mean of ``values[image, token]``
+    """Mean over images (those with tokens in the group) of the mean of ``values[batch, pos]``
     over the group's tokens of that image."""
     per_image = []
     for i in range(result.n_images):

@@ -146,7 +146,7 @@ def zero(activation, hook):
 
 
 def ablate_head(head):
-    def hook(z, hook):  # z: [batch, tokens, heads, d_head]
+    def hook(z, hook):  # z: [batch, pos, head, d_head]
         z[:, :, head] = 0.0
         return z
 
@@ -203,7 +203,7 @@ print(
 # %%
 cls = layout.cls_index
 resid, resid_labels = cache.accumulated_resid(apply_ln=True, pos_slice=cls, return_labels=True)
-lens_logits = resid @ model.W_U + model.b_U  # [n_layers + 1, batch, n_classes]
+lens_logits = resid @ model.W_U + model.b_U  # [block + 1, batch, class]
 pd.DataFrame(
     {
         "stage": resid_labels,

@@ -53,7 +53,7 @@ layout = model.layout
 digits = load_mnist_eval()
 subset = (torch.arange(len(digits)) % 50) < 20  # 20 digits per class (the set is sorted by class)
 images, labels = digits.images[subset], digits.labels[subset]
-on_digit = digits.class_token_mask(layout)[subset]  # [images, tokens], True = token on the stroke
+on_digit = digits.class_token_mask(layout)[subset]  # [batch, pos], True = token on the stroke
 print(
     f"{len(labels)} digits; {layout.n_prefix} prefix token(s), {layout.n_patches} image tokens on "
     f"a {layout.grid_size} grid"
@@ -231,7 +231,7 @@ top.pivot_table(
 top1 = lens.logit_lens(model, digit, k=1)
 grid_values = torch.tensor(
     top1.pivot(index="block", columns="token", values="class_id").to_numpy()
-)  # [block, token]
+)  # [block, pos]
 viz.plot_token_grid(grid_values, image=digit[0], layout=layout, class_names=model.class_names)
 
 # %%

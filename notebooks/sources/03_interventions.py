@@ -150,7 +150,7 @@ def cls_scores(run_cache):
     """Per image and block: the CLS token's identifiability score ``1 - rank / C``."""
     cls = torch.stack(
         [run_cache(name)[:, layout.cls_index] for name in resid_names], dim=1
-    )  # [image, block, d]
+    )  # [batch, block, d_model]
     logits = projection(cls)
     rank = lens.class_rank(logits, labels[:, None])
     return lens.identifiability_score(rank, model.cfg.n_classes)
@@ -243,7 +243,7 @@ viz.plot_heatmap_grid(
 )
 
 # %% [markdown]
-# Every result is also a tidy table (one row per cell), and head sweeps are `[n_layers, n_heads]`:
+# Every result is also a tidy table (one row per cell), and head sweeps are `[block, head]`:
 
 # %%
 print(

@@ -34,9 +34,7 @@ layout = model.layout
 digits = load_mnist_eval()
 subset = (torch.arange(len(digits)) % 50) < 10  # 10 digits per class (the set is sorted by class)
 images, labels = digits.images[subset], digits.labels[subset]
-on_digit = layout.patch_tokens(
-    digits.class_token_mask(layout)[subset], dim=1
-)  # [images, n_patches]
+on_digit = layout.patch_tokens(digits.class_token_mask(layout)[subset], dim=1)  # [batch, n_patches]
 print(
     f"{len(labels)} digits, {layout.n_patches} image tokens each, "
     f"{on_digit.sum(1).float().mean():.1f} on the stroke"
@@ -46,7 +44,7 @@ print(
 # ## 1. The class-space attribution
 #
 # `class_space_attribution(model, images, classes)` returns an `AttributionMap`: one score per image
-# token (`.scores [images, n_patches]`, `.grid [images, grid_h, grid_w]`), with the per-block parts
+# token (`.scores [batch, n_patches]`, `.grid [batch, grid_h, grid_w]`), with the per-block parts
 # (`.per_block`) whose sum it is. `classes` is the class to explain: here the label (default: the
 # prediction). `loss="double_softmax"` gives the reference code's variant.
 

@@ -21,7 +21,7 @@ post-activation for the MLP); for those blocks the value is that write-in direct
 ``W_out`` row. The norm's bias, like the output bias, belongs to no memory. (Top memories and
 classes are unaffected by ``1/σ``, which is the same for every memory.)
 
-The value projection ``P = E · Vᵀ`` (``[n_classes, n_memories]``) reads every value with the class
+The value projection ``P = E · Vᵀ`` (``[class, n_memories]``) reads every value with the class
 embeddings ``E`` (the classifier head's weight as the model holds it, after any weight processing):
 no final norm, no bias, as the paper defines it.
 """
@@ -86,7 +86,7 @@ def write_in_hook_name(block: int, kind: SublayerKind) -> str:
 
 
 def memory_coefficients(
-    activation: Union[Float[Tensor, "batch pos d_mlp"], Float[Tensor, "batch pos n_heads d_head"]],
+    activation: Union[Float[Tensor, "batch pos d_mlp"], Float[Tensor, "batch pos head d_head"]],
     kind: SublayerKind,
 ) -> Float[Tensor, "batch pos n_memories"]:
     """Coefficients from the activation at :func:`coefficient_hook_name`: ``hook_z`` heads
@@ -120,7 +120,7 @@ def memory_keys(model, block: int) -> Float[Tensor, "d_mlp d_model"]:
 
 
 # -- reading values in the class space ------------------------------------------------------------
-def class_embeddings(model, head: HeadChoice = "mean") -> Float[Tensor, "n_classes d_model"]:
+def class_embeddings(model, head: HeadChoice = "mean") -> Float[Tensor, "class d_model"]:
     """``E``: one row per class, the classifier head's weight as the model holds it.
 
     Distilled models have two heads; ``head`` picks them as :class:`ClassProjection` does:
@@ -132,22 +132,22 @@ def class_embeddings(model, head: HeadChoice = "mean") -> Float[Tensor, "n_class
 
 def value_projection(
     model, block: int, kind: SublayerKind, head: HeadChoice = "mean"
-) -> Float[Tensor, "n_classes n_memories"]:
+) -> Float[Tensor, "class n_memories"]:
     """``P = E · Vᵀ``: the class logit each memory's value writes (no norm, no bias)."""
     with torch.no_grad():
         return class_embeddings(model, head) @ memory_values(model, block, kind).T
 
 
 def class_top_memories(
-    projection: Float[Tensor, "n_classes n_memories"], k: int = 5
-) -> Int[Tensor, "n_classes k"]:
+    projection: Float[Tensor, "class n_memories"], k: int = 5
+) -> Int[Tensor, "class k"]:
     """Per class, the ``k`` memories whose values write the largest logit for it (by
     ``P[c, :]``)."""
     check_k(k, projection.shape[-1], "memories per class")
     return projection.topk(k, dim=-1).indices
 
 
-def memory_classes(projection: Float[Tensor, "n_classes n_memories"]) -> Int[Tensor, " n_memories"]:
+def memory_classes(projection: Float[Tensor, "class n_memories"]) -> Int[Tensor, " n_memories"]:
     """Per memory, the class its value promotes most (argmax over ``P[:, i]``)."""
     return projection.argmax(dim=0)
 
@@ -161,7 +161,7 @@ def check_k(k: int, n: int, what: str) -> None:
 # -- class-value agreement -----------------------------------------------------------------------
 def class_value_agreement(
     model, kinds: Union[str, Sequence[str]] = SUBLAYER_KINDS, head: HeadChoice = "mean"
-) -> Float[Tensor, "n_kinds n_layers n_classes"]:
+) -> Float[Tensor, "n_kinds block class"]:
     """Per class, the largest cosine between its class embedding and any value vector of a sublayer.
 
     ``result[kind, block, c] = max_i cos(E[c], V_i)`` over the memories of that block's sublayer.
@@ -180,7 +180,7 @@ def class_value_agreement(
 
 
 def class_value_agreement_frame(
-    agreement: Float[Tensor, "n_kinds n_layers n_classes"],
+    agreement: Float[Tensor, "n_kinds block class"],
     kinds: Sequence[str] = SUBLAYER_KINDS,
     class_names: Optional[Sequence[str]] = None,
     model_label: str = "trained",
@@ -215,7 +215,7 @@ class ClassValueComparison(NamedTuple):
     tests: pd.DataFrame
     #: per-class values of both models, tidy (as :func:`class_value_agreement_frame`)
     classes: pd.DataFrame
-    #: ``[n_kinds, n_layers, n_classes]`` max cosines of the model and of the twin
+    #: ``[n_kinds, block, class]`` max cosines of the model and of the twin
     trained: Tensor
     random: Tensor
 

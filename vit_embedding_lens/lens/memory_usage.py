@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 TOKEN_GROUPS: Tuple[str, str, str] = ("cls", "prefix", "image")
 
 
-def token_group_ids(layout) -> Int[Tensor, " n_tokens"]:
+def token_group_ids(layout) -> Int[Tensor, " pos"]:
     """Per sequence position, its token group as an index into :data:`TOKEN_GROUPS`."""
     ids = torch.full((layout.n_tokens,), TOKEN_GROUPS.index("image"), dtype=torch.long)
     ids[list(layout.prefix_indices)] = TOKEN_GROUPS.index("prefix")
@@ -72,15 +72,15 @@ def random_classes(
 
 @dataclass
 class MemoryTables:
-    """What the streaming needs from the weights, per sublayer kind: ``[n_layers, ...]`` tensors.
+    """What the streaming needs from the weights, per sublayer kind: ``[block, ...]`` tensors.
 
     ``class_top[kind][l, c]``: class ``c``'s top memories by ``P[c, :]``;
     ``memory_class[kind][l, i]``: the argmax class of memory ``i``'s value.
     """
 
     kinds: Tuple[str, ...]
-    class_top: Dict[str, Int[Tensor, "n_layers n_classes k"]]
-    memory_class: Dict[str, Int[Tensor, "n_layers n_memories"]]
+    class_top: Dict[str, Int[Tensor, "block class top_memories"]]
+    memory_class: Dict[str, Int[Tensor, "block n_memories"]]
 
     @classmethod
     def from_model(
@@ -107,22 +107,24 @@ class MemoryTables:
 class MemoryUsage:
     """Counts of key-value agreement and compositional matches, per class and token group.
 
-    Axes: ``kind`` (:attr:`kinds`), ``block``, ``group`` (:data:`TOKEN_GROUPS`), ``class`` and, for
-    the random-class baseline, ``draw``. Counts add over batches (``+``); rates come from the
-    methods.
+    Axes: ``n_kinds`` (:attr:`kinds`), ``block``, ``n_groups`` (:data:`TOKEN_GROUPS`), ``class``
+    and, for the random-class baseline, ``n_draws``. Counts add over batches (``+``); rates come
+    from the methods.
     """
 
     kinds: Tuple[str, ...]
-    #: ``[group, class]``: tokens seen, by the image's label
-    tokens: Int[Tensor, "n_groups n_classes"]
-    #: ``[kind, block, group, class]``: tokens that agree with their image's label
-    agree: Int[Tensor, "n_kinds n_layers n_groups n_classes"]
-    #: ``[kind, block, group, class]``: tokens whose write-in's top class is a top memory's class
-    match: Int[Tensor, "n_kinds n_layers n_groups n_classes"]
-    #: ``[draw, group, class]``: tokens seen, by the randomly drawn class
-    random_tokens: Int[Tensor, "n_draws n_groups n_classes"]
-    #: ``[draw, kind, block, group, class]``: tokens that agree with the randomly drawn class
-    random_agree: Int[Tensor, "n_draws n_kinds n_layers n_groups n_classes"]
+    #: ``[n_groups, class]``: tokens seen, by the image's label
+    tokens: Int[Tensor, "n_groups class"]
+    #: ``[n_kinds, block, n_groups, class]``: tokens that agree with their image's label
+    agree: Int[Tensor, "n_kinds block n_groups class"]
+    #: ``[n_kinds, block, n_groups, class]``: tokens whose write-in's top class is a top memory's
+    #: class
+    match: Int[Tensor, "n_kinds block n_groups class"]
+    #: ``[n_draws, n_groups, class]``: tokens seen, by the randomly drawn class
+    random_tokens: Int[Tensor, "n_draws n_groups class"]
+    #: ``[n_draws, n_kinds, block, n_groups, class]``: tokens that agree with the randomly drawn
+    #: class
+    random_agree: Int[Tensor, "n_draws n_kinds block n_groups class"]
     n_images: int = 0
     class_names: Optional[List[str]] = field(default=None, repr=False)
 
@@ -174,20 +176,20 @@ class MemoryUsage:
         """The token groups that have tokens (e.g. no ``cls`` for average-pooling models)."""
         return tuple(g for i, g in enumerate(TOKEN_GROUPS) if self.tokens[i].sum() > 0)
 
-    def agreement_per_class(self) -> Float[Tensor, "n_kinds n_layers n_groups n_classes"]:
+    def agreement_per_class(self) -> Float[Tensor, "n_kinds block n_groups class"]:
         """Share of a class's tokens that agree (NaN for classes with no tokens in the group)."""
         return _ratio(self.agree, self.tokens)
 
-    def agreement_rate(self) -> Float[Tensor, "n_kinds n_layers n_groups"]:
+    def agreement_rate(self) -> Float[Tensor, "n_kinds block n_groups"]:
         """Key-value agreement: the mean over the classes seen of the per-class rate."""
         return self.agreement_per_class().nanmean(dim=-1)
 
-    def random_agreement_rate(self) -> Float[Tensor, "n_kinds n_layers n_groups"]:
+    def random_agreement_rate(self) -> Float[Tensor, "n_kinds block n_groups"]:
         """The random-class baseline: the same rate with drawn classes, averaged over draws."""
         per_class = _ratio(self.random_agree, self.random_tokens[:, None, None])
         return per_class.nanmean(dim=-1).mean(dim=0)
 
-    def match_rate(self) -> Float[Tensor, "n_kinds n_layers n_groups"]:
+    def match_rate(self) -> Float[Tensor, "n_kinds block n_groups"]:
         """Compositionality: the share of all tokens of a group whose write-in matches a top
         memory."""
         return _ratio(self.match.sum(-1), self.tokens.sum(-1))
@@ -336,25 +338,26 @@ def _checked_inputs(
 class PerImageMemoryCounts:
     """The counts of :class:`MemoryUsage`, kept per image instead of per class.
 
-    Axes: ``image``, ``draw``, ``kind`` (:attr:`kinds`), ``block``, ``group``
+    Axes: ``batch`` (images), ``n_draws``, ``n_kinds`` (:attr:`kinds`), ``block``, ``n_groups``
     (:data:`TOKEN_GROUPS`). :meth:`usage` folds them by the images' labels (and drawn classes) into
     the same :class:`MemoryUsage` that :func:`memory_usage_batch` gives, so any subset of images can
     be summed.
     """
 
     kinds: Tuple[str, ...]
-    #: ``[image]``: the image's class
-    labels: Int[Tensor, " image"]
-    #: ``[image, group]``: tokens of each group in the image
-    tokens: Int[Tensor, "image n_groups"]
-    #: ``[image, kind, block, group]``: tokens that agree with the image's label
-    agree: Int[Tensor, "image n_kinds n_layers n_groups"]
-    #: ``[image, kind, block, group]``: tokens whose write-in's top class is a top memory's class
-    match: Int[Tensor, "image n_kinds n_layers n_groups"]
-    #: ``[image, draw]``: the randomly drawn class of each draw
-    drawn: Int[Tensor, "image n_draws"]
-    #: ``[image, draw, kind, block, group]``: tokens that agree with the drawn class
-    random_agree: Int[Tensor, "image n_draws n_kinds n_layers n_groups"]
+    #: ``[batch]``: the image's class
+    labels: Int[Tensor, " batch"]
+    #: ``[batch, n_groups]``: tokens of each group in the image
+    tokens: Int[Tensor, "batch n_groups"]
+    #: ``[batch, n_kinds, block, n_groups]``: tokens that agree with the image's label
+    agree: Int[Tensor, "batch n_kinds block n_groups"]
+    #: ``[batch, n_kinds, block, n_groups]``: tokens whose write-in's top class is a top memory's
+    #: class
+    match: Int[Tensor, "batch n_kinds block n_groups"]
+    #: ``[batch, n_draws]``: the randomly drawn class of each draw
+    drawn: Int[Tensor, "batch n_draws"]
+    #: ``[batch, n_draws, n_kinds, block, n_groups]``: tokens that agree with the drawn class
+    random_agree: Int[Tensor, "batch n_draws n_kinds block n_groups"]
 
     def usage(self, n_classes: int, class_names: Optional[Sequence[str]] = None) -> MemoryUsage:
         """The per-class :class:`MemoryUsage` of these images (sums over images by class)."""
@@ -517,7 +520,7 @@ def _run_reduced(
 
 
 def _agrees(
-    top: Int[Tensor, "batch pos k"], class_top: Int[Tensor, "batch m"], n_memories: int
+    top: Int[Tensor, "batch pos k"], class_top: Int[Tensor, "batch top_memories"], n_memories: int
 ) -> Tensor:
     """Per token: is any of its top memories among its image's class's top memories?"""
     member = torch.zeros(top.shape[0], n_memories, dtype=torch.bool, device=top.device)

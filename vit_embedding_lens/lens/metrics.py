@@ -22,8 +22,8 @@ from vit_embedding_lens.lens.stats import permutation_test_greater, wilcoxon_gre
 from vit_embedding_lens.lens.streaming import CHANGES, COMPOSITION_BITS, KINDS, LensResult
 
 
-def token_groups(result: LensResult) -> Dict[str, Bool[Tensor, "image token"]]:
-    """Boolean ``[images, tokens]`` membership of every token group present in this result."""
+def token_groups(result: LensResult) -> Dict[str, Bool[Tensor, "batch pos"]]:
+    """Boolean ``[batch, pos]`` membership of every token group present in this result."""
     layout, n = result.layout, result.n_images
     groups: Dict[str, Tensor] = {}
 
@@ -46,9 +46,9 @@ def token_groups(result: LensResult) -> Dict[str, Bool[Tensor, "image token"]]:
 
 
 def _per_image_mean(
-    values: Tensor, mask: Bool[Tensor, "image token"]
-) -> Float[Tensor, "image block"]:
-    """Mean of ``values [image, block, token]`` over each image's tokens in ``mask`` (NaN if
+    values: Tensor, mask: Bool[Tensor, "batch pos"]
+) -> Float[Tensor, "batch block"]:
+    """Mean of ``values [batch, block, pos]`` over each image's tokens in ``mask`` (NaN if
     none)."""
     m = mask[:, None, :].to(torch.float64)
     count = m.sum(-1)
@@ -58,7 +58,7 @@ def _per_image_mean(
 
 def identifiability_scores(
     result: LensResult, kind: str = "resid"
-) -> Float[Tensor, "image block token"]:
+) -> Float[Tensor, "batch block pos"]:
     """Per-token score ``1 - rank / C`` for one layer type (``resid``, ``attn`` or ``mlp``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -67,7 +67,7 @@ def identifiability_scores(
 
 def per_image_identifiability(
     result: LensResult, kind: str = "resid", group: str = "image", metric: str = "score"
-) -> Float[Tensor, "image block"]:
+) -> Float[Tensor, "batch block"]:
     """Per image and block: the mean score (``metric="score"``) or the share of identifiable tokens
     (``"identifiable"``, rank 0) of one token group. NaN where an image has no token of the
     group."""

@@ -29,7 +29,7 @@ HeadChoice = Literal["mean", "cls", "dist"]
 
 def classifier_head(
     model, head: HeadChoice = "mean"
-) -> Tuple[Float[Tensor, "d_model n_classes"], Float[Tensor, " n_classes"]]:
+) -> Tuple[Float[Tensor, "d_model class"], Float[Tensor, " class"]]:
     """The classifier's weight and bias (live parameters). Distilled models have two heads:
     ``"mean"`` averages them (timm averages their logits), ``"cls"``/``"dist"`` pick one."""
     cfg = model.cfg
@@ -64,10 +64,10 @@ class ClassProjection:
         self._model, self._head = model, head
         with torch.no_grad():
             weight, bias = self._folded()
-        #: ``[d_model, n_classes]``: the head with the final norm's scale folded in
-        self.weight: Float[Tensor, "d_model n_classes"] = weight.detach().clone()
-        #: ``[n_classes]``: the head bias plus the final norm's bias through the head
-        self.bias: Float[Tensor, " n_classes"] = bias.detach().clone()
+        #: ``[d_model, class]``: the head with the final norm's scale folded in
+        self.weight: Float[Tensor, "d_model class"] = weight.detach().clone()
+        #: ``[class]``: the head bias plus the final norm's bias through the head
+        self.bias: Float[Tensor, " class"] = bias.detach().clone()
 
     def _folded(self) -> tuple:
         """The head with the final norm's affine folded in, from the live parameters."""
@@ -79,11 +79,11 @@ class ClassProjection:
             weight = ln.w[:, None] * weight
         return weight, bias
 
-    def __call__(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... n_classes"]:
+    def __call__(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... class"]:
         """Class logits of every vector in ``v`` (norm recomputed per vector)."""
         return self.unnormalized(v) / self.scale(v) + self.bias.to(v.dtype)
 
-    def unnormalized(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... n_classes"]:
+    def unnormalized(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... class"]:
         """``q(v) = W (v - mean v)``: linear in ``v``, so ``q(a + b) = q(a) + q(b)``."""
         return (v - v.mean(-1, keepdim=True)) @ self.weight.to(v.dtype)
 
@@ -92,12 +92,12 @@ class ClassProjection:
         return (v.var(-1, keepdim=True, unbiased=False) + self.eps).sqrt()
 
     def from_parts(
-        self, unnormalized: Float[Tensor, "... n_classes"], scale: Float[Tensor, "... 1"]
-    ) -> Float[Tensor, "... n_classes"]:
+        self, unnormalized: Float[Tensor, "... class"], scale: Float[Tensor, "... 1"]
+    ) -> Float[Tensor, "... class"]:
         """Logits from a (summed) ``unnormalized`` projection and the scale of the summed vector."""
         return unnormalized / scale + self.bias.to(unnormalized.dtype)
 
-    def differentiable(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... n_classes"]:
+    def differentiable(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... class"]:
         """Like ``__call__`` but through the live parameters, so gradients reach the model's weights
         (and ``v``). Used by gradient attributions that differentiate through the readout."""
         weight, bias = self._folded()
@@ -115,6 +115,6 @@ class ClassProjection:
 
 def project(
     model, v: Float[Tensor, "... d_model"], head: HeadChoice = "mean"
-) -> Float[Tensor, "... n_classes"]:
+) -> Float[Tensor, "... class"]:
     """Project residual-space vectors onto the class space: ``E · ln_final(v) + b`` per vector."""
     return ClassProjection(model, head=head)(v)

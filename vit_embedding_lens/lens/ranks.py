@@ -26,7 +26,7 @@ def class_rank(
     return rank_and_logit(logits, target)[0]
 
 
-def rank_and_logit(logits: Float[Tensor, "... n_classes"], target: Int[Tensor, "..."]) -> tuple:
+def rank_and_logit(logits: Float[Tensor, "... class"], target: Int[Tensor, "..."]) -> tuple:
     """``(rank, logit)`` of ``target`` (shaped like ``logits[..., 0]``); no range check (hot
     path)."""
     correct = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)

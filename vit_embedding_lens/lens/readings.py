@@ -157,7 +157,7 @@ class TokenClassPredictions:
         return self.class_names[index] if self.class_names is not None else str(index)
 
     def grid(self, what: str = "top1", image_index: int = 0) -> Tensor:
-        """``[n_blocks, grid_h, grid_w]`` of ``"top1"``, ``"top1_prob"``, ``"target_prob"`` or
+        """``[block, grid_h, grid_w]`` of ``"top1"``, ``"top1_prob"``, ``"target_prob"`` or
         ``"target_rank"`` for one image (image tokens only), ready for ``plot_token_grid``."""
         sources = {
             "top1": self.top1,
@@ -310,7 +310,7 @@ def logit_lens(
     for b, block in enumerate(blocks):
         for layer_type in layer_types:
             pred = preds[layer_type]
-            ids = pred.topk_classes[:, b, tokens].cpu().numpy().ravel()  # [image, token, k]
+            ids = pred.topk_classes[:, b, tokens].cpu().numpy().ravel()  # [batch, pos, k]
             frames.append(
                 pd.DataFrame(
                     dict(
@@ -330,7 +330,7 @@ def logit_lens(
     return pd.concat(frames, ignore_index=True)
 
 
-def project_head_writes(model, cache, block: int) -> Float[Tensor, "batch pos n_heads n_classes"]:
+def project_head_writes(model, cache, block: int) -> Float[Tensor, "batch pos head class"]:
     """Each head's write-in ``z_h · W_O[h]`` (without ``b_O``) read in class space, norm per vector.
 
     Needs ``blocks.{block}.attn.hook_z`` in the cache. Residual post-norm blocks write
@@ -347,7 +347,7 @@ def project_head_writes(model, cache, block: int) -> Float[Tensor, "batch pos n_
     return ClassProjection(model)(writes)
 
 
-def project_neuron_values(model, block: int) -> Float[Tensor, "d_mlp n_classes"]:
+def project_neuron_values(model, block: int) -> Float[Tensor, "d_mlp class"]:
     """Every MLP neuron's value vector (its row of ``W_out``, LayerScale included) read in class
     space with the norm recomputed per vector (METHODS §1). For the raw value projection
     ``E · W_out^T`` of the key-value memories see :mod:`vit_embedding_lens.lens.memories`."""

@@ -9,7 +9,7 @@ correct-class logit rose (block change, attention and MLP change vs the block in
 (composition).
 
 Everything is reduced inside hooks, batch by batch: a run over a data set keeps only these per-token
-integers and flags, never an activation or a ``[tokens, classes]`` logit table beyond the current
+integers and flags, never an activation or a ``[pos, class]`` logit table beyond the current
 batch. The residual streams are projected through linearity
 (``q(resid_post) = q(resid_mid) + q(mlp_out)``, see
 :class:`~vit_embedding_lens.lens.projection.ClassProjection`), one matmul per sublayer.
@@ -47,19 +47,19 @@ COMPOSITION_BITS = {"attn": 1, "mlp": 2, "resid_pre": 4}
 class LensResult:
     """Per-image, per-token class-space readings (concatenated over batches).
 
-    ``rank[kind]`` is ``[images, blocks, tokens]`` (0 = the label is top-1); ``rose[change]`` is a
-    bool ``[images, blocks, tokens]``; ``composition`` an integer bit mask
-    ``[images, blocks, tokens]`` (:data:`COMPOSITION_BITS`); ``token_mask`` marks "class" tokens (on
+    ``rank[kind]`` is ``[batch, block, pos]`` (0 = the label is top-1); ``rose[change]`` is a
+    bool ``[batch, block, pos]``; ``composition`` an integer bit mask
+    ``[batch, block, pos]`` (:data:`COMPOSITION_BITS`); ``token_mask`` marks "class" tokens (on
     the object), when given.
     """
 
-    rank: Dict[str, Int[Tensor, "image block token"]]
-    rose: Dict[str, Bool[Tensor, "image block token"]]
-    composition: Int[Tensor, "image block token"]
-    labels: Int[Tensor, " image"]
+    rank: Dict[str, Int[Tensor, "batch block pos"]]
+    rose: Dict[str, Bool[Tensor, "batch block pos"]]
+    composition: Int[Tensor, "batch block pos"]
+    labels: Int[Tensor, " batch"]
     n_classes: int
     layout: TokenLayout
-    token_mask: Optional[Bool[Tensor, "image token"]] = None
+    token_mask: Optional[Bool[Tensor, "batch pos"]] = None
     class_names: Optional[List[str]] = field(default=None, repr=False)
 
     @property
@@ -209,7 +209,7 @@ class LensRecorder:
         self.attn = self._read(attn_out)
 
     def _on_resid_mid(self, resid_mid: Tensor, hook) -> None:
-        # only the target class is needed here: gather it from the parts, no [tokens, classes] work
+        # only the target class is needed here: gather it from the parts, no [pos, class] work
         _, scale = self._centered_and_scale(resid_mid)
         idx = self.target[:, None, None].expand(*resid_mid.shape[:2], 1)
         q_target = (self.prev.q.gather(-1, idx) + self.attn.q.gather(-1, idx)).squeeze(-1)
@@ -269,7 +269,7 @@ def lens_batch(
     model,
     images: Tensor,
     labels,
-    token_mask: Optional[Bool[Tensor, "batch token"]] = None,
+    token_mask: Optional[Bool[Tensor, "batch pos"]] = None,
     recorder: Optional[LensRecorder] = None,
 ) -> LensResult:
     """Read every block of one batch in class space (one forward pass, no activation kept)."""
@@ -284,7 +284,7 @@ def lens_batch(
 
 
 def lens_from_cache(
-    model, cache, labels, token_mask: Optional[Bool[Tensor, "batch token"]] = None
+    model, cache, labels, token_mask: Optional[Bool[Tensor, "batch pos"]] = None
 ) -> LensResult:
     """The same readings from a ``run_with_cache`` cache (needs ``resid_pre`` of block 0 and every
     block's ``attn_out``, ``resid_mid``, ``mlp_out`` and ``resid_post``)."""

@@ -344,7 +344,7 @@ class TransformerBlock(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """The linear classifier: ``W_head`` [d_model, n_classes] (TransformerLens's ``W_U``).
+    """The linear classifier: ``W_head`` [d_model, class] (TransformerLens's ``W_U``).
 
     Distilled DeiT models have a second head on the distillation token; at evaluation timm
     averages the two, and so does this module.
@@ -363,7 +363,7 @@ class ClassifierHead(nn.Module):
         self,
         pooled: Float[Tensor, "batch d_model"],
         pooled_dist: Optional[Float[Tensor, "batch d_model"]] = None,
-    ) -> Float[Tensor, "batch n_classes"]:
+    ) -> Float[Tensor, "batch class"]:
         logits = F.linear(pooled, self.W_head.T, self.b_head)
         if pooled_dist is None:
             return logits

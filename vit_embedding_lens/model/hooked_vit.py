@@ -68,7 +68,7 @@ class HookedViT(HookedRootModule):
             self.hook_pooled_dist = HookPoint()
         if cfg.n_classes:
             self.head = ClassifierHead(cfg)
-            self.hook_logits = HookPoint()  # [batch, n_classes]
+            self.hook_logits = HookPoint()  # [batch, class]
         if class_names is not None and len(class_names) != cfg.n_classes:
             raise ValueError(f"{len(class_names)} class names given for {cfg.n_classes} classes")
         self.class_names: Optional[List[str]] = list(class_names) if class_names else None
@@ -191,7 +191,7 @@ class HookedViT(HookedRootModule):
         start_at_layer: Optional[int] = None,
         keep_mask: Optional[Bool[Tensor, "batch pos"]] = None,
     ) -> Tensor:
-        """Logits ``[batch, n_classes]`` for a batch of preprocessed images.
+        """Logits ``[batch, class]`` for a batch of preprocessed images.
 
         ``stop_at_layer=l`` returns the residual stream entering block ``l`` instead (``[batch,
         pos, d_model]``), skipping the rest. ``start_at_layer=l`` takes that residual stream in
@@ -199,7 +199,7 @@ class HookedViT(HookedRootModule):
         activation patching to skip blocks a patch cannot change). Models without a classifier head
         return the pooled features ``[batch, d_model]``.
 
-        ``keep_mask`` (bool ``[batch, n_tokens]`` in layout order) removes the tokens where it is
+        ``keep_mask`` (bool ``[batch, pos]`` in layout order) removes the tokens where it is
         False right after the position embedding (and ``ln_pre``): the blocks see only the kept
         tokens, in their original order. Prefix tokens must be kept. Rows that keep different
         numbers of tokens are padded to the longest row and a padding mask keeps padded slots out of
@@ -469,11 +469,11 @@ class HookedViT(HookedRootModule):
     # TransformerLens conveniences (used by ActivationCache.logit_attrs and friends)
     # ---------------------------------------------------------------------------------------------
     @property
-    def W_U(self) -> Float[Tensor, "d_model n_classes"]:
+    def W_U(self) -> Float[Tensor, "d_model class"]:
         return self.classifier_head().W_head
 
     @property
-    def b_U(self) -> Float[Tensor, " n_classes"]:
+    def b_U(self) -> Float[Tensor, " class"]:
         return self.classifier_head().b_head
 
     def classifier_head(self) -> ClassifierHead:
@@ -550,35 +550,27 @@ class HookedViT(HookedRootModule):
     def _stack(self, attr: str, sub: str) -> Tensor:
         return torch.stack([getattr(getattr(block, sub), attr) for block in self.blocks], dim=0)
 
-    W_Q = property(
-        lambda self: self._stack("W_Q", "attn"), doc="[n_layers, n_heads, d_model, d_head]"
-    )
-    W_K = property(
-        lambda self: self._stack("W_K", "attn"), doc="[n_layers, n_heads, d_model, d_head]"
-    )
-    W_V = property(
-        lambda self: self._stack("W_V", "attn"), doc="[n_layers, n_heads, d_model, d_head]"
-    )
-    W_O = property(
-        lambda self: self._stack("W_O", "attn"), doc="[n_layers, n_heads, d_head, d_model]"
-    )
-    b_Q = property(lambda self: self._stack("b_Q", "attn"), doc="[n_layers, n_heads, d_head]")
-    b_K = property(lambda self: self._stack("b_K", "attn"), doc="[n_layers, n_heads, d_head]")
-    b_V = property(lambda self: self._stack("b_V", "attn"), doc="[n_layers, n_heads, d_head]")
-    b_O = property(lambda self: self._stack("b_O", "attn"), doc="[n_layers, d_model]")
-    W_in = property(lambda self: self._stack("W_in", "mlp"), doc="[n_layers, d_model, d_mlp]")
-    W_out = property(lambda self: self._stack("W_out", "mlp"), doc="[n_layers, d_mlp, d_model]")
-    b_in = property(lambda self: self._stack("b_in", "mlp"), doc="[n_layers, d_mlp]")
-    b_out = property(lambda self: self._stack("b_out", "mlp"), doc="[n_layers, d_model]")
+    W_Q = property(lambda self: self._stack("W_Q", "attn"), doc="[block, head, d_model, d_head]")
+    W_K = property(lambda self: self._stack("W_K", "attn"), doc="[block, head, d_model, d_head]")
+    W_V = property(lambda self: self._stack("W_V", "attn"), doc="[block, head, d_model, d_head]")
+    W_O = property(lambda self: self._stack("W_O", "attn"), doc="[block, head, d_head, d_model]")
+    b_Q = property(lambda self: self._stack("b_Q", "attn"), doc="[block, head, d_head]")
+    b_K = property(lambda self: self._stack("b_K", "attn"), doc="[block, head, d_head]")
+    b_V = property(lambda self: self._stack("b_V", "attn"), doc="[block, head, d_head]")
+    b_O = property(lambda self: self._stack("b_O", "attn"), doc="[block, d_model]")
+    W_in = property(lambda self: self._stack("W_in", "mlp"), doc="[block, d_model, d_mlp]")
+    W_out = property(lambda self: self._stack("W_out", "mlp"), doc="[block, d_mlp, d_model]")
+    b_in = property(lambda self: self._stack("b_in", "mlp"), doc="[block, d_mlp]")
+    b_out = property(lambda self: self._stack("b_out", "mlp"), doc="[block, d_model]")
 
     @property
     def QK(self) -> FactoredMatrix:
-        """Per-head ``W_Q W_K^T`` [n_layers, n_heads, d_model, d_model], factored."""
+        """Per-head ``W_Q W_K^T`` [block, head, d_model, d_model], factored."""
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
 
     @property
     def OV(self) -> FactoredMatrix:
-        """Per-head ``W_V W_O`` [n_layers, n_heads, d_model, d_model], factored."""
+        """Per-head ``W_V W_O`` [block, head, d_model, d_model], factored."""
         return FactoredMatrix(self.W_V, self.W_O)
 
     def __repr__(self) -> str:  # keep notebooks readable: the module tree is long

@@ -69,7 +69,7 @@ class TokenLayout:
     def patch_indices(self) -> range:
         return range(self.n_prefix, self.n_tokens)
 
-    def image_token_mask(self, device: Optional[torch.device] = None) -> Bool[Tensor, " n_tokens"]:
+    def image_token_mask(self, device: Optional[torch.device] = None) -> Bool[Tensor, " pos"]:
         """Boolean mask over the sequence, True at image-patch tokens."""
         mask = torch.zeros(self.n_tokens, dtype=torch.bool, device=device)
         mask[self.n_prefix :] = True
@@ -128,7 +128,7 @@ class TokenLayout:
         return x.narrow(dim, 0, self.n_prefix)
 
     def to_grid(self, values: Tensor) -> Tensor:
-        """``[..., n_patches]`` (or ``[..., n_tokens]``, prefix dropped) ->
+        """``[..., n_patches]`` (or ``[..., pos]``, prefix dropped) ->
         ``[..., grid_h, grid_w]``."""
         if values.shape[-1] == self.n_tokens and self.n_prefix:
             values = values[..., self.n_prefix :]

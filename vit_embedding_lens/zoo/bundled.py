@@ -129,9 +129,9 @@ def preprocess_grey28(images: Union[Tensor, np.ndarray]) -> Float[Tensor, "batch
 class BundledEvalSet:
     """The held-out images shipped with a bundled model, with a foreground mask per image."""
 
-    images: Float[Tensor, "n 1 28 28"]  # preprocessed, ready for the model
-    labels: Int[Tensor, " n"]
-    masks: Bool[Tensor, "n 28 28"]  # True on the object (digit stroke, garment)
+    images: Float[Tensor, "batch 1 28 28"]  # preprocessed, ready for the model
+    labels: Int[Tensor, " batch"]
+    masks: Bool[Tensor, "batch 28 28"]  # True on the object (digit stroke, garment)
     raw: np.ndarray  # uint8 [n, 28, 28]
     name: str = DEFAULT_BUNDLED
 
@@ -140,7 +140,7 @@ class BundledEvalSet:
 
     def class_token_mask(
         self, layout, method: str = "nearest", threshold: float = 0.5
-    ) -> Bool[Tensor, "n n_tokens"]:
+    ) -> Bool[Tensor, "batch pos"]:
         """True at image tokens on the object ("class" tokens); the rest are "context"."""
         from vit_embedding_lens.data.token_labels import token_mask_from_mask
 
