@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -48,6 +48,9 @@ from vit_embedding_lens.data.images import (
     read_synset_mapping,
 )
 from vit_embedding_lens.data.transforms import Preprocessing
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 #: both sides of ImageNet-S-919's five synset merges: their folders mix two ImageNet classes
 AMBIGUOUS_SYNSETS = (
@@ -218,7 +221,7 @@ def verify_segmentation_ids(
 
 def imagenet_s_dataset(
     root: Union[str, Path],
-    model: Any,
+    model: "HookedViT",
     preprocessing: Preprocessing,
     split: str = "validation",
     per_class: Optional[int] = 5,

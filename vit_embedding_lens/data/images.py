@@ -16,7 +16,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from vit_embedding_lens.data.transforms import Preprocessing, binary_mask_image,
 from vit_embedding_lens.zoo.eval_dataset import (  # its old address
     bundled_eval_dataset as bundled_eval_dataset,
 )
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 #: file name endings read as images (case-insensitive)
 IMAGE_EXTENSIONS = (
@@ -377,7 +380,7 @@ def image_folder_records(
 
 def image_folder_dataset(
     root: Union[str, Path],
-    model: Any,
+    model: "HookedViT",
     preprocessing: Preprocessing,
     per_class: Optional[int] = None,
     synset_mapping: Optional[Union[str, Path]] = None,

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Literal, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Literal, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 from jaxtyping import Bool
 from PIL import Image
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 PreprocessKind = Literal["timm", "paper"]
 PREPROCESS_KINDS = ("timm", "paper")
@@ -146,7 +149,7 @@ def geometric_part(transform: Any, nearest: bool = True) -> Callable[[Image.Imag
 
 
 def resolve_preprocessing(
-    model: Any,
+    model: "HookedViT",
     kind: str = "timm",
     data_config: Optional[Mapping[str, Any]] = None,
 ) -> Preprocessing:

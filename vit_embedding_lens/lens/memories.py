@@ -28,7 +28,7 @@ no final norm, no bias, as the paper defines it.
 
 from __future__ import annotations
 
-from typing import List, Literal, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Literal, NamedTuple, Optional, Sequence, Tuple, Union
 
 import einops
 import pandas as pd
@@ -42,6 +42,9 @@ from vit_embedding_lens.lens.stats import wilcoxon_greater
 from vit_embedding_lens.model.hook_names import act_name
 from vit_embedding_lens.model.indices import resolve_block
 from vit_embedding_lens.model.targets import class_names_or_ids
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 SublayerKind = Literal["attn", "mlp"]
 #: the two kinds of sublayer with key-value memories, in the order every result uses
@@ -68,7 +71,7 @@ def check_kinds(kinds: Union[str, Sequence[str]]) -> Tuple[str, ...]:
     return tuple(check_kind(k) for k in kinds)
 
 
-def n_memories(model, kind: SublayerKind) -> int:
+def n_memories(model: "HookedViT", kind: SublayerKind) -> int:
     """Memories per block: ``d_mlp`` neurons, or ``n_heads * d_head`` attention value rows."""
     cfg = model.cfg
     return cfg.d_mlp if check_kind(kind) == "mlp" else cfg.n_heads * cfg.d_head
@@ -96,7 +99,9 @@ def memory_coefficients(
     return einops.rearrange(activation, "... pos head d_head -> ... pos (head d_head)")
 
 
-def memory_values(model, block: int, kind: SublayerKind) -> Float[Tensor, "n_memories d_model"]:
+def memory_values(
+    model: "HookedViT", block: int, kind: SublayerKind
+) -> Float[Tensor, "n_memories d_model"]:
     """The value vectors of a sublayer, one row per memory (what each memory writes; see module
     doc)."""
     block = resolve_block(model, block)
@@ -113,14 +118,16 @@ def memory_values(model, block: int, kind: SublayerKind) -> Float[Tensor, "n_mem
     return values
 
 
-def memory_keys(model, block: int) -> Float[Tensor, "d_mlp d_model"]:
+def memory_keys(model: "HookedViT", block: int) -> Float[Tensor, "d_mlp d_model"]:
     """The MLP's key vectors ``W_in[:, i]``, one row per neuron (attention memories have no key
     row)."""
     return model.blocks[resolve_block(model, block)].mlp.W_in.T
 
 
 # -- reading values in the class space ------------------------------------------------------------
-def class_embeddings(model, head: HeadChoice = "mean") -> Float[Tensor, "class d_model"]:
+def class_embeddings(
+    model: "HookedViT", head: HeadChoice = "mean"
+) -> Float[Tensor, "class d_model"]:
     """``E``: one row per class, the classifier head's weight as the model holds it.
 
     Distilled models have two heads; ``head`` picks them as :class:`ClassProjection` does:
@@ -131,7 +138,7 @@ def class_embeddings(model, head: HeadChoice = "mean") -> Float[Tensor, "class d
 
 
 def value_projection(
-    model, block: int, kind: SublayerKind, head: HeadChoice = "mean"
+    model: "HookedViT", block: int, kind: SublayerKind, head: HeadChoice = "mean"
 ) -> Float[Tensor, "class n_memories"]:
     """``P = E · Vᵀ``: the class logit each memory's value writes (no norm, no bias)."""
     with torch.no_grad():
@@ -160,7 +167,7 @@ def check_k(k: int, n: int, what: str) -> None:
 
 # -- class-value agreement -----------------------------------------------------------------------
 def class_value_agreement(
-    model, kinds: Union[str, Sequence[str]] = SUBLAYER_KINDS, head: HeadChoice = "mean"
+    model: "HookedViT", kinds: Union[str, Sequence[str]] = SUBLAYER_KINDS, head: HeadChoice = "mean"
 ) -> Float[Tensor, "n_kinds block class"]:
     """Per class, the largest cosine between its class embedding and any value vector of a sublayer.
 
@@ -221,8 +228,8 @@ class ClassValueComparison(NamedTuple):
 
 
 def compare_class_value_agreement(
-    model,
-    twin=None,
+    model: "HookedViT",
+    twin: Optional["HookedViT"] = None,
     seed: int = 0,
     kinds: Union[str, Sequence[str]] = SUBLAYER_KINDS,
     head: HeadChoice = "mean",
@@ -287,7 +294,7 @@ def compare_class_value_agreement(
 
 # -- human-readable values -----------------------------------------------------------------------
 def value_topk(
-    model,
+    model: "HookedViT",
     block: Optional[int] = None,
     kind: SublayerKind = "mlp",
     index: Union[int, Sequence[int], None] = None,
@@ -355,7 +362,7 @@ def value_topk(
 
 
 def top_memories(
-    model,
+    model: "HookedViT",
     block: int,
     kind: SublayerKind,
     class_id: Union[int, str],

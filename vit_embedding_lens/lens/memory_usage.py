@@ -48,12 +48,13 @@ from vit_embedding_lens.model.targets import class_names_or_ids, class_targets
 
 if TYPE_CHECKING:
     from vit_embedding_lens.model.hooked_vit import HookedViT
+    from vit_embedding_lens.model.layout import TokenLayout
 
 #: token groups, in the order every result uses (only those a layout has are reported)
 TOKEN_GROUPS: Tuple[str, str, str] = ("cls", "prefix", "image")
 
 
-def token_group_ids(layout) -> Int[Tensor, " pos"]:
+def token_group_ids(layout: "TokenLayout") -> Int[Tensor, " pos"]:
     """Per sequence position, its token group as an index into :data:`TOKEN_GROUPS`."""
     ids = torch.full((layout.n_tokens,), TOKEN_GROUPS.index("image"), dtype=torch.long)
     ids[list(layout.prefix_indices)] = TOKEN_GROUPS.index("prefix")
@@ -85,7 +86,7 @@ class MemoryTables:
     @classmethod
     def from_model(
         cls,
-        model,
+        model: "HookedViT",
         kinds: Union[str, Sequence[str]] = SUBLAYER_KINDS,
         top_memories: int = 5,
         head: HeadChoice = "mean",
@@ -274,7 +275,7 @@ def _ratio(count: Tensor, total: Tensor) -> Tensor:
 
 # -- streaming ------------------------------------------------------------------------------------
 def memory_usage_batch(
-    model,
+    model: "HookedViT",
     images: Float[Tensor, "batch chan height width"],
     labels: Int[Tensor, " batch"],
     *,
@@ -310,7 +311,16 @@ def memory_usage_batch(
 
 
 def _checked_inputs(
-    model, images, labels, k, top_memories, kinds, n_random_draws, generator, tables, head
+    model: "HookedViT",
+    images,
+    labels,
+    k,
+    top_memories,
+    kinds,
+    n_random_draws,
+    generator,
+    tables: Optional[MemoryTables],
+    head,
 ):
     """Validate the arguments shared by the batch functions; build the tables and generator if
     missing."""
@@ -380,7 +390,7 @@ class PerImageMemoryCounts:
 
 
 def memory_usage_per_image(
-    model,
+    model: "HookedViT",
     images: Float[Tensor, "batch chan height width"],
     labels: Int[Tensor, " batch"],
     *,
@@ -439,7 +449,7 @@ def memory_usage_per_image(
 
 
 def memory_usage(
-    model,
+    model: "HookedViT",
     batches: Iterable,
     *,
     k: int = 5,
@@ -487,7 +497,7 @@ def memory_usage(
 
 
 def _run_reduced(
-    model, images: Tensor, kinds: Tuple[str, ...], k: int, projection: ClassProjection
+    model: "HookedViT", images: Tensor, kinds: Tuple[str, ...], k: int, projection: ClassProjection
 ):
     """One forward pass whose hooks keep, per block and kind, only the top-``k`` memory indices of
     each token ``[B, N, k]`` and the top-1 class of the sublayer's write-in ``[B, N]``."""

@@ -13,7 +13,7 @@ sublayer instead of one per hidden state.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple
+from typing import TYPE_CHECKING, Literal, Optional, Tuple
 
 import torch
 from jaxtyping import Float
@@ -22,13 +22,16 @@ from torch import Tensor
 # the model's own readout, hook-free (one home: model/readout.py); kept here under its old name
 from vit_embedding_lens.model.readout import readout_logits as pooled_readout
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 __all__ = ["ClassProjection", "HeadChoice", "classifier_head", "pooled_readout", "project"]
 
 HeadChoice = Literal["mean", "cls", "dist"]
 
 
 def classifier_head(
-    model, head: HeadChoice = "mean"
+    model: "HookedViT", head: HeadChoice = "mean"
 ) -> Tuple[Float[Tensor, "d_model class"], Float[Tensor, " class"]]:
     """The classifier's weight and bias (live parameters). Distilled models have two heads:
     ``"mean"`` averages them (timm averages their logits), ``"cls"``/``"dist"`` pick one."""
@@ -56,7 +59,7 @@ class ClassProjection:
     with the average of the two heads, as timm averages their logits; ``"cls"``/``"dist"`` pick one.
     """
 
-    def __init__(self, model, head: HeadChoice = "mean") -> None:
+    def __init__(self, model: "HookedViT", head: HeadChoice = "mean") -> None:
         cfg = model.cfg
         classifier_head(model, head)  # validates the model and the choice
         self.n_classes = cfg.n_classes
@@ -114,7 +117,7 @@ class ClassProjection:
 
 
 def project(
-    model, v: Float[Tensor, "... d_model"], head: HeadChoice = "mean"
+    model: "HookedViT", v: Float[Tensor, "... d_model"], head: HeadChoice = "mean"
 ) -> Float[Tensor, "... class"]:
     """Project residual-space vectors onto the class space: ``E · ln_final(v) + b`` per vector."""
     return ClassProjection(model, head=head)(v)

@@ -31,6 +31,8 @@ from vit_embedding_lens.model.indices import resolve_blocks
 from vit_embedding_lens.model.targets import class_names_or_ids, class_targets
 
 if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
+
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 #: layer type -> the hook read at each block (the names :func:`logit_lens` takes)
@@ -330,7 +332,9 @@ def logit_lens(
     return pd.concat(frames, ignore_index=True)
 
 
-def project_head_writes(model, cache, block: int) -> Float[Tensor, "batch pos head class"]:
+def project_head_writes(
+    model: "HookedViT", cache: Union[Mapping[str, Tensor], "ActivationCache"], block: int
+) -> Float[Tensor, "batch pos head class"]:
     """Each head's write-in ``z_h · W_O[h]`` (without ``b_O``) read in class space, norm per vector.
 
     Needs ``blocks.{block}.attn.hook_z`` in the cache. Residual post-norm blocks write
@@ -347,7 +351,7 @@ def project_head_writes(model, cache, block: int) -> Float[Tensor, "batch pos he
     return ClassProjection(model)(writes)
 
 
-def project_neuron_values(model, block: int) -> Float[Tensor, "d_mlp class"]:
+def project_neuron_values(model: "HookedViT", block: int) -> Float[Tensor, "d_mlp class"]:
     """Every MLP neuron's value vector (its row of ``W_out``, LayerScale included) read in class
     space with the norm recomputed per vector (METHODS §1). For the raw value projection
     ``E · W_out^T`` of the key-value memories see :mod:`vit_embedding_lens.lens.memories`."""

@@ -32,6 +32,8 @@ from vit_embedding_lens.model.layout import TokenLayout
 from vit_embedding_lens.model.targets import class_targets
 
 if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
+
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 #: where ranks are read, per block: attention write-in, MLP write-in, residual after the block
@@ -266,7 +268,7 @@ class LensRecorder:
 
 
 def lens_batch(
-    model,
+    model: "HookedViT",
     images: Tensor,
     labels,
     token_mask: Optional[Bool[Tensor, "batch pos"]] = None,
@@ -284,7 +286,10 @@ def lens_batch(
 
 
 def lens_from_cache(
-    model, cache, labels, token_mask: Optional[Bool[Tensor, "batch pos"]] = None
+    model: "HookedViT",
+    cache: "ActivationCache",
+    labels,
+    token_mask: Optional[Bool[Tensor, "batch pos"]] = None,
 ) -> LensResult:
     """The same readings from a ``run_with_cache`` cache (needs ``resid_pre`` of block 0 and every
     block's ``attn_out``, ``resid_mid``, ``mlp_out`` and ``resid_post``)."""
@@ -301,7 +306,7 @@ def lens_from_cache(
 
 
 def lens_dataset(
-    model,
+    model: "HookedViT",
     batches: Iterable,
     *,
     progress: bool = True,

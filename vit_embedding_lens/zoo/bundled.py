@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from torch import Tensor
 from vit_embedding_lens.loading.names import BUNDLED_PREFIX as BUNDLED_PREFIX
 from vit_embedding_lens.loading.names import bundled_name as bundled_name
 from vit_embedding_lens.model.checkpoint import load_checkpoint_
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.layout import TokenLayout
 
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_BUNDLED = "mnist-vit"
@@ -139,7 +142,7 @@ class BundledEvalSet:
         return len(self.labels)
 
     def class_token_mask(
-        self, layout, method: str = "nearest", threshold: float = 0.5
+        self, layout: "TokenLayout", method: str = "nearest", threshold: float = 0.5
     ) -> Bool[Tensor, "batch pos"]:
         """True at image tokens on the object ("class" tokens); the rest are "context"."""
         from vit_embedding_lens.data.token_labels import token_mask_from_mask
