@@ -28,7 +28,7 @@ no final norm, no bias, as the paper defines it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Literal, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Literal, NamedTuple, Optional, Sequence, Tuple, Union, cast
 
 import einops
 import pandas as pd
@@ -52,16 +52,16 @@ SUBLAYER_KINDS: Tuple[str, str] = ("attn", "mlp")
 
 
 # -- what a memory is -----------------------------------------------------------------------------
-def check_kind(kind: str) -> str:
+def check_kind(kind: str) -> SublayerKind:
     """``kind`` if it names a sublayer with memories, else a ValueError that says which do."""
     if kind not in SUBLAYER_KINDS:
         raise ValueError(
             f"kind must be 'attn' or 'mlp' (the sublayers with key-value memories), got {kind!r}"
         )
-    return kind
+    return cast(SublayerKind, kind)
 
 
-def check_kinds(kinds: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+def check_kinds(kinds: Union[str, Sequence[str]]) -> Tuple[SublayerKind, ...]:
     """A tuple of distinct sublayer kinds (a single string is one kind)."""
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     if not kinds or len(set(kinds)) != len(kinds):

@@ -23,7 +23,19 @@ top-``k`` memory indices of each token survive the forward pass, never a ``n_mem
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Sized,
+    Tuple,
+    Union,
+    cast,
+)
 
 import pandas as pd
 import torch
@@ -33,6 +45,7 @@ from tqdm.auto import tqdm
 
 from vit_embedding_lens.lens.memories import (
     SUBLAYER_KINDS,
+    SublayerKind,
     check_k,
     check_kinds,
     class_top_memories,
@@ -312,16 +325,16 @@ def memory_usage_batch(
 
 def _checked_inputs(
     model: "HookedViT",
-    images,
+    images: Tensor,
     labels,
-    k,
-    top_memories,
-    kinds,
-    n_random_draws,
-    generator,
+    k: int,
+    top_memories: int,
+    kinds: Union[str, Sequence[str]],
+    n_random_draws: int,
+    generator: Optional[torch.Generator],
     tables: Optional[MemoryTables],
-    head,
-):
+    head: HeadChoice,
+) -> Tuple[Tuple[SublayerKind, ...], Tensor, MemoryTables, torch.Generator]:
     """Validate the arguments shared by the batch functions; build the tables and generator if
     missing."""
     kinds = check_kinds(kinds)
@@ -469,7 +482,7 @@ def memory_usage(
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     if total is None and hasattr(batches, "__len__"):
-        total = len(batches)
+        total = len(cast(Sized, batches))
     result: Optional[MemoryUsage] = None
     for item in tqdm(batches, total=total, disable=not progress, desc="key-value memories"):
         if not isinstance(item, (tuple, list)) or len(item) < 2:
@@ -497,7 +510,11 @@ def memory_usage(
 
 
 def _run_reduced(
-    model: "HookedViT", images: Tensor, kinds: Tuple[str, ...], k: int, projection: ClassProjection
+    model: "HookedViT",
+    images: Tensor,
+    kinds: Tuple[SublayerKind, ...],
+    k: int,
+    projection: ClassProjection,
 ):
     """One forward pass whose hooks keep, per block and kind, only the top-``k`` memory indices of
     each token ``[B, N, k]`` and the top-1 class of the sublayer's write-in ``[B, N]``."""
@@ -507,19 +524,19 @@ def _run_reduced(
     param = next(model.parameters())
     projection = projection.to(device=param.device, dtype=param.dtype)
 
-    def keep_top(kind: str, block: int):
+    def keep_top(kind: SublayerKind, block: int):
         def hook(act: Tensor, hook) -> None:
             active[kind][block] = memory_coefficients(act, kind).topk(k, dim=-1).indices
 
         return hook
 
-    def keep_class(kind: str, block: int):
+    def keep_class(kind: SublayerKind, block: int):
         def hook(act: Tensor, hook) -> None:
             write_class[kind][block] = projection(act).argmax(dim=-1)
 
         return hook
 
-    hooks = []
+    hooks: List[Tuple[Union[str, Callable], Callable]] = []
     for kind in kinds:
         for block in range(n_layers):
             hooks.append((coefficient_hook_name(block, kind), keep_top(kind, block)))

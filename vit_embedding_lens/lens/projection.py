@@ -45,7 +45,8 @@ def classifier_head(
         raise ValueError(f"head must be 'mean', 'cls' or 'dist', got {head!r}")
     if head == "dist" and not cfg.has_dist_token:
         raise ValueError(f"{cfg.model_name} has no distillation head; use head='mean' or 'cls'")
-    weight, bias = model.head.W_head, model.head.b_head  # [d, C], [C]
+    weight: Tensor = model.head.W_head  # [d_model, class]
+    bias: Tensor = model.head.b_head  # [class]
     if cfg.has_dist_token and head != "cls":
         w_d, b_d = model.head.W_head_dist, model.head.b_head_dist
         weight, bias = ((weight + w_d) / 2, (bias + b_d) / 2) if head == "mean" else (w_d, b_d)

@@ -7,6 +7,8 @@ same for every token and block. One comparison per class: ``O(C)`` per token ins
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -48,7 +50,7 @@ def count_true(flags: Bool[Tensor, "... n"]) -> Int[Tensor, "..."]:
     if not packable or not flags.is_contiguous() or flags.device.type != "cpu":
         return flags.sum(-1)
     packed = flags.view(torch.int64).sum(-1)
-    return sum((packed >> (8 * lane)) & 0xFF for lane in range(8))
+    return cast(Tensor, sum((packed >> (8 * lane)) & 0xFF for lane in range(8)))
 
 
 def identifiability_score(rank: Tensor, n_classes: int) -> Tensor:

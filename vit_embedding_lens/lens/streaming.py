@@ -18,7 +18,7 @@ batch. The residual streams are projected through linearity
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sized, Tuple, cast
 
 import torch
 from jaxtyping import Bool, Int
@@ -91,11 +91,11 @@ class LensResult:
         for k in first.rank:
             rank[k] = take(lambda p: p.rank[k])
             for p in parts:
-                p.rank[k] = None
+                cast(Dict[str, Optional[Tensor]], p.rank)[k] = None  # released: the part is spent
         for k in first.rose:
             rose[k] = take(lambda p: p.rose[k])
             for p in parts:
-                p.rose[k] = None
+                cast(Dict[str, Optional[Tensor]], p.rose)[k] = None
         return LensResult(
             rank=rank,
             rose=rose,
@@ -103,7 +103,7 @@ class LensResult:
             labels=take(lambda p: p.labels),
             n_classes=first.n_classes,
             layout=first.layout,
-            token_mask=None if masks[0] is None else torch.cat(masks),
+            token_mask=None if masks[0] is None else torch.cat([m for m in masks if m is not None]),
             class_names=first.class_names,
         )
 
@@ -179,7 +179,7 @@ class LensRecorder:
         """Context manager: record the next forward pass, reading class ``target[i]`` for image
         ``i``."""
         self.start(target)
-        return self.model.hooks(fwd_hooks=self.hooks())
+        return self.model.hooks(fwd_hooks=[(name, fn) for name, fn in self.hooks()])
 
     # The readings, in the order the hooks fire within a block.
     def _centered_and_scale(self, vectors: Tensor) -> Tuple[Tensor, Tensor]:
@@ -195,6 +195,7 @@ class LensRecorder:
         centered, scale = self._centered_and_scale(vectors)
         if q is None:
             q = centered @ self.proj.weight
+        assert self.target is not None  # set by start(); _on_input refuses to run without it
         target = self.target[:, None].expand(vectors.shape[:2])
         return _Reading(self.proj, q, scale, target)
 
@@ -213,6 +214,7 @@ class LensRecorder:
     def _on_resid_mid(self, resid_mid: Tensor, hook) -> None:
         # only the target class is needed here: gather it from the parts, no [pos, class] work
         _, scale = self._centered_and_scale(resid_mid)
+        assert self.target is not None and self.prev is not None and self.attn is not None
         idx = self.target[:, None, None].expand(*resid_mid.shape[:2], 1)
         q_target = (self.prev.q.gather(-1, idx) + self.attn.q.gather(-1, idx)).squeeze(-1)
         self.mid_correct = q_target / scale.squeeze(-1) + self.proj.bias[self.target][:, None]
@@ -222,6 +224,10 @@ class LensRecorder:
 
     def _on_resid_post(self, resid_post: Tensor, hook) -> None:
         prev, attn, mlp = self.prev, self.attn, self.mlp
+        assert (
+            prev is not None and attn is not None and mlp is not None
+        )  # earlier hooks of the block
+        assert self.mid_correct is not None
         post = self._read(resid_post, prev.q + attn.q + mlp.q)
         rows = self.rows
         for kind, reading in zip(KINDS, (attn, mlp, post)):
@@ -252,6 +258,8 @@ class LensRecorder:
                 f"the recorded forward pass covered {len(rows['composition'])} of "
                 f"{self.model.cfg.n_layers} blocks (stop_at_layer, or an exception mid-forward?)"
             )
+
+        assert self.target is not None  # n_layers blocks were recorded
 
         def stack(name: str) -> Tensor:
             return torch.stack(rows[name], dim=1).cpu()
@@ -319,7 +327,7 @@ def lens_dataset(
     param = next(model.parameters())
     parts = []
     if total is None and hasattr(batches, "__len__"):
-        total = len(batches)
+        total = len(cast(Sized, batches))
     for batch in tqdm(
         batches, total=total, disable=not progress, desc="class-embedding lens", unit="batch"
     ):

@@ -52,7 +52,9 @@ class LayerNorm(nn.Module):
         x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         x = self.hook_normalized(x / scale)
-        return x * w + b if self.affine else x
+        if w is None or b is None:  # affine=False
+            return x
+        return x * w + b
 
     def extra_repr(self) -> str:
         return f"{self.d}, eps={self.eps}, affine={self.affine}"
@@ -106,7 +108,7 @@ class PosEmbed(nn.Module):
     def forward(self, grid: Tuple[int, int], batch: int) -> Float[Tensor, "batch pos d_model"]:
         cfg = self.cfg
         n_prefix = cfg.n_prefix_tokens
-        pos = self.W_pos
+        pos: Tensor = self.W_pos
         if tuple(grid) != tuple(cfg.grid_size):
             pos = resample_abs_pos_embed(
                 pos.unsqueeze(0),

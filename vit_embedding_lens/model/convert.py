@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
-from typing import Dict, List, Optional, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import einops
 import torch
@@ -22,6 +23,18 @@ from vit_embedding_lens.model.activations import activation_name
 from vit_embedding_lens.model.checkpoint import load_checkpoint_ as load_checkpoint_
 from vit_embedding_lens.model.checkpoint import read_state_dict as read_state_dict
 from vit_embedding_lens.model.config import HookedViTConfig
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
+# Old addresses of names that live above this floor, which model/ may not import: the packages that
+# own them set them here when they are imported (vit_embedding_lens.model: convert_timm_vit;
+# vit_embedding_lens.loading: hub_reachable, load_timm_model, socket). Declared for the type
+# checker.
+convert_timm_vit: Callable[..., HookedViT]
+hub_reachable: Callable[..., bool]
+load_timm_model: Callable[..., Tuple[nn.Module, str]]
+socket: ModuleType
 
 #: timm classes that are ViTs but whose computation HookedViT does not reproduce, and why
 _UNSUPPORTED_MODEL_CLASSES = {

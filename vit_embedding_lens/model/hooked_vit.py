@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -326,9 +326,12 @@ class HookedViT(HookedRootModule):
             mean = (tokens * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
             amax = tokens.masked_fill(~real, float("-inf")).amax(dim=1)
         if pool == "avg":
+            assert mean is not None
             return mean
         if pool == "max":
+            assert amax is not None
             return amax
+        assert mean is not None and amax is not None
         return 0.5 * (amax + mean)  # avgmax
 
     def layout_for(self, image_size: Sequence[int]) -> TokenLayout:
@@ -452,7 +455,7 @@ class HookedViT(HookedRootModule):
         if mode not in ("auto", "explicit"):
             raise ValueError(f"attention implementation must be 'auto' or 'explicit', got {mode!r}")
         for block in self.blocks:
-            block.attn.force_explicit = mode == "explicit"
+            cast(TransformerBlock, block).attn.force_explicit = mode == "explicit"
 
     def replace_cfg(self, **changes: Any) -> None:
         """Swap in ``dataclasses.replace(cfg, **changes)`` here and in every submodule.
@@ -463,7 +466,7 @@ class HookedViT(HookedRootModule):
         self.cfg = dataclasses.replace(self.cfg, **changes)
         for module in self.modules():
             if module is not self and hasattr(module, "cfg"):
-                module.cfg = self.cfg
+                setattr(module, "cfg", self.cfg)  # nn.Module.__setattr__, as `module.cfg = ...`
 
     # ---------------------------------------------------------------------------------------------
     # TransformerLens conveniences (used by ActivationCache.logit_attrs and friends)
@@ -535,16 +538,17 @@ class HookedViT(HookedRootModule):
         bias = torch.zeros(
             self.cfg.d_model, device=self.embed.W_E.device, dtype=self.embed.W_E.dtype
         )
+        blocks = cast(Sequence[TransformerBlock], self.blocks)
         for i in range(layer):
-            bias = bias + self.blocks[i].attn.b_O
+            bias = bias + blocks[i].attn.b_O
             if include_mlp_biases:
-                bias = bias + self.blocks[i].mlp.b_out
+                bias = bias + blocks[i].mlp.b_out
         if mlp_input:
             if layer >= self.cfg.n_layers:
                 raise ValueError(
                     f"layer {layer} has no MLP input: the model has {self.cfg.n_layers} layers"
                 )
-            bias = bias + self.blocks[layer].attn.b_O
+            bias = bias + blocks[layer].attn.b_O
         return bias
 
     def _stack(self, attr: str, sub: str) -> Tensor:
