@@ -199,6 +199,7 @@ def verify_segmentation_ids(
         chosen = [chosen[round(i * (len(chosen) - 1) / (n_classes - 1))] for i in range(n_classes)]
     wrong = []
     for r in chosen:
+        assert r.mask_path is not None  # ImageNet-S records always carry their mask
         try:
             labels = decode_segmentation(open_image(r.mask_path, None, what="segmentation mask"))
         except UnusableImageError:

@@ -16,7 +16,19 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    cast,
+)
 
 import numpy as np
 import torch
@@ -30,6 +42,7 @@ from vit_embedding_lens.zoo.eval_dataset import (  # its old address
 )
 
 if TYPE_CHECKING:
+    from vit_embedding_lens.data.token_labels import Method
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 #: file name endings read as images (case-insensitive)
@@ -114,11 +127,14 @@ class ImageDataset(torch.utils.data.Dataset):
         self.preprocessing = preprocessing
         self.layout = layout
         self.mask_decoder = mask_decoder or decode_label_mask
-        self.token_labels = token_labels
+        self.token_labels = cast("Method", token_labels)  # checked above
         self.threshold = float(threshold)
         self.source = dict(source or {})
         self.on_error = on_error
-        self._transforms = None  # built lazily in each (worker) process
+        #: (image transform, mask transform), built lazily in each (worker) process
+        self._transforms: Optional[
+            Tuple[Callable[[Image.Image], torch.Tensor], Callable[[Image.Image], Image.Image]]
+        ] = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -160,6 +176,7 @@ class ImageDataset(torch.utils.data.Dataset):
             on_object = mask_from_image(mask_tf(binary_mask_image(labels == record.mask_label)))
             from vit_embedding_lens.data.token_labels import token_mask_from_mask
 
+            assert self.layout is not None  # __init__ requires it for records with masks
             token_mask = token_mask_from_mask(
                 on_object, self.layout, method=self.token_labels, threshold=self.threshold
             )

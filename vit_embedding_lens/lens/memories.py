@@ -44,6 +44,7 @@ from vit_embedding_lens.model.indices import resolve_block
 from vit_embedding_lens.model.targets import class_names_or_ids
 
 if TYPE_CHECKING:
+    from vit_embedding_lens.model.components import TransformerBlock
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 SublayerKind = Literal["attn", "mlp"]
@@ -105,7 +106,7 @@ def memory_values(
     """The value vectors of a sublayer, one row per memory (what each memory writes; see module
     doc)."""
     block = resolve_block(model, block)
-    layer = model.blocks[block]
+    layer = cast("TransformerBlock", model.blocks[block])
     if check_kind(kind) == "mlp":
         values = layer.mlp.W_out
     else:
@@ -121,7 +122,7 @@ def memory_values(
 def memory_keys(model: "HookedViT", block: int) -> Float[Tensor, "d_mlp d_model"]:
     """The MLP's key vectors ``W_in[:, i]``, one row per neuron (attention memories have no key
     row)."""
-    return model.blocks[resolve_block(model, block)].mlp.W_in.T
+    return cast("TransformerBlock", model.blocks[resolve_block(model, block)]).mlp.W_in.T
 
 
 # -- reading values in the class space ------------------------------------------------------------
@@ -337,6 +338,7 @@ def value_topk(
             )
         block = resolve_block(model, block)
         n = n_memories(model, kind)
+        assert index is not None  # either a vector or an index, checked above
         indices = [index] if isinstance(index, int) else list(index)
         bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < n]
         if bad or not indices:

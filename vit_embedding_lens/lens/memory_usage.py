@@ -105,7 +105,8 @@ class MemoryTables:
         head: HeadChoice = "mean",
     ) -> "MemoryTables":
         kinds = check_kinds(kinds)
-        class_top, memory_class = {}, {}
+        class_top: Dict[str, Tensor] = {}
+        memory_class: Dict[str, Tensor] = {}
         for kind in kinds:
             projections = [
                 value_projection(model, b, kind, head) for b in range(model.cfg.n_layers)

@@ -97,7 +97,7 @@ def identifiability_table(result: LensResult) -> pd.DataFrame:
         for group, mask in groups.items():
             per_image_score = _per_image_mean(scores, mask)
             per_image_ident = _per_image_mean(identifiable, mask)
-            metrics = {
+            metrics: Dict[str, Optional[Tensor]] = {
                 "score": _nanmean(per_image_score),
                 "identifiable_pct": 100 * _nanmean(per_image_ident),
             }

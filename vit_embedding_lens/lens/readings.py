@@ -16,6 +16,7 @@ from typing import (
     Sequence,
     Tuple,
     Union,
+    cast,
 )
 
 import numpy as np
@@ -33,6 +34,7 @@ from vit_embedding_lens.model.targets import class_names_or_ids, class_targets
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache
 
+    from vit_embedding_lens.model.components import TransformerBlock
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 #: layer type -> the hook read at each block (the names :func:`logit_lens` takes)
@@ -134,13 +136,15 @@ class TokenClassPredictions:
         def stack(key: str) -> Optional[Tensor]:  # [batch, block, ...]
             return torch.stack(parts[key], dim=1) if parts[key] else None
 
+        topk_classes, topk_probs = stack("c"), stack("p")
+        assert topk_classes is not None and topk_probs is not None  # one row per block
         return cls(
-            topk_classes=stack("c"),
-            topk_probs=stack("p"),
+            topk_classes=topk_classes,
+            topk_probs=topk_probs,
             blocks=blocks,
             layout=layout,
             hook=hook,
-            class_names=list(model.class_names) if getattr(model, "class_names", None) else None,
+            class_names=list(model.class_names) if model.class_names else None,
             targets=target_ids,
             target_probs=stack("tp"),
             target_ranks=stack("tr"),
@@ -207,6 +211,8 @@ class TokenClassPredictions:
             }
         )
         if self.targets is not None:
+            # read together with the targets
+            assert self.target_probs is not None and self.target_ranks is not None
             per_token = (idx[:, 0], idx[:, 1], idx[:, 2])
             frame["target"] = self.targets.cpu().numpy()[idx[:, 0]]
             frame["target_prob"] = self.target_probs.cpu().double().numpy()[per_token]
@@ -237,7 +243,7 @@ def sublayer_cache(
             f"the cache has no {missing[:3]}{'...' if len(missing) > 3 else ''}; run the model "
             f"with names_filter=lambda n: n.endswith({hook!r}) (or pass the images instead)"
         )
-    return blocks, names, cache
+    return blocks, names, cast(Mapping[str, Tensor], cache)  # a cache now, not images
 
 
 def token_logits(
@@ -312,6 +318,7 @@ def logit_lens(
     for b, block in enumerate(blocks):
         for layer_type in layer_types:
             pred = preds[layer_type]
+            assert pred.topk_logits is not None  # token_class_predictions keeps them
             ids = pred.topk_classes[:, b, tokens].cpu().numpy().ravel()  # [batch, pos, k]
             frames.append(
                 pd.DataFrame(
@@ -346,7 +353,7 @@ def project_head_writes(
             "acts on the sum of the heads); read attn_out instead"
         )
     z = cache[act_name("z", block)]  # [batch, pos, head, d_head]
-    w_o = model.blocks[block].attn.W_O  # [head, d_head, d_model]
+    w_o = cast("TransformerBlock", model.blocks[block]).attn.W_O  # [head, d_head, d_model]
     writes = torch.einsum("bphe,hed->bphd", z, w_o)
     return ClassProjection(model)(writes)
 
@@ -355,4 +362,5 @@ def project_neuron_values(model: "HookedViT", block: int) -> Float[Tensor, "d_ml
     """Every MLP neuron's value vector (its row of ``W_out``, LayerScale included) read in class
     space with the norm recomputed per vector (METHODS §1). For the raw value projection
     ``E · W_out^T`` of the key-value memories see :mod:`vit_embedding_lens.lens.memories`."""
-    return ClassProjection(model)(model.blocks[block].mlp.W_out.detach())
+    mlp = cast("TransformerBlock", model.blocks[block]).mlp
+    return ClassProjection(model)(mlp.W_out.detach())

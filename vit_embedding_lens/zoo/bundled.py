@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -29,13 +29,14 @@ from vit_embedding_lens.loading.names import bundled_name as bundled_name
 from vit_embedding_lens.model.checkpoint import load_checkpoint_
 
 if TYPE_CHECKING:
+    from vit_embedding_lens.data.token_labels import Method
     from vit_embedding_lens.model.layout import TokenLayout
 
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_BUNDLED = "mnist-vit"
 
 #: timm VisionTransformer arguments of the bundled models: 28x28 grey input, 7x7 patches of 4 px
-GREY28_ARCH: Dict[str, object] = dict(
+GREY28_ARCH: Dict[str, Any] = dict(
     img_size=28,
     patch_size=4,
     in_chans=1,
@@ -76,7 +77,7 @@ class BundledSpec:
     class_names: List[str]
     foreground_threshold: int
     foreground: str  # what a foreground pixel is, for messages and the card
-    arch: Dict[str, object] = field(default_factory=lambda: dict(GREY28_ARCH))
+    arch: Dict[str, Any] = field(default_factory=lambda: dict(GREY28_ARCH))
 
 
 BUNDLED_MODELS: Dict[str, BundledSpec] = {
@@ -142,7 +143,7 @@ class BundledEvalSet:
         return len(self.labels)
 
     def class_token_mask(
-        self, layout: "TokenLayout", method: str = "nearest", threshold: float = 0.5
+        self, layout: "TokenLayout", method: "Method" = "nearest", threshold: float = 0.5
     ) -> Bool[Tensor, "batch pos"]:
         """True at image tokens on the object ("class" tokens); the rest are "context"."""
         from vit_embedding_lens.data.token_labels import token_mask_from_mask
