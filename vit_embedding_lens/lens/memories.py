@@ -107,6 +107,7 @@ def memory_values(
     doc)."""
     block = resolve_block(model, block)
     layer = cast("TransformerBlock", model.blocks[block])
+    values: Tensor
     if check_kind(kind) == "mlp":
         values = layer.mlp.W_out
     else:
