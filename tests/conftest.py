@@ -20,7 +20,8 @@ import torch  # noqa: E402
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "slow: full-size timm configs (several seconds each); run in CI, skip locally with -m 'not slow'",
+        "slow: full-size timm configs (several seconds each); run in CI, skip locally with "
+        "-m 'not slow'",
     )
 
 
@@ -41,7 +42,8 @@ def make_images():
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Run a module's tests on one torch thread (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+    """Run a module's tests on one torch thread
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``).
 
     Tiny models run fastest single-threaded: OpenMP synchronisation would dominate their small ops,
     above all on busy shared cores. The setting is restored after the module.

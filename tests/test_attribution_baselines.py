@@ -1,4 +1,5 @@
-"""Baselines (Chefer relevance, attention rollout, raw attention, random) against per-image loops."""
+"""Baselines (Chefer relevance, attention rollout, raw attention, random) against per-image
+loops."""
 
 from __future__ import annotations
 

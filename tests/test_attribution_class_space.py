@@ -21,7 +21,8 @@ def tiny(name="vit_tiny_patch16_224", dtype=torch.float64, **kw):
 
 
 def finite_difference_map(model, image, cls, block, loss="cross_entropy", eps=1e-6):
-    """``-d loss_l / d A^l[h, readout rows, j]`` by central differences, one (head, key) per batch row.
+    """``-d loss_l / d A^l[h, readout rows, j]`` by central differences, one (head, key) per batch
+    row.
 
     The loss reads ``blocks.{block}.hook_attn_out`` of the real forward, so a perturbation of the
     pattern can reach the loss only through that block's own attention write-in. For models that

@@ -170,7 +170,8 @@ def test_models_without_prefix_tokens_work(make_images):
 
 
 def bundled_subset(per_class, name="mnist-vit", with_object_tokens=False):
-    """The first ``per_class`` held-out images of each class (and which image tokens are on the object)."""
+    """The first ``per_class`` held-out images of each class (and which image tokens are on the
+    object)."""
     from vit_embedding_lens.zoo.bundled import load_bundled_eval
 
     data = load_bundled_eval(name)
@@ -232,14 +233,14 @@ def test_bundled_class_space_beats_random_when_removing_its_most_important_token
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "measured: on no small trained ViT does keeping the paper's most important tokens beat random "
-        "order. Negative AUC, class_space vs random, 1,000 held-out images, every n "
-        "(benchmarks/attribution_small_models.py): MNIST 0.501 vs 0.666; Fashion-MNIST 0.747 vs 0.780; "
-        "Fashion-MNIST with 196 tokens 0.660 vs 0.865; 8 blocks of width 192 0.735 vs 0.780. The map is "
-        "signed: object tokens whose values point away from the class get the most negative scores and "
-        "are removed first. Chefer relevance (clamped at 0) beats random on all of them. The method "
-        "matches the reference code (loss, CLS row, sign, sum, token removal). Strict: a change that "
-        "makes this pass must update the finding."
+        "measured: on no small trained ViT does keeping the paper's most important tokens beat "
+        "random order. Negative AUC, class_space vs random, 1,000 held-out images, every n "
+        "(benchmarks/attribution_small_models.py): MNIST 0.501 vs 0.666; Fashion-MNIST 0.747 vs "
+        "0.780; Fashion-MNIST with 196 tokens 0.660 vs 0.865; 8 blocks of width 192 0.735 vs "
+        "0.780. The map is signed: object tokens whose values point away from the class get the "
+        "most negative scores and are removed first. Chefer relevance (clamped at 0) beats random "
+        "on all of them. The method matches the reference code (loss, CLS row, sign, sum, token "
+        "removal). Strict: a change that makes this pass must update the finding."
     ),
 )
 def test_bundled_class_space_beats_random_when_keeping_its_most_important_tokens(bundled_benchmark):

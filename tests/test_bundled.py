@@ -1,4 +1,5 @@
-"""The bundled trained models: load offline, convert exactly, and are the classifiers their cards say."""
+"""The bundled trained models: load offline, convert exactly, and are the classifiers their cards
+say."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""Image folders: class matching, selection, preprocessing geometry, and bad files that are skipped."""
+"""Image folders: class matching, selection, preprocessing geometry, and bad files that are
+skipped."""
 
 from __future__ import annotations
 
@@ -160,7 +161,8 @@ def _coordinate_image(h, w, seed=0):
 )
 @pytest.mark.parametrize("size", [(40, 60), (75, 50), (32, 32)])
 def test_masks_follow_the_image_geometry_exactly(crop_mode, crop_pct, size):
-    """With nearest interpolation for the image too, image and mask must pick the same source pixels."""
+    """With nearest interpolation for the image too, image and mask must pick the same source
+    pixels."""
     pixels = _coordinate_image(*size)
     pre = Preprocessing("timm", (1, 32, 32), "nearest", (0.0,), (1.0,), crop_pct, crop_mode)
     image = pre.image_transform()(Image.fromarray(pixels))[0]  # (x/255 - 0) / 1

@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "mkdocs.yml"
-#: pages whose ```python blocks are executed, in order, in one namespace per page (```py: shown only)
+#: pages whose ```python blocks are executed, in order, in one namespace per page (```py: shown
+#: only)
 EXECUTED_PAGES = ["quickstart.md", "guide/visualization.md"]
 
 mkdocs = pytest.importorskip("mkdocs", reason="mkdocs is not installed: pip install -e '.[dev]'")
@@ -66,7 +67,8 @@ def test_strict_build_succeeds(tmp_path):
 
 @pytest.mark.slow
 def test_the_configuration_fails_on_a_broken_reference(tmp_path):
-    """Same plugins and strictness as mkdocs.yml, two pages: one fine, one with a dangling reference."""
+    """Same plugins and strictness as mkdocs.yml, two pages: one fine, one with a dangling
+    reference."""
     config = yaml.safe_load(CONFIG.read_text())
     plugin = next(p for p in config["plugins"] if isinstance(p, dict) and "mkdocstrings" in p)
     handler = plugin["mkdocstrings"]["handlers"]["python"]

@@ -68,7 +68,8 @@ FAST_CASES: dict[str, tuple[str, dict]] = {
         "deit3_small_patch16_224",
         dict(depth=2, embed_dim=64, num_heads=4, img_size=64),
     ),
-    # CLS + 4 registers, LayerScale, no_embed_class; default num_classes=0 (see test_num_classes_zero)
+    # CLS + 4 registers, LayerScale, no_embed_class; default num_classes=0 (see
+    # test_num_classes_zero)
     "vit_small_patch14_reg4_dinov2": (
         "vit_small_patch14_reg4_dinov2",
         dict(depth=2, embed_dim=64, num_heads=4, img_size=56, num_classes=10),
@@ -128,7 +129,8 @@ SLOW_CASES: dict[str, tuple[str, dict, float]] = {
     "deit_base_patch16_224": ("deit_base_patch16_224", {}, REL),
     "deit_tiny_distilled_patch16_224": ("deit_tiny_distilled_patch16_224", {}, REL),
     "deit3_small_patch16_224": ("deit3_small_patch16_224", {}, REL),
-    # default is 518 px (1369 patches) and num_classes=0; 224 px and a 1000-class head keep it a family test
+    # default is 518 px (1369 patches) and num_classes=0; 224 px and a 1000-class head keep it a
+    # family test
     "vit_small_patch14_reg4_dinov2": (
         "vit_small_patch14_reg4_dinov2",
         dict(img_size=224, num_classes=1000),

@@ -1,6 +1,6 @@
-"""Activation patching: batched sweeps equal a plain one-forward-per-cell loop written here, patching
-everything restores the clean run, patching nothing leaves the corrupted one, results map onto the
-patch grid, and the class-space metrics match slow references."""
+"""Activation patching: batched sweeps equal a plain one-forward-per-cell loop written here,
+patching everything restores the clean run, patching nothing leaves the corrupted one, results map
+onto the patch grid, and the class-space metrics match slow references."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def test_head_sweeps_equal_one_forward_per_cell():
 
 
 def test_per_image_token_groups_equal_loop():
-    """A per-image group (an 'object mask' [batch, n_tokens]) and a grid region, at resid_mid."""
+    """A per-image group (an 'object mask' [batch, pos]) and a grid region, at resid_mid."""
     model, clean, corrupted, cache, target = pair(2)
     layout = model.layout
     metric = identifiability(model, target)
@@ -276,7 +276,8 @@ def test_metrics_match_references():
 
 
 def test_mid_block_readout_skips_later_blocks_and_matches():
-    """A metric read at block 0 (image tokens' identifiability): patching block 1 cannot change it."""
+    """A metric read at block 0 (image tokens' identifiability): patching block 1 cannot change
+    it."""
     model, clean, corrupted, cache, target = pair(1)
     metric = identifiability(model, target, readout="image", block=0)
     result = get_act_patch_resid_pre(model, corrupted, cache, metric, progress=False)
@@ -294,9 +295,9 @@ def test_mid_block_readout_skips_later_blocks_and_matches():
 
 
 def test_bundled_direction_cls_and_last_block():
-    """Trained model, clean digit '3's vs corrupted '8's, logit(3) - logit(8): patching the CLS token
-    at block 0 does nothing (CLS is image-independent there); patching the final CLS restores the
-    clean value; patching the whole stroke region at block 0 moves the metric towards clean."""
+    """Trained model, clean digit '3's vs corrupted '8's, logit(3) - logit(8): patching the CLS
+    token at block 0 does nothing (CLS is image-independent there); patching the final CLS restores
+    the clean value; patching the whole stroke region at block 0 moves the metric towards clean."""
     from vit_embedding_lens.zoo.bundled import load_mnist_eval
 
     model = HookedViT.from_bundled()

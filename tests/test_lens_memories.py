@@ -62,9 +62,10 @@ def bundled():
     return model, data.images[idx], data.labels[idx]
 
 
-# -- references written from timm's weights, with loops ---------------------------------------------
+# -- references written from timm's weights, with loops --------------------------------------------
 def timm_values(timm_model, block: int, kind: str) -> list:
-    """Value vectors from timm's modules, one per memory: a column of fc2 / proj, times LayerScale."""
+    """Value vectors from timm's modules, one per memory: a column of fc2 / proj, times
+    LayerScale."""
     blk = timm_model.blocks[block]
     if kind == "mlp":
         linear, ls = blk.mlp.fc2, getattr(blk, "ls2", None)
@@ -144,7 +145,8 @@ def test_value_projection_matches_a_loop_over_timm_weights(n_prefix, kind):
 
 @pytest.mark.parametrize("n_prefix", [0, 1, 2])
 def test_write_ins_are_the_coefficient_weighted_sums_of_the_values(n_prefix, make_images):
-    """attn_out = z · V + b_O and mlp_out = act(pre) · V + b_out: the memory order matches the coefficients'."""
+    """attn_out = z · V + b_O and mlp_out = act(pre) · V + b_out: the memory order matches the
+    coefficients'."""
     _, model = tiny(n_prefix)
     _, cache = model.run_with_cache(make_images(2, 32))
     for block in range(2):
@@ -158,7 +160,8 @@ def test_write_ins_are_the_coefficient_weighted_sums_of_the_values(n_prefix, mak
 
 
 def test_post_norm_values_are_the_exact_write_in_directions(make_images):
-    """Residual post-norm: norm(Σ c_i v_i + b) - norm.b = (Σ c_i v'_i + v'(b)) / σ with v' = w ⊙ centred v."""
+    """Residual post-norm: norm(Σ c_i v_i + b) - norm.b = (Σ c_i v'_i + v'(b)) / σ with v' = w ⊙
+    centred v."""
     timm_model = create_timm_vit(
         "vit_base_patch16_rpn_224",
         depth=2,
@@ -220,7 +223,8 @@ def test_trained_class_value_agreement_beats_the_random_twin_in_late_blocks():
     # measured: trained 0.55-0.77 vs random 0.25-0.28, every class higher (p = 1/1024)
     assert (late.trained > late.random + 0.15).all(), late
     assert (late.p_value < 0.01).all(), late
-    # the MLP's last block reads the classes far better than its first: training sharpens late values
+    # the MLP's last block reads the classes far better than its first: training sharpens late
+    # values
     mlp = tests[tests.sublayer == "mlp"].set_index("block").trained
     assert mlp.iloc[-1] > mlp.iloc[0] + 0.2
 
@@ -315,8 +319,8 @@ def test_trained_key_value_agreement_beats_the_random_class_baseline_in_late_blo
         index=["sublayer", "token_group", "block"], columns="metric", values="value"
     )
     gain = table.kv_agreement - table.kv_agreement_random
-    # measured on these 200 digits, gain over blocks 4-5: CLS +0.34 (attn) / +0.20 (mlp), image tokens
-    # +0.13 (attn) / +0.05 (mlp); the smallest is the MLP's image tokens in block 5 (+0.04)
+    # measured on these 200 digits, gain over blocks 4-5: CLS +0.34 (attn) / +0.20 (mlp), image
+    # tokens +0.13 (attn) / +0.05 (mlp); the smallest is the MLP's image tokens in block 5 (+0.04)
     assert (gain.xs(last, level="block") > 0).all(), table
     assert (gain.groupby(level=["sublayer", "token_group"]).mean() > 0.02).all(), table
     assert gain.mean() > 0.1, table

@@ -1,8 +1,9 @@
 """Ranks, the streaming lens and its tables (METHODS §2, §3, §5) against slow references written
-differently: ranks by a full sort and a position lookup, readings by projecting every cached activation
-one token at a time with ``F.layer_norm`` + matmul, token groups from explicit index lists, per-image
-percentages by loops over images and tokens. Random float64 models with 0, 1, 2 and 5 prefix tokens (and
-a post-norm one) so near-ties cannot make the fast and the slow route disagree."""
+differently: ranks by a full sort and a position lookup, readings by projecting every cached
+activation one token at a time with ``F.layer_norm`` + matmul, token groups from explicit index
+lists, per-image percentages by loops over images and tokens. Random float64 models with 0, 1, 2 and
+5 prefix tokens (and a post-norm one) so near-ties cannot make the fast and the slow route
+disagree."""
 
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def tiny(arch):
 
 
 def batch(model, n: int, seed: int = 0):
-    """``(images, labels, token_mask)``: float64 images, labels, a random mask over image tokens only."""
+    """``(images, labels, token_mask)``: float64 images, labels, a random mask over image tokens
+    only."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, 32, 32, generator=gen, dtype=torch.float64)
     y = torch.randint(0, model.cfg.n_classes, (n,), generator=gen)
@@ -84,9 +86,10 @@ def batch(model, n: int, seed: int = 0):
     return x, y, mask
 
 
-# -- slow references ------------------------------------------------------------------------------------
+# -- slow references -------------------------------------------------------------------------------
 def sorted_rank(logits: torch.Tensor, target: int) -> int:
-    """Position of ``target`` in the logits sorted from high to low, the target first among equal values."""
+    """Position of ``target`` in the logits sorted from high to low, the target first among equal
+    values."""
     order = sorted(range(len(logits)), key=lambda k: (-float(logits[k]), k != target))
     return order.index(target)
 
@@ -97,7 +100,8 @@ def argsort_rank(logits: torch.Tensor, target: int) -> int:
 
 
 def vector_projection(model, v: torch.Tensor) -> torch.Tensor:
-    """``E · ln_final(v) + b`` of one vector with F.layer_norm and a matmul (mean of both heads if two)."""
+    """``E · ln_final(v) + b`` of one vector with F.layer_norm and a matmul (mean of both heads if
+    two)."""
     ln, head = model.ln_final, model.head
     normed = F.layer_norm(
         v, (v.shape[0],), ln.w if ln.affine else None, ln.b if ln.affine else None, ln.eps
@@ -110,8 +114,9 @@ def vector_projection(model, v: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def reference(arch, n: int = 4, seed: int = 0):
-    """Per image, block and token, from a run_with_cache cache projected one token at a time: the ranks
-    (by argsort) of attn_out, mlp_out and resid_post, the four rise flags and the composition bits."""
+    """Per image, block and token, from a run_with_cache cache projected one token at a time: the
+    ranks (by argsort) of attn_out, mlp_out and resid_post, the four rise flags and the composition
+    bits."""
     model = tiny(arch)
     x, y, _ = batch(model, n, seed)
     with torch.no_grad():
@@ -153,7 +158,7 @@ def reference(arch, n: int = 4, seed: int = 0):
     return dict(rank=rank, rose=rose, composition=composition, composed=composed, labels=y)
 
 
-# -- ranks ------------------------------------------------------------------------------------------------
+# -- ranks -----------------------------------------------------------------------------------------
 def test_class_rank_matches_a_sort_and_position_lookup():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 4, 29, generator=gen, dtype=torch.float64)
@@ -204,7 +209,8 @@ def test_count_true_equals_sum(n):
             flags = torch.rand(shape, generator=gen) < density
             got = count_true(flags)
             assert torch.equal(got, flags.sum(-1)), (shape, density)
-    # an all-True row is the largest count per byte lane; a non-contiguous view takes the plain route
+    # an all-True row is the largest count per byte lane; a non-contiguous view takes the plain
+    # route
     full = torch.ones(4, n, dtype=torch.bool)
     assert count_true(full).tolist() == [n] * 4
     wide = torch.rand(n, 6, generator=gen) < 0.5
@@ -220,7 +226,7 @@ def test_count_true_on_contiguous_views_that_do_not_start_on_an_eight_byte_bound
     assert torch.equal(count_true(flat[offset : offset + 8]), flat[offset : offset + 8].sum())
 
 
-# -- the streaming lens vs the slow reference ---------------------------------------------------------------
+# -- the streaming lens vs the slow reference ------------------------------------------------------
 @pytest.mark.parametrize("arch", sorted(ARCHS, key=str))
 def test_streaming_lens_equals_the_per_token_reference(arch):
     model = tiny(arch)
@@ -293,7 +299,7 @@ def test_streaming_errors_name_the_problem():
         lens_dataset(model, [], progress=False)
 
 
-# -- token groups ---------------------------------------------------------------------------------------------
+# -- token groups ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", [0, 1, 2, 5])
 def test_token_groups_follow_the_layout(arch):
     model = tiny(arch)
@@ -327,7 +333,7 @@ def test_token_groups_follow_the_layout(arch):
             )
 
 
-# -- tables vs loops over a hand-built result ---------------------------------------------------------------------
+# -- tables vs loops over a hand-built result ------------------------------------------------------
 def synthetic_result(
     n_images: int = 6, n_blocks: int = 3, n_classes: int = 12, seed: int = 0, mask: bool = True
 ) -> LensResult:
@@ -378,8 +384,8 @@ def group_members(result: LensResult, image: int) -> dict:
 
 
 def loop_mean_of_per_image(result: LensResult, group: str, values: torch.Tensor) -> float:
-    """Mean over images (those with tokens in the group) of the mean of ``values[image, token]`` over the
-    group's tokens of that image."""
+    """Mean over images (those with tokens in the group) of the mean of ``values[batch, pos]``
+    over the group's tokens of that image."""
     per_image = []
     for i in range(result.n_images):
         tokens = group_members(result, i)[group]
@@ -516,7 +522,7 @@ def test_tables_from_a_real_model_equal_percentages_of_the_cached_readings():
             assert_same(ident[block, "resid", group, "score"]["value"], expected)
 
 
-# -- class vs context and trained vs random -------------------------------------------------------------------------
+# -- class vs context and trained vs random --------------------------------------------------------
 def separated_result(class_better: bool, n_images: int = 8) -> LensResult:
     """Class tokens ranked 0-1 and context tokens 4-11 (or the other way round)."""
     result = synthetic_result(n_images=n_images, seed=4)

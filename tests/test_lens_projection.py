@@ -1,8 +1,8 @@
-"""The class-space projection (METHODS §1) against references written differently: timm's own norm and
-head modules, the HookedViT's ``ln_final``/``head`` modules, and ``F.layer_norm`` + matmul one vector at a
-time; the readout equals the logits for every pooling style and after weight processing; ``unnormalized``
-is linear; ``differentiable`` matches finite differences and autograd through the modules; the logit-lens
-rows match a per-token argsort."""
+"""The class-space projection (METHODS §1) against references written differently: timm's own norm
+and head modules, the HookedViT's ``ln_final``/``head`` modules, and ``F.layer_norm`` + matmul one
+vector at a time; the readout equals the logits for every pooling style and after weight processing;
+``unnormalized`` is linear; ``differentiable`` matches finite differences and autograd through the
+modules; the logit-lens rows match a per-token argsort."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @functools.lru_cache(maxsize=None)
 def tiny(variant: str, **flags):
-    """``(timm module, HookedViT)`` in float64; ``flags`` are from_timm's weight-processing flags."""
+    """``(timm module, HookedViT)`` in float64; ``flags`` are from_timm's weight-processing
+    flags."""
     name, kw = VARIANTS[variant]
     timm_model = create_timm_vit(
         name, depth=2, img_size=32, patch_size=8, num_classes=N_CLASSES, **kw
@@ -144,7 +145,8 @@ def test_pooled_readout_is_timms_head_at_every_block_and_the_logits_at_the_last(
     with torch.no_grad():
         for block in range(model.cfg.n_layers):
             resid = cache[f"blocks.{block}.hook_resid_post"]
-            # timm's forward_features ends with its norm; forward_head pools, applies fc_norm and the head(s)
+            # timm's forward_features ends with its norm; forward_head pools, applies fc_norm and
+            # the head(s)
             close(
                 pooled_readout(model, resid),
                 timm_model.forward_head(timm_model.norm(timm_blocks[block])),
@@ -166,7 +168,8 @@ def test_readout_equals_logits_after_fold_ln_and_center_unembed(variant):
     close(pooled_readout(model, last), logits, 1e-12)
     if variant in TOKEN_POOL:
         close(ClassProjection(model)(last[:, model.layout.cls_index]), logits, 1e-12)
-    # the residual stream is unchanged by these steps; each reading only shifts by a per-vector constant
+    # the residual stream is unchanged by these steps; each reading only shifts by a per-vector
+    # constant
     v = torch.randn(7, model.cfg.d_model, dtype=torch.float64)
     with torch.no_grad():
         shift = ClassProjection(model)(v) - ClassProjection(plain)(v)
@@ -279,7 +282,7 @@ def test_projection_errors_name_the_problem():
         ClassProjection(model, head="both")
 
 
-# -- readings ----------------------------------------------------------------------------------------
+# -- readings --------------------------------------------------------------------------------------
 def test_logit_lens_rows_are_the_argsort_of_each_projection():
     _, model = tiny("registers")
     x, k, tokens = images(2), 3, [0, 2, 5, 9]

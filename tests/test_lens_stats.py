@@ -1,6 +1,6 @@
-"""The lens's statistics against exact enumeration: the permutation test against every split of a tiny
-pooled sample, the signed-rank and rank-sum tests against their exact null distributions (every sign
-pattern, every split), one-sidedness, and the significance stars' thresholds."""
+"""The lens's statistics against exact enumeration: the permutation test against every split of a
+tiny pooled sample, the signed-rank and rank-sum tests against their exact null distributions (every
+sign pattern, every split), one-sidedness, and the significance stars' thresholds."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from vit_embedding_lens.lens.stats import (
 
 
 def exact_permutation_p(a, b) -> float:
-    """Share of all splits of the pooled values into groups of |a| and |b| whose mean difference is at
-    least the observed one (the observed split included)."""
+    """Share of all splits of the pooled values into groups of |a| and |b| whose mean difference is
+    at least the observed one (the observed split included)."""
     pooled = list(a) + list(b)
     observed = np.mean(a) - np.mean(b)
     hits = total = 0
@@ -32,7 +32,8 @@ def exact_permutation_p(a, b) -> float:
 
 
 def exact_signed_rank_p(a, b) -> float:
-    """P(W+ >= observed) over all 2^n sign patterns of the ranked |differences| (no ties, no zeros)."""
+    """P(W+ >= observed) over all 2^n sign patterns of the ranked |differences| (no ties, no
+    zeros)."""
     d = np.asarray(a) - np.asarray(b)
     ranks = np.argsort(np.argsort(np.abs(d))) + 1
     observed = ranks[d > 0].sum()
@@ -60,7 +61,7 @@ def exact_rank_sum_p(a, b) -> float:
     return count / len(splits)
 
 
-# -- permutation test -------------------------------------------------------------------------------------
+# -- permutation test ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "a, b",
     [
@@ -94,7 +95,7 @@ def test_permutation_test_is_one_sided_and_never_zero():
     assert math.isnan(empty.p_value) and empty.stars == "n/a"
 
 
-# -- Wilcoxon ------------------------------------------------------------------------------------------------
+# -- Wilcoxon --------------------------------------------------------------------------------------
 def paired_sample(shift: float, n: int = 10, seed: int = 1):
     rng = np.random.default_rng(seed)
     b = rng.normal(0.0, 1.0, n)

@@ -1,10 +1,11 @@
-"""The lens on the bundled trained MNIST ViT (METHODS §2, §5): the directions of the paper's findings.
+"""The lens on the bundled trained MNIST ViT (METHODS §2, §5): the directions of the paper's
+findings.
 
 The CLS token becomes class-identifiable with depth and, at the last block, is identifiable exactly
-for the images the model classifies correctly; image tokens follow later, those on the digit's stroke
-more than the background; the random-init twin stays at chance and the trained model beats it with
-significance. 200 held-out digits (20 per class), float64 so that rank 0 and the argmax of the logits
-cannot disagree through rounding."""
+for the images the model classifies correctly; image tokens follow later, those on the digit's
+stroke more than the background; the random-init twin stays at chance and the trained model beats it
+with significance. 200 held-out digits (20 per class), float64 so that rank 0 and the argmax of the
+logits cannot disagree through rounding."""
 
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def per_block(table, group: str, metric: str, kind: str = "resid") -> np.ndarray
 
 
 def rises_with_depth(values: np.ndarray, gain: float, slack: float) -> None:
-    """Last well above first, rank correlation with depth high, no step down larger than ``slack``."""
+    """Last well above first, rank correlation with depth high, no step down larger than
+    ``slack``."""
     assert values[-1] - values[0] > gain, values
     assert np.corrcoef(np.argsort(np.argsort(values)), np.arange(len(values)))[0, 1] > 0.8, values
     assert (np.diff(values) > -slack).all(), values

@@ -39,7 +39,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def dataset(model):
-    """12 eval digits per class, with their stroke masks as token masks (the set is sorted by class)."""
+    """12 eval digits per class, with their stroke masks as token masks (the set is sorted by
+    class)."""
     data = load_mnist_eval()
     pick = [50 * c + k for c in range(10) for k in range(PER_CLASS)]
     masks = data.class_token_mask(model.layout)[pick]

@@ -157,7 +157,8 @@ def test_knockout_without_cls_records_nan():
 
 # -- context removal ------------------------------------------------------------------------------
 def hand_keep(masks: torch.Tensor, n_prefix: int, on_object: bool) -> torch.Tensor:
-    """Keep masks built token by token: every prefix token, and the image tokens on/off the object."""
+    """Keep masks built token by token: every prefix token, and the image tokens on/off the
+    object."""
     keep = torch.zeros_like(masks)
     for b in range(masks.shape[0]):
         for t in range(masks.shape[1]):
@@ -378,7 +379,8 @@ def test_attribution_grid_auc_is_interpolated_not_a_plain_mean(run, model):
 def test_attribution_directions(run):
     _, tables, _, _ = run
     s = tables["attribution"]["summary"].set_index(["method", "order"])["auc"]
-    # Chefer: keeping the most relevant tokens beats random; removing them first hurts more than random
+    # Chefer: keeping the most relevant tokens beats random; removing them first hurts more than
+    # random
     assert s[("chefer", "negative")] > s[("random", "negative")] + 0.1
     assert s[("chefer", "positive")] < s[("random", "positive")] - 0.1
     # the class-space maps find tokens whose removal hurts (on this model they do not beat random in

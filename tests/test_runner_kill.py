@@ -21,7 +21,8 @@ from vit_embedding_lens.runner.storage import batch_ids_on_disk
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES, BATCH = 160, 8
 
-#: the child: the bundled model over the bundled digits, each item slowed down so a kill lands mid-run
+#: the child: the bundled model over the bundled digits, each item slowed down so a kill lands
+#: mid-run
 CHILD = r"""
 import os, sys, time
 import torch
@@ -43,7 +44,10 @@ class Slow(torch.utils.data.Dataset):
 
 model = HookedViT.from_bundled()
 data = Slow(bundled_eval_dataset(model, n=int(sys.argv[2])), float(sys.argv[3]))
-run_analyses(model, data, ["accuracy", "cls_identifiability"], sys.argv[1], batch_size=int(sys.argv[4]), progress=False)
+run_analyses(
+    model, data, ["accuracy", "cls_identifiability"], sys.argv[1],
+    batch_size=int(sys.argv[4]), progress=False,
+)
 print("DONE")
 """
 

@@ -1,4 +1,5 @@
-"""``torchrun --nproc-per-node 2`` (gloo, CPU) gives the results of one process, and resumes with ranks."""
+"""``torchrun --nproc-per-node 2`` (gloo, CPU) gives the results of one process, and resumes with
+ranks."""
 
 from __future__ import annotations
 

@@ -380,7 +380,8 @@ def test_all_processing_keeps_class_probabilities(key, make_images):
 
 
 def test_cache_token_groups_follow_the_layout():
-    """ViTActivationCache.patch_tokens / prefix_tokens split by model.layout, for full and short keys."""
+    """ViTActivationCache.patch_tokens / prefix_tokens split by model.layout, for full and short
+    keys."""
     from vit_embedding_lens.testing import create_timm_vit
 
     model = HookedViT.from_timm(

@@ -64,7 +64,7 @@ def _images(fig):
 # -------------------------------------------------------------------------------------------------
 def test_identifiability_table_matches_loops_and_both_input_forms():
     rng = np.random.default_rng(0)
-    cls, img = rng.uniform(0.4, 1, (4, 30)), rng.uniform(0.2, 1, (4, 10, 6))  # [blocks, ...]
+    cls, img = rng.uniform(0.4, 1, (4, 30)), rng.uniform(0.2, 1, (4, 10, 6))  # [block, ...]
     table = identifiability_evolution_table({"CLS": cls, "image": img}, band=(10, 90))
     for b in range(4):
         values = sorted(img[b].ravel())
@@ -81,7 +81,7 @@ def test_identifiability_table_matches_loops_and_both_input_forms():
         tidy, block_col="layer", group_col="tokens", value_col="s", band=(10, 90)
     )
     pd.testing.assert_frame_equal(table, same)
-    # per-image tables [image, block] (the lens's layout) with block_axis=1
+    # per-image tables [batch, block] (the lens's layout) with block_axis=1
     per_image = {"CLS": cls.T, "image": np.moveaxis(img, 0, 1)}
     pd.testing.assert_frame_equal(
         identifiability_evolution_table(per_image, block_axis=1, band=(10, 90)), table
@@ -175,7 +175,7 @@ def test_change_rates_bars_are_the_per_block_means_in_percent():
 
 def test_kv_agreement_lines_and_baseline_column():
     rng = np.random.default_rng(3)
-    per_class = rng.uniform(0.2, 0.9, (4, 10))  # [blocks, classes]
+    per_class = rng.uniform(0.2, 0.9, (4, 10))  # [block, class]
     base = rng.uniform(0.0, 0.2, (4, 10))
     table = kv_agreement_table({"mlp": per_class}, {"mlp": base})
     np.testing.assert_allclose(table["mean"], per_class.mean(1))
@@ -218,7 +218,7 @@ def test_token_grid_from_tokens_puts_each_token_in_its_cell(reg_model):
 
 
 def test_token_grid_classes_over_an_image_are_annotated_with_names():
-    classes = np.array([[[0, 1], [2, 1]], [[2, 2], [0, 1]]])  # [blocks, 2, 2] top-1 classes
+    classes = np.array([[[0, 1], [2, 1]], [[2, 2], [0, 1]]])  # [block, 2, 2] top-1 classes
     names = ["cat", "dog", "eel"]
     image = np.random.default_rng(0).uniform(size=(3, 16, 16))
     fig = plot_token_grid(classes, image=image, class_names=names)
@@ -317,7 +317,7 @@ def test_heatmap_grid_shares_a_symmetric_scale_and_reports_prefix_tokens(reg_mod
 def test_attention_table_and_figure_use_the_layout_labels(reg_model):
     layout = reg_model.layout
     _, cache = reg_model.run_with_cache(torch.randn(1, 3, 32, 32))
-    pattern = cache["blocks.1.attn.hook_pattern"][0]  # [heads, N, N]
+    pattern = cache["blocks.1.attn.hook_pattern"][0]  # [head, N, N]
     table = attention_table(pattern, reg_model)
     labels = layout.token_labels()
     for h, q, k in [(0, 0, 5), (1, 3, 20), (1, 20, 0)]:

@@ -178,10 +178,10 @@ def test_class_probability_view_matches_the_predictions_helper(bundled):
     assert component == "ColoredTokensMulti"
     assert props["tokens"] == model.layout.token_labels()
     assert props["labels"] == [f"block {b}" for b in range(model.cfg.n_layers)]
-    values = np.asarray(props["values"])  # [n_tokens, n_blocks]
+    values = np.asarray(props["values"])  # [pos, block]
     reference = token_class_predictions(model, cache, k=1, targets=labels).target_probs[
         1
-    ]  # [blocks, tokens]
+    ]  # [block, pos]
     np.testing.assert_allclose(values, reference.T.numpy(), atol=1e-6)
     _fallback_png(parsed)
     # default class: the model's prediction; a class name works too

@@ -1,4 +1,5 @@
-"""``python -m vit_embedding_lens ...`` is the ``vit-lens`` command (and what ``torchrun -m`` runs)."""
+"""``python -m vit_embedding_lens ...`` is the ``vit-lens`` command (and what ``torchrun -m``
+runs)."""
 
 import sys
 

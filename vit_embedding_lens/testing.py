@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Dict, Set, Tuple
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ __all__ = [
 
 #: (timm name, overrides) by number of prefix tokens: average pooling without CLS (0), CLS (1), CLS
 #: and distillation token (2), CLS and 4 registers (5): the layouts every token-aware test covers
-PREFIX_VARIANTS = {
+PREFIX_VARIANTS: Dict[int, Tuple[str, Dict[str, Any]]] = {
     0: ("vit_tiny_patch16_224", dict(class_token=False, global_pool="avg")),
     1: ("vit_tiny_patch16_224", dict()),
     2: ("deit_tiny_distilled_patch16_224", dict()),
@@ -103,7 +103,7 @@ def randomize_vit_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
                 new = 0.1 * randn(shape)
             p.copy_(new.to(device=p.device, dtype=p.dtype))
 
-        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+        non_persistent: Set[str] = getattr(module, "_non_persistent_buffers_set", set())
         for b_name, b in module.named_buffers(recurse=False):
             if id(b) in seen or not b.is_floating_point() or b_name in non_persistent:
                 continue
@@ -117,7 +117,8 @@ def randomize_vit_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def create_timm_vit(name: str, seed: int = 0, **overrides: Any) -> nn.Module:
-    """``timm.create_model(name, pretrained=False, **overrides)`` with randomized weights, in eval mode.
+    """``timm.create_model(name, pretrained=False, **overrides)`` with randomized weights, in eval
+    mode.
 
     Never downloads anything. ``overrides`` are timm model kwargs, e.g.
     ``depth=2, embed_dim=64, num_heads=4, img_size=64`` for a small, fast model.
@@ -136,14 +137,15 @@ def timm_reference(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One timm forward pass: ``(logits, [output of blocks[i] for every block])``.
 
-    Block outputs are full residual streams ``[B, N, d]`` with the prefix tokens (CLS,
+    Block outputs are full residual streams ``[batch, pos, d_model]`` with the prefix tokens (CLS,
     distillation, registers) first, in timm's token order. They come from timm's own
     ``forward_intermediates`` (``norm=False``), which returns prefix tokens separately;
     they are concatenated back here. Logits come from ``forward_head`` on the same pass.
     """
-    final, intermediates = model.forward_intermediates(
+    vit: Any = model  # timm's VisionTransformer API, read through nn.Module's dynamic attributes
+    final, intermediates = vit.forward_intermediates(
         images,
-        indices=list(range(len(model.blocks))),
+        indices=list(range(len(vit.blocks))),
         return_prefix_tokens=True,
         norm=False,
         output_fmt="NLC",
@@ -153,7 +155,7 @@ def timm_reference(
         torch.cat([item[1], item[0]], dim=1) if isinstance(item, tuple) else item
         for item in intermediates
     ]
-    return model.forward_head(final), blocks
+    return vit.forward_head(final), blocks
 
 
 def assert_close_scaled(
@@ -179,8 +181,9 @@ def assert_close_scaled(
 
 
 def create_prefix_variant(n_prefix: int, seed: int = 0, **kwargs: Any) -> nn.Module:
-    """A small timm ViT with ``n_prefix`` prefix tokens (a key of :data:`PREFIX_VARIANTS`), realistic
-    random weights; ``kwargs`` (sizes, ``num_classes``, ...) go to :func:`create_timm_vit`."""
+    """A small timm ViT with ``n_prefix`` prefix tokens (a key of :data:`PREFIX_VARIANTS`),
+    realistic random weights; ``kwargs`` (sizes, ``num_classes``, ...) go to
+    :func:`create_timm_vit`."""
     if n_prefix not in PREFIX_VARIANTS:
         raise ValueError(
             f"no variant with {n_prefix} prefix tokens; choose from {sorted(PREFIX_VARIANTS)}"

@@ -7,8 +7,8 @@
 # conversion against timm, and ends with attention and per-token class views.
 #
 # Everything runs **offline on a CPU** with the small trained model shipped with the package (a
-# 6-block ViT on MNIST: a CLS token and 7×7 patch tokens, 10 classes). One clearly marked cell loads a
-# pretrained ImageNet ViT when the Hugging Face hub is reachable and skips itself otherwise.
+# 6-block ViT on MNIST: a CLS token and 7×7 patch tokens, 10 classes). One clearly marked cell loads
+# a pretrained ImageNet ViT when the Hugging Face hub is reachable and skips itself otherwise.
 
 # %%
 import os
@@ -34,8 +34,8 @@ pd.set_option("display.width", 120)
 # %% [markdown]
 # ## 1. Load a model
 #
-# `HookedViT.from_bundled()` converts the bundled timm model; `HookedViT.from_timm(...)` does the same
-# for any supported timm ViT: a live module, or a model name (with `pretrained=True`, or
+# `HookedViT.from_bundled()` converts the bundled timm model; `HookedViT.from_timm(...)` does the
+# same for any supported timm ViT: a live module, or a model name (with `pretrained=True`, or
 # `checkpoint_path=` for your own weights).
 
 # %%
@@ -83,8 +83,8 @@ if imagenet_model is not None:  # classify matplotlib's sample photo with the pa
 # %% [markdown]
 # ## 2. The token layout
 #
-# Which sequence positions are CLS, distillation, register and image tokens, and the patch grid, live
-# in `model.layout`. Every analysis reads it: never hard-code `[:, 1:]` or `14x14`.
+# Which sequence positions are CLS, distillation, register and image tokens, and the patch grid,
+# live in `model.layout`. Every analysis reads it: never hard-code `[:, 1:]` or `14x14`.
 
 # %%
 layout = model.layout
@@ -146,7 +146,7 @@ def zero(activation, hook):
 
 
 def ablate_head(head):
-    def hook(z, hook):  # z: [batch, tokens, heads, d_head]
+    def hook(z, hook):  # z: [batch, pos, head, d_head]
         z[:, :, head] = 0.0
         return z
 
@@ -203,7 +203,7 @@ print(
 # %%
 cls = layout.cls_index
 resid, resid_labels = cache.accumulated_resid(apply_ln=True, pos_slice=cls, return_labels=True)
-lens_logits = resid @ model.W_U + model.b_U  # [n_layers + 1, batch, n_classes]
+lens_logits = resid @ model.W_U + model.b_U  # [block + 1, batch, class]
 pd.DataFrame(
     {
         "stage": resid_labels,
@@ -240,9 +240,9 @@ pd.DataFrame(
 # %% [markdown]
 # ## 6. Weight processing
 #
-# TransformerLens's weight processing, opt-in: `fold_ln`, `center_writing_weights`, `center_unembed`,
-# `fold_value_biases`. Each step keeps the log-probabilities; `center_unembed` shifts every logit of an
-# image by the same constant.
+# TransformerLens's weight processing, opt-in: `fold_ln`, `center_writing_weights`,
+# `center_unembed`, `fold_value_biases`. Each step keeps the log-probabilities; `center_unembed`
+# shifts every logit of an image by the same constant.
 
 # %%
 processed = HookedViT.from_bundled(
@@ -260,8 +260,8 @@ print(
 # ## 7. Equivalence with timm
 #
 # The conversion is exact: the logits and every block's output equal timm's
-# (`forward_intermediates`) up to float32 rounding. The bundled model's timm module, then a randomized
-# distilled DeiT (two prefix tokens), both without any download.
+# (`forward_intermediates`) up to float32 rounding. The bundled model's timm module, then a
+# randomized distilled DeiT (two prefix tokens), both without any download.
 
 # %%
 from vit_embedding_lens.testing import assert_close_scaled, timm_reference
@@ -284,7 +284,8 @@ for name, timm_model, x in [
     )
     assert_close_scaled(ours, timm_logits)
     print(
-        f"{name}: max |logit diff| {(ours - timm_logits).abs().max().item():.1e}, max |block output diff| {block_gap:.1e}"
+        f"{name}: max |logit diff| {(ours - timm_logits).abs().max().item():.1e}, max |block "
+        f"output diff| {block_gap:.1e}"
     )
 
 # %% [markdown]
@@ -301,8 +302,8 @@ view
 viz.plot_attention(cache["blocks.4.attn.hook_pattern"][0], model, heads=[0, 1])
 
 # %% [markdown]
-# Every token read in class space after every block (the class-embedding projection, `E · ln_final(v)
-# + b`): the top-1 digit of each image token, over the digit.
+# Every token read in class space after every block (the class-embedding projection,
+# `E · ln_final(v) + b`): the top-1 digit of each image token, over the digit.
 
 # %%
 predictions = viz.token_class_predictions(model, cache, k=3, targets=labels)

@@ -53,9 +53,10 @@ layout = model.layout
 digits = load_mnist_eval()
 subset = (torch.arange(len(digits)) % 50) < 20  # 20 digits per class (the set is sorted by class)
 images, labels = digits.images[subset], digits.labels[subset]
-on_digit = digits.class_token_mask(layout)[subset]  # [images, tokens], True = token on the stroke
+on_digit = digits.class_token_mask(layout)[subset]  # [batch, pos], True = token on the stroke
 print(
-    f"{len(labels)} digits; {layout.n_prefix} prefix token(s), {layout.n_patches} image tokens on a {layout.grid_size} grid"
+    f"{len(labels)} digits; {layout.n_prefix} prefix token(s), {layout.n_patches} image tokens on "
+    f"a {layout.grid_size} grid"
 )
 print(f"tokens on the stroke per digit: {on_digit.sum(1).float().mean():.1f} of {layout.n_patches}")
 print(
@@ -148,10 +149,10 @@ print(
 # %% [markdown]
 # ## 3. Attention vs MLP
 #
-# For each sublayer, the share of tokens whose correct-class logit *rises* from the block input to the
-# sublayer's write-in (both read in class space; the write-in normalized on its own). `mlp` compares
-# with the block input as the paper does; `mlp_vs_resid_mid` with the residual after attention.
-# `block` is the block change rate: `resid_post` vs `resid_pre`.
+# For each sublayer, the share of tokens whose correct-class logit *rises* from the block input to
+# the sublayer's write-in (both read in class space; the write-in normalized on its own). `mlp`
+# compares with the block input as the paper does; `mlp_vs_resid_mid` with the residual after
+# attention. `block` is the block change rate: `resid_post` vs `resid_pre`.
 
 # %%
 changes = tables["change_rates"]
@@ -230,7 +231,7 @@ top.pivot_table(
 top1 = lens.logit_lens(model, digit, k=1)
 grid_values = torch.tensor(
     top1.pivot(index="block", columns="token", values="class_id").to_numpy()
-)  # [block, token]
+)  # [block, pos]
 viz.plot_token_grid(grid_values, image=digit[0], layout=layout, class_names=model.class_names)
 
 # %%
@@ -266,11 +267,11 @@ viz.plot_identifiability_evolution(
 )
 
 # %% [markdown]
-# **Key-value agreement**: for class `c`, its top-5 memories are those whose values write the largest
-# logit for `c` (`E · V^T`). A token of a digit of class `c` *agrees* when one of its 5 most activated
-# memories (largest coefficients: MLP pre-activations, attention head outputs) is among them. The
-# baseline draws a random class per image instead of the label. `composition_match`: the share of
-# tokens whose sublayer output's top-1 class is the class of one of its top memories.
+# **Key-value agreement**: for class `c`, its top-5 memories are those whose values write the
+# largest logit for `c` (`E · V^T`). A token of a digit of class `c` *agrees* when one of its 5 most
+# activated memories (largest coefficients: MLP pre-activations, attention head outputs) is among
+# them. The baseline draws a random class per image instead of the label. `composition_match`: the
+# share of tokens whose sublayer output's top-1 class is the class of one of its top memories.
 
 # %%
 usage = lens.memory_usage(model, [(x, y) for x, y, _ in batches()], progress=False)

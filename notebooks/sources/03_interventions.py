@@ -2,7 +2,8 @@
 # # 03 · Interventions: knockout, token removal, activation patching, ablation
 #
 # The paper asks *where* the class information of a token comes from. This notebook intervenes on
-# the bundled MNIST ViT with `vit_embedding_lens.interventions` and reads the effects in class space:
+# the bundled MNIST ViT with `vit_embedding_lens.interventions` and reads the effects in class
+# space:
 #
 # 1. **attention knockout**: image tokens attend only to themselves (`self_only`), or not to CLS
 #    (`no_cls`); how identifiable do the image tokens stay?
@@ -106,9 +107,9 @@ viz.plot_identifiability_evolution(
 
 # %% [markdown]
 # Without attention to other tokens (`self_only`), an image token only sees its own patch: its class
-# identifiability stays near chance in every block, and the model loses most of its accuracy. Blocking only
-# the CLS token (`no_cls`) changes much less: the image tokens gather their class information from
-# each other.
+# identifiability stays near chance in every block, and the model loses most of its accuracy.
+# Blocking only the CLS token (`no_cls`) changes much less: the image tokens gather their class
+# information from each other.
 #
 # Knockout of chosen blocks only, e.g. the last three, and of single heads (`heads=`):
 
@@ -149,7 +150,7 @@ def cls_scores(run_cache):
     """Per image and block: the CLS token's identifiability score ``1 - rank / C``."""
     cls = torch.stack(
         [run_cache(name)[:, layout.cls_index] for name in resid_names], dim=1
-    )  # [image, block, d]
+    )  # [batch, block, d_model]
     logits = projection(cls)
     rank = lens.class_rank(logits, labels[:, None])
     return lens.identifiability_score(rank, model.cfg.n_classes)
@@ -227,8 +228,8 @@ viz.plot_heatmap_grid(
 
 # %% [markdown]
 # Early on, the class lives in the image tokens where the two digits differ (where a "7" has its bar
-# and a "1" has nothing); from the middle blocks on it has moved into the CLS token, and patching the
-# image tokens no longer helps. The same per sublayer (`get_act_patch_block_every`: the residual
+# and a "1" has nothing); from the middle blocks on it has moved into the CLS token, and patching
+# the image tokens no longer helps. The same per sublayer (`get_act_patch_block_every`: the residual
 # entering the block, the attention write-in and the MLP write-in):
 
 # %%
@@ -242,7 +243,7 @@ viz.plot_heatmap_grid(
 )
 
 # %% [markdown]
-# Every result is also a tidy table (one row per cell), and head sweeps are `[n_layers, n_heads]`:
+# Every result is also a tidy table (one row per cell), and head sweeps are `[block, head]`:
 
 # %%
 print(
@@ -260,8 +261,8 @@ pd.DataFrame(
 #
 # `ablate(model, component, ...)` replaces an activation with zero, its mean over reference images
 # (`method="mean"`), or a random reference image's (`"resample"`). Which sublayers does the model
-# need? Mean ablation of each block's attention or MLP write-in, on the image tokens only or on every
-# token:
+# need? Mean ablation of each block's attention or MLP write-in, on the image tokens only or on
+# every token:
 
 # %%
 reference = digits.images[~subset][::4]  # other digits for the means

@@ -34,18 +34,17 @@ layout = model.layout
 digits = load_mnist_eval()
 subset = (torch.arange(len(digits)) % 50) < 10  # 10 digits per class (the set is sorted by class)
 images, labels = digits.images[subset], digits.labels[subset]
-on_digit = layout.patch_tokens(
-    digits.class_token_mask(layout)[subset], dim=1
-)  # [images, n_patches]
+on_digit = layout.patch_tokens(digits.class_token_mask(layout)[subset], dim=1)  # [batch, n_patches]
 print(
-    f"{len(labels)} digits, {layout.n_patches} image tokens each, {on_digit.sum(1).float().mean():.1f} on the stroke"
+    f"{len(labels)} digits, {layout.n_patches} image tokens each, "
+    f"{on_digit.sum(1).float().mean():.1f} on the stroke"
 )
 
 # %% [markdown]
 # ## 1. The class-space attribution
 #
 # `class_space_attribution(model, images, classes)` returns an `AttributionMap`: one score per image
-# token (`.scores [images, n_patches]`, `.grid [images, grid_h, grid_w]`), with the per-block parts
+# token (`.scores [batch, n_patches]`, `.grid [batch, grid_h, grid_w]`), with the per-block parts
 # (`.per_block`) whose sum it is. `classes` is the class to explain: here the label (default: the
 # prediction). `loss="double_softmax"` gives the reference code's variant.
 
@@ -115,11 +114,11 @@ pd.Series(
 # ## 3. The token-removal benchmark
 #
 # Rank the image tokens by importance and let the model see only the CLS token and `n` of them
-# (the rest are removed from the sequence). **Positive** order: the most important are removed first,
-# so the `n` least important are kept; a good map makes accuracy fall fast (lower AUC is better).
-# **Negative** order: the `n` most important are kept (higher AUC is better).
-# `AUC = sum(acc) / (max(acc) · N)`. Random is run with three seeds; probe scores (section 4) can join
-# as another method. Every 4th `n` keeps this notebook quick.
+# (the rest are removed from the sequence). **Positive** order: the most important are removed
+# first, so the `n` least important are kept; a good map makes accuracy fall fast (lower AUC is
+# better). **Negative** order: the `n` most important are kept (higher AUC is better).
+# `AUC = sum(acc) / (max(acc) · N)`. Random is run with three seeds; probe scores (section 4) can
+# join as another method. Every 4th `n` keeps this notebook quick.
 
 # %%
 comparison = attribution.probe_comparison(
@@ -148,11 +147,11 @@ summary["negative - positive"] = summary["negative"] - summary["positive"]
 summary.sort_values("negative - positive", ascending=False)
 
 # %% [markdown]
-# On ImageNet the paper finds the class-space maps competitive with Chefer's relevance. On this small
-# MNIST model they are not: their top tokens lie on the stroke hardly more often than random ones
-# (section 2), and keeping them gives *lower* accuracy than keeping random tokens (negative order).
-# Chefer's relevance and rollout, which follow the attention flow back to the input, find the
-# stroke and win both orders. What the class-space gradient asks is which tokens' *values*, read
+# On ImageNet the paper finds the class-space maps competitive with Chefer's relevance. On this
+# small MNIST model they are not: their top tokens lie on the stroke hardly more often than random
+# ones (section 2), and keeping them gives *lower* accuracy than keeping random tokens (negative
+# order). Chefer's relevance and rollout, which follow the attention flow back to the input, find
+# the stroke and win both orders. What the class-space gradient asks is which tokens' *values*, read
 # through `E`, would favour the class if the CLS token attended to them more; on this model, where
 # most image tokens do not read as their digit's class even in the last block (notebook 02: about
 # 30 % are identifiable), that is not where the evidence for the class is. Each block's part on its
@@ -222,7 +221,8 @@ attribution.plot_probe_comparison(
 
 # %%
 print(
-    f"probes trained on {len(comparison.train_indices)} digits, evaluated on {len(comparison.test_indices)}"
+    f"probes trained on {len(comparison.train_indices)} digits, evaluated on "
+    f"{len(comparison.test_indices)}"
 )
 comparison.table.query("layer == 'resid_post' and kind == 'image'").groupby(["block", "readout"])[
     "accuracy"

@@ -1,4 +1,5 @@
-"""Data: image folders and the ImageNet-S layout with masks, preprocessing, token labels from masks."""
+"""Data: image folders and the ImageNet-S layout with masks, preprocessing, token labels from
+masks."""
 
 from vit_embedding_lens.data.imagenet_s import (
     AMBIGUOUS_SYNSETS,

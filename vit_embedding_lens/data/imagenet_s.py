@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -48,6 +48,9 @@ from vit_embedding_lens.data.images import (
     read_synset_mapping,
 )
 from vit_embedding_lens.data.transforms import Preprocessing
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 #: both sides of ImageNet-S-919's five synset merges: their folders mix two ImageNet classes
 AMBIGUOUS_SYNSETS = (
@@ -95,8 +98,8 @@ def split_folders(root: Union[str, Path], split: str = "validation") -> Tuple[Pa
         if images.is_dir():
             if not masks.is_dir():
                 raise FileNotFoundError(
-                    f"found ImageNet-S images in {images} but no masks folder {masks}; download the "
-                    f"segmentation annotations (datapreparation_anno.sh) or use --layout folder"
+                    f"found ImageNet-S images in {images} but no masks folder {masks}; download "
+                    f"the segmentation annotations (datapreparation_anno.sh) or use --layout folder"
                 )
             return images, masks
     raise FileNotFoundError(
@@ -142,7 +145,8 @@ def imagenet_s_records(
     per_class: Optional[int] = 5,
     drop_short_classes: bool = True,
 ) -> List[ImageRecord]:
-    """Records (image, mask, class, mask id) of the first ``per_class`` JPEGs (sorted) of each class."""
+    """Records (image, mask, class, mask id) of the first ``per_class`` JPEGs (sorted) of each
+    class."""
     records: List[ImageRecord] = []
     short, empty = [], []
     for synset in sorted(class_index):
@@ -166,7 +170,8 @@ def imagenet_s_records(
             )
     if empty:
         raise ValueError(
-            f"{len(empty)} ImageNet-S class folders in {images_dir} have no JPEG images: {empty[:20]}"
+            f"{len(empty)} ImageNet-S class folders in {images_dir} have no JPEG images: "
+            f"{empty[:20]}"
         )
     if short:
         action = (
@@ -194,6 +199,7 @@ def verify_segmentation_ids(
         chosen = [chosen[round(i * (len(chosen) - 1) / (n_classes - 1))] for i in range(n_classes)]
     wrong = []
     for r in chosen:
+        assert r.mask_path is not None  # ImageNet-S records always carry their mask
         try:
             labels = decode_segmentation(open_image(r.mask_path, None, what="segmentation mask"))
         except UnusableImageError:
@@ -207,15 +213,16 @@ def verify_segmentation_ids(
             wrong.append(f"{r.image_id}: expected id {r.mask_label}, mask has {dominant}")
     if wrong:
         raise ValueError(
-            f"segmentation ids do not match the masks ({len(wrong)} of {len(chosen)} checked): {wrong[:5]}. "
-            f"Without a categories file ids are positions in the sorted synset folders, which holds only "
-            f"for a complete split; pass the official {CATEGORIES_FILE} (categories=... / --categories)"
+            f"segmentation ids do not match the masks ({len(wrong)} of {len(chosen)} checked): "
+            f"{wrong[:5]}. Without a categories file ids are positions in the sorted synset "
+            f"folders, which holds only for a complete split; pass the official {CATEGORIES_FILE} "
+            "(categories=... / --categories)"
         )
 
 
 def imagenet_s_dataset(
     root: Union[str, Path],
-    model: Any,
+    model: "HookedViT",
     preprocessing: Preprocessing,
     split: str = "validation",
     per_class: Optional[int] = 5,
@@ -228,7 +235,8 @@ def imagenet_s_dataset(
     verify: bool = True,
     on_error: str = "skip",
 ) -> ImageDataset:
-    """ImageNet-S images with their masks as per-token class masks for ``model`` (see module doc)."""
+    """ImageNet-S images with their masks as per-token class masks for ``model`` (see module
+    doc)."""
     root = Path(root).resolve()
     images_dir, masks_dir = split_folders(root, split)
     folders = sorted(

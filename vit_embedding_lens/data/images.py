@@ -2,8 +2,8 @@
 
 A data set is a list of items in a fixed order; item ``i`` is a :class:`Sample` (the preprocessed
 image, its class index, an id, and optionally a per-token class mask from a segmentation mask) or a
-:class:`SkippedImage` when its file cannot be used (unreadable, truncated, a mask of the wrong size).
-A long run skips such a file, counts it and records why, instead of crashing on it.
+:class:`SkippedImage` when its file cannot be used (unreadable, truncated, a mask of the wrong
+size). A long run skips such a file, counts it and records why, instead of crashing on it.
 
 Class folders are matched to the model's classes: ImageNet synset names (``n01440764``) through
 timm's ImageNet label sets (or a ``LOC_synset_mapping.txt`` whose line order is the class order),
@@ -16,7 +16,19 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    cast,
+)
 
 import numpy as np
 import torch
@@ -28,6 +40,10 @@ from vit_embedding_lens.data.transforms import Preprocessing, binary_mask_image,
 from vit_embedding_lens.zoo.eval_dataset import (  # its old address
     bundled_eval_dataset as bundled_eval_dataset,
 )
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.data.token_labels import Method
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 #: file name endings read as images (case-insensitive)
 IMAGE_EXTENSIONS = (
@@ -114,11 +130,14 @@ class ImageDataset(torch.utils.data.Dataset):
         self.preprocessing = preprocessing
         self.layout = layout
         self.mask_decoder = mask_decoder or decode_label_mask
-        self.token_labels = token_labels
+        self.token_labels = cast("Method", token_labels)  # checked above
         self.threshold = float(threshold)
         self.source = dict(source or {})
         self.on_error = on_error
-        self._transforms = None  # built lazily in each (worker) process
+        #: (image transform, mask transform), built lazily in each (worker) process
+        self._transforms: Optional[
+            Tuple[Callable[[Image.Image], torch.Tensor], Callable[[Image.Image], Image.Image]]
+        ] = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -153,12 +172,14 @@ class ImageDataset(torch.utils.data.Dataset):
             labels = self.mask_decoder(open_image(record.mask_path, None, what="segmentation mask"))
             if labels.shape != (image.height, image.width):
                 raise UnusableImageError(
-                    f"{record.mask_path}: the mask is {labels.shape[1]}x{labels.shape[0]} but its image "
-                    f"{record.path.name} is {image.width}x{image.height}; masks must cover their image pixel for pixel"
+                    f"{record.mask_path}: the mask is {labels.shape[1]}x{labels.shape[0]} but its "
+                    f"image {record.path.name} is {image.width}x{image.height}; masks must cover "
+                    "their image pixel for pixel"
                 )
             on_object = mask_from_image(mask_tf(binary_mask_image(labels == record.mask_label)))
             from vit_embedding_lens.data.token_labels import token_mask_from_mask
 
+            assert self.layout is not None  # __init__ requires it for records with masks
             token_mask = token_mask_from_mask(
                 on_object, self.layout, method=self.token_labels, threshold=self.threshold
             )
@@ -187,7 +208,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def open_image(path: Path, mode: Optional[str], what: str = "image") -> Image.Image:
-    """A fully decoded PIL image (``mode`` conversion applied); UnusableImageError when it cannot be."""
+    """A fully decoded PIL image (``mode`` conversion applied); UnusableImageError when it cannot
+    be."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -204,7 +226,8 @@ def decode_label_mask(img: Image.Image) -> np.ndarray:
     """A single-channel label mask (``L``, ``P``, ``I``, ``1``) as an integer array ``[H, W]``."""
     if img.mode in ("RGB", "RGBA"):
         raise UnusableImageError(
-            "an RGB mask needs a decoder that says how colours map to labels (ImageNet-S: R + 256*G)"
+            "an RGB mask needs a decoder that says how colours map to labels (ImageNet-S: R + "
+            "256*G)"
         )
     return np.asarray(img).astype(np.int64)
 
@@ -226,7 +249,8 @@ def read_synset_mapping(path: Union[str, Path]) -> List[str]:
 
 
 def imagenet_synsets(n_classes: int) -> Optional[List[str]]:
-    """The synsets of timm's ImageNet label set with ``n_classes`` classes (1k, 12k, 21k, 22k), or None."""
+    """The synsets of timm's ImageNet label set with ``n_classes`` classes (1k, 12k, 21k, 22k), or
+    None."""
     from timm.data import ImageNetInfo, infer_imagenet_subset
 
     subset = infer_imagenet_subset({"num_classes": n_classes})
@@ -246,8 +270,8 @@ def class_indices(
     """Map class-folder names to the model's class indices, or raise naming the unmatched ones.
 
     Synset names (``n01440764``) use ``synsets`` (line order of a synset mapping) or timm's ImageNet
-    label set with ``n_classes`` classes. Other names match ``class_names`` exactly, ignoring case and
-    ``_`` vs space, or one comma-separated synonym of a class name ("tench" for "tench, Tinca
+    label set with ``n_classes`` classes. Other names match ``class_names`` exactly, ignoring case
+    and ``_`` vs space, or one comma-separated synonym of a class name ("tench" for "tench, Tinca
     tinca"). Without class names, integer folder names are class indices.
     """
     names = list(names)
@@ -255,9 +279,9 @@ def class_indices(
         table = list(synsets) if synsets is not None else imagenet_synsets(n_classes)
         if table is None:
             raise ValueError(
-                f"the class folders are ImageNet synsets but the model has {n_classes} classes, which is "
-                f"no ImageNet label set timm knows; pass a synset mapping file (LOC_synset_mapping.txt) "
-                f"whose line order is the model's class order"
+                f"the class folders are ImageNet synsets but the model has {n_classes} classes, "
+                "which is no ImageNet label set timm knows; pass a synset mapping file "
+                f"(LOC_synset_mapping.txt) whose line order is the model's class order"
             )
         if len(table) != n_classes:
             raise ValueError(
@@ -267,7 +291,8 @@ def class_indices(
         unknown = [n for n in names if n not in index]
         if unknown:
             raise ValueError(
-                f"{len(unknown)} class folders are not synsets of the model's {n_classes} classes: {unknown[:20]}"
+                f"{len(unknown)} class folders are not synsets of the model's {n_classes} classes: "
+                f"{unknown[:20]}"
             )
         return {n: index[n] for n in names}
     if class_names:
@@ -288,15 +313,17 @@ def class_indices(
                 unmatched.append(n)
         if unmatched:
             raise ValueError(
-                f"{len(unmatched)} class folders match none of the model's class names: {unmatched[:20]}; "
-                f"rename them to class names (e.g. {list(class_names[:5])}) or to ImageNet synsets"
+                f"{len(unmatched)} class folders match none of the model's class names: "
+                f"{unmatched[:20]}; rename them to class names (e.g. {list(class_names[:5])}) or "
+                "to ImageNet synsets"
             )
         return found
     if names and all(n.isdigit() and int(n) < n_classes for n in names):
         return {n: int(n) for n in names}
     raise ValueError(
-        f"cannot match the class folders {names[:20]} to the model's classes: the model has no class "
-        f"names; name the folders by ImageNet synset (n01440764) or by class index (0..{n_classes - 1})"
+        f"cannot match the class folders {names[:20]} to the model's classes: the model has no "
+        "class names; name the folders by ImageNet synset (n01440764) or by class index "
+        f"(0..{n_classes - 1})"
     )
 
 
@@ -315,8 +342,8 @@ def class_folders(root: Union[str, Path]) -> List[Path]:
         loose = list_images(root)
         hint = f" ({len(loose)} images lie directly in it)" if loose else ""
         raise ValueError(
-            f"{root} has no class subfolders{hint}; arrange images as {root}/<class>/<image>, one folder "
-            f"per class named by synset (n01440764) or class name"
+            f"{root} has no class subfolders{hint}; arrange images as {root}/<class>/<image>, one "
+            f"folder per class named by synset (n01440764) or class name"
         )
     return folders
 
@@ -365,22 +392,23 @@ def image_folder_records(
             )
     if empty:
         raise ValueError(
-            f"{len(empty)} class folders in {root} have no images ({', '.join(extensions)}): {empty[:20]}; "
-            f"add images or remove the folders"
+            f"{len(empty)} class folders in {root} have no images ({', '.join(extensions)}): "
+            f"{empty[:20]}; add images or remove the folders"
         )
     return records
 
 
 def image_folder_dataset(
     root: Union[str, Path],
-    model: Any,
+    model: "HookedViT",
     preprocessing: Preprocessing,
     per_class: Optional[int] = None,
     synset_mapping: Optional[Union[str, Path]] = None,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
     on_error: OnError = "skip",
 ) -> ImageDataset:
-    """A class-subfolder image folder (``DIR/<class>/*.jpg|png|...``) as an :class:`ImageDataset`."""
+    """A class-subfolder image folder (``DIR/<class>/*.jpg|png|...``) as an
+    :class:`ImageDataset`."""
     root = Path(root).resolve()
     folders = [p.name for p in class_folders(root)]
     synsets = read_synset_mapping(synset_mapping) if synset_mapping else None

@@ -20,7 +20,7 @@ class Sample:
     image: Float[Tensor, "chan height width"]
     label: int
     image_id: str
-    token_mask: Optional[Bool[Tensor, " n_tokens"]] = None  # True at image tokens on the object
+    token_mask: Optional[Bool[Tensor, " pos"]] = None  # True at image tokens on the object
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,10 @@ class InMemoryDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        images: Float[Tensor, "n chan height width"],
-        labels: Int[Tensor, " n"],
+        images: Float[Tensor, "batch chan height width"],
+        labels: Int[Tensor, " batch"],
         image_ids: Optional[Sequence[str]] = None,
-        token_masks: Optional[Bool[Tensor, "n n_tokens"]] = None,
+        token_masks: Optional[Bool[Tensor, "batch pos"]] = None,
         source: Optional[Mapping[str, Any]] = None,
     ) -> None:
         if images.ndim != 4:

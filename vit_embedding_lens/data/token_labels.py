@@ -65,7 +65,7 @@ def token_mask_from_mask(
     method: Method = "nearest",
     threshold: float = 0.5,
     label: Optional[int] = None,
-) -> Bool[Tensor, "... n_tokens"]:
+) -> Bool[Tensor, "... pos"]:
     """Boolean per-token mask over the whole sequence, True at image tokens on the object.
 
     ``mask`` is ``[..., H, W]``: boolean, 0/1, or integer labels with ``label`` naming the object's

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Literal, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Literal, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 from jaxtyping import Bool
 from PIL import Image
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 PreprocessKind = Literal["timm", "paper"]
 PREPROCESS_KINDS = ("timm", "paper")
@@ -50,8 +53,9 @@ class Preprocessing:
         chans = self.input_size[0]
         if len(self.mean) != chans or len(self.std) != chans:
             raise ValueError(
-                f"the preprocessing's mean {self.mean} / std {self.std} do not have one value per input "
-                f"channel ({chans}); pass a data config for a {chans}-channel model or use --preprocess paper"
+                f"the preprocessing's mean {self.mean} / std {self.std} do not have one value per "
+                f"input channel ({chans}); pass a data config for a {chans}-channel model or use "
+                "--preprocess paper"
             )
 
     @property
@@ -80,7 +84,8 @@ class Preprocessing:
         return d
 
     def image_transform(self) -> Callable[[Image.Image], Tensor]:
-        """PIL image -> normalized float tensor ``[C, H, W]``, built by timm's ``create_transform``."""
+        """PIL image -> normalized float tensor ``[C, H, W]``, built by timm's
+        ``create_transform``."""
         from timm.data import create_transform
 
         return create_transform(
@@ -94,7 +99,8 @@ class Preprocessing:
         )
 
     def mask_transform(self) -> Callable[[Image.Image], Image.Image]:
-        """PIL mask -> PIL mask on the model's input pixels (nearest, zero fill): the image's geometry."""
+        """PIL mask -> PIL mask on the model's input pixels (nearest, zero fill): the image's
+        geometry."""
         return geometric_part(self.image_transform(), nearest=True)
 
 
@@ -129,8 +135,8 @@ def geometric_part(transform: Any, nearest: bool = True) -> Callable[[Image.Imag
                 step.fill = 0
         elif not isinstance(step, (T.CenterCrop, TrimBorder)):
             raise TypeError(
-                f"cannot replay the preprocessing step {type(step).__name__} on masks; masks can follow "
-                f"Resize, ResizeKeepRatio, CenterCrop, CenterCropOrPad and TrimBorder"
+                f"cannot replay the preprocessing step {type(step).__name__} on masks; masks can "
+                f"follow Resize, ResizeKeepRatio, CenterCrop, CenterCropOrPad and TrimBorder"
             )
         geometric.append(step)
 
@@ -143,11 +149,12 @@ def geometric_part(transform: Any, nearest: bool = True) -> Callable[[Image.Imag
 
 
 def resolve_preprocessing(
-    model: Any,
+    model: "HookedViT",
     kind: str = "timm",
     data_config: Optional[Mapping[str, Any]] = None,
 ) -> Preprocessing:
-    """The preprocessing for ``model`` (a HookedViT): ``"timm"`` from its data config, or ``"paper"``.
+    """The preprocessing for ``model`` (a HookedViT): ``"timm"`` from its data config, or
+    ``"paper"``.
 
     ``data_config`` is a timm data config (``timm.data.resolve_data_config(model=timm_model)``); for
     ``"timm"`` without one, timm's defaults are used (ImageNet mean/std, bicubic, crop 0.875). The
@@ -184,7 +191,8 @@ def resolve_preprocessing(
 
 
 def binary_mask_image(mask: np.ndarray) -> Image.Image:
-    """A boolean ``[H, W]`` array as a PIL ``L`` image (0 / 255), ready for :meth:`mask_transform`."""
+    """A boolean ``[H, W]`` array as a PIL ``L`` image (0 / 255), ready for
+    :meth:`mask_transform`."""
     return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8))  # 2-D uint8: mode "L"
 
 

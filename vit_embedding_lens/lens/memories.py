@@ -3,8 +3,9 @@
 After Geva et al., a sublayer's output is a weighted sum of fixed *value* vectors, one per memory,
 weighted by per-token *coefficients*:
 
-- MLP (block ``l``): memory ``i`` is neuron ``i``; its key is ``W_in[:, i]``, its value ``W_out[i, :]``
-  (timm's ``fc2.weight[:, i]``), its coefficient the pre-activation ``mlp.hook_pre[..., i]``.
+- MLP (block ``l``): memory ``i`` is neuron ``i``; its key is ``W_in[:, i]``, its value
+  ``W_out[i, :]`` (timm's ``fc2.weight[:, i]``), its coefficient the pre-activation
+  ``mlp.hook_pre[..., i]``.
 - Attention: memory ``(h, e)`` is entry ``e`` of head ``h``; its value is ``W_O[h, e, :]`` (timm's
   ``proj.weight[:, h * d_head + e]``), its coefficient the head output ``attn.hook_z[..., h, e]``.
   Memories are numbered ``h * d_head + e``, the order of timm's concatenated heads.
@@ -12,21 +13,22 @@ weighted by per-token *coefficients*:
 LayerScale is already folded into ``W_O``/``W_out``, so a value is what the memory writes into the
 residual stream. Output biases (``b_O``, ``b_out``) belong to no memory and are left out.
 
-Residual post-norm blocks (``x + norm(f(x))``, timm's ``ResPostBlock``) write ``norm(Σ c_i v_i + b)``.
-The norm centres, divides by one positive per-token scale ``σ`` and adds its bias, so memory ``i``
-writes exactly ``c_i / σ · w ⊙ (v_i - mean(v_i))`` (``c_i`` the post-activation for the MLP); for those
-blocks the value is that write-in direction ``w ⊙ (v_i - mean(v_i))`` (the block norm's weight times
-the centred raw value), not the raw ``W_out`` row. The norm's bias, like the output bias, belongs to
-no memory. (Top memories and classes are unaffected by ``1/σ``, which is the same for every memory.)
+Residual post-norm blocks (``x + norm(f(x))``, timm's ``ResPostBlock``) write
+``norm(Σ c_i v_i + b)``. The norm centres, divides by one positive per-token scale ``σ`` and adds
+its bias, so memory ``i`` writes exactly ``c_i / σ · w ⊙ (v_i - mean(v_i))`` (``c_i`` the
+post-activation for the MLP); for those blocks the value is that write-in direction
+``w ⊙ (v_i - mean(v_i))`` (the block norm's weight times the centred raw value), not the raw
+``W_out`` row. The norm's bias, like the output bias, belongs to no memory. (Top memories and
+classes are unaffected by ``1/σ``, which is the same for every memory.)
 
-The value projection ``P = E · Vᵀ`` (``[n_classes, n_memories]``) reads every value with the class
+The value projection ``P = E · Vᵀ`` (``[class, n_memories]``) reads every value with the class
 embeddings ``E`` (the classifier head's weight as the model holds it, after any weight processing):
 no final norm, no bias, as the paper defines it.
 """
 
 from __future__ import annotations
 
-from typing import List, Literal, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Literal, NamedTuple, Optional, Sequence, Tuple, Union, cast
 
 import einops
 import pandas as pd
@@ -41,22 +43,26 @@ from vit_embedding_lens.model.hook_names import act_name
 from vit_embedding_lens.model.indices import resolve_block
 from vit_embedding_lens.model.targets import class_names_or_ids
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.components import TransformerBlock
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 SublayerKind = Literal["attn", "mlp"]
 #: the two kinds of sublayer with key-value memories, in the order every result uses
 SUBLAYER_KINDS: Tuple[str, str] = ("attn", "mlp")
 
 
 # -- what a memory is -----------------------------------------------------------------------------
-def check_kind(kind: str) -> str:
+def check_kind(kind: str) -> SublayerKind:
     """``kind`` if it names a sublayer with memories, else a ValueError that says which do."""
     if kind not in SUBLAYER_KINDS:
         raise ValueError(
             f"kind must be 'attn' or 'mlp' (the sublayers with key-value memories), got {kind!r}"
         )
-    return kind
+    return cast(SublayerKind, kind)
 
 
-def check_kinds(kinds: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+def check_kinds(kinds: Union[str, Sequence[str]]) -> Tuple[SublayerKind, ...]:
     """A tuple of distinct sublayer kinds (a single string is one kind)."""
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     if not kinds or len(set(kinds)) != len(kinds):
@@ -66,7 +72,7 @@ def check_kinds(kinds: Union[str, Sequence[str]]) -> Tuple[str, ...]:
     return tuple(check_kind(k) for k in kinds)
 
 
-def n_memories(model, kind: SublayerKind) -> int:
+def n_memories(model: "HookedViT", kind: SublayerKind) -> int:
     """Memories per block: ``d_mlp`` neurons, or ``n_heads * d_head`` attention value rows."""
     cfg = model.cfg
     return cfg.d_mlp if check_kind(kind) == "mlp" else cfg.n_heads * cfg.d_head
@@ -78,24 +84,30 @@ def coefficient_hook_name(block: int, kind: SublayerKind) -> str:
 
 
 def write_in_hook_name(block: int, kind: SublayerKind) -> str:
-    """The hook point of what the sublayer writes into the residual stream (``attn_out``/``mlp_out``)."""
+    """The hook point of what the sublayer writes into the residual stream
+    (``attn_out``/``mlp_out``)."""
     return act_name(f"{check_kind(kind)}_out", block)
 
 
 def memory_coefficients(
-    activation: Union[Float[Tensor, "batch pos d_mlp"], Float[Tensor, "batch pos n_heads d_head"]],
+    activation: Union[Float[Tensor, "batch pos d_mlp"], Float[Tensor, "batch pos head d_head"]],
     kind: SublayerKind,
 ) -> Float[Tensor, "batch pos n_memories"]:
-    """Coefficients from the activation at :func:`coefficient_hook_name`: ``hook_z`` heads concatenated."""
+    """Coefficients from the activation at :func:`coefficient_hook_name`: ``hook_z`` heads
+    concatenated."""
     if check_kind(kind) == "mlp":
         return activation
     return einops.rearrange(activation, "... pos head d_head -> ... pos (head d_head)")
 
 
-def memory_values(model, block: int, kind: SublayerKind) -> Float[Tensor, "n_memories d_model"]:
-    """The value vectors of a sublayer, one row per memory (what each memory writes; see module doc)."""
+def memory_values(
+    model: "HookedViT", block: int, kind: SublayerKind
+) -> Float[Tensor, "n_memories d_model"]:
+    """The value vectors of a sublayer, one row per memory (what each memory writes; see module
+    doc)."""
     block = resolve_block(model, block)
-    layer = model.blocks[block]
+    layer = cast("TransformerBlock", model.blocks[block])
+    values: Tensor
     if check_kind(kind) == "mlp":
         values = layer.mlp.W_out
     else:
@@ -108,39 +120,43 @@ def memory_values(model, block: int, kind: SublayerKind) -> Float[Tensor, "n_mem
     return values
 
 
-def memory_keys(model, block: int) -> Float[Tensor, "d_mlp d_model"]:
-    """The MLP's key vectors ``W_in[:, i]``, one row per neuron (attention memories have no key row)."""
-    return model.blocks[resolve_block(model, block)].mlp.W_in.T
+def memory_keys(model: "HookedViT", block: int) -> Float[Tensor, "d_mlp d_model"]:
+    """The MLP's key vectors ``W_in[:, i]``, one row per neuron (attention memories have no key
+    row)."""
+    return cast("TransformerBlock", model.blocks[resolve_block(model, block)]).mlp.W_in.T
 
 
 # -- reading values in the class space ------------------------------------------------------------
-def class_embeddings(model, head: HeadChoice = "mean") -> Float[Tensor, "n_classes d_model"]:
+def class_embeddings(
+    model: "HookedViT", head: HeadChoice = "mean"
+) -> Float[Tensor, "class d_model"]:
     """``E``: one row per class, the classifier head's weight as the model holds it.
 
-    Distilled models have two heads; ``head`` picks them as :class:`ClassProjection` does: ``"mean"``
-    (the average of both, as timm averages their logits), ``"cls"`` or ``"dist"``.
+    Distilled models have two heads; ``head`` picks them as :class:`ClassProjection` does:
+    ``"mean"`` (the average of both, as timm averages their logits), ``"cls"`` or ``"dist"``.
     """
     weight, _ = classifier_head(model, head)
     return weight.T
 
 
 def value_projection(
-    model, block: int, kind: SublayerKind, head: HeadChoice = "mean"
-) -> Float[Tensor, "n_classes n_memories"]:
+    model: "HookedViT", block: int, kind: SublayerKind, head: HeadChoice = "mean"
+) -> Float[Tensor, "class n_memories"]:
     """``P = E · Vᵀ``: the class logit each memory's value writes (no norm, no bias)."""
     with torch.no_grad():
         return class_embeddings(model, head) @ memory_values(model, block, kind).T
 
 
 def class_top_memories(
-    projection: Float[Tensor, "n_classes n_memories"], k: int = 5
-) -> Int[Tensor, "n_classes k"]:
-    """Per class, the ``k`` memories whose values write the largest logit for it (by ``P[c, :]``)."""
+    projection: Float[Tensor, "class n_memories"], k: int = 5
+) -> Int[Tensor, "class k"]:
+    """Per class, the ``k`` memories whose values write the largest logit for it (by
+    ``P[c, :]``)."""
     check_k(k, projection.shape[-1], "memories per class")
     return projection.topk(k, dim=-1).indices
 
 
-def memory_classes(projection: Float[Tensor, "n_classes n_memories"]) -> Int[Tensor, " n_memories"]:
+def memory_classes(projection: Float[Tensor, "class n_memories"]) -> Int[Tensor, " n_memories"]:
     """Per memory, the class its value promotes most (argmax over ``P[:, i]``)."""
     return projection.argmax(dim=0)
 
@@ -153,8 +169,8 @@ def check_k(k: int, n: int, what: str) -> None:
 
 # -- class-value agreement -----------------------------------------------------------------------
 def class_value_agreement(
-    model, kinds: Union[str, Sequence[str]] = SUBLAYER_KINDS, head: HeadChoice = "mean"
-) -> Float[Tensor, "n_kinds n_layers n_classes"]:
+    model: "HookedViT", kinds: Union[str, Sequence[str]] = SUBLAYER_KINDS, head: HeadChoice = "mean"
+) -> Float[Tensor, "n_kinds block class"]:
     """Per class, the largest cosine between its class embedding and any value vector of a sublayer.
 
     ``result[kind, block, c] = max_i cos(E[c], V_i)`` over the memories of that block's sublayer.
@@ -173,7 +189,7 @@ def class_value_agreement(
 
 
 def class_value_agreement_frame(
-    agreement: Float[Tensor, "n_kinds n_layers n_classes"],
+    agreement: Float[Tensor, "n_kinds block class"],
     kinds: Sequence[str] = SUBLAYER_KINDS,
     class_names: Optional[Sequence[str]] = None,
     model_label: str = "trained",
@@ -199,21 +215,23 @@ def class_value_agreement_frame(
 
 
 class ClassValueComparison(NamedTuple):
-    """Class-value agreement of a model and its random-init twin (unpacks as ``tests, classes, ...``)."""
+    """Class-value agreement of a model and its random-init twin (unpacks as
+    ``tests, classes, ...``)."""
 
     #: one row per block and sublayer: ``block, sublayer, trained, random, effect, statistic,
-    #: p_value, stars`` (means over classes; one-sided paired Wilcoxon over classes, trained > random)
+    #: p_value,
+    #: stars`` (means over classes; one-sided paired Wilcoxon over classes, trained > random)
     tests: pd.DataFrame
     #: per-class values of both models, tidy (as :func:`class_value_agreement_frame`)
     classes: pd.DataFrame
-    #: ``[n_kinds, n_layers, n_classes]`` max cosines of the model and of the twin
+    #: ``[n_kinds, block, class]`` max cosines of the model and of the twin
     trained: Tensor
     random: Tensor
 
 
 def compare_class_value_agreement(
-    model,
-    twin=None,
+    model: "HookedViT",
+    twin: Optional["HookedViT"] = None,
     seed: int = 0,
     kinds: Union[str, Sequence[str]] = SUBLAYER_KINDS,
     head: HeadChoice = "mean",
@@ -232,8 +250,9 @@ def compare_class_value_agreement(
     random = class_value_agreement(twin, kinds, head)
     if trained.shape != random.shape:
         raise ValueError(
-            f"the twin's agreement has shape {tuple(random.shape)}, the model's {tuple(trained.shape)}: "
-            f"pass a twin of the same architecture (same blocks, classes and widths)"
+            f"the twin's agreement has shape {tuple(random.shape)}, the model's "
+            f"{tuple(trained.shape)}: pass a twin of the same architecture (same blocks, classes "
+            "and widths)"
         )
     rows = []
     for k, kind in enumerate(kinds):
@@ -277,7 +296,7 @@ def compare_class_value_agreement(
 
 # -- human-readable values -----------------------------------------------------------------------
 def value_topk(
-    model,
+    model: "HookedViT",
     block: Optional[int] = None,
     kind: SublayerKind = "mlp",
     index: Union[int, Sequence[int], None] = None,
@@ -307,7 +326,8 @@ def value_topk(
         ):
             shape = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
             raise ValueError(
-                f"vector must be a tensor [d_model] or [n, d_model] with d_model={model.cfg.d_model}, got {shape}"
+                "vector must be a tensor [d_model] or [n, d_model] with "
+                f"d_model={model.cfg.d_model}, got {shape}"
             )
         vectors = vector.reshape(-1, model.cfg.d_model).to(embeddings)
         indices = list(range(vectors.shape[0]))
@@ -319,11 +339,13 @@ def value_topk(
             )
         block = resolve_block(model, block)
         n = n_memories(model, kind)
+        assert index is not None  # either a vector or an index, checked above
         indices = [index] if isinstance(index, int) else list(index)
         bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < n]
         if bad or not indices:
             raise ValueError(
-                f"memory indices must be ints in 0..{n - 1} for the {kind} of block {block}, got {bad or indices}"
+                f"memory indices must be ints in 0..{n - 1} for the {kind} of block {block}, got "
+                f"{bad or indices}"
             )
         vectors = memory_values(model, block, kind)[indices]
         labels = [{"block": block, "sublayer": kind, "memory": i} for i in indices]
@@ -343,7 +365,7 @@ def value_topk(
 
 
 def top_memories(
-    model,
+    model: "HookedViT",
     block: int,
     kind: SublayerKind,
     class_id: Union[int, str],
@@ -352,8 +374,8 @@ def top_memories(
 ) -> pd.DataFrame:
     """The ``k`` memories whose values write the largest logit for a class (an index or a name).
 
-    Rows: ``block, sublayer, class, class_name, rank, memory, score`` (``score = P[c, memory]``), plus
-    each memory's own top class (``memory_class``), the argmax over its column of ``P``.
+    Rows: ``block, sublayer, class, class_name, rank, memory, score`` (``score = P[c, memory]``),
+    plus each memory's own top class (``memory_class``), the argmax over its column of ``P``.
     """
     block = resolve_block(model, block)
     c = model.to_single_token(class_id)

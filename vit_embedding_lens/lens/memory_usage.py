@@ -1,29 +1,41 @@
 """Which memories the tokens use: key-value agreement and compositionality, streamed (METHODS §4).
 
-For every token, block and sublayer, its *most activated* memories are the ``k`` (default 5) with the
-largest coefficients (``mlp.hook_pre`` values, or the concatenated head outputs ``hook_z``). "Largest"
-means the largest signed values, not the largest magnitudes: a memory with a large positive
-coefficient writes its value, one with a negative coefficient writes the value's opposite.
+For every token, block and sublayer, its *most activated* memories are the ``k`` (default 5) with
+the largest coefficients (``mlp.hook_pre`` values, or the concatenated head outputs ``hook_z``).
+"Largest" means the largest signed values, not the largest magnitudes: a memory with a large
+positive coefficient writes its value, one with a negative coefficient writes the value's opposite.
 
 - **Key-value agreement**: a token of an image of class ``c`` agrees when one of its most activated
   memories is among class ``c``'s top memories (the ``k`` largest ``P[c, :]``, see
-  :mod:`~vit_embedding_lens.lens.memories`). Rate per class (tokens of that class's images), then the
-  mean over the classes seen. The **random-class baseline** repeats this with a class drawn uniformly
-  at random for each image in place of its label (seeded; several draws, averaged).
+  :mod:`~vit_embedding_lens.lens.memories`). Rate per class (tokens of that class's images), then
+  the mean over the classes seen. The **random-class baseline** repeats this with a class drawn
+  uniformly at random for each image in place of its label (seeded; several draws, averaged).
 - **Compositionality**: a token *matches* when the top-1 class of the sublayer's own write-in
   (``attn_out``/``mlp_out`` read with :class:`ClassProjection`) is the top class (argmax of
   ``P[:, i]``) of one of its most activated memories. Match rate = share of tokens that match; a low
   rate means the sublayer's prediction is composed from many memories rather than copied from one.
 
 Both are counted per token group (``cls``; ``prefix`` for the other prefix tokens: distillation and
-registers; ``image``) and per class, so batches add up. The hooks reduce in place: only the top-``k``
-memory indices of each token survive the forward pass, never a ``n_memories``-wide tensor.
+registers; ``image``) and per class, so batches add up. The hooks reduce in place: only the
+top-``k`` memory indices of each token survive the forward pass, never a ``n_memories``-wide tensor.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Sized,
+    Tuple,
+    Union,
+    cast,
+)
 
 import pandas as pd
 import torch
@@ -33,6 +45,7 @@ from tqdm.auto import tqdm
 
 from vit_embedding_lens.lens.memories import (
     SUBLAYER_KINDS,
+    SublayerKind,
     check_k,
     check_kinds,
     class_top_memories,
@@ -48,12 +61,13 @@ from vit_embedding_lens.model.targets import class_names_or_ids, class_targets
 
 if TYPE_CHECKING:
     from vit_embedding_lens.model.hooked_vit import HookedViT
+    from vit_embedding_lens.model.layout import TokenLayout
 
 #: token groups, in the order every result uses (only those a layout has are reported)
 TOKEN_GROUPS: Tuple[str, str, str] = ("cls", "prefix", "image")
 
 
-def token_group_ids(layout) -> Int[Tensor, " n_tokens"]:
+def token_group_ids(layout: "TokenLayout") -> Int[Tensor, " pos"]:
     """Per sequence position, its token group as an index into :data:`TOKEN_GROUPS`."""
     ids = torch.full((layout.n_tokens,), TOKEN_GROUPS.index("image"), dtype=torch.long)
     ids[list(layout.prefix_indices)] = TOKEN_GROUPS.index("prefix")
@@ -65,32 +79,34 @@ def token_group_ids(layout) -> Int[Tensor, " n_tokens"]:
 def random_classes(
     generator: torch.Generator, n_draws: int, batch: int, n_classes: int
 ) -> Int[Tensor, "n_draws batch"]:
-    """The random-class baseline's classes: one uniform draw per image and draw, from ``generator``."""
+    """The random-class baseline's classes: one uniform draw per image and draw, from
+    ``generator``."""
     return torch.randint(n_classes, (n_draws, batch), generator=generator, device=generator.device)
 
 
 @dataclass
 class MemoryTables:
-    """What the streaming needs from the weights, per sublayer kind: ``[n_layers, ...]`` tensors.
+    """What the streaming needs from the weights, per sublayer kind: ``[block, ...]`` tensors.
 
-    ``class_top[kind][l, c]``: class ``c``'s top memories by ``P[c, :]``; ``memory_class[kind][l, i]``:
-    the argmax class of memory ``i``'s value.
+    ``class_top[kind][l, c]``: class ``c``'s top memories by ``P[c, :]``;
+    ``memory_class[kind][l, i]``: the argmax class of memory ``i``'s value.
     """
 
     kinds: Tuple[str, ...]
-    class_top: Dict[str, Int[Tensor, "n_layers n_classes k"]]
-    memory_class: Dict[str, Int[Tensor, "n_layers n_memories"]]
+    class_top: Dict[str, Int[Tensor, "block class top_memories"]]
+    memory_class: Dict[str, Int[Tensor, "block n_memories"]]
 
     @classmethod
     def from_model(
         cls,
-        model,
+        model: "HookedViT",
         kinds: Union[str, Sequence[str]] = SUBLAYER_KINDS,
         top_memories: int = 5,
         head: HeadChoice = "mean",
     ) -> "MemoryTables":
         kinds = check_kinds(kinds)
-        class_top, memory_class = {}, {}
+        class_top: Dict[str, Tensor] = {}
+        memory_class: Dict[str, Tensor] = {}
         for kind in kinds:
             projections = [
                 value_projection(model, b, kind, head) for b in range(model.cfg.n_layers)
@@ -106,21 +122,24 @@ class MemoryTables:
 class MemoryUsage:
     """Counts of key-value agreement and compositional matches, per class and token group.
 
-    Axes: ``kind`` (:attr:`kinds`), ``block``, ``group`` (:data:`TOKEN_GROUPS`), ``class`` and, for the
-    random-class baseline, ``draw``. Counts add over batches (``+``); rates come from the methods.
+    Axes: ``n_kinds`` (:attr:`kinds`), ``block``, ``n_groups`` (:data:`TOKEN_GROUPS`), ``class``
+    and, for the random-class baseline, ``n_draws``. Counts add over batches (``+``); rates come
+    from the methods.
     """
 
     kinds: Tuple[str, ...]
-    #: ``[group, class]``: tokens seen, by the image's label
-    tokens: Int[Tensor, "n_groups n_classes"]
-    #: ``[kind, block, group, class]``: tokens that agree with their image's label
-    agree: Int[Tensor, "n_kinds n_layers n_groups n_classes"]
-    #: ``[kind, block, group, class]``: tokens whose write-in's top class is a top memory's class
-    match: Int[Tensor, "n_kinds n_layers n_groups n_classes"]
-    #: ``[draw, group, class]``: tokens seen, by the randomly drawn class
-    random_tokens: Int[Tensor, "n_draws n_groups n_classes"]
-    #: ``[draw, kind, block, group, class]``: tokens that agree with the randomly drawn class
-    random_agree: Int[Tensor, "n_draws n_kinds n_layers n_groups n_classes"]
+    #: ``[n_groups, class]``: tokens seen, by the image's label
+    tokens: Int[Tensor, "n_groups class"]
+    #: ``[n_kinds, block, n_groups, class]``: tokens that agree with their image's label
+    agree: Int[Tensor, "n_kinds block n_groups class"]
+    #: ``[n_kinds, block, n_groups, class]``: tokens whose write-in's top class is a top memory's
+    #: class
+    match: Int[Tensor, "n_kinds block n_groups class"]
+    #: ``[n_draws, n_groups, class]``: tokens seen, by the randomly drawn class
+    random_tokens: Int[Tensor, "n_draws n_groups class"]
+    #: ``[n_draws, n_kinds, block, n_groups, class]``: tokens that agree with the randomly drawn
+    #: class
+    random_agree: Int[Tensor, "n_draws n_kinds block n_groups class"]
     n_images: int = 0
     class_names: Optional[List[str]] = field(default=None, repr=False)
 
@@ -152,7 +171,8 @@ class MemoryUsage:
         )
         if self.kinds != other.kinds or not same:
             raise ValueError(
-                "can only add MemoryUsage counts of the same model, sublayer kinds and number of draws"
+                "can only add MemoryUsage counts of the same model, sublayer kinds and number of "
+                "draws"
             )
         return MemoryUsage(
             self.kinds,
@@ -171,21 +191,22 @@ class MemoryUsage:
         """The token groups that have tokens (e.g. no ``cls`` for average-pooling models)."""
         return tuple(g for i, g in enumerate(TOKEN_GROUPS) if self.tokens[i].sum() > 0)
 
-    def agreement_per_class(self) -> Float[Tensor, "n_kinds n_layers n_groups n_classes"]:
+    def agreement_per_class(self) -> Float[Tensor, "n_kinds block n_groups class"]:
         """Share of a class's tokens that agree (NaN for classes with no tokens in the group)."""
         return _ratio(self.agree, self.tokens)
 
-    def agreement_rate(self) -> Float[Tensor, "n_kinds n_layers n_groups"]:
+    def agreement_rate(self) -> Float[Tensor, "n_kinds block n_groups"]:
         """Key-value agreement: the mean over the classes seen of the per-class rate."""
         return self.agreement_per_class().nanmean(dim=-1)
 
-    def random_agreement_rate(self) -> Float[Tensor, "n_kinds n_layers n_groups"]:
+    def random_agreement_rate(self) -> Float[Tensor, "n_kinds block n_groups"]:
         """The random-class baseline: the same rate with drawn classes, averaged over draws."""
         per_class = _ratio(self.random_agree, self.random_tokens[:, None, None])
         return per_class.nanmean(dim=-1).mean(dim=0)
 
-    def match_rate(self) -> Float[Tensor, "n_kinds n_layers n_groups"]:
-        """Compositionality: the share of all tokens of a group whose write-in matches a top memory."""
+    def match_rate(self) -> Float[Tensor, "n_kinds block n_groups"]:
+        """Compositionality: the share of all tokens of a group whose write-in matches a top
+        memory."""
         return _ratio(self.match.sum(-1), self.tokens.sum(-1))
 
     # -- tables -----------------------------------------------------------------------------------
@@ -218,8 +239,8 @@ class MemoryUsage:
         )
 
     def per_class_frame(self) -> pd.DataFrame:
-        """Tidy rows ``block, sublayer, token_group, class, class_name, metric, value, n_tokens`` for
-        the per-class agreement (``kv_agreement``) and match rates (``composition_match``)."""
+        """Tidy rows ``block, sublayer, token_group, class, class_name, metric, value, n_tokens``
+        for the per-class agreement (``kv_agreement``) and match rates (``composition_match``)."""
         n_classes = self.tokens.shape[-1]
         names = class_names_or_ids(self.class_names, n_classes)
         metrics = {
@@ -268,7 +289,7 @@ def _ratio(count: Tensor, total: Tensor) -> Tensor:
 
 # -- streaming ------------------------------------------------------------------------------------
 def memory_usage_batch(
-    model,
+    model: "HookedViT",
     images: Float[Tensor, "batch chan height width"],
     labels: Int[Tensor, " batch"],
     *,
@@ -282,11 +303,11 @@ def memory_usage_batch(
 ) -> MemoryUsage:
     """Key-value agreement and compositional-match counts of one batch (one forward pass).
 
-    ``k``: most activated memories per token; ``top_memories``: top memories per class (both 5 in the
-    paper). The random-class baseline draws ``n_random_draws`` classes per image from ``generator``
-    (default: seeded with 0). ``tables`` (from :meth:`MemoryTables.from_model`) saves recomputing the
-    value projections batch after batch; it must match ``kinds``, ``top_memories`` and ``head``.
-    ``n_random_draws=0`` skips the baseline (its rate is then NaN).
+    ``k``: most activated memories per token; ``top_memories``: top memories per class (both 5 in
+    the paper). The random-class baseline draws ``n_random_draws`` classes per image from
+    ``generator`` (default: seeded with 0). ``tables`` (from :meth:`MemoryTables.from_model`) saves
+    recomputing the value projections batch after batch; it must match ``kinds``, ``top_memories``
+    and ``head``. ``n_random_draws=0`` skips the baseline (its rate is then NaN).
     """
     per_image = memory_usage_per_image(
         model,
@@ -304,9 +325,19 @@ def memory_usage_batch(
 
 
 def _checked_inputs(
-    model, images, labels, k, top_memories, kinds, n_random_draws, generator, tables, head
-):
-    """Validate the arguments shared by the batch functions; build the tables and generator if missing."""
+    model: "HookedViT",
+    images: Tensor,
+    labels,
+    k: int,
+    top_memories: int,
+    kinds: Union[str, Sequence[str]],
+    n_random_draws: int,
+    generator: Optional[torch.Generator],
+    tables: Optional[MemoryTables],
+    head: HeadChoice,
+) -> Tuple[Tuple[SublayerKind, ...], Tensor, MemoryTables, torch.Generator]:
+    """Validate the arguments shared by the batch functions; build the tables and generator if
+    missing."""
     kinds = check_kinds(kinds)
     labels = _check_labels(model, images, labels)
     for kind in kinds:
@@ -319,8 +350,9 @@ def _checked_inputs(
         t.shape[-1] != top_memories for t in tables.class_top.values()
     ):
         raise ValueError(
-            f"tables were built for kinds {tables.kinds} and {next(iter(tables.class_top.values())).shape[-1]} top "
-            f"memories per class, not {kinds} and {top_memories}; rebuild them with MemoryTables.from_model"
+            f"tables were built for kinds {tables.kinds} and "
+            f"{next(iter(tables.class_top.values())).shape[-1]} top memories per class, not "
+            f"{kinds} and {top_memories}; rebuild them with MemoryTables.from_model"
         )
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     return kinds, labels, tables, generator
@@ -330,24 +362,26 @@ def _checked_inputs(
 class PerImageMemoryCounts:
     """The counts of :class:`MemoryUsage`, kept per image instead of per class.
 
-    Axes: ``image``, ``draw``, ``kind`` (:attr:`kinds`), ``block``, ``group`` (:data:`TOKEN_GROUPS`).
-    :meth:`usage` folds them by the images' labels (and drawn classes) into the same
-    :class:`MemoryUsage` that :func:`memory_usage_batch` gives, so any subset of images can be summed.
+    Axes: ``batch`` (images), ``n_draws``, ``n_kinds`` (:attr:`kinds`), ``block``, ``n_groups``
+    (:data:`TOKEN_GROUPS`). :meth:`usage` folds them by the images' labels (and drawn classes) into
+    the same :class:`MemoryUsage` that :func:`memory_usage_batch` gives, so any subset of images can
+    be summed.
     """
 
     kinds: Tuple[str, ...]
-    #: ``[image]``: the image's class
-    labels: Int[Tensor, " image"]
-    #: ``[image, group]``: tokens of each group in the image
-    tokens: Int[Tensor, "image n_groups"]
-    #: ``[image, kind, block, group]``: tokens that agree with the image's label
-    agree: Int[Tensor, "image n_kinds n_layers n_groups"]
-    #: ``[image, kind, block, group]``: tokens whose write-in's top class is a top memory's class
-    match: Int[Tensor, "image n_kinds n_layers n_groups"]
-    #: ``[image, draw]``: the randomly drawn class of each draw
-    drawn: Int[Tensor, "image n_draws"]
-    #: ``[image, draw, kind, block, group]``: tokens that agree with the drawn class
-    random_agree: Int[Tensor, "image n_draws n_kinds n_layers n_groups"]
+    #: ``[batch]``: the image's class
+    labels: Int[Tensor, " batch"]
+    #: ``[batch, n_groups]``: tokens of each group in the image
+    tokens: Int[Tensor, "batch n_groups"]
+    #: ``[batch, n_kinds, block, n_groups]``: tokens that agree with the image's label
+    agree: Int[Tensor, "batch n_kinds block n_groups"]
+    #: ``[batch, n_kinds, block, n_groups]``: tokens whose write-in's top class is a top memory's
+    #: class
+    match: Int[Tensor, "batch n_kinds block n_groups"]
+    #: ``[batch, n_draws]``: the randomly drawn class of each draw
+    drawn: Int[Tensor, "batch n_draws"]
+    #: ``[batch, n_draws, n_kinds, block, n_groups]``: tokens that agree with the drawn class
+    random_agree: Int[Tensor, "batch n_draws n_kinds block n_groups"]
 
     def usage(self, n_classes: int, class_names: Optional[Sequence[str]] = None) -> MemoryUsage:
         """The per-class :class:`MemoryUsage` of these images (sums over images by class)."""
@@ -370,7 +404,7 @@ class PerImageMemoryCounts:
 
 
 def memory_usage_per_image(
-    model,
+    model: "HookedViT",
     images: Float[Tensor, "batch chan height width"],
     labels: Int[Tensor, " batch"],
     *,
@@ -383,7 +417,8 @@ def memory_usage_per_image(
     head: HeadChoice = "mean",
 ) -> PerImageMemoryCounts:
     """:func:`memory_usage_batch`'s counts per image (one forward pass; same arguments, same draws
-    from ``generator``): ``memory_usage_per_image(...).usage(C)`` equals ``memory_usage_batch(...)``."""
+    from ``generator``): ``memory_usage_per_image(...).usage(C)`` equals
+    ``memory_usage_batch(...)``."""
     kinds, labels, tables, generator = _checked_inputs(
         model, images, labels, k, top_memories, kinds, n_random_draws, generator, tables, head
     )
@@ -428,7 +463,7 @@ def memory_usage_per_image(
 
 
 def memory_usage(
-    model,
+    model: "HookedViT",
     batches: Iterable,
     *,
     k: int = 5,
@@ -448,13 +483,13 @@ def memory_usage(
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     if total is None and hasattr(batches, "__len__"):
-        total = len(batches)
+        total = len(cast(Sized, batches))
     result: Optional[MemoryUsage] = None
     for item in tqdm(batches, total=total, disable=not progress, desc="key-value memories"):
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise TypeError(
-                f"each batch must be an (images, labels) pair, got {type(item).__name__}; wrap the data in a "
-                f"DataLoader over a dataset that returns (image, label)"
+                f"each batch must be an (images, labels) pair, got {type(item).__name__}; wrap the "
+                f"data in a DataLoader over a dataset that returns (image, label)"
             )
         images, labels = item[0], item[1]
         part = memory_usage_batch(
@@ -476,7 +511,11 @@ def memory_usage(
 
 
 def _run_reduced(
-    model, images: Tensor, kinds: Tuple[str, ...], k: int, projection: ClassProjection
+    model: "HookedViT",
+    images: Tensor,
+    kinds: Tuple[SublayerKind, ...],
+    k: int,
+    projection: ClassProjection,
 ):
     """One forward pass whose hooks keep, per block and kind, only the top-``k`` memory indices of
     each token ``[B, N, k]`` and the top-1 class of the sublayer's write-in ``[B, N]``."""
@@ -486,19 +525,19 @@ def _run_reduced(
     param = next(model.parameters())
     projection = projection.to(device=param.device, dtype=param.dtype)
 
-    def keep_top(kind: str, block: int):
+    def keep_top(kind: SublayerKind, block: int):
         def hook(act: Tensor, hook) -> None:
             active[kind][block] = memory_coefficients(act, kind).topk(k, dim=-1).indices
 
         return hook
 
-    def keep_class(kind: str, block: int):
+    def keep_class(kind: SublayerKind, block: int):
         def hook(act: Tensor, hook) -> None:
             write_class[kind][block] = projection(act).argmax(dim=-1)
 
         return hook
 
-    hooks = []
+    hooks: List[Tuple[Union[str, Callable], Callable]] = []
     for kind in kinds:
         for block in range(n_layers):
             hooks.append((coefficient_hook_name(block, kind), keep_top(kind, block)))
@@ -509,7 +548,7 @@ def _run_reduced(
 
 
 def _agrees(
-    top: Int[Tensor, "batch pos k"], class_top: Int[Tensor, "batch m"], n_memories: int
+    top: Int[Tensor, "batch pos k"], class_top: Int[Tensor, "batch top_memories"], n_memories: int
 ) -> Tensor:
     """Per token: is any of its top memories among its image's class's top memories?"""
     member = torch.zeros(top.shape[0], n_memories, dtype=torch.bool, device=top.device)

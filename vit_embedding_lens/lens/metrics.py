@@ -1,10 +1,11 @@
-"""Metrics over a :class:`~vit_embedding_lens.lens.streaming.LensResult` (METHODS §2–§3), as tensors and
-tidy DataFrames (one row per block × layer type × token group × metric).
+"""Metrics over a :class:`~vit_embedding_lens.lens.streaming.LensResult` (METHODS §2–§3), as tensors
+and tidy DataFrames (one row per block × layer type × token group × metric).
 
 Token groups come from the model's :class:`TokenLayout`: ``cls``, ``dist``, ``registers`` (prefix
-tokens, each reported on its own) and ``image`` (patch tokens); with a token mask also ``class`` (image
-tokens on the object) and ``context`` (the other image tokens). Prefix tokens are never image tokens.
-Per-image percentages are averaged over images ("mean of per-image %", as the paper reports).
+tokens, each reported on its own) and ``image`` (patch tokens); with a token mask also ``class``
+(image tokens on the object) and ``context`` (the other image tokens). Prefix tokens are never image
+tokens. Per-image percentages are averaged over images ("mean of per-image %", as the paper
+reports).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from vit_embedding_lens.lens.stats import permutation_test_greater, wilcoxon_gre
 from vit_embedding_lens.lens.streaming import CHANGES, COMPOSITION_BITS, KINDS, LensResult
 
 
-def token_groups(result: LensResult) -> Dict[str, Bool[Tensor, "image token"]]:
-    """Boolean ``[images, tokens]`` membership of every token group present in this result."""
+def token_groups(result: LensResult) -> Dict[str, Bool[Tensor, "batch pos"]]:
+    """Boolean ``[batch, pos]`` membership of every token group present in this result."""
     layout, n = result.layout, result.n_images
     groups: Dict[str, Tensor] = {}
 
@@ -45,9 +46,10 @@ def token_groups(result: LensResult) -> Dict[str, Bool[Tensor, "image token"]]:
 
 
 def _per_image_mean(
-    values: Tensor, mask: Bool[Tensor, "image token"]
-) -> Float[Tensor, "image block"]:
-    """Mean of ``values [image, block, token]`` over each image's tokens in ``mask`` (NaN if none)."""
+    values: Tensor, mask: Bool[Tensor, "batch pos"]
+) -> Float[Tensor, "batch block"]:
+    """Mean of ``values [batch, block, pos]`` over each image's tokens in ``mask`` (NaN if
+    none)."""
     m = mask[:, None, :].to(torch.float64)
     count = m.sum(-1)
     total = (values.to(torch.float64) * m).sum(-1)
@@ -56,7 +58,7 @@ def _per_image_mean(
 
 def identifiability_scores(
     result: LensResult, kind: str = "resid"
-) -> Float[Tensor, "image block token"]:
+) -> Float[Tensor, "batch block pos"]:
     """Per-token score ``1 - rank / C`` for one layer type (``resid``, ``attn`` or ``mlp``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -65,9 +67,10 @@ def identifiability_scores(
 
 def per_image_identifiability(
     result: LensResult, kind: str = "resid", group: str = "image", metric: str = "score"
-) -> Float[Tensor, "image block"]:
+) -> Float[Tensor, "batch block"]:
     """Per image and block: the mean score (``metric="score"``) or the share of identifiable tokens
-    (``"identifiable"``, rank 0) of one token group. NaN where an image has no token of the group."""
+    (``"identifiable"``, rank 0) of one token group. NaN where an image has no token of the
+    group."""
     groups = token_groups(result)
     if group not in groups:
         raise ValueError(
@@ -84,8 +87,8 @@ def per_image_identifiability(
 
 def identifiability_table(result: LensResult) -> pd.DataFrame:
     """Tidy table: per block × layer type × token group, the mean score, the % identifiable tokens
-    (mean of per-image %) and, for image-token groups, the % of images with at least one identifiable
-    token. Columns: block, layer_type, token_group, metric, value, n_images."""
+    (mean of per-image %) and, for image-token groups, the % of images with at least one
+    identifiable token. Columns: block, layer_type, token_group, metric, value, n_images."""
     rows: List[dict] = []
     groups = token_groups(result)
     for kind in KINDS:
@@ -94,7 +97,7 @@ def identifiability_table(result: LensResult) -> pd.DataFrame:
         for group, mask in groups.items():
             per_image_score = _per_image_mean(scores, mask)
             per_image_ident = _per_image_mean(identifiable, mask)
-            metrics = {
+            metrics: Dict[str, Optional[Tensor]] = {
                 "score": _nanmean(per_image_score),
                 "identifiable_pct": 100 * _nanmean(per_image_ident),
             }
@@ -148,8 +151,9 @@ def change_rate_table(result: LensResult) -> pd.DataFrame:
 
 def composition_table(result: LensResult) -> pd.DataFrame:
     """Residual composition per block × token group: % of tokens whose top-1 class at ``resid_post``
-    equals the top-1 of ``attn_out``, of ``mlp_out``, of ``resid_pre``, and ``composed``: none of the
-    three (the reference code's "composed" repeats the attention test; this is the definition)."""
+    equals the top-1 of ``attn_out``, of ``mlp_out``, of ``resid_pre``, and ``composed``: none of
+    the three (the reference code's "composed" repeats the attention test; this is the
+    definition)."""
     rows = []
     comp = result.composition.to(torch.int64)
     matches = {name: ((comp & bit) > 0).to(torch.float64) for name, bit in COMPOSITION_BITS.items()}
@@ -172,8 +176,8 @@ def compare_with_random(
     groups: Sequence[str] = ("cls", "image"),
     kinds: Sequence[str] = ("resid",),
 ) -> pd.DataFrame:
-    """Trained vs random-init model per block: one-sided paired Wilcoxon test (trained > random) on the
-    per-image mean scores of the same images. Columns: block, layer_type, token_group, trained,
+    """Trained vs random-init model per block: one-sided paired Wilcoxon test (trained > random) on
+    the per-image mean scores of the same images. Columns: block, layer_type, token_group, trained,
     random, statistic, p_value, stars."""
     if not torch.equal(trained.labels, random.labels):
         raise ValueError(
@@ -208,8 +212,9 @@ def compare_with_random(
 def class_vs_context(
     result: LensResult, kind: str = "resid", n_permutations: int = 2_000, seed: int = 0
 ) -> pd.DataFrame:
-    """Identifiability of class- vs context-labelled image tokens per block (METHODS §5): mean scores,
-    their difference, and a one-sided permutation test (class > context) over the pooled tokens."""
+    """Identifiability of class- vs context-labelled image tokens per block (METHODS §5): mean
+    scores, their difference, and a one-sided permutation test (class > context) over the pooled
+    tokens."""
     if result.token_mask is None:
         raise ValueError(
             "class vs context needs token labels: pass token_mask (True = token on the object)"

@@ -5,14 +5,15 @@ recomputed on ``v`` itself, then the classifier head. The norm's affine weights 
 head once, so a projection is one centring, one scale and one matmul, and it never fires the model's
 hook points (it is safe to call inside hooks while caching).
 
-Because centring and the matmul are linear, ``p(v) = q(v) / σ(v) + b'`` with ``q(v) = W (v - mean v)``
-linear in ``v``: the streaming analyses use that to project a residual stream as the running sum of its
-sublayer write-ins' ``q`` (``unnormalized``), one matmul per sublayer instead of one per hidden state.
+Because centring and the matmul are linear, ``p(v) = q(v) / σ(v) + b'`` with
+``q(v) = W (v - mean v)`` linear in ``v``: the streaming analyses use that to project a residual
+stream as the running sum of its sublayer write-ins' ``q`` (``unnormalized``), one matmul per
+sublayer instead of one per hidden state.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple
+from typing import TYPE_CHECKING, Literal, Optional, Tuple
 
 import torch
 from jaxtyping import Float
@@ -21,16 +22,19 @@ from torch import Tensor
 # the model's own readout, hook-free (one home: model/readout.py); kept here under its old name
 from vit_embedding_lens.model.readout import readout_logits as pooled_readout
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
 __all__ = ["ClassProjection", "HeadChoice", "classifier_head", "pooled_readout", "project"]
 
 HeadChoice = Literal["mean", "cls", "dist"]
 
 
 def classifier_head(
-    model, head: HeadChoice = "mean"
-) -> Tuple[Float[Tensor, "d_model n_classes"], Float[Tensor, " n_classes"]]:
-    """The classifier's weight and bias (live parameters). Distilled models have two heads: ``"mean"``
-    averages them (timm averages their logits), ``"cls"``/``"dist"`` pick one."""
+    model: "HookedViT", head: HeadChoice = "mean"
+) -> Tuple[Float[Tensor, "d_model class"], Float[Tensor, " class"]]:
+    """The classifier's weight and bias (live parameters). Distilled models have two heads:
+    ``"mean"`` averages them (timm averages their logits), ``"cls"``/``"dist"`` pick one."""
     cfg = model.cfg
     if not cfg.n_classes:
         raise ValueError(
@@ -41,7 +45,8 @@ def classifier_head(
         raise ValueError(f"head must be 'mean', 'cls' or 'dist', got {head!r}")
     if head == "dist" and not cfg.has_dist_token:
         raise ValueError(f"{cfg.model_name} has no distillation head; use head='mean' or 'cls'")
-    weight, bias = model.head.W_head, model.head.b_head  # [d, C], [C]
+    weight: Tensor = model.head.W_head  # [d_model, class]
+    bias: Tensor = model.head.b_head  # [class]
     if cfg.has_dist_token and head != "cls":
         w_d, b_d = model.head.W_head_dist, model.head.b_head_dist
         weight, bias = ((weight + w_d) / 2, (bias + b_d) / 2) if head == "mean" else (w_d, b_d)
@@ -55,7 +60,7 @@ class ClassProjection:
     with the average of the two heads, as timm averages their logits; ``"cls"``/``"dist"`` pick one.
     """
 
-    def __init__(self, model, head: HeadChoice = "mean") -> None:
+    def __init__(self, model: "HookedViT", head: HeadChoice = "mean") -> None:
         cfg = model.cfg
         classifier_head(model, head)  # validates the model and the choice
         self.n_classes = cfg.n_classes
@@ -63,10 +68,10 @@ class ClassProjection:
         self._model, self._head = model, head
         with torch.no_grad():
             weight, bias = self._folded()
-        #: ``[d_model, n_classes]``: the head with the final norm's scale folded in
-        self.weight: Float[Tensor, "d_model n_classes"] = weight.detach().clone()
-        #: ``[n_classes]``: the head bias plus the final norm's bias through the head
-        self.bias: Float[Tensor, " n_classes"] = bias.detach().clone()
+        #: ``[d_model, class]``: the head with the final norm's scale folded in
+        self.weight: Float[Tensor, "d_model class"] = weight.detach().clone()
+        #: ``[class]``: the head bias plus the final norm's bias through the head
+        self.bias: Float[Tensor, " class"] = bias.detach().clone()
 
     def _folded(self) -> tuple:
         """The head with the final norm's affine folded in, from the live parameters."""
@@ -78,11 +83,11 @@ class ClassProjection:
             weight = ln.w[:, None] * weight
         return weight, bias
 
-    def __call__(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... n_classes"]:
+    def __call__(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... class"]:
         """Class logits of every vector in ``v`` (norm recomputed per vector)."""
         return self.unnormalized(v) / self.scale(v) + self.bias.to(v.dtype)
 
-    def unnormalized(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... n_classes"]:
+    def unnormalized(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... class"]:
         """``q(v) = W (v - mean v)``: linear in ``v``, so ``q(a + b) = q(a) + q(b)``."""
         return (v - v.mean(-1, keepdim=True)) @ self.weight.to(v.dtype)
 
@@ -91,12 +96,12 @@ class ClassProjection:
         return (v.var(-1, keepdim=True, unbiased=False) + self.eps).sqrt()
 
     def from_parts(
-        self, unnormalized: Float[Tensor, "... n_classes"], scale: Float[Tensor, "... 1"]
-    ) -> Float[Tensor, "... n_classes"]:
+        self, unnormalized: Float[Tensor, "... class"], scale: Float[Tensor, "... 1"]
+    ) -> Float[Tensor, "... class"]:
         """Logits from a (summed) ``unnormalized`` projection and the scale of the summed vector."""
         return unnormalized / scale + self.bias.to(unnormalized.dtype)
 
-    def differentiable(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... n_classes"]:
+    def differentiable(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... class"]:
         """Like ``__call__`` but through the live parameters, so gradients reach the model's weights
         (and ``v``). Used by gradient attributions that differentiate through the readout."""
         weight, bias = self._folded()
@@ -113,7 +118,7 @@ class ClassProjection:
 
 
 def project(
-    model, v: Float[Tensor, "... d_model"], head: HeadChoice = "mean"
-) -> Float[Tensor, "... n_classes"]:
+    model: "HookedViT", v: Float[Tensor, "... d_model"], head: HeadChoice = "mean"
+) -> Float[Tensor, "... class"]:
     """Project residual-space vectors onto the class space: ``E · ln_final(v) + b`` per vector."""
     return ClassProjection(model, head=head)(v)

@@ -7,6 +7,8 @@ same for every token and block. One comparison per class: ``O(C)`` per token ins
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -26,8 +28,9 @@ def class_rank(
     return rank_and_logit(logits, target)[0]
 
 
-def rank_and_logit(logits: Float[Tensor, "... n_classes"], target: Int[Tensor, "..."]) -> tuple:
-    """``(rank, logit)`` of ``target`` (shaped like ``logits[..., 0]``); no range check (hot path)."""
+def rank_and_logit(logits: Float[Tensor, "... class"], target: Int[Tensor, "..."]) -> tuple:
+    """``(rank, logit)`` of ``target`` (shaped like ``logits[..., 0]``); no range check (hot
+    path)."""
     correct = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return count_true(logits > correct.unsqueeze(-1)), correct
 
@@ -37,7 +40,8 @@ def count_true(flags: Bool[Tensor, "... n"]) -> Int[Tensor, "..."]:
 
     Summing bools converts every flag to int64 first. Instead, eight flags are read as the bytes of
     one int64 and summed as such: each byte lane counts its own flags (no carry while a lane's count
-    stays below 256, i.e. up to 2,040 flags per row), and the eight lane counts are added at the end.
+    stays below 256, i.e. up to 2,040 flags per row), and the eight lane counts are added at the
+    end.
     """
     n = flags.shape[-1]
     packable = (
@@ -46,7 +50,7 @@ def count_true(flags: Bool[Tensor, "... n"]) -> Int[Tensor, "..."]:
     if not packable or not flags.is_contiguous() or flags.device.type != "cpu":
         return flags.sum(-1)
     packed = flags.view(torch.int64).sum(-1)
-    return sum((packed >> (8 * lane)) & 0xFF for lane in range(8))
+    return cast(Tensor, sum((packed >> (8 * lane)) & 0xFF for lane in range(8)))
 
 
 def identifiability_score(rank: Tensor, n_classes: int) -> Tensor:

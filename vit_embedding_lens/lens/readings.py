@@ -16,6 +16,7 @@ from typing import (
     Sequence,
     Tuple,
     Union,
+    cast,
 )
 
 import numpy as np
@@ -31,6 +32,9 @@ from vit_embedding_lens.model.indices import resolve_blocks
 from vit_embedding_lens.model.targets import class_names_or_ids, class_targets
 
 if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
+
+    from vit_embedding_lens.model.components import TransformerBlock
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 #: layer type -> the hook read at each block (the names :func:`logit_lens` takes)
@@ -93,12 +97,13 @@ class TokenClassPredictions:
         projection: the logit lens (also importable as ``token_class_predictions``).
 
         ``cache``: an activation cache holding ``blocks.{l}.{hook}`` for the requested blocks (e.g.
-        from ``model.run_with_cache(images, names_filter=lambda n: n.endswith("hook_resid_post"))``),
-        or a batch of images, which is then run with exactly that filter. ``hook`` is one of
+        from
+        ``model.run_with_cache(images, names_filter=lambda n: n.endswith("hook_resid_post"))``), or
+        a batch of images, which is then run with exactly that filter. ``hook`` is one of
         ``hook_resid_pre/mid/post``, ``hook_attn_out``, ``hook_mlp_out`` (sublayer write-ins are
-        normalized on their own, METHODS §1). ``targets`` (one class per image, or one for all)
-        adds the target probability and rank. ``blocks`` default to all (negative ones count from
-        the end). ``layout`` defaults to ``model.layout``. Half-precision activations are read in
+        normalized on their own, METHODS §1). ``targets`` (one class per image, or one for all) adds
+        the target probability and rank. ``blocks`` default to all (negative ones count from the
+        end). ``layout`` defaults to ``model.layout``. Half-precision activations are read in
         float32; ranks are counted on the logits, not on rounded probabilities.
         """
         blocks, names, cache = sublayer_cache(model, cache, hook, blocks)
@@ -131,13 +136,15 @@ class TokenClassPredictions:
         def stack(key: str) -> Optional[Tensor]:  # [batch, block, ...]
             return torch.stack(parts[key], dim=1) if parts[key] else None
 
+        topk_classes, topk_probs = stack("c"), stack("p")
+        assert topk_classes is not None and topk_probs is not None  # one row per block
         return cls(
-            topk_classes=stack("c"),
-            topk_probs=stack("p"),
+            topk_classes=topk_classes,
+            topk_probs=topk_probs,
             blocks=blocks,
             layout=layout,
             hook=hook,
-            class_names=list(model.class_names) if getattr(model, "class_names", None) else None,
+            class_names=list(model.class_names) if model.class_names else None,
             targets=target_ids,
             target_probs=stack("tp"),
             target_ranks=stack("tr"),
@@ -156,7 +163,7 @@ class TokenClassPredictions:
         return self.class_names[index] if self.class_names is not None else str(index)
 
     def grid(self, what: str = "top1", image_index: int = 0) -> Tensor:
-        """``[n_blocks, grid_h, grid_w]`` of ``"top1"``, ``"top1_prob"``, ``"target_prob"`` or
+        """``[block, grid_h, grid_w]`` of ``"top1"``, ``"top1_prob"``, ``"target_prob"`` or
         ``"target_rank"`` for one image (image tokens only), ready for ``plot_token_grid``."""
         sources = {
             "top1": self.top1,
@@ -204,6 +211,8 @@ class TokenClassPredictions:
             }
         )
         if self.targets is not None:
+            # read together with the targets
+            assert self.target_probs is not None and self.target_ranks is not None
             per_token = (idx[:, 0], idx[:, 1], idx[:, 2])
             frame["target"] = self.targets.cpu().numpy()[idx[:, 0]]
             frame["target_prob"] = self.target_probs.cpu().double().numpy()[per_token]
@@ -234,7 +243,7 @@ def sublayer_cache(
             f"the cache has no {missing[:3]}{'...' if len(missing) > 3 else ''}; run the model "
             f"with names_filter=lambda n: n.endswith({hook!r}) (or pass the images instead)"
         )
-    return blocks, names, cache
+    return blocks, names, cast(Mapping[str, Tensor], cache)  # a cache now, not images
 
 
 def token_logits(
@@ -309,7 +318,8 @@ def logit_lens(
     for b, block in enumerate(blocks):
         for layer_type in layer_types:
             pred = preds[layer_type]
-            ids = pred.topk_classes[:, b, tokens].cpu().numpy().ravel()  # [image, token, k]
+            assert pred.topk_logits is not None  # token_class_predictions keeps them
+            ids = pred.topk_classes[:, b, tokens].cpu().numpy().ravel()  # [batch, pos, k]
             frames.append(
                 pd.DataFrame(
                     dict(
@@ -329,7 +339,9 @@ def logit_lens(
     return pd.concat(frames, ignore_index=True)
 
 
-def project_head_writes(model, cache, block: int) -> Float[Tensor, "batch pos n_heads n_classes"]:
+def project_head_writes(
+    model: "HookedViT", cache: Union[Mapping[str, Tensor], "ActivationCache"], block: int
+) -> Float[Tensor, "batch pos head class"]:
     """Each head's write-in ``z_h · W_O[h]`` (without ``b_O``) read in class space, norm per vector.
 
     Needs ``blocks.{block}.attn.hook_z`` in the cache. Residual post-norm blocks write
@@ -337,17 +349,18 @@ def project_head_writes(model, cache, block: int) -> Float[Tensor, "batch pos n_
     """
     if model.cfg.block_norm != "pre":
         raise ValueError(
-            "per-head write-ins are not defined for residual post-norm blocks (the block's norm acts on "
-            "the sum of the heads); read attn_out instead"
+            "per-head write-ins are not defined for residual post-norm blocks (the block's norm "
+            "acts on the sum of the heads); read attn_out instead"
         )
     z = cache[act_name("z", block)]  # [batch, pos, head, d_head]
-    w_o = model.blocks[block].attn.W_O  # [head, d_head, d_model]
+    w_o = cast("TransformerBlock", model.blocks[block]).attn.W_O  # [head, d_head, d_model]
     writes = torch.einsum("bphe,hed->bphd", z, w_o)
     return ClassProjection(model)(writes)
 
 
-def project_neuron_values(model, block: int) -> Float[Tensor, "d_mlp n_classes"]:
+def project_neuron_values(model: "HookedViT", block: int) -> Float[Tensor, "d_mlp class"]:
     """Every MLP neuron's value vector (its row of ``W_out``, LayerScale included) read in class
     space with the norm recomputed per vector (METHODS §1). For the raw value projection
     ``E · W_out^T`` of the key-value memories see :mod:`vit_embedding_lens.lens.memories`."""
-    return ClassProjection(model)(model.blocks[block].mlp.W_out.detach())
+    mlp = cast("TransformerBlock", model.blocks[block]).mlp
+    return ClassProjection(model)(mlp.W_out.detach())

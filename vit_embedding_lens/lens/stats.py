@@ -12,7 +12,8 @@ from scipy import stats
 
 @dataclass(frozen=True)
 class TestResult:
-    """A one-sided test of "first > second": the statistic, its p-value and the effect (difference)."""
+    """A one-sided test of "first > second": the statistic, its p-value and the effect
+    (difference)."""
 
     statistic: float
     p_value: float
@@ -56,7 +57,8 @@ def permutation_test_greater(
     first, second, n_permutations: int = 2_000, seed: Optional[int] = 0
 ) -> TestResult:
     """One-sided permutation test that ``mean(first) > mean(second)`` (labels shuffled between the
-    pooled samples). The p-value counts the observed split, so it is never 0: ``(k + 1) / (n + 1)``."""
+    pooled samples). The p-value counts the observed split, so it is never 0:
+    ``(k + 1) / (n + 1)``."""
     a, b = np.asarray(first, dtype=np.float64).ravel(), np.asarray(second, dtype=np.float64).ravel()
     if a.size == 0 or b.size == 0:
         return TestResult(float("nan"), float("nan"), float("nan"))

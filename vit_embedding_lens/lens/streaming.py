@@ -1,22 +1,24 @@
 """Per-token class-space readings of every block, computed inside the forward pass (METHODS §1–§3).
 
-For each block ``l`` and every token, the correct class's rank among all classes is measured at three
-places: the attention write-in (``attn``), the MLP write-in (``mlp``) and the residual after the block
-(``resid``, i.e. ``resid_post``); the residual after attention (``resid_mid``) is read for the correct
-class only, for the MLP-vs-``resid_mid`` change. Alongside, whether the
+For each block ``l`` and every token, the correct class's rank among all classes is measured at
+three places: the attention write-in (``attn``), the MLP write-in (``mlp``) and the residual after
+the block (``resid``, i.e. ``resid_post``); the residual after attention (``resid_mid``) is read for
+the correct class only, for the MLP-vs-``resid_mid`` change. Alongside, whether the
 correct-class logit rose (block change, attention and MLP change vs the block input, MLP change vs
-``resid_mid``) and how the top-1 class of ``resid_post`` relates to those of its parts (composition).
+``resid_mid``) and how the top-1 class of ``resid_post`` relates to those of its parts
+(composition).
 
 Everything is reduced inside hooks, batch by batch: a run over a data set keeps only these per-token
-integers and flags, never an activation or a ``[tokens, classes]`` logit table beyond the current batch.
-The residual streams are projected through linearity (``q(resid_post) = q(resid_mid) + q(mlp_out)``,
-see :class:`~vit_embedding_lens.lens.projection.ClassProjection`), one matmul per sublayer.
+integers and flags, never an activation or a ``[pos, class]`` logit table beyond the current
+batch. The residual streams are projected through linearity
+(``q(resid_post) = q(resid_mid) + q(mlp_out)``, see
+:class:`~vit_embedding_lens.lens.projection.ClassProjection`), one matmul per sublayer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sized, Tuple, cast
 
 import torch
 from jaxtyping import Bool, Int
@@ -30,12 +32,14 @@ from vit_embedding_lens.model.layout import TokenLayout
 from vit_embedding_lens.model.targets import class_targets
 
 if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
+
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 #: where ranks are read, per block: attention write-in, MLP write-in, residual after the block
 KINDS = ("attn", "mlp", "resid")
-#: whether the correct-class logit rose: block (resid_post vs resid_pre), attention and MLP write-in vs
-#: resid_pre (the paper's comparison), and MLP write-in vs resid_mid (named variant)
+#: whether the correct-class logit rose: block (resid_post vs resid_pre), attention and MLP write-in
+#: vs resid_pre (the paper's comparison), and MLP write-in vs resid_mid (named variant)
 CHANGES = ("block", "attn", "mlp", "mlp_vs_resid_mid")
 #: composition bits: resid_post's top-1 equals the top-1 of attn_out / mlp_out / resid_pre
 COMPOSITION_BITS = {"attn": 1, "mlp": 2, "resid_pre": 4}
@@ -45,18 +49,19 @@ COMPOSITION_BITS = {"attn": 1, "mlp": 2, "resid_pre": 4}
 class LensResult:
     """Per-image, per-token class-space readings (concatenated over batches).
 
-    ``rank[kind]`` is ``[images, blocks, tokens]`` (0 = the label is top-1); ``rose[change]`` is a bool
-    ``[images, blocks, tokens]``; ``composition`` an integer bit mask ``[images, blocks, tokens]``
-    (:data:`COMPOSITION_BITS`); ``token_mask`` marks "class" tokens (on the object), when given.
+    ``rank[kind]`` is ``[batch, block, pos]`` (0 = the label is top-1); ``rose[change]`` is a
+    bool ``[batch, block, pos]``; ``composition`` an integer bit mask
+    ``[batch, block, pos]`` (:data:`COMPOSITION_BITS`); ``token_mask`` marks "class" tokens (on
+    the object), when given.
     """
 
-    rank: Dict[str, Int[Tensor, "image block token"]]
-    rose: Dict[str, Bool[Tensor, "image block token"]]
-    composition: Int[Tensor, "image block token"]
-    labels: Int[Tensor, " image"]
+    rank: Dict[str, Int[Tensor, "batch block pos"]]
+    rose: Dict[str, Bool[Tensor, "batch block pos"]]
+    composition: Int[Tensor, "batch block pos"]
+    labels: Int[Tensor, " batch"]
     n_classes: int
     layout: TokenLayout
-    token_mask: Optional[Bool[Tensor, "image token"]] = None
+    token_mask: Optional[Bool[Tensor, "batch pos"]] = None
     class_names: Optional[List[str]] = field(default=None, repr=False)
 
     @property
@@ -86,11 +91,11 @@ class LensResult:
         for k in first.rank:
             rank[k] = take(lambda p: p.rank[k])
             for p in parts:
-                p.rank[k] = None
+                cast(Dict[str, Optional[Tensor]], p.rank)[k] = None  # released: the part is spent
         for k in first.rose:
             rose[k] = take(lambda p: p.rose[k])
             for p in parts:
-                p.rose[k] = None
+                cast(Dict[str, Optional[Tensor]], p.rose)[k] = None
         return LensResult(
             rank=rank,
             rose=rose,
@@ -98,7 +103,7 @@ class LensResult:
             labels=take(lambda p: p.labels),
             n_classes=first.n_classes,
             layout=first.layout,
-            token_mask=None if masks[0] is None else torch.cat(masks),
+            token_mask=None if masks[0] is None else torch.cat([m for m in masks if m is not None]),
             class_names=first.class_names,
         )
 
@@ -125,8 +130,9 @@ class _Reading:
 class LensRecorder:
     """Hooks that read every block in class space while the model runs, for one batch at a time.
 
-    ``with recorder.recording(labels): model(images)`` fills ``recorder.result`` (a :class:`LensResult`
-    for that batch). The projection runs in float32 (float64 for float64 models).
+    ``with recorder.recording(labels): model(images)`` fills ``recorder.result`` (a
+    :class:`LensResult` for that batch). The projection runs in float32 (float64 for float64
+    models).
     """
 
     def __init__(self, model: "HookedViT") -> None:
@@ -160,7 +166,8 @@ class LensRecorder:
         }
 
     def hooks(self) -> List[Tuple[str, Callable]]:
-        """``(hook name, function)`` pairs for ``model.hooks(fwd_hooks=...)`` / ``run_with_hooks``."""
+        """``(hook name, function)`` pairs for ``model.hooks(fwd_hooks=...)`` /
+        ``run_with_hooks``."""
         return list(self._hooks)
 
     def start(self, target: Int[Tensor, " batch"]) -> None:
@@ -169,9 +176,10 @@ class LensRecorder:
         self._reset(torch.as_tensor(target, device=self.proj.weight.device).long())
 
     def recording(self, target: Int[Tensor, " batch"]):
-        """Context manager: record the next forward pass, reading class ``target[i]`` for image ``i``."""
+        """Context manager: record the next forward pass, reading class ``target[i]`` for image
+        ``i``."""
         self.start(target)
-        return self.model.hooks(fwd_hooks=self.hooks())
+        return self.model.hooks(fwd_hooks=[(name, fn) for name, fn in self.hooks()])
 
     # The readings, in the order the hooks fire within a block.
     def _centered_and_scale(self, vectors: Tensor) -> Tuple[Tensor, Tensor]:
@@ -187,6 +195,7 @@ class LensRecorder:
         centered, scale = self._centered_and_scale(vectors)
         if q is None:
             q = centered @ self.proj.weight
+        assert self.target is not None  # set by start(); _on_input refuses to run without it
         target = self.target[:, None].expand(vectors.shape[:2])
         return _Reading(self.proj, q, scale, target)
 
@@ -203,8 +212,9 @@ class LensRecorder:
         self.attn = self._read(attn_out)
 
     def _on_resid_mid(self, resid_mid: Tensor, hook) -> None:
-        # only the target class is needed here: gather it from the parts, no [tokens, classes] work
+        # only the target class is needed here: gather it from the parts, no [pos, class] work
         _, scale = self._centered_and_scale(resid_mid)
+        assert self.target is not None and self.prev is not None and self.attn is not None
         idx = self.target[:, None, None].expand(*resid_mid.shape[:2], 1)
         q_target = (self.prev.q.gather(-1, idx) + self.attn.q.gather(-1, idx)).squeeze(-1)
         self.mid_correct = q_target / scale.squeeze(-1) + self.proj.bias[self.target][:, None]
@@ -214,6 +224,10 @@ class LensRecorder:
 
     def _on_resid_post(self, resid_post: Tensor, hook) -> None:
         prev, attn, mlp = self.prev, self.attn, self.mlp
+        assert (
+            prev is not None and attn is not None and mlp is not None
+        )  # earlier hooks of the block
+        assert self.mid_correct is not None
         post = self._read(resid_post, prev.q + attn.q + mlp.q)
         rows = self.rows
         for kind, reading in zip(KINDS, (attn, mlp, post)):
@@ -241,9 +255,11 @@ class LensRecorder:
         rows = self.rows
         if len(rows["composition"]) != self.model.cfg.n_layers:
             raise RuntimeError(
-                f"the recorded forward pass covered {len(rows['composition'])} of {self.model.cfg.n_layers} blocks "
-                f"(stop_at_layer, or an exception mid-forward?)"
+                f"the recorded forward pass covered {len(rows['composition'])} of "
+                f"{self.model.cfg.n_layers} blocks (stop_at_layer, or an exception mid-forward?)"
             )
+
+        assert self.target is not None  # n_layers blocks were recorded
 
         def stack(name: str) -> Tensor:
             return torch.stack(rows[name], dim=1).cpu()
@@ -260,10 +276,10 @@ class LensRecorder:
 
 
 def lens_batch(
-    model,
+    model: "HookedViT",
     images: Tensor,
     labels,
-    token_mask: Optional[Bool[Tensor, "batch token"]] = None,
+    token_mask: Optional[Bool[Tensor, "batch pos"]] = None,
     recorder: Optional[LensRecorder] = None,
 ) -> LensResult:
     """Read every block of one batch in class space (one forward pass, no activation kept)."""
@@ -278,7 +294,10 @@ def lens_batch(
 
 
 def lens_from_cache(
-    model, cache, labels, token_mask: Optional[Bool[Tensor, "batch token"]] = None
+    model: "HookedViT",
+    cache: "ActivationCache",
+    labels,
+    token_mask: Optional[Bool[Tensor, "batch pos"]] = None,
 ) -> LensResult:
     """The same readings from a ``run_with_cache`` cache (needs ``resid_pre`` of block 0 and every
     block's ``attn_out``, ``resid_mid``, ``mlp_out`` and ``resid_post``)."""
@@ -295,7 +314,7 @@ def lens_from_cache(
 
 
 def lens_dataset(
-    model,
+    model: "HookedViT",
     batches: Iterable,
     *,
     progress: bool = True,
@@ -308,7 +327,7 @@ def lens_dataset(
     param = next(model.parameters())
     parts = []
     if total is None and hasattr(batches, "__len__"):
-        total = len(batches)
+        total = len(cast(Sized, batches))
     for batch in tqdm(
         batches, total=total, disable=not progress, desc="class-embedding lens", unit="batch"
     ):

@@ -122,7 +122,8 @@ def _folder_source(path: Path) -> ModelSource:
 
 
 def bundled_name(model_name: object) -> Optional[str]:
-    """``"mnist-vit"`` for the model name ``"bundled:mnist-vit"``; None for any other name/object."""
+    """``"mnist-vit"`` for the model name ``"bundled:mnist-vit"``; None for any other
+    name/object."""
     if isinstance(model_name, str) and model_name.startswith(BUNDLED_PREFIX):
         return model_name[len(BUNDLED_PREFIX) :]
     return None

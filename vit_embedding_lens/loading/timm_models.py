@@ -105,6 +105,7 @@ def load_timm(
     else:
         module = create_timm_model(source.name, pretrained, timm_kwargs)
         if source.kind == "checkpoint":
+            assert source.path is not None  # a checkpoint source names its file
             load_checkpoint_(module, source.path)
     return LoadedTimm(module.eval(), source)
 
@@ -179,7 +180,7 @@ def hooked_from_timm(
     **timm_kwargs: Any,
 ) -> HookedViT:
     """``HookedViT.from_timm``: parse the name once, create the module once, convert it."""
-    steps = dict(
+    steps: Dict[str, Any] = dict(
         device=device,
         dtype=dtype,
         fold_ln=fold_ln,

@@ -7,7 +7,8 @@ from typing import Callable, Dict
 from timm.layers.activations import QuickGELU
 from torch import nn
 
-#: name -> factory; names follow TransformerLens where it has one ("gelu", "gelu_new", "relu", "silu")
+#: name -> factory; names follow TransformerLens where it has one ("gelu", "gelu_new", "relu",
+#: "silu")
 ACTIVATIONS: Dict[str, Callable[[], nn.Module]] = {
     "gelu": lambda: nn.GELU(),
     "gelu_new": lambda: nn.GELU(approximate="tanh"),

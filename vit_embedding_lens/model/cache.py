@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor
 from transformer_lens import ActivationCache
 from transformer_lens.utilities import get_act_name
 
 from vit_embedding_lens.model.layout import TokenLayout
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
 
 
 class ViTActivationCache(ActivationCache):
@@ -21,7 +24,7 @@ class ViTActivationCache(ActivationCache):
 
     @property
     def layout(self) -> TokenLayout:
-        return self.model.layout
+        return cast("HookedViT", self.model).layout
 
     def patch_tokens(self, key: Any) -> Tensor:
         """The image-patch tokens of a cached ``[..., pos, d]`` activation."""

@@ -7,7 +7,7 @@ script use these; they know nothing about model names.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state: Any  # whatever the file holds, checked below
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

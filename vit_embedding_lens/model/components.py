@@ -52,7 +52,9 @@ class LayerNorm(nn.Module):
         x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         x = self.hook_normalized(x / scale)
-        return x * w + b if self.affine else x
+        if w is None or b is None:  # affine=False
+            return x
+        return x * w + b
 
     def extra_repr(self) -> str:
         return f"{self.d}, eps={self.eps}, affine={self.affine}"
@@ -106,7 +108,7 @@ class PosEmbed(nn.Module):
     def forward(self, grid: Tuple[int, int], batch: int) -> Float[Tensor, "batch pos d_model"]:
         cfg = self.cfg
         n_prefix = cfg.n_prefix_tokens
-        pos = self.W_pos
+        pos: Tensor = self.W_pos
         if tuple(grid) != tuple(cfg.grid_size):
             pos = resample_abs_pos_embed(
                 pos.unsqueeze(0),
@@ -239,9 +241,9 @@ class Attention(nn.Module):
         if positions is None:
             if mask.shape[-1] != n or mask.shape[-2] != n:
                 raise ValueError(
-                    f"the attention score mask is over {mask.shape[-1]} tokens but the sequence has {n}; "
-                    f"build the knockout for this input size (or remove tokens with keep_mask=, which "
-                    f"maps the mask to the kept tokens)"
+                    f"the attention score mask is over {mask.shape[-1]} tokens but the sequence "
+                    f"has {n}; build the knockout for this input size (or remove tokens with "
+                    f"keep_mask=, which maps the mask to the kept tokens)"
                 )
         else:
             mask = _mask_at_positions(mask, positions)
@@ -253,14 +255,15 @@ class Attention(nn.Module):
             return torch.where(mask, attn_mask, torch.full_like(attn_mask, float("-inf")))
         if not bool(combined.any(dim=-1).all()):
             raise ValueError(
-                "the attention mask leaves a query token with no key to attend to (its softmax would be "
-                "undefined); keep at least one key per query, e.g. the token itself"
+                "the attention mask leaves a query token with no key to attend to (its softmax "
+                "would be undefined); keep at least one key per query, e.g. the token itself"
             )
         return combined
 
 
 def _mask_at_positions(mask: Tensor, positions: Tensor) -> Tensor:
-    """A layout-order ``[(head,) N, N]`` mask read at each row's kept positions: ``[batch, head|1, n, n]``.
+    """A layout-order ``[(head,) N, N]`` mask read at each row's kept positions:
+    ``[batch, head|1, n, n]``.
 
     Padded slots (position -1) get all-True rows: their own padding mask decides for them.
     """
@@ -327,7 +330,8 @@ class TransformerBlock(nn.Module):
         attn_mask: Optional[Tensor] = None,
         positions: Optional[Tensor] = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """``positions``: layout position of every slot after token removal (-1 = padding), or None."""
+        """``positions``: layout position of every slot after token removal (-1 = padding), or
+        None."""
         resid_pre = self.hook_resid_pre(resid_pre)
         if self.cfg.block_norm == "pre":
             attn_out = self.attn(self.ln1(resid_pre), attn_mask, positions)
@@ -342,7 +346,7 @@ class TransformerBlock(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """The linear classifier: ``W_head`` [d_model, n_classes] (TransformerLens's ``W_U``).
+    """The linear classifier: ``W_head`` [d_model, class] (TransformerLens's ``W_U``).
 
     Distilled DeiT models have a second head on the distillation token; at evaluation timm
     averages the two, and so does this module.
@@ -361,7 +365,7 @@ class ClassifierHead(nn.Module):
         self,
         pooled: Float[Tensor, "batch d_model"],
         pooled_dist: Optional[Float[Tensor, "batch d_model"]] = None,
-    ) -> Float[Tensor, "batch n_classes"]:
+    ) -> Float[Tensor, "batch class"]:
         logits = F.linear(pooled, self.W_head.T, self.b_head)
         if pooled_dist is None:
             return logits

@@ -35,7 +35,8 @@ class HookedViTConfig:
     #: position embeddings added to patch tokens only (DeiT-3, DINOv2); prefix tokens get none
     no_embed_class: bool = False
     has_pos_embed: bool = True
-    #: a norm between the embeddings and the first block (CLIP's ``norm_pre``), exposed as ``ln_pre``
+    #: a norm between the embeddings and the first block (CLIP's ``norm_pre``), exposed as
+    #: ``ln_pre``
     pre_norm: bool = False
     #: "pre": ``x + f(norm(x))`` (standard); "post": ``x + norm(f(x))`` (timm's ``ResPostBlock``)
     block_norm: BlockNorm = "pre"

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
-from typing import Dict, List, Optional, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import einops
 import torch
@@ -22,6 +23,18 @@ from vit_embedding_lens.model.activations import activation_name
 from vit_embedding_lens.model.checkpoint import load_checkpoint_ as load_checkpoint_
 from vit_embedding_lens.model.checkpoint import read_state_dict as read_state_dict
 from vit_embedding_lens.model.config import HookedViTConfig
+
+if TYPE_CHECKING:
+    from vit_embedding_lens.model.hooked_vit import HookedViT
+
+# Old addresses of names that live above this floor, which model/ may not import: the packages that
+# own them set them here when they are imported (vit_embedding_lens.model: convert_timm_vit;
+# vit_embedding_lens.loading: hub_reachable, load_timm_model, socket). Declared for the type
+# checker.
+convert_timm_vit: Callable[..., HookedViT]
+hub_reachable: Callable[..., bool]
+load_timm_model: Callable[..., Tuple[nn.Module, str]]
+socket: ModuleType
 
 #: timm classes that are ViTs but whose computation HookedViT does not reproduce, and why
 _UNSUPPORTED_MODEL_CLASSES = {
@@ -99,7 +112,7 @@ def check_supported(model: nn.Module, name: str) -> None:
         _check_norm(norm, norm_name, name)
 
 
-def _check_block(block: nn.Module, i: int, name: str) -> None:
+def _check_block(block: Any, i: int, name: str) -> None:  # a timm block (duck-typed)
     kind = type(block).__name__
     if kind in _UNSUPPORTED_BLOCKS:
         raise _refuse(name, f"{_UNSUPPORTED_BLOCKS[kind]} ({kind} in blocks.{i})")
@@ -132,7 +145,7 @@ def _check_block(block: nn.Module, i: int, name: str) -> None:
             raise _refuse(name, f"the layer scale {type(ls).__name__} (blocks.{i}.{ls_name})")
 
 
-def _all_norms(model: nn.Module):
+def _all_norms(model: Any):  # a timm VisionTransformer (duck-typed)
     yield "norm_pre", model.norm_pre
     yield "norm", model.norm
     yield "fc_norm", model.fc_norm
@@ -156,48 +169,52 @@ def _check_norm(norm: nn.Module, norm_name: str, name: str) -> None:
 
 def config_from_timm(model: nn.Module, name: str) -> HookedViTConfig:
     """Read the architecture from the live timm module."""
-    block0 = model.blocks[0]
+    vit: Any = model  # timm's VisionTransformer: its submodules come through nn.Module.__getattr__
+    block0 = vit.blocks[0]
     attn = block0.attn
-    eps_values = {float(n.eps) for _, n in _all_norms(model) if not isinstance(n, nn.Identity)}
+    eps_values = {float(n.eps) for _, n in _all_norms(vit) if not isinstance(n, nn.Identity)}
     if len(eps_values) != 1:
         raise _refuse(name, f"norms with different eps values {sorted(eps_values)}")
-    embed = model.patch_embed
-    n_classes = model.head.out_features if isinstance(model.head, nn.Linear) else 0
-    dims = {(b.attn.num_heads, b.attn.head_dim, b.mlp.fc1.out_features) for b in model.blocks}
+    embed = vit.patch_embed
+    n_classes = vit.head.out_features if isinstance(vit.head, nn.Linear) else 0
+    dims = {(b.attn.num_heads, b.attn.head_dim, b.mlp.fc1.out_features) for b in vit.blocks}
     if len(dims) != 1:
         raise _refuse(name, f"blocks of different shapes {sorted(dims)}")
+    act_fn = activation_name(block0.mlp.act)
+    if act_fn is None:
+        raise _refuse(
+            name, f"the MLP activation {type(block0.mlp.act).__name__} (blocks.0.mlp.act)"
+        )
     return HookedViTConfig(
-        n_layers=len(model.blocks),
-        d_model=model.embed_dim,
+        n_layers=len(vit.blocks),
+        d_model=vit.embed_dim,
         n_heads=attn.num_heads,
         d_head=attn.head_dim,
         d_mlp=block0.mlp.fc1.out_features,
         n_classes=n_classes,
-        image_size=tuple(int(s) for s in embed.img_size),
-        patch_size=tuple(int(s) for s in embed.patch_size),
+        image_size=cast(Tuple[int, int], tuple(int(s) for s in embed.img_size)),
+        patch_size=cast(Tuple[int, int], tuple(int(s) for s in embed.patch_size)),
         in_chans=embed.proj.in_channels,
-        has_cls_token=model.cls_token is not None,
-        has_dist_token=getattr(model, "dist_token", None) is not None,
-        n_registers=int(getattr(model, "num_reg_tokens", 0) or 0),
-        no_embed_class=bool(model.no_embed_class),
-        has_pos_embed=model.pos_embed is not None,
-        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        has_cls_token=vit.cls_token is not None,
+        has_dist_token=getattr(vit, "dist_token", None) is not None,
+        n_registers=int(getattr(vit, "num_reg_tokens", 0) or 0),
+        no_embed_class=bool(vit.no_embed_class),
+        has_pos_embed=vit.pos_embed is not None,
+        pre_norm=not isinstance(vit.norm_pre, nn.Identity),
         block_norm="post" if type(block0).__name__ == "ResPostBlock" else "pre",
-        final_norm="tokens" if not isinstance(model.norm, nn.Identity) else "pooled",
-        global_pool="token"
-        if getattr(model, "dist_token", None) is not None
-        else model.global_pool,
-        pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
+        final_norm="tokens" if not isinstance(vit.norm, nn.Identity) else "pooled",
+        global_pool="token" if getattr(vit, "dist_token", None) is not None else vit.global_pool,
+        pool_include_prefix=bool(getattr(vit, "pool_include_prefix", False)),
         qkv_bias=attn.qkv.bias is not None,
         qk_norm=not isinstance(attn.q_norm, nn.Identity),
         layer_scale=any(
             type(getattr(b, ls, None)).__name__ == "LayerScale"
-            for b in model.blocks
+            for b in vit.blocks
             for ls in ("ls1", "ls2")
         ),
-        act_fn=activation_name(block0.mlp.act),
+        act_fn=act_fn,
         eps=eps_values.pop(),
-        dynamic_img_size=bool(model.dynamic_img_size),
+        dynamic_img_size=bool(vit.dynamic_img_size),
         dynamic_img_pad=bool(embed.dynamic_img_pad),
         model_name=name,
     )
@@ -343,7 +360,8 @@ def convert_timm(
     name = name or type(model).__name__
     check_supported(model, name)
     cfg = config_from_timm(model, name)
-    state = state_dict_from_timm(model, cfg, dtype or model.patch_embed.proj.weight.dtype)
+    vit: Any = model  # timm's VisionTransformer: its submodules come through nn.Module.__getattr__
+    state = state_dict_from_timm(model, cfg, dtype or vit.patch_embed.proj.weight.dtype)
     if class_names is None:
         class_names = _timm_class_names(model, cfg.n_classes)
     return TimmConversion(cfg, state, None if class_names is None else list(class_names))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -68,7 +68,7 @@ class HookedViT(HookedRootModule):
             self.hook_pooled_dist = HookPoint()
         if cfg.n_classes:
             self.head = ClassifierHead(cfg)
-            self.hook_logits = HookPoint()  # [batch, n_classes]
+            self.hook_logits = HookPoint()  # [batch, class]
         if class_names is not None and len(class_names) != cfg.n_classes:
             raise ValueError(f"{len(class_names)} class names given for {cfg.n_classes} classes")
         self.class_names: Optional[List[str]] = list(class_names) if class_names else None
@@ -191,7 +191,7 @@ class HookedViT(HookedRootModule):
         start_at_layer: Optional[int] = None,
         keep_mask: Optional[Bool[Tensor, "batch pos"]] = None,
     ) -> Tensor:
-        """Logits ``[batch, n_classes]`` for a batch of preprocessed images.
+        """Logits ``[batch, class]`` for a batch of preprocessed images.
 
         ``stop_at_layer=l`` returns the residual stream entering block ``l`` instead (``[batch,
         pos, d_model]``), skipping the rest. ``start_at_layer=l`` takes that residual stream in
@@ -199,14 +199,15 @@ class HookedViT(HookedRootModule):
         activation patching to skip blocks a patch cannot change). Models without a classifier head
         return the pooled features ``[batch, d_model]``.
 
-        ``keep_mask`` (bool ``[batch, n_tokens]`` in layout order) removes the tokens where it is
+        ``keep_mask`` (bool ``[batch, pos]`` in layout order) removes the tokens where it is
         False right after the position embedding (and ``ln_pre``): the blocks see only the kept
         tokens, in their original order. Prefix tokens must be kept. Rows that keep different
         numbers of tokens are padded to the longest row and a padding mask keeps padded slots out of
         every attention; average pooling averages the kept image tokens only. From
-        ``blocks.0.hook_resid_pre`` on, activations are over the kept slots: ``self.token_positions``
-        (set on every forward) and :func:`vit_embedding_lens.interventions.kept_positions` say which
-        original token each slot is.
+        ``blocks.0.hook_resid_pre`` on, activations are over the kept slots:
+        ``self.token_positions`` (set on every forward) and
+        :func:`vit_embedding_lens.interventions.kept_positions` say which original token each slot
+        is.
         """
         if start_at_layer is not None:
             return self._forward_from(images, start_at_layer, stop_at_layer, keep_mask)
@@ -240,15 +241,16 @@ class HookedViT(HookedRootModule):
         stop_at_layer: Optional[int],
         keep_mask: Optional[Tensor],
     ) -> Tensor:
-        """Blocks ``start_at_layer..`` (to ``stop_at_layer``) and the readout on a given residual stream."""
+        """Blocks ``start_at_layer..`` (to ``stop_at_layer``) and the readout on a given residual
+        stream."""
         if keep_mask is not None:
             raise ValueError(
                 "keep_mask= removes tokens from images; it cannot be combined with start_at_layer="
             )
         if not isinstance(resid, Tensor) or resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model:
             raise ValueError(
-                f"with start_at_layer= the input is the residual stream [batch, pos, {self.cfg.d_model}], got "
-                f"{tuple(getattr(resid, 'shape', ()))}"
+                "with start_at_layer= the input is the residual stream [batch, pos, "
+                f"{self.cfg.d_model}], got {tuple(getattr(resid, 'shape', ()))}"
             )
         if not 0 <= start_at_layer <= self.cfg.n_layers:
             raise ValueError(
@@ -273,7 +275,8 @@ class HookedViT(HookedRootModule):
             if not bool(keep_mask[:, layout.n_prefix :].any(dim=1).all()):
                 raise ValueError(
                     f"{self.cfg.model_name} pools its image tokens ({self.cfg.global_pool!r}) and "
-                    f"a row of keep_mask keeps none of them; keep at least one image token per image"
+                    "a row of keep_mask keeps none of them; keep at least one image token per "
+                    "image"
                 )
         positions, valid = kept_positions(keep_mask)
         resid = gather_tokens(resid, positions, dim=1) * valid[..., None].to(resid.dtype)
@@ -323,9 +326,12 @@ class HookedViT(HookedRootModule):
             mean = (tokens * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
             amax = tokens.masked_fill(~real, float("-inf")).amax(dim=1)
         if pool == "avg":
+            assert mean is not None
             return mean
         if pool == "max":
+            assert amax is not None
             return amax
+        assert mean is not None and amax is not None
         return 0.5 * (amax + mean)  # avgmax
 
     def layout_for(self, image_size: Sequence[int]) -> TokenLayout:
@@ -343,7 +349,8 @@ class HookedViT(HookedRootModule):
         cfg = self.cfg
         if not isinstance(images, Tensor):
             raise TypeError(
-                f"images must be a torch.Tensor [batch, {cfg.in_chans}, H, W], got {type(images).__name__}"
+                f"images must be a torch.Tensor [batch, {cfg.in_chans}, H, W], got "
+                f"{type(images).__name__}"
             )
         if images.ndim != 4:
             hint = " (a single image? use images.unsqueeze(0))" if images.ndim == 3 else ""
@@ -353,17 +360,19 @@ class HookedViT(HookedRootModule):
             )
         if not images.is_floating_point():
             raise TypeError(
-                f"images must be a float tensor (preprocessed, normalized), got dtype {images.dtype}; "
-                f"convert with images.float() and apply the model's normalization"
+                "images must be a float tensor (preprocessed, normalized), got dtype "
+                f"{images.dtype}; convert with images.float() and apply the model's normalization"
             )
         w = self.embed.W_E
         if images.dtype != w.dtype:
             raise TypeError(
-                f"images are {images.dtype} but the model's weights are {w.dtype}; use images.to({w.dtype})"
+                f"images are {images.dtype} but the model's weights are {w.dtype}; use "
+                f"images.to({w.dtype})"
             )
         if images.device != w.device:
             raise ValueError(
-                f"images are on {images.device} but the model is on {w.device}; use images.to('{w.device}')"
+                f"images are on {images.device} but the model is on {w.device}; use "
+                f"images.to('{w.device}')"
             )
         if images.shape[1] != cfg.in_chans:
             raise ValueError(
@@ -374,8 +383,8 @@ class HookedViT(HookedRootModule):
         if not cfg.dynamic_img_size and size != tuple(cfg.image_size):
             raise ValueError(
                 f"image size {size[0]}x{size[1]} does not match {cfg.model_name}'s input size "
-                f"{cfg.image_size[0]}x{cfg.image_size[1]}; resize the images (or create the timm model "
-                f"with dynamic_img_size=True)"
+                f"{cfg.image_size[0]}x{cfg.image_size[1]}; resize the images (or create the timm "
+                f"model with dynamic_img_size=True)"
             )
         if cfg.dynamic_img_size and not cfg.dynamic_img_pad:
             ph, pw = cfg.patch_size
@@ -437,7 +446,8 @@ class HookedViT(HookedRootModule):
         super()._enable_hook_with_name(name, hook, dir)
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
-        """Compute per-head write-ins (``attn.hook_result``) on every forward, as TransformerLens."""
+        """Compute per-head write-ins (``attn.hook_result``) on every forward, as
+        TransformerLens."""
         self.replace_cfg(use_attn_result=use_attn_result)
 
     def set_attention_implementation(self, mode: str) -> None:
@@ -445,7 +455,7 @@ class HookedViT(HookedRootModule):
         if mode not in ("auto", "explicit"):
             raise ValueError(f"attention implementation must be 'auto' or 'explicit', got {mode!r}")
         for block in self.blocks:
-            block.attn.force_explicit = mode == "explicit"
+            cast(TransformerBlock, block).attn.force_explicit = mode == "explicit"
 
     def replace_cfg(self, **changes: Any) -> None:
         """Swap in ``dataclasses.replace(cfg, **changes)`` here and in every submodule.
@@ -456,25 +466,25 @@ class HookedViT(HookedRootModule):
         self.cfg = dataclasses.replace(self.cfg, **changes)
         for module in self.modules():
             if module is not self and hasattr(module, "cfg"):
-                module.cfg = self.cfg
+                setattr(module, "cfg", self.cfg)  # nn.Module.__setattr__, as `module.cfg = ...`
 
     # ---------------------------------------------------------------------------------------------
     # TransformerLens conveniences (used by ActivationCache.logit_attrs and friends)
     # ---------------------------------------------------------------------------------------------
     @property
-    def W_U(self) -> Float[Tensor, "d_model n_classes"]:
+    def W_U(self) -> Float[Tensor, "d_model class"]:
         return self.classifier_head().W_head
 
     @property
-    def b_U(self) -> Float[Tensor, " n_classes"]:
+    def b_U(self) -> Float[Tensor, " class"]:
         return self.classifier_head().b_head
 
     def classifier_head(self) -> ClassifierHead:
         """The classifier head; a clear error for a headless model (``num_classes=0``)."""
         if not self.cfg.n_classes:
             raise ValueError(
-                f"{self.cfg.model_name} has no classifier head (num_classes=0); create the timm model "
-                f"with num_classes>0 or load a checkpoint with a head"
+                f"{self.cfg.model_name} has no classifier head (num_classes=0); create the timm "
+                f"model with num_classes>0 or load a checkpoint with a head"
             )
         return self.head
 
@@ -528,58 +538,51 @@ class HookedViT(HookedRootModule):
         bias = torch.zeros(
             self.cfg.d_model, device=self.embed.W_E.device, dtype=self.embed.W_E.dtype
         )
+        blocks = cast(Sequence[TransformerBlock], self.blocks)
         for i in range(layer):
-            bias = bias + self.blocks[i].attn.b_O
+            bias = bias + blocks[i].attn.b_O
             if include_mlp_biases:
-                bias = bias + self.blocks[i].mlp.b_out
+                bias = bias + blocks[i].mlp.b_out
         if mlp_input:
             if layer >= self.cfg.n_layers:
                 raise ValueError(
                     f"layer {layer} has no MLP input: the model has {self.cfg.n_layers} layers"
                 )
-            bias = bias + self.blocks[layer].attn.b_O
+            bias = bias + blocks[layer].attn.b_O
         return bias
 
     def _stack(self, attr: str, sub: str) -> Tensor:
         return torch.stack([getattr(getattr(block, sub), attr) for block in self.blocks], dim=0)
 
-    W_Q = property(
-        lambda self: self._stack("W_Q", "attn"), doc="[n_layers, n_heads, d_model, d_head]"
-    )
-    W_K = property(
-        lambda self: self._stack("W_K", "attn"), doc="[n_layers, n_heads, d_model, d_head]"
-    )
-    W_V = property(
-        lambda self: self._stack("W_V", "attn"), doc="[n_layers, n_heads, d_model, d_head]"
-    )
-    W_O = property(
-        lambda self: self._stack("W_O", "attn"), doc="[n_layers, n_heads, d_head, d_model]"
-    )
-    b_Q = property(lambda self: self._stack("b_Q", "attn"), doc="[n_layers, n_heads, d_head]")
-    b_K = property(lambda self: self._stack("b_K", "attn"), doc="[n_layers, n_heads, d_head]")
-    b_V = property(lambda self: self._stack("b_V", "attn"), doc="[n_layers, n_heads, d_head]")
-    b_O = property(lambda self: self._stack("b_O", "attn"), doc="[n_layers, d_model]")
-    W_in = property(lambda self: self._stack("W_in", "mlp"), doc="[n_layers, d_model, d_mlp]")
-    W_out = property(lambda self: self._stack("W_out", "mlp"), doc="[n_layers, d_mlp, d_model]")
-    b_in = property(lambda self: self._stack("b_in", "mlp"), doc="[n_layers, d_mlp]")
-    b_out = property(lambda self: self._stack("b_out", "mlp"), doc="[n_layers, d_model]")
+    W_Q = property(lambda self: self._stack("W_Q", "attn"), doc="[block, head, d_model, d_head]")
+    W_K = property(lambda self: self._stack("W_K", "attn"), doc="[block, head, d_model, d_head]")
+    W_V = property(lambda self: self._stack("W_V", "attn"), doc="[block, head, d_model, d_head]")
+    W_O = property(lambda self: self._stack("W_O", "attn"), doc="[block, head, d_head, d_model]")
+    b_Q = property(lambda self: self._stack("b_Q", "attn"), doc="[block, head, d_head]")
+    b_K = property(lambda self: self._stack("b_K", "attn"), doc="[block, head, d_head]")
+    b_V = property(lambda self: self._stack("b_V", "attn"), doc="[block, head, d_head]")
+    b_O = property(lambda self: self._stack("b_O", "attn"), doc="[block, d_model]")
+    W_in = property(lambda self: self._stack("W_in", "mlp"), doc="[block, d_model, d_mlp]")
+    W_out = property(lambda self: self._stack("W_out", "mlp"), doc="[block, d_mlp, d_model]")
+    b_in = property(lambda self: self._stack("b_in", "mlp"), doc="[block, d_mlp]")
+    b_out = property(lambda self: self._stack("b_out", "mlp"), doc="[block, d_model]")
 
     @property
     def QK(self) -> FactoredMatrix:
-        """Per-head ``W_Q W_K^T`` [n_layers, n_heads, d_model, d_model], factored."""
+        """Per-head ``W_Q W_K^T`` [block, head, d_model, d_model], factored."""
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
 
     @property
     def OV(self) -> FactoredMatrix:
-        """Per-head ``W_V W_O`` [n_layers, n_heads, d_model, d_model], factored."""
+        """Per-head ``W_V W_O`` [block, head, d_model, d_model], factored."""
         return FactoredMatrix(self.W_V, self.W_O)
 
     def __repr__(self) -> str:  # keep notebooks readable: the module tree is long
         c = self.cfg
         return (
-            f"HookedViT({c.model_name}: {c.n_layers} layers, d_model={c.d_model}, {c.n_heads} heads, "
-            f"{c.n_ctx} tokens = {self.layout.n_prefix} prefix + {c.grid_size[0]}x{c.grid_size[1]} patches, "
-            f"{c.n_classes} classes)"
+            f"HookedViT({c.model_name}: {c.n_layers} layers, d_model={c.d_model}, {c.n_heads} "
+            f"heads, {c.n_ctx} tokens = {self.layout.n_prefix} prefix + "
+            f"{c.grid_size[0]}x{c.grid_size[1]} patches, {c.n_classes} classes)"
         )
 
 

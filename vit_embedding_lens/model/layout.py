@@ -69,7 +69,7 @@ class TokenLayout:
     def patch_indices(self) -> range:
         return range(self.n_prefix, self.n_tokens)
 
-    def image_token_mask(self, device: Optional[torch.device] = None) -> Bool[Tensor, " n_tokens"]:
+    def image_token_mask(self, device: Optional[torch.device] = None) -> Bool[Tensor, " pos"]:
         """Boolean mask over the sequence, True at image-patch tokens."""
         mask = torch.zeros(self.n_tokens, dtype=torch.bool, device=device)
         mask[self.n_prefix :] = True
@@ -86,7 +86,8 @@ class TokenLayout:
         """Grid (row, col) of the patch token at sequence position ``index``."""
         if not self.n_prefix <= index < self.n_tokens:
             raise IndexError(
-                f"token {index} is not an image-patch token (patches are {self.n_prefix}..{self.n_tokens - 1})"
+                f"token {index} is not an image-patch token (patches are "
+                f"{self.n_prefix}..{self.n_tokens - 1})"
             )
         return divmod(index - self.n_prefix, self.grid_size[1])
 
@@ -127,13 +128,14 @@ class TokenLayout:
         return x.narrow(dim, 0, self.n_prefix)
 
     def to_grid(self, values: Tensor) -> Tensor:
-        """``[..., n_patches]`` (or ``[..., n_tokens]``, prefix dropped) -> ``[..., grid_h, grid_w]``."""
+        """``[..., n_patches]`` (or ``[..., pos]``, prefix dropped) ->
+        ``[..., grid_h, grid_w]``."""
         if values.shape[-1] == self.n_tokens and self.n_prefix:
             values = values[..., self.n_prefix :]
         if values.shape[-1] != self.n_patches:
             raise ValueError(
-                f"expected a last dimension of {self.n_patches} patches (or {self.n_tokens} tokens), "
-                f"got shape {tuple(values.shape)}"
+                f"expected a last dimension of {self.n_patches} patches (or {self.n_tokens} "
+                f"tokens), got shape {tuple(values.shape)}"
             )
         return einops.rearrange(
             values, "... (h w) -> ... h w", h=self.grid_size[0], w=self.grid_size[1]
@@ -155,5 +157,6 @@ class TokenLayout:
         if x.shape[dim] != self.n_tokens:
             raise ValueError(
                 f"dimension {dim} of shape {tuple(x.shape)} has {x.shape[dim]} tokens, "
-                f"the layout has {self.n_tokens} ({self.n_prefix} prefix + {self.n_patches} patches)"
+                f"the layout has {self.n_tokens} ({self.n_prefix} prefix + {self.n_patches} "
+                "patches)"
             )

@@ -14,12 +14,13 @@ classifier head) are refused with an error that says why.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence, cast
 
 import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from vit_embedding_lens.model.components import TransformerBlock
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 
@@ -42,6 +43,11 @@ def process_weights_(
     return model
 
 
+def _blocks(model: "HookedViT") -> Sequence[TransformerBlock]:
+    """``model.blocks`` with its item type (an ``nn.ModuleList`` is typed as holding modules)."""
+    return cast("Sequence[TransformerBlock]", model.blocks)
+
+
 def _centered(x: Tensor, dim: int = -1) -> Tensor:
     return x - x.mean(dim=dim, keepdim=True)
 
@@ -61,14 +67,14 @@ def fold_layer_norm_(model: "HookedViT") -> None:
         )
     if cfg.block_norm == "post":
         raise ValueError(
-            f"fold_ln: {cfg.model_name} has residual post-norm blocks, whose norms write into the residual "
-            f"stream; there is no following weight to fold them into"
+            f"fold_ln: {cfg.model_name} has residual post-norm blocks, whose norms write into the "
+            f"residual stream; there is no following weight to fold them into"
         )
     if not cfg.n_classes:
         raise ValueError(
             f"fold_ln: {cfg.model_name} has no classifier head to fold the final norm into"
         )
-    for block in model.blocks:
+    for block in _blocks(model):
         w1, b1 = block.ln1.w, block.ln1.b
         attn = block.attn
         for W, b in ((attn.W_Q, attn.b_Q), (attn.W_K, attn.b_K), (attn.W_V, attn.b_V)):
@@ -90,7 +96,7 @@ def fold_layer_norm_(model: "HookedViT") -> None:
 
 def _drop_norm_affine(model: "HookedViT") -> None:
     """Turn the folded norms into LNPre: remove their (now folded) weights, switch the config."""
-    norms = [model.ln_final] + [n for block in model.blocks for n in (block.ln1, block.ln2)]
+    norms = [model.ln_final] + [n for block in _blocks(model) for n in (block.ln1, block.ln2)]
     for norm in norms:
         del norm.w
         del norm.b
@@ -105,13 +111,14 @@ def center_writing_weights_(model: "HookedViT") -> None:
     cfg = model.cfg
     if cfg.block_norm == "post":
         raise ValueError(
-            f"center_writing_weights: {cfg.model_name} has residual post-norm blocks; attention reads "
-            f"the residual stream without a norm, so centering it would change the output"
+            f"center_writing_weights: {cfg.model_name} has residual post-norm blocks; attention "
+            f"reads the residual stream without a norm, so centering it would change the output"
         )
     if cfg.final_norm == "pooled" and cfg.global_pool in ("max", "avgmax"):
         raise ValueError(
-            f"center_writing_weights: {cfg.model_name} max-pools the residual stream before its norm; "
-            f"a per-token mean does not commute with the max, so centering would change the output"
+            f"center_writing_weights: {cfg.model_name} max-pools the residual stream before its "
+            "norm; a per-token mean does not commute with the max, so centering would change the "
+            "output"
         )
     embed = model.embed
     embed.W_E.copy_(_centered(embed.W_E, dim=0))  # conv weight [d_model, chan, ph, pw]
@@ -121,7 +128,7 @@ def center_writing_weights_(model: "HookedViT") -> None:
         model.pos_embed.W_pos.copy_(_centered(model.pos_embed.W_pos))
     if cfg.pre_norm:
         model.ln_pre.b.copy_(_centered(model.ln_pre.b))
-    for block in model.blocks:
+    for block in _blocks(model):
         block.attn.W_O.copy_(_centered(block.attn.W_O))
         block.attn.b_O.copy_(_centered(block.attn.b_O))
         block.mlp.W_out.copy_(_centered(block.mlp.W_out))
@@ -147,7 +154,7 @@ def fold_value_biases_(model: "HookedViT") -> None:
     Exact for the unmodified model; an intervention that zeroes attention weights without
     renormalizing (post-softmax knockout) no longer passes the whole value bias through.
     """
-    for block in model.blocks:
+    for block in _blocks(model):
         attn = block.attn
         attn.b_O.add_(torch.einsum("he,hed->d", attn.b_V, attn.W_O))
         attn.b_V.zero_()

@@ -30,7 +30,7 @@ def readout_logits(
     model: "HookedViT",
     resid: Float[Tensor, "batch pos d_model"],
     valid: Optional[Bool[Tensor, "batch pos"]] = None,
-) -> Float[Tensor, "batch n_classes"]:
+) -> Float[Tensor, "batch class"]:
     """The model's logits for a residual stream (any block's), computed as
     :meth:`HookedViT.readout` does but firing no hook: equals the logits at the last block.
     ``valid`` (False at padded slots after token removal) leaves padding out of the pool."""

@@ -1,4 +1,5 @@
-"""The bundled small trained models (MNIST and Fashion-MNIST ViTs) and their reproducible training script."""
+"""The bundled small trained models (MNIST and Fashion-MNIST ViTs) and their reproducible training
+script."""
 
 from vit_embedding_lens.zoo.bundled import (
     BUNDLED_MODELS,

@@ -1,12 +1,14 @@
-"""The bundled trained models: small timm ViTs trained on real 28x28 grey images, shipped in the package.
+"""The bundled trained models: small timm ViTs trained on real 28x28 grey images, shipped in the
+package.
 
 - ``mnist-vit`` (the default): 6 blocks, trained on 5,000 real MNIST digits;
 - ``fashion-vit``: the same architecture trained on the 60,000 Fashion-MNIST product photos.
 
 They are the offline models for examples, tests and the command line: no model hub is needed.
 ``HookedViT.from_bundled(name)`` (or ``HookedViT.from_timm("bundled:NAME")``) converts one like any
-timm model; ``load_bundled_timm(name)`` gives the timm module itself, ``load_bundled_eval(name)`` its
-held-out images with foreground masks, and ``model_card(name)`` how it was trained and how it scored.
+timm model; ``load_bundled_timm(name)`` gives the timm module itself, ``load_bundled_eval(name)``
+its held-out images with foreground masks, and ``model_card(name)`` how it was trained and how it
+scored.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -26,11 +28,15 @@ from vit_embedding_lens.loading.names import BUNDLED_PREFIX as BUNDLED_PREFIX
 from vit_embedding_lens.loading.names import bundled_name as bundled_name
 from vit_embedding_lens.model.checkpoint import load_checkpoint_
 
+if TYPE_CHECKING:
+    from vit_embedding_lens.data.token_labels import Method
+    from vit_embedding_lens.model.layout import TokenLayout
+
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_BUNDLED = "mnist-vit"
 
 #: timm VisionTransformer arguments of the bundled models: 28x28 grey input, 7x7 patches of 4 px
-GREY28_ARCH: Dict[str, object] = dict(
+GREY28_ARCH: Dict[str, Any] = dict(
     img_size=28,
     patch_size=4,
     in_chans=1,
@@ -71,7 +77,7 @@ class BundledSpec:
     class_names: List[str]
     foreground_threshold: int
     foreground: str  # what a foreground pixel is, for messages and the card
-    arch: Dict[str, object] = field(default_factory=lambda: dict(GREY28_ARCH))
+    arch: Dict[str, Any] = field(default_factory=lambda: dict(GREY28_ARCH))
 
 
 BUNDLED_MODELS: Dict[str, BundledSpec] = {
@@ -110,13 +116,15 @@ def create_bundled_timm_model(name: str = DEFAULT_BUNDLED) -> torch.nn.Module:
 
 
 def preprocess_grey28(images: Union[Tensor, np.ndarray]) -> Float[Tensor, "batch 1 28 28"]:
-    """uint8 images ``[n, 28, 28]`` (0..255) -> the bundled models' input: ``(x / 255 - 0.5) / 0.5``."""
+    """uint8 images ``[n, 28, 28]`` (0..255) -> the bundled models' input:
+    ``(x / 255 - 0.5) / 0.5``."""
     x = torch.as_tensor(images)
     if x.ndim == 3:
         x = x.unsqueeze(1)
     if x.ndim != 4 or tuple(x.shape[-3:]) != (1, 28, 28):
         raise ValueError(
-            f"expected 28x28 grey images of shape [n, 28, 28] or [n, 1, 28, 28], got {tuple(x.shape)}"
+            "expected 28x28 grey images of shape [n, 28, 28] or [n, 1, 28, 28], got "
+            f"{tuple(x.shape)}"
         )
     return (x.float() / 255.0 - 0.5) / 0.5
 
@@ -125,9 +133,9 @@ def preprocess_grey28(images: Union[Tensor, np.ndarray]) -> Float[Tensor, "batch
 class BundledEvalSet:
     """The held-out images shipped with a bundled model, with a foreground mask per image."""
 
-    images: Float[Tensor, "n 1 28 28"]  # preprocessed, ready for the model
-    labels: Int[Tensor, " n"]
-    masks: Bool[Tensor, "n 28 28"]  # True on the object (digit stroke, garment)
+    images: Float[Tensor, "batch 1 28 28"]  # preprocessed, ready for the model
+    labels: Int[Tensor, " batch"]
+    masks: Bool[Tensor, "batch 28 28"]  # True on the object (digit stroke, garment)
     raw: np.ndarray  # uint8 [n, 28, 28]
     name: str = DEFAULT_BUNDLED
 
@@ -135,8 +143,8 @@ class BundledEvalSet:
         return len(self.labels)
 
     def class_token_mask(
-        self, layout, method: str = "nearest", threshold: float = 0.5
-    ) -> Bool[Tensor, "n n_tokens"]:
+        self, layout: "TokenLayout", method: "Method" = "nearest", threshold: float = 0.5
+    ) -> Bool[Tensor, "batch pos"]:
         """True at image tokens on the object ("class" tokens); the rest are "context"."""
         from vit_embedding_lens.data.token_labels import token_mask_from_mask
 
@@ -160,7 +168,8 @@ def check_subset_size(n: Optional[int], total: int, what: str = "images") -> Non
 
 
 def load_bundled_eval(name: str = DEFAULT_BUNDLED, n: Optional[int] = None) -> BundledEvalSet:
-    """A bundled model's held-out evaluation images (500, 50 per class), optionally the first ``n``."""
+    """A bundled model's held-out evaluation images (500, 50 per class), optionally the first
+    ``n``."""
     spec = bundled_spec(name)
     with np.load(_data_file(spec.eval_file, name)) as data:
         raw, labels, masks = data["images"], data["labels"], data["masks"]

@@ -17,13 +17,14 @@ from vit_embedding_lens.zoo.bundled import DEFAULT_BUNDLED, check_subset_size, l
 
 if TYPE_CHECKING:
     from vit_embedding_lens.data.samples import InMemoryDataset
+    from vit_embedding_lens.data.token_labels import Method
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 
 def bundled_eval_dataset(
     model: HookedViT,
     n: Optional[int] = None,
-    token_labels: str = "nearest",
+    token_labels: Method = "nearest",
     name: Optional[str] = None,
 ) -> InMemoryDataset:
     """A bundled model's held-out images, their foreground masks (digit strokes, garments) as

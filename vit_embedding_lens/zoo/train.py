@@ -10,8 +10,10 @@ Reproducible (seeded; on the CPU with a fixed thread count, bit for bit) and off
 Run::
 
     pip install -e ".[train]"
-    python -m vit_embedding_lens.zoo.train --model mnist-vit     # 5,000 digits: about 8 min, 2 CPU cores
-    python -m vit_embedding_lens.zoo.train --model fashion-vit --device cuda   # 60,000 images
+    # 5,000 digits: about 8 min on 2 CPU cores
+    python -m vit_embedding_lens.zoo.train --model mnist-vit
+    # 60,000 images
+    python -m vit_embedding_lens.zoo.train --model fashion-vit --device cuda
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class Split:
 def stratified_pick(
     labels: np.ndarray, per_class: int, rng: Optional[np.random.Generator]
 ) -> np.ndarray:
-    """``per_class`` indices of each class: random ones with ``rng``, else the first ones; sorted."""
+    """``per_class`` indices of each class: random ones with ``rng``, else the first ones;
+    sorted."""
     picks = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
@@ -117,7 +120,8 @@ def fashion_mnist_split(seed: int, data_dir: Optional[str] = None) -> Split:
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise SystemExit(
-            f"Fashion-MNIST files missing: {missing} (apt-get install dataset-fashion-mnist, or --data-dir)"
+            f"Fashion-MNIST files missing: {missing} (apt-get install dataset-fashion-mnist, or "
+            "--data-dir)"
         )
     arrays = {k: read_idx(p) for k, p in files.items()}
     test_images, test_labels = (
@@ -131,9 +135,15 @@ def fashion_mnist_split(seed: int, data_dir: Optional[str] = None) -> Split:
         test_images[shipped],
         test_labels[shipped],
         shipped,
-        description="Fashion-MNIST (Xiao et al. 2017, MIT license): 70,000 28x28 grey product photos, 10 classes",
-        split=f"the official 60,000 training images; the first {HELD_OUT_PER_CLASS} test images per class are "
-        f"shipped ({len(shipped)}); the accuracy below is on all {len(test_labels)} test images",
+        description=(
+            "Fashion-MNIST (Xiao et al. 2017, MIT license): 70,000 28x28 grey product photos, "
+            "10 classes"
+        ),
+        split=(
+            f"the official 60,000 training images; the first {HELD_OUT_PER_CLASS} test images "
+            "per class are shipped "
+            f"({len(shipped)}); the accuracy below is on all {len(test_labels)} test images"
+        ),
         test_images=test_images,
         test_labels=test_labels,
     )
@@ -207,7 +217,8 @@ def train_vit(
             sched.step()
         history.append(round(accuracy(model, x_eval, y_eval), 4))
         log(
-            f"epoch {epoch + 1:2d}/{epochs}  loss {loss.item():.3f}  held-out acc {history[-1]:.4f}  {time.time() - start:.0f}s"
+            f"epoch {epoch + 1:2d}/{epochs}  loss {loss.item():.3f}  held-out acc "
+            f"{history[-1]:.4f}  {time.time() - start:.0f}s"
         )
     model.eval()
     return history
@@ -270,13 +281,18 @@ def train(args: argparse.Namespace) -> dict:
         "data": data.description,
         "split": data.split,
         "preprocessing": "pixels / 255, then (x - 0.5) / 0.5",
-        "foreground_mask": f"pixel > {spec.foreground_threshold} (of 255): {spec.foreground} vs background",
+        "foreground_mask": (
+            f"pixel > {spec.foreground_threshold} (of 255): {spec.foreground} vs background"
+        ),
         "training": {k: v for k, v in vars(args).items() if k not in ("out", "data_dir", "model")},
         "held_out_accuracy": round(history[-1], 4),
         "shipped_eval_accuracy": round(shipped_acc, 4),
         "held_out_accuracy_per_epoch": history,
         "train_seconds": seconds,
-        "command": f"python -m vit_embedding_lens.zoo.train --model {args.model} --out vit_embedding_lens/zoo/data"
+        "command": (
+            f"python -m vit_embedding_lens.zoo.train --model {args.model} "
+            "--out vit_embedding_lens/zoo/data"
+        )
         + (f" --device {args.device}" if args.device != "cpu" else "")
         + (f" --epochs {args.epochs}" if args.epochs != DEFAULT_EPOCHS[args.model] else ""),
         "torch": torch.__version__,
@@ -316,7 +332,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             parser.error(f"{flag} must be at least {low}, got {value}")
     card = train(args)
     print(
-        f"held-out accuracy {card['held_out_accuracy']:.4f}; wrote {card['name']} files to {args.out}"
+        f"held-out accuracy {card['held_out_accuracy']:.4f}; wrote {card['name']} files to "
+        f"{args.out}"
     )
 
 
