@@ -33,9 +33,9 @@ def mask_to_grid(mask: Tensor, grid_size: Sequence[int], method: Method = "neare
     ``"nearest"``: the value of the pixel at the centre of each patch cell (any dtype, so label
     masks keep their labels). ``"corner"``: the pixel at each cell's top-left corner (row
     ``floor(i * H / grid_h)``, as OpenCV's ``INTER_NEAREST``; ``mask[..., ::p, ::p]`` for a
-    ``p``-pixel patch grid), the reference code's rule. ``"area"``: the fraction of each cell's pixels that are nonzero
-    (float in [0, 1]); cells are the same as ``F.adaptive_avg_pool2d``'s when H or W is not a
-    multiple of the grid.
+    ``p``-pixel patch grid), the reference code's rule. ``"area"``: the fraction of each cell's
+    pixels that are nonzero (float in [0, 1]); cells are the same as ``F.adaptive_avg_pool2d``'s
+    when H or W is not a multiple of the grid.
     """
     if mask.ndim < 2:
         raise ValueError(

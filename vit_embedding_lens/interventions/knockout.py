@@ -7,10 +7,11 @@ Two modes:
   blocks' attention (``Attention.masked_scores``), so the model keeps its fused attention kernel
   (and caching, hooks and token removal all still work); as a hook list it masks
   ``hook_attn_scores`` (explicit path).
-- ``"post_softmax"``: the removed weights are zeroed after the softmax and *not* renormalized, as the
-  paper's reference code does (a hook on ``hook_pattern``). For the ``self_only`` preset it also
-  sets each image token's self-weight to 1, as the reference does (``attn[:, :, t, :] = 0;
-  attn[:, :, t, t] = 1``); on image-token rows that equals ``pre_softmax``. Other masks only zero.
+- ``"post_softmax"``: the removed weights are zeroed after the softmax and *not* renormalized, as
+  the paper's reference code does (a hook on ``hook_pattern``). For the ``self_only`` preset it
+  also sets each image token's self-weight to 1, as the reference does (``attn[:, :, t, :] = 0;
+  attn[:, :, t, t] = 1``); on image-token rows that equals ``pre_softmax``. Other masks only
+  zero.
 
     with knockout(model, "self_only", blocks=range(3, 6)):
         logits, cache = model.run_with_cache(images)

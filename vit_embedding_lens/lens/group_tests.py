@@ -26,7 +26,7 @@ from vit_embedding_lens.lens.streaming import LensResult
 
 def kv_agreement_by_correctness(
     counts: PerImageMemoryCounts,
-    correct: Bool[Tensor, " image"],
+    correct: Bool[Tensor, " batch"],
     groups: Optional[Sequence[str]] = ("cls", "image"),
     n_permutations: int = 2_000,
     seed: int = 0,
@@ -39,10 +39,10 @@ def kv_agreement_by_correctness(
     (correct > incorrect) over images. Columns: block, sublayer, token_group, agreement_correct,
     agreement_incorrect, difference, p_value, stars, n_correct, n_incorrect.
     """
-    correct = torch.as_tensor(correct).bool().cpu().numpy()
-    if correct.shape != (counts.labels.shape[0],):
+    is_correct = torch.as_tensor(correct).bool().cpu().numpy()
+    if is_correct.shape != (counts.labels.shape[0],):
         raise ValueError(
-            f"correct has shape {correct.shape}, expected one flag per image "
+            f"correct has shape {is_correct.shape}, expected one flag per image "
             f"({counts.labels.shape[0]})"
         )
     tokens = counts.tokens.double().numpy()  # [image, group]
@@ -57,7 +57,7 @@ def kv_agreement_by_correctness(
         for k, kind in enumerate(counts.kinds):
             for block in range(agree.shape[2]):
                 rate = 100 * agree[has, k, block, g] / tokens[has, g]
-                right, wrong = rate[correct[has]], rate[~correct[has]]
+                right, wrong = rate[is_correct[has]], rate[~is_correct[has]]
                 test = permutation_test_greater(right, wrong, n_permutations, seed)
                 rows.append(
                     dict(

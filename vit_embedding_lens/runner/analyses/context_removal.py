@@ -3,13 +3,13 @@ sees only the object's tokens, or only the context's?
 
 Three forwards per batch: all tokens; prefix + class tokens (the image tokens on the object,
 :func:`~vit_embedding_lens.interventions.keep_class_tokens`); prefix + context tokens
-(:func:`~vit_embedding_lens.interventions.keep_context_tokens`). Tokens are removed after the position
-embedding (``model(images, keep_mask=...)``). An image with no token of the kept kind is run with
-its prefix tokens only (CLS alone), as the reference code does; only a model that pools image tokens
-and has nothing else to read skips it. Beside the accuracy it reports the identifiability of the
-tokens the model saw at the last block (the paper's measure, :func:`kept_token_identifiability`):
-of the kept image tokens (``tokens="image"``, default) or of every kept token, CLS included
-(``tokens="all"``, the reference's). It needs the data set's token masks; without them it stores
+(:func:`~vit_embedding_lens.interventions.keep_context_tokens`). Tokens are removed after the
+position embedding (``model(images, keep_mask=...)``). An image with no token of the kept kind is
+run with its prefix tokens only (CLS alone), as the reference code does; only a model that pools
+image tokens and has nothing else to read skips it. Beside the accuracy it reports the
+identifiability of the tokens the model saw at the last block (the paper's measure,
+:func:`kept_token_identifiability`): of the kept image tokens (``tokens="image"``, default) or of
+every kept token, CLS included (``tokens="all"``, the reference's). It needs the data set's token masks; without them it stores
 nothing but ``has_mask`` and its table says so.
 """
 

@@ -33,7 +33,8 @@ CONDITIONS = (NONE, "self_only", "no_cls")
 class KnockoutAnalysis(Analysis):
     """Per image: ``pct_identifiable [conditions, blocks]`` (% of image tokens, or of all tokens
     with ``tokens="all"`` as the reference counts, whose correct class is top-1 at
-    ``resid_post``) and ``correct [conditions]`` (1.0/0.0, NaN where a condition does not apply to the model).
+    ``resid_post``) and ``correct [conditions]`` (1.0/0.0, NaN where a condition does not apply
+    to the model).
 
     Tables: ``identifiability`` (block × condition: mean % identifiable image tokens) and
     ``accuracy`` (one row per condition).

@@ -91,8 +91,8 @@ class MemoriesAnalysis(Analysis):
             generator=generator,
             tables=self._tables,
         )
-        # correct vs incorrect images (kv_agreement_by_correctness), top-1 as the accuracy counts it,
-        # from the forward pass the batch's analyses share
+        # correct vs incorrect images (kv_agreement_by_correctness): top-1 as the accuracy counts
+        # it, from the forward pass the batch's analyses share
         logits, _ = batch.shared_forward(model)
         correct = class_rank(logits.float(), batch.labels).cpu() == 0
         small = np.int32
