@@ -9,8 +9,8 @@ run with its prefix tokens only (CLS alone), as the reference code does; only a 
 image tokens and has nothing else to read skips it. Beside the accuracy it reports the
 identifiability of the tokens the model saw at the last block (the paper's measure,
 :func:`kept_token_identifiability`): of the kept image tokens (``tokens="image"``, default) or of
-every kept token, CLS included (``tokens="all"``, the reference's). It needs the data set's token masks; without them it stores
-nothing but ``has_mask`` and its table says so.
+every kept token, CLS included (``tokens="all"``, the reference's). It needs the data set's token
+masks; without them it stores nothing but ``has_mask`` and its table says so.
 """
 
 from __future__ import annotations
