@@ -44,11 +44,17 @@ class LayerNorm(nn.Module):
         self.hook_scale = HookPoint()  # [..., 1]
         self.hook_normalized = HookPoint()  # [..., d]
 
-    def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+    def normalize(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        """The norm without its hook points (what ``forward`` computes when they are unused)."""
         w = self.w if self.affine else None
         b = self.b if self.affine else None
+        return F.layer_norm(x, (self.d,), w, b, self.eps)
+
+    def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         if not _hooked(self.hook_scale, self.hook_normalized):
-            return F.layer_norm(x, (self.d,), w, b, self.eps)
+            return self.normalize(x)
+        w = self.w if self.affine else None
+        b = self.b if self.affine else None
         x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         x = self.hook_normalized(x / scale)

@@ -283,26 +283,41 @@ class HookedViT(HookedRootModule):
         return resid, positions, padding_mask(positions)
 
     def readout(
-        self, resid: Float[Tensor, "batch pos d_model"], positions: Optional[Tensor] = None
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        positions: Optional[Tensor] = None,
+        *,
+        valid: Optional[Bool[Tensor, "batch pos"]] = None,
+        fire_hooks: bool = True,
     ) -> Tensor:
         """Final norm, pooling, ``fc_norm`` and the classifier: residual stream -> logits.
 
-        ``positions`` (after token removal: layout position per slot, -1 = padding) restricts
-        average/max pooling to the kept image tokens.
+        ``positions`` (after token removal: layout position per slot, -1 = padding), or ``valid``
+        (False at padded slots), restricts average/max pooling to the kept image tokens.
+        ``fire_hooks=False`` computes the same without firing any hook point (``ln_final``'s,
+        ``hook_pooled``, ``hook_logits``): for analyses that read other residual streams as the
+        model would, inside hooks (:func:`vit_embedding_lens.model.readout.readout_logits`).
         """
         cfg = self.cfg
+        if valid is None and positions is not None:
+            valid = positions >= 0
+        norm = self.ln_final if fire_hooks else self.ln_final.normalize
+
+        def point(hook: HookPoint, x: Tensor) -> Tensor:
+            return hook(x) if fire_hooks else x
+
         if cfg.final_norm == "tokens":
-            resid = self.ln_final(resid)
-        pooled = self.pool(resid, None if positions is None else positions >= 0)
+            resid = norm(resid)
+        pooled = self.pool(resid, valid)
         if cfg.final_norm == "pooled":
-            pooled = self.ln_final(pooled)
-        pooled = self.hook_pooled(pooled)
+            pooled = norm(pooled)
+        pooled = point(self.hook_pooled, pooled)
         if not cfg.n_classes:
             return pooled
         pooled_dist = None
         if cfg.has_dist_token:
-            pooled_dist = self.hook_pooled_dist(resid[:, self.layout.dist_index])
-        return self.hook_logits(self.head(pooled, pooled_dist))
+            pooled_dist = point(self.hook_pooled_dist, resid[:, self.layout.dist_index])
+        return point(self.hook_logits, self.head(pooled, pooled_dist))
 
     def pool(
         self,

@@ -1,15 +1,15 @@
-"""The model's readout (final norm, pooling, ``fc_norm``, classifier head) without hook points.
+"""The model's readout (final norm, pooling, ``fc_norm``, classifier head) for analyses.
 
-:meth:`HookedViT.readout` fires ``ln_final``'s hooks, ``hook_pooled`` and ``hook_logits``;
-analyses that read a residual stream of any block as the model would (inside hooks, or many
-times per forward) need the same computation with no hook firing. It lives here, once.
+Analyses that read a residual stream of any block as the model would (inside hooks, or many times
+per forward) need :meth:`HookedViT.readout` with no hook firing (``fire_hooks=False``, one
+implementation); :func:`readout_logits` names that, and :func:`readout_positions` says which
+tokens the readout reads.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, List, Optional
 
-import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
@@ -17,13 +17,6 @@ from vit_embedding_lens.model.layout import TokenLayout
 
 if TYPE_CHECKING:
     from vit_embedding_lens.model.hooked_vit import HookedViT
-
-
-def final_norm(model: "HookedViT", x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-    """``ln_final`` (or ``fc_norm``) applied without its hook points."""
-    ln = model.ln_final
-    w, b = (ln.w, ln.b) if ln.affine else (None, None)
-    return F.layer_norm(x, (ln.d,), w, b, ln.eps)
 
 
 def readout_logits(
@@ -40,13 +33,7 @@ def readout_logits(
             f"{cfg.model_name} has no classifier head (num_classes=0): there are no logits to "
             f"read; load a checkpoint with a head or create the model with num_classes>0"
         )
-    if cfg.final_norm == "tokens":
-        resid = final_norm(model, resid)
-    pooled = model.pool(resid, valid)
-    if cfg.final_norm == "pooled":
-        pooled = final_norm(model, pooled)
-    pooled_dist = resid[:, model.layout.dist_index] if cfg.has_dist_token else None
-    return model.head(pooled, pooled_dist)
+    return model.readout(resid, valid=valid, fire_hooks=False)
 
 
 def readout_positions(model: "HookedViT", layout: Optional[TokenLayout] = None) -> List[int]:
