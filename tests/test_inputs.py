@@ -400,7 +400,7 @@ class _Connection:
 def test_hub_reachable_reads_hf_hub_offline_then_tries_the_host(
     monkeypatch, offline, connect, expected
 ):
-    from vit_embedding_lens.model import convert
+    from vit_embedding_lens.loading import hub
 
     calls = []
 
@@ -411,8 +411,8 @@ def test_hub_reachable_reads_hf_hub_offline_then_tries_the_host(
         return _Connection()
 
     monkeypatch.setenv("HF_HUB_OFFLINE", offline)
-    monkeypatch.setattr(convert.socket, "create_connection", create_connection)
-    assert convert.hub_reachable(timeout=0.5) is expected
+    monkeypatch.setattr(hub.socket, "create_connection", create_connection)
+    assert hub.hub_reachable(timeout=0.5) is expected
     assert calls == ([] if connect is None else [(("huggingface.co", 443), 0.5)])
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from vit_embedding_lens import HookedViT, viz
-from vit_embedding_lens.model.convert import hub_reachable
+from vit_embedding_lens.loading import hub_reachable
 from vit_embedding_lens.testing import create_timm_vit
 from vit_embedding_lens.zoo import load_mnist_eval, model_card
 

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from vit_embedding_lens import HookedViT, lens, viz
-from vit_embedding_lens.model.convert import hub_reachable
+from vit_embedding_lens.loading import hub_reachable
 from vit_embedding_lens.zoo import load_mnist_eval
 
 torch.manual_seed(0)

@@ -12,8 +12,6 @@ Importing it registers its loaders with :mod:`vit_embedding_lens.model.registry`
 imported only inside functions, so importing the package stays cheap.
 """
 
-import socket as _socket
-
 from vit_embedding_lens.loading.hub import hub_reachable
 from vit_embedding_lens.loading.names import (
     BUNDLED_PREFIX,
@@ -47,12 +45,11 @@ from vit_embedding_lens.model.registry import register_loader
 register_loader("timm", hooked_from_timm)
 register_loader("bundled", hooked_from_bundled)
 
-# Names that lived in model.convert before the loading floor (notebooks 01/02 and tests import
-# hub_reachable from there and patch its socket); model/ may not import upward, so the floor
-# hands them down.
+# Old addresses: hub_reachable and load_timm_model were public in model.convert before this floor
+# existed. model/ may not import upward, so the floor hands them down to keep those imports
+# working; new code imports them from here.
 _convert.hub_reachable = hub_reachable
 _convert.load_timm_model = load_timm_model
-_convert.socket = _socket
 
 __all__ = [
     "BUNDLED_DATA_CONFIG",
