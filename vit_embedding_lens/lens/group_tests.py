@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool
@@ -20,7 +19,7 @@ from torch import Tensor
 
 from vit_embedding_lens.lens.memory_usage import TOKEN_GROUPS, PerImageMemoryCounts
 from vit_embedding_lens.lens.metrics import token_groups
-from vit_embedding_lens.lens.stats import permutation_test_greater
+from vit_embedding_lens.lens.stats import compare_groups
 from vit_embedding_lens.lens.streaming import LensResult
 
 
@@ -58,19 +57,19 @@ def kv_agreement_by_correctness(
             for block in range(agree.shape[2]):
                 rate = 100 * agree[has, k, block, g] / tokens[has, g]
                 right, wrong = rate[is_correct[has]], rate[~is_correct[has]]
-                test = permutation_test_greater(right, wrong, n_permutations, seed)
                 rows.append(
                     dict(
                         block=block,
                         sublayer=kind,
                         token_group=group,
-                        agreement_correct=float(right.mean()) if right.size else np.nan,
-                        agreement_incorrect=float(wrong.mean()) if wrong.size else np.nan,
-                        difference=test.effect,
-                        p_value=test.p_value,
-                        stars=test.stars,
-                        n_correct=int(right.size),
-                        n_incorrect=int(wrong.size),
+                        **compare_groups(
+                            right,
+                            wrong,
+                            means=("agreement_correct", "agreement_incorrect"),
+                            sizes=("n_correct", "n_incorrect"),
+                            n_permutations=n_permutations,
+                            seed=seed,
+                        ),
                     )
                 )
     return pd.DataFrame(rows)
@@ -102,18 +101,18 @@ def class_vs_context_changes(
         for block in range(result.n_blocks):
             on = 100 * rose[:, block][groups["class"]].numpy()
             off = 100 * rose[:, block][groups["context"]].numpy()
-            test = permutation_test_greater(on, off, n_permutations=n_permutations, seed=seed)
             rows.append(
                 dict(
                     block=block,
                     comparison=comparison,
-                    class_rate=float(on.mean()) if on.size else np.nan,
-                    context_rate=float(off.mean()) if off.size else np.nan,
-                    difference=test.effect,
-                    p_value=test.p_value,
-                    stars=test.stars,
-                    n_class_tokens=int(on.size),
-                    n_context_tokens=int(off.size),
+                    **compare_groups(
+                        on,
+                        off,
+                        means=("class_rate", "context_rate"),
+                        sizes=("n_class_tokens", "n_context_tokens"),
+                        n_permutations=n_permutations,
+                        seed=seed,
+                    ),
                 )
             )
     return pd.DataFrame(rows)

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from vit_embedding_lens.lens.stats import permutation_test_greater, wilcoxon_greater
+from vit_embedding_lens.lens.stats import compare_groups, wilcoxon_greater
 from vit_embedding_lens.lens.streaming import CHANGES, COMPOSITION_BITS, KINDS, LensResult
 
 
@@ -225,20 +225,18 @@ def class_vs_context(
     for block in range(result.n_blocks):
         cls_scores = scores[:, block][groups["class"]].numpy()
         ctx_scores = scores[:, block][groups["context"]].numpy()
-        test = permutation_test_greater(
-            cls_scores, ctx_scores, n_permutations=n_permutations, seed=seed
-        )
         rows.append(
             dict(
                 block=block,
                 layer_type=kind,
-                class_score=float(cls_scores.mean()) if cls_scores.size else float("nan"),
-                context_score=float(ctx_scores.mean()) if ctx_scores.size else float("nan"),
-                difference=test.effect,
-                p_value=test.p_value,
-                stars=test.stars,
-                n_class_tokens=int(cls_scores.size),
-                n_context_tokens=int(ctx_scores.size),
+                **compare_groups(
+                    cls_scores,
+                    ctx_scores,
+                    means=("class_score", "context_score"),
+                    sizes=("n_class_tokens", "n_context_tokens"),
+                    n_permutations=n_permutations,
+                    seed=seed,
+                ),
             )
         )
     return pd.DataFrame(rows)

@@ -4,7 +4,7 @@ permutation test on a difference of means (class vs context tokens), plus signif
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 from scipy import stats
@@ -74,3 +74,28 @@ def permutation_test_greater(
         hits += int((diffs >= observed - 1e-12).sum())
         done += n
     return TestResult(observed, (hits + 1) / (n_permutations + 1), observed)
+
+
+def compare_groups(
+    first,
+    second,
+    means: Tuple[str, str],
+    sizes: Tuple[str, str],
+    n_permutations: int = 2_000,
+    seed: Optional[int] = 0,
+) -> Dict[str, object]:
+    """A table row's columns comparing two groups with :func:`permutation_test_greater`: each
+    group's mean (columns ``means``; NaN for an empty group), ``difference``, ``p_value``,
+    ``stars`` and each group's size (columns ``sizes``)."""
+    a = np.asarray(first, dtype=np.float64).ravel()
+    b = np.asarray(second, dtype=np.float64).ravel()
+    test = permutation_test_greater(a, b, n_permutations=n_permutations, seed=seed)
+    return {
+        means[0]: float(a.mean()) if a.size else float("nan"),
+        means[1]: float(b.mean()) if b.size else float("nan"),
+        "difference": test.effect,
+        "p_value": test.p_value,
+        "stars": test.stars,
+        sizes[0]: int(a.size),
+        sizes[1]: int(b.size),
+    }
