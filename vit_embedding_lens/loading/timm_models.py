@@ -164,6 +164,17 @@ def to_hooked(
     return process_weights_(model, **steps).to(target_dtype)
 
 
+#: ``HookedViT.from_timm`` keywords that :func:`to_hooked` takes; the others go to timm
+CONVERSION_OPTIONS = (
+    "device",
+    "dtype",
+    "fold_ln",
+    "center_writing_weights",
+    "center_unembed",
+    "fold_value_biases",
+)
+
+
 def hooked_from_timm(
     model_or_name: Union[str, nn.Module],
     pretrained: bool = False,
@@ -171,35 +182,19 @@ def hooked_from_timm(
     *,
     class_names: Optional[Sequence[str]] = None,
     model_name: Optional[str] = None,
-    device: Optional[Union[str, torch.device]] = None,
-    dtype: Optional[torch.dtype] = None,
-    fold_ln: bool = False,
-    center_writing_weights: bool = False,
-    center_unembed: bool = False,
-    fold_value_biases: bool = False,
-    **timm_kwargs: Any,
+    **options: Any,
 ) -> HookedViT:
-    """``HookedViT.from_timm``: parse the name once, create the module once, convert it."""
-    steps: Dict[str, Any] = dict(
-        device=device,
-        dtype=dtype,
-        fold_ln=fold_ln,
-        center_writing_weights=center_writing_weights,
-        center_unembed=center_unembed,
-        fold_value_biases=fold_value_biases,
-    )
+    """``HookedViT.from_timm`` (its arguments are documented there): parse the name once, create
+    the module once, convert it. ``options`` in :data:`CONVERSION_OPTIONS` go to
+    :func:`to_hooked`, the others to ``timm.create_model``."""
+    steps = {key: options.pop(key) for key in CONVERSION_OPTIONS if key in options}
     if isinstance(model_or_name, str):
-        loaded = load_timm(
-            parse_model_name(model_or_name, checkpoint_path), pretrained, timm_kwargs
-        )
-        return to_hooked(
-            loaded.module,
-            model_name or loaded.label,
-            class_names=class_names or loaded.class_names,
-            **steps,
-        )
-    module, name = load_timm_model(model_or_name, pretrained, checkpoint_path, timm_kwargs)
-    return to_hooked(module, model_name or name, class_names=class_names, **steps)
+        loaded = load_timm(parse_model_name(model_or_name, checkpoint_path), pretrained, options)
+        module, label, names = loaded.module, loaded.label, loaded.class_names
+    else:
+        module, label = load_timm_model(model_or_name, pretrained, checkpoint_path, options)
+        names = None
+    return to_hooked(module, model_name or label, class_names=class_names or names, **steps)
 
 
 def hooked_from_bundled(name: str = "mnist-vit", **kwargs: Any) -> HookedViT:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import einops
@@ -29,12 +28,10 @@ if TYPE_CHECKING:
 
 # Old addresses of names that live above this floor, which model/ may not import: the packages that
 # own them set them here when they are imported (vit_embedding_lens.model: convert_timm_vit;
-# vit_embedding_lens.loading: hub_reachable, load_timm_model, socket). Declared for the type
-# checker.
+# vit_embedding_lens.loading: hub_reachable, load_timm_model). Declared for the type checker.
 convert_timm_vit: Callable[..., HookedViT]
 hub_reachable: Callable[..., bool]
 load_timm_model: Callable[..., Tuple[nn.Module, str]]
-socket: ModuleType
 
 #: timm classes that are ViTs but whose computation HookedViT does not reproduce, and why
 _UNSUPPORTED_MODEL_CLASSES = {
