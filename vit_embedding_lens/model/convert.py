@@ -33,6 +33,19 @@ convert_timm_vit: Callable[..., HookedViT]
 hub_reachable: Callable[..., bool]
 load_timm_model: Callable[..., Tuple[nn.Module, str]]
 
+
+def __getattr__(name: str) -> Any:
+    """The hand-downs above before their owners were imported: the root imports the loading floor
+    lazily, so ask it to (the model package sets ``convert_timm_vit`` when it is imported)."""
+    if name in ("hub_reachable", "load_timm_model"):
+        from vit_embedding_lens.model.registry import _import_default_loaders
+
+        _import_default_loaders()
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 #: timm classes that are ViTs but whose computation HookedViT does not reproduce, and why
 _UNSUPPORTED_MODEL_CLASSES = {
     "Eva": "rotary position embeddings (EVA family)",

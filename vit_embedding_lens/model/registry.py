@@ -2,8 +2,10 @@
 
 ``HookedViT.from_timm`` and ``from_bundled`` need model names parsed and timm modules created, which
 is the loading floor's job (:mod:`vit_embedding_lens.loading`); ``model/`` may not import it. So the
-floor registers its loaders here when it is imported (``import vit_embedding_lens`` always imports
-it) and the constructors look them up by kind.
+floor registers its loaders here when it is imported, and the constructors look them up by kind.
+The package root imports that floor lazily (so ``import vit_embedding_lens`` stays light): a lookup
+that finds no loader asks the root to import it once (:func:`_import_default_loaders`) before it
+gives up.
 """
 
 from __future__ import annotations
@@ -31,11 +33,23 @@ def register_loader(kind: str, fn: Loader) -> None:
 def loader(kind: str) -> Loader:
     """The loader registered for ``kind``; a clear error when none is."""
     if kind not in _LOADERS:
+        _import_default_loaders()
+    if kind not in _LOADERS:
         raise LookupError(
             f"no model loader is registered for {kind!r} (registered: {registered_kinds()}); "
             f"import vit_embedding_lens.loading, which registers the library's loaders"
         )
     return _LOADERS[kind]
+
+
+def _import_default_loaders() -> None:
+    """Have the package root import its loading floor (which registers the library's loaders); the
+    root is every module's parent, so this names no floor above this one."""
+    import vit_embedding_lens
+
+    register = getattr(vit_embedding_lens, "_register_loaders", None)
+    if callable(register):
+        register()
 
 
 def registered_kinds() -> Tuple[str, ...]:
