@@ -9,15 +9,21 @@
 ``analyze`` is resumable: rerunning the same command continues where a killed run stopped; a
 different configuration in the same ``--out`` is refused (``--overwrite`` starts over). Exit codes:
 0 success, 2 a problem the user can fix (printed without a traceback), 1 anything else.
+
+This module imports torch, timm and the package's floors only inside the commands, and checks the
+arguments before anything heavy is imported, so ``--help``, ``--version`` and argument errors answer
+at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 if TYPE_CHECKING:
     from vit_embedding_lens.model.hooked_vit import HookedViT
@@ -27,6 +33,73 @@ DTYPE_NOTE = (
     "bfloat16/float16 logits agree with float32 to about 1e-2 relative (bf16 has 8 bits of "
     "mantissa); ranks of near-tied classes can differ, so compare such runs statistically"
 )
+#: the built-in analyses (runner.analyses.BUILTIN_ANALYSES, in order), named here so that help and
+#: argument checks need no torch; a test keeps the two lists equal
+ANALYSIS_NAMES = (
+    "accuracy",
+    "cls_identifiability",
+    "lens",
+    "knockout",
+    "context_removal",
+    "memories",
+    "attribution",
+)
+#: what runs without --analyses (runner.analyses.DEFAULT_ANALYSES)
+DEFAULT_ANALYSIS_NAMES = tuple(n for n in ANALYSIS_NAMES if n != "cls_identifiability")
+#: --device values: auto, cpu, cuda, cuda:N, mps
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (when it has one worth showing) after its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" not in text
+            and "default" not in text
+            and default not in (None, False, argparse.SUPPRESS)
+            and action.option_strings
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def version_string() -> str:
+    """``vit-lens 0.1.0 (torch 2.x, timm 1.x)``: read from the installed packages' metadata, so
+    torch and timm are not imported."""
+    from importlib import metadata
+
+    from vit_embedding_lens import __version__
+
+    found = []
+    for dist in ("torch", "timm"):
+        try:
+            found.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{dist} not installed")
+    return f"vit-lens {__version__} ({', '.join(found)})"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -38,12 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Class-embedding lens for timm Vision Transformers (Vilas et al., NeurIPS 2023)."
         ),
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=version_string(),
+        help="print the package version (and torch's and timm's) and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     models = sub.add_parser(
-        "models", help="timm ViT families the converter supports, and refusals with reasons"
+        "models",
+        help="timm ViT families the converter supports, and refusals with reasons",
+        formatter_class=_HelpFormatter,
     )
     models.add_argument(
         "--check", nargs="+", metavar="NAME", help="check these timm model names only"
@@ -59,10 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--no-cache", action="store_true", help="re-check instead of reading the cached survey"
     )
-    models.add_argument("--no-progress", action="store_true")
+    models.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     analyze = sub.add_parser(
-        "analyze", help="run analyses over an image data set (resumable, torchrun-ready)"
+        "analyze",
+        help="run analyses over an image data set (resumable, torchrun-ready)",
+        formatter_class=_HelpFormatter,
     )
     src = analyze.add_argument_group("model")
     src.add_argument(
@@ -75,20 +159,43 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--pretrained", action="store_true", help="timm's pretrained weights (needs the model hub)"
     )
+    src.add_argument(
+        "--num-classes",
+        type=_positive_int,
+        metavar="N",
+        help="classes of the --model architecture's head (a fine-tuned checkpoint's; default: "
+        "timm's, or the number of --class-names with --checkpoint)",
+    )
+    names = src.add_mutually_exclusive_group()
+    names.add_argument(
+        "--class-names",
+        metavar="A,B,C",
+        help="comma-separated class names, one per class in index order (they also map "
+        "class-subfolder names of --data to classes)",
+    )
+    names.add_argument(
+        "--class-names-file",
+        metavar="FILE",
+        help="class names: a text file with one per line, or JSON (a list, or {index: name})",
+    )
     data = analyze.add_argument_group("data")
     data.add_argument(
         "--data", required=True, help="image folder (DIR/<class>/*.jpg) or ImageNet-S root"
     )
-    data.add_argument("--layout", choices=("auto", "folder", "imagenet-s"), default="auto")
+    data.add_argument(
+        "--layout",
+        choices=("auto", "folder", "imagenet-s"),
+        default="auto",
+        help="how --data is organized; auto: imagenet-s when <data>/<split>-segmentation or "
+        "<data>/ImageNetS919 exists, else folder",
+    )
     data.add_argument(
         "--per-class",
-        type=int,
+        type=_positive_int,
         default=None,
-        help="first N images per class (sorted names); ImageNet-S default 5",
+        help="first N images per class (sorted names); default: all, ImageNet-S 5",
     )
-    data.add_argument(
-        "--split", default="validation", help="ImageNet-S split folder (default: validation)"
-    )
+    data.add_argument("--split", default="validation", help="ImageNet-S split folder")
     data.add_argument(
         "--keep-ambiguous",
         action="store_true",
@@ -133,14 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(analyze)
 
     demo = sub.add_parser(
-        "demo", help="offline demo: a bundled ViT and its eval images, with foreground masks"
+        "demo",
+        help="offline demo: a bundled ViT and its eval images, with foreground masks",
+        formatter_class=_HelpFormatter,
     )
     demo.add_argument(
         "--bundled",
         default="mnist-vit",
-        help="which bundled model: mnist-vit (digits, the default) or fashion-vit (Fashion-MNIST)",
+        help="which bundled model: mnist-vit (digits) or fashion-vit (Fashion-MNIST)",
     )
-    demo.add_argument("--n", type=int, default=None, help="first N eval images (default: all 500)")
+    demo.add_argument(
+        "--n", type=_positive_int, default=None, help="first N eval images (default: all 500)"
+    )
     _add_run_options(demo, default_out="vit-lens-demo")
     return parser
 
@@ -151,7 +262,7 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: Optional[str] = No
         "--preset",
         choices=("library", "paper"),
         default="library",
-        help="library: the library's definitions (default); paper: every choice where the "
+        help="library: the library's definitions; paper: every choice where the "
         "reference code differs by design set to the reference's (knockout post-softmax, corner "
         "token labels, double-softmax attribution loss, CLS-inclusive percentages), to reproduce "
         "published numbers",
@@ -159,19 +270,22 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: Optional[str] = No
     run.add_argument(
         "--analyses",
         default=None,
+        metavar="A,B,...",
         help=(
-            "comma-separated analyses (default: accuracy, lens, knockout, context_removal, "
-            "memories, attribution; `vit-lens models --list` style names, see docs)"
+            f"comma-separated analyses, from: {', '.join(ANALYSIS_NAMES)} (default: "
+            f"{','.join(DEFAULT_ANALYSIS_NAMES)}; cls_identifiability is a lighter part of lens)"
         ),
     )
-    run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
+    run.add_argument("--batch-size", type=_positive_int, default=32, help="images per batch")
+    run.add_argument(
+        "--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N or mps"
+    )
     run.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help=DTYPE_NOTE
     )
     run.add_argument(
         "--num-workers",
-        type=int,
+        type=_non_negative_int,
         default=None,
         help="data loading processes (default: 4 on GPU, 0 on CPU)",
     )
@@ -184,7 +298,7 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: Optional[str] = No
         help="discard a previous run in --out instead of resuming",
     )
     run.add_argument("--no-report", action="store_true", help="skip tables, figures and index.html")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -235,6 +349,93 @@ def _timm_version() -> str:
     return timm.__version__
 
 
+# -------------------------------------------------------------------------------------------------
+# Argument checks: before any heavy import or model loading
+# -------------------------------------------------------------------------------------------------
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ValueError (FileNotFoundError for a missing path) naming the first bad argument; needs
+    neither torch nor the model, so a typo fails at once."""
+    if args.command not in ("analyze", "demo"):
+        return
+    if not DEVICE_PATTERN.fullmatch(args.device):
+        raise ValueError(
+            f"--device {args.device!r} is not a device: use auto (CUDA when present), cpu, cuda, "
+            f"cuda:N or mps"
+        )
+    if args.analyses is not None:
+        names = [n.strip() for n in args.analyses.split(",") if n.strip()]
+        unknown = [n for n in names if n not in ANALYSIS_NAMES]
+        if not names or unknown:
+            raise ValueError(
+                f"--analyses {args.analyses!r}: unknown {unknown or 'empty list'}; choose from "
+                f"{', '.join(ANALYSIS_NAMES)}"
+            )
+        if len(set(names)) != len(names):
+            raise ValueError(f"--analyses {args.analyses!r} names an analysis twice")
+    if args.command == "demo":
+        return
+    data = Path(args.data)
+    if not data.exists():
+        raise FileNotFoundError(f"--data {data} does not exist")
+    if not data.is_dir():
+        raise ValueError(f"--data {data} is a file; give the folder of images")
+    for flag in ("checkpoint", "categories", "synset_mapping", "class_names_file"):
+        value = getattr(args, flag)
+        if value is not None and not Path(value).exists():
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} {value} does not exist")
+    if not 0.0 < args.threshold <= 1.0:
+        raise ValueError(f"--threshold {args.threshold} is not an area fraction in (0, 1]")
+    bundled = args.model is not None and args.model.strip().startswith("bundled:")
+    folder = args.model is None or args.model.strip().startswith("local-dir:")
+    if args.num_classes is not None and (bundled or folder):
+        raise ValueError(
+            "--num-classes sizes a timm architecture's head: give it with --model ARCH (a bundled "
+            "model or a timm folder's config.json sets its own)"
+        )
+    given = class_names_of(args)
+    if given is not None and args.num_classes is not None and len(given) != args.num_classes:
+        raise ValueError(f"{len(given)} class names given for --num-classes {args.num_classes}")
+
+
+def class_names_of(args: argparse.Namespace) -> Optional[List[str]]:
+    """The class names ``--class-names`` or ``--class-names-file`` give (None without either)."""
+    if getattr(args, "class_names", None) is not None:
+        names = [n.strip() for n in args.class_names.split(",")]
+        where = "--class-names"
+    elif getattr(args, "class_names_file", None) is not None:
+        path = Path(args.class_names_file)
+        where = f"--class-names-file {path}"
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            try:
+                loaded = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where} is not valid JSON: {err}") from None
+            if isinstance(loaded, dict):
+                try:
+                    order = sorted(loaded, key=int)
+                except ValueError:
+                    raise ValueError(
+                        f'{where}: a JSON object maps class indices to names ({{"0": "cat"}})'
+                    ) from None
+                if [int(k) for k in order] != list(range(len(order))):
+                    raise ValueError(f"{where}: class indices must be 0..{len(order) - 1}")
+                loaded = [loaded[k] for k in order]
+            if not isinstance(loaded, list) or not all(isinstance(n, str) for n in loaded):
+                raise ValueError(f"{where}: expected a JSON list of names or {{index: name}}")
+            names = [n.strip() for n in loaded]
+        else:
+            names = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        return None
+    if not names or any(not n for n in names):
+        raise ValueError(f"{where}: class names must be non-empty, got {names}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{where}: class names given twice: {twice}")
+    return names
+
+
 def _resolve_device(name: str) -> str:
     import torch
 
@@ -245,6 +446,32 @@ def _resolve_device(name: str) -> str:
             f"--device {name}: CUDA is not available on this machine; use --device cpu"
         )
     return name
+
+
+def _check_hub(name: str) -> None:
+    """Fail at once, not after the hub client's retries, when ``--pretrained`` weights can neither
+    be downloaded (one short probe) nor read from the local cache."""
+    from vit_embedding_lens.errors import HubUnreachableError
+    from vit_embedding_lens.loading.hub import hub_reachable, pretrained_cached
+
+    if pretrained_cached(name) or hub_reachable(timeout=3.0):
+        return
+    raise HubUnreachableError(
+        "the model hub is unreachable (no network, or HF_HUB_OFFLINE is set) and the weights are "
+        "not in the local cache",
+        model=name,
+    )
+
+
+def _hub_message(err: Any) -> str:
+    """What to do when pretrained weights cannot be downloaded, in the command line's terms."""
+    detail = str(err).split(". Without a model hub")[0]
+    return (
+        f"could not fetch the pretrained weights of {err.model}: {detail}. Offline, pass weights "
+        f"you have: --model ARCH --checkpoint FILE (safetensors or a torch state dict, with "
+        f"--num-classes / --class-names for a fine-tuned head) or --checkpoint DIR (a timm model "
+        f"folder); or try `vit-lens demo` (a bundled model, no download)"
+    )
 
 
 def _detect_layout(data: Path, split: str) -> str:
@@ -258,19 +485,29 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from vit_embedding_lens.runner import distributed
     from vit_embedding_lens.runner.models import load_model
 
-    parse_model_name(args.model, args.checkpoint)  # a bad model name fails before any work
+    source = parse_model_name(args.model, args.checkpoint)  # a bad name fails before any work
+    class_names = class_names_of(args)
+    num_classes = args.num_classes
+    if num_classes is None and class_names is not None and source.kind == "checkpoint":
+        num_classes = len(class_names)  # a fine-tuned head: as many classes as names
     device = _resolve_device(args.device)
+    if args.pretrained and source.kind in ("timm", "checkpoint"):
+        _check_hub(source.name)
     ctx = distributed.init_distributed(device)
     try:
         device = str(distributed.device_for(ctx, device))
         loaded = load_model(
-            args.model, args.checkpoint, args.pretrained, device=device, dtype=args.dtype
+            args.model,
+            args.checkpoint,
+            args.pretrained,
+            device=device,
+            dtype=args.dtype,
+            num_classes=num_classes,
+            class_names=class_names,
         )
         model = loaded.model
         preprocessing = resolve_preprocessing(model, args.preprocess, loaded.data_config)
         data = Path(args.data)
-        if not data.exists():
-            raise FileNotFoundError(f"--data {data} does not exist")
         layout = _detect_layout(data, args.split) if args.layout == "auto" else args.layout
         dataset = _build_dataset(args, layout, data, model, preprocessing)
         if ctx.is_main:
@@ -424,24 +661,24 @@ COMMANDS = {"models": cmd_models, "analyze": cmd_analyze, "demo": cmd_demo}
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``vit-lens``; returns the exit code (0 ok, 2 user error, 1 other failure)."""
     args = build_parser().parse_args(list(argv) if argv is not None else None)
-    from vit_embedding_lens.errors import ConversionError, UnsupportedArchitectureError
-    from vit_embedding_lens.runner.manifest import ConfigMismatchError
-
-    # OSError covers missing files and an unreachable model hub (the converter says what to do
-    # instead)
-    user_errors = (
-        UnsupportedArchitectureError,
+    from vit_embedding_lens.errors import (
         ConversionError,
-        ConfigMismatchError,
-        ValueError,
-        OSError,
+        HubUnreachableError,
+        UnsupportedArchitectureError,
     )
+
+    # ConfigMismatchError (a different run in --out) is a ValueError; OSError covers missing files
+    # and an unreachable model hub (HubUnreachableError, said in the command line's terms). Not
+    # imported here: runner/ imports torch, and argument errors must answer at once.
+    user_errors = (UnsupportedArchitectureError, ConversionError, ValueError, OSError)
     try:
+        check_args(args)
         return COMMANDS[args.command](args)
     except user_errors as err:
         if args.debug:
             raise
-        print(f"vit-lens {args.command}: error: {err}", file=sys.stderr)
+        message = _hub_message(err) if isinstance(err, HubUnreachableError) else str(err)
+        print(f"vit-lens {args.command}: error: {message}", file=sys.stderr)
         return USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

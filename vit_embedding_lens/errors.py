@@ -22,3 +22,15 @@ class UnsupportedArchitectureError(ValueError):
 
 class ConversionError(ValueError):
     """Weights could not be converted strictly (a key left over, missing, or of the wrong shape)."""
+
+
+class HubUnreachableError(OSError):
+    """Pretrained weights could not be downloaded (no network, ``HF_HUB_OFFLINE``, a missing file).
+
+    ``model`` names the model; callers (the command line) can say what to do instead in their own
+    terms, without parsing the message.
+    """
+
+    def __init__(self, message: str, *, model: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.model = model

@@ -5,14 +5,15 @@
 - :func:`load_timm` / :func:`to_hooked`: the timm module a source names, and its HookedViT;
 - :func:`random_init_twin`: the same architecture untrained, built from the model's config;
 - :func:`check_model_support`: whether the converter takes a timm model, and why not;
-- :func:`hub_reachable`: whether pretrained weights can be downloaded.
+- :func:`hub_reachable` / :func:`pretrained_cached`: whether pretrained weights can be downloaded,
+  or are cached.
 
 Importing it registers its loaders with :mod:`vit_embedding_lens.model.registry`, which
 ``HookedViT.from_timm`` and ``from_bundled`` use (``import vit_embedding_lens`` imports it). timm is
 imported only inside functions, so importing the package stays cheap.
 """
 
-from vit_embedding_lens.loading.hub import hub_reachable
+from vit_embedding_lens.loading.hub import hub_reachable, pretrained_cached
 from vit_embedding_lens.loading.names import (
     BUNDLED_PREFIX,
     LOCAL_DIR_PREFIX,
@@ -69,6 +70,7 @@ __all__ = [
     "load_timm",
     "load_timm_model",
     "parse_model_name",
+    "pretrained_cached",
     "random_init_twin",
     "refusal_feature",
     "timm_from_config",

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from vit_embedding_lens.errors import ConversionError, HubUnreachableError
 from vit_embedding_lens.loading.names import ModelSource, parse_model_name
 from vit_embedding_lens.model.checkpoint import load_checkpoint_
 from vit_embedding_lens.model.convert import convert_timm
@@ -61,11 +62,19 @@ def create_timm_model(name: str, pretrained: bool, timm_kwargs: Dict[str, Any]) 
     import timm
 
     known = timm.list_models()
-    if name.split(".")[0] not in known:
-        close = difflib.get_close_matches(name.split(".")[0], known, n=3)
+    arch, _, tag = name.partition(".")
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=3)
         raise ValueError(
             f"{name!r} is not a timm model name (close: {close}); see timm.list_models('vit*')"
         )
+    if tag:
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        if tag not in tags:
+            raise ValueError(
+                f"{name!r}: {tag!r} is not a pretrained tag of {arch} (its tags: {tags}); name "
+                f"the architecture alone for random weights or your own checkpoint"
+            )
     try:
         return timm.create_model(name, pretrained=pretrained, **timm_kwargs)
     except (
@@ -73,11 +82,43 @@ def create_timm_model(name: str, pretrained: bool, timm_kwargs: Dict[str, Any]) 
     ) as err:  # the hub is unreachable (HF_HUB_OFFLINE, no network) or the file is gone
         if not pretrained:
             raise
-        raise OSError(
+        raise HubUnreachableError(
             f"could not fetch the pretrained weights of {name!r} ({type(err).__name__}: {err}). "
             f"Without a model hub, create the model with pretrained=False and pass your own "
-            f"weights as checkpoint_path=..., or use the bundled model (HookedViT.from_bundled())."
+            f"weights as checkpoint_path=..., or use the bundled model (HookedViT.from_bundled()).",
+            model=name,
         ) from err
+
+
+def _create_from_folder(source: ModelSource, timm_kwargs: Dict[str, Any]) -> nn.Module:
+    """The timm module of a model folder, its weights read by timm; a weights file timm cannot
+    read (corrupt, or pickled objects beyond tensors, which are refused) is a ConversionError."""
+    import timm
+
+    try:
+        return timm.create_model(source.name, pretrained=True, **timm_kwargs)
+    except (OSError, ValueError, TypeError):
+        raise
+    except Exception as err:  # noqa: BLE001 - timm's and torch's reading errors have no common type
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConversionError(
+            f"could not load the weights of the timm model folder {source.path}: {first}. "
+            f"Weights that need pickled objects beyond tensors are refused (unpickling can run "
+            f"code); save the model's state_dict as model.safetensors."
+        ) from err
+
+
+def _folder_class_names(module: nn.Module) -> Optional[List[str]]:
+    """The ``label_names`` a timm folder's config.json gives (timm puts them in the module's
+    pretrained config), when there is one per class."""
+    cfg = getattr(module, "pretrained_cfg", None) or {}
+    names = cfg.get("label_names")
+    n_classes = getattr(module, "num_classes", None)
+    if isinstance(names, dict):  # {"0": "cat", ...}
+        names = [names[k] for k in sorted(names, key=int)] if len(names) else None
+    if isinstance(names, (list, tuple)) and len(names) == n_classes:
+        return [str(n) for n in names]
+    return None
 
 
 def load_timm(
@@ -99,9 +140,8 @@ def load_timm(
 
         return LoadedTimm(load_bundled_timm(source.name), source, bundled_class_names(source.name))
     if source.kind == "timm-folder":
-        import timm
-
-        module = timm.create_model(source.name, pretrained=True, **timm_kwargs)
+        module = _create_from_folder(source, timm_kwargs)
+        return LoadedTimm(module.eval(), source, _folder_class_names(module))
     else:
         module = create_timm_model(source.name, pretrained, timm_kwargs)
         if source.kind == "checkpoint":

@@ -28,7 +28,13 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as err:  # safetensors' own error type (a corrupt or truncated file)
+            raise ConversionError(
+                f"could not read {path} as safetensors ({type(err).__name__}: {err}); the file is "
+                f"damaged or not a safetensors file"
+            ) from err
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union
 
 import torch
 
@@ -50,6 +50,8 @@ def load_model(
     pretrained: bool = False,
     device: Union[str, torch.device] = "cpu",
     dtype: Union[str, torch.dtype] = "float32",
+    num_classes: Optional[int] = None,
+    class_names: Optional[Sequence[str]] = None,
 ) -> LoadedModel:
     """The HookedViT for ``--model NAME`` / ``--checkpoint PATH`` / ``--pretrained``.
 
@@ -59,15 +61,36 @@ def load_model(
     timm (``config.json`` + weights), whose config names the architecture. Unsupported
     architectures raise :class:`~vit_embedding_lens.errors.UnsupportedArchitectureError` from the
     converter.
+
+    ``num_classes`` sizes the classifier of a timm architecture (a fine-tuned checkpoint's head);
+    ``class_names`` (one per class) replace the names the source gives (a timm folder's
+    ``label_names``, the bundled models' classes, ImageNet's for 1000 classes).
     """
     dtype = parse_dtype(dtype)
-    loaded = load_timm(parse_model_name(name, checkpoint), pretrained)
+    source = parse_model_name(name, checkpoint)
+    timm_kwargs: Dict[str, Any] = {}
+    if num_classes is not None:
+        if source.kind not in ("timm", "checkpoint"):
+            raise ValueError(
+                f"{source.label}: the number of classes is set by the model itself; give it only "
+                f"with a timm architecture name"
+            )
+        timm_kwargs["num_classes"] = int(num_classes)
+    loaded = load_timm(source, pretrained, timm_kwargs)
     model = to_hooked(
-        loaded.module, loaded.label, class_names=loaded.class_names, device=device, dtype=dtype
+        loaded.module,
+        loaded.label,
+        class_names=list(class_names) if class_names is not None else loaded.class_names,
+        device=device,
+        dtype=dtype,
     )
-    spec = {
+    spec: Dict[str, Any] = {
         "model_name": loaded.label,
         "checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,
         "pretrained": bool(pretrained),
     }
+    if num_classes is not None:  # recorded only when given: older runs keep their fingerprint
+        spec["num_classes"] = int(num_classes)
+    if class_names is not None:
+        spec["class_names"] = list(class_names)
     return LoadedModel(model=model, data_config=loaded.data_config(), spec=spec)
