@@ -377,7 +377,8 @@ def test_analyze_a_timm_folder_reads_its_label_names(tmp_path, capsys):
     from timm.models._hub import save_for_hf
 
     names = ["ant", "bee", "wasp"]
-    timm_model = create_timm_vit("test_vit", num_classes=3)
+    # LayerScale: its initial value is not in the converted config; the twin reads config.json
+    timm_model = create_timm_vit("test_vit", num_classes=3, init_values=1e-5)
     save_for_hf(timm_model, tmp_path / "model", model_config={"label_names": names})
     data = named_class_folder(tmp_path / "data", names)
     out = tmp_path / "out"

@@ -252,6 +252,33 @@ def test_twin_needs_layer_scale_init_values_and_takes_a_timm_model():
         random_init_twin(scaled, timm_model=original)
 
 
+def test_twin_reads_layer_scale_from_the_architecture_a_name_names(tmp_path):
+    """A LayerScale model loaded by name (a timm architecture, a checkpoint's, a timm folder's
+    config.json) gets its twin without init_values given: timm's own model for the seed."""
+    from timm.models._hub import save_for_hf
+
+    from vit_embedding_lens.loading import layer_scale_init_values
+
+    def deit3():
+        return timm.create_model(
+            "deit3_small_patch16_224", pretrained=False, num_classes=3, **SMALL
+        )
+
+    model = HookedViT.from_timm(_seeded(deit3, seed=1))
+    assert model.cfg.model_name == "deit3_small_patch16_224" and model.cfg.layer_scale
+    _assert_same_weights(random_init_twin(model, seed=5), _seeded(deit3, seed=5))
+
+    def scaled():
+        return timm.create_model("vit_tiny_patch16_224", init_values=0.25, num_classes=3, **SMALL)
+
+    save_for_hf(_seeded(scaled, seed=1), tmp_path / "folder")
+    folder = HookedViT.from_timm(f"local-dir:{tmp_path / 'folder'}")
+    assert layer_scale_init_values(folder.cfg.model_name) == 0.25
+    _assert_same_weights(random_init_twin(folder, seed=5), _seeded(scaled, seed=5))
+    for name in ("vit_tiny_patch16_224", "VisionTransformer", "bundled:mnist-vit"):
+        assert layer_scale_init_values(name) is None
+
+
 def test_twin_keeps_old_import_paths():
     from vit_embedding_lens.lens import baseline
 

@@ -39,7 +39,11 @@ from vit_embedding_lens.loading.timm_models import (
     load_timm_model,
     to_hooked,
 )
-from vit_embedding_lens.loading.twin import random_init_twin, timm_from_config
+from vit_embedding_lens.loading.twin import (
+    layer_scale_init_values,
+    random_init_twin,
+    timm_from_config,
+)
 from vit_embedding_lens.model import convert as _convert
 from vit_embedding_lens.model.registry import register_loader
 
@@ -67,6 +71,7 @@ __all__ = [
     "hooked_from_bundled",
     "hooked_from_timm",
     "hub_reachable",
+    "layer_scale_init_values",
     "load_timm",
     "load_timm_model",
     "parse_model_name",

@@ -9,6 +9,7 @@ follow timm's default init (tiny class tokens, truncated-normal weights, ...).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from functools import partial
 from typing import Any, Dict, Optional
@@ -98,10 +99,17 @@ def random_init_twin(
 
     The timm module is built from ``model.cfg`` (:func:`timm_from_config`; ``timm_kwargs`` go to
     its constructor), or pass ``timm_model`` (an untrained timm module) to use your own.
+    LayerScale's initial value, which the config lacks, is read from the timm architecture the
+    model's name names (:func:`layer_scale_init_values`: a timm name, a checkpoint's architecture,
+    a timm folder's ``config.json``), so command-line runs of such models keep their comparison.
     Deterministic in ``seed``; the global RNG is left untouched. Same class names, device and
     dtype as ``model``. Raises ``ValueError`` if the twin's architecture differs from ``model``'s.
     """
     param = next(model.parameters())
+    if timm_model is None and model.cfg.layer_scale and "init_values" not in timm_kwargs:
+        init_values = layer_scale_init_values(model.cfg.model_name)
+        if init_values is not None:
+            timm_kwargs["init_values"] = init_values
     if timm_model is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -114,6 +122,44 @@ def random_init_twin(
     )
     _check_same_architecture(model.cfg, conversion.cfg)
     return HookedViT.from_conversion(conversion, device=param.device)
+
+
+def layer_scale_init_values(model_name: str) -> Optional[float]:
+    """LayerScale's initial value (timm's ``init_values``) of the architecture a model name names:
+    a timm folder's ``config.json`` ``model_args``, else the timm architecture's own default (one
+    block of it built on the CPU); None when the name names no timm architecture or it has no
+    LayerScale."""
+    import timm
+
+    from vit_embedding_lens.loading.names import parse_model_name
+
+    try:
+        source = parse_model_name(model_name)
+    except (ValueError, OSError):
+        return None
+    if source.kind == "timm-folder":
+        assert source.path is not None  # a folder source names its folder
+        try:
+            config = json.loads((source.path / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        given = (config.get("model_args") or {}).get("init_values")
+        if given is not None:
+            return float(given)
+        architecture = str(config.get("architecture", ""))
+    elif source.kind in ("timm", "checkpoint"):
+        architecture = source.architecture
+    else:
+        return None
+    if architecture not in timm.list_models():
+        return None
+    with torch.random.fork_rng(devices=[]):
+        try:
+            block = timm.create_model(architecture, pretrained=False, depth=1).blocks[0]
+        except Exception:  # noqa: BLE001 - a family that cannot be built with one block
+            return None
+    gamma = getattr(getattr(block, "ls1", None), "gamma", None)
+    return float(gamma.detach().flatten()[0].item()) if isinstance(gamma, torch.Tensor) else None
 
 
 def _check_same_architecture(cfg: HookedViTConfig, twin_cfg: HookedViTConfig) -> None:
