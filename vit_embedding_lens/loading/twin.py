@@ -155,7 +155,8 @@ def layer_scale_init_values(model_name: str) -> Optional[float]:
         return None
     with torch.random.fork_rng(devices=[]):
         try:
-            block = timm.create_model(architecture, pretrained=False, depth=1).blocks[0]
+            vit: Any = timm.create_model(architecture, pretrained=False, depth=1)  # submodules
+            block = vit.blocks[0]
         except Exception:  # noqa: BLE001 - a family that cannot be built with one block
             return None
     gamma = getattr(getattr(block, "ls1", None), "gamma", None)
