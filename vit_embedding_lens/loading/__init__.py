@@ -9,8 +9,8 @@
   or are cached.
 
 Importing it registers its loaders with :mod:`vit_embedding_lens.model.registry`, which
-``HookedViT.from_timm`` and ``from_bundled`` use (``import vit_embedding_lens`` imports it). timm is
-imported only inside functions, so importing the package stays cheap.
+``HookedViT.from_timm`` and ``from_bundled`` use (``vit_embedding_lens.HookedViT``, or the
+registry's first lookup, imports it). timm is imported only inside functions.
 """
 
 from vit_embedding_lens.loading.hub import hub_reachable, pretrained_cached
