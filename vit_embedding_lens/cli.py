@@ -66,6 +66,18 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: reads the installed versions only when asked (importlib.metadata is not
+    free)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(version_string())
+        parser.exit()
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -116,8 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     parser.add_argument(
         "--version",
-        action="version",
-        version=version_string(),
+        action=_VersionAction,
         help="print the package version (and torch's and timm's) and exit",
     )
     sub = parser.add_subparsers(dest="command", required=True)
