@@ -357,20 +357,21 @@ def test_analyze_a_fine_tuned_3_class_checkpoint(tmp_path, capsys, names_flag):
     save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, weights)
     names = ["cat", "dog", "fox"]
     data = named_class_folder(tmp_path / "data", names)
-    if names_flag == "--class-names":
-        given = ",".join(names)
-    else:  # a JSON object {index: name}, out of order
-        given = str(tmp_path / "names.json")
+    if names_flag == "--class-names":  # the class count read from the checkpoint's head
+        given = [",".join(names)]
+    else:  # a JSON object {index: name}, out of order, and the class count given
+        given = [str(tmp_path / "names.json"), "--num-classes", "3"]
         (tmp_path / "names.json").write_text(json.dumps({"2": "fox", "0": "cat", "1": "dog"}))
     out = tmp_path / "out"
-    args = ["analyze", "--model", "test_vit", "--checkpoint", str(weights), names_flag, given]
+    args = ["analyze", "--model", "test_vit", "--checkpoint", str(weights), names_flag, *given]
     args += ["--data", str(data), "--out", str(out), "--analyses", "accuracy,lens"]
     assert main([*args, "--no-progress"]) == 0
     results = check_named_run(out, names, capsys)
     preds = timm_predictions(timm_model, data, results.image_ids)
     assert np.array_equal(results["accuracy"]["pred"], preds)
     spec = read_manifest(out)["config"]["model_spec"]
-    assert spec["num_classes"] == 3 and spec["class_names"] == names
+    assert spec.get("num_classes") == (None if names_flag == "--class-names" else 3)
+    assert spec["class_names"] == names
 
 
 def test_analyze_a_timm_folder_reads_its_label_names(tmp_path, capsys):

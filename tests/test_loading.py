@@ -279,6 +279,33 @@ def test_twin_reads_layer_scale_from_the_architecture_a_name_names(tmp_path):
         assert layer_scale_init_values(name) is None
 
 
+def test_a_fine_tuned_checkpoint_sizes_the_head(tmp_path):
+    """A checkpoint's classifier rows set the class count (safetensors: read from its header;
+    torch files: from the state dict); an explicit num_classes wins."""
+    from safetensors.torch import save_file
+
+    from vit_embedding_lens.loading import checkpoint_num_classes
+    from vit_embedding_lens.runner.models import load_model
+    from vit_embedding_lens.testing import create_timm_vit
+
+    timm_model = create_timm_vit("test_vit", num_classes=3)
+    state = {k: v.contiguous() for k, v in timm_model.state_dict().items()}
+    save_file(state, tmp_path / "w.safetensors")
+    torch.save(state, tmp_path / "w.pt")
+    images = torch.randn(2, 3, 160, 160)
+    for path in (tmp_path / "w.safetensors", tmp_path / "w.pt"):
+        assert checkpoint_num_classes(path) == 3
+        model = load_model("test_vit", path).model
+        assert model.cfg.n_classes == 3
+        with torch.no_grad():
+            torch.testing.assert_close(model(images), timm_model(images), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="wrong shapes.*head.weight"):
+        load_model("test_vit", tmp_path / "w.pt", num_classes=5)
+    headless = {k: v for k, v in state.items() if not k.startswith("head.")}
+    save_file(headless, tmp_path / "headless.safetensors")
+    assert checkpoint_num_classes(tmp_path / "headless.safetensors") is None
+
+
 def test_twin_keeps_old_import_paths():
     from vit_embedding_lens.lens import baseline
 

@@ -174,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-classes",
         type=_positive_int,
         metavar="N",
-        help="classes of the --model architecture's head (a fine-tuned checkpoint's; default: "
-        "timm's, or the number of --class-names with --checkpoint)",
+        help="classes of the --model architecture's head (default: the --checkpoint head's "
+        "rows, else timm's)",
     )
     names = src.add_mutually_exclusive_group()
     names.add_argument(
@@ -498,9 +498,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     source = parse_model_name(args.model, args.checkpoint)  # a bad name fails before any work
     class_names = class_names_of(args)
-    num_classes = args.num_classes
-    if num_classes is None and class_names is not None and source.kind == "checkpoint":
-        num_classes = len(class_names)  # a fine-tuned head: as many classes as names
     device = _resolve_device(args.device)
     if args.pretrained and source.kind in ("timm", "checkpoint"):
         _check_hub(source.name)
@@ -513,7 +510,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             args.pretrained,
             device=device,
             dtype=args.dtype,
-            num_classes=num_classes,
+            num_classes=args.num_classes,
             class_names=class_names,
         )
         model = loaded.model

@@ -32,6 +32,7 @@ from vit_embedding_lens.loading.support import (
 from vit_embedding_lens.loading.timm_models import (
     BUNDLED_DATA_CONFIG,
     LoadedTimm,
+    checkpoint_num_classes,
     create_timm_model,
     hooked_from_bundled,
     hooked_from_timm,
@@ -67,6 +68,7 @@ __all__ = [
     "SupportEntry",
     "bundled_name",
     "check_model_support",
+    "checkpoint_num_classes",
     "create_timm_model",
     "hooked_from_bundled",
     "hooked_from_timm",

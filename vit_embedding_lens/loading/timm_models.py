@@ -20,7 +20,7 @@ from torch import nn
 
 from vit_embedding_lens.errors import ConversionError, HubUnreachableError
 from vit_embedding_lens.loading.names import ModelSource, parse_model_name
-from vit_embedding_lens.model.checkpoint import load_checkpoint_
+from vit_embedding_lens.model.checkpoint import load_checkpoint_, read_state_dict
 from vit_embedding_lens.model.convert import convert_timm
 from vit_embedding_lens.model.hooked_vit import HookedViT
 from vit_embedding_lens.model.processing import process_weights_
@@ -143,11 +143,40 @@ def load_timm(
         module = _create_from_folder(source, timm_kwargs)
         return LoadedTimm(module.eval(), source, _folder_class_names(module))
     else:
+        if source.kind == "checkpoint" and "num_classes" not in timm_kwargs:
+            assert source.path is not None  # a checkpoint source names its file
+            n_classes = checkpoint_num_classes(source.path)
+            if n_classes is not None:  # a fine-tuned head: size the classifier to the weights
+                timm_kwargs["num_classes"] = n_classes
         module = create_timm_model(source.name, pretrained, timm_kwargs)
         if source.kind == "checkpoint":
             assert source.path is not None  # a checkpoint source names its file
             load_checkpoint_(module, source.path)
     return LoadedTimm(module.eval(), source)
+
+
+def checkpoint_num_classes(path: Union[str, Path]) -> Optional[int]:
+    """The class count of a weights file's classifier (the rows of ``head.weight``), or None when
+    it has no such head. A safetensors file is read for its header only."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                if "head.weight" not in weights.keys():
+                    return None
+                shape = weights.get_slice("head.weight").get_shape()
+        except Exception:  # noqa: BLE001 - a damaged file is reported when it is read
+            return None
+    else:
+        try:
+            state = read_state_dict(path)
+        except (OSError, ValueError):  # reported, with the reason, when it is loaded
+            return None
+        head = state.get("head.weight")
+        shape = list(head.shape) if head is not None else []
+    return int(shape[0]) if len(shape) == 2 else None
 
 
 def load_timm_model(

@@ -62,7 +62,7 @@ def load_model(
     architectures raise :class:`~vit_embedding_lens.errors.UnsupportedArchitectureError` from the
     converter.
 
-    ``num_classes`` sizes the classifier of a timm architecture (a fine-tuned checkpoint's head);
+    ``num_classes`` sizes the classifier of a timm architecture (default: a checkpoint's head);
     ``class_names`` (one per class) replace the names the source gives (a timm folder's
     ``label_names``, the bundled models' classes, ImageNet's for 1000 classes).
     """
