@@ -476,6 +476,18 @@ def test_loading_errors_are_clean(tmp_path, capsys, monkeypatch):
     )
     assert time.perf_counter() - start < 30 and probes == [{"timeout": 3.0}]
     assert "--checkpoint" in err and "vit-lens demo" in err and "HookedViT" not in err
+    # cached weights without a hub are read offline (here the cache is a lie: timm says so)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(hub, "pretrained_cached", lambda name: True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    clean_error(
+        ["analyze", "--model", "vit_tiny_patch16_224", "--pretrained", *common],
+        capsys,
+        r"pretrained weights of vit_tiny_patch16_224: \w+Error: .* --checkpoint",
+    )
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True
     with pytest.raises(ValueError, match="not a pretrained tag"):
         main(["--debug", "analyze", "--model", "vit_tiny_patch16_224.bad_tag", *common])
 

@@ -461,22 +461,26 @@ def _resolve_device(name: str) -> str:
 
 def _check_hub(name: str) -> None:
     """Fail at once, not after the hub client's retries, when ``--pretrained`` weights can neither
-    be downloaded (one short probe) nor read from the local cache."""
+    be downloaded (one short probe) nor read from the local cache; cached weights without a hub
+    are read offline."""
     from vit_embedding_lens.errors import HubUnreachableError
-    from vit_embedding_lens.loading.hub import hub_reachable, pretrained_cached
+    from vit_embedding_lens.loading.hub import hub_reachable, pretrained_cached, use_cache_only
 
-    if pretrained_cached(name) or hub_reachable(timeout=3.0):
+    if hub_reachable(timeout=3.0):
         return
-    raise HubUnreachableError(
+    if pretrained_cached(name):
+        use_cache_only()  # no network: read the cached weights without the client's retries
+        return
+    reason = (
         "the model hub is unreachable (no network, or HF_HUB_OFFLINE is set) and the weights are "
-        "not in the local cache",
-        model=name,
+        "not in the local cache"
     )
+    raise HubUnreachableError(f"{name}: {reason}", model=name, reason=reason)
 
 
 def _hub_message(err: Any) -> str:
     """What to do when pretrained weights cannot be downloaded, in the command line's terms."""
-    detail = str(err).split(". Without a model hub")[0]
+    detail = (err.reason or str(err)).rstrip(".")
     return (
         f"could not fetch the pretrained weights of {err.model}: {detail}. Offline, pass weights "
         f"you have: --model ARCH --checkpoint FILE (safetensors or a torch state dict, with "

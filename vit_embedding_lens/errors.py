@@ -27,10 +27,13 @@ class ConversionError(ValueError):
 class HubUnreachableError(OSError):
     """Pretrained weights could not be downloaded (no network, ``HF_HUB_OFFLINE``, a missing file).
 
-    ``model`` names the model; callers (the command line) can say what to do instead in their own
-    terms, without parsing the message.
+    ``model`` names the model and ``reason`` says why; callers (the command line) can say what to
+    do instead in their own terms, without parsing the message.
     """
 
-    def __init__(self, message: str, *, model: Optional[str] = None) -> None:
+    def __init__(
+        self, message: str, *, model: Optional[str] = None, reason: Optional[str] = None
+    ) -> None:
         super().__init__(message)
         self.model = model
+        self.reason = reason

@@ -44,3 +44,15 @@ def pretrained_cached(name: str) -> bool:
 
         return (Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name).is_file()
     return False
+
+
+def use_cache_only() -> None:
+    """Read pretrained weights from the local cache without trying the network, for the rest of
+    this process (``HF_HUB_OFFLINE``, and huggingface_hub's copy of it if already imported):
+    an unreachable hub otherwise costs each download its timeouts and retries first."""
+    import sys
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        setattr(constants, "HF_HUB_OFFLINE", True)  # noqa: B010 - a module constant

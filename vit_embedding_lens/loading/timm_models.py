@@ -87,6 +87,7 @@ def create_timm_model(name: str, pretrained: bool, timm_kwargs: Dict[str, Any]) 
             f"Without a model hub, create the model with pretrained=False and pass your own "
             f"weights as checkpoint_path=..., or use the bundled model (HookedViT.from_bundled()).",
             model=name,
+            reason=f"{type(err).__name__}: {err}",
         ) from err
 
 
