@@ -574,6 +574,17 @@ def test_the_clis_analysis_names_are_the_runners():
     assert list(DEFAULT_ANALYSIS_NAMES) == list(DEFAULT_ANALYSES)
 
 
+def test_analyses_a_script_registered_pass_the_argument_check(tmp_path, monkeypatch):
+    from vit_embedding_lens.cli import build_parser, check_args
+    from vit_embedding_lens.runner import analysis
+
+    args = build_parser().parse_args(["demo", "--analyses", "accuracy,mine"])
+    with pytest.raises(ValueError, match=r"unknown \['mine'\]"):
+        check_args(args)
+    monkeypatch.setitem(analysis.ANALYSES, "mine", object)
+    check_args(args)
+
+
 def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys, monkeypatch):
     import vit_embedding_lens.loading.timm_models as timm_models
     import vit_embedding_lens.runner.models as models

@@ -374,12 +374,17 @@ def check_args(args: argparse.Namespace) -> None:
             f"cuda:N or mps"
         )
     if args.analyses is not None:
+        # the built-ins, and analyses a script registered before calling main() (read only if
+        # the runner's registry is already imported: importing it would import torch)
+        registry = sys.modules.get("vit_embedding_lens.runner.analysis")
+        known = list(ANALYSIS_NAMES)
+        known += [n for n in getattr(registry, "ANALYSES", {}) if n not in known]
         names = [n.strip() for n in args.analyses.split(",") if n.strip()]
-        unknown = [n for n in names if n not in ANALYSIS_NAMES]
+        unknown = [n for n in names if n not in known]
         if not names or unknown:
             raise ValueError(
                 f"--analyses {args.analyses!r}: unknown {unknown or 'empty list'}; choose from "
-                f"{', '.join(ANALYSIS_NAMES)}"
+                f"{', '.join(known)}"
             )
         if len(set(names)) != len(names):
             raise ValueError(f"--analyses {args.analyses!r} names an analysis twice")
