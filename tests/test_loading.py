@@ -114,6 +114,36 @@ def test_a_missing_loader_is_a_clear_error(monkeypatch):
         registry.loader("openclip")
 
 
+def test_a_fresh_interpreter_loads_by_name_through_any_import_path():
+    """The package root is lazy (no torch on ``import vit_embedding_lens``); a model imported
+    without it (``vit_embedding_lens.model``) still finds the loaders, and the old hand-downs of
+    ``model.convert`` still resolve."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import sys
+import vit_embedding_lens
+print("torch" in sys.modules)
+from vit_embedding_lens.model import HookedViT
+print(HookedViT.from_bundled().cfg.model_name)
+from vit_embedding_lens.model.convert import hub_reachable, load_timm_model
+from vit_embedding_lens.loading import hub_reachable as home
+print(hub_reachable is home, vit_embedding_lens.HookedViT is HookedViT)
+print(sorted(vit_embedding_lens.model.registered_kinds()))
+"""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split("\n")
+    assert lines[:4] == ["False", "bundled:mnist-vit", "True True", "['bundled', 'timm']"]
+
+
 def test_constructors_pass_their_arguments_to_the_registered_loader(monkeypatch):
     calls = []
     monkeypatch.setitem(registry._LOADERS, "bundled", lambda *a, **kw: calls.append((a, kw)))
