@@ -14,6 +14,7 @@ different configuration in the same ``--out`` is refused (``--overwrite`` starts
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -398,7 +399,7 @@ def _run_and_report(
         "batch size": args.batch_size,
         "output": str(out.resolve()),
     }
-    page = write_report(out / "report", tables, figures, meta, results.manifest)
+    page = write_report(out / "report", tables, figures, meta, results.manifest, analyses)
     print(f"\nreport: {page}")
     return 0
 
@@ -425,7 +426,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``vit-lens``; returns the exit code (0 ok, 2 user error, 1 other failure)."""
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     from vit_embedding_lens.errors import ConversionError, UnsupportedArchitectureError
-    from vit_embedding_lens.runner.manifest import ConfigMismatchError
+    from vit_embedding_lens.runner.manifest import ConfigMismatchError, recorded_command_line
 
     # OSError covers missing files and an unreachable model hub (the converter says what to do
     # instead)
@@ -436,8 +437,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ValueError,
         OSError,
     )
+    # called in-process with arguments: record them as the command line, not the interpreter's
+    command = None if argv is None else shlex.join(["vit-lens", *argv])
     try:
-        return COMMANDS[args.command](args)
+        with recorded_command_line(command):
+            return COMMANDS[args.command](args)
     except user_errors as err:
         if args.debug:
             raise
