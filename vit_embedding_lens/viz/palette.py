@@ -37,7 +37,7 @@ TOKEN_GROUP_COLORS: Dict[str, str] = {
     "image": "#ff7f0e",  # orange
     "class": "#17becf",  # cyan
     "context": "#8c564b",  # brown
-    "all": "#7f7f7f",  # grey
+    "all": "#525252",  # dark grey
 }
 _GROUP_ALIASES = {
     "class_tokens_only": "class",
