@@ -176,8 +176,12 @@ def test_sublayers_and_token_groups_have_one_colour_each_everywhere():
 
 
 def _overlap(fig, legend_owner) -> bool:
+    """Whether the legend overlaps an axes (or it or a title is cut off at the figure's edge)."""
     fig.draw_without_rendering()  # runs the layout engine, as saving does
     legend = legend_owner.get_legend().get_window_extent()
+    texts = [legend] + [ax.title.get_window_extent() for ax in fig.axes if ax.get_title()]
+    if any(t.x0 < -1 or t.x1 > fig.bbox.x1 + 1 for t in texts):
+        return True
     return any(legend.overlaps(ax.get_window_extent()) for ax in fig.axes if ax.get_visible())
 
 
@@ -193,7 +197,9 @@ def test_legends_cover_no_data():
     ]
     changes = plot_change_rates(pd.DataFrame(rows), value_col="value")
     assert not _overlap(changes, changes.axes[-1])
-    kv = plot_kv_agreement(pd.DataFrame(rows), value_col="value", group_col="sublayer")
+    kv = plot_kv_agreement(
+        pd.DataFrame(rows), value_col="value", title="key-value agreement, image tokens (dashed)"
+    )
     assert not _overlap(kv, kv.axes[0])
 
 

@@ -104,7 +104,7 @@ def plot_change_rates(
     sublayers = list(dict.fromkeys(table["sublayer"]))
     blocks = sorted(table["block"].unique())
     fig = new_figure(
-        figsize=(max(4.0, 0.6 * len(blocks) + 1.5) * len(order), 3.6), layout="constrained"
+        figsize=(max(4.0, 0.6 * len(blocks) + 1.5) * len(order) + 0.8, 3.6), layout="constrained"
     )
     axes = fig.subplots(1, len(order), squeeze=False, sharey=True)[0]
     width = 0.8 / len(sublayers)

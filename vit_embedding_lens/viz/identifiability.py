@@ -111,7 +111,7 @@ def plot_identifiability_evolution(
     order = ordered_groups(frame, groups)
     table = identifiability_evolution_table(data, random, pvalues, band=band, **columns)
     blocks = sorted(frame["block"].unique())
-    fig, ax = figure_and_axes(ax, figsize=(max(5.0, 0.9 * len(blocks) + 2), 4.0))
+    fig, ax = figure_and_axes(ax, figsize=(max(5.0, 0.9 * len(blocks) + 2) + 1.6, 4.0))  # + legend
     width = 0.8 / len(order)
     top = frame["value"].max()
     for gi, group in enumerate(order):
@@ -145,7 +145,7 @@ def plot_identifiability_evolution(
                         stars,
                         ha="center",
                         va="bottom",
-                        fontsize=8,
+                        fontsize=7,
                         color=color,
                     )
     if "stars" in table and (table["stars"] != "").any():

@@ -112,7 +112,7 @@ def plot_kv_agreement(
     )
     order = ordered_groups(table.rename(columns={"sublayer": "group"}), sublayers)
     blocks = sorted(table["block"].unique())
-    fig, ax = figure_and_axes(ax, figsize=(max(4.5, 0.6 * len(blocks) + 2), 3.6))
+    fig, ax = figure_and_axes(ax, figsize=(max(4.5, 0.6 * len(blocks) + 2) + 1.8, 3.6))  # + legend
     for i, sub in enumerate(order):
         rows = table[table["sublayer"] == sub]
         color = sublayer_color(sub, i)
