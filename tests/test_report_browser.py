@@ -50,8 +50,11 @@ def browser():
             pytest.fail(f"{missing} is missing; .ci/run installs it, so the browser test must run")
         pytest.skip(f"{missing} is not installed (the test runs in CI)")
     with sync_playwright() as p:
-        # --no-sandbox: CI runs as root, where Chromium refuses its sandbox
-        launched = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        # --no-sandbox: CI runs as root, where Chromium refuses its sandbox; a container's /dev/shm
+        # may be too small for it
+        launched = p.chromium.launch(
+            executable_path=chromium, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
         try:
             yield launched
         finally:
