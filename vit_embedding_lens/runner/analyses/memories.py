@@ -48,11 +48,12 @@ class MemoriesAnalysis(Analysis):
 
     name = "memories"
     description = (
-        "Reads the MLP and attention sublayers as key-value memories: a token agrees when the "
-        "memories its key activates most write its label's class (their value vectors project "
-        "onto it). Solid lines are the agreement with the image's label, dashed lines the same "
-        "rate for randomly drawn classes; agreement well above its dashed line means the memories "
-        "a token uses carry its class."
+        "Reads the MLP and attention sublayers as key-value memories (one value vector per "
+        "neuron): a token agrees when one of its most activated memories is among those whose "
+        "values project most onto its label's class (top 5 of each by default). Solid lines are "
+        "the agreement with the image's label, dashed lines the same rate for randomly drawn "
+        "classes; agreement well above its dashed line means the memories a token uses carry "
+        "its class."
     )
 
     def figure_captions(self, tables: Dict[str, pd.DataFrame], n_images: int) -> Dict[str, str]:
