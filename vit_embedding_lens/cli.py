@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -652,7 +653,7 @@ def _run_and_report(
         "batch size": args.batch_size,
         "output": str(out.resolve()),
     }
-    page = write_report(out / "report", tables, figures, meta, results.manifest)
+    page = write_report(out / "report", tables, figures, meta, results.manifest, analyses)
     print(f"\nreport: {page}")
     return 0
 
@@ -690,7 +691,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     user_errors = (UnsupportedArchitectureError, ConversionError, ValueError, OSError)
     try:
         check_args(args)
-        return COMMANDS[args.command](args)
+        from vit_embedding_lens.runner.manifest import recorded_command_line
+
+        # called in-process with arguments: record them as the command line, not the interpreter's
+        command = None if argv is None else shlex.join(["vit-lens", *argv])
+        with recorded_command_line(command):
+            return COMMANDS[args.command](args)
     except user_errors as err:
         if args.debug:
             raise

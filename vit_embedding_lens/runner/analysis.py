@@ -71,11 +71,16 @@ class Analysis(ABC):
 
     Must give: :attr:`name`, :meth:`run`, :meth:`summarize`. May declare (defaults in brackets):
     :meth:`config` (``{}``), :meth:`hook_names` (none), :meth:`forward_reader` (none),
-    :meth:`figures` (none), :meth:`headline` (None: the report picks a table).
+    :meth:`figures` (none), :meth:`headline` (None: the report picks a table), and for the report
+    :attr:`description`, :meth:`figure_captions` and :meth:`notes` (empty).
     """
 
     #: names the analysis's arrays, tables and files (letters, digits, ``_``, ``-``)
     name: str
+
+    #: two or three sentences the report shows above the analysis's figures: what it measures and
+    #: how to read it
+    description: str = ""
 
     def config(self) -> Mapping[str, Any]:
         """The analysis's settings. They enter the run's fingerprint, so a run with changed
@@ -110,6 +115,16 @@ class Analysis(ABC):
         """The small table the command line prints, or None to print the ``summary`` table (else
         the first table's first rows)."""
         return None
+
+    def figure_captions(self, tables: Dict[str, pd.DataFrame], n_images: int) -> Dict[str, str]:
+        """Per figure name, the report's caption: what the lines, bands and markers are, which test
+        the stars come from, and how many images (``n_images``) the figure summarizes."""
+        return {}
+
+    def notes(self, tables: Dict[str, pd.DataFrame]) -> List[str]:
+        """Known findings and caveats these tables show, flagged in the report so that they are
+        not read as bugs (e.g. a method losing to its baseline on small models)."""
+        return []
 
 
 #: what an object must have to run as an analysis without subclassing :class:`Analysis`

@@ -9,11 +9,12 @@ naming every difference, since mixing the two would silently corrupt the results
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -85,6 +86,91 @@ def read_manifest(out_dir: Path) -> Optional[Dict[str, Any]]:
             "--overwrite"
         )
     return manifest
+
+
+#: the packages whose versions a run records (the numbers depend on them)
+RECORDED_PACKAGES = ("vit-embedding-lens", "torch", "timm", "transformer-lens", "numpy")
+
+
+def package_versions(names: Sequence[str] = RECORDED_PACKAGES) -> Dict[str, Optional[str]]:
+    """The installed version of each package, None for one that is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: Dict[str, Optional[str]] = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit(path: Optional[Path] = None, timeout: float = 2.0) -> Optional[str]:
+    """The commit of the git checkout the package runs from (``git rev-parse HEAD``), ``-dirty``
+    appended when tracked files are modified; None when it is not a checkout, git is missing or
+    slow."""
+    import subprocess
+
+    where = Path(path) if path is not None else Path(__file__).resolve().parents[2]
+    if not (where / ".git").exists():  # an installed wheel: no checkout to name
+        return None
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if status else head or None
+
+
+_COMMAND_LINE: List[Optional[str]] = [None]
+
+
+@contextlib.contextmanager
+def recorded_command_line(command: Optional[str]) -> Iterator[None]:
+    """Record ``command`` as the run's command line inside the block (``vit-lens`` called in-process
+    with its arguments, e.g. ``main([...])``, is not the interpreter's command line); None keeps
+    the interpreter's."""
+    _COMMAND_LINE.append(command)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.pop()
+
+
+def command_line() -> str:
+    """The command that started the run: the innermost :func:`recorded_command_line`, else the
+    interpreter's own (``python -m ...`` included, so it can be run again)."""
+    import shlex
+    import sys
+
+    recorded = _COMMAND_LINE[-1]
+    return recorded if recorded is not None else shlex.join(getattr(sys, "orig_argv", sys.argv))
+
+
+def run_environment() -> Dict[str, Any]:
+    """What ran a run, for the manifest and the report (never part of the fingerprint): package
+    versions, Python, the git commit of the package's checkout (or None) and the command line."""
+    import platform
+
+    return {
+        "versions": package_versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "git_commit": git_commit(),
+        "command_line": command_line(),
+    }
 
 
 def new_manifest(config: Mapping[str, Any], n_batches: int) -> Dict[str, Any]:

@@ -38,6 +38,7 @@ from vit_embedding_lens.runner.manifest import (
     check_same_config,
     new_manifest,
     read_manifest,
+    run_environment,
     to_json,
     weights_digest,
     write_manifest,
@@ -242,12 +243,15 @@ def _prepare(
             batch_path(out_dir, b).unlink()
     done = set(finished)
     pending = [b for b in range(n_batches) if b not in done]
+    environment = run_environment()
     attempt = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "world_size": world_size,
         "pending_batches": len(pending),
+        "environment": environment,
     }
     manifest.update(finished_batches=finished, status="running", n_batches=n_batches)
+    manifest["environment"] = environment  # the latest attempt's; every attempt keeps its own
     manifest["attempts"] = manifest.get("attempts", []) + [attempt]
     write_manifest(out_dir, manifest)
     return pending

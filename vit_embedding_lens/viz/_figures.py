@@ -137,3 +137,15 @@ def figure_to_png(fig: Any, dpi: int = 100, bbox_inches: Optional[str] = None) -
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches=bbox_inches)
     return buffer.getvalue()
+
+
+def legend_outside(ax: Any, **kwargs: Any) -> Any:
+    """The axes' legend to the right of the axes, where it covers no data (constrained and tight
+    layouts make room for it); returns the Legend, or None when nothing is labelled."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return None
+    options: dict = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    options.update(fontsize=8, frameon=False)
+    options.update(kwargs)
+    return ax.legend(handles, labels, **options)

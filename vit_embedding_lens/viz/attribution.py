@@ -12,6 +12,7 @@ import pandas as pd
 from torch import Tensor
 
 from vit_embedding_lens.viz._figures import new_figure
+from vit_embedding_lens.viz.palette import method_color
 
 if TYPE_CHECKING:
     from vit_embedding_lens.attribution.result import AttributionMap
@@ -28,11 +29,12 @@ def plot_perturbation_curves(result, *, fraction: bool = False, figsize=(10, 4))
     summary = result.summary().set_index(["method", "order"])
     for ax, order in zip(axes[0], orders):
         part = curves[curves.order == order]
-        for method in dict.fromkeys(part.method):
+        for mi, method in enumerate(dict.fromkeys(part.method)):
             rows = part[part.method == method].groupby(x_col)["accuracy"]
             mean, lo, hi = rows.mean(), rows.min(), rows.max()
             auc = summary.loc[(method, order), "auc"]
-            (line,) = ax.plot(mean.index, mean.values, label=f"{method} (AUC {auc:.3f})")
+            label = f"{method} (AUC {auc:.3f})"
+            (line,) = ax.plot(mean.index, mean.values, color=method_color(method, mi), label=label)
             if (hi > lo).any():
                 ax.fill_between(mean.index, lo.values, hi.values, color=line.get_color(), alpha=0.2)
         better = "lower" if order == "positive" else "higher"

@@ -12,10 +12,9 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from vit_embedding_lens.viz._figures import new_figure
+from vit_embedding_lens.viz._figures import legend_outside, new_figure
 from vit_embedding_lens.viz._tables import as_fractions, long_frame, ordered_groups
-
-SUBLAYER_COLORS = {"attention": "#1f77b4", "attn": "#1f77b4", "mlp": "#d62728", "MLP": "#d62728"}
+from vit_embedding_lens.viz.palette import REFERENCE_COLOR, sublayer_color
 
 
 def change_rates_table(
@@ -105,7 +104,7 @@ def plot_change_rates(
     sublayers = list(dict.fromkeys(table["sublayer"]))
     blocks = sorted(table["block"].unique())
     fig = new_figure(
-        figsize=(max(4.0, 0.6 * len(blocks) + 1.5) * len(order), 3.6), layout="constrained"
+        figsize=(max(4.0, 0.6 * len(blocks) + 1.5) * len(order) + 0.8, 3.6), layout="constrained"
     )
     axes = fig.subplots(1, len(order), squeeze=False, sharey=True)[0]
     width = 0.8 / len(sublayers)
@@ -119,19 +118,19 @@ def plot_change_rates(
                 100 * rows.loc[present, "rate"],
                 width * 0.95,
                 yerr=100 * rows.loc[present, "sem"],
-                color=SUBLAYER_COLORS.get(sub, f"C{si}"),
+                color=sublayer_color(sub, si),
                 alpha=0.85,
                 label=sub,
                 capsize=2,
             )
         if reference is not None:
-            ax.axhline(100 * reference, color="0.4", lw=0.8, ls=":")
+            ax.axhline(100 * reference, color=REFERENCE_COLOR, lw=0.8, ls=":")
         ax.set_xticks(blocks)
         ax.set_xlabel("block")
         ax.set_title(f"{group} tokens" if group not in ("all",) else "all tokens", fontsize=10)
         ax.set_ylim(0, 100)
     axes[0].set_ylabel("tokens with rising correct-class logit (%)")
-    axes[0].legend(fontsize=8, frameon=False)
+    legend_outside(axes[-1])
     if title:
         fig.suptitle(title)
     return fig

@@ -13,10 +13,9 @@ from typing import Any, Dict, Literal, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from vit_embedding_lens.viz._figures import figure_and_axes, stars_label
+from vit_embedding_lens.viz._figures import figure_and_axes, legend_outside, stars_label
 from vit_embedding_lens.viz._tables import long_frame, ordered_groups, pvalue_frame
-
-GROUP_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+from vit_embedding_lens.viz.palette import REFERENCE_COLOR, token_group_color
 
 
 def identifiability_evolution_table(
@@ -112,11 +111,11 @@ def plot_identifiability_evolution(
     order = ordered_groups(frame, groups)
     table = identifiability_evolution_table(data, random, pvalues, band=band, **columns)
     blocks = sorted(frame["block"].unique())
-    fig, ax = figure_and_axes(ax, figsize=(max(5.0, 0.9 * len(blocks) + 2), 4.0))
+    fig, ax = figure_and_axes(ax, figsize=(max(5.0, 0.9 * len(blocks) + 2) + 1.6, 4.0))  # + legend
     width = 0.8 / len(order)
     top = frame["value"].max()
     for gi, group in enumerate(order):
-        color = GROUP_COLORS[gi % len(GROUP_COLORS)]
+        color = token_group_color(group, gi)
         offset = (gi - (len(order) - 1) / 2) * width
         sub = frame[frame["group"] == group]
         present = [b for b in blocks if (sub["block"] == b).any()]
@@ -146,20 +145,20 @@ def plot_identifiability_evolution(
                         stars,
                         ha="center",
                         va="bottom",
-                        fontsize=8,
+                        fontsize=7,
                         color=color,
                     )
     if "stars" in table and (table["stars"] != "").any():
         low, high = ax.get_ylim()
         ax.set_ylim(low, max(high, top + 0.12 * (high - low)))  # room for the stars
     if chance is not None:
-        ax.axhline(chance, color="0.5", lw=0.8, ls=":", label="chance")
+        ax.axhline(chance, color=REFERENCE_COLOR, lw=0.8, ls=":", label="chance")
     ax.set_xticks(blocks)
     ax.set_xlabel("block")
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=7, loc="best", frameon=False)
+    legend_outside(ax, fontsize=7)
     return fig
 
 

@@ -12,8 +12,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from vit_embedding_lens.viz._figures import figure_and_axes
+from vit_embedding_lens.viz._figures import figure_and_axes, legend_outside
 from vit_embedding_lens.viz._tables import as_fractions, long_frame, ordered_groups
+from vit_embedding_lens.viz.palette import sublayer_color
 
 
 def kv_agreement_table(
@@ -111,10 +112,10 @@ def plot_kv_agreement(
     )
     order = ordered_groups(table.rename(columns={"sublayer": "group"}), sublayers)
     blocks = sorted(table["block"].unique())
-    fig, ax = figure_and_axes(ax, figsize=(max(4.5, 0.6 * len(blocks) + 2), 3.6))
+    fig, ax = figure_and_axes(ax, figsize=(max(4.5, 0.6 * len(blocks) + 2) + 1.8, 3.6))  # + legend
     for i, sub in enumerate(order):
         rows = table[table["sublayer"] == sub]
-        color = f"C{i}"
+        color = sublayer_color(sub, i)
         ax.plot(rows["block"], 100 * rows["mean"], "o-", color=color, label=f"{sub}")
         if (rows["n"] > 1).any():
             ax.fill_between(
@@ -135,5 +136,5 @@ def plot_kv_agreement(
     ax.set_ylim(bottom=0)
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8, frameon=False)
+    legend_outside(ax)
     return fig

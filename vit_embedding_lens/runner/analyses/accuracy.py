@@ -23,6 +23,19 @@ class Accuracy(Analysis):
     """
 
     name = "accuracy"
+    description = (
+        "How often the model's top-1 prediction is the image's label, overall and per class. "
+        "Every other analysis is read against it: a class the model gets wrong cannot be "
+        "identifiable in its final layers."
+    )
+
+    def figure_captions(self, tables: Dict[str, pd.DataFrame], n_images: int) -> Dict[str, str]:
+        return {
+            "accuracy_per_class": (
+                f"Bar height: the share of a class's images whose top-1 prediction is right, over "
+                f"{n_images} images (see the per_class table for each class's count)."
+            )
+        }
 
     def __init__(self, top_k: int = 5) -> None:
         self.top_k = int(top_k)
@@ -65,11 +78,11 @@ class Accuracy(Analysis):
         fig = Figure(figsize=(7, 3.2))
         ax = fig.add_subplot()
         if len(per_class) <= 60:
-            ax.bar(per_class["class_name"].astype(str), per_class["top1"], color="tab:blue")
+            ax.bar(per_class["class_name"].astype(str), per_class["top1"], color="0.35")
             ax.set_xlabel("class")
             ax.tick_params(axis="x", labelrotation=90 if len(per_class) > 12 else 0, labelsize=7)
         else:
-            ax.hist(per_class["top1"], bins=20, range=(0, 1), color="tab:blue")
+            ax.hist(per_class["top1"], bins=20, range=(0, 1), color="0.35")
             ax.set_xlabel("top-1 accuracy of a class")
             ax.set_ylabel("classes")
         if len(per_class) <= 60:

@@ -44,6 +44,24 @@ class ClsIdentifiability(Analysis):
     """
 
     name = "cls_identifiability"
+    description = (
+        "Projects every token's residual stream onto the class space and counts, per block, the "
+        "share of tokens whose correct class ranks first (identifiable), by token group. A curve "
+        "that rises over the blocks means class information accumulates in those tokens."
+    )
+
+    def figure_captions(self, tables: Dict[str, pd.DataFrame], n_images: int) -> Dict[str, str]:
+        return {
+            "identifiability_by_block": (
+                "Mean over images of the % of a group's tokens whose correct class is top-1, per "
+                f"block. No test is drawn. n = {n_images} images."
+            ),
+            "identifiability_per_image": (
+                "Boxes: the distribution over images of the % of an image's tokens that are "
+                "identifiable (box: quartiles, whiskers: 1.5 x the interquartile range). "
+                f"n = {n_images} images."
+            ),
+        }
 
     def hook_names(self, model: HookedViT) -> List[str]:
         return [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
@@ -133,16 +151,20 @@ class ClsIdentifiability(Analysis):
     def figures(self, tables: Dict[str, pd.DataFrame], model: HookedViT) -> Dict[str, Any]:
         from matplotlib.figure import Figure
 
+        from vit_embedding_lens.viz._figures import legend_outside
+        from vit_embedding_lens.viz.palette import token_group_color
+
         by_block = tables["by_block"]
-        fig = Figure(figsize=(6, 3.5))
+        fig = Figure(figsize=(7, 3.5))  # the legend sits right of the axes
         ax = fig.add_subplot()
-        for group, rows in by_block.groupby("tokens", sort=False):
-            ax.plot(rows["block"], rows["pct_identifiable"], marker="o", label=group)
+        for gi, (group, rows) in enumerate(by_block.groupby("tokens", sort=False)):
+            color = token_group_color(str(group), gi)
+            ax.plot(rows["block"], rows["pct_identifiable"], marker="o", color=color, label=group)
         ax.set_xlabel("block")
         ax.set_ylabel("% identifiable tokens")
         ax.set_ylim(-2, 102)
         ax.set_title("Class identifiability of the residual stream")
-        ax.legend(fontsize=8)
+        legend_outside(ax)
         fig.tight_layout()
 
         per_image = tables["per_image"]

@@ -50,6 +50,22 @@ class ContextRemoval(Analysis):
     """
 
     name = "context_removal"
+    description = (
+        "Is the prediction still right when the model sees only the object's tokens (class tokens, "
+        "from the segmentation mask) or only the background (context tokens)? Compare each bar "
+        "with all_tokens: a model that keeps its accuracy on context alone classifies by the "
+        "background."
+    )
+
+    def figure_captions(self, tables: Dict[str, pd.DataFrame], n_images: int) -> Dict[str, str]:
+        return {
+            "context_removal_accuracy": (
+                "Top-1 accuracy with all tokens, with the prefix and the object's tokens only, and "
+                "with the prefix and the context tokens only; the label over a bar is the mean "
+                f"number of tokens the model saw. No test is drawn. n = {n_images} images (see "
+                "the table for images run on the prefix alone)."
+            )
+        }
 
     def __init__(self, tokens: str = "image") -> None:
         if tokens not in TOKEN_SETS:
@@ -145,13 +161,13 @@ class ContextRemoval(Analysis):
         if "accuracy" not in tables:
             return {}
         from vit_embedding_lens.viz._figures import new_figure
+        from vit_embedding_lens.viz.palette import token_group_color
 
         table = tables["accuracy"]
         fig = new_figure(figsize=(5, 3.2))
         ax = fig.add_subplot()
-        bars = ax.bar(
-            table["condition"], table["accuracy"], color=["tab:gray", "tab:blue", "tab:orange"]
-        )
+        colors = [token_group_color(str(c), i) for i, c in enumerate(table["condition"])]
+        bars = ax.bar(table["condition"], table["accuracy"], color=colors)
         for bar, kept in zip(bars, table["mean_tokens_kept"]):
             ax.annotate(
                 f"{kept:.1f} tokens",

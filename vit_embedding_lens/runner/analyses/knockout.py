@@ -41,6 +41,22 @@ class KnockoutAnalysis(Analysis):
     """
 
     name = "knockout"
+    description = (
+        "Blocks attention paths in every block and measures, per block, the share of image tokens "
+        "whose correct class is top-1 in the residual stream, with the accuracy of each condition. "
+        "none: the intact model; self_only: image tokens attend only to themselves; no_cls: image "
+        "tokens cannot attend to CLS. A curve that stays low under a knockout means the image "
+        "tokens need that path to become class-identifiable."
+    )
+
+    def figure_captions(self, tables: Dict[str, pd.DataFrame], n_images: int) -> Dict[str, str]:
+        return {
+            "knockout_identifiability": (
+                "Mean over images of the % of an image's tokens whose correct class ranks first, "
+                "per block and knockout condition; the legend gives each condition's top-1 "
+                f"accuracy. No test is drawn. n = {n_images} images."
+            )
+        }
 
     def __init__(
         self,
@@ -138,26 +154,28 @@ class KnockoutAnalysis(Analysis):
         return {"identifiability": pd.DataFrame(rows), "accuracy": pd.DataFrame(accuracy)}
 
     def figures(self, tables: Dict[str, pd.DataFrame], model: HookedViT) -> Dict[str, Any]:
-        from vit_embedding_lens.viz._figures import new_figure
+        from vit_embedding_lens.viz._figures import legend_outside, new_figure
+        from vit_embedding_lens.viz.palette import OTHER_COLORS
 
         table = tables["identifiability"]
         accuracy = tables["accuracy"].set_index("condition")["accuracy"]
-        fig = new_figure(figsize=(6, 3.5))
+        fig = new_figure(figsize=(7.5, 3.5))  # the legend sits right of the axes
         ax = fig.add_subplot()
-        for condition, rows in table.groupby("condition", sort=False):
+        for ci, (condition, rows) in enumerate(table.groupby("condition", sort=False)):
             if rows["pct_identifiable"].isna().all():
                 continue
             ax.plot(
                 rows["block"],
                 rows["pct_identifiable"],
                 marker="o",
+                color=OTHER_COLORS[ci % len(OTHER_COLORS)],
                 label=f"{condition} (accuracy {accuracy[condition]:.1%})",
             )
         ax.set_xlabel("block")
         ax.set_ylabel("% identifiable image tokens")
         ax.set_ylim(-2, 102)
         ax.set_title(f"Attention knockout ({self.mode}, all blocks)")
-        ax.legend(fontsize=8)
+        legend_outside(ax)
         fig.tight_layout()
         return {"knockout_identifiability": fig}
 

@@ -25,6 +25,13 @@ if TYPE_CHECKING:
     from vit_embedding_lens.model.hooked_vit import HookedViT
     from vit_embedding_lens.runner.batch import Batch
 
+STARS = (
+    "Stars: one-sided paired Wilcoxon signed-rank test per block and token group that "
+    "the trained model scores higher than its random-init twin on the same images; * "
+    "p < 0.05, ** p < 0.01, *** p < 0.001, n.s. otherwise, with no correction for the "
+    "many blocks and groups tested."
+)
+
 #: token groups drawn in the identifiability figure, when present
 FIGURE_GROUPS = ("cls", "image", "class", "context")
 
@@ -34,6 +41,30 @@ class LensAnalysis(Analysis):
     (``random_twin=True``) the trained-vs-random-init comparison with one-sided Wilcoxon tests."""
 
     name = "lens"
+    description = (
+        "Projects every token of every block onto the class embeddings (the class-embedding lens) "
+        "and scores how high the image's correct class ranks: 1 means top-1, 0.5 is chance. "
+        "Read the identifiability figure from left to right: a curve climbing above its dashed "
+        "random-init twin means the trained model writes class information into those tokens; "
+        "the change-rate figure shows which sublayer (attention or MLP) raises the "
+        "correct-class logit."
+    )
+
+    def figure_captions(self, tables: Dict[str, pd.DataFrame], n_images: int) -> Dict[str, str]:
+        return {
+            "identifiability": (
+                "Violins: the distribution over images of each image's mean identifiability "
+                "score s = 1 - rank/classes in the residual stream, per block and token group; "
+                "solid line: the mean. Dashed line and shaded band (when the random-init twin was "
+                "run): the mean and the 5th-95th percentile band of the same images through the "
+                f"twin. Dotted: chance (0.5). {STARS} n = {n_images} images."
+            ),
+            "change_rates": (
+                "Share of tokens whose correct-class logit rises across a block's attention (blue) "
+                "or MLP (red) sublayer, CLS and image tokens apart; error bars: standard error of "
+                f"the mean over images; dotted: 50 %. n = {n_images} images."
+            ),
+        }
 
     def __init__(self, random_twin: bool = True, twin_seed: int = 0) -> None:
         self.random_twin = random_twin

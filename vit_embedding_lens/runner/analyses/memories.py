@@ -47,6 +47,25 @@ class MemoriesAnalysis(Analysis):
     """
 
     name = "memories"
+    description = (
+        "Reads the MLP and attention sublayers as key-value memories (one value vector per "
+        "neuron): a token agrees when one of its most activated memories is among those whose "
+        "values project most onto its label's class (top 5 of each by default). Solid lines are "
+        "the agreement with the image's label, dashed lines the same rate for randomly drawn "
+        "classes; agreement well above its dashed line means the memories a token uses carry "
+        "its class."
+    )
+
+    def figure_captions(self, tables: Dict[str, pd.DataFrame], n_images: int) -> Dict[str, str]:
+        text = (
+            "Key-value agreement (%) per block, MLP (red) and attention (blue): solid line, the "
+            "mean over classes; shaded band, the 25th-75th percentile over classes; dashed, the "
+            "agreement with randomly drawn classes (the chance level). No test is drawn. "
+            f"n = {n_images} images."
+        )
+        usage = tables.get("usage")
+        groups = [] if usage is None else sorted(set(usage["token_group"]))
+        return {f"kv_agreement_{g}": text for g in groups}
 
     def __init__(
         self,
