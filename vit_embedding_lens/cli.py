@@ -352,8 +352,9 @@ def _run_and_report(
     ctx: Any = None,
 ) -> int:
     from vit_embedding_lens.presets import preset_analyses
-    from vit_embedding_lens.report import format_headlines, headline_tables, write_report
-    from vit_embedding_lens.runner import run_analyses, summarize_run
+    from vit_embedding_lens.report import format_headlines
+    from vit_embedding_lens.runner import run_analyses
+    from vit_embedding_lens.runner.summarize import write_run_report
 
     preset = _preset(args)
     analyses = preset_analyses(args.analyses.split(",") if args.analyses else None, preset)
@@ -384,9 +385,6 @@ def _run_and_report(
         print(f"skipped images and reasons: {out / 'manifest.json'} ('skipped')", file=sys.stderr)
     if args.no_report:
         return 0
-    tables, figures = summarize_run(results, analyses, model)
-    print()
-    print(format_headlines(headline_tables(tables, analyses)))
     meta = {
         "title": title,
         "model": model.cfg.model_name,
@@ -398,8 +396,18 @@ def _run_and_report(
         "batch size": args.batch_size,
         "output": str(out.resolve()),
     }
-    page = write_report(out / "report", tables, figures, meta, results.manifest)
-    print(f"\nreport: {page}")
+    report = write_run_report(out, results, analyses, model, meta)
+    print()
+    print(format_headlines(report.headlines))
+    print(f"\nreport: {report.page}")
+    if report.failures:  # a bug, not the user's: the rest of the report is written
+        for f in report.failures:
+            print(f"report: {f['analysis']} ({f['part']}) failed: {f['error']}", file=sys.stderr)
+        print(
+            f"the tracebacks are in {out / 'manifest.json'} (report.failures); please report them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

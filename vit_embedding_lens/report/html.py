@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
@@ -22,6 +22,7 @@ table.dataframe td, table.dataframe th {
 table.dataframe th { background: #f4f4f4; }
 img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
 .meta td { padding: .1em 1em .1em 0; vertical-align: top; } .note { color: #666; font-size: .85em; }
+.failures { border: 2px solid #c33; background: #fff4f4; padding: 0 1em; }
 pre { background: #f8f8f8; padding: 1em; overflow-x: auto; font-size: .8em; }
 """
 
@@ -43,8 +44,10 @@ def write_index(
     table_paths: Mapping[str, Mapping[str, Path]],
     figure_paths: Mapping[str, Mapping[str, Path]],
     manifest: Mapping[str, Any] | None = None,
+    failures: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
-    """Write ``report_dir/index.html``: run facts, then per analysis its figures and tables."""
+    """Write ``report_dir/index.html``: run facts, what failed (``failures``: analysis, part,
+    error), then per analysis its figures and tables."""
     report_dir = Path(report_dir)
     title = html.escape(str(meta.get("title", "vit-lens report")))
     parts = [
@@ -57,6 +60,17 @@ def write_index(
                 f"<tr><td><b>{html.escape(str(key))}</b></td><td>{html.escape(str(value))}</td></tr>"
             )
     parts.append("</table>")
+    if failures:
+        items = "".join(
+            f"<li><b>{html.escape(str(f.get('analysis')))}</b> ({html.escape(str(f.get('part')))})"
+            f": {html.escape(str(f.get('error')))}</li>"
+            for f in failures
+        )
+        parts.append(
+            "<div class='failures'><h2>Parts of this report could not be made</h2>"
+            f"<ul>{items}</ul><p class='note'>The rest of the report is complete; the tracebacks "
+            "are in manifest.json under report.failures.</p></div>"
+        )
     for analysis in list(dict.fromkeys(list(figure_paths) + list(tables))):
         parts.append(f"<h2>{html.escape(analysis)}</h2>")
         for name, path in figure_paths.get(analysis, {}).items():
