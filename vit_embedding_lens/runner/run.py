@@ -61,6 +61,8 @@ if TYPE_CHECKING:
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 PROGRESS_DIR = "progress"
+#: skipped and converted images listed in the manifest (all are counted)
+MAX_LISTED = 1000
 MERGED_FILE = "results.npz"
 _SHARED_CHECK_FILE = ".shared-folder-check"
 #: what --overwrite removes: only files this runner writes, never the rest of the folder
@@ -389,10 +391,15 @@ def _run_batch(
     dtype: torch.dtype,
 ) -> Dict[str, np.ndarray]:
     arrays = meta_arrays(
-        batch.indices.tolist(), batch.labels.tolist(), batch.image_ids, batch.skipped
+        batch.indices.tolist(),
+        batch.labels.tolist(),
+        batch.image_ids,
+        batch.skipped,
+        batch.conversions or None,
     )
     if not len(batch):
         return arrays
+    check_batch_inputs(model, batch)
     batch = batch.to(device, dtype)
     readers = {}
     for analysis in analyses:
@@ -453,6 +460,53 @@ class _ProgressTracker:
             write_manifest(self.out_dir, self.manifest)
 
 
+def check_batch_inputs(model: HookedViT, batch: Batch) -> None:
+    """Refuse inputs the analyses would misread, naming the image: integer (uint8) pixels, labels
+    outside the model's classes, token masks that do not cover the model's token sequence."""
+    if not batch.images.is_floating_point():
+        raise TypeError(
+            f"the data set gives {batch.images.dtype} images (first: {batch.image_ids[0]!r}); the "
+            "runner takes preprocessed float images normalized as the model expects (uint8 pixels "
+            "would be read as values up to 255): use ImageDataset with the model's preprocessing, "
+            "or convert them (images.float() / 255, then the model's mean and std)"
+        )
+    n_classes = model.cfg.n_classes
+    bad = ((batch.labels < 0) | (batch.labels >= n_classes)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise ValueError(
+            f"image {batch.image_ids[i]!r} has label {int(batch.labels[i])}, but the model has "
+            f"{n_classes} classes (labels 0..{n_classes - 1})"
+        )
+    masks = batch.token_masks
+    n_tokens = model.layout.n_tokens
+    if masks is not None and (masks.ndim != 2 or masks.shape[-1] != n_tokens):
+        raise ValueError(
+            f"image {batch.image_ids[0]!r}: its token mask has shape {tuple(masks.shape[1:])}, but "
+            f"the model's token sequence has {n_tokens} tokens ({model.layout.n_prefix} prefix + "
+            "image tokens); build token masks with token_mask_from_mask(mask, model.layout)"
+        )
+
+
+def conversion_summary(results: RunResults) -> Dict[str, Any]:
+    """The manifest's ``conversions``: images decoded other than plainly, counted by kind
+    (``counts``) and listed (``images``: index, image_id, conversion; the first 1000)."""
+    conv = np.asarray(results.conversions, dtype=str)
+    rows = np.flatnonzero(conv != "") if len(conv) else np.zeros(0, dtype=np.int64)
+    kinds, counts = np.unique(conv[rows], return_counts=True)
+    return {
+        "counts": {str(k): int(c) for k, c in zip(kinds, counts)},
+        "images": [
+            {
+                "index": int(results.index[r]),
+                "image_id": str(results.image_ids[r]),
+                "conversion": str(conv[r]),
+            }
+            for r in rows[:MAX_LISTED]
+        ],
+    }
+
+
 def _finish(out_dir: Path) -> RunResults:
     """Rank 0, after every rank is done: merge, verify, write the merged file, mark complete."""
     results = load_results(out_dir)  # raises if anything is missing or duplicated
@@ -462,6 +516,7 @@ def _finish(out_dir: Path) -> RunResults:
             ("index", results.index),
             ("label", results.labels),
             ("image_id", results.image_ids),
+            ("conversion", results.conversions),
         )
     }
     for name, arrays in results.arrays.items():
@@ -474,7 +529,8 @@ def _finish(out_dir: Path) -> RunResults:
         finished_batches=batch_ids_on_disk(out_dir),
         status="complete",
         n_skipped=len(results.skipped),
-        skipped=results.skipped.to_dict(orient="records")[:1000],
+        skipped=results.skipped.to_dict(orient="records")[:MAX_LISTED],
+        conversions=conversion_summary(results),
     )
     write_manifest(out_dir, manifest)
     shutil.rmtree(out_dir / PROGRESS_DIR, ignore_errors=True)
