@@ -14,11 +14,11 @@ from vit_embedding_lens.runner.analysis import (
     register_analysis,
 )
 from vit_embedding_lens.runner.batch import Batch, collate
+from vit_embedding_lens.runner.lock import ForeignFileError, RunFolderLockedError
 from vit_embedding_lens.runner.manifest import ConfigMismatchError
 from vit_embedding_lens.runner.results import IncompleteRunError, RunResults, load_results
 from vit_embedding_lens.runner.run import UnusableImageWarning, run_analyses, run_fingerprint
 from vit_embedding_lens.runner.summarize import (
-    ForeignFileError,
     RunReport,
     summarize_run,
     write_run_report,
@@ -31,6 +31,7 @@ __all__ = [
     "ConfigMismatchError",
     "ForeignFileError",
     "IncompleteRunError",
+    "RunFolderLockedError",
     "RunReport",
     "RunResults",
     "UnusableImageWarning",

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 from vit_embedding_lens.report.tables import headline_tables
 from vit_embedding_lens.report.write import failure_record, report_files, write_report
 from vit_embedding_lens.runner.analysis import Analysis
+from vit_embedding_lens.runner.lock import ForeignFileError, acquire_lock, release_lock
 from vit_embedding_lens.runner.manifest import read_manifest, write_manifest
 from vit_embedding_lens.runner.results import RunResults
 
@@ -18,11 +19,6 @@ if TYPE_CHECKING:
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 REPORT_DIR = "report"
-
-
-class ForeignFileError(ValueError):
-    """The output folder holds a file the runner would write but did not write (e.g. a user's own
-    ``results.npz``); the runner never overwrites or deletes such a file."""
 
 
 def summarize_run(
@@ -96,6 +92,23 @@ def write_run_report(
             headlines.update(headline_tables({name: named}, analyses))
         except Exception as err:
             failures.append(failure_record(name, "headline", err))
+    token = acquire_lock(out_dir)
+    try:
+        manifest, page = _write_owned_report(out_dir, tables, figures, meta, failures)
+    finally:
+        release_lock(out_dir, token)
+    results.manifest = manifest
+    return RunReport(page=page, tables=tables, headlines=headlines, failures=failures)
+
+
+def _write_owned_report(
+    out_dir: Path,
+    tables: Dict[str, Dict[str, Any]],
+    figures: Dict[str, Dict[str, Any]],
+    meta: Optional[Mapping[str, Any]],
+    failures: List[Dict[str, str]],
+) -> Tuple[Dict[str, Any], Path]:
+    """Write the report under the folder's lock, only over files the runner wrote."""
     manifest = read_manifest(out_dir)
     if manifest is None:
         raise FileNotFoundError(f"{out_dir} holds no run (no manifest.json) to report on")
@@ -119,5 +132,4 @@ def write_run_report(
         "failures": failures,
     }
     write_manifest(out_dir, manifest)
-    results.manifest = manifest
-    return RunReport(page=page, tables=tables, headlines=headlines, failures=failures)
+    return manifest, page
