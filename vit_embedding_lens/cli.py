@@ -324,23 +324,37 @@ def _build_dataset(
 def cmd_demo(args: argparse.Namespace) -> int:
     from vit_embedding_lens.data.images import bundled_eval_dataset
     from vit_embedding_lens.loading import ModelSource
+    from vit_embedding_lens.runner import distributed
     from vit_embedding_lens.runner.models import load_model
     from vit_embedding_lens.zoo.bundled import bundled_spec
 
     device = _resolve_device(args.device)
     spec = bundled_spec(args.bundled)
-    loaded = load_model(ModelSource("bundled", spec.name).label, device=device, dtype=args.dtype)
-    dataset = bundled_eval_dataset(
-        loaded.model, n=args.n, name=spec.name, token_labels=_preset(args).token_labels
-    )
-    print(
-        f"{loaded.model!r}\n{len(dataset)} bundled eval images ({spec.foreground} masks as "
-        f"segmentation) on {device}, {args.dtype}"
-    )
-    run_config = {"model_spec": loaded.spec}
-    return _run_and_report(
-        args, loaded.model, dataset, run_config, title=f"vit-lens demo: bundled {spec.name}"
-    )
+    ctx = distributed.init_distributed(device)  # under torchrun the ranks share the batches
+    try:
+        device = str(distributed.device_for(ctx, device))
+        loaded = load_model(
+            ModelSource("bundled", spec.name).label, device=device, dtype=args.dtype
+        )
+        dataset = bundled_eval_dataset(
+            loaded.model, n=args.n, name=spec.name, token_labels=_preset(args).token_labels
+        )
+        if ctx.is_main:
+            print(
+                f"{loaded.model!r}\n{len(dataset)} bundled eval images ({spec.foreground} masks as "
+                f"segmentation) on {device}, {args.dtype}"
+            )
+        run_config = {"model_spec": loaded.spec}
+        return _run_and_report(
+            args,
+            loaded.model,
+            dataset,
+            run_config,
+            title=f"vit-lens demo: bundled {spec.name}",
+            ctx=ctx,
+        )
+    finally:
+        distributed.shutdown()
 
 
 def _run_and_report(
