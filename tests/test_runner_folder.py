@@ -150,3 +150,13 @@ def test_a_users_own_files_are_never_overwritten_or_deleted(model, dataset, tmp_
     assert not (out / "report" / "index.html").exists()
     assert not (out / "report" / "tables").exists()  # emptied, so removed
     assert np.load(out / "results.npz")["meta/index"].tolist() == list(range(len(dataset)))
+
+
+def test_the_command_line_reports_a_locked_folder_as_a_user_error(tmp_path, capsys):
+    from vit_embedding_lens.cli import main
+
+    out = tmp_path / "demo"
+    write_lock(out, os.getpid())  # a live process on this host holds it
+    code = main(["demo", "--out", str(out), "--n", "4", "--no-progress", "--analyses", "accuracy"])
+    assert code == 2
+    assert f"pid {os.getpid()}" in capsys.readouterr().err

@@ -447,6 +447,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``vit-lens``; returns the exit code (0 ok, 2 user error, 1 other failure)."""
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     from vit_embedding_lens.errors import ConversionError, UnsupportedArchitectureError
+    from vit_embedding_lens.runner.lock import RunFolderLockedError
     from vit_embedding_lens.runner.manifest import ConfigMismatchError
 
     # OSError covers missing files and an unreachable model hub (the converter says what to do
@@ -455,6 +456,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         UnsupportedArchitectureError,
         ConversionError,
         ConfigMismatchError,
+        RunFolderLockedError,
         ValueError,
         OSError,
     )
