@@ -20,7 +20,7 @@ from vit_embedding_lens.data.images import (
 )
 from vit_embedding_lens.data.samples import InMemoryDataset, SkippedImage
 from vit_embedding_lens.data.transforms import Preprocessing, resolve_preprocessing
-from vit_embedding_lens.runner import ConfigMismatchError, run_analyses
+from vit_embedding_lens.runner import ConfigMismatchError, UnusableImageWarning, run_analyses
 from vit_embedding_lens.runner.manifest import read_manifest
 from vit_embedding_lens.runner.models import load_model
 from vit_embedding_lens.zoo import load_mnist_eval
@@ -150,7 +150,8 @@ def test_conversions_and_unusable_images_are_recorded_in_the_manifest(tmp_path, 
     nan = np.full((28, 28), np.nan, dtype=np.float32)
     Image.fromarray(nan, mode="F").save(root / "1" / "img002.tif")
     out = tmp_path / "out"
-    results = folder_run(bundled, root, out)
+    with pytest.warns(UnusableImageWarning, match=r"img002\.tif.*NaN or inf"):
+        results = folder_run(bundled, root, out)
     manifest = read_manifest(out)
     conversions = manifest["conversions"]
     assert conversions["counts"] == {"16-bit": 1, "alpha on white": 1}
@@ -207,6 +208,7 @@ def test_a_nan_image_in_memory_is_skipped_with_a_reason(bundled, tmp_path):
     images[2, 0, 5, 5] = float("inf")
     ds = InMemoryDataset(images, torch.zeros(4, dtype=torch.long), ["a", "b", "c", "d"])
     assert isinstance(ds[2], SkippedImage) and "NaN or inf" in ds[2].reason
-    results = run_analyses(bundled.model, ds, ["accuracy"], tmp_path, progress=False)
+    with pytest.warns(UnusableImageWarning, match="skipped c: the image has NaN or inf"):
+        results = run_analyses(bundled.model, ds, ["accuracy"], tmp_path, progress=False)
     assert list(results.image_ids) == ["a", "b", "d"]
     assert read_manifest(tmp_path)["skipped"][0]["image_id"] == "c"

@@ -95,9 +95,7 @@ def test_a_failing_table_or_figure_is_skipped_and_named(broken, tmp_path, capsys
     report = out / "report"
     assert (report / "tables" / "accuracy__summary.csv").is_file()
     assert (report / "tables" / "broken_figures__values.csv").is_file()
-    assert (report / "figures" / "accuracy__accuracy_per_class.png").exists() or any(
-        (report / "figures").glob("accuracy__*.png")
-    )
+    assert any((report / "figures").glob("accuracy__*.png"))
     failures = read_manifest(out)["report"]["failures"]
     by_analysis = {f["analysis"]: f for f in failures}
     assert set(by_analysis) == {"broken_figures", "broken_tables"}

@@ -64,8 +64,10 @@ def test_every_table_is_the_same_for_any_batch_size_and_worker_count(model, data
         other = all_tables(model, dataset, tmp_path / f"b{batch_size}", batch_size, workers)
         assert sorted(other) == sorted(reference)
         for name, table in reference.items():
+            # bitwise equal on this machine; the float tolerance only allows for BLAS kernels that
+            # differ with the batch size in the last bit (the drift was 3.9 points)
             pd.testing.assert_frame_equal(
-                other[name], table, check_exact=False, rtol=1e-6, atol=1e-9, obj=name
+                other[name], table, check_exact=False, rtol=1e-7, atol=0, obj=name
             )
 
 
