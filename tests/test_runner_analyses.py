@@ -249,19 +249,19 @@ def test_memories_fold_to_memory_usage(run, model, dataset):
     direct = memory_usage_batch(model, dataset.images, dataset.label_tensor, kinds=("mlp", "attn"))
     for field in ("tokens", "agree", "match"):
         assert torch.equal(getattr(usage, field), getattr(direct, field)), field
-    # the random-class draws: batch by batch, with the analysis's seeds
+    # the random-class draws: image by image, each from a generator seeded by its data set index
     analysis = analyses["memories"]
-    for sl in batch_slices(n):
-        gen = torch.Generator().manual_seed(analysis.batch_seed(sl.start))
+    for i in range(n):
+        gen = torch.Generator().manual_seed(analysis.image_seed(i))
         counts = memory_usage_per_image(
             model,
-            dataset.images[sl],
-            dataset.label_tensor[sl],
+            dataset.images[i : i + 1],
+            dataset.label_tensor[i : i + 1],
             kinds=("mlp", "attn"),
             generator=gen,
         )
-        np.testing.assert_array_equal(r["random_agree"][sl], counts.random_agree.numpy())
-        np.testing.assert_array_equal(r["drawn"][sl], counts.drawn.numpy())
+        np.testing.assert_array_equal(r["random_agree"][i : i + 1], counts.random_agree.numpy())
+        np.testing.assert_array_equal(r["drawn"][i : i + 1], counts.drawn.numpy())
     frame = tables["memories"]["usage"]
     pd.testing.assert_frame_equal(frame, usage.to_frame())
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -50,7 +51,9 @@ def analyze_args(data: Path, out: Path) -> list:
     ]
 
 
-def torchrun(data: Path, out: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(
+    data: Path, out: Path, nproc: int = 2, args: Optional[list] = None
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     cmd = [
         sys.executable,
@@ -60,7 +63,7 @@ def torchrun(data: Path, out: Path, nproc: int = 2) -> subprocess.CompletedProce
         f"--nproc-per-node={nproc}",
         "-m",
         "vit_embedding_lens",
-        *analyze_args(data, out),
+        *(args if args is not None else analyze_args(data, out)),
     ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
 
@@ -113,3 +116,38 @@ def test_two_gloo_ranks_equal_one_process_and_resume_with_ranks(tmp_path):
     assert read_manifest(out)["attempts"][-1]["pending_batches"] == 2
     assert batch_ids_on_disk(out) == list(range(8))
     assert_bitwise_equal(load_results(out), single)
+
+
+@pytest.mark.slow
+def test_demo_under_torchrun_shares_the_work_and_equals_one_process(tmp_path):
+    """Two ranks of ``vit-lens demo`` write one folder together (rank 0 holds the lock, both
+    compute batches, rank 0 merges and reports) and give the one-process demo's results."""
+
+    def demo(out: Path) -> list:  # all 500 images: torchrun's own parser takes --n for its --nnodes
+        return [
+            "demo",
+            "--out",
+            str(out),
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--analyses",
+            "accuracy,context_removal",
+        ]
+
+    proc = torchrun(tmp_path, tmp_path / "ranks", args=demo(tmp_path / "ranks"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("report:") == 1  # rank 0 reports, once
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(demo(tmp_path / "single")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    ranked = load_results(tmp_path / "ranks")
+    assert_bitwise_equal(ranked, load_results(tmp_path / "single"))
+    manifest = read_manifest(tmp_path / "ranks")
+    assert manifest["attempts"][-1]["world_size"] == 2 and manifest["report"]["files"]
+    assert not (tmp_path / "ranks" / ".vit-lens.lock").exists()

@@ -579,23 +579,37 @@ def _build_dataset(
 def cmd_demo(args: argparse.Namespace) -> int:
     from vit_embedding_lens.data.images import bundled_eval_dataset
     from vit_embedding_lens.loading import ModelSource
+    from vit_embedding_lens.runner import distributed
     from vit_embedding_lens.runner.models import load_model
     from vit_embedding_lens.zoo.bundled import bundled_spec
 
     device = _resolve_device(args.device)
     spec = bundled_spec(args.bundled)
-    loaded = load_model(ModelSource("bundled", spec.name).label, device=device, dtype=args.dtype)
-    dataset = bundled_eval_dataset(
-        loaded.model, n=args.n, name=spec.name, token_labels=_preset(args).token_labels
-    )
-    print(
-        f"{loaded.model!r}\n{len(dataset)} bundled eval images ({spec.foreground} masks as "
-        f"segmentation) on {device}, {args.dtype}"
-    )
-    run_config = {"model_spec": loaded.spec}
-    return _run_and_report(
-        args, loaded.model, dataset, run_config, title=f"vit-lens demo: bundled {spec.name}"
-    )
+    ctx = distributed.init_distributed(device)  # under torchrun the ranks share the batches
+    try:
+        device = str(distributed.device_for(ctx, device))
+        loaded = load_model(
+            ModelSource("bundled", spec.name).label, device=device, dtype=args.dtype
+        )
+        dataset = bundled_eval_dataset(
+            loaded.model, n=args.n, name=spec.name, token_labels=_preset(args).token_labels
+        )
+        if ctx.is_main:
+            print(
+                f"{loaded.model!r}\n{len(dataset)} bundled eval images ({spec.foreground} masks as "
+                f"segmentation) on {device}, {args.dtype}"
+            )
+        run_config = {"model_spec": loaded.spec}
+        return _run_and_report(
+            args,
+            loaded.model,
+            dataset,
+            run_config,
+            title=f"vit-lens demo: bundled {spec.name}",
+            ctx=ctx,
+        )
+    finally:
+        distributed.shutdown()
 
 
 def _run_and_report(
@@ -607,8 +621,9 @@ def _run_and_report(
     ctx: Any = None,
 ) -> int:
     from vit_embedding_lens.presets import preset_analyses
-    from vit_embedding_lens.report import format_headlines, headline_tables, write_report
-    from vit_embedding_lens.runner import run_analyses, summarize_run
+    from vit_embedding_lens.report import format_headlines
+    from vit_embedding_lens.runner import run_analyses
+    from vit_embedding_lens.runner.summarize import write_run_report
 
     preset = _preset(args)
     analyses = preset_analyses(args.analyses.split(",") if args.analyses else None, preset)
@@ -639,9 +654,6 @@ def _run_and_report(
         print(f"skipped images and reasons: {out / 'manifest.json'} ('skipped')", file=sys.stderr)
     if args.no_report:
         return 0
-    tables, figures = summarize_run(results, analyses, model)
-    print()
-    print(format_headlines(headline_tables(tables, analyses)))
     meta = {
         "title": title,
         "model": model.cfg.model_name,
@@ -653,8 +665,18 @@ def _run_and_report(
         "batch size": args.batch_size,
         "output": str(out.resolve()),
     }
-    page = write_report(out / "report", tables, figures, meta, results.manifest, analyses)
-    print(f"\nreport: {page}")
+    report = write_run_report(out, results, analyses, model, meta)
+    print()
+    print(format_headlines(report.headlines))
+    print(f"\nreport: {report.page}")
+    if report.failures:  # a bug, not the user's: the rest of the report is written
+        for f in report.failures:
+            print(f"report: {f['analysis']} ({f['part']}) failed: {f['error']}", file=sys.stderr)
+        print(
+            f"the tracebacks are in {out / 'manifest.json'} (report.failures); please report them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -682,13 +704,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from vit_embedding_lens.errors import (
         ConversionError,
         HubUnreachableError,
+        RunFolderLockedError,
         UnsupportedArchitectureError,
     )
 
     # ConfigMismatchError (a different run in --out) is a ValueError; OSError covers missing files
     # and an unreachable model hub (HubUnreachableError, said in the command line's terms). Not
     # imported here: runner/ imports torch, and argument errors must answer at once.
-    user_errors = (UnsupportedArchitectureError, ConversionError, ValueError, OSError)
+    user_errors = (
+        UnsupportedArchitectureError,
+        ConversionError,
+        RunFolderLockedError,
+        ValueError,
+        OSError,
+    )
     try:
         check_args(args)
         from vit_embedding_lens.runner.manifest import recorded_command_line

@@ -37,3 +37,7 @@ class HubUnreachableError(OSError):
         super().__init__(message)
         self.model = model
         self.reason = reason
+
+
+class RunFolderLockedError(RuntimeError):
+    """Another run writes (or wrote, and may still write) this output folder (``runner.lock``)."""

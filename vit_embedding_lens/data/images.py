@@ -8,12 +8,22 @@ size). A long run skips such a file, counts it and records why, instead of crash
 Class folders are matched to the model's classes: ImageNet synset names (``n01440764``) through
 timm's ImageNet label sets (or a ``LOC_synset_mapping.txt`` whose line order is the class order),
 other names through ``model.class_names``; anything unmatched is an error that lists the names.
+
+Decoding (:func:`open_image`) never saturates or leaks hidden pixels: 16-bit images (``I;16``,
+``I``) are scaled from 0..65535 to 0..255 (divided by 257, rounded), float images (``F``) from
+0..1 (values outside it, NaN or inf make the image unusable: their range is unknown), and images
+with transparency (``RGBA``, ``LA``, ``PA``, ``P``/``L``/``RGB`` with a transparent colour) are
+composited onto a solid background, ``"white"`` by default (how viewers show them) or
+``"black"``, so the colour hidden under transparent pixels never reaches the model. Each image's
+conversion (``"16-bit"``, ``"float"``, ``"alpha on white"``) is recorded in the run's manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import (
@@ -22,12 +32,14 @@ from typing import (
     Callable,
     Dict,
     List,
+    Literal,
     Mapping,
     Optional,
     Sequence,
     Tuple,
     Union,
     cast,
+    overload,
 )
 
 import numpy as np
@@ -60,6 +72,10 @@ IMAGE_EXTENSIONS = (
 )
 SYNSET_PATTERN = re.compile(r"^n\d{8}$")
 OnError = str  # "skip" (default: count, warn, go on) or "raise"
+#: backgrounds transparent pixels are composited onto, and their RGB value
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
+DEFAULT_BACKGROUND = "white"
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 #: a decoded segmentation mask: PIL image -> integer class-label array [H, W]
 MaskDecoder = Callable[[Image.Image], np.ndarray]
@@ -97,6 +113,8 @@ class ImageDataset(torch.utils.data.Dataset):
     ``"nearest"`` at patch centres, ``"corner"`` at their top-left pixels as the reference code, or
     ``"area"`` with ``threshold``). ``on_error="skip"`` turns an
     unusable file into a :class:`SkippedImage`; ``"raise"`` raises :class:`UnusableImageError`.
+    ``background`` (``"white"`` or ``"black"``) is what transparent pixels are composited onto
+    (see :func:`open_image`).
     """
 
     def __init__(
@@ -110,9 +128,11 @@ class ImageDataset(torch.utils.data.Dataset):
         threshold: float = 0.5,
         source: Optional[Mapping[str, Any]] = None,
         on_error: OnError = "skip",
+        background: str = DEFAULT_BACKGROUND,
     ) -> None:
         if not records:
             raise ValueError("the data set has no images")
+        check_background(background)
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         from vit_embedding_lens.data.token_labels import METHODS
@@ -134,6 +154,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.threshold = float(threshold)
         self.source = dict(source or {})
         self.on_error = on_error
+        self.background = background
         #: (image transform, mask transform), built lazily in each (worker) process
         self._transforms: Optional[
             Tuple[Callable[[Image.Image], torch.Tensor], Callable[[Image.Image], Image.Image]]
@@ -166,7 +187,12 @@ class ImageDataset(torch.utils.data.Dataset):
                 self.preprocessing.mask_transform(),
             )
         image_tf, mask_tf = self._transforms
-        image = open_image(record.path, self.preprocessing.image_mode)
+        image, conversion = open_image(
+            record.path,
+            self.preprocessing.image_mode,
+            background=self.background,
+            with_conversion=True,
+        )
         token_mask = None
         if record.mask_path is not None:
             labels = self.mask_decoder(open_image(record.mask_path, None, what="segmentation mask"))
@@ -183,16 +209,24 @@ class ImageDataset(torch.utils.data.Dataset):
             token_mask = token_mask_from_mask(
                 on_object, self.layout, method=self.token_labels, threshold=self.threshold
             )
+        tensor = image_tf(image)
+        if not bool(torch.isfinite(tensor).all()):
+            raise UnusableImageError(f"{record.path}: the preprocessed image has NaN or inf values")
         return Sample(
             index=index,
-            image=image_tf(image),
+            image=tensor,
             label=record.label,
             image_id=record.image_id,
             token_mask=token_mask,
+            conversion=conversion,
         )
 
     def fingerprint(self) -> Dict[str, Any]:
-        """What identifies this data set's content and preprocessing (for resumable runs)."""
+        """What identifies this data set's content and preprocessing (for resumable runs).
+
+        Besides ids, labels and mask labels it covers every image's and mask's bytes (size and a
+        blake2b digest, :func:`content_digest`), so changed pixels under the same file names are
+        never resumed from results of the old ones."""
         digest = hashlib.sha256()
         for r in self.records:
             digest.update(f"{r.image_id}\t{r.label}\t{r.mask_label}\n".encode())
@@ -200,6 +234,8 @@ class ImageDataset(torch.utils.data.Dataset):
             "source": self.source,
             "n_images": len(self.records),
             "files_sha256": digest.hexdigest(),
+            "content_blake2b": content_digest(self.records),
+            "background": self.background,
             "preprocessing": self.preprocessing.as_dict(),
             "token_labels": {"method": self.token_labels, "threshold": self.threshold}
             if self.has_masks
@@ -207,19 +243,140 @@ class ImageDataset(torch.utils.data.Dataset):
         }
 
 
-def open_image(path: Path, mode: Optional[str], what: str = "image") -> Image.Image:
-    """A fully decoded PIL image (``mode`` conversion applied); UnusableImageError when it cannot
-    be."""
+def check_background(background: str) -> str:
+    """``background`` if it names one of :data:`BACKGROUNDS`, else a ValueError."""
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {sorted(BACKGROUNDS)}, got {background!r}")
+    return background
+
+
+@overload
+def open_image(
+    path: Path,
+    mode: Optional[str],
+    what: str = ...,
+    *,
+    background: str = ...,
+    with_conversion: Literal[False] = ...,
+) -> Image.Image: ...
+
+
+@overload
+def open_image(
+    path: Path,
+    mode: Optional[str],
+    what: str = ...,
+    *,
+    background: str = ...,
+    with_conversion: Literal[True],
+) -> Tuple[Image.Image, Optional[str]]: ...
+
+
+def open_image(
+    path: Path,
+    mode: Optional[str],
+    what: str = "image",
+    *,
+    background: str = DEFAULT_BACKGROUND,
+    with_conversion: bool = False,
+) -> Union[Image.Image, Tuple[Image.Image, Optional[str]]]:
+    """A fully decoded PIL image in ``mode`` (None: as stored, e.g. label masks); raises
+    UnusableImageError when it cannot be read or its values have no known range.
+
+    16-bit and float images are scaled to 0..255 and transparency is composited onto
+    ``background`` (see the module's docstring). With ``with_conversion`` returns ``(image,
+    conversion)``, ``conversion`` naming what was done (``"16-bit"``, ``"float"``,
+    ``"alpha on white"``) or None for a plain image.
+    """
+    check_background(background)
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert(mode) if mode and img.mode != mode else img.copy()
+            if mode is None:
+                out, conversion = img.copy(), None
+            else:
+                out, conversion = _decode(img, mode, background)
     except FileNotFoundError as err:
         raise UnusableImageError(f"{path}: {what} file not found") from err
+    except UnusableImageError as err:
+        raise UnusableImageError(f"{path}: {err}") from err
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise UnusableImageError(
             f"{path}: cannot read the {what} ({type(err).__name__}: {err})"
         ) from err
+    return (out, conversion) if with_conversion else out
+
+
+def _decode(img: Image.Image, mode: str, background: str) -> Tuple[Image.Image, Optional[str]]:
+    """``img`` in ``mode`` with 16-bit / float values scaled and transparency composited."""
+    conversion: Optional[str] = None
+    if img.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(img).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise UnusableImageError(
+                f"a {img.mode} image with values outside 0..65535 (their range is unknown)"
+            )
+        img = Image.fromarray(np.round(values / 257.0).astype(np.uint8))
+        conversion = "16-bit"
+    elif img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise UnusableImageError("a float image with NaN or inf values")
+        if values.size and (values.min() < 0 or values.max() > 1):
+            raise UnusableImageError(
+                f"a float image with values in {values.min():.4g}..{values.max():.4g}; float "
+                "images are read as 0..1 (their range is unknown otherwise)"
+            )
+        img = Image.fromarray(np.round(values * 255.0).astype(np.uint8))
+        conversion = "float"
+    elif img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        if int(np.asarray(rgba)[..., 3].min()) < 255:  # some pixel is (partly) transparent
+            base = Image.new("RGBA", rgba.size, BACKGROUNDS[background] + (255,))
+            img = Image.alpha_composite(base, rgba).convert("RGB")
+            conversion = f"alpha on {background}"
+        else:
+            img = rgba.convert("RGB")
+    return (img.convert(mode) if img.mode != mode else img.copy()), conversion
+
+
+#: blake2b digests of files already read, by (path, size, mtime in ns)
+_DIGESTS: Dict[Tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path) -> Tuple[int, str]:
+    """``(size, blake2b hex digest)`` of a file's bytes; cached by path, size and mtime. A missing
+    or unreadable file gives ``(-1, "unreadable")`` (it is skipped when loaded)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return -1, "unreadable"
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        h = hashlib.blake2b(digest_size=16)
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError:
+            return -1, "unreadable"
+        digest = _DIGESTS[key] = h.hexdigest()
+    return stat.st_size, digest
+
+
+def content_digest(records: Sequence[ImageRecord], threads: int = 8) -> str:
+    """One blake2b digest over every record's image (and mask) file: id, size and bytes digest."""
+    paths = [p for r in records for p in (r.path, r.mask_path) if p is not None]
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # hashing releases the GIL
+        digests = dict(zip(paths, pool.map(file_digest, paths)))
+    total = hashlib.blake2b(digest_size=32)
+    for r in records:
+        for p in (r.path, r.mask_path):
+            if p is not None:
+                size, digest = digests[p]
+                total.update(f"{r.image_id}\t{size}\t{digest}\n".encode())
+    return total.hexdigest()
 
 
 def decode_label_mask(img: Image.Image) -> np.ndarray:
@@ -406,13 +563,21 @@ def image_folder_dataset(
     synset_mapping: Optional[Union[str, Path]] = None,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
     on_error: OnError = "skip",
+    background: str = DEFAULT_BACKGROUND,
 ) -> ImageDataset:
     """A class-subfolder image folder (``DIR/<class>/*.jpg|png|...``) as an
-    :class:`ImageDataset`."""
+    :class:`ImageDataset` (``background``: what transparent pixels are composited onto)."""
     root = Path(root).resolve()
     folders = [p.name for p in class_folders(root)]
     synsets = read_synset_mapping(synset_mapping) if synset_mapping else None
     mapping = class_indices(folders, model.cfg.n_classes, model.class_names, synsets)
     records = image_folder_records(root, mapping, per_class, extensions)
     source = {"layout": "folder", "root": str(root), "per_class": per_class}
-    return ImageDataset(records, preprocessing, model.layout, source=source, on_error=on_error)
+    return ImageDataset(
+        records,
+        preprocessing,
+        model.layout,
+        source=source,
+        on_error=on_error,
+        background=background,
+    )

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+#: why an image with NaN or inf values is skipped
+NOT_FINITE_REASON = "the image has NaN or inf values"
 
 
 @dataclass
@@ -21,6 +24,8 @@ class Sample:
     label: int
     image_id: str
     token_mask: Optional[Bool[Tensor, " pos"]] = None  # True at image tokens on the object
+    #: how the file was decoded when not plainly (``"16-bit"``, ``"float"``, ``"alpha on white"``)
+    conversion: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,12 @@ class InMemoryDataset(torch.utils.data.Dataset):
             raise ValueError(
                 f"images must be [n, chan, height, width], got shape {tuple(images.shape)}"
             )
+        if not images.is_floating_point():
+            raise TypeError(
+                f"images are {images.dtype}; the model takes preprocessed float images (e.g. "
+                "0..255 uint8 pixels as images.float() / 255, then normalized with the model's "
+                "mean and std), never raw integer pixels"
+            )
         n = images.shape[0]
         if len(labels) != n:
             raise ValueError(f"{len(labels)} labels for {n} images")
@@ -71,11 +82,12 @@ class InMemoryDataset(torch.utils.data.Dataset):
     def labels(self) -> List[int]:
         return self.label_tensor.tolist()
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, index: int) -> Union[Sample, SkippedImage]:
+        image = self.images[index]
+        if not bool(torch.isfinite(image).all()):
+            return SkippedImage(index, self.image_ids[index], NOT_FINITE_REASON)
         mask = self.token_masks[index] if self.token_masks is not None else None
-        return Sample(
-            index, self.images[index], int(self.label_tensor[index]), self.image_ids[index], mask
-        )
+        return Sample(index, image, int(self.label_tensor[index]), self.image_ids[index], mask)
 
     def fingerprint(self) -> Dict[str, Any]:
         digest = hashlib.sha256()

@@ -415,10 +415,12 @@ def memory_usage_per_image(
     generator: Optional[torch.Generator] = None,
     tables: Optional[MemoryTables] = None,
     head: HeadChoice = "mean",
+    drawn: Optional[Int[Tensor, "n_draws batch"]] = None,
 ) -> PerImageMemoryCounts:
     """:func:`memory_usage_batch`'s counts per image (one forward pass; same arguments, same draws
     from ``generator``): ``memory_usage_per_image(...).usage(C)`` equals
-    ``memory_usage_batch(...)``."""
+    ``memory_usage_batch(...)``. ``drawn`` gives the random classes instead of ``generator`` (the
+    runner draws them per image, so they do not depend on how images are batched)."""
     kinds, labels, tables, generator = _checked_inputs(
         model, images, labels, k, top_memories, kinds, n_random_draws, generator, tables, head
     )
@@ -427,9 +429,14 @@ def memory_usage_per_image(
     device = images.device
     groups = token_group_ids(model.layout_for(images.shape[-2:])).to(device)  # [N]
     one_hot = torch.nn.functional.one_hot(groups, len(TOKEN_GROUPS)).long()  # [N, G]
-    drawn = random_classes(generator, n_random_draws, labels.shape[0], cfg.n_classes).to(
-        device
-    )  # [D, B]
+    if drawn is None:
+        drawn = random_classes(generator, n_random_draws, labels.shape[0], cfg.n_classes)
+    elif tuple(drawn.shape) != (n_random_draws, labels.shape[0]):
+        raise ValueError(
+            f"drawn must be [n_random_draws, batch] = [{n_random_draws}, {labels.shape[0]}], got "
+            f"{tuple(drawn.shape)}"
+        )
+    drawn = drawn.long().to(device)  # [D, B]
 
     def per_group(flags: Tensor) -> Tensor:  # [B, N] bool -> [B, G] counts
         return flags.long() @ one_hot

@@ -23,6 +23,7 @@ table.dataframe td, table.dataframe th {
 table.dataframe th { background: #f4f4f4; }
 img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
 .meta td { padding: .1em 1em .1em 0; vertical-align: top; } .note { color: #666; font-size: .85em; }
+.failures { border: 2px solid #c33; background: #fff4f4; padding: 0 1em; }
 pre { background: #f8f8f8; padding: 1em; overflow-x: auto; font-size: .8em; }
 p.about { max-width: 60em; line-height: 1.4; }
 figcaption { max-width: 60em; line-height: 1.35; }
@@ -169,7 +170,13 @@ def run_details_html(
     key, converted = _first(manifest, CONVERTED_KEYS)
     if converted:
         parts.append("<h3>Converted images</h3>")
-        if isinstance(converted, Mapping):
+        if isinstance(converted, Mapping) and "images" in converted:  # the runner's own record
+            counts = converted.get("counts") or {}
+            summary = ", ".join(f"{html.escape(str(k))}: {v}" for k, v in counts.items())
+            if summary:
+                parts.append(f'<p class="note">{summary}</p>')
+            converted = converted["images"]
+        elif isinstance(converted, Mapping):
             converted = [{"conversion": k, "images": v} for k, v in converted.items()]
         parts.append(_records_html(converted))
     return "\n".join(parts)
@@ -183,9 +190,10 @@ def write_index(
     figure_paths: Mapping[str, Mapping[str, Path]],
     manifest: Mapping[str, Any] | None = None,
     analyses: Sequence[Any] = (),
-    failures: Sequence[Any] = (),
+    failures: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
-    """Write ``report_dir/index.html``: run facts, then per analysis what it shows (its
+    """Write ``report_dir/index.html``: run facts, what failed (``failures``: analysis, part,
+    error), then per analysis what it shows (its
     :attr:`~vit_embedding_lens.runner.Analysis.description`), flagged findings, figures with
     captions and tables, then the run details (versions, commit, command line, skipped images,
     what failed) and the configuration."""
@@ -208,6 +216,17 @@ def write_index(
     by_name = {getattr(a, "name", None): a for a in analyses}
     n_images = _n_images(meta, manifest)
     problems_all: List[str] = []
+    if failures:
+        items = "".join(
+            f"<li><b>{html.escape(str(f.get('analysis')))}</b> ({html.escape(str(f.get('part')))})"
+            f": {html.escape(str(f.get('error')))}</li>"
+            for f in failures
+        )
+        parts.append(
+            "<div class='failures'><h2>Parts of this report could not be made</h2>"
+            f"<ul>{items}</ul><p class='note'>The rest of the report is complete; the tracebacks "
+            "are in manifest.json under report.failures.</p></div>"
+        )
     for analysis in list(dict.fromkeys(list(figure_paths) + list(tables))):
         parts.append(f'<h2 id="{html.escape(analysis)}">{html.escape(analysis)}</h2>')
         description, captions, notes, problems = analysis_texts(
@@ -232,7 +251,7 @@ def write_index(
     parts.append(
         run_details_html(
             manifest,
-            list(failures) + problems_all,
+            problems_all,  # ``failures`` are shown once, at the top
             skipped_count if isinstance(skipped_count, int) else None,
         )
     )

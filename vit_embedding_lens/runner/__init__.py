@@ -14,17 +14,25 @@ from vit_embedding_lens.runner.analysis import (
     register_analysis,
 )
 from vit_embedding_lens.runner.batch import Batch, collate
+from vit_embedding_lens.runner.lock import ForeignFileError, RunFolderLockedError
 from vit_embedding_lens.runner.manifest import ConfigMismatchError
 from vit_embedding_lens.runner.results import IncompleteRunError, RunResults, load_results
 from vit_embedding_lens.runner.run import UnusableImageWarning, run_analyses, run_fingerprint
-from vit_embedding_lens.runner.summarize import summarize_run
+from vit_embedding_lens.runner.summarize import (
+    RunReport,
+    summarize_run,
+    write_run_report,
+)
 
 __all__ = [
     "ANALYSES",
     "Analysis",
     "Batch",
     "ConfigMismatchError",
+    "ForeignFileError",
     "IncompleteRunError",
+    "RunFolderLockedError",
+    "RunReport",
     "RunResults",
     "UnusableImageWarning",
     "available_analyses",
@@ -35,4 +43,5 @@ __all__ = [
     "run_analyses",
     "run_fingerprint",
     "summarize_run",
+    "write_run_report",
 ]

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from vit_embedding_lens.data.samples import Sample, SkippedImage
+from vit_embedding_lens.data.samples import NOT_FINITE_REASON, Sample, SkippedImage
 
 if TYPE_CHECKING:
     from vit_embedding_lens.model.cache import ViTActivationCache
@@ -85,6 +85,8 @@ class Batch:
     indices: Int[Tensor, " batch"]
     token_masks: Optional[Bool[Tensor, "batch pos"]] = None
     skipped: List[SkippedImage] = field(default_factory=list)
+    #: per image, how its file was decoded when not plainly ("" when plainly; see Sample)
+    conversions: List[str] = field(default_factory=list)
     forward: SharedForward = field(default_factory=SharedForward, repr=False)
 
     def __len__(self) -> int:
@@ -99,6 +101,7 @@ class Batch:
             indices=self.indices,
             token_masks=None if self.token_masks is None else self.token_masks.to(device),
             skipped=self.skipped,
+            conversions=self.conversions,
         )
 
     def with_forward(self, forward: SharedForward) -> Batch:
@@ -123,17 +126,40 @@ class Batch:
 
 
 def collate(items: Sequence[Union[Sample, SkippedImage]]) -> Batch:
-    """Samples -> one :class:`Batch`; skipped items are listed apart. Used as a DataLoader
-    collate_fn."""
-    samples = [s for s in items if isinstance(s, Sample)]
-    skipped = [s for s in items if isinstance(s, SkippedImage)]
+    """Samples -> one :class:`Batch`; skipped items are listed apart, and so is a sample whose image
+    has NaN or inf values (skipped with that reason). Used as a DataLoader collate_fn."""
+    samples: List[Sample] = []
+    skipped: List[SkippedImage] = []
+    for s in items:
+        if isinstance(s, SkippedImage):
+            skipped.append(s)
+        elif s.image.is_floating_point() and not bool(torch.isfinite(s.image).all()):
+            skipped.append(SkippedImage(s.index, s.image_id, NOT_FINITE_REASON))
+        else:
+            samples.append(s)
     if samples:
+        shapes = {tuple(s.image.shape) for s in samples}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"the images of a batch differ in shape ({sorted(shapes)}), e.g. "
+                f"{samples[0].image_id!r}; preprocess every image to the model's input size"
+            )
         images = torch.stack([s.image for s in samples])
     else:
         images = torch.zeros(0)
     masks = [s.token_mask for s in samples]
     if any(m is None for m in masks) and not all(m is None for m in masks):
-        raise ValueError("some samples of a batch have token masks and some do not")
+        missing = next(s.image_id for s in samples if s.token_mask is None)
+        raise ValueError(f"some samples of a batch have token masks and some do not ({missing!r})")
+    shapes_of = [tuple(m.shape) for m in masks if m is not None]
+    if len(set(shapes_of)) > 1:
+        odd = next(
+            (s.image_id, shape) for s, shape in zip(samples, shapes_of) if shape != shapes_of[0]
+        )
+        raise ValueError(
+            f"image {odd[0]!r}: its token mask has shape {odd[1]}, unlike {shapes_of[0]} of its "
+            "batch; every token mask covers the model's token sequence"
+        )
     return Batch(
         images=images,
         labels=torch.tensor([s.label for s in samples], dtype=torch.long),
@@ -144,4 +170,5 @@ def collate(items: Sequence[Union[Sample, SkippedImage]]) -> Batch:
             torch.stack(cast(List[Tensor], masks)) if samples and masks[0] is not None else None
         ),
         skipped=skipped,
+        conversions=[getattr(s, "conversion", None) or "" for s in samples],
     )

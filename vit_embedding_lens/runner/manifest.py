@@ -65,10 +65,15 @@ def check_same_config(
     diffs = differences(to_json(existing), to_json(config))
     if diffs:
         shown = "\n  ".join(diffs[:20])
+        inputs = any(d.startswith("data.") for d in diffs)
+        what = (
+            "were computed on other inputs (the data set's images, labels or masks differ)"
+            if inputs
+            else "come from a run with another configuration"
+        )
         raise ConfigMismatchError(
-            f"{out_dir} holds results of a run with another configuration:\n  {shown}\nResuming "
-            "would mix the two. Write to a new output folder, or start over with --overwrite "
-            "(overwrite=True)."
+            f"the results in {out_dir} {what}:\n  {shown}\nResuming would mix or reuse them. "
+            "Rerun with --overwrite (overwrite=True) or another --out."
         )
 
 

@@ -36,6 +36,8 @@ class RunResults:
     arrays: Dict[str, Dict[str, np.ndarray]]
     skipped: pd.DataFrame
     manifest: Dict[str, Any] = field(default_factory=dict)
+    #: per row, how the image was decoded when not plainly (``"16-bit"``, ...; ``""`` if plainly)
+    conversions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -86,6 +88,8 @@ def load_results(out_dir: Union[str, Path]) -> RunResults:
                 f"{expected[0]}..{expected[-1]}; the folder mixes runs: start over with --overwrite"
             )
         np.add.at(seen, covered, 1)
+        if f"{META}/conversion" not in data:  # a batch file written before conversions were kept
+            data[f"{META}/conversion"] = np.full(len(index), "", dtype=str)
         for i, image_id, reason in zip(
             skipped_index, data[f"{META}/skipped_image_id"], data[f"{META}/skipped_reason"]
         ):
@@ -125,4 +129,5 @@ def load_results(out_dir: Union[str, Path]) -> RunResults:
         arrays=arrays,
         skipped=skipped,
         manifest=manifest,
+        conversions=merged.get(f"{META}/conversion", np.full(len(index), "", dtype=str)),
     )

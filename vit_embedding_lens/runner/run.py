@@ -12,12 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
+import re
 import time
-import uuid
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,6 +31,14 @@ from vit_embedding_lens.runner.analysis import (
     hook_names_of,
 )
 from vit_embedding_lens.runner.batch import Batch, SharedForward, collate
+from vit_embedding_lens.runner.lock import (
+    ForeignFileError,
+    RunFolderLockedError,
+    acquire_lock,
+    check_lock,
+    read_lock,
+    release_lock,
+)
 from vit_embedding_lens.runner.manifest import (
     MANIFEST_FILE,
     ConfigMismatchError,
@@ -62,10 +69,10 @@ if TYPE_CHECKING:
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 PROGRESS_DIR = "progress"
+#: skipped and converted images listed in the manifest (all are counted)
+MAX_LISTED = 1000
 MERGED_FILE = "results.npz"
-_SHARED_CHECK_FILE = ".shared-folder-check"
-#: what --overwrite removes: only files this runner writes, never the rest of the folder
-OWNED_PATHS = (MANIFEST_FILE, BATCHES_DIR, PROGRESS_DIR, MERGED_FILE, "report")
+_BATCH_NAME = re.compile(r"^batch_\d{6,}\.npz$")
 
 
 class UnusableImageWarning(UserWarning):
@@ -107,32 +114,42 @@ def run_analyses(
     n_batches = math.ceil(n_images / batch_size)
 
     if ctx.active:
-        pending = _prepare_on_rank0(
+        pending, token = _prepare_on_rank0(
             ctx, out_dir, config, n_batches, batch_size, n_images, resume, overwrite
         )
-        _check_shared_folder(ctx, out_dir)
     else:
-        pending = _prepare(out_dir, config, n_batches, batch_size, n_images, resume, overwrite)
-
-    mine = pending[ctx.rank :: ctx.world_size]
-    _process(
-        model,
-        dataset,
-        analyses,
-        out_dir,
-        mine,
-        batch_size,
-        n_images,
-        device,
-        dtype,
-        progress and ctx.is_main,
-        num_workers,
-        ctx,
-    )
-    ctx.barrier()
-    if not ctx.is_main:
-        return None
-    return _finish(out_dir)
+        token = acquire_lock(out_dir)
+        try:
+            pending = _prepare(out_dir, config, n_batches, batch_size, n_images, resume, overwrite)
+        except BaseException:
+            release_lock(out_dir, token)
+            raise
+    try:
+        if ctx.active:
+            _check_shared_folder(ctx, out_dir, token)
+        mine = pending[ctx.rank :: ctx.world_size]
+        _process(
+            model,
+            dataset,
+            analyses,
+            out_dir,
+            mine,
+            batch_size,
+            n_images,
+            device,
+            dtype,
+            progress and ctx.is_main,
+            num_workers,
+            ctx,
+            token,
+        )
+        ctx.barrier()
+        if not ctx.is_main:
+            return None
+        return _finish(out_dir)
+    finally:
+        if ctx.is_main:  # rank 0 took the lock for the launch; only it releases it
+            release_lock(out_dir, token)
 
 
 def run_fingerprint(
@@ -191,13 +208,55 @@ def _batch_items(batch_id: int, batch_size: int, n_images: int) -> List[int]:
 
 
 def remove_run(out_dir: Path) -> None:
-    """Delete what a previous run wrote in ``out_dir`` (and nothing else)."""
-    for name in OWNED_PATHS:
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
+    """Delete what a previous run wrote in ``out_dir``, and nothing else: the files its manifest
+    lists (the merged file, the report's files), its batch and progress files (by their names),
+    and the manifest; folders only when that leaves them empty."""
+    try:
+        manifest = read_manifest(out_dir)
+    except ValueError:  # unreadable: only files named as the runner names them
+        manifest = None
+    listed: List[str] = []
+    if manifest is not None:
+        listed += list(manifest.get("files", [MERGED_FILE]))
+        listed += list(manifest.get("report", {}).get("files", []))
+    root = out_dir.resolve()
+    for name in listed:
+        path = (out_dir / name).resolve()
+        if root in path.parents and path.is_file():
             path.unlink()
+    for path in (out_dir / BATCHES_DIR).glob("batch_*.npz"):
+        if _BATCH_NAME.match(path.name):
+            path.unlink()
+    for path in (out_dir / PROGRESS_DIR).glob("rank*.json"):
+        path.unlink()
+    clean_temp_files(out_dir)
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    for folder in ("report/tables", "report/figures", "report", BATCHES_DIR, PROGRESS_DIR):
+        try:
+            (out_dir / folder).rmdir()  # only when empty
+        except OSError:
+            pass
+
+
+def _remove_progress(out_dir: Path) -> None:
+    """Remove the ranks' progress files (and their folder when that empties it)."""
+    for path in (out_dir / PROGRESS_DIR).glob("rank*.json"):
+        path.unlink(missing_ok=True)
+    try:
+        (out_dir / PROGRESS_DIR).rmdir()
+    except OSError:
+        pass
+
+
+def _check_foreign_files(out_dir: Path, manifest: Optional[Dict[str, Any]]) -> None:
+    """Refuse to start when a file the runner would write exists but the runner did not write it
+    (a user's own ``results.npz``): the runner never overwrites or deletes such a file."""
+    ours = set(manifest.get("files", [MERGED_FILE])) if manifest is not None else set()
+    if (out_dir / MERGED_FILE).exists() and MERGED_FILE not in ours:
+        raise ForeignFileError(
+            f"{out_dir / MERGED_FILE} was not written by vit-lens (no run manifest lists it); "
+            "the runner never overwrites it: move it, or use another --out"
+        )
 
 
 def _prepare(
@@ -215,6 +274,7 @@ def _prepare(
     if overwrite:
         remove_run(out_dir)
     manifest = read_manifest(out_dir)
+    _check_foreign_files(out_dir, manifest)
     if manifest is None and batch_ids_on_disk(out_dir):
         raise ValueError(
             f"{out_dir} has batch files but no {MANIFEST_FILE}; start over with --overwrite"
@@ -230,7 +290,7 @@ def _prepare(
         manifest = new_manifest(config, n_batches)
     clean_temp_files(out_dir)
     (out_dir / MERGED_FILE).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / PROGRESS_DIR, ignore_errors=True)  # the batch files are the record
+    _remove_progress(out_dir)  # the batch files are the record
     finished = []
     for b in batch_ids_on_disk(out_dir):
         if b < n_batches and _batch_is_valid(out_dir, b, batch_size, n_images):
@@ -252,6 +312,8 @@ def _prepare(
     }
     manifest.update(finished_batches=finished, status="running", n_batches=n_batches)
     manifest["environment"] = environment  # the latest attempt's; every attempt keeps its own
+    # the files besides batches, progress and report that this run writes (so they are its own)
+    manifest["files"] = sorted(set(manifest.get("files", [])) | {MERGED_FILE})
     manifest["attempts"] = manifest.get("attempts", []) + [attempt]
     write_manifest(out_dir, manifest)
     return pending
@@ -277,9 +339,10 @@ def _prepare_on_rank0(
     n_images: int,
     resume: bool,
     overwrite: bool,
-) -> List[int]:
-    """Under torchrun: every rank must describe the same run; rank 0 prepares the folder and tells
-    the others which batches are pending, or raises the same error on every rank."""
+) -> Tuple[List[int], str]:
+    """Under torchrun: every rank must describe the same run; rank 0 takes the folder's lock,
+    prepares the folder and tells the others which batches are pending and the lock's token, or
+    raises the same error on every rank."""
     digest = hashlib.sha256(json.dumps(to_json(config), sort_keys=True).encode()).hexdigest()
     if len(set(ctx.all_gather(digest))) != 1:
         raise ValueError(
@@ -288,51 +351,49 @@ def _prepare_on_rank0(
         )
     status: Dict[str, Any] = {}
     if ctx.is_main:
+        token = None
         try:
-            status = {
-                "pending": _prepare(
-                    out_dir,
-                    config,
-                    n_batches,
-                    batch_size,
-                    n_images,
-                    resume,
-                    overwrite,
-                    ctx.world_size,
-                )
-            }
-        except (ValueError, OSError) as err:
+            token = acquire_lock(out_dir, ctx.world_size)
+            pending = _prepare(
+                out_dir,
+                config,
+                n_batches,
+                batch_size,
+                n_images,
+                resume,
+                overwrite,
+                ctx.world_size,
+            )
+            status = {"pending": pending, "token": token}
+        except (ValueError, OSError, RunFolderLockedError) as err:
+            if token is not None:
+                release_lock(out_dir, token)
             status = {"error": type(err).__name__, "message": str(err)}
     status = ctx.broadcast(status)
     if "error" in status:
-        raise (ConfigMismatchError if status["error"] == "ConfigMismatchError" else ValueError)(
-            status["message"]
-        )
-    return status["pending"]
+        raise _BROADCAST_ERRORS.get(status["error"], ValueError)(status["message"])
+    return status["pending"], status["token"]
 
 
-def _check_shared_folder(ctx: distributed.DistContext, out_dir: Path) -> None:
-    """Every rank must see the folder rank 0 writes to (a shared filesystem), or merging cannot
-    work."""
+_BROADCAST_ERRORS = {
+    "ConfigMismatchError": ConfigMismatchError,
+    "ForeignFileError": ForeignFileError,
+    "RunFolderLockedError": RunFolderLockedError,
+}
+
+
+def _check_shared_folder(ctx: distributed.DistContext, out_dir: Path, token: str) -> None:
+    """Every rank must see the lock rank 0 took for this launch in the folder (a filesystem shared
+    by all nodes, and no other launch's lock), or merging cannot work."""
     if not ctx.active:
         return
-    token = ctx.broadcast(uuid.uuid4().hex if ctx.is_main else None)
-    check = out_dir / _SHARED_CHECK_FILE
-    if ctx.is_main:
-        atomic_write_json(check, token)
-    ctx.barrier()
-    try:
-        seen = check.read_text().strip().strip('"') == token
-    except OSError:
-        seen = False
-    ok = ctx.all_gather(seen)
-    if ctx.is_main:
-        check.unlink(missing_ok=True)
+    holder = read_lock(out_dir)
+    ok = ctx.all_gather(holder is not None and holder.get("token") == token)
     if not all(ok):
         blind = [r for r, s in enumerate(ok) if not s]
         raise RuntimeError(
-            f"ranks {blind} do not see {out_dir} as rank 0 writes it; under torchrun the output "
-            "folder must be on a filesystem shared by all nodes"
+            f"ranks {blind} do not see the lock rank 0 took in {out_dir}; under torchrun the "
+            "output folder must be on a filesystem shared by all nodes, written by one launch"
         )
 
 
@@ -349,8 +410,10 @@ def _process(
     progress: bool,
     num_workers: int,
     ctx: distributed.DistContext,
+    token: str,
 ) -> None:
-    """This rank's batches: load, run every analysis, write the batch file, record progress."""
+    """This rank's batches: load, run every analysis, write the batch file, record progress (each
+    write only while this launch still holds the folder's lock)."""
     if not batch_ids:
         return
     hooks = hook_names_of(analyses, model)
@@ -373,6 +436,7 @@ def _process(
         ) as bar:
             for batch_id, batch in zip(batch_ids, loader):
                 arrays = _run_batch(model, batch, analyses, hooks, device, dtype)
+                check_lock(out_dir, token)
                 write_batch(out_dir, batch_id, arrays)
                 tracker.finished(batch_id)
                 for s in batch.skipped:
@@ -393,10 +457,15 @@ def _run_batch(
     dtype: torch.dtype,
 ) -> Dict[str, np.ndarray]:
     arrays = meta_arrays(
-        batch.indices.tolist(), batch.labels.tolist(), batch.image_ids, batch.skipped
+        batch.indices.tolist(),
+        batch.labels.tolist(),
+        batch.image_ids,
+        batch.skipped,
+        batch.conversions or None,
     )
     if not len(batch):
         return arrays
+    check_batch_inputs(model, batch)
     batch = batch.to(device, dtype)
     readers = {}
     for analysis in analyses:
@@ -457,6 +526,53 @@ class _ProgressTracker:
             write_manifest(self.out_dir, self.manifest)
 
 
+def check_batch_inputs(model: HookedViT, batch: Batch) -> None:
+    """Refuse inputs the analyses would misread, naming the image: integer (uint8) pixels, labels
+    outside the model's classes, token masks that do not cover the model's token sequence."""
+    if not batch.images.is_floating_point():
+        raise TypeError(
+            f"the data set gives {batch.images.dtype} images (first: {batch.image_ids[0]!r}); the "
+            "runner takes preprocessed float images normalized as the model expects (uint8 pixels "
+            "would be read as values up to 255): use ImageDataset with the model's preprocessing, "
+            "or convert them (images.float() / 255, then the model's mean and std)"
+        )
+    n_classes = model.cfg.n_classes
+    bad = ((batch.labels < 0) | (batch.labels >= n_classes)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise ValueError(
+            f"image {batch.image_ids[i]!r} has label {int(batch.labels[i])}, but the model has "
+            f"{n_classes} classes (labels 0..{n_classes - 1})"
+        )
+    masks = batch.token_masks
+    n_tokens = model.layout.n_tokens
+    if masks is not None and (masks.ndim != 2 or masks.shape[-1] != n_tokens):
+        raise ValueError(
+            f"image {batch.image_ids[0]!r}: its token mask has shape {tuple(masks.shape[1:])}, but "
+            f"the model's token sequence has {n_tokens} tokens ({model.layout.n_prefix} prefix + "
+            "image tokens); build token masks with token_mask_from_mask(mask, model.layout)"
+        )
+
+
+def conversion_summary(results: RunResults) -> Dict[str, Any]:
+    """The manifest's ``conversions``: images decoded other than plainly, counted by kind
+    (``counts``) and listed (``images``: index, image_id, conversion; the first 1000)."""
+    conv = np.asarray(results.conversions, dtype=str)
+    rows = np.flatnonzero(conv != "") if len(conv) else np.zeros(0, dtype=np.int64)
+    kinds, counts = np.unique(conv[rows], return_counts=True)
+    return {
+        "counts": {str(k): int(c) for k, c in zip(kinds, counts)},
+        "images": [
+            {
+                "index": int(results.index[r]),
+                "image_id": str(results.image_ids[r]),
+                "conversion": str(conv[r]),
+            }
+            for r in rows[:MAX_LISTED]
+        ],
+    }
+
+
 def _finish(out_dir: Path) -> RunResults:
     """Rank 0, after every rank is done: merge, verify, write the merged file, mark complete."""
     results = load_results(out_dir)  # raises if anything is missing or duplicated
@@ -466,6 +582,7 @@ def _finish(out_dir: Path) -> RunResults:
             ("index", results.index),
             ("label", results.labels),
             ("image_id", results.image_ids),
+            ("conversion", results.conversions),
         )
     }
     for name, arrays in results.arrays.items():
@@ -478,9 +595,10 @@ def _finish(out_dir: Path) -> RunResults:
         finished_batches=batch_ids_on_disk(out_dir),
         status="complete",
         n_skipped=len(results.skipped),
-        skipped=results.skipped.to_dict(orient="records")[:1000],
+        skipped=results.skipped.to_dict(orient="records")[:MAX_LISTED],
+        conversions=conversion_summary(results),
     )
     write_manifest(out_dir, manifest)
-    shutil.rmtree(out_dir / PROGRESS_DIR, ignore_errors=True)
+    _remove_progress(out_dir)
     results.manifest = manifest
     return results

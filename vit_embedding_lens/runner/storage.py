@@ -6,7 +6,8 @@ killed at any instant leaves either the old file or the new one, never a partial
 temporary files (``.*.tmp``) are removed when a run starts.
 
 A batch file ``batches/batch_000042.npz`` holds, for batch 42 (data set items ``42*B .. 43*B-1``):
-``meta/index``, ``meta/label``, ``meta/image_id`` of the images it ran on, ``meta/skipped_*`` for
+``meta/index``, ``meta/label``, ``meta/image_id``, ``meta/conversion`` of the images it ran on,
+``meta/skipped_*`` for
 the items that could not be loaded, and ``<analysis>/<key>`` per-image arrays. It is read with
 ``allow_pickle=False``: only plain numeric, boolean and string arrays are stored.
 """
@@ -136,9 +137,12 @@ def read_batch(path: Path, keys: Optional[Iterable[str]] = None) -> Dict[str, np
         return {k: data[k] for k in names}
 
 
-def meta_arrays(indices, labels, image_ids, skipped) -> Dict[str, np.ndarray]:
-    """The ``meta/*`` arrays of a batch file."""
+def meta_arrays(indices, labels, image_ids, skipped, conversions=None) -> Dict[str, np.ndarray]:
+    """The ``meta/*`` arrays of a batch file (``meta/conversion``: how each image was decoded when
+    not plainly, ``""`` when plainly)."""
+    conversions = list(conversions) if conversions is not None else [""] * len(list(indices))
     return {
+        f"{META}/conversion": np.asarray(conversions, dtype=str),
         f"{META}/index": np.asarray(indices, dtype=np.int64),
         f"{META}/label": np.asarray(labels, dtype=np.int64),
         f"{META}/image_id": np.asarray(list(image_ids), dtype=str),

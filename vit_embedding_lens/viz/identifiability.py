@@ -8,12 +8,12 @@ Wilcoxon test of pretrained > random).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
-from vit_embedding_lens.viz._figures import figure_and_axes, legend_outside, stars_label
+from vit_embedding_lens.viz._figures import figure_and_axes, legend_outside, stars_label, to_numpy
 from vit_embedding_lens.viz._tables import long_frame, ordered_groups, pvalue_frame
 from vit_embedding_lens.viz.palette import REFERENCE_COLOR, token_group_color
 
@@ -53,12 +53,30 @@ def identifiability_evolution_table(
             on=["block", "group"],
             how="left",
         )
-    if pvalues is not None:
+    if pvalues is not None and not _any_finite_pvalue(pvalues):
+        # e.g. a model equal to its random twin: every test is undefined, so no star is drawn
+        table["p_value"] = np.nan
+        table["stars"] = ""
+    elif pvalues is not None:
         groups = ordered_groups(frame)
         p = pvalue_frame(pvalues, groups, block_col=block_col, group_col=group_col)
         table = table.merge(p, on=["block", "group"], how="left")
         table["stars"] = [stars_label(v) for v in table["p_value"]]
     return table
+
+
+def _any_finite_pvalue(pvalues: Any, p_col: str = "p_value") -> bool:
+    """Whether ``pvalues`` (any form :func:`pvalue_frame` takes) holds at least one finite value."""
+    if isinstance(pvalues, pd.DataFrame):
+        if p_col not in pvalues:
+            return True  # let pvalue_frame name the missing column
+        values = pd.to_numeric(pvalues[p_col], errors="coerce").to_numpy(dtype=float)
+    elif isinstance(pvalues, Mapping):
+        parts = [to_numpy(v, "pvalues").astype(float).ravel() for v in pvalues.values()]
+        values = np.concatenate(parts) if parts else np.zeros(0)
+    else:
+        values = to_numpy(pvalues, "pvalues").astype(float).ravel()
+    return bool(np.isfinite(values).any())
 
 
 def _summarize(frame: pd.DataFrame, band: Tuple[float, float]) -> pd.DataFrame:
@@ -151,6 +169,17 @@ def plot_identifiability_evolution(
     if "stars" in table and (table["stars"] != "").any():
         low, high = ax.get_ylim()
         ax.set_ylim(low, max(high, top + 0.12 * (high - low)))  # room for the stars
+    if pvalues is not None and "p_value" in table and table["p_value"].isna().all():
+        ax.text(
+            0.01,
+            0.99,
+            "no significance stars: every p-value is NaN (e.g. identical scores or too few images)",
+            transform=ax.transAxes,
+            ha="left",
+            va="top",
+            fontsize=7,
+            color="0.35",
+        )
     if chance is not None:
         ax.axhline(chance, color=REFERENCE_COLOR, lw=0.8, ls=":", label="chance")
     ax.set_xticks(blocks)

@@ -106,7 +106,8 @@ class ContextRemoval(Analysis):
             # an image with no token of the kind runs with its prefix only (the reference's CLS
             # alone), unless the model pools image tokens and has nothing else to read
             usable = (keep & image).any(-1) | prefix_only_allowed(model)
-            n_kept[:, c] = keep.sum(-1).cpu().numpy()
+            # an image that cannot run kept nothing, whatever the rest of its batch
+            n_kept[:, c] = torch.where(usable, keep.sum(-1), 0).cpu().numpy()
             if not bool(usable.any()):
                 continue
             keep = torch.where(usable[:, None], keep, torch.ones_like(keep))  # placeholder rows
@@ -117,7 +118,6 @@ class ContextRemoval(Analysis):
             nan = torch.full_like(hit, float("nan"))
             correct[:, c] = torch.where(usable.cpu(), hit, nan).numpy()
             pct[:, c] = torch.where(usable.cpu(), 100 * ident, nan).numpy()
-            n_kept[~usable.cpu().numpy(), c] = 0
         return {
             "has_mask": np.ones(n, dtype=bool),
             "correct": correct,

@@ -6,8 +6,9 @@ label's top memories, that match a top memory's class, and that agree with rando
 per block × sublayer × token group); ``summarize`` folds them by class into a
 :class:`~vit_embedding_lens.lens.MemoryUsage`, so the rates are exactly those of
 :func:`~vit_embedding_lens.lens.memory_usage` over the same images and draws. The random classes of
-a batch are drawn from a generator seeded by ``seed`` and the batch's first data set index, so a
-resumed run draws the same classes. The class-value agreement against the random-init twin uses the
+an image are drawn from a generator seeded by ``seed`` and the image's data set index
+(:meth:`MemoriesAnalysis.image_seed`), so they are the same for any batch size, worker count,
+process count and in a resumed run. The class-value agreement against the random-init twin uses the
 weights only and is computed in ``summarize``.
 """
 
@@ -25,6 +26,7 @@ from vit_embedding_lens.lens.memory_usage import (
     MemoryTables,
     PerImageMemoryCounts,
     memory_usage_per_image,
+    random_classes,
 )
 from vit_embedding_lens.lens.ranks import class_rank
 from vit_embedding_lens.runner.analysis import Analysis
@@ -98,7 +100,6 @@ class MemoriesAnalysis(Analysis):
         if self._tables_of is not model:  # value projections from the weights, once per model
             self._tables = MemoryTables.from_model(model, SUBLAYERS, self.top_memories)
             self._tables_of = model
-        generator = torch.Generator().manual_seed(self.batch_seed(int(batch.indices[0])))
         counts = memory_usage_per_image(
             model,
             batch.images,
@@ -107,8 +108,8 @@ class MemoriesAnalysis(Analysis):
             top_memories=self.top_memories,
             kinds=SUBLAYERS,
             n_random_draws=self.n_random_draws,
-            generator=generator,
             tables=self._tables,
+            drawn=self.drawn_classes(batch.indices, model.cfg.n_classes),
         )
         # correct vs incorrect images (kv_agreement_by_correctness): top-1 as the accuracy counts
         # it, from the forward pass the batch's analyses share
@@ -124,10 +125,25 @@ class MemoriesAnalysis(Analysis):
             "random_agree": counts.random_agree.numpy().astype(small),
         }
 
-    def batch_seed(self, first_index: int) -> int:
-        """The random-class generator's seed for the batch that starts at data set index
-        ``first_index``."""
-        return self.seed * 1_000_003 + first_index
+    def image_seed(self, index: int) -> int:
+        """The random-class generator's seed of the image at data set position ``index``."""
+        return self.seed * 1_000_003 + index
+
+    def drawn_classes(self, indices: Any, n_classes: int) -> torch.Tensor:
+        """``[n_random_draws, batch]`` random classes, each image's from its own seeded generator
+        (:func:`~vit_embedding_lens.lens.memory_usage.random_classes`, one image at a time)."""
+        columns = [
+            random_classes(
+                torch.Generator().manual_seed(self.image_seed(int(i))),
+                self.n_random_draws,
+                1,
+                n_classes,
+            )
+            for i in torch.as_tensor(indices).tolist()
+        ]
+        if not columns:
+            return torch.zeros(self.n_random_draws, 0, dtype=torch.long)
+        return torch.cat(columns, dim=1)
 
     def usage(self, results: Dict[str, np.ndarray], model: HookedViT):
         """The per-class :class:`~vit_embedding_lens.lens.MemoryUsage` of the stored images."""
