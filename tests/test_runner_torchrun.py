@@ -123,9 +123,11 @@ def test_demo_under_torchrun_shares_the_work_and_equals_one_process(tmp_path):
     """Two ranks of ``vit-lens demo`` write one folder together (rank 0 holds the lock, both
     compute batches, rank 0 merges and reports) and give the one-process demo's results."""
 
-    def demo(out: Path) -> list:  # all 500 images: torchrun's own parser takes --n for its --nnodes
+    def demo(out: Path) -> list:  # --n-images: torchrun's own parser takes --n for its --nnodes
         return [
             "demo",
+            "--n-images",
+            "120",
             "--out",
             str(out),
             "--batch-size",

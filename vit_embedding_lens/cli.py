@@ -262,7 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="which bundled model: mnist-vit (digits) or fashion-vit (Fashion-MNIST)",
     )
     demo.add_argument(
-        "--n", type=_positive_int, default=None, help="first N eval images (default: all 500)"
+        "--n-images",
+        "--n",
+        dest="n",
+        type=_positive_int,
+        default=None,
+        help="first N eval images (default: all 500); under torchrun spell it --n-images (its "
+        "parser takes --n for its own --nnodes)",
     )
     _add_run_options(demo, default_out="vit-lens-demo")
     return parser
