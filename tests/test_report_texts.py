@@ -55,7 +55,7 @@ def _summary(class_space_negative: float, random_negative: float, nan_chefer: bo
 def test_attribution_flags_the_known_finding_and_nan_aucs_only_when_the_tables_show_them():
     bench = AttributionBenchmark()
     losing = bench.notes({"summary": _summary(0.5, 0.66)})
-    assert len(losing) == 1 and "Known finding" in losing[0] and "0.500" in losing[0]
+    assert len(losing) == 1 and "known finding" in losing[0] and "0.500" in losing[0]
     assert "reference code" in losing[0] and "0.660" in losing[0]
     assert bench.notes({"summary": _summary(0.8, 0.66)}) == []
     nan = bench.notes({"summary": _summary(0.8, 0.66, nan_chefer=True)})
