@@ -234,7 +234,9 @@ class TunedClassLens:
         lens = cls(model)
         linear = torch.zeros_like(lens.linear, requires_grad=True)
         bias = torch.zeros_like(lens.bias, requires_grad=True)
-        optim = torch.optim.Adam([linear, bias], lr=lr)
+        # eps well above float round-off: at an optimum (the last block reads the model's output
+        # exactly at the identity) Adam would otherwise turn round-off gradients into full steps
+        optim = torch.optim.Adam([linear, bias], lr=lr, eps=1e-6)
         plain_kl = _heldout_kl(proj, val, val_readout, linear.detach(), bias.detach(), batch_size)
         best = (
             _objective(plain_kl).sum().item(),
@@ -249,10 +251,12 @@ class TunedClassLens:
             order = torch.randperm(len(train), generator=gen)
             for start in range(0, len(train), batch_size):
                 pick = order[start : start + batch_size]
-                kl = _vector_kl(proj, train[pick], linear, bias)  # [vector, block]
-                loss = (kl * _weights(train_readout[pick])[:, None]).sum()
+                with torch.enable_grad():  # also when fit is called under no_grad
+                    kl = _vector_kl(proj, train[pick], linear, bias)  # [vector, block]
+                    loss = (kl * _weights(train_readout[pick])[:, None]).sum()
                 optim.zero_grad(set_to_none=True)
-                loss.backward()
+                with torch.enable_grad():
+                    loss.backward()
                 optim.step()
                 steps += 1
             kl = _heldout_kl(proj, val, val_readout, linear.detach(), bias.detach(), batch_size)
