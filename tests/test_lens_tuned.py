@@ -364,6 +364,14 @@ def test_cli_demo_with_both_lenses(tmp_path, capsys):
     assert (out / "tuned_lens" / "card.json").is_file()
     assert main([*args, "--tuned-lens", str(out / "tuned_lens")]) == 2
     assert "--tuned-lens needs --lens tuned" in capsys.readouterr().err
+    # the tuned lens alone, from the saved translators, with the report
+    other = tmp_path / "tuned_only"
+    args = ["demo", "--n", "20", "--analyses", "lens", "--out", str(other), "--no-progress"]
+    assert main([*args, "--lens", "tuned", "--tuned-lens", str(out / "tuned_lens")]) == 0
+    tables = other / "report" / "tables"
+    assert (tables / "lens__lens_kl.csv").is_file() and (tables / "lens__lens_causal.csv").is_file()
+    assert not (tables / "lens__trained_vs_random.csv").exists()  # no twin for translators
+    assert (other / "report" / "figures" / "lens__lens_comparison.png").is_file()
 
 
 # -- bad input -------------------------------------------------------------------------------------
