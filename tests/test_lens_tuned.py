@@ -396,3 +396,25 @@ def test_bad_input_is_refused():
         causal_check(model, images, None)  # type: ignore[arg-type]
     frame = identifiability_comparison({"plain": lens_batch(model, images, [0, 1])})
     assert set(frame["lens"]) == {"plain"}
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_other_poolings_fit_and_read(pool):
+    """CLS + registers and average pooling (fc_norm): the readout vector is the model's, so the
+    plain readout of the last block is the model's output; identity reads as plain; a fit runs."""
+    extra = dict(class_token=False, global_pool="avg") if pool == "avg" else dict(reg_tokens=2)
+    timm_model = create_timm_vit(
+        "vit_tiny_patch16_224", depth=2, img_size=32, patch_size=8, num_classes=7, **extra
+    ).double()
+    model = HookedViT.from_timm(timm_model)
+    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(4)).double()
+    labels = torch.arange(12) % 7
+    assert_results_equal(
+        lens_batch(model, images, labels),
+        lens_batch(model, images, labels, lens=TunedClassLens(model)),
+    )
+    lens = TunedClassLens.fit(model, [images[:6], images[6:]], epochs=2, n_tokens=4, progress=False)
+    assert lens.card["epochs"] >= 1 and lens.card["n_vectors"] == 12 * 4
+    kl = readout_kl(model, images, {"plain": "plain", "tuned": lens})
+    assert kl["plain"][:, -1].abs().max() < 1e-10
+    assert kl["tuned"].shape == (12, model.cfg.n_layers)
