@@ -228,12 +228,15 @@ class TunedClassLens:
         # the readout vector comes first among each image's vectors
         is_readout = torch.ones(len(image_ids), dtype=torch.bool)
         is_readout[1:] = image_ids[1:] != image_ids[:-1]
-        train, val = features[~is_val], features[is_val]
-        train_readout, val_readout = is_readout[~is_val], is_readout[is_val]
-        proj = ClassProjection(model).to(dtype=torch.float32, device=torch.device("cpu"))
-        lens = cls(model)
-        linear = torch.zeros_like(lens.linear, requires_grad=True)
-        bias = torch.zeros_like(lens.bias, requires_grad=True)
+        # trained on the model's device, in float32
+        device = next(model.parameters()).device
+        train, val = features[~is_val].to(device), features[is_val].to(device)
+        train_readout, val_readout = is_readout[~is_val].to(device), is_readout[is_val].to(device)
+        proj = ClassProjection(model).to(dtype=torch.float32, device=device)
+        cfg = model.cfg
+        shape = (cfg.n_layers, cfg.d_model)
+        linear = torch.zeros(*shape, cfg.d_model, device=device, requires_grad=True)
+        bias = torch.zeros(*shape, device=device, requires_grad=True)
         # eps well above float round-off: at an optimum (the last block reads the model's output
         # exactly at the identity) Adam would otherwise turn round-off gradients into full steps
         optim = torch.optim.Adam([linear, bias], lr=lr, eps=1e-6)
@@ -248,14 +251,13 @@ class TunedClassLens:
         steps = 0
         bar = tqdm(range(epochs), disable=not progress, desc="tuned lens", unit="epoch")
         for epoch in bar:
-            order = torch.randperm(len(train), generator=gen)
+            order = torch.randperm(len(train), generator=gen).to(device)
             for start in range(0, len(train), batch_size):
                 pick = order[start : start + batch_size]
+                optim.zero_grad(set_to_none=True)
                 with torch.enable_grad():  # also when fit is called under no_grad
                     kl = _vector_kl(proj, train[pick], linear, bias)  # [vector, block]
                     loss = (kl * _weights(train_readout[pick])[:, None]).sum()
-                optim.zero_grad(set_to_none=True)
-                with torch.enable_grad():
                     loss.backward()
                 optim.step()
                 steps += 1
@@ -288,7 +290,7 @@ class TunedClassLens:
             "heldout_kl_readout_plain": [float(v) for v in plain_kl[0]],
             "heldout_kl_readout_tuned": [float(v) for v in best[3][0]],
         }
-        return cls(model, best[1], best[2], card)
+        return cls(model, best[1].cpu(), best[2].cpu(), card)
 
 
 LensChoice = Union[str, None, TunedClassLens]
@@ -413,7 +415,7 @@ def _weights(is_readout: Tensor) -> Tensor:
     readout is one vector per image among ``n_tokens``), each group averaged."""
     n_read, n_tok = int(is_readout.sum()), int((~is_readout).sum())
     if n_tok == 0 or n_read == 0:
-        return torch.full(is_readout.shape, 1.0 / len(is_readout))
+        return torch.full(is_readout.shape, 1.0 / len(is_readout), device=is_readout.device)
     return torch.where(is_readout, 0.5 / n_read, 0.5 / n_tok)
 
 
@@ -427,7 +429,7 @@ def _heldout_kl(
 ) -> Float[Tensor, "group block"]:
     """Held-out mean KL per block of the readout vectors (row 0) and of the sampled tokens (row 1;
     NaN without tokens)."""
-    total = torch.zeros(2, x.shape[1], dtype=torch.float64)
+    total = torch.zeros(2, x.shape[1], dtype=torch.float64, device=x.device)
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
             kl = _vector_kl(proj, x[start : start + batch_size], linear, bias).double()
@@ -435,7 +437,8 @@ def _heldout_kl(
             total[0] += (kl * read).sum(0)
             total[1] += (kl * ~read).sum(0)
     n_read, n_tok = int(is_readout.sum()), int((~is_readout).sum())
-    return torch.stack([total[0] / max(1, n_read), total[1] / n_tok if n_tok else total[1] * NAN])
+    means = [total[0] / max(1, n_read), total[1] / n_tok if n_tok else total[1] * NAN]
+    return torch.stack(means).cpu()
 
 
 def _objective(kl: Tensor) -> Tensor:
