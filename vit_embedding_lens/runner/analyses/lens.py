@@ -380,7 +380,8 @@ def prepare_tuned_lens(
     bit for bit), else the translators are fitted on the run's own images
     (:meth:`TunedClassLens.fit`, ``fit_options``) and saved there (``refit`` fits anew). The causal
     check (:func:`~vit_embedding_lens.lens.tuned_checks.causal_check`) runs on the first
-    ``causal_images`` images and is kept in ``OUT/tuned_lens/causal_check.csv``."""
+    ``causal_images`` images and is kept beside the fitted translators in
+    ``OUT/tuned_lens/causal_check.csv`` (with ``path``, it is recomputed, seeded, each time)."""
     from torch.utils.data import DataLoader
 
     from vit_embedding_lens.lens.tuned_checks import causal_check
@@ -397,10 +398,11 @@ def prepare_tuned_lens(
             data = Subset(dataset, range(min(n, len(dataset))))
         return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
+    reused = False  # the folder's translators (and so its causal check) are this run's
     if path is not None:
         lens = TunedClassLens.load(path, model)
     elif (folder / "card.json").is_file() and not refit:
-        lens = TunedClassLens.load(folder, model)
+        lens, reused = TunedClassLens.load(folder, model), True
     else:
         lens = TunedClassLens.fit(
             model,
@@ -412,13 +414,13 @@ def prepare_tuned_lens(
         if save:
             lens.save(folder)
     causal_file = folder / CAUSAL_FILE
-    if causal_file.is_file() and not refit and path is None:
+    if reused and causal_file.is_file():
         causal = pd.read_csv(causal_file)
     else:
         batches = [b.images for b in loader(causal_images) if len(b)]
         images = torch.cat(batches).to(device=param.device, dtype=param.dtype)
         causal = causal_check(model, images, lens)
-        if save:
+        if save and path is None:  # saved translators elsewhere: recomputed (seeded) each time
             folder.mkdir(parents=True, exist_ok=True)
             causal.to_csv(causal_file, index=False)
     return lens, causal
