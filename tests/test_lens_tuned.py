@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -346,6 +347,15 @@ def test_runner_both_lenses_end_to_end_and_resume(tmp_path):
     assert torch.equal(lens2.linear, lens.linear)
     for key, value in arrays.items():
         assert np.array_equal(second["lens"][key], value), key
+    # translators from elsewhere: the folder's causal check (of its own translators) is not reused
+    other = random_lens(model, scale=0.05)
+    other.card.update(lens.card)  # same model and class space
+    other.save(tmp_path / "other")
+    _, causal_other = prepare_tuned_lens(
+        model, dataset, out, path=tmp_path / "other", causal_images=12, progress=False
+    )
+    stored = pd.read_csv(out / "tuned_lens" / "causal_check.csv")
+    assert not np.allclose(causal_other["kl_lens_directions"], stored["kl_lens_directions"])
 
 
 def test_plain_lens_analysis_config_is_unchanged():
