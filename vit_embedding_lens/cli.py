@@ -317,6 +317,7 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: Optional[str] = No
     )
     run.add_argument("--no-report", action="store_true", help="skip tables, figures and index.html")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_lens_options(run)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -395,6 +396,11 @@ def check_args(args: argparse.Namespace) -> None:
             )
         if len(set(names)) != len(names):
             raise ValueError(f"--analyses {args.analyses!r} names an analysis twice")
+    if args.tuned_lens is not None:
+        if args.lens == "plain":
+            raise ValueError("--tuned-lens needs --lens tuned or --lens both")
+        if not Path(args.tuned_lens).exists():
+            raise FileNotFoundError(f"--tuned-lens {args.tuned_lens} does not exist")
     if args.command == "demo":
         return
     data = Path(args.data)
@@ -633,6 +639,7 @@ def _run_and_report(
 
     preset = _preset(args)
     analyses = preset_analyses(args.analyses.split(",") if args.analyses else None, preset)
+    analyses = _apply_lens_choice(args, analyses, model, dataset)
     run_config = {**run_config, "preset": preset.as_dict()}
     device_type = next(model.parameters()).device.type
     workers = (
@@ -696,6 +703,54 @@ def _preset_summary(preset: Any) -> str:
     """The preset's name and choices, for the report's header."""
     choices = ", ".join(f"{k}={v}" for k, v in preset.as_dict().items() if k != "name")
     return f"{preset.name} ({choices})"
+
+
+# -------------------------------------------------------------------------------------------------
+# The tuned class lens (--lens / --tuned-lens)
+# -------------------------------------------------------------------------------------------------
+def _add_lens_options(run: Any) -> None:
+    run.add_argument(
+        "--lens",
+        choices=("plain", "tuned", "both"),
+        default="plain",
+        help="the lens analysis reads with the plain class lens (default), a tuned one (per-block "
+        "translators fitted on the run's images, saved in OUT/tuned_lens), or both side by side",
+    )
+    run.add_argument(
+        "--tuned-lens",
+        metavar="PATH",
+        default=None,
+        help="saved tuned-lens translators to read with instead of fitting them (with --lens "
+        "tuned or both)",
+    )
+
+
+def _apply_lens_choice(args: argparse.Namespace, analyses: list, model: Any, dataset: Any) -> list:
+    """Give the lens analysis its lens; for a tuned lens, load or fit the translators first."""
+    lens = getattr(args, "lens", "plain")
+    if getattr(args, "tuned_lens", None) and lens == "plain":
+        raise ValueError("--tuned-lens needs --lens tuned or --lens both")
+    if lens == "plain":
+        return analyses
+    from vit_embedding_lens.runner import distributed
+    from vit_embedding_lens.runner.analyses.lens import LensAnalysis, prepare_tuned_lens
+
+    if not any(isinstance(a, LensAnalysis) for a in analyses):
+        raise ValueError(f"--lens {lens} needs the lens analysis among --analyses")
+    translators, causal = prepare_tuned_lens(
+        model,
+        dataset,
+        args.out,
+        path=args.tuned_lens,
+        batch_size=args.batch_size,
+        refit=args.overwrite,
+        progress=not args.no_progress,
+        save=distributed.current().is_main,
+    )
+    for analysis in analyses:
+        if isinstance(analysis, LensAnalysis):
+            analysis.lens, analysis.tuned_lens, analysis.causal = lens, translators, causal
+    return analyses
 
 
 # -------------------------------------------------------------------------------------------------

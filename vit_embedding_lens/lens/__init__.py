@@ -46,6 +46,13 @@ from vit_embedding_lens.lens.streaming import (
     lens_dataset,
     lens_from_cache,
 )
+from vit_embedding_lens.lens.tuned import TunedClassLens
+from vit_embedding_lens.lens.tuned_checks import (
+    causal_check,
+    identifiability_comparison,
+    kl_table,
+    readout_kl,
+)
 
 __all__ = [
     "ClassProjection",
@@ -86,4 +93,9 @@ __all__ = [
     "wilcoxon_greater",
     "class_vs_context_changes",
     "kv_agreement_by_correctness",
+    "TunedClassLens",
+    "causal_check",
+    "identifiability_comparison",
+    "kl_table",
+    "readout_kl",
 ]

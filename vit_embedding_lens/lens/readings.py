@@ -27,6 +27,7 @@ from torch import Tensor
 
 from vit_embedding_lens.lens.projection import ClassProjection
 from vit_embedding_lens.lens.ranks import class_rank
+from vit_embedding_lens.lens.tuned import LensChoice, resolve_lens
 from vit_embedding_lens.model.hook_names import act_name, block_hook_names
 from vit_embedding_lens.model.indices import resolve_blocks
 from vit_embedding_lens.model.targets import class_names_or_ids, class_targets
@@ -92,6 +93,7 @@ class TokenClassPredictions:
         hook: str = "hook_resid_post",
         blocks: Optional[Sequence[int]] = None,
         layout: Any = None,
+        lens: LensChoice = None,
     ) -> "TokenClassPredictions":
         """Top-k classes of every token after every block, read through the class-embedding
         projection: the logit lens (also importable as ``token_class_predictions``).
@@ -104,16 +106,26 @@ class TokenClassPredictions:
         normalized on their own, METHODS §1). ``targets`` (one class per image, or one for all) adds
         the target probability and rank. ``blocks`` default to all (negative ones count from the
         end). ``layout`` defaults to ``model.layout``. Half-precision activations are read in
-        float32; ranks are counted on the logits, not on rounded probabilities.
+        float32; ranks are counted on the logits, not on rounded probabilities. ``lens``:
+        ``"plain"`` (default) or a :class:`~vit_embedding_lens.lens.tuned.TunedClassLens`, which
+        reads block ``l``'s residuals through ``T_l`` and its write-ins through ``M_l``.
         """
+        tuned = resolve_lens(model, lens)
         blocks, names, cache = sublayer_cache(model, cache, hook, blocks)
         _check_k(model, k)
         layout = layout if layout is not None else model.layout
         projection = ClassProjection(model)
         parts: Dict[str, List[Tensor]] = {"c": [], "p": [], "l": [], "tp": [], "tr": []}
         target_ids = None
-        for name in names:
-            logits = token_logits(projection, cache[name], layout, name)  # [batch, pos, class]
+        for block, name in zip(blocks, names):
+            activation = cache[name]
+            if tuned is not None:
+                stream = hook.startswith("hook_resid")  # write-ins: the linear part only
+                activation = activation.detach()
+                if activation.dtype in (torch.float16, torch.bfloat16):
+                    activation = activation.float()
+                activation = tuned.translate(block, activation, bias=stream)
+            logits = token_logits(projection, activation, layout, name)  # [batch, pos, class]
             probs = logits.softmax(-1)
             top_logits, top_classes = logits.topk(k, dim=-1)
             parts["c"].append(top_classes)
@@ -286,14 +298,17 @@ def logit_lens(
     layer_types: Sequence[str] = ("resid",),
     blocks: Optional[Iterable[int]] = None,
     tokens: Optional[Iterable[int]] = None,
+    lens: LensChoice = None,
 ) -> pd.DataFrame:
     """Top-``k`` classes (with names and probabilities) of every token at every block, as a table.
 
     One row per image × block × layer type × token × rank: columns image, block, layer_type, token,
     token_label, rank, class_id, class_name, logit, probability. ``tokens`` are positions in
     ``model.layout`` order (default: all); ``blocks`` default to all. One forward pass; each layer
-    type is read by :func:`token_class_predictions`.
+    type is read by :func:`token_class_predictions`. ``lens``: ``"plain"`` (default) or a
+    :class:`~vit_embedding_lens.lens.tuned.TunedClassLens` (block ``l`` read through ``T_l``).
     """
+    resolve_lens(model, lens)
     unknown = [t for t in layer_types if t not in LAYER_HOOKS]
     if unknown:
         raise ValueError(f"unknown layer types {unknown}; choose from {sorted(LAYER_HOOKS)}")
@@ -305,7 +320,7 @@ def logit_lens(
     with torch.no_grad():
         _, cache = model.run_with_cache(images, names_filter=names)
     preds = {
-        t: token_class_predictions(model, cache, k, hook=LAYER_HOOKS[t], blocks=blocks)
+        t: token_class_predictions(model, cache, k, hook=LAYER_HOOKS[t], blocks=blocks, lens=lens)
         for t in layer_types
     }
     labels = np.asarray(layout.token_labels(), dtype=object)

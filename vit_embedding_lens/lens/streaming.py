@@ -18,7 +18,7 @@ batch. The residual streams are projected through linearity
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sized, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sized, Tuple, cast
 
 import torch
 from jaxtyping import Bool, Int
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from vit_embedding_lens.lens.projection import ClassProjection
 from vit_embedding_lens.lens.ranks import rank_and_logit, rank_dtype
+from vit_embedding_lens.lens.tuned import LensChoice, TunedClassLens, resolve_lens
 from vit_embedding_lens.model.hook_names import act_name
 from vit_embedding_lens.model.layout import TokenLayout
 from vit_embedding_lens.model.targets import class_targets
@@ -133,10 +134,17 @@ class LensRecorder:
     ``with recorder.recording(labels): model(images)`` fills ``recorder.result`` (a
     :class:`LensResult` for that batch). The projection runs in float32 (float64 for float64
     models).
+
+    ``lens``: ``"plain"``/None reads every block through the final norm and head; a
+    :class:`~vit_embedding_lens.lens.tuned.TunedClassLens` reads block ``l`` in its translator's
+    coordinates: the block input and the residuals through ``T_l`` (``h M_l + c_l``), the
+    write-ins through ``M_l``, so the change flags compare a block's input and output in the same
+    coordinates. Identity translators read exactly as the plain lens.
     """
 
-    def __init__(self, model: "HookedViT") -> None:
+    def __init__(self, model: "HookedViT", lens: LensChoice = None) -> None:
         self.model = model
+        self.lens: Optional[TunedClassLens] = resolve_lens(model, lens)
         param = next(model.parameters())
         self.work_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         self.proj = ClassProjection(model).to(device=param.device, dtype=self.work_dtype)
@@ -146,7 +154,9 @@ class LensRecorder:
         self.layout = model.layout
         # hook names are built once here, not on every recorded batch
         self._hooks: List[Tuple[str, Callable]] = [(act_name("resid_pre", 0), self._on_input)]
-        for layer in range(model.cfg.n_layers):
+        if self.lens is not None:
+            self._hooks = self._tuned_hooks(self.lens)
+        for layer in range(model.cfg.n_layers if self.lens is None else 0):
             self._hooks += [
                 (act_name("attn_out", layer), self._on_attn_out),
                 (act_name("resid_mid", layer), self._on_resid_mid),
@@ -200,13 +210,16 @@ class LensRecorder:
         return _Reading(self.proj, q, scale, target)
 
     def _on_input(self, resid_pre: Tensor, hook) -> None:
+        self._check_target(resid_pre)
+        self.prev = self._read(resid_pre)
+
+    def _check_target(self, resid_pre: Tensor) -> None:
         if self.target is None:
             raise RuntimeError("LensRecorder hooks ran outside recording(target)")
         if self.target.shape[0] != resid_pre.shape[0]:
             raise ValueError(
                 f"{self.target.shape[0]} labels for a batch of {resid_pre.shape[0]} images"
             )
-        self.prev = self._read(resid_pre)
 
     def _on_attn_out(self, attn_out: Tensor, hook) -> None:
         self.attn = self._read(attn_out)
@@ -229,6 +242,11 @@ class LensRecorder:
         )  # earlier hooks of the block
         assert self.mid_correct is not None
         post = self._read(resid_post, prev.q + attn.q + mlp.q)
+        self._record(prev, attn, mlp, post)
+
+    def _record(self, prev: _Reading, attn: _Reading, mlp: _Reading, post: _Reading) -> None:
+        """Keep one block's ranks, change flags and composition bits."""
+        assert self.mid_correct is not None
         rows = self.rows
         for kind, reading in zip(KINDS, (attn, mlp, post)):
             rows[f"rank:{kind}"].append(reading.rank.to(self._rank_dtype))
@@ -248,6 +266,84 @@ class LensRecorder:
         )
         rows["composition"].append(composition)
         self.prev = post
+
+    # The tuned lens: block l read in its translator's coordinates (see the class docstring).
+    def _tuned_hooks(self, lens: TunedClassLens) -> List[Tuple[str, Callable]]:
+        """Hooks of the tuned reading. A block whose translator equals the previous block's reads
+        its input as the previous block's output (as the plain lens does), so ``resid_pre`` is
+        hooked only where the coordinates change. Where ``A_l`` is zero the residuals are
+        translated from the hooked tensors (an addition); elsewhere from the sum of the translated
+        parts (``T(resid_mid) = T(resid_pre) + M attn_out``), which saves a ``d_model x
+        d_model`` product per residual."""
+        device, dtype = self.proj.weight.device, self.work_dtype
+        n = self.model.cfg.n_layers
+        self._matrix: List[Optional[Tensor]] = []
+        self._bias: List[Optional[Tensor]] = []
+        for layer in range(n):
+            linear, bias = lens.linear[layer], lens.bias[layer]
+            matrix = lens.matrix(layer).to(device=device, dtype=dtype) if linear.any() else None
+            self._matrix.append(matrix)
+            self._bias.append(bias.to(device=device, dtype=dtype) if bias.any() else None)
+        hooks: List[Tuple[str, Callable]] = []
+        for layer in range(n):
+            same = layer > 0 and bool(
+                torch.equal(lens.linear[layer], lens.linear[layer - 1])
+                and torch.equal(lens.bias[layer], lens.bias[layer - 1])
+            )
+            if not same:
+                hooks.append((act_name("resid_pre", layer), self._tuned(self._t_input, layer)))
+            hooks += [
+                (act_name("attn_out", layer), self._tuned(self._t_attn_out, layer)),
+                (act_name("resid_mid", layer), self._tuned(self._t_resid_mid, layer)),
+                (act_name("mlp_out", layer), self._tuned(self._t_mlp_out, layer)),
+                (act_name("resid_post", layer), self._tuned(self._t_resid_post, layer)),
+            ]
+        return hooks
+
+    @staticmethod
+    def _tuned(method: Callable, layer: int) -> Callable:
+        def hook(tensor: Tensor, hook: Any) -> None:
+            method(tensor, layer)
+
+        return hook
+
+    def _translate(self, vectors: Tensor, layer: int, bias: bool) -> Tensor:
+        out = vectors.detach().to(self.work_dtype)
+        matrix, shift = self._matrix[layer], self._bias[layer]
+        if matrix is not None:
+            out = out @ matrix
+        if bias and shift is not None:
+            out = out + shift
+        return out
+
+    def _t_input(self, resid_pre: Tensor, layer: int) -> None:
+        if layer == 0:
+            self._check_target(resid_pre)
+        self._prev_vec = self._translate(resid_pre, layer, True)
+        self.prev = self._read(self._prev_vec)
+
+    def _t_attn_out(self, attn_out: Tensor, layer: int) -> None:
+        self._attn_vec = self._translate(attn_out, layer, False)
+        self.attn = self._read(self._attn_vec)
+
+    def _t_resid_mid(self, resid_mid: Tensor, layer: int) -> None:
+        if self._matrix[layer] is None:
+            self._mid_vec = self._translate(resid_mid, layer, True)
+        else:
+            self._mid_vec = self._prev_vec + self._attn_vec
+        self._on_resid_mid(self._mid_vec, None)
+
+    def _t_mlp_out(self, mlp_out: Tensor, layer: int) -> None:
+        self._mlp_vec = self._translate(mlp_out, layer, False)
+        self.mlp = self._read(self._mlp_vec)
+
+    def _t_resid_post(self, resid_post: Tensor, layer: int) -> None:
+        if self._matrix[layer] is None:
+            post_vec = self._translate(resid_post, layer, True)
+        else:
+            post_vec = self._mid_vec + self._mlp_vec
+        self._on_resid_post(post_vec, None)
+        self._prev_vec = post_vec
 
     @property
     def result(self) -> LensResult:
@@ -281,9 +377,14 @@ def lens_batch(
     labels,
     token_mask: Optional[Bool[Tensor, "batch pos"]] = None,
     recorder: Optional[LensRecorder] = None,
+    lens: LensChoice = None,
 ) -> LensResult:
-    """Read every block of one batch in class space (one forward pass, no activation kept)."""
-    recorder = recorder or LensRecorder(model)
+    """Read every block of one batch in class space (one forward pass, no activation kept).
+    ``lens``: ``"plain"`` (default) or a :class:`~vit_embedding_lens.lens.tuned.TunedClassLens`
+    (a given ``recorder`` reads with its own lens)."""
+    if recorder is not None and resolve_lens(model, lens) not in (None, recorder.lens):
+        raise ValueError("lens_batch: the recorder reads with another lens than `lens`")
+    recorder = recorder or LensRecorder(model, lens=lens)
     recorder.layout = (
         model.layout_for(images.shape[-2:]) if model.cfg.dynamic_img_size else model.layout
     )
@@ -298,10 +399,12 @@ def lens_from_cache(
     cache: "ActivationCache",
     labels,
     token_mask: Optional[Bool[Tensor, "batch pos"]] = None,
+    lens: LensChoice = None,
 ) -> LensResult:
     """The same readings from a ``run_with_cache`` cache (needs ``resid_pre`` of block 0 and every
-    block's ``attn_out``, ``resid_mid``, ``mlp_out`` and ``resid_post``)."""
-    recorder = LensRecorder(model)
+    block's ``attn_out``, ``resid_mid``, ``mlp_out`` and ``resid_post``; a tuned ``lens`` also
+    ``resid_pre`` of the blocks whose translator differs from the previous one)."""
+    recorder = LensRecorder(model, lens=lens)
     first = cache[act_name("resid_pre", 0)]
     recorder.start(class_targets(model, labels, first.shape[0], what="labels"))
     for name, fn in recorder.hooks():
@@ -319,11 +422,13 @@ def lens_dataset(
     *,
     progress: bool = True,
     total: Optional[int] = None,
+    lens: LensChoice = None,
 ) -> LensResult:
     """Stream a data set through the lens. ``batches`` yields ``(images, labels)`` or ``(images,
     labels, token_mask)`` (a DataLoader works); images are moved to the model's device. Memory stays
-    flat: only the per-token integer readings of each image are kept."""
-    recorder = LensRecorder(model)
+    flat: only the per-token integer readings of each image are kept. ``lens``: ``"plain"``
+    (default) or a :class:`~vit_embedding_lens.lens.tuned.TunedClassLens`."""
+    recorder = LensRecorder(model, lens=lens)
     param = next(model.parameters())
     parts = []
     if total is None and hasattr(batches, "__len__"):

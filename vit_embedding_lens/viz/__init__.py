@@ -17,6 +17,7 @@ from vit_embedding_lens.viz.heatmaps import heatmap_grid_table, plot_heatmap_gri
 from vit_embedding_lens.viz.identifiability import (
     identifiability_evolution_table,
     plot_identifiability_evolution,
+    plot_lens_comparison,
 )
 from vit_embedding_lens.viz.interactive import (
     InteractiveView,
@@ -49,6 +50,7 @@ __all__ = [
     "plot_change_rates",
     "plot_heatmap_grid",
     "plot_identifiability_evolution",
+    "plot_lens_comparison",
     "plot_kv_agreement",
     "plot_overlay",
     "plot_perturbation_curves",

@@ -15,7 +15,7 @@ import pandas as pd
 
 from vit_embedding_lens.viz._figures import figure_and_axes, legend_outside, stars_label, to_numpy
 from vit_embedding_lens.viz._tables import long_frame, ordered_groups, pvalue_frame
-from vit_embedding_lens.viz.palette import REFERENCE_COLOR, token_group_color
+from vit_embedding_lens.viz.palette import REFERENCE_COLOR, sublayer_color, token_group_color
 
 
 def identifiability_evolution_table(
@@ -216,3 +216,56 @@ def _draw_distributions(
         )
         for body in parts["bodies"]:
             body.set(facecolor=color, edgecolor=color, alpha=0.3)
+
+
+def plot_lens_comparison(
+    identifiability: pd.DataFrame,
+    kl: Optional[pd.DataFrame] = None,
+    *,
+    groups: Sequence[str] = ("cls", "image"),
+    title: Optional[str] = None,
+):
+    """Plain vs tuned class lens per block: % identifiable residual-stream tokens of each token
+    group (left; solid plain, dashed tuned) and, with ``kl``, the KL divergence of the readout
+    from the model's output (right).
+
+    ``identifiability``: :func:`~vit_embedding_lens.lens.tuned_checks.identifiability_comparison`
+    (columns block, layer_type, token_group, metric, value, lens); ``kl``:
+    :func:`~vit_embedding_lens.lens.tuned_checks.kl_table` (block, lens, kl_mean)."""
+    from vit_embedding_lens.viz._figures import panel_grid
+
+    need = {"block", "layer_type", "token_group", "metric", "value", "lens"}
+    if not need <= set(identifiability.columns):
+        raise ValueError(f"identifiability needs columns {sorted(need)}")
+    fig, axes = panel_grid(2 if kl is not None else 1, panel_size=3.6)
+    t = identifiability[
+        (identifiability["layer_type"] == "resid")
+        & (identifiability["metric"] == "identifiable_pct")
+    ]
+    present = [g for g in groups if g in set(t["token_group"])]
+    for gi, group in enumerate(present):
+        color = token_group_color(group, gi)
+        for lens, style in (("plain", "-"), ("tuned", "--")):
+            rows = t[(t["token_group"] == group) & (t["lens"] == lens)].sort_values("block")
+            if len(rows):
+                axes[0].plot(
+                    rows["block"], rows["value"], style, color=color, marker="o",
+                    label=f"{group}, {lens}",
+                )  # fmt: skip
+    axes[0].set_xlabel("block")
+    axes[0].set_ylabel("% identifiable tokens (residual)")
+    below = dict(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # off the data
+    legend_outside(axes[0], **below)
+    if kl is not None:
+        for lens, style in (("plain", "-"), ("tuned", "--")):
+            rows = kl[kl["lens"] == lens].sort_values("block")
+            axes[1].plot(
+                rows["block"], rows["kl_mean"], style, marker="o", label=lens,
+                color=sublayer_color("resid"),
+            )  # fmt: skip
+        axes[1].set_xlabel("block")
+        axes[1].set_ylabel("KL(model output || lens readout)")
+        legend_outside(axes[1], **below)
+    if title:
+        fig.suptitle(title)
+    return fig
