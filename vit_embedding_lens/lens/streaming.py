@@ -228,7 +228,8 @@ class LensRecorder:
             prev is not None and attn is not None and mlp is not None
         )  # earlier hooks of the block
         assert self.mid_correct is not None
-        post = self._read(resid_post, prev.q + attn.q + mlp.q)
+        # (prev + attn) + mlp, as written out, with one [batch, pos, class] buffer instead of two
+        post = self._read(resid_post, torch.add(prev.q, attn.q).add_(mlp.q))
         rows = self.rows
         for kind, reading in zip(KINDS, (attn, mlp, post)):
             rows[f"rank:{kind}"].append(reading.rank.to(self._rank_dtype))
