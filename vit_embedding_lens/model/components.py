@@ -212,8 +212,12 @@ class Attention(nn.Module):
         :meth:`clear_weight_cache`). With gradients it is built on every call, inside the graph.
         """
         params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return self._fuse_qkv()
+        if (
+            torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+            or any(p.is_inference() for p in params)  # no version counter to watch
+        ):
+            return self._fuse_qkv()  # traced, inside the autograd graph, or unwatchable: build it
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device, p.shape) for p in params)
         if self._qkv_cache is None or self._qkv_cache[0] != key:
             with torch.no_grad(), torch.inference_mode(False):
