@@ -2,21 +2,29 @@
 
 Run on a machine with CUDA: ``python benchmarks/gpu_check.py [--json out.json]``. Prints, for
 several timm families with randomized weights, the largest logit difference to timm in float32,
-bfloat16 and float16 (relative to the logit scale), then ViT-B/16 timings as ratios to timm's
-forward in one run. Nothing here is asserted: these are measurements for the notes and docs.
+bfloat16 and float16 (relative to the logit scale), then, per dtype (float32, bfloat16), ViT-B/16
+timings as ratios to timm's forward in one run: the forward, a ``resid_post`` cache, the full cache,
+the full lens (``lens_batch``), and ``vit-lens analyze``'s runner (``analyze[accuracy]``,
+``analyze[accuracy,lens]``) in images/s against a timm forward over the same DataLoader (issue 18's
+GPU figures; ``bench_issue18.py`` does the measuring). Nothing here is asserted: these are
+measurements for the notes and docs. ``--quick`` skips the agreement table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
 
 from vit_embedding_lens import HookedViT
 from vit_embedding_lens.testing import create_timm_vit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling benchmark scripts
 
 FAMILIES = [
     ("vit_base_patch16_224", {}),
@@ -95,16 +103,42 @@ def timings(device: str, batch: int, dtype: torch.dtype) -> dict:
     return out
 
 
+def issue18(device: str, args: argparse.Namespace, dtype: str) -> dict:
+    """Forward, full cache, lens and analyze ratios to timm in one run (bench_issue18.py)."""
+    import bench_issue18
+
+    opts = argparse.Namespace(
+        model="vit_base_patch16_224",
+        batch=args.batch,
+        rounds=args.rounds,
+        warmup=2,
+        images=args.images,
+        analyze_batch=args.batch,
+    )
+    torch_dtype = getattr(torch, dtype)
+    out = {
+        "dtype": dtype,
+        "model": bench_issue18.model_timings(opts, torch.device(device), torch_dtype),
+    }
+    print({"dtype": dtype, "ratios_vs_timm": out["model"]["ratio_vs_timm"]}, flush=True)
+    out["analyze"] = bench_issue18.analyze_timings(opts, torch.device(device), torch_dtype)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--images", type=int, default=512, help="images for the analyze figures")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="skip the agreement table")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check is for GPU machines")
     print(torch.cuda.get_device_name(0), torch.__version__, flush=True)
-    results = {"agreement": agreement("cuda")}
+    results: dict = {} if args.quick else {"agreement": agreement("cuda")}
     results["timings"] = [timings("cuda", args.batch, d) for d in (torch.float32, torch.bfloat16)]
+    results["issue18"] = [issue18("cuda", args, d) for d in ("float32", "bfloat16")]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -16,7 +16,18 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    cast,
+)
 
 import numpy as np
 import pandas as pd
@@ -138,7 +149,9 @@ def run_patching(
     ``metric`` gets the output of the model (logits), or, when it has a ``hook_name`` attribute
     (as :class:`~vit_embedding_lens.interventions.metrics.ClassSpaceMetric` does), the activation at
     that hook, for one copy of the corrupted batch at a time. ``batch_cells`` cells share a forward
-    pass (default: as many as fit in ``max_batch`` images); ``batch_cells=1`` with
+    pass (default: as many as fit in ``max_batch`` images; with ``skip_unpatched_layers`` only
+    cells that start at the same block share one, so none runs a block it does not need, and each
+    starts from the corrupted run's residual stream entering that block); ``batch_cells=1`` with
     ``skip_unpatched_layers=False`` is the plain one-forward-per-cell loop.
     """
     model.check_images(corrupted_images)
@@ -155,16 +168,10 @@ def run_patching(
     readout_layer = hook_block(readout) if readout is not None else None
     stop = readout_layer + 1 if readout_layer is not None else None
 
-    chunks = [list(range(i, min(i + k, len(cells)))) for i in range(0, len(cells), k)]
-    starts = [
-        _start_layer(cells, chunk, readout_layer, model.cfg.n_layers)
-        if skip_unpatched_layers
-        else 0
-        for chunk in chunks
-    ]
+    chunks, starts = _chunks(cells, k, readout_layer, skip_unpatched_layers)
     start_resid = _corrupted_resid(model, corrupted_images, sorted(set(starts) - {0}))
 
-    results: List[Tensor] = []
+    results: List[Optional[Tensor]] = [None] * len(cells)
     validate = model.validate_inputs
     bar = tqdm(total=len(cells), desc="patching", disable=not progress, unit="cell")
     try:
@@ -183,12 +190,37 @@ def run_patching(
                     out = model.run_with_hooks(x, stop_at_layer=stop, fwd_hooks=hooks)
                 act = captured[0] if readout is not None else out
                 act = act.reshape(n, B, *act.shape[1:])
-                results.extend(torch.as_tensor(metric(act[c])) for c in range(n))
+                for c, cell in enumerate(chunk):
+                    results[cell] = torch.as_tensor(metric(act[c]))
                 bar.update(n)
     finally:
         model.validate_inputs = validate
         bar.close()
-    return torch.stack(results)
+    return torch.stack(cast(List[Tensor], results))
+
+
+def _chunks(
+    cells: Sequence[Cell], k: int, readout_layer: Optional[int], skip: bool
+) -> Tuple[List[List[int]], List[int]]:
+    """Cell indices in chunks of at most ``k`` that share a forward pass, and each chunk's start
+    block.
+
+    With ``skip``, cells are grouped by the block they start at (their earliest patched block), so
+    that no cell runs a block it does not need: a chunk mixing cells of blocks ``l`` and ``l+1``
+    would run block ``l`` for all of them. Results are returned to the cells' order by the caller.
+    """
+    if not skip:
+        chunks = [list(range(i, min(i + k, len(cells)))) for i in range(0, len(cells), k)]
+        return chunks, [0] * len(chunks)
+    by_start: Dict[int, List[int]] = {}
+    for c in range(len(cells)):
+        by_start.setdefault(_start_layer(cells, [c], readout_layer), []).append(c)
+    chunks, starts = [], []
+    for start, members in sorted(by_start.items()):
+        for i in range(0, len(members), k):
+            chunks.append(members[i : i + k])
+            starts.append(start)
+    return chunks, starts
 
 
 def _clean_activations(
@@ -215,7 +247,7 @@ def _clean_activations(
     return clean
 
 
-def _start_layer(cells, chunk, readout_layer, n_layers) -> int:
+def _start_layer(cells, chunk, readout_layer) -> int:
     layers = [hook_block(name) for c in chunk for name in cells[c]]
     blocks = [l for l in layers if l is not None]
     if len(blocks) < len(layers):

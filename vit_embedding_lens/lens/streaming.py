@@ -241,7 +241,8 @@ class LensRecorder:
             prev is not None and attn is not None and mlp is not None
         )  # earlier hooks of the block
         assert self.mid_correct is not None
-        post = self._read(resid_post, prev.q + attn.q + mlp.q)
+        # (prev + attn) + mlp, as written out, with one [batch, pos, class] buffer instead of two
+        post = self._read(resid_post, torch.add(prev.q, attn.q).add_(mlp.q))
         self._record(prev, attn, mlp, post)
 
     def _record(self, prev: _Reading, attn: _Reading, mlp: _Reading, post: _Reading) -> None:

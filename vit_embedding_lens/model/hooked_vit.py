@@ -316,7 +316,7 @@ class HookedViT(HookedRootModule):
             return pooled
         pooled_dist = None
         if cfg.has_dist_token:
-            pooled_dist = point(self.hook_pooled_dist, resid[:, self.layout.dist_index])
+            pooled_dist = point(self.hook_pooled_dist, resid[:, self.layout.dist_index].clone())
         return point(self.hook_logits, self.head(pooled, pooled_dist))
 
     def pool(
@@ -330,7 +330,8 @@ class HookedViT(HookedRootModule):
         """
         pool = self.cfg.global_pool
         if pool == "token":
-            return resid[:, self.layout.cls_index]
+            # a copy, not a view: a cached or kept pooled vector must not hold [batch, pos, d] alive
+            return resid[:, self.layout.cls_index].clone()
         n_prefix = 0 if self.cfg.pool_include_prefix else self.layout.n_prefix
         tokens = resid[:, n_prefix:]  # any grid size (dynamic_img_size models)
         if valid is None:

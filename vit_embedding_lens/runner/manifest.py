@@ -39,7 +39,8 @@ def weights_digest(model: torch.nn.Module) -> str:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         t = t.detach()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        # the array itself (buffer protocol), not a bytes copy of every weight: same digest
+        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 
