@@ -11,11 +11,8 @@ medians are compared as ratios to timm's forward **within this run**:
 
     timm              timm_model(x)
     hooked            model(x), no hooks
-    hooked_refuse     model(x) rebuilding the fused q/k/v weight in every block (as the code
-                      before issue 18 did): the same run's "before"
     cache_full        model.run_with_cache(x)                  target <= 1.2x (GPU bf16: 1.3x)
     lens              lens.lens_batch(model, x, labels)        target <= 1.2x
-    *_refuse          the same two, rebuilding the fused weight (before)
 
 then ``analyze[accuracy]`` and ``analyze[accuracy,lens]`` (``run_analyses``, the command's
 runner, over ``--images`` preprocessed images held in memory, against a timm forward over the same
@@ -79,14 +76,6 @@ def interleaved(
     return times
 
 
-def rebuild_qkv_every_call(model: HookedViT) -> List:
-    """Forward pre-hooks that drop each block's fused q/k/v weight: the pre-issue-18 forward."""
-    return [
-        block.attn.register_forward_pre_hook(lambda mod, args: mod.clear_weight_cache())
-        for block in model.blocks
-    ]
-
-
 def cache_storage_bytes(cache) -> int:
     """Bytes of the distinct storages a cache keeps alive (aliases and views counted once)."""
     storages = {}
@@ -104,18 +93,11 @@ def model_timings(args, device: torch.device, dtype: torch.dtype) -> dict:
     x = torch.randn(args.batch, 3, *model.cfg.image_size, device=device, dtype=dtype)
     labels = torch.randint(0, model.cfg.n_classes, (args.batch,))
     recorder = LensRecorder(model)
-    slow_model = HookedViT.from_timm(timm_model)  # separate modules: its hooks never touch `model`
-    slow_model.validate_inputs = False
-    handles = rebuild_qkv_every_call(slow_model)
-    slow_recorder = LensRecorder(slow_model)
     variants = {
         "timm": lambda: timm_model(x),
         "hooked": lambda: model(x),
-        "hooked_refuse": lambda: slow_model(x),
         "cache_full": lambda: model.run_with_cache(x),
-        "cache_full_refuse": lambda: slow_model.run_with_cache(x),
         "lens": lambda: lens_batch(model, x, labels, recorder=recorder),
-        "lens_refuse": lambda: lens_batch(slow_model, x, labels, recorder=slow_recorder),
     }
     with torch.inference_mode():
         max_diff = (model(x).float() - timm_model(x).float()).abs().max().item()
@@ -124,8 +106,6 @@ def model_timings(args, device: torch.device, dtype: torch.dtype) -> dict:
         storage = cache_storage_bytes(cache)
         summed = sum(t.numel() * t.element_size() for t in cache.values())
         del cache
-    for h in handles:
-        h.remove()
     med = {n: statistics.median(v) for n, v in times.items()}
     return {
         "logits_max_abs_diff": max_diff,
@@ -250,10 +230,6 @@ def main() -> None:
         t = targets.get(n)
         verdict = "" if t is None else f"<= {t:.2f} {'ok' if ratio <= t else 'OVER'}"
         print(f"   {n:<16} {med:9.3f} {ratio:7.3f} {timings['spread'][n]:7.2f}  {verdict}")
-    med = timings["median_s"]
-    for n in ("hooked", "cache_full", "lens"):
-        before = med["hooked_refuse" if n == "hooked" else f"{n}_refuse"]
-        print(f"   reusing the fused q/k/v weight: {n} {before / med[n]:.3f}x faster (same run)")
     mib = timings["full_cache_storage_mib_per_image"]
     print(
         f"   full cache per image: {mib:.1f} MiB of distinct storage (target <= 150), "

@@ -8,7 +8,7 @@ counterpart computes; hook points sit where TransformerLens users expect them.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +159,6 @@ class Attention(nn.Module):
         self.scale = dh**-0.5
         self.force_explicit = False
         self._score_mask: Optional[Tensor] = None
-        self._qkv_cache: Optional[Tuple[tuple, Tensor, Tensor]] = None
 
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()
@@ -178,7 +177,9 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         attn_mask = self.combined_mask(attn_mask, positions, N)
         H, dh = self.cfg.n_heads, self.cfg.d_head
-        w_qkv, b_qkv = self.qkv_weight()
+        # One matmul for q, k, v: [3H, d, dh] -> [(3 H dh), d] as F.linear wants it.
+        w_qkv = torch.cat([self.W_Q, self.W_K, self.W_V]).transpose(1, 2).reshape(3 * H * dh, -1)
+        b_qkv = torch.cat([self.b_Q, self.b_K, self.b_V]).reshape(-1)
         q, k, v = F.linear(x, w_qkv, b_qkv).view(B, N, 3, H, dh).unbind(2)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -199,46 +200,6 @@ class Attention(nn.Module):
             result = self.hook_result(torch.einsum("bnhe,hed->bnhd", z, self.W_O))
             return result.sum(dim=-2) + self.b_O
         return F.linear(z.reshape(B, N, H * dh), self.W_O.reshape(H * dh, -1).T, self.b_O)
-
-    def qkv_weight(self) -> Tuple[Float[Tensor, "qkv d_model"], Float[Tensor, " qkv"]]:
-        """``W_Q, W_K, W_V`` (and their biases) as the one ``[(3 head d_head), d_model]`` matrix
-        ``F.linear`` takes: one matmul for q, k and v.
-
-        Building it copies the three weights (about 4% of a ViT-B forward on a CPU), so without
-        gradients it is kept and reused while the six parameters are the same tensors at the same
-        version: any in-place edit (``with torch.no_grad(): W_Q[...] = 0``, ``load_state_dict``,
-        ``.to(...)``) builds it anew. Edits through ``W_Q.data`` bypass the version counter, so
-        they are not seen: edit under ``torch.no_grad()`` instead (or call
-        :meth:`clear_weight_cache`). With gradients it is built on every call, inside the graph.
-        """
-        params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
-        if (
-            torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-            or any(p.is_inference() for p in params)  # no version counter to watch
-        ):
-            return self._fuse_qkv()  # traced, inside the autograd graph, or unwatchable: build it
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device, p.shape) for p in params)
-        if self._qkv_cache is None or self._qkv_cache[0] != key:
-            with torch.no_grad(), torch.inference_mode(False):
-                w, b = self._fuse_qkv()
-            self._qkv_cache = (key, w, b)
-        return self._qkv_cache[1], self._qkv_cache[2]
-
-    def _fuse_qkv(self) -> Tuple[Tensor, Tensor]:
-        H, dh = self.cfg.n_heads, self.cfg.d_head
-        # [3H, d, dh] -> [(3 H dh), d], as F.linear wants it
-        w_qkv = torch.cat([self.W_Q, self.W_K, self.W_V]).transpose(1, 2).reshape(3 * H * dh, -1)
-        b_qkv = torch.cat([self.b_Q, self.b_K, self.b_V]).reshape(-1)
-        return w_qkv, b_qkv
-
-    def clear_weight_cache(self) -> None:
-        """Forget the fused q/k/v weight of :meth:`qkv_weight` (rebuilt on the next forward)."""
-        self._qkv_cache = None
-
-    def _apply(self, *args: Any, **kwargs: Any) -> "Attention":
-        self._qkv_cache = None  # .to(), .half(), .cuda() ...: not kept on the old device/dtype
-        return super()._apply(*args, **kwargs)
 
     @property
     def score_mask(self) -> Optional[Bool[Tensor, "... pos pos"]]:
