@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from vit_embedding_lens.report.figures import FIGURES_DIR, save_figures
 from vit_embedding_lens.report.html import write_index
@@ -67,30 +67,8 @@ def write_report(
     """
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    table_paths: Dict[str, Dict[str, Path]] = {}
-    figure_paths: Dict[str, Dict[str, Path]] = {}
-    written_tables: Dict[str, Dict[str, Any]] = {}
-    for analysis, named in tables.items():
-        for name, df in named.items():
-            try:
-                paths = write_tables({analysis: {name: df}}, report_dir)
-            except Exception as err:
-                if failures is None:
-                    raise
-                failures.append(failure_record(analysis, f"table:{name}", err))
-                continue
-            table_paths.setdefault(analysis, {}).update(paths[analysis])
-            written_tables.setdefault(analysis, {})[name] = df
-    for analysis, named in figures.items():
-        for name, fig in named.items():
-            try:
-                paths = save_figures({analysis: {name: fig}}, report_dir)
-            except Exception as err:
-                if failures is None:
-                    raise
-                failures.append(failure_record(analysis, f"figure:{name}", err))
-                continue
-            figure_paths.setdefault(analysis, {}).update(paths[analysis])
+    table_paths, written_tables = _write_each(tables, write_tables, "table", report_dir, failures)
+    figure_paths, _ = _write_each(figures, save_figures, "figure", report_dir, failures)
     return write_index(
         report_dir,
         dict(meta or {}),
@@ -101,3 +79,29 @@ def write_report(
         analyses,
         failures=failures or [],
     )
+
+
+def _write_each(
+    items: Mapping[str, Mapping[str, Any]],
+    write: Callable[[Dict[str, Dict[str, Any]], Path], Mapping[str, Mapping[str, Path]]],
+    kind: str,
+    report_dir: Path,
+    failures: Optional[List[Dict[str, str]]],
+) -> Tuple[Dict[str, Dict[str, Path]], Dict[str, Dict[str, Any]]]:
+    """Write each table or figure on its own (``write``: :func:`write_tables` or
+    :func:`save_figures`): the paths written and the items that were, per analysis. One that fails
+    is recorded in ``failures`` as ``kind:<name>`` and left out (raised without a list)."""
+    paths: Dict[str, Dict[str, Path]] = {}
+    written: Dict[str, Dict[str, Any]] = {}
+    for analysis, named in items.items():
+        for name, item in named.items():
+            try:
+                path = write({analysis: {name: item}}, report_dir)
+            except Exception as err:
+                if failures is None:
+                    raise
+                failures.append(failure_record(analysis, f"{kind}:{name}", err))
+                continue
+            paths.setdefault(analysis, {}).update(path[analysis])
+            written.setdefault(analysis, {})[name] = item
+    return paths, written
