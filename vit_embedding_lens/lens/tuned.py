@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from vit_embedding_lens.lens.projection import ClassProjection
 from vit_embedding_lens.model.hook_names import act_name
-from vit_embedding_lens.model.readout import readout_positions
+from vit_embedding_lens.model.readout import readout_vector
 
 if TYPE_CHECKING:
     from vit_embedding_lens.model.hooked_vit import HookedViT
@@ -350,7 +350,6 @@ def _collect(
         if images.shape[0] == 0:
             continue
         layout = model.layout_for(images.shape[-2:]) if cfg.dynamic_img_size else model.layout
-        readout = torch.tensor(readout_positions(model, layout), device=param.device)
         b = images.shape[0]
         extra = 0 if tokens == "readout" else n_tokens - 1
         picks = torch.stack(
@@ -359,7 +358,7 @@ def _collect(
         rows: Dict[int, Tensor] = {}
 
         def grab(resid: Tensor, hook: Any, layer: int = 0) -> None:
-            pooled = resid.index_select(1, readout).mean(1, keepdim=True)
+            pooled = readout_vector(model, resid, layout)[:, None]
             taken = resid.gather(1, picks[..., None].expand(-1, -1, resid.shape[-1]))
             rows[layer] = torch.cat([pooled, taken], 1).float().cpu()  # [batch, 1+extra, d]
 
@@ -396,7 +395,7 @@ def _lens_logprobs(
 ) -> Float[Tensor, "vector block class"]:
     """Log-probabilities of every block's vectors read through its translator and the readout."""
     t = x + torch.einsum("nld,lde->nle", x, linear) + bias
-    return torch.log_softmax(proj.unnormalized(t) / proj.scale(t) + proj.bias, -1)
+    return torch.log_softmax(proj(t), -1)
 
 
 def _vector_kl(
@@ -407,7 +406,12 @@ def _vector_kl(
     with torch.no_grad():
         target = torch.log_softmax(proj(x[:, -1]), -1)[:, None]  # [vector, 1, class]
     logp = _lens_logprobs(proj, x, linear, bias)
-    return (target.exp() * (target - logp)).sum(-1)
+    return kl_divergence(target, logp)
+
+
+def kl_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(p || q)`` over the last axis, from log-probabilities (in their dtype)."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def _weights(is_readout: Tensor) -> Tensor:

@@ -22,10 +22,10 @@ from torch import Tensor
 from vit_embedding_lens.lens.metrics import identifiability_table
 from vit_embedding_lens.lens.projection import ClassProjection
 from vit_embedding_lens.lens.streaming import LensResult
-from vit_embedding_lens.lens.tuned import TunedClassLens, resolve_lens
+from vit_embedding_lens.lens.tuned import TunedClassLens, kl_divergence, resolve_lens
 from vit_embedding_lens.model.hook_names import act_name
 from vit_embedding_lens.model.indices import resolve_blocks
-from vit_embedding_lens.model.readout import readout_positions
+from vit_embedding_lens.model.readout import readout_vector
 
 if TYPE_CHECKING:
     from vit_embedding_lens.model.hooked_vit import HookedViT
@@ -47,8 +47,7 @@ __all__ = [
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """``KL(p || q)`` over the last axis (float64)."""
-    log_p, log_q = log_p.double(), log_q.double()
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    return kl_divergence(log_p.double(), log_q.double())
 
 
 class ReadoutKLReader:
@@ -86,8 +85,7 @@ class ReadoutKLReader:
 
     def _block_hook(self, layer: int) -> Callable[..., Any]:
         def hook(resid: Tensor, hook: Any) -> None:
-            positions = readout_positions(self.model, self.layout)
-            pooled = resid.detach()[:, positions].to(self.dtype).mean(1)  # [batch, d_model]
+            pooled = readout_vector(self.model, resid.detach(), self.layout, self.dtype)
             for name, lens in self.lenses.items():
                 v = pooled if lens is None else lens.translate(layer, pooled)
                 self._logp[name].append(torch.log_softmax(self.proj(v), -1))

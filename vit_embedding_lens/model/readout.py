@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, List, Optional
 
+import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
@@ -58,3 +59,16 @@ def readout_positions(model: "HookedViT", layout: Optional[TokenLayout] = None) 
         f"or average pooling (a readout that is a mean of tokens); use a model with "
         f"global_pool='token' or 'avg'"
     )
+
+
+def readout_vector(
+    model: "HookedViT",
+    resid: Float[Tensor, "batch pos d_model"],
+    layout: Optional[TokenLayout] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> Float[Tensor, "batch d_model"]:
+    """The residual-space vector the classifier reads: the mean of ``resid`` over
+    :func:`readout_positions` (the CLS token, or the pooled tokens), taken in ``dtype`` (default:
+    ``resid``'s). Lenses read it through their readout as the model reads its pooled vector."""
+    positions = readout_positions(model, layout)
+    return resid[:, positions].to(dtype or resid.dtype).mean(1)
