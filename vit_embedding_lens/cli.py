@@ -162,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = analyze.add_argument_group("model")
     src.add_argument(
-        "--model", help="timm model name (with tag), or bundled:mnist-vit / bundled:fashion-vit"
+        "--model",
+        help="timm model name (with tag), bundled:mnist-vit / bundled:fashion-vit / "
+        "bundled:mnist-clip, hf:NAME or a Hugging Face save_pretrained folder, or "
+        "open_clip:ARCH[:PRETRAINED]",
     )
     src.add_argument(
         "--checkpoint",
@@ -189,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--class-names-file",
         metavar="FILE",
         help="class names: a text file with one per line, or JSON (a list, or {index: name})",
+    )
+    src.add_argument(
+        "--templates",
+        metavar="T1|T2",
+        help="CLIP-like models: prompt templates for the text-defined classes, '|'-separated, each "
+        "with one {} for the class name (default: the model's own, else a short OpenAI ImageNet "
+        "list)",
+    )
+    src.add_argument(
+        "--class-embeddings",
+        metavar="DIR",
+        help="CLIP-like models: a saved ClassSpace folder (class_space.safetensors + .json) used "
+        "as the zero-shot head instead of the text tower",
     )
     data = analyze.add_argument_group("data")
     data.add_argument(
@@ -408,7 +424,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--data {data} does not exist")
     if not data.is_dir():
         raise ValueError(f"--data {data} is a file; give the folder of images")
-    for flag in ("checkpoint", "categories", "synset_mapping", "class_names_file"):
+    for flag in (
+        "checkpoint",
+        "categories",
+        "synset_mapping",
+        "class_names_file",
+        "class_embeddings",
+    ):
         value = getattr(args, flag)
         if value is not None and not Path(value).exists():
             raise FileNotFoundError(f"--{flag.replace('_', '-')} {value} does not exist")
@@ -421,9 +443,24 @@ def check_args(args: argparse.Namespace) -> None:
             "--num-classes sizes a timm architecture's head: give it with --model ARCH (a bundled "
             "model or a timm folder's config.json sets its own)"
         )
+    templates_of(args)
     given = class_names_of(args)
     if given is not None and args.num_classes is not None and len(given) != args.num_classes:
         raise ValueError(f"{len(given)} class names given for --num-classes {args.num_classes}")
+
+
+def templates_of(args: argparse.Namespace) -> Optional[List[str]]:
+    """The prompt templates ``--templates`` gives (None without it); each needs one ``{}``."""
+    if getattr(args, "templates", None) is None:
+        return None
+    templates = [t.strip() for t in args.templates.split("|") if t.strip()]
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise ValueError(
+            f"--templates {args.templates!r}: give '|'-separated templates, each with exactly one "
+            f"{{}} for the class name (bad: {bad or 'none given'})"
+        )
+    return templates
 
 
 def class_names_of(args: argparse.Namespace) -> Optional[List[str]]:
@@ -534,6 +571,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             num_classes=args.num_classes,
             class_names=class_names,
+            templates=templates_of(args),
+            class_embeddings=args.class_embeddings,
         )
         model = loaded.model
         preprocessing = resolve_preprocessing(model, args.preprocess, loaded.data_config)

@@ -1,7 +1,13 @@
 """The loading floor: every kind of model source and name, above :mod:`vit_embedding_lens.model`.
 
 - :func:`parse_model_name` -> :class:`ModelSource` (``kind``: ``"bundled"``, ``"timm"``,
-  ``"checkpoint"``, ``"timm-folder"``): the one parser of model names;
+  ``"checkpoint"``, ``"timm-folder"``, ``"hf"``, ``"hf-folder"``, ``"open_clip"``): the one parser
+  of model names;
+- :func:`hooked_from_open_clip` (``HookedViT.from_open_clip``): OpenCLIP image towers, with
+  zero-shot heads from the text tower (:mod:`~vit_embedding_lens.loading.text_space`:
+  :func:`text_class_space`);
+- :func:`hooked_from_pretrained` (``HookedViT.from_pretrained``): the one entry point that picks
+  the converter from what it is given;
 - :func:`load_timm` / :func:`to_hooked`: the timm module a source names, and its HookedViT;
 - :func:`random_init_twin`: the same architecture untrained, built from the model's config;
 - :func:`check_model_support`: whether the converter takes a timm model, and why not;
@@ -16,12 +22,20 @@ registry's first lookup, imports it). timm is imported only inside functions.
 from vit_embedding_lens.loading.hub import hub_reachable, pretrained_cached
 from vit_embedding_lens.loading.names import (
     BUNDLED_PREFIX,
+    HF_PREFIX,
     LOCAL_DIR_PREFIX,
+    OPEN_CLIP_PREFIX,
     ModelSource,
     SourceKind,
     bundled_name,
     parse_model_name,
 )
+from vit_embedding_lens.loading.open_clip_models import (
+    convert_open_clip,
+    hooked_from_open_clip,
+    load_open_clip,
+)
+from vit_embedding_lens.loading.pretrained import hooked_from_pretrained
 from vit_embedding_lens.loading.support import (
     VIT_MODULES,
     SupportEntry,
@@ -29,6 +43,7 @@ from vit_embedding_lens.loading.support import (
     refusal_feature,
     vit_model_names,
 )
+from vit_embedding_lens.loading.text_space import DEFAULT_TEMPLATES, text_class_space
 from vit_embedding_lens.loading.timm_models import (
     BUNDLED_DATA_CONFIG,
     LoadedTimm,
@@ -50,6 +65,8 @@ from vit_embedding_lens.model.registry import register_loader
 
 register_loader("timm", hooked_from_timm)
 register_loader("bundled", hooked_from_bundled)
+register_loader("open_clip", hooked_from_open_clip)
+register_loader("pretrained", hooked_from_pretrained)
 
 # Old addresses: hub_reachable and load_timm_model were public in model.convert before this floor
 # existed. model/ may not import upward, so the floor hands them down to keep those imports
@@ -60,6 +77,9 @@ _convert.load_timm_model = load_timm_model
 __all__ = [
     "BUNDLED_DATA_CONFIG",
     "BUNDLED_PREFIX",
+    "DEFAULT_TEMPLATES",
+    "HF_PREFIX",
+    "OPEN_CLIP_PREFIX",
     "LOCAL_DIR_PREFIX",
     "VIT_MODULES",
     "LoadedTimm",
@@ -68,18 +88,23 @@ __all__ = [
     "SupportEntry",
     "bundled_name",
     "check_model_support",
+    "convert_open_clip",
     "checkpoint_num_classes",
     "create_timm_model",
     "hooked_from_bundled",
+    "hooked_from_open_clip",
+    "hooked_from_pretrained",
     "hooked_from_timm",
     "hub_reachable",
     "layer_scale_init_values",
+    "load_open_clip",
     "load_timm",
     "load_timm_model",
     "parse_model_name",
     "pretrained_cached",
     "random_init_twin",
     "refusal_feature",
+    "text_class_space",
     "timm_from_config",
     "to_hooked",
     "vit_model_names",

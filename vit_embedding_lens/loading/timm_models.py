@@ -138,6 +138,13 @@ def load_timm(
                 f"trained weights ship with the package)"
             )
         from vit_embedding_lens.zoo.bundled import bundled_class_names, load_bundled_timm
+        from vit_embedding_lens.zoo.clip import BUNDLED_CLIP_MODELS
+
+        if source.name in BUNDLED_CLIP_MODELS:
+            raise ValueError(
+                f"{source.label} is an OpenCLIP image-text model, not a timm one: load it with "
+                f"HookedViT.from_pretrained({source.label!r}) or from_open_clip"
+            )
 
         return LoadedTimm(load_bundled_timm(source.name), source, bundled_class_names(source.name))
     if source.kind == "timm-folder":
@@ -268,5 +275,12 @@ def hooked_from_timm(
 
 
 def hooked_from_bundled(name: str = "mnist-vit", **kwargs: Any) -> HookedViT:
-    """``HookedViT.from_bundled``: the bundled model ``name`` through :func:`hooked_from_timm`."""
+    """``HookedViT.from_bundled``: the bundled model ``name`` through :func:`hooked_from_timm`,
+    or, for a bundled image-text model (``mnist-clip``), through ``from_open_clip``."""
+    from vit_embedding_lens.zoo.clip import BUNDLED_CLIP_MODELS
+
+    if name in BUNDLED_CLIP_MODELS:
+        from vit_embedding_lens.loading.open_clip_models import hooked_from_open_clip
+
+        return hooked_from_open_clip(ModelSource("bundled", name).label, **kwargs)
     return hooked_from_timm(ModelSource("bundled", name).label, **kwargs)

@@ -167,6 +167,67 @@ class HookedViT(HookedRootModule):
         )
 
     @classmethod
+    def from_open_clip(
+        cls,
+        model_or_name: Union[str, nn.Module],
+        pretrained: Optional[str] = None,
+        *,
+        checkpoint_path: Optional[Union[str, Path]] = None,
+        class_names: Optional[Sequence[str]] = None,
+        templates: Optional[Sequence[str]] = None,
+        tokenizer: Optional[Callable[..., Any]] = None,
+        class_embeddings: Any = None,
+        zero_shot: Optional[bool] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
+        model_name: Optional[str] = None,
+    ) -> "HookedViT":
+        """Convert an OpenCLIP image tower exactly and strictly, optionally with a zero-shot head.
+
+        ``model_or_name``: an OpenCLIP model (``open_clip.CLIP``, ``CustomTextCLIP``), its image
+        tower (``model.visual``: ``VisionTransformer``, or SigLIP's ``TimmModel``), or a name:
+        ``"ViT-B-16"`` / ``"open_clip:ViT-B-16"`` (random weights), with ``pretrained=TAG`` or
+        ``"open_clip:ViT-B-16:TAG"`` (needs the hub) or ``checkpoint_path=FILE``, or
+        ``"bundled:mnist-clip"`` (offline, trained). Without classes the output is the projected
+        image features (``encode_image`` before normalization). ``class_names`` with
+        ``templates`` (default ``DEFAULT_TEMPLATES``; a bundled model's own) and ``tokenizer`` give
+        a zero-shot head from the text tower; ``class_embeddings`` (a ``[class, d_embed]`` tensor,
+        a ``ClassSpace`` or its saved folder) gives it without one. ``zero_shot=False`` keeps the
+        tower headless. See :mod:`vit_embedding_lens.loading.open_clip_models`.
+        """
+        return loader("open_clip")(
+            model_or_name,
+            pretrained,
+            checkpoint_path=checkpoint_path,
+            class_names=class_names,
+            templates=templates,
+            tokenizer=tokenizer,
+            class_embeddings=class_embeddings,
+            zero_shot=zero_shot,
+            device=device,
+            dtype=dtype,
+            model_name=model_name,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, model_or_name: Union[str, Path, nn.Module], *args: Any, **kwargs: Any
+    ) -> "HookedViT":
+        """One entry point: picks the converter from what it is given.
+
+        A live timm ViT (-> :meth:`from_timm`), ``transformers`` model (-> ``from_hf``; a full
+        ``CLIPModel``/``SiglipModel`` converts its image tower, with a zero-shot head when
+        ``class_names`` or ``class_embeddings`` are given) or OpenCLIP model (->
+        :meth:`from_open_clip`); or a name: a timm name (``pretrained=True``, ``checkpoint_path``),
+        a timm folder, ``"hf:NAME"`` or a ``save_pretrained`` folder, ``"open_clip:ARCH[:TAG]"``,
+        ``"bundled:NAME"`` (``mnist-vit``, ``fashion-vit``, ``mnist-clip``). Keywords:
+        ``class_names``, ``templates``, ``tokenizer``, ``class_embeddings``, ``device``, ``dtype``,
+        ``model_name``, and those of the converter picked. See
+        :mod:`vit_embedding_lens.loading.pretrained`.
+        """
+        return loader("pretrained")(model_or_name, *args, **kwargs)
+
+    @classmethod
     def from_bundled(cls, name: str = "mnist-vit", **kwargs: Any) -> "HookedViT":
         """A small trained model shipped with the package (offline): ``"mnist-vit"`` (the default, a
         6-block ViT on MNIST digits) or ``"fashion-vit"`` (the same architecture on Fashion-MNIST).
