@@ -3,6 +3,8 @@
 - :func:`parse_model_name` -> :class:`ModelSource` (``kind``: ``"bundled"``, ``"timm"``,
   ``"checkpoint"``, ``"timm-folder"``): the one parser of model names;
 - :func:`load_timm` / :func:`to_hooked`: the timm module a source names, and its HookedViT;
+- :func:`hooked_from_hf` (``HookedViT.from_hf``): Hugging Face ``transformers`` vision models
+  from a live module, a ``save_pretrained`` folder or ``hf:NAME``;
 - :func:`random_init_twin`: the same architecture untrained, built from the model's config;
 - :func:`check_model_support`: whether the converter takes a timm model, and why not;
 - :func:`hub_reachable` / :func:`pretrained_cached`: whether pretrained weights can be downloaded,
@@ -13,6 +15,13 @@ Importing it registers its loaders with :mod:`vit_embedding_lens.model.registry`
 registry's first lookup, imports it). timm is imported only inside functions.
 """
 
+from vit_embedding_lens.loading.hf_models import (
+    HF_PREFIX,
+    convert_hf_source,
+    hooked_from_hf,
+    is_hf_folder,
+    load_hf_module,
+)
 from vit_embedding_lens.loading.hub import hub_reachable, pretrained_cached
 from vit_embedding_lens.loading.names import (
     BUNDLED_PREFIX,
@@ -50,6 +59,7 @@ from vit_embedding_lens.model.registry import register_loader
 
 register_loader("timm", hooked_from_timm)
 register_loader("bundled", hooked_from_bundled)
+register_loader("hf", hooked_from_hf)
 
 # Old addresses: hub_reachable and load_timm_model were public in model.convert before this floor
 # existed. model/ may not import upward, so the floor hands them down to keep those imports
@@ -60,6 +70,7 @@ _convert.load_timm_model = load_timm_model
 __all__ = [
     "BUNDLED_DATA_CONFIG",
     "BUNDLED_PREFIX",
+    "HF_PREFIX",
     "LOCAL_DIR_PREFIX",
     "VIT_MODULES",
     "LoadedTimm",
@@ -68,12 +79,16 @@ __all__ = [
     "SupportEntry",
     "bundled_name",
     "check_model_support",
+    "convert_hf_source",
     "checkpoint_num_classes",
     "create_timm_model",
     "hooked_from_bundled",
+    "hooked_from_hf",
     "hooked_from_timm",
     "hub_reachable",
+    "is_hf_folder",
     "layer_scale_init_values",
+    "load_hf_module",
     "load_timm",
     "load_timm_model",
     "parse_model_name",

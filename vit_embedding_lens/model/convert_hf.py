@@ -128,7 +128,7 @@ _REFUSED_CLASSES = {
     "ViTMSNModel": "ViT-MSN (convert its weights into a ViTModel)",
     "Dinov2Backbone": "the Dinov2 backbone API (multi-level feature maps); use Dinov2Model",
     "Siglip2VisionModel": "SigLIP 2's variable-resolution patch packing (NaFlex)",
-    "CLIPModel": "the full image-text CLIPModel; pass its vision tower CLIPVisionModel(WithProjection)",
+    "CLIPModel": "the full image-text CLIPModel; pass its vision tower (CLIPVisionModel...)",
     "SiglipModel": "the full image-text SiglipModel; pass its vision tower SiglipVisionModel",
 }
 
@@ -264,7 +264,9 @@ def _check_supported(model: nn.Module, name: str, family: str, ignore_pooler: bo
     if family == "siglip":
         if not getattr(cfg, "vision_use_head", True):
             raise _refuse(name, "SigLIP without its attention-pool head (vision_use_head=False)")
-        raise _refuse(name, "the SigLIP attention-pool (MAP) head (SiglipMultiheadAttentionPooling)")
+        raise _refuse(
+            name, "the SigLIP attention-pool (MAP) head (SiglipMultiheadAttentionPooling)"
+        )
     if kind == "CLIPVisionModelWithProjection":
         raise _refuse(name, "the CLIP visual projection (visual_projection)")
     for mod_name, mod in model.named_modules():
@@ -371,16 +373,20 @@ def _state_dict_from_hf(
     sd: Dict[str, Tensor] = {}
 
     # embeddings
-    conv = emb + ("patch_embedding" if family in ("clip", "siglip") else "patch_embeddings.projection")
+    conv = emb + (
+        "patch_embedding" if family in ("clip", "siglip") else "patch_embeddings.projection"
+    )
     w_e = c.take(f"{conv}.weight")
     sd["embed.W_E"] = w_e
     sd["embed.b_E"] = _or_zeros(c.maybe(f"{conv}.bias"), d, w_e)
+    pos: Optional[Tensor] = None
     if family == "clip":
         pos = c.take(emb + "position_embedding.weight")
-        _check_position_ids(c, emb + "position_ids", pos.shape[0])
+        _check_position_ids(c, emb + "position_ids", int(pos.shape[0]))
         cls = c.take(emb + "class_embedding").reshape(1, d)
     else:
-        pos = c.take(emb + "position_embeddings").reshape(-1, d) if cfg.has_pos_embed else None
+        if cfg.has_pos_embed:
+            pos = c.take(emb + "position_embeddings").reshape(-1, d)
         cls = c.take(emb + "cls_token").reshape(1, d)
     prefix = [cls]
     if family == "deit":
@@ -401,8 +407,9 @@ def _state_dict_from_hf(
             "input HookedViT does not take",
         )
     if cfg.pre_norm:
-        sd["ln_pre.w"], sd["ln_pre.b"] = c.take(f"{base}pre_layrnorm.weight"), c.take(
-            f"{base}pre_layrnorm.bias"
+        sd["ln_pre.w"], sd["ln_pre.b"] = (
+            c.take(f"{base}pre_layrnorm.weight"),
+            c.take(f"{base}pre_layrnorm.bias"),
         )
 
     # blocks
@@ -467,7 +474,7 @@ def _gamma(c: _HFConsumer, t: str, key: Optional[str], d: int, like: Tensor) -> 
 
 
 def _check_position_ids(c: _HFConsumer, key: str, n: int) -> None:
-    """A ``position_ids`` buffer must be the identity lookup ``arange(n)`` the conversion assumes."""
+    """A ``position_ids`` buffer must be the identity lookup ``arange(n)`` assumed here."""
     if not c.has(key):
         return
     ids = c.take(key).reshape(-1)

@@ -157,6 +157,37 @@ class HookedViT(HookedRootModule):
         )
 
     @classmethod
+    def from_hf(
+        cls,
+        model_or_path_or_name: Union[str, Path, nn.Module],
+        *,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
+        class_names: Optional[Sequence[str]] = None,
+        model_name: Optional[str] = None,
+        ignore_pooler: bool = False,
+    ) -> "HookedViT":
+        """Convert a Hugging Face ``transformers`` vision model exactly and strictly.
+
+        Accepts a live module (``ViTForImageClassification``, ``DeiTForImageClassification[With
+        Teacher]``, ``Dinov2Model``, ``Dinov2WithRegistersModel``, ``CLIPVisionModel``, ...), a
+        local folder written by ``save_pretrained`` (read offline), or a hub name ``"hf:NAME"``
+        (without a reachable hub: the local cache, else a ``HubUnreachableError``). Class names
+        default to ``config.id2label`` when those are real labels. ``ignore_pooler`` converts a
+        ``ViTModel``/``DeiTModel`` without its tanh pooler (the output is then the final-normed
+        CLS token). See :mod:`vit_embedding_lens.model.convert_hf` for what is converted and how;
+        :mod:`vit_embedding_lens.loading.hf_models` reads folders and hub names.
+        """
+        return loader("hf")(
+            model_or_path_or_name,
+            device=device,
+            dtype=dtype,
+            class_names=class_names,
+            model_name=model_name,
+            ignore_pooler=ignore_pooler,
+        )
+
+    @classmethod
     def from_bundled(cls, name: str = "mnist-vit", **kwargs: Any) -> "HookedViT":
         """A small trained model shipped with the package (offline): ``"mnist-vit"`` (the default, a
         6-block ViT on MNIST digits) or ``"fashion-vit"`` (the same architecture on Fashion-MNIST).
