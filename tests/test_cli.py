@@ -270,7 +270,7 @@ def test_models_command_reports_support_from_the_converter(tmp_path, capsys, mon
                 "--check",
                 "vit_tiny_patch16_224",
                 "eva02_tiny_patch14_224",
-                "vit_base_patch16_siglip_224",
+                "vit_relpos_base_patch16_224",
             ]
         )
         == 0
@@ -278,14 +278,14 @@ def test_models_command_reports_support_from_the_converter(tmp_path, capsys, mon
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "vit_tiny_patch16_224 (vision_transformer): supported"
     assert lines[1].startswith("eva02_tiny_patch14_224 (eva): refused: rotary position embeddings")
-    assert "attention-pool head" in lines[2]
+    assert "relative position embeddings" in lines[2]
 
     from vit_embedding_lens.model.convert import check_supported
     from vit_embedding_lens.runner import model_support
 
     names = [
         "deit_tiny_distilled_patch16_224",
-        "vit_base_patch16_siglip_224",
+        "vit_relpos_base_patch16_224",
         "vit_small_patch16_224",
     ]
     survey = model_support.survey_models(names, progress=False, cache_dir=tmp_path)
@@ -294,9 +294,9 @@ def test_models_command_reports_support_from_the_converter(tmp_path, capsys, mon
     import timm
 
     with torch.device("meta"):
-        siglip = timm.create_model("vit_base_patch16_siglip_224", pretrained=False)
+        relpos = timm.create_model("vit_relpos_base_patch16_224", pretrained=False)
     with pytest.raises(Exception) as refusal:
-        check_supported(siglip, "vit_base_patch16_siglip_224")
+        check_supported(relpos, "vit_relpos_base_patch16_224")
     assert survey["reason"][1] == model_support.refusal_feature(refusal.value)
     cache = list(tmp_path.glob("model-support-*.json"))
     assert len(cache) == 1 and len(json.loads(cache[0].read_text())) == 3
@@ -305,7 +305,7 @@ def test_models_command_reports_support_from_the_converter(tmp_path, capsys, mon
     )
     assert model_support.survey_models(names, progress=False, cache_dir=tmp_path).equals(survey)
     reasons = model_support.refusal_reasons(survey)
-    assert reasons["models"].tolist() == [1] and "siglip" in reasons["examples"][0]
+    assert reasons["models"].tolist() == [1] and "relpos" in reasons["examples"][0]
     by_module = model_support.support_by_module(survey)
     assert by_module.set_index("module").loc["vision_transformer", "supported"] == 1
 

@@ -112,12 +112,20 @@ def _gated_vit():
     return tm
 
 
+def _map_two_latents():
+    from timm.layers import AttentionPoolLatent
+
+    tm = create_timm_vit("vit_base_patch16_siglip_224", img_size=64, **_T)
+    tm.attn_pool = AttentionPoolLatent(64, num_heads=4, latent_len=2, norm_layer=torch.nn.LayerNorm)
+    return tm
+
+
 UNSUPPORTED = [
     # id, factory, regex the message must match (names the feature)
     (
-        "siglip-map-pool",
-        lambda: create_timm_vit("vit_base_patch16_siglip_224", img_size=64, **_T),
-        r"(?i)\bmap\b|attention.?pool",
+        "siglip-map-pool-two-latents",
+        lambda: _map_two_latents(),
+        r"(?i)attention pool.*latent",
     ),
     (
         "eva02-rope",
@@ -197,12 +205,12 @@ def test_unsupported_architecture_is_refused_naming_the_feature(factory, pattern
 
 def test_unsupported_error_is_a_value_error_and_names_the_model():
     assert issubclass(UnsupportedArchitectureError, ValueError)
-    name = "vit_base_patch16_siglip_224"
+    name = "vit_relpos_base_patch16_224"
     with pytest.raises(UnsupportedArchitectureError) as info:
         HookedViT.from_timm(name, img_size=64, **_T)
     msg = str(info.value)
     assert name in msg, msg
-    assert re.search(r"(?i)\bmap\b|attention.?pool", msg), msg
+    assert re.search(r"(?i)relative position", msg), msg
 
 
 def test_non_vit_model_is_refused():

@@ -347,13 +347,13 @@ def test_twin_keeps_old_import_paths():
 # -------------------------------------------------------------------------------------------------
 def test_refusals_carry_model_and_feature():
     with torch.device("meta"):
-        siglip_like = VisionTransformer(
-            img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, global_pool="map"
+        prr_pool = VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, global_pool="prr"
         )
     with pytest.raises(UnsupportedArchitectureError) as refusal:
-        check_supported(siglip_like, "siglip-like")
-    assert refusal.value.model == "siglip-like"
-    assert refusal.value.feature.startswith("the attention-pool head (global_pool='map'")
+        check_supported(prr_pool, "prr-pool")
+    assert refusal.value.model == "prr-pool"
+    assert refusal.value.feature.startswith("the attention-pool head AttentionPoolPrr")
     assert refusal_feature(refusal.value) == refusal.value.feature
 
 

@@ -290,23 +290,31 @@ def _apply_mask(scores: Tensor, attn_mask: Tensor) -> Tensor:
 
 
 class MLP(nn.Module):
-    """Two-layer MLP; ``hook_pre`` is the pre-activation (the key-value memory coefficients)."""
+    """Two-layer MLP; ``hook_pre`` is the pre-activation (the key-value memory coefficients).
 
-    def __init__(self, cfg: HookedViTConfig, act: nn.Module) -> None:
+    ``d_mlp`` defaults to the blocks' (``cfg.d_mlp``); the attention pool's MLP has its own.
+    """
+
+    def __init__(self, cfg: HookedViTConfig, act: nn.Module, d_mlp: Optional[int] = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
-        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
-        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
+        d_mlp = cfg.d_mlp if d_mlp is None else d_mlp
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, d_mlp))
+        self.b_in = nn.Parameter(torch.zeros(d_mlp))
+        self.W_out = nn.Parameter(torch.empty(d_mlp, cfg.d_model))
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
         self.act = act
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         pre = self.hook_pre(F.linear(x, self.W_in.T, self.b_in))
         post = self.hook_post(self.act(pre))
         return F.linear(post, self.W_out.T, self.b_out)
+
+    def compute(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The same function without firing the hook points."""
+        return F.linear(self.act(F.linear(x, self.W_in.T, self.b_in)), self.W_out.T, self.b_out)
 
 
 class TransformerBlock(nn.Module):
@@ -351,8 +359,135 @@ class TransformerBlock(nn.Module):
         return self.hook_resid_post(resid_mid + self.hook_mlp_out(mlp_out))
 
 
+class AttentionPool(nn.Module):
+    """SigLIP's attention-pool (MAP) head: a learned probe attends over the tokens, then an MLP.
+
+    ``pooled = a + mlp(ln(a))`` with ``a = softmax(q k^T / sqrt(d_head)) v W_O + b_O``, the query
+    ``q = probe W_Q + b_Q`` one row per head. Exactly timm's ``AttentionPoolLatent`` (latent
+    length 1, its q projection, ``proj``, ``norm`` and ``mlp``) and transformers'
+    ``SiglipMultiheadAttentionPoolingHead``. Weights in TransformerLens layout, as the blocks'.
+
+    Hook points: ``hook_q`` ``[batch, 1, head, d_head]``, ``hook_k``/``hook_v``/``hook_z``
+    (``[batch, pos, head, d_head]``, ``z``: ``[batch, 1, head, d_head]``),
+    ``hook_attn_scores``/``hook_pattern`` ``[batch, head, 1, pos]`` (the probe's attention over
+    the pooled tokens), ``hook_attn_out`` ``[batch, d_model]``, ``ln.hook_scale``/
+    ``ln.hook_normalized``, ``mlp.hook_pre``/``mlp.hook_post`` ``[batch, pool_d_mlp]``,
+    ``hook_mlp_out`` ``[batch, d_model]``.
+    """
+
+    def __init__(self, cfg: HookedViTConfig, act: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        H, d, dh = cfg.pool_n_heads, cfg.d_model, cfg.pool_d_head
+        self.probe = nn.Parameter(torch.zeros(1, d))
+        self.W_Q = nn.Parameter(torch.empty(H, d, dh))
+        self.W_K = nn.Parameter(torch.empty(H, d, dh))
+        self.W_V = nn.Parameter(torch.empty(H, d, dh))
+        self.W_O = nn.Parameter(torch.empty(H, dh, d))
+        self.b_Q = nn.Parameter(torch.zeros(H, dh))
+        self.b_K = nn.Parameter(torch.zeros(H, dh))
+        self.b_V = nn.Parameter(torch.zeros(H, dh))
+        self.b_O = nn.Parameter(torch.zeros(d))
+        self.ln = LayerNorm(d, cfg.eps)
+        self.mlp = MLP(cfg, act, d_mlp=cfg.pool_d_mlp)
+        self.scale = dh**-0.5
+        self.hook_q = HookPoint()  # [batch, 1, head, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_v = HookPoint()
+        self.hook_attn_scores = HookPoint()  # [batch, head, 1, pos]
+        self.hook_pattern = HookPoint()
+        self.hook_z = HookPoint()  # [batch, 1, head, d_head]
+        self.hook_attn_out = HookPoint()  # [batch, d_model]
+        self.hook_mlp_out = HookPoint()  # [batch, d_model]
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        valid: Optional[Bool[Tensor, "batch pos"]] = None,
+        fire_hooks: bool = True,
+    ) -> Float[Tensor, "batch d_model"]:
+        """Pool the tokens ``x``; ``valid`` (False at padded slots) keeps padding out of the
+        softmax. ``fire_hooks=False`` computes the same without firing any hook point."""
+
+        def point(hook: HookPoint, t: Tensor) -> Tensor:
+            return hook(t) if fire_hooks else t
+
+        B, N, _ = x.shape
+        H, dh = self.cfg.pool_n_heads, self.cfg.pool_d_head
+        q = torch.einsum("qd,hde->qhe", self.probe, self.W_Q) + self.b_Q  # [1, head, d_head]
+        q = point(self.hook_q, q.unsqueeze(0).expand(B, -1, -1, -1))
+        w_kv = torch.cat([self.W_K, self.W_V]).transpose(1, 2).reshape(2 * H * dh, -1)
+        k, v = (
+            F.linear(x, w_kv, torch.cat([self.b_K, self.b_V]).reshape(-1))
+            .view(B, N, 2, H, dh)
+            .unbind(2)
+        )
+        k, v = point(self.hook_k, k), point(self.hook_v, v)
+        scores = torch.einsum("bqhe,bnhe->bhqn", q * self.scale, k)
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        pattern = point(self.hook_pattern, point(self.hook_attn_scores, scores).softmax(dim=-1))
+        z = point(self.hook_z, torch.einsum("bhqn,bnhe->bqhe", pattern, v))
+        attn_out = F.linear(z.reshape(B, H * dh), self.W_O.reshape(H * dh, -1).T, self.b_O)
+        attn_out = point(self.hook_attn_out, attn_out)
+        if fire_hooks:
+            mlp_out = self.hook_mlp_out(self.mlp(self.ln(attn_out)))
+        else:
+            mlp_out = self.mlp.compute(self.ln.normalize(attn_out))
+        return attn_out + mlp_out
+
+    def value_output(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The value/output path ``sum_h (x W_V[h] + b_V[h]) W_O[h] + b_O``: the attention output
+        for a single token, whose attention weight is 1 (no hook fires)."""
+        H, dh = self.cfg.pool_n_heads, self.cfg.pool_d_head
+        v = F.linear(x, self.W_V.transpose(1, 2).reshape(H * dh, -1), self.b_V.reshape(-1))
+        return F.linear(v, self.W_O.reshape(H * dh, -1).T, self.b_O)
+
+    def finish(self, attn_out: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """``a + mlp(ln(a))``: the pool's output for an attention output ``a`` (no hook fires)."""
+        return attn_out + self.mlp.compute(self.ln.normalize(attn_out))
+
+
+class Projection(nn.Module):
+    """The projection from the pooled vector to the joint image-text space: ``W_proj``
+    ``[d_model, d_embed]`` (+ ``b_proj`` when ``proj_bias``); CLIP's ``proj``, SigLIP's none."""
+
+    def __init__(self, cfg: HookedViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.W_proj = nn.Parameter(torch.empty(cfg.d_model, cfg.d_embed))
+        if cfg.proj_bias:
+            self.b_proj = nn.Parameter(torch.zeros(cfg.d_embed))
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_embed"]:
+        return F.linear(x, self.W_proj.T, self.b_proj if self.cfg.proj_bias else None)
+
+
+class CosineHead(nn.Module):
+    """The zero-shot head: ``logit_scale * normalize(features) @ W_head + logit_bias``.
+
+    ``W_head`` ``[d_features, class]`` holds the L2-normalized class embeddings (one column per
+    class; text-defined for CLIP and SigLIP, see :class:`~vit_embedding_lens.model.class_space.
+    ClassSpace`); ``logit_scale`` (already exponentiated) and ``logit_bias`` (SigLIP's; 0 for CLIP)
+    are 0-dim buffers.
+    """
+
+    def __init__(self, cfg: HookedViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.W_head = nn.Parameter(torch.empty(cfg.d_features, cfg.n_classes))
+        self.register_buffer("logit_scale", torch.tensor(1.0))
+        self.register_buffer("logit_bias", torch.tensor(0.0))
+        self.logit_scale: Tensor
+        self.logit_bias: Tensor
+
+    def forward(self, features: Float[Tensor, "batch d_features"]) -> Float[Tensor, "batch class"]:
+        z = F.normalize(features, dim=-1)
+        return self.logit_scale * (z @ self.W_head) + self.logit_bias
+
+
 class ClassifierHead(nn.Module):
-    """The linear classifier: ``W_head`` [d_model, class] (TransformerLens's ``W_U``).
+    """The linear classifier: ``W_head`` [d_features, class] (TransformerLens's ``W_U``).
 
     Distilled DeiT models have a second head on the distillation token; at evaluation timm
     averages the two, and so does this module.
@@ -361,7 +496,7 @@ class ClassifierHead(nn.Module):
     def __init__(self, cfg: HookedViTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.W_head = nn.Parameter(torch.empty(cfg.d_model, cfg.n_classes))
+        self.W_head = nn.Parameter(torch.empty(cfg.d_features, cfg.n_classes))
         self.b_head = nn.Parameter(torch.zeros(cfg.n_classes))
         if cfg.has_dist_token:
             self.W_head_dist = nn.Parameter(torch.empty(cfg.d_model, cfg.n_classes))

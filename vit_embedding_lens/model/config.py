@@ -7,7 +7,8 @@ from typing import Literal, Optional, Tuple
 
 BlockNorm = Literal["pre", "post"]
 FinalNorm = Literal["tokens", "pooled"]
-GlobalPool = Literal["token", "avg", "max", "avgmax"]
+GlobalPool = Literal["token", "avg", "max", "avgmax", "map"]
+HeadType = Literal["linear", "cosine"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,19 @@ class HookedViTConfig:
     block_norm: BlockNorm = "pre"
     #: "tokens": final norm on every token before pooling; "pooled": ``fc_norm`` after pooling
     final_norm: FinalNorm = "tokens"
+    #: "map": SigLIP's attention pool (a learned probe attends over the tokens, then an MLP)
     global_pool: GlobalPool = "token"
     pool_include_prefix: bool = False
+    #: the attention pool's heads and MLP width (``global_pool="map"`` only; 0 otherwise)
+    pool_n_heads: int = 0
+    pool_d_mlp: int = 0
+    #: width of the projection from the pooled vector to a joint image-text space (0 = none)
+    d_embed: int = 0
+    proj_bias: bool = False
+    #: "linear": ``features @ W_head + b_head``; "cosine": the zero-shot head
+    #: ``logit_scale * normalize(features) @ W_head + logit_bias`` (W_head: normalized class
+    #: embeddings, transposed)
+    head_type: HeadType = "linear"
     qkv_bias: bool = True
     qk_norm: bool = False
     #: LayerScale present in timm (folded into W_O/b_O and W_out/b_out)
@@ -74,6 +86,39 @@ class HookedViTConfig:
     def n_ctx(self) -> int:
         """Tokens in the sequence at the configured image size (prefix + patches)."""
         return self.n_prefix_tokens + self.n_patches
+
+    @property
+    def d_features(self) -> int:
+        """Width of what the head reads: ``d_embed`` after a projection, else ``d_model``."""
+        return self.d_embed or self.d_model
+
+    @property
+    def pool_d_head(self) -> int:
+        """Head width of the attention pool (``global_pool="map"``)."""
+        return self.d_model // self.pool_n_heads if self.pool_n_heads else 0
+
+    def __post_init__(self) -> None:
+        if self.global_pool == "map":
+            if self.pool_n_heads < 1 or self.d_model % self.pool_n_heads:
+                raise ValueError(
+                    f"global_pool='map' needs pool_n_heads >= 1 dividing d_model={self.d_model}, "
+                    f"got pool_n_heads={self.pool_n_heads}"
+                )
+            if self.pool_d_mlp < 1:
+                raise ValueError(f"global_pool='map' needs pool_d_mlp >= 1, got {self.pool_d_mlp}")
+            if self.final_norm != "tokens":
+                raise ValueError(
+                    "global_pool='map' reads the final-normed tokens (final_norm='tokens'); a norm "
+                    "after the attention pool is not supported"
+                )
+            if self.has_dist_token:
+                raise ValueError("global_pool='map' with a distillation token is not supported")
+        if self.d_embed < 0:
+            raise ValueError(f"d_embed must be >= 0, got {self.d_embed}")
+        if self.head_type not in ("linear", "cosine"):
+            raise ValueError(f"head_type must be 'linear' or 'cosine', got {self.head_type!r}")
+        if self.head_type == "cosine" and self.has_dist_token:
+            raise ValueError("a cosine (zero-shot) head on a distilled model is not supported")
 
     @property
     def d_vocab(self) -> int:

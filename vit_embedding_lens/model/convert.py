@@ -85,11 +85,19 @@ def check_supported(model: nn.Module, name: str) -> None:
         raise _refuse(
             name, f"the model class {kind} (only timm VisionTransformer and DeiT are converted)"
         )
-    if getattr(model, "attn_pool", None) is not None or model.global_pool in ("map", "prr"):
+    if model.global_pool == "prr" or type(getattr(model, "attn_pool", None)).__name__ not in (
+        "NoneType",
+        "AttentionPoolLatent",
+    ):
         raise _refuse(
-            name, f"the attention-pool head (global_pool={model.global_pool!r}, as in SigLIP)"
+            name,
+            f"the attention-pool head {type(model.attn_pool).__name__} (global_pool="
+            f"{model.global_pool!r}); only SigLIP's AttentionPoolLatent (global_pool='map') is "
+            "supported",
         )
-    if model.global_pool not in ("token", "avg", "max", "avgmax"):
+    if model.global_pool == "map" or getattr(model, "attn_pool", None) is not None:
+        _check_attention_pool(model, name)
+    if model.global_pool not in ("token", "avg", "max", "avgmax", "map"):
         raise _refuse(name, f"global_pool={model.global_pool!r} (no pooling before the head)")
     if isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity):
         raise _refuse(name, "a model without a final norm (final_norm=False)")
@@ -120,6 +128,41 @@ def check_supported(model: nn.Module, name: str) -> None:
             raise _refuse(name, f"rotary position embeddings ({module_name})")
     for norm_name, norm in _all_norms(model):
         _check_norm(norm, norm_name, name)
+
+
+def _check_attention_pool(model: Any, name: str) -> None:  # a timm VisionTransformer
+    """Refuse, by name, what of timm's ``AttentionPoolLatent`` HookedViT does not reproduce."""
+    pool = model.attn_pool
+    if model.global_pool != "map" or pool is None:
+        raise _refuse(name, f"an attention pool with global_pool={model.global_pool!r}")
+    d = model.embed_dim
+    if pool.latent_len != 1:
+        raise _refuse(name, f"an attention pool with {pool.latent_len} latent queries (latent_len)")
+    if getattr(pool, "pos_embed", None) is not None:
+        raise _refuse(name, "position embeddings inside the attention pool (attn_pool.pos_embed)")
+    for which in ("q_norm", "k_norm"):
+        if not isinstance(getattr(pool, which, nn.Identity()), nn.Identity):
+            raise _refuse(name, f"a norm on the attention pool's queries/keys (attn_pool.{which})")
+    if pool.mlp is None or not isinstance(pool.proj, nn.Linear):
+        raise _refuse(name, "an attention pool without its output projection and MLP")
+    if pool.kv.in_features != d or pool.kv.out_features != 2 * d or pool.proj.out_features != d:
+        raise _refuse(name, "an attention pool whose width differs from the residual width")
+    if pool.latent.shape[-1] != d:
+        raise _refuse(name, "an attention pool whose latent width differs from the residual width")
+    if pool.pool != "token":
+        raise _refuse(name, f"the attention pool's pool_type={pool.pool!r}")
+    if not isinstance(model.fc_norm, nn.Identity) or isinstance(model.norm, nn.Identity):
+        raise _refuse(name, "an attention pool without the final norm before it (fc_norm)")
+    mlp = pool.mlp
+    if type(mlp).__name__ != "Mlp" or not isinstance(mlp.fc1, nn.Linear):
+        raise _refuse(name, f"the attention pool's MLP {type(mlp).__name__}")
+    if not isinstance(mlp.norm, nn.Identity):
+        raise _refuse(name, "a norm inside the attention pool's MLP (attn_pool.mlp.norm)")
+    if activation_name(mlp.act) is None:
+        raise _refuse(name, f"the attention pool's MLP activation {type(mlp.act).__name__}")
+    block_act = activation_name(model.blocks[0].mlp.act)
+    if activation_name(mlp.act) != block_act:
+        raise _refuse(name, "an attention pool whose MLP activation differs from the blocks'")
 
 
 def _check_block(block: Any, i: int, name: str) -> None:  # a timm block (duck-typed)
@@ -164,6 +207,9 @@ def _all_norms(model: Any):  # a timm VisionTransformer (duck-typed)
         yield f"blocks.{i}.norm2", block.norm2
         yield f"blocks.{i}.attn.q_norm", block.attn.q_norm
         yield f"blocks.{i}.attn.k_norm", block.attn.k_norm
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None and hasattr(pool, "norm"):
+        yield "attn_pool.norm", pool.norm
 
 
 def _check_norm(norm: nn.Module, norm_name: str, name: str) -> None:
@@ -195,6 +241,7 @@ def config_from_timm(model: nn.Module, name: str) -> HookedViTConfig:
         raise _refuse(
             name, f"the MLP activation {type(block0.mlp.act).__name__} (blocks.0.mlp.act)"
         )
+    pool = getattr(vit, "attn_pool", None)
     return HookedViTConfig(
         n_layers=len(vit.blocks),
         d_model=vit.embed_dim,
@@ -215,6 +262,8 @@ def config_from_timm(model: nn.Module, name: str) -> HookedViTConfig:
         final_norm="tokens" if not isinstance(vit.norm, nn.Identity) else "pooled",
         global_pool="token" if getattr(vit, "dist_token", None) is not None else vit.global_pool,
         pool_include_prefix=bool(getattr(vit, "pool_include_prefix", False)),
+        pool_n_heads=int(pool.num_heads) if pool is not None else 0,
+        pool_d_mlp=int(pool.mlp.fc1.out_features) if pool is not None else 0,
         qkv_bias=attn.qkv.bias is not None,
         qk_norm=not isinstance(attn.q_norm, nn.Identity),
         layer_scale=any(
@@ -318,6 +367,8 @@ def state_dict_from_timm(
 
     final = "norm" if cfg.final_norm == "tokens" else "fc_norm"
     sd["ln_final.w"], sd["ln_final.b"] = c.take(f"{final}.weight"), c.take(f"{final}.bias")
+    if cfg.global_pool == "map":
+        sd.update(_attention_pool_state(c, cfg))
     if cfg.n_classes:
         for timm_head, ours in (("head", ""), ("head_dist", "_dist")):
             if timm_head == "head_dist" and not cfg.has_dist_token:
@@ -327,6 +378,41 @@ def state_dict_from_timm(
             sd[f"head.b_head{ours}"] = _or_zeros(c.maybe(f"{timm_head}.bias"), cfg.n_classes, w)
     c.check_all_taken()
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
+
+
+def _attention_pool_state(c: _Consumer, cfg: HookedViTConfig) -> Dict[str, Tensor]:
+    """timm's ``AttentionPoolLatent`` in the HookedViT layout (``attn_pool.*``).
+
+    The latent is the probe; ``q`` (or the identity when timm has no q projection) gives
+    ``W_Q``/``b_Q``, ``kv`` gives ``W_K``/``W_V``, ``proj`` gives ``W_O``/``b_O``, then ``norm``
+    and ``mlp``.
+    """
+    H, dh, d = cfg.pool_n_heads, cfg.pool_d_head, cfg.d_model
+    sd: Dict[str, Tensor] = {}
+    latent = c.take("attn_pool.latent")
+    sd["attn_pool.probe"] = latent.reshape(1, d)
+    q_w = c.maybe("attn_pool.q.weight")
+    if q_w is None:  # q_proj=False: the latent is the query
+        q_w = torch.eye(d, dtype=latent.dtype, device=latent.device)
+    sd["attn_pool.W_Q"] = einops.rearrange(q_w, "(h e) d -> h d e", h=H, e=dh)
+    sd["attn_pool.b_Q"] = _or_zeros(c.maybe("attn_pool.q.bias"), d, q_w).reshape(H, dh)
+    kv_w = c.take("attn_pool.kv.weight")
+    W_K, W_V = einops.rearrange(kv_w, "(two h e) d -> two h d e", two=2, h=H, e=dh)
+    kv_b = _or_zeros(c.maybe("attn_pool.kv.bias"), 2 * d, kv_w)
+    b_K, b_V = einops.rearrange(kv_b, "(two h e) -> two h e", two=2, h=H, e=dh)
+    sd.update({"attn_pool.W_K": W_K, "attn_pool.W_V": W_V})
+    sd.update({"attn_pool.b_K": b_K, "attn_pool.b_V": b_V})
+    proj_w = c.take("attn_pool.proj.weight")
+    sd["attn_pool.W_O"] = einops.rearrange(proj_w, "d (h e) -> h e d", h=H, e=dh)
+    sd["attn_pool.b_O"] = _or_zeros(c.maybe("attn_pool.proj.bias"), d, proj_w)
+    sd["attn_pool.ln.w"] = c.take("attn_pool.norm.weight")
+    sd["attn_pool.ln.b"] = c.take("attn_pool.norm.bias")
+    fc1_w, fc2_w = c.take("attn_pool.mlp.fc1.weight"), c.take("attn_pool.mlp.fc2.weight")
+    sd["attn_pool.mlp.W_in"] = fc1_w.T
+    sd["attn_pool.mlp.b_in"] = _or_zeros(c.maybe("attn_pool.mlp.fc1.bias"), cfg.pool_d_mlp, fc1_w)
+    sd["attn_pool.mlp.W_out"] = fc2_w.T
+    sd["attn_pool.mlp.b_out"] = _or_zeros(c.maybe("attn_pool.mlp.fc2.bias"), d, fc2_w)
+    return sd
 
 
 def _or_zeros(t: Optional[Tensor], n: int, like: Tensor) -> Tensor:

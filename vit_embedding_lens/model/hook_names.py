@@ -36,15 +36,47 @@ BLOCK_HOOKS = (
 )
 #: hook points before the blocks (``ln_pre`` models add ``ln_pre.hook_scale``/``hook_normalized``)
 EMBED_HOOKS = ("hook_embed", "hook_pos_embed")
-#: hook points after the blocks (``hook_pooled_dist`` only for distilled models)
+#: hook points of the attention pool (``global_pool="map"`` models, SigLIP), as suffixes of
+#: ``attn_pool.``
+POOL_HOOKS = (
+    "hook_q",
+    "hook_k",
+    "hook_v",
+    "hook_attn_scores",
+    "hook_pattern",
+    "hook_z",
+    "hook_attn_out",
+    "ln.hook_scale",
+    "ln.hook_normalized",
+    "mlp.hook_pre",
+    "mlp.hook_post",
+    "hook_mlp_out",
+)
+#: hook points after the blocks, in the order they fire (``attn_pool.*`` only for attention-pool
+#: models, ``hook_pooled_dist`` only for distilled models, ``hook_image_embed`` only for models
+#: with a projection to a joint image-text space, ``hook_logits`` only with a head)
 READOUT_HOOKS = (
     "ln_final.hook_scale",
     "ln_final.hook_normalized",
+    *(f"attn_pool.{name}" for name in POOL_HOOKS),
     "hook_pooled",
     "hook_pooled_dist",
+    "hook_image_embed",
     "hook_logits",
 )
+POOLED = "hook_pooled"
+IMAGE_EMBED = "hook_image_embed"
 LOGITS = "hook_logits"
+
+
+def pool_hook_name(name: str) -> str:
+    """The full name of an attention-pool hook: ``"pattern"`` or ``"hook_pattern"`` ->
+    ``"attn_pool.hook_pattern"`` (``"ln.hook_scale"``, ``"mlp.hook_pre"`` too)."""
+    suffix = name if name.startswith("hook_") or "." in name else f"hook_{name}"
+    if suffix not in POOL_HOOKS:
+        raise ValueError(f"{name!r} is not an attention-pool hook; choose from {list(POOL_HOOKS)}")
+    return f"attn_pool.{suffix}"
+
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 

@@ -16,11 +16,15 @@ from transformer_lens.hook_points import HookPoint
 
 from vit_embedding_lens.model.activations import make_activation
 from vit_embedding_lens.model.cache import ViTActivationCache
+from vit_embedding_lens.model.class_space import ClassSpace
 from vit_embedding_lens.model.components import (
+    AttentionPool,
     ClassifierHead,
+    CosineHead,
     LayerNorm,
     PatchEmbed,
     PosEmbed,
+    Projection,
     TransformerBlock,
 )
 from vit_embedding_lens.model.config import HookedViTConfig
@@ -63,11 +67,17 @@ class HookedViT(HookedRootModule):
             [TransformerBlock(cfg, make_activation(cfg.act_fn)) for _ in range(cfg.n_layers)]
         )
         self.ln_final = LayerNorm(cfg.d_model, cfg.eps, affine=cfg.normalization_type == "LN")
+        if cfg.global_pool == "map":
+            self.attn_pool = AttentionPool(cfg, make_activation(cfg.act_fn))
         self.hook_pooled = HookPoint()  # [batch, d_model]
         if cfg.has_dist_token:
             self.hook_pooled_dist = HookPoint()
+        if cfg.d_embed:
+            self.proj = Projection(cfg)
+            self.hook_image_embed = HookPoint()  # [batch, d_embed], before L2 normalization
         if cfg.n_classes:
-            self.head = ClassifierHead(cfg)
+            #: ClassifierHead or CosineHead (``cfg.head_type``)
+            self.head: Any = CosineHead(cfg) if cfg.head_type == "cosine" else ClassifierHead(cfg)
             self.hook_logits = HookPoint()  # [batch, class]
         if class_names is not None and len(class_names) != cfg.n_classes:
             raise ValueError(f"{len(class_names)} class names given for {cfg.n_classes} classes")
@@ -210,6 +220,9 @@ class HookedViT(HookedRootModule):
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
                 else:
                     p.zero_()
+        if self.cfg.n_classes and self.cfg.head_type == "cosine":
+            with torch.no_grad():  # the zero-shot head reads unit class embeddings
+                self.head.W_head.copy_(torch.nn.functional.normalize(self.head.W_head, dim=0))
 
     # ---------------------------------------------------------------------------------------------
     # Forward
@@ -228,7 +241,8 @@ class HookedViT(HookedRootModule):
         pos, d_model]``), skipping the rest. ``start_at_layer=l`` takes that residual stream in
         place of the images and runs blocks ``l..`` only (as TransformerLens does; used by
         activation patching to skip blocks a patch cannot change). Models without a classifier head
-        return the pooled features ``[batch, d_model]``.
+        return the projected features ``[batch, d_embed]`` when they have a projection to a joint
+        image-text space, else the pooled features ``[batch, d_model]``.
 
         ``keep_mask`` (bool ``[batch, pos]`` in layout order) removes the tokens where it is
         False right after the position embedding (and ``ln_pre``): the blocks see only the kept
@@ -302,7 +316,7 @@ class HookedViT(HookedRootModule):
             else self.layout.with_grid(grid)
         )
         check_keep_mask(keep_mask, layout, resid.shape[0], resid.device)
-        if self.cfg.global_pool != "token" and not self.cfg.pool_include_prefix:
+        if self.cfg.global_pool != "token" and not self.cfg.pool_include_prefix:  # avg, max, map
             if not bool(keep_mask[:, layout.n_prefix :].any(dim=1).all()):
                 raise ValueError(
                     f"{self.cfg.model_name} pools its image tokens ({self.cfg.global_pool!r}) and "
@@ -321,13 +335,16 @@ class HookedViT(HookedRootModule):
         valid: Optional[Bool[Tensor, "batch pos"]] = None,
         fire_hooks: bool = True,
     ) -> Tensor:
-        """Final norm, pooling, ``fc_norm`` and the classifier: residual stream -> logits.
+        """Final norm, pooling, ``fc_norm``, the projection and the head: residual stream ->
+        logits.
 
         ``positions`` (after token removal: layout position per slot, -1 = padding), or ``valid``
-        (False at padded slots), restricts average/max pooling to the kept image tokens.
-        ``fire_hooks=False`` computes the same without firing any hook point (``ln_final``'s,
-        ``hook_pooled``, ``hook_logits``): for analyses that read other residual streams as the
-        model would, inside hooks (:func:`vit_embedding_lens.model.readout.readout_logits`).
+        (False at padded slots), restricts average/max/attention pooling to the kept tokens.
+        ``fire_hooks=False`` computes the same without firing any hook point (``ln_final``'s, the
+        attention pool's, ``hook_pooled``, ``hook_image_embed``, ``hook_logits``): for analyses
+        that read other residual streams as the model would, inside hooks
+        (:func:`vit_embedding_lens.model.readout.readout_logits`). A headless model returns its
+        features (projected when it has a projection).
         """
         cfg = self.cfg
         if valid is None and positions is not None:
@@ -339,25 +356,34 @@ class HookedViT(HookedRootModule):
 
         if cfg.final_norm == "tokens":
             resid = norm(resid)
-        pooled = self.pool(resid, valid)
+        pooled = self.pool(resid, valid, fire_hooks=fire_hooks)
         if cfg.final_norm == "pooled":
             pooled = norm(pooled)
         pooled = point(self.hook_pooled, pooled)
+        features = pooled
+        if cfg.d_embed:
+            features = point(self.hook_image_embed, self.proj(pooled))
         if not cfg.n_classes:
-            return pooled
+            return features
+        if cfg.head_type == "cosine":
+            return point(self.hook_logits, cast(CosineHead, self.head)(features))
         pooled_dist = None
         if cfg.has_dist_token:
             pooled_dist = point(self.hook_pooled_dist, resid[:, self.layout.dist_index].clone())
-        return point(self.hook_logits, self.head(pooled, pooled_dist))
+        return point(self.hook_logits, cast(ClassifierHead, self.head)(features, pooled_dist))
 
     def pool(
         self,
         resid: Float[Tensor, "batch pos d_model"],
         valid: Optional[Bool[Tensor, "batch pos"]] = None,
+        *,
+        fire_hooks: bool = True,
     ) -> Float[Tensor, "batch d_model"]:
-        """timm's global pooling: the CLS token, or avg/max/avgmax over the image tokens.
+        """timm's global pooling: the CLS token, avg/max/avgmax over the image tokens, or the
+        attention pool (``"map"``, :class:`~vit_embedding_lens.model.components.AttentionPool`).
 
         ``valid`` (False at padded slots after token removal) leaves padding out of the pool.
+        ``fire_hooks=False``: the attention pool's hook points stay silent.
         """
         pool = self.cfg.global_pool
         if pool == "token":
@@ -365,6 +391,9 @@ class HookedViT(HookedRootModule):
             return resid[:, self.layout.cls_index].clone()
         n_prefix = 0 if self.cfg.pool_include_prefix else self.layout.n_prefix
         tokens = resid[:, n_prefix:]  # any grid size (dynamic_img_size models)
+        if pool == "map":
+            kept = None if valid is None else valid[:, n_prefix:]
+            return self.attn_pool(tokens, kept, fire_hooks=fire_hooks)
         if valid is None:
             mean = tokens.mean(dim=1) if pool != "max" else None
             amax = tokens.amax(dim=1) if pool != "avg" else None
@@ -520,20 +549,94 @@ class HookedViT(HookedRootModule):
     # ---------------------------------------------------------------------------------------------
     @property
     def W_U(self) -> Float[Tensor, "d_model class"]:
-        return self.classifier_head().W_head
+        """The linear map from the pooled vector to the logits: ``W_head`` (through ``W_proj``
+        when the model projects to a joint space). For a cosine head it is scaled by
+        ``logit_scale`` and misses the per-image factor ``1 / |features|``; the attention pool
+        has no linear map (a ValueError)."""
+        head = self.classifier_head()
+        if self.cfg.global_pool == "map":
+            raise ValueError(
+                f"{self.cfg.model_name} pools with an attention pool (MAP), which has no linear "
+                "map from the residual stream to the logits; read vectors with "
+                "vit_embedding_lens.lens.ClassProjection"
+            )
+        weight: Tensor = head.W_head
+        if self.cfg.d_embed:
+            weight = self.proj.W_proj @ weight
+        if isinstance(head, CosineHead):
+            weight = weight * head.logit_scale
+        return weight
 
     @property
     def b_U(self) -> Float[Tensor, " class"]:
-        return self.classifier_head().b_head
+        """The logits' constant term (``b_head``, plus ``b_proj`` through the head; the cosine
+        head's ``logit_bias``)."""
+        head = self.classifier_head()
+        if isinstance(head, CosineHead):
+            return head.logit_bias.expand(self.cfg.n_classes)
+        bias: Tensor = head.b_head
+        if self.cfg.d_embed and self.cfg.proj_bias:
+            bias = bias + self.proj.b_proj @ head.W_head
+        return bias
 
-    def classifier_head(self) -> ClassifierHead:
+    def classifier_head(self) -> Union[ClassifierHead, CosineHead]:
         """The classifier head; a clear error for a headless model (``num_classes=0``)."""
         if not self.cfg.n_classes:
             raise ValueError(
                 f"{self.cfg.model_name} has no classifier head (num_classes=0); create the timm "
-                f"model with num_classes>0 or load a checkpoint with a head"
+                f"model with num_classes>0, load a checkpoint with a head, or give it a class "
+                f"space (with_class_space / with_class_embeddings)"
             )
         return self.head
+
+    def with_class_space(self, space: ClassSpace) -> "HookedViT":
+        """A copy of this model whose head is the zero-shot (cosine) head of ``space``.
+
+        ``logits = logit_scale * normalize(features) @ E.T + logit_bias`` with ``E`` the space's
+        L2-normalized class embeddings ``[class, d_features]`` (``d_embed`` after a projection,
+        else ``d_model``) and its class names. Everything else (weights, processing, device,
+        dtype) is kept; the original model is untouched.
+        """
+        if not isinstance(space, ClassSpace):
+            raise TypeError(f"with_class_space takes a ClassSpace, got {type(space).__name__}")
+        cfg = self.cfg
+        if cfg.has_dist_token:
+            raise ValueError(
+                f"{cfg.model_name} is distilled (two heads on two tokens); a zero-shot head "
+                "replaces one head on one pooled vector: use a model without a distillation token"
+            )
+        space.check_width(cfg.d_features, cfg.model_name)
+        new_cfg = dataclasses.replace(cfg, head_type="cosine", n_classes=space.n_classes)
+        param = self.embed.W_E
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
+        E = space.embeddings.to(device=param.device, dtype=param.dtype)
+        state["head.W_head"] = E.T.contiguous()
+        state["head.logit_scale"] = torch.tensor(space.logit_scale, dtype=param.dtype)
+        state["head.logit_bias"] = torch.tensor(space.logit_bias, dtype=param.dtype)
+        model = type(self)(new_cfg, class_names=space.names, init_weights=False)
+        model = model.to(device=param.device, dtype=param.dtype)
+        model.load_state_dict(state, strict=True)
+        model.validate_inputs = self.validate_inputs
+        for mine, theirs in zip(self.blocks, model.blocks):
+            cast(TransformerBlock, theirs).attn.force_explicit = cast(
+                TransformerBlock, mine
+            ).attn.force_explicit
+        model.train(self.training)
+        return model
+
+    def with_class_embeddings(
+        self,
+        embeddings: Float[Tensor, "class d_features"],
+        names: Sequence[str],
+        *,
+        logit_scale: float = 1.0,
+        logit_bias: float = 0.0,
+    ) -> "HookedViT":
+        """:meth:`with_class_space` of ``ClassSpace(embeddings, names, logit_scale, logit_bias)``
+        (rows are L2-normalized)."""
+        return self.with_class_space(
+            ClassSpace(embeddings, names, logit_scale=logit_scale, logit_bias=logit_bias)
+        )
 
     def to_single_token(self, class_id: Union[int, str]) -> int:
         """A class index from an index or a class name (``model.class_names``)."""
@@ -574,7 +677,8 @@ class HookedViT(HookedRootModule):
             ids = torch.as_tensor(self.to_single_token(class_ids))
         else:
             ids = torch.as_tensor(class_ids)
-        directions = self.W_U[:, ids.to(self.W_U.device)]
+        W_U = self.W_U
+        directions = W_U[:, ids.to(W_U.device)]
         directions = torch.movedim(directions, 0, -1)
         return directions / 2 if self.cfg.has_dist_token else directions
 

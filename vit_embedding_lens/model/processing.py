@@ -14,10 +14,12 @@ classifier head) are refused with an error that says why.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence, cast
+from typing import TYPE_CHECKING, List, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor
+
+from vit_embedding_lens.model.components import ClassifierHead
 
 if TYPE_CHECKING:
     from vit_embedding_lens.model.components import TransformerBlock
@@ -73,6 +75,12 @@ def fold_layer_norm_(model: "HookedViT") -> None:
     if not cfg.n_classes:
         raise ValueError(
             f"fold_ln: {cfg.model_name} has no classifier head to fold the final norm into"
+        )
+    if cfg.global_pool == "map" or cfg.d_embed or cfg.head_type != "linear":
+        raise ValueError(
+            f"fold_ln: {cfg.model_name}'s final norm is read by an attention pool, a projection "
+            "or a cosine head, not a linear classifier; folding it is not implemented for these "
+            "heads (use the model unfolded)"
         )
     for block in _blocks(model):
         w1, b1 = block.ln1.w, block.ln1.b
@@ -139,7 +147,10 @@ def center_writing_weights_(model: "HookedViT") -> None:
 def center_unembed_(model: "HookedViT") -> None:
     """Zero-mean the classifier over classes: each logit shifts by the same per-image constant."""
     head = model.classifier_head()
-    pairs = [(head.W_head, head.b_head)]
+    if not isinstance(head, ClassifierHead):  # cosine: logit_bias is one number, only W shifts
+        head.W_head.copy_(_centered(head.W_head, dim=-1))
+        return
+    pairs: List[Tuple[Tensor, Tensor]] = [(head.W_head, head.b_head)]
     if model.cfg.has_dist_token:
         pairs.append((head.W_head_dist, head.b_head_dist))
     for W, b in pairs:
