@@ -66,6 +66,13 @@ CASES = {
         {},
     ),
     "clip-vision": (T.CLIPVisionModel, T.CLIPVisionConfig, {}, {}),
+    "clip-vision-projection": (
+        T.CLIPVisionModelWithProjection,
+        T.CLIPVisionConfig,
+        dict(projection_dim=48),
+        {},
+    ),
+    "siglip-vision": (T.SiglipVisionModel, T.SiglipVisionConfig, {}, {}),
 }
 
 
@@ -124,6 +131,51 @@ def test_attention_patterns_equal_hf_attentions() -> None:
         _, cache = hooked.run_with_cache(images, names_filter=lambda n: "hook_pattern" in n)
     for i, attn in enumerate(attentions):
         assert_close_scaled(cache[f"blocks.{i}.attn.hook_pattern"], attn, rel=REL)
+
+
+def test_attention_pool_pattern_equals_hf_multihead_attention() -> None:
+    """SigLIP's MAP head: the probe's attention per head over the tokens equals HF's
+    ``nn.MultiheadAttention`` weights, and its value/output path is the attention output."""
+    model = make_hf("siglip-vision")
+    hooked = HookedViT.from_hf(model)
+    images = images_for(model)
+    with torch.no_grad():
+        tokens = model(pixel_values=images).last_hidden_state  # post_layernorm'd
+        probe = model.head.probe.repeat(images.shape[0], 1, 1)
+        attn_out, weights = model.head.attention(
+            probe, tokens, tokens, need_weights=True, average_attn_weights=False
+        )
+        _, cache = hooked.run_with_cache(images)
+    assert hooked.cfg.global_pool == "map" and hooked.layout.n_prefix == 0
+    assert_close_scaled(cache["attn_pool.hook_pattern"], weights, rel=REL)
+    assert_close_scaled(cache["attn_pool.hook_attn_out"], attn_out[:, 0], rel=REL)
+    assert_close_scaled(cache["hook_pooled"], model(pixel_values=images).pooler_output, rel=REL)
+
+
+@pytest.mark.parametrize("which", ["clip", "siglip"])
+def test_image_text_models_convert_their_image_tower(which: str) -> None:
+    """``CLIPModel`` / ``SiglipModel``: the image tower (and CLIP's projection) is converted, the
+    output equals ``get_image_features``; the text tower and logit scale/bias are set aside."""
+    vision = {**SMALL, "layer_norm_eps": 1e-5}
+    vision.pop("attn_implementation")
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    if which == "clip":
+        config = T.CLIPConfig(vision_config=vision, text_config=text, projection_dim=48)
+        model = randomize_hf_weights_(T.CLIPModel(config))
+    else:
+        config = T.SiglipConfig(vision_config=vision, text_config=text)
+        model = randomize_hf_weights_(T.SiglipModel(config))
+    conversion = convert_hf(model)
+    hooked = HookedViT.from_conversion(conversion)
+    images = images_for(model.vision_model)
+    with torch.no_grad():
+        expected = model.get_image_features(pixel_values=images)
+        expected = getattr(expected, "pooler_output", expected)
+        assert_close_scaled(hooked(images), expected, rel=REL)
+    aside = set(conversion.set_aside)
+    assert "logit_scale" in aside and any(k.startswith("text_model.") for k in aside)
+    assert not any(k.startswith("vision_model.") for k in aside)
+    assert hooked.cfg.d_embed == (48 if which == "clip" else 0)
 
 
 def test_layouts_and_configs() -> None:
@@ -192,6 +244,7 @@ def test_permuted_position_ids_are_refused() -> None:
         (lambda: T.ViTForMaskedImageModeling(T.ViTConfig(**SMALL)), "masked-image-modelling"),
         (lambda: make_hf("vit-classifier", hidden_act="gelu_fast"), "hidden_act='gelu_fast'"),
         (lambda: nn.Linear(2, 2), "model class Linear"),
+        (lambda: make_hf("siglip-vision", vision_use_head=False), "vision_use_head=False"),
     ],
 )
 def test_refusals_name_the_feature(build, feature: str) -> None:
@@ -266,7 +319,14 @@ BASE = dict(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "case", ["vit-classifier", "deit-teacher", "dinov2-registers", "clip-vision"]
+    "case",
+    [
+        "vit-classifier",
+        "deit-teacher",
+        "dinov2-registers",
+        "clip-vision-projection",
+        "siglip-vision",
+    ],
 )
 def test_full_size_equals_hf(case: str) -> None:
     cls, config_cls, extra, kwargs = CASES[case]

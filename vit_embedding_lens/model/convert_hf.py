@@ -120,16 +120,22 @@ HF_FAMILIES: Dict[str, str] = {
     "CLIPVisionModel": "clip",
     "CLIPVisionModelWithProjection": "clip",
     "SiglipVisionModel": "siglip",
+    "CLIPModel": "clip",
+    "SiglipModel": "siglip",
 }
-_LAYERS = {"vit": _VIT_LAYER, "deit": _VIT_LAYER, "dinov2": _DINO_LAYER, "clip": _CLIP_LAYER}
+_LAYERS = {
+    "vit": _VIT_LAYER,
+    "deit": _VIT_LAYER,
+    "dinov2": _DINO_LAYER,
+    "clip": _CLIP_LAYER,
+    "siglip": _CLIP_LAYER,
+}
 _REFUSED_CLASSES = {
     "ViTForMaskedImageModeling": "the masked-image-modelling decoder (ViTForMaskedImageModeling)",
     "DeiTForMaskedImageModeling": "the masked-image-modelling decoder (DeiTForMaskedImageModeling)",
     "ViTMSNModel": "ViT-MSN (convert its weights into a ViTModel)",
     "Dinov2Backbone": "the Dinov2 backbone API (multi-level feature maps); use Dinov2Model",
     "Siglip2VisionModel": "SigLIP 2's variable-resolution patch packing (NaFlex)",
-    "CLIPModel": "the full image-text CLIPModel; pass its vision tower (CLIPVisionModel...)",
-    "SiglipModel": "the full image-text SiglipModel; pass its vision tower SiglipVisionModel",
 }
 
 
@@ -201,7 +207,9 @@ def _find_prefix(model: nn.Module, name: str) -> str:
     hits = [
         n[: -len("embeddings")]
         for n, m in model.named_modules()
-        if (n == "embeddings" or n.endswith(".embeddings")) and "Embeddings" in type(m).__name__
+        if (n == "embeddings" or n.endswith(".embeddings"))
+        and "Embeddings" in type(m).__name__
+        and "Text" not in type(m).__name__
     ]
     if len(hits) != 1:
         raise ConversionError(f"{name}: cannot find one vision embeddings module (found {hits})")
@@ -235,9 +243,15 @@ def hf_class_names(config: Any, n_classes: int) -> Optional[List[str]]:
     return names
 
 
+def _vision_config(model: nn.Module) -> Any:
+    """The vision tower's config (``config.vision_config`` of an image-text model)."""
+    cfg: Any = model.config
+    return getattr(cfg, "vision_config", None) or cfg
+
+
 def _check_supported(model: nn.Module, name: str, family: str, ignore_pooler: bool) -> None:
     """Raise UnsupportedArchitectureError naming the first feature HookedViT cannot reproduce."""
-    cfg: Any = model.config
+    cfg = _vision_config(model)
     kind = type(model).__name__
     act = getattr(cfg, "hidden_act", None)
     if act not in _HF_ACTIVATIONS:
@@ -261,31 +275,41 @@ def _check_supported(model: nn.Module, name: str, family: str, ignore_pooler: bo
                 f"with add_pooling_layer=False, or pass ignore_pooler=True to convert without it "
                 f"(output: the final-normed CLS token)",
             )
+    base = _find_prefix(model, name)
+    tower = _submodule(model, base)
     if family == "siglip":
-        if not getattr(cfg, "vision_use_head", True):
-            raise _refuse(name, "SigLIP without its attention-pool head (vision_use_head=False)")
-        raise _refuse(
-            name, "the SigLIP attention-pool (MAP) head (SiglipMultiheadAttentionPooling)"
-        )
-    if kind == "CLIPVisionModelWithProjection":
-        raise _refuse(name, "the CLIP visual projection (visual_projection)")
-    for mod_name, mod in model.named_modules():
+        head = getattr(tower, "head", None)
+        if not getattr(cfg, "vision_use_head", True) or head is None:
+            raise _refuse(
+                name, "SigLIP without its attention-pool head (vision_use_head=False: no pooling)"
+            )
+        if type(head).__name__ != "SiglipMultiheadAttentionPoolingHead":
+            raise _refuse(name, f"the SigLIP head {type(head).__name__}")
+        attn = head.attention
+        if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
+            raise _refuse(name, "an attention pool whose q, k, v widths differ")
+        if attn.bias_k is not None or attn.add_zero_attn or attn.in_proj_bias is None:
+            raise _refuse(name, "an attention pool with bias_k/v, zero attention or no bias")
+    if kind in ("CLIPVisionModelWithProjection", "CLIPModel"):
+        projection = getattr(model, "visual_projection", None)
+        if not isinstance(projection, nn.Linear):
+            raise _refuse(name, f"the visual projection {type(projection).__name__}")
+    for mod_name, mod in tower.named_modules():
         if "norm" in mod_name.split(".")[-1] or "layrnorm" in mod_name:
             if not isinstance(mod, nn.LayerNorm):
                 raise _refuse(name, f"the norm layer {type(mod).__name__} ({mod_name})")
             if mod.weight is None or mod.bias is None:
                 raise _refuse(name, f"a LayerNorm without affine weight and bias ({mod_name})")
-    base = _find_prefix(model, name)
-    for mod_name, mod in model.named_modules():
+    for mod_name, mod in tower.named_modules():
         if mod_name.endswith(".mlp") and "head" not in mod_name:
             if not hasattr(mod, "fc1") or not isinstance(mod.fc1, nn.Linear):
                 raise _refuse(name, f"the MLP {type(mod).__name__} ({mod_name})")
     conv = _submodule(model, base + "embeddings").get_submodule(
-        "patch_embeddings.projection" if family != "clip" else "patch_embedding"
+        "patch_embeddings.projection" if family not in ("clip", "siglip") else "patch_embedding"
     )
     if not isinstance(conv, nn.Conv2d) or (
         tuple(conv.kernel_size) != tuple(conv.stride)
-        or any(conv.padding)
+        or (conv.padding != "valid" and any(conv.padding))
         or conv.groups != 1
         or any(d != 1 for d in conv.dilation)
     ):
@@ -297,7 +321,7 @@ def _check_supported(model: nn.Module, name: str, family: str, ignore_pooler: bo
 def _config_from_hf(
     model: nn.Module, c: _HFConsumer, name: str, family: str, base: str, layers: str
 ) -> HookedViTConfig:
-    cfg: Any = model.config
+    cfg = _vision_config(model)
     names = _LAYERS[family]
     n_layers = int(cfg.num_hidden_layers)
     H = int(cfg.num_attention_heads)
@@ -315,7 +339,8 @@ def _config_from_hf(
         raise _refuse(name, f"blocks of different shapes {sorted(shapes)}")
     if q_w.shape[0] % H:
         raise _refuse(name, f"attention width {q_w.shape[0]} not divisible by {H} heads")
-    eps_values = {float(m.eps) for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    tower = _submodule(model, base)
+    eps_values = {float(m.eps) for m in tower.modules() if isinstance(m, nn.LayerNorm)}
     if len(eps_values) != 1:
         raise _refuse(name, f"norms with different eps values {sorted(eps_values)}")
     n_classes = _n_classes(model, family)
@@ -323,6 +348,10 @@ def _config_from_hf(
     n_registers = int(getattr(cfg, "num_register_tokens", 0) or 0) if family == "dinov2" else 0
     emb = f"{base}embeddings."
     has_pos = c.has(emb + "position_embeddings") or c.has(emb + "position_embedding.weight")
+    pool_heads = pool_d_mlp = 0
+    if family == "siglip":
+        head: Any = model.get_submodule(f"{base}head")
+        pool_heads, pool_d_mlp = int(head.attention.num_heads), int(head.mlp.fc1.out_features)
     return HookedViTConfig(
         n_layers=n_layers,
         d_model=d,
@@ -341,13 +370,27 @@ def _config_from_hf(
         pre_norm=family == "clip",
         block_norm="pre",
         final_norm="pooled" if family == "clip" else "tokens",
-        global_pool="token",
+        global_pool="map" if family == "siglip" else "token",
+        pool_n_heads=pool_heads,
+        pool_d_mlp=pool_d_mlp,
+        d_embed=_d_embed(model),
+        proj_bias=_proj_bias(model),
         qkv_bias=qkv_bias,
         layer_scale=family == "dinov2",
         act_fn=_HF_ACTIVATIONS[cfg.hidden_act],
         eps=eps_values.pop(),
         model_name=name,
     )
+
+
+def _d_embed(model: nn.Module) -> int:
+    projection = getattr(model, "visual_projection", None)
+    return int(projection.out_features) if isinstance(projection, nn.Linear) else 0
+
+
+def _proj_bias(model: nn.Module) -> bool:
+    projection = getattr(model, "visual_projection", None)
+    return isinstance(projection, nn.Linear) and projection.bias is not None
 
 
 def _n_classes(model: nn.Module, family: str) -> int:
@@ -380,15 +423,16 @@ def _state_dict_from_hf(
     sd["embed.W_E"] = w_e
     sd["embed.b_E"] = _or_zeros(c.maybe(f"{conv}.bias"), d, w_e)
     pos: Optional[Tensor] = None
-    if family == "clip":
+    prefix: List[Tensor] = []
+    if family in ("clip", "siglip"):
         pos = c.take(emb + "position_embedding.weight")
         _check_position_ids(c, emb + "position_ids", int(pos.shape[0]))
-        cls = c.take(emb + "class_embedding").reshape(1, d)
+        if family == "clip":
+            prefix.append(c.take(emb + "class_embedding").reshape(1, d))
     else:
         if cfg.has_pos_embed:
             pos = c.take(emb + "position_embeddings").reshape(-1, d)
-        cls = c.take(emb + "cls_token").reshape(1, d)
-    prefix = [cls]
+        prefix.append(c.take(emb + "cls_token").reshape(1, d))
     if family == "deit":
         prefix.append(c.take(emb + "distillation_token").reshape(1, d))
     if cfg.n_registers:
@@ -397,7 +441,7 @@ def _state_dict_from_hf(
             prefix[0] = prefix[0] + pos[:1]
             pos = pos[1:]
         prefix.append(registers)
-    sd["embed.W_prefix"] = torch.cat(prefix, dim=0)
+    sd["embed.W_prefix"] = torch.cat(prefix, dim=0) if prefix else w_e.new_zeros(0, d)
     if pos is not None:
         sd["pos_embed.W_pos"] = pos
     if c.has(emb + "mask_token"):
@@ -435,14 +479,52 @@ def _state_dict_from_hf(
         sd[f"{h}.mlp.b_out"] = _or_zeros(c.maybe(f"{t}.{names.fc2}.bias"), d, fc2_w) * gamma2
 
     # final norm, pooler, heads
-    final = f"{base}post_layernorm" if family == "clip" else f"{base}layernorm"
+    final = f"{base}post_layernorm" if family in ("clip", "siglip") else f"{base}layernorm"
     sd["ln_final.w"], sd["ln_final.b"] = c.take(f"{final}.weight"), c.take(f"{final}.bias")
     if ignore_pooler and c.has(f"{base}pooler.dense.weight"):
         why = "the tanh pooler, not converted (ignore_pooler=True): the output is the CLS token"
         c.put_aside(f"{base}pooler.dense.weight", why)
         c.put_aside(f"{base}pooler.dense.bias", why)
+    if cfg.global_pool == "map":
+        sd.update(_attention_pool(c, cfg, f"{base}head"))
+    if cfg.d_embed:
+        w = c.take("visual_projection.weight")
+        sd["proj.W_proj"] = w.T
+        if cfg.proj_bias:
+            sd["proj.b_proj"] = c.take("visual_projection.bias")
     if cfg.n_classes:
         sd.update(_heads(c, cfg))
+    return sd
+
+
+def _attention_pool(c: _HFConsumer, cfg: HookedViTConfig, head: str) -> Dict[str, Tensor]:
+    """SigLIP's ``SiglipMultiheadAttentionPoolingHead``: its ``nn.MultiheadAttention`` packs q, k,
+    v in ``in_proj_weight`` [3 d, d] (heads contiguous within each); the probe is the query."""
+    H, d = cfg.pool_n_heads, cfg.d_model
+    dh = d // H
+    w_in = c.take(f"{head}.attention.in_proj_weight")
+    b_in = c.take(f"{head}.attention.in_proj_bias")
+    W_Q, W_K, W_V = einops.rearrange(w_in, "(three h e) d -> three h d e", three=3, h=H, e=dh)
+    b_Q, b_K, b_V = einops.rearrange(b_in, "(three h e) -> three h e", three=3, h=H, e=dh)
+    w_o = c.take(f"{head}.attention.out_proj.weight")
+    sd = {
+        "attn_pool.probe": c.take(f"{head}.probe").reshape(1, d),
+        "attn_pool.W_Q": W_Q,
+        "attn_pool.W_K": W_K,
+        "attn_pool.W_V": W_V,
+        "attn_pool.b_Q": b_Q,
+        "attn_pool.b_K": b_K,
+        "attn_pool.b_V": b_V,
+        "attn_pool.W_O": einops.rearrange(w_o, "d (h e) -> h e d", h=H, e=dh),
+        "attn_pool.b_O": _or_zeros(c.maybe(f"{head}.attention.out_proj.bias"), d, w_o),
+        "attn_pool.ln.w": c.take(f"{head}.layernorm.weight"),
+        "attn_pool.ln.b": c.take(f"{head}.layernorm.bias"),
+    }
+    fc1, fc2 = c.take(f"{head}.mlp.fc1.weight"), c.take(f"{head}.mlp.fc2.weight")
+    sd["attn_pool.mlp.W_in"] = fc1.T
+    sd["attn_pool.mlp.b_in"] = _or_zeros(c.maybe(f"{head}.mlp.fc1.bias"), cfg.pool_d_mlp, fc1)
+    sd["attn_pool.mlp.W_out"] = fc2.T
+    sd["attn_pool.mlp.b_out"] = _or_zeros(c.maybe(f"{head}.mlp.fc2.bias"), d, fc2)
     return sd
 
 
@@ -471,6 +553,20 @@ def _gamma(c: _HFConsumer, t: str, key: Optional[str], d: int, like: Tensor) -> 
     if key is None:
         return torch.ones(d, dtype=like.dtype, device=like.device)
     return c.take(f"{t}.{key}")
+
+
+def _set_aside_text_tower(c: _HFConsumer, base: str) -> None:
+    """An image-text model's (``CLIPModel``, ``SiglipModel``) text side: not part of the image
+    tower. Its class space comes from the text tower separately (``ClassSpace``)."""
+    if not base:
+        return
+    for key in sorted(set(c.tensors) - c.taken):
+        if key.startswith(("text_model.", "text_projection.")):
+            c.put_aside(key, "the text tower, not part of the image model (see text class spaces)")
+        elif key in ("logit_scale", "logit_bias"):
+            c.put_aside(
+                key, "the image-text logit scale/bias: part of a class space, not the tower"
+            )
 
 
 def _check_position_ids(c: _HFConsumer, key: str, n: int) -> None:
@@ -519,6 +615,7 @@ def convert_hf(
     layers = _layers_prefix(c, base)
     cfg = _config_from_hf(model, c, name, family, base, layers)
     state = _state_dict_from_hf(model, c, cfg, family, base, layers, ignore_pooler)
+    _set_aside_text_tower(c, base)
     c.check_all_taken()
     target = dtype or next(model.parameters()).dtype
     state = {k: v.to(target).contiguous() for k, v in state.items()}
