@@ -54,6 +54,8 @@ def _class_for(config: Any, where: str) -> type:
         "dinov2_with_registers": "Dinov2WithRegistersModel",
         "clip_vision_model": "CLIPVisionModel",
         "siglip_vision_model": "SiglipVisionModel",
+        "clip": "CLIPModel",
+        "siglip": "SiglipModel",
     }
     name = archs[0] if archs else defaults.get(model_type, "")
     if not name:

@@ -3,11 +3,13 @@
 The twin of :mod:`vit_embedding_lens.model.convert` (timm) for live ``transformers`` modules:
 ``ViTModel`` / ``ViTForImageClassification``, ``DeiTModel`` / ``DeiTForImageClassification`` /
 ``DeiTForImageClassificationWithTeacher``, ``Dinov2Model``, ``Dinov2WithRegistersModel``,
-``CLIPVisionModel``. The architecture is read from the module and its config; every parameter and
-buffer is consumed or set aside for a stated reason (:attr:`HFConversion.set_aside`), else the
-conversion fails; a feature HookedViT does not reproduce raises
-:class:`~vit_embedding_lens.errors.UnsupportedArchitectureError` naming it. ``transformers`` is
-never imported here: modules are recognised by their class names.
+``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` (projection -> ``proj.W_proj``),
+``SiglipVisionModel`` (its attention-pool head -> ``global_pool="map"``, ``attn_pool.*``), and the
+image towers of ``CLIPModel`` / ``SiglipModel``. The architecture is read from the module and
+its config; every parameter and buffer is consumed or set aside for a stated reason
+(:attr:`HFConversion.set_aside`), else the conversion fails; a feature HookedViT does not
+reproduce raises :class:`~vit_embedding_lens.errors.UnsupportedArchitectureError` naming it.
+``transformers`` is never imported here: modules are recognised by their class names.
 
 Decisions (see ``docs/api/conversion.md``):
 
@@ -26,6 +28,9 @@ Decisions (see ``docs/api/conversion.md``):
   and the lens's default ``head="mean"`` compute) is exactly HF's classifier on the CLS token.
 - Dinov2 (with registers): the CLS token's position embedding is folded into the CLS token for the
   register variant (HF adds position embeddings before inserting the registers, which get none).
+- ``CLIPModel`` / ``SiglipModel``: the text tower (``text_model.*``, ``text_projection``) and the
+  image-text ``logit_scale`` / ``logit_bias`` are set aside: they define a class space, not the
+  image model (the output is ``get_image_features``).
 - Input sizes other than the config's ``image_size`` (HF's ``interpolate_pos_encoding``, and
   Dinov2's always-on interpolation) are not reproduced: the HookedViT refuses other sizes.
 """

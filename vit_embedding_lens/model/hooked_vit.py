@@ -180,7 +180,8 @@ class HookedViT(HookedRootModule):
         """Convert a Hugging Face ``transformers`` vision model exactly and strictly.
 
         Accepts a live module (``ViTForImageClassification``, ``DeiTForImageClassification[With
-        Teacher]``, ``Dinov2Model``, ``Dinov2WithRegistersModel``, ``CLIPVisionModel``, ...), a
+        Teacher]``, ``Dinov2Model``, ``Dinov2WithRegistersModel``, ``CLIPVisionModel[With
+        Projection]``, ``SiglipVisionModel``, the image tower of ``CLIPModel``/``SiglipModel``), a
         local folder written by ``save_pretrained`` (read offline), or a hub name ``"hf:NAME"``
         (without a reachable hub: the local cache, else a ``HubUnreachableError``). Class names
         default to ``config.id2label`` when those are real labels. ``ignore_pooler`` converts a
