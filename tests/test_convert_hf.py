@@ -303,6 +303,24 @@ def test_dtype_and_float64_exactness() -> None:
     torch.testing.assert_close(hooked(images), expected, atol=1e-10, rtol=1e-10)
 
 
+def test_weight_processing_keeps_log_probabilities() -> None:
+    model = make_hf("deit-teacher")
+    images = images_for(model)
+    plain = HookedViT.from_hf(model)
+    processed = HookedViT.from_hf(
+        model,
+        fold_ln=True,
+        center_writing_weights=True,
+        center_unembed=True,
+        fold_value_biases=True,
+    )
+    assert processed.cfg.normalization_type == "LNPre"
+    assert processed.embed.W_E.dtype == torch.float32
+    with torch.no_grad():
+        expected = plain(images).log_softmax(-1)
+        assert_close_scaled(processed(images).log_softmax(-1), expected, rel=REL)
+
+
 # --------------------------------------------------------------------------------------------
 # Full-size (ViT-B/16-shaped) configs, one per family
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from vit_embedding_lens.errors import ConversionError, HubUnreachableError
 from vit_embedding_lens.loading.hub import hub_reachable
 from vit_embedding_lens.model.convert_hf import HF_FAMILIES, HFConversion, convert_hf
 from vit_embedding_lens.model.hooked_vit import HookedViT
+from vit_embedding_lens.model.processing import process_weights_
 
 #: model names ``hf:NAME`` name a Hugging Face hub model (or a local save_pretrained folder)
 HF_PREFIX = "hf:"
@@ -138,9 +139,16 @@ def hooked_from_hf(
     class_names: Optional[Sequence[str]] = None,
     model_name: Optional[str] = None,
     ignore_pooler: bool = False,
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    center_unembed: bool = False,
+    fold_value_biases: bool = False,
 ) -> HookedViT:
     """The HookedViT of a transformers vision model: a live module, a ``save_pretrained`` folder,
     or a hub name (``"hf:NAME"``). Registered as ``HookedViT.from_hf``'s loader.
+
+    The weight-processing flags are ``from_timm``'s (opt-in, TransformerLens semantics); they run
+    in float64 and the result is cast once to ``dtype`` (default: the module's weights').
 
     ``dtype``/``device`` default to the module's weights'; ``class_names`` to ``config.id2label``
     when those are real labels; ``model_name`` labels the result (default: the config's
@@ -148,14 +156,30 @@ def hooked_from_hf(
     ``ViTModel``/``DeiTModel`` without its tanh pooler (see :mod:`~vit_embedding_lens.model.
     convert_hf`).
     """
+    steps = dict(
+        fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed,
+        fold_value_biases=fold_value_biases,
+    )
     conversion = convert_hf_source(
         source,
-        dtype=dtype,
+        dtype=torch.float64 if any(steps.values()) else dtype,
         class_names=class_names,
         model_name=model_name,
         ignore_pooler=ignore_pooler,
     )
-    return HookedViT.from_conversion(conversion, device=device)
+    model = HookedViT.from_conversion(conversion, device=device)
+    if not any(steps.values()):
+        return model
+    target = dtype or _source_dtype(source)
+    return process_weights_(model, **steps).to(target)
+
+
+def _source_dtype(source: HFSource) -> torch.dtype:
+    if isinstance(source, nn.Module):
+        return next(source.parameters()).dtype
+    return torch.float32  # a folder or hub model is loaded in float32 by default
 
 
 def supported_hf_classes() -> Sequence[str]:

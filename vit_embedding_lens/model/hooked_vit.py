@@ -176,6 +176,10 @@ class HookedViT(HookedRootModule):
         class_names: Optional[Sequence[str]] = None,
         model_name: Optional[str] = None,
         ignore_pooler: bool = False,
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        center_unembed: bool = False,
+        fold_value_biases: bool = False,
     ) -> "HookedViT":
         """Convert a Hugging Face ``transformers`` vision model exactly and strictly.
 
@@ -186,7 +190,8 @@ class HookedViT(HookedRootModule):
         (without a reachable hub: the local cache, else a ``HubUnreachableError``). Class names
         default to ``config.id2label`` when those are real labels. ``ignore_pooler`` converts a
         ``ViTModel``/``DeiTModel`` without its tanh pooler (the output is then the final-normed
-        CLS token). See :mod:`vit_embedding_lens.model.convert_hf` for what is converted and how;
+        CLS token). The weight-processing flags are :meth:`from_timm`'s. See
+        :mod:`vit_embedding_lens.model.convert_hf` for what is converted and how;
         :mod:`vit_embedding_lens.loading.hf_models` reads folders and hub names.
         """
         return loader("hf")(
@@ -196,6 +201,10 @@ class HookedViT(HookedRootModule):
             class_names=class_names,
             model_name=model_name,
             ignore_pooler=ignore_pooler,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
         )
 
     @classmethod
