@@ -174,6 +174,8 @@ def test_hf_zero_shot_head_equals_logits_per_image(which, hf_clip, hf_siglip, cl
     template = ["a photo of a {}."]
     padding = dict(padding=True) if which == "clip" else dict(padding="max_length", max_length=16)
     texts = clip_tokenizer([template[0].format(n) for n in NAMES], return_tensors="pt", **padding)
+    if which == "siglip":  # SigLIP's own tokenizer gives ids only (max-length padding, no mask)
+        texts = {"input_ids": texts["input_ids"]}
     images = make_images(3, 32, seed=2)
     with torch.no_grad():
         out = model(pixel_values=images, **texts)

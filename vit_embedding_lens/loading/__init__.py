@@ -9,6 +9,8 @@
 - :func:`hooked_from_pretrained` (``HookedViT.from_pretrained``): the one entry point that picks
   the converter from what it is given;
 - :func:`load_timm` / :func:`to_hooked`: the timm module a source names, and its HookedViT;
+- :func:`hooked_from_hf` (``HookedViT.from_hf``): Hugging Face ``transformers`` vision models
+  from a live module, a ``save_pretrained`` folder or ``hf:NAME``;
 - :func:`random_init_twin`: the same architecture untrained, built from the model's config;
 - :func:`check_model_support`: whether the converter takes a timm model, and why not;
 - :func:`hub_reachable` / :func:`pretrained_cached`: whether pretrained weights can be downloaded,
@@ -19,6 +21,12 @@ Importing it registers its loaders with :mod:`vit_embedding_lens.model.registry`
 registry's first lookup, imports it). timm is imported only inside functions.
 """
 
+from vit_embedding_lens.loading.hf_models import (
+    convert_hf_source,
+    hooked_from_hf,
+    is_hf_folder,
+    load_hf_module,
+)
 from vit_embedding_lens.loading.hub import hub_reachable, pretrained_cached
 from vit_embedding_lens.loading.names import (
     BUNDLED_PREFIX,
@@ -67,6 +75,7 @@ register_loader("timm", hooked_from_timm)
 register_loader("bundled", hooked_from_bundled)
 register_loader("open_clip", hooked_from_open_clip)
 register_loader("pretrained", hooked_from_pretrained)
+register_loader("hf", hooked_from_hf)
 
 # Old addresses: hub_reachable and load_timm_model were public in model.convert before this floor
 # existed. model/ may not import upward, so the floor hands them down to keep those imports
@@ -79,24 +88,28 @@ __all__ = [
     "BUNDLED_PREFIX",
     "DEFAULT_TEMPLATES",
     "HF_PREFIX",
-    "OPEN_CLIP_PREFIX",
     "LOCAL_DIR_PREFIX",
-    "VIT_MODULES",
     "LoadedTimm",
     "ModelSource",
+    "OPEN_CLIP_PREFIX",
     "SourceKind",
     "SupportEntry",
+    "VIT_MODULES",
     "bundled_name",
     "check_model_support",
-    "convert_open_clip",
     "checkpoint_num_classes",
+    "convert_hf_source",
+    "convert_open_clip",
     "create_timm_model",
     "hooked_from_bundled",
+    "hooked_from_hf",
     "hooked_from_open_clip",
     "hooked_from_pretrained",
     "hooked_from_timm",
     "hub_reachable",
+    "is_hf_folder",
     "layer_scale_init_values",
+    "load_hf_module",
     "load_open_clip",
     "load_timm",
     "load_timm_model",

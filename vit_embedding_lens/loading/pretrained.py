@@ -36,7 +36,7 @@ from vit_embedding_lens.model.class_space import ClassSpace
 from vit_embedding_lens.model.hooked_vit import HookedViT
 from vit_embedding_lens.model.registry import loader
 
-__all__ = ["hf_image_tower", "hooked_from_pretrained", "module_family"]
+__all__ = ["hooked_from_pretrained", "module_family"]
 
 _TEXT_OPTIONS = ("templates", "tokenizer", "class_embeddings", "zero_shot")
 
@@ -54,25 +54,6 @@ def module_family(module: nn.Module) -> str:
     )
 
 
-def hf_image_tower(model: nn.Module) -> nn.Module:
-    """The image tower of a full Hugging Face ``CLIPModel`` / ``SiglipModel`` as the vision model
-    class the HF converter reads (sharing the weights); any other module as it is."""
-    kind = type(model).__name__
-    if kind not in ("CLIPModel", "SiglipModel"):
-        return model
-    import transformers
-
-    full: Any = model  # a CLIPModel / SiglipModel
-    vision_cfg = full.config.vision_config
-    if kind == "CLIPModel":
-        tower: Any = transformers.CLIPVisionModelWithProjection(vision_cfg)
-        tower.visual_projection = full.visual_projection
-    else:
-        tower = transformers.SiglipVisionModel(vision_cfg)
-    tower.vision_model = full.vision_model
-    return tower.to(next(model.parameters()).device).eval()
-
-
 def _hf_hooked(
     source: Union[nn.Module, str, Path],
     class_names: Optional[Sequence[str]],
@@ -87,9 +68,8 @@ def _hf_hooked(
         module = load_hf_module(source)
     full = type(module).__name__ in ("CLIPModel", "SiglipModel")
     wants_text = full and (class_names is not None or text.get("class_embeddings") is not None)
-    hooked = loader("hf")(
-        hf_image_tower(module), class_names=None if wants_text else class_names, **options
-    )
+    # the HF converter reads a full CLIPModel / SiglipModel's image tower (text side set aside)
+    hooked = loader("hf")(module, class_names=None if wants_text else class_names, **options)
     if not wants_text and text.get("class_embeddings") is None:
         _no_text_options(text, type(module).__name__)
         return hooked

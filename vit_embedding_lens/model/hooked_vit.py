@@ -167,6 +167,47 @@ class HookedViT(HookedRootModule):
         )
 
     @classmethod
+    def from_hf(
+        cls,
+        model_or_path_or_name: Union[str, Path, nn.Module],
+        *,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
+        class_names: Optional[Sequence[str]] = None,
+        model_name: Optional[str] = None,
+        ignore_pooler: bool = False,
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        center_unembed: bool = False,
+        fold_value_biases: bool = False,
+    ) -> "HookedViT":
+        """Convert a Hugging Face ``transformers`` vision model exactly and strictly.
+
+        Accepts a live module (``ViTForImageClassification``, ``DeiTForImageClassification[With
+        Teacher]``, ``Dinov2Model``, ``Dinov2WithRegistersModel``, ``CLIPVisionModel[With
+        Projection]``, ``SiglipVisionModel``, the image tower of ``CLIPModel``/``SiglipModel``), a
+        local folder written by ``save_pretrained`` (read offline), or a hub name ``"hf:NAME"``
+        (without a reachable hub: the local cache, else a ``HubUnreachableError``). Class names
+        default to ``config.id2label`` when those are real labels. ``ignore_pooler`` converts a
+        ``ViTModel``/``DeiTModel`` without its tanh pooler (the output is then the final-normed
+        CLS token). The weight-processing flags are :meth:`from_timm`'s. See
+        :mod:`vit_embedding_lens.model.convert_hf` for what is converted and how;
+        :mod:`vit_embedding_lens.loading.hf_models` reads folders and hub names.
+        """
+        return loader("hf")(
+            model_or_path_or_name,
+            device=device,
+            dtype=dtype,
+            class_names=class_names,
+            model_name=model_name,
+            ignore_pooler=ignore_pooler,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+        )
+
+    @classmethod
     def from_open_clip(
         cls,
         model_or_name: Union[str, nn.Module],
