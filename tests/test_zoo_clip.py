@@ -89,3 +89,67 @@ def test_hooked_zero_shot_model_equals_open_clips_logits(clip, digits):
 def test_timm_loaders_name_the_image_text_model_clearly():
     with pytest.raises(ValueError, match="OpenCLIP image-text model"):
         HookedViT.from_timm("bundled:mnist-clip")
+
+
+def _lens_reads_cosine_heads() -> bool:
+    """Whether the class-embedding lens reads zero-shot (cosine) heads yet (issue 13's lens
+    floor, branch h-13m)."""
+    from vit_embedding_lens.lens import ClassProjection
+
+    try:
+        ClassProjection(HookedViT.from_pretrained("bundled:mnist-clip"))
+    except AttributeError:
+        return False
+    return True
+
+
+def test_the_text_defined_model_works_with_interventions_and_attributions(digits):
+    """The zero-shot model is a classifier like any other: knockout, token removal, patching and
+    attributions run on it unchanged (and the patching end points are its own runs)."""
+    from vit_embedding_lens import attribution
+    from vit_embedding_lens.interventions import (
+        get_act_patch_resid_pre,
+        knockout,
+        logit_diff,
+        remove_context,
+    )
+
+    model = HookedViT.from_pretrained("bundled:mnist-clip")
+    pick = torch.arange(0, 500, 50)  # one digit per class
+    images, labels = digits.images[pick], digits.labels[pick]
+    with torch.no_grad():
+        logits = model(images)
+        with knockout(model, "self_only"):
+            knocked = model(images)
+    assert knocked.shape == logits.shape and not torch.allclose(knocked, logits)
+    on_digit = digits.class_token_mask(model.layout)[pick]
+    with torch.no_grad():
+        removed = remove_context(model, images, on_digit)
+    assert removed.logits.shape == logits.shape
+    metric = logit_diff(model, target=7, other=1)
+    clean, corrupted = images[7:8], images[1:2]
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean)
+        patched = get_act_patch_resid_pre(model, corrupted, clean_cache, metric, progress=False)
+    assert patched.values.shape[0] == model.cfg.n_layers and torch.isfinite(patched.values).all()
+    relevance = attribution.chefer_relevance(model, images[:2], labels[:2], progress=False)
+    assert relevance.scores.shape == (2, model.layout.n_patches)
+    assert torch.isfinite(relevance.scores).all()
+
+
+@pytest.mark.skipif(
+    not _lens_reads_cosine_heads(), reason="the lens floor for zero-shot heads (h-13m) is not here"
+)
+def test_the_class_embedding_lens_reads_the_text_defined_model(digits):
+    from vit_embedding_lens import lens
+
+    model = HookedViT.from_pretrained("bundled:mnist-clip")
+    pick = torch.arange(0, 500, 25)
+    result = lens.lens_batch(model, digits.images[pick], digits.labels[pick])
+    table = lens.identifiability_table(result)
+    assert len(table) > 0
+    # the last block's CLS reading is the zero-shot head itself
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(digits.images[pick])
+    last = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, model.layout.cls_index]
+    assert_close_scaled(lens.ClassProjection(model)(last), logits)

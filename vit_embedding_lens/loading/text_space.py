@@ -30,6 +30,7 @@ from vit_embedding_lens.model.class_space import ClassSpace
 __all__ = [
     "DEFAULT_TEMPLATES",
     "class_space_from_embeddings",
+    "class_space_of",
     "encode_texts",
     "fill_templates",
     "text_class_space",
@@ -240,4 +241,22 @@ def class_space_from_embeddings(
         logit_scale=scale if logit_scale is None else logit_scale,
         logit_bias=bias if logit_bias is None else logit_bias,
         metadata={"source": "precomputed class embeddings"},
+    )
+
+
+def class_space_of(model: Any) -> ClassSpace:
+    """The class space of a HookedViT's zero-shot (cosine) head, to save with ``ClassSpace.save``
+    and reuse without the text tower (``class_embeddings=``)."""
+    if getattr(model.cfg, "head_type", None) != "cosine" or not model.cfg.n_classes:
+        raise ValueError(
+            f"{model.cfg.model_name} has no zero-shot head: give it class names (and templates) "
+            f"or class embeddings first"
+        )
+    head = model.head
+    return ClassSpace(
+        head.W_head.detach().T.float().cpu(),
+        list(model.class_names),
+        logit_scale=float(head.logit_scale),
+        logit_bias=float(head.logit_bias),
+        metadata={"source": f"zero-shot head of {model.cfg.model_name}"},
     )
