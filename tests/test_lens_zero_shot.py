@@ -12,7 +12,13 @@ from timm.models.vision_transformer import VisionTransformer
 from vit_embedding_lens import HookedViT
 from vit_embedding_lens.data import InMemoryDataset
 from vit_embedding_lens.interventions import get_act_patch_resid_pre, logit_diff
-from vit_embedding_lens.lens import ClassProjection, lens_batch, lens_dataset, lens_from_cache
+from vit_embedding_lens.lens import (
+    ClassProjection,
+    lens_batch,
+    lens_dataset,
+    lens_from_cache,
+    pool_decomposition,
+)
 from vit_embedding_lens.runner import build_analyses, run_analyses, summarize_run
 from vit_embedding_lens.testing import create_timm_vit, randomize_vit_weights_
 
@@ -89,6 +95,9 @@ def test_map_pooled_attention_output_read_through_the_pool_is_the_logits():
     torch.testing.assert_close(
         proj.finish(cache["attn_pool.hook_attn_out"]), logits, atol=1e-5, rtol=1e-5
     )
+    # the attention output as the probe-weighted sum of per-token, per-head terms
+    terms = pool_decomposition(model, x)
+    torch.testing.assert_close(proj.finish(terms.attn_out), logits, atol=1e-5, rtol=1e-5)
     # all of the probe's attention on one token: the model reads that token alone, and the lens
     # ranks the model's prediction first there at the last block
     j = 5
@@ -131,12 +140,13 @@ def test_runner_analyses_run_and_agree_with_the_model(kind, tmp_path):
     with torch.no_grad():
         predicted = model(x).argmax(-1)
     dataset = InMemoryDataset(x, predicted, [f"img{i}" for i in range(8)])
-    analyses = build_analyses(["lens", "accuracy", "knockout"])
+    analyses = build_analyses(["lens", "accuracy", "knockout", "memories", "context_removal"])
     results = run_analyses(model, dataset, analyses, tmp_path, batch_size=4, progress=False)
     assert results is not None
     tables, _ = summarize_run(results, analyses, model)
     assert tables["accuracy"]["summary"]["top1"].item() == 1.0  # labels are the predictions
-    assert set(tables) >= {"lens", "knockout"} and all(len(t) for t in tables["lens"].values())
+    assert set(tables) >= {"lens", "knockout", "memories", "context_removal"}
+    assert all(len(t) for t in tables["lens"].values())
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -181,3 +191,19 @@ def test_random_init_twin_keeps_the_class_space(kind):
     assert twin.head.logit_bias.item() == model.head.logit_bias.item()
     assert not torch.equal(twin.blocks[0].attn.W_Q, model.blocks[0].attn.W_Q)
     assert twin(images(2)).shape == (2, len(NAMES))
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_the_linear_class_map_is_the_direct_path(kind):
+    """``classifier_head`` (the value projection's class map): for a CLS tower, the projection and
+    the scaled text embeddings; for an attention pool, one token's value/output map and the pool's
+    skip connection (its MLP left out), then the projection and the head."""
+    from vit_embedding_lens.lens.projection import classifier_head
+
+    model = MODELS[kind]()
+    weight, bias = classifier_head(model)
+    u = torch.randn(5, model.cfg.d_model, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        features = model.attn_pool.value_output(u) if model.cfg.global_pool == "map" else u
+        expected = model.head.logit_scale * features @ model.head.W_head + model.head.logit_bias
+    torch.testing.assert_close(u @ weight + bias, expected, atol=1e-4, rtol=1e-5)

@@ -41,10 +41,15 @@ HeadChoice = Literal["mean", "cls", "dist"]
 def classifier_head(
     model: "HookedViT", head: HeadChoice = "mean"
 ) -> Tuple[Float[Tensor, "d_model class"], Float[Tensor, " class"]]:
-    """The classifier's weight and bias (live parameters), as a map from the pooled vector
-    (:attr:`HookedViT.W_U`: through the projection to a joint space, a cosine head's scale without
-    its per-image normalization; none for an attention pool). Distilled models have two heads:
-    ``"mean"`` averages them (timm averages their logits), ``"cls"``/``"dist"`` pick one."""
+    """The classifier's weight and bias (live parameters), as a linear map from the final-normed
+    residual to the logits (:attr:`HookedViT.W_U`: through the projection to a joint space, a
+    cosine head's scale without its per-image normalization). Distilled models have two heads:
+    ``"mean"`` averages them (timm averages their logits), ``"cls"``/``"dist"`` pick one.
+
+    An attention pool (MAP) has no linear readout; its *direct path* stands for it: one token's
+    value/output map (its attention weight is 1) and the pool's skip connection, the pool MLP (a
+    residual branch) left out. The key-value memories' value projection (no norm, no bias) uses
+    it; :class:`ClassProjection` reads vectors through the pool MLP too."""
     cfg = model.cfg
     if not cfg.n_classes:
         raise ValueError(
@@ -55,6 +60,8 @@ def classifier_head(
         raise ValueError(f"head must be 'mean', 'cls' or 'dist', got {head!r}")
     if head == "dist" and not cfg.has_dist_token:
         raise ValueError(f"{cfg.model_name} has no distillation head; use head='mean' or 'cls'")
+    if cfg.global_pool == "map":
+        return _pool_direct_path(model)
     if not cfg.has_dist_token:  # through the projection and scale when there are any
         return model.W_U, model.b_U
     weight: Tensor = model.head.W_head  # [d_model, class]
@@ -63,6 +70,20 @@ def classifier_head(
         w_d, b_d = model.head.W_head_dist, model.head.b_head_dist
         weight, bias = ((weight + w_d) / 2, (bias + b_d) / 2) if head == "mean" else (w_d, b_d)
     return weight, bias
+
+
+def _pool_direct_path(model: "HookedViT") -> Tuple[Tensor, Tensor]:
+    """An attention pool's value/output map, then the projection and the head (scaled for a
+    cosine head, without its normalization): ``[d_model, class]`` and ``[class]``."""
+    cfg, pool, head = model.cfg, model.attn_pool, model.head
+    w_vo = torch.einsum("hde,hef->df", pool.W_V, pool.W_O)
+    b_vo = torch.einsum("he,hef->f", pool.b_V, pool.W_O) + pool.b_O
+    after: Tensor = head.W_head
+    if cfg.d_embed:
+        after = model.proj.W_proj @ after
+    if cfg.head_type == "cosine":
+        after = after * head.logit_scale
+    return w_vo @ after, b_vo @ after + model.b_U
 
 
 class ClassProjection:
