@@ -168,3 +168,14 @@ def test_cosine_head_state_dict_keys():
     again = HookedViT(dataclasses.replace(zs.cfg), class_names=NAMES, init_weights=False)
     again.load_state_dict(zs.state_dict(), strict=True)
     torch.testing.assert_close(again(images()), zs(images()))
+
+
+def test_random_init_twin_of_a_projected_tower():
+    from vit_embedding_lens.loading.twin import random_init_twin
+
+    model = projected().with_class_space(space(24))
+    twin = random_init_twin(model, seed=0)
+    assert twin.cfg == model.cfg.__class__(**{**vars(model.cfg), "model_name": twin.cfg.model_name})
+    assert torch.equal(twin.head.W_head, model.head.W_head)
+    assert twin.proj.W_proj.std().item() == pytest.approx(32**-0.5, rel=0.2)
+    assert twin(images(2)).shape == (2, 4)

@@ -2,6 +2,13 @@
 identifiability and change metrics, key-value memories, and their statistics (METHODS §1–§4)."""
 
 from vit_embedding_lens.lens.baseline import random_init_twin
+from vit_embedding_lens.lens.decomposition import (
+    PoolDecomposition,
+    RepresentationDecomposition,
+    decompose_representation,
+    mean_ablation,
+    pool_decomposition,
+)
 from vit_embedding_lens.lens.group_tests import (
     class_vs_context_changes,
     kv_agreement_by_correctness,
@@ -56,6 +63,11 @@ from vit_embedding_lens.lens.tuned_checks import (
 
 __all__ = [
     "ClassProjection",
+    "PoolDecomposition",
+    "RepresentationDecomposition",
+    "decompose_representation",
+    "mean_ablation",
+    "pool_decomposition",
     "LensRecorder",
     "MemoryUsage",
     "class_value_agreement",

@@ -12,7 +12,9 @@ Everything is reduced inside hooks, batch by batch: a run over a data set keeps 
 integers and flags, never an activation or a ``[pos, class]`` logit table beyond the current
 batch. The residual streams are projected through linearity
 (``q(resid_post) = q(resid_mid) + q(mlp_out)``, see
-:class:`~vit_embedding_lens.lens.projection.ClassProjection`), one matmul per sublayer.
+:class:`~vit_embedding_lens.lens.projection.ClassProjection`), one matmul per sublayer; heads that
+are not linear after the norm (attention pool, cosine head) apply the rest of their readout to the
+summed ``q`` (``ClassProjection.from_parts``), which is exact.
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ class _Reading:
 
     def __init__(self, proj: ClassProjection, q: Tensor, scale: Tensor, target: Tensor) -> None:
         self.q = q
-        logits = torch.addcdiv(proj.bias, q, scale)
+        # a linear head: bias + q / scale (one fused op); otherwise the rest of the readout too
+        logits = torch.addcdiv(proj.bias, q, scale) if proj.linear else proj.from_parts(q, scale)
         self.rank, self.correct = rank_and_logit(logits, target)
         self.top1 = logits.argmax(-1)
 
@@ -229,6 +232,10 @@ class LensRecorder:
         _, scale = self._centered_and_scale(resid_mid)
         assert self.target is not None and self.prev is not None and self.attn is not None
         idx = self.target[:, None, None].expand(*resid_mid.shape[:2], 1)
+        if not self.proj.linear:  # the readout after the norm is not linear: read the sum whole
+            logits = self.proj.from_parts(self.prev.q + self.attn.q, scale)
+            self.mid_correct = logits.gather(-1, idx).squeeze(-1)
+            return
         q_target = (self.prev.q.gather(-1, idx) + self.attn.q.gather(-1, idx)).squeeze(-1)
         self.mid_correct = q_target / scale.squeeze(-1) + self.proj.bias[self.target][:, None]
 

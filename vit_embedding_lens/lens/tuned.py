@@ -47,7 +47,7 @@ def class_space_fingerprint(model: "HookedViT") -> str:
     space for the lens exactly when they read vectors into the same logits."""
     proj = ClassProjection(model)
     digest = hashlib.sha256()
-    for t in (proj.weight, proj.bias):
+    for t in (proj.weight, proj.bias, *proj.tail.values()):
         digest.update(t.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 

@@ -152,6 +152,11 @@ def lens_directions(
     classes). For the plain lens ``M_l = I``."""
     tuned = resolve_lens(model, lens)
     proj = ClassProjection(model).to(dtype=torch.float64, device=torch.device("cpu"))
+    if not proj.linear:
+        raise ValueError(
+            f"{model.cfg.model_name}'s readout is not linear after the final norm (an attention "
+            "pool or a cosine head): it has no readout map to take singular vectors of"
+        )
     weight = proj.weight - proj.weight.mean(0, keepdim=True)  # C W (centring the input)
     weight = weight - weight.mean(1, keepdim=True)  # ... C' (centred logits)
     if tuned is not None:

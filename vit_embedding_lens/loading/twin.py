@@ -19,7 +19,7 @@ from torch import nn
 
 from vit_embedding_lens.model.activations import ACTIVATIONS
 from vit_embedding_lens.model.config import HookedViTConfig
-from vit_embedding_lens.model.convert import convert_timm
+from vit_embedding_lens.model.convert import TimmConversion, convert_timm
 from vit_embedding_lens.model.hooked_vit import HookedViT
 
 #: config fields that describe how a model was converted or processed, not its architecture
@@ -106,22 +106,66 @@ def random_init_twin(
     dtype as ``model``. Raises ``ValueError`` if the twin's architecture differs from ``model``'s.
     """
     param = next(model.parameters())
-    if timm_model is None and model.cfg.layer_scale and "init_values" not in timm_kwargs:
-        init_values = layer_scale_init_values(model.cfg.model_name)
+    cfg = model.cfg
+    if timm_model is None and cfg.layer_scale and "init_values" not in timm_kwargs:
+        init_values = layer_scale_init_values(cfg.model_name)
         if init_values is not None:
             timm_kwargs["init_values"] = init_values
+    # timm has no projection to a joint space and no cosine head: the twin's tower comes from timm
+    # (headless), its projection is drawn as CLIP initialises it, and a cosine head keeps the
+    # model's class space (text-defined, not trained by the image tower)
+    joint = bool(cfg.d_embed) or cfg.head_type == "cosine"
+    tower_cfg = cfg
+    if joint:
+        tower_cfg = dataclasses.replace(
+            cfg, d_embed=0, proj_bias=False, head_type="linear", n_classes=0
+        )
     if timm_model is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            timm_model = timm_from_config(model.cfg, **timm_kwargs)
+            timm_model = timm_from_config(tower_cfg, **timm_kwargs)
     conversion = convert_timm(
         timm_model,
-        f"{model.cfg.model_name} (random init)",
-        class_names=model.class_names,
+        f"{cfg.model_name} (random init)",
+        class_names=None if joint else model.class_names,
         dtype=param.dtype,
     )
-    _check_same_architecture(model.cfg, conversion.cfg)
+    if joint:
+        conversion = _with_joint_head(model, conversion, seed)
+    _check_same_architecture(cfg, conversion.cfg)
     return HookedViT.from_conversion(conversion, device=param.device)
+
+
+def _with_joint_head(model: HookedViT, tower: TimmConversion, seed: int) -> TimmConversion:
+    """A headless tower's conversion with ``model``'s projection shape (random, CLIP's init:
+    ``randn / sqrt(d_model)``, zero bias) and head (a cosine head's class space copied; a linear
+    head drawn as ``0.02 * randn``, zero bias)."""
+    cfg = model.cfg
+    state = dict(tower.state_dict)
+    like = state["embed.W_E"]
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=like.device, dtype=like.dtype)
+
+    if cfg.d_embed:
+        state["proj.W_proj"] = randn(cfg.d_model, cfg.d_embed) * cfg.d_model**-0.5
+        if cfg.proj_bias:
+            state["proj.b_proj"] = like.new_zeros(cfg.d_embed)
+    if cfg.n_classes and cfg.head_type == "cosine":
+        for key in ("W_head", "logit_scale", "logit_bias"):
+            state[f"head.{key}"] = getattr(model.head, key).detach().to(like.device).clone()
+    elif cfg.n_classes:
+        state["head.W_head"] = randn(cfg.d_features, cfg.n_classes) * 0.02
+        state["head.b_head"] = like.new_zeros(cfg.n_classes)
+    twin_cfg = dataclasses.replace(
+        tower.cfg,
+        d_embed=cfg.d_embed,
+        proj_bias=cfg.proj_bias,
+        head_type=cfg.head_type,
+        n_classes=cfg.n_classes,
+    )
+    return TimmConversion(twin_cfg, state, model.class_names)
 
 
 def layer_scale_init_values(model_name: str) -> Optional[float]:

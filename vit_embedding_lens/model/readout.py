@@ -54,6 +54,13 @@ def readout_positions(model: "HookedViT", layout: Optional[TokenLayout] = None) 
     if cfg.global_pool == "avg":
         start = 0 if cfg.pool_include_prefix else layout.n_prefix
         return list(range(start, layout.n_tokens))
+    if cfg.global_pool == "map":
+        raise ValueError(
+            f"{cfg.model_name} pools with an attention pool (global_pool='map', SigLIP): its "
+            "readout is no fixed set of token positions but the probe's attention over the tokens; "
+            "read it with vit_embedding_lens.lens.pool_decomposition (per-token terms) or "
+            "ClassProjection (a token read alone through the pool)"
+        )
     raise ValueError(
         f"{cfg.model_name} uses global_pool={cfg.global_pool!r}: attributions need the CLS token "
         f"or average pooling (a readout that is a mean of tokens); use a model with "
