@@ -208,12 +208,22 @@ def test_siglip_image_tower_equals_open_clip(proj, make_images):
     pytest.importorskip("timm")
     tower = siglip_tower(proj)
     images = make_images(2, 32)
+    blocks = []
+    hooks = [
+        b.register_forward_hook(lambda m, i, o: blocks.append(o.detach()))
+        for b in tower.trunk.blocks
+    ]
     with torch.no_grad():
         expected = tower(images)
+    for h in hooks:
+        h.remove()
     hooked = HookedViT.from_open_clip(tower)
     assert hooked.cfg.global_pool == "map"
     assert hooked.cfg.d_embed == (0 if proj == "none" else 48)
-    assert_close_scaled(hooked(images), expected)
+    out, cache = hooked.run_with_cache(images)
+    assert_close_scaled(out, expected)
+    for i, block in enumerate(blocks):
+        assert_close_scaled(cache[f"blocks.{i}.hook_resid_post"], block, msg=f"block {i}")
 
 
 def test_siglip_mlp_projection_is_refused():
@@ -225,11 +235,13 @@ def test_siglip_mlp_projection_is_refused():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["ViT-B-16", "ViT-B-32-quickgelu"])
-def test_full_size_vit_equals_open_clip(arch, make_images):
+@pytest.mark.parametrize(
+    "arch, n_images", [("ViT-B-16", 2), ("ViT-B-32-quickgelu", 2), ("ViT-L-14", 1)]
+)
+def test_full_size_vit_equals_open_clip(arch, n_images, make_images):
     model = open_clip.create_model(arch, pretrained=None)
     randomize_vit_weights_(model.visual, seed=0)
-    images = make_images(2, 224)
+    images = make_images(n_images, 224)
     features, blocks = open_clip_blocks(model, images)
     hooked = HookedViT.from_open_clip(model)
     out, cache = hooked.run_with_cache(images)
