@@ -7,6 +7,7 @@ once, in a rotating order - after a warm-up; medians are compared as ratios to O
 this one run:
 
     open_clip    clip.encode_image(x)          (the image tower with its projection)
+    open_clip_blocks  the same, every block's output kept by forward hooks (OpenCLIP's own cache)
     hooked       model(x)                      (HookedViT.from_open_clip(clip), no hooks)
     cache_full   model.run_with_cache(x)       (every hook point)
 
@@ -51,11 +52,27 @@ def main() -> None:
     model = HookedViT.from_open_clip(clip)
     size = model.cfg.image_size
     x = torch.randn(args.batch, 3, *size)
+    kept: list = []
+
+    def with_blocks():
+        hooks = [
+            b.register_forward_hook(lambda m, i, o: kept.append(o))
+            for b in clip.visual.transformer.resblocks
+        ]
+        try:
+            return clip.encode_image(x)
+        finally:
+            for h in hooks:
+                h.remove()
+            kept.clear()
+
     variants = {
         "open_clip": lambda: clip.encode_image(x),
         "hooked": lambda: model(x),
         "cache_full": lambda: model.run_with_cache(x),
     }
+    if hasattr(clip.visual, "transformer"):  # OpenCLIP's own ViT (not a timm SigLIP tower)
+        variants["open_clip_blocks"] = with_blocks
     with torch.inference_mode():
         assert_close_scaled(model(x), clip.encode_image(x), msg="HookedViT vs OpenCLIP")
         for _ in range(args.warmup):

@@ -236,3 +236,23 @@ def test_cli_text_flags_are_refused_for_timm_models(tmp_path, capsys):
         tmp_path, tmp_path / "digits", "y", "--model", "bundled:mnist-clip", "--templates", "none"
     )
     assert code == 2 and "exactly one {}" in capsys.readouterr().err
+
+
+def test_cli_analyze_takes_an_open_clip_architecture_with_class_names(tiny_arch, tmp_path):
+    clip = tiny_clip(seed=5).eval()
+    torch.save(clip.state_dict(), tmp_path / "weights.pt")
+    for name in ("cat", "dog"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        for k in range(2):
+            rgb = np.random.default_rng(k + 10 * len(name)).integers(0, 256, (40, 48, 3))
+            Image.fromarray(rgb.astype(np.uint8)).save(tmp_path / "pets" / name / f"{k}.png")
+    args = ["analyze", "--model", f"open_clip:{tiny_arch}", "--checkpoint"]
+    args += [str(tmp_path / "weights.pt"), "--class-names", "cat,dog", "--templates", "a {}."]
+    args += ["--data", str(tmp_path / "pets"), "--out", str(tmp_path / "out")]
+    assert main([*args, "--analyses", "accuracy", "--no-progress", "--no-report"]) == 0
+    results = load_results(tmp_path / "out")
+    assert len(results.image_ids) == 4 and set(results.labels.tolist()) == {0, 1}
+    from vit_embedding_lens.runner.manifest import read_manifest
+
+    spec = read_manifest(tmp_path / "out")["config"]
+    assert f"open_clip:{tiny_arch}" in str(spec)
