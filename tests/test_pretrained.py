@@ -256,3 +256,14 @@ def test_cli_analyze_takes_an_open_clip_architecture_with_class_names(tiny_arch,
 
     spec = read_manifest(tmp_path / "out")["config"]
     assert f"open_clip:{tiny_arch}" in str(spec)
+
+
+def test_runner_analyses_run_unchanged_on_the_text_defined_model(tmp_path):
+    digit_folder(tmp_path / "digits", per_class=1)
+    analyses = "accuracy,lens,knockout,attribution,memories"
+    args = ["analyze", "--model", "bundled:mnist-clip", "--data", str(tmp_path / "digits")]
+    args += ["--out", str(tmp_path / "all"), "--preprocess", "paper", "--analyses", analyses]
+    assert main([*args, "--no-progress", "--no-report"]) == 0
+    results = load_results(tmp_path / "all")
+    for name in analyses.split(","):
+        assert name in results.analyses, name
