@@ -267,3 +267,15 @@ def test_runner_analyses_run_unchanged_on_the_text_defined_model(tmp_path):
     results = load_results(tmp_path / "all")
     for name in analyses.split(","):
         assert name in results.analyses, name
+
+
+def test_open_clip_pretrained_tags_without_a_hub(tiny_arch, monkeypatch):
+    with pytest.raises(ValueError, match="no pretrained weights tagged 'openai'"):
+        HookedViT.from_pretrained(f"open_clip:{tiny_arch}:openai")
+
+    def offline(name, pretrained=None, **kwargs):  # what open_clip raises without the hub
+        raise RuntimeError(f"Failed to download weights for tag {pretrained!r}")
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    with pytest.raises(HubUnreachableError, match="checkpoint_path=FILE"):
+        HookedViT.from_pretrained("open_clip:ViT-B-32:openai")

@@ -105,6 +105,13 @@ def load_open_clip(source: ModelSource) -> LoadedOpenClip:
             f"{arch!r} is not an OpenCLIP architecture (close: {close}); see "
             f"open_clip.list_models()"
         )
+    if tag is not None and source.path is None and not arch.startswith("hf-hub:"):
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if tag not in tags:
+            raise ValueError(
+                f"{arch!r} has no pretrained weights tagged {tag!r} in OpenCLIP (known: "
+                f"{tags or 'none'}); pass a weights file with checkpoint_path="
+            )
     pretrained = str(source.path) if source.path is not None else tag
     try:
         module = open_clip.create_model(arch, pretrained=pretrained)
