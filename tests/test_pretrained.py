@@ -279,3 +279,17 @@ def test_open_clip_pretrained_tags_without_a_hub(tiny_arch, monkeypatch):
     monkeypatch.setattr(open_clip, "create_model", offline)
     with pytest.raises(HubUnreachableError, match="checkpoint_path=FILE"):
         HookedViT.from_pretrained("open_clip:ViT-B-32:openai")
+
+
+def test_cli_analyze_takes_a_hugging_face_folder(tmp_path):
+    hf = tiny_hf_vit(seed=4).eval()
+    hf.save_pretrained(tmp_path / "fine-tune")
+    for name in ("ant", "bee", "cat"):
+        (tmp_path / "bugs" / name).mkdir(parents=True)
+        rgb = np.random.default_rng(len(name) + ord(name[0])).integers(0, 256, (32, 32, 3))
+        Image.fromarray(rgb.astype(np.uint8)).save(tmp_path / "bugs" / name / "0.png")
+    args = ["analyze", "--model", f"hf:{tmp_path / 'fine-tune'}", "--data", str(tmp_path / "bugs")]
+    args += ["--out", str(tmp_path / "out"), "--analyses", "accuracy,lens"]
+    assert main([*args, "--no-progress", "--no-report"]) == 0
+    results = load_results(tmp_path / "out")
+    assert sorted(results.labels.tolist()) == [0, 1, 2]
