@@ -184,6 +184,11 @@ def test_hf_zero_shot_head_equals_logits_per_image(which, hf_clip, hf_siglip, cl
     )
     assert hooked.class_names == NAMES
     assert_close_scaled(hooked(images), out.logits_per_image)
+    # the embeddings alone (scale and bias from the model) give the same head, saved or not
+    space = text_class_space(model, NAMES, template, tokenizer=clip_tokenizer)
+    for given in (space.embeddings, space):
+        again = HookedViT.from_pretrained(model, class_names=NAMES, class_embeddings=given)
+        torch.testing.assert_close(again(images), hooked(images), atol=1e-5, rtol=0)
 
 
 def test_class_embeddings_tensor_space_and_folder_agree(tmp_path):
