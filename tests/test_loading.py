@@ -141,7 +141,7 @@ print(sorted(vit_embedding_lens.model.registered_kinds()))
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.split("\n")
-    assert lines[:4] == ["False", "bundled:mnist-vit", "True True", "['bundled', 'timm']"]
+    assert lines[:4] == ["False", "bundled:mnist-vit", "True True", "['bundled', 'hf', 'timm']"]
 
 
 def test_constructors_pass_their_arguments_to_the_registered_loader(monkeypatch):
