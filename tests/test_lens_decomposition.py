@@ -185,3 +185,25 @@ def test_refusals():
         mean_ablation(supervised("vit_base_patch16_224", num_classes=0), images(2), labels)
     with pytest.raises(Exception, match="one class id per image|labels"):
         mean_ablation(model, images(2), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit_base_patch16_siglip_224", "vit_base_patch16_clip_224"])
+def test_full_size_terms_sum_to_the_representation(name):
+    """ViT-B/16 towers (SigLIP's attention pool; CLIP's CLS pooling) with realistic random weights
+    and a text-like cosine head: the per-head terms sum to the representation, the pool's
+    per-token terms to the pooled output, and the terms read in class space to the logits."""
+    tm = create_timm_vit(name, seed=5, num_classes=0)
+    model = HookedViT.from_timm(tm)
+    d = model.cfg.d_features
+    space = torch.randn(10, d, generator=torch.Generator().manual_seed(1))
+    model = model.with_class_embeddings(space, [f"c{i}" for i in range(10)], logit_scale=100.0)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    dec = decompose_representation(model, x, per_head=True)
+    assert_close_scaled(dec.total(), dec.representation, rel=1e-5)
+    with torch.no_grad():
+        logits = model(x)
+    assert_close_scaled(dec.direct_logits().sum(1) + dec.head_bias(), logits, rel=1e-5)
+    if model.cfg.global_pool == "map":
+        pool = pool_decomposition(model, x)
+        assert_close_scaled(pool.total(), pool.pooled, rel=1e-5)
