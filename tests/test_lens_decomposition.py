@@ -77,14 +77,19 @@ def test_terms_sum_to_the_representation_and_to_the_logits(case, per_head):
     assert len(frame) == 4 * len(dec.labels) and (frame["norm"] >= 0).all()
 
 
-def test_per_source_token_terms_sum_to_the_per_head_terms():
-    model = MODELS["clip_like"]()
+@pytest.mark.parametrize("case", ["clip_like", "siglip_like", "avg_tokens_norm", "avg_fc_norm"])
+def test_per_token_terms_sum_to_the_per_head_terms(case):
+    """CLS models: per source token; pooling models: per pooled position (through the probe's
+    weights for the attention pool)."""
+    model = CASES[case]()
     x = images(3)
     by_token = decompose_representation(model, x, per_token=True)
     by_head = decompose_representation(model, x, per_head=True)
     assert_close_scaled(by_token.total(), by_token.representation, rel=1e-5)
-    n_tokens = model.layout.n_tokens
-    assert (by_token.labels.query("kind == 'attn'")["token"].nunique()) == n_tokens
+    cfg, layout = model.cfg, model.layout
+    start = 0 if cfg.global_pool == "token" or cfg.pool_include_prefix else layout.n_prefix
+    tokens = by_token.labels.query("kind == 'attn'")["token"]
+    assert sorted(tokens.unique()) == list(range(start, layout.n_tokens))
     for block in range(model.cfg.n_layers):
         for head in range(model.cfg.n_heads):
             rows = (by_token.labels["block"] == block) & (by_token.labels["head"] == head)
@@ -166,8 +171,6 @@ def test_mean_ablating_nothing_keeps_accuracy_exactly(case):
 def test_refusals():
     with pytest.raises(ValueError, match="post-norm"):
         decompose_representation(supervised("vit_base_patch16_rpn_224"), images(1))
-    with pytest.raises(ValueError, match="per_token"):
-        decompose_representation(MODELS["siglip_like"](), images(1), per_token=True)
     with pytest.raises(ValueError, match="not linear"):
         decompose_representation(supervised("vit_base_patch16_224", global_pool="max"), images(1))
     with pytest.raises(ValueError, match="distilled"):
