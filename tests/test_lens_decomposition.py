@@ -75,6 +75,14 @@ def test_terms_sum_to_the_representation_and_to_the_logits(case, per_head):
     assert kinds.get("pool_mlp", 0) == int(model.cfg.global_pool == "map")
     frame = dec.frame()
     assert len(frame) == 4 * len(dec.labels) and (frame["norm"] >= 0).all()
+    by_logit = dec.frame("logit")
+    predicted = logits.argmax(-1)
+    assert by_logit["class"].tolist() == predicted.repeat_interleave(len(dec.labels)).tolist()
+    summed = torch.tensor(by_logit.groupby("image")["logit"].sum().to_numpy())
+    expected = logits.gather(1, predicted[:, None])[:, 0] - dec.head_bias()[predicted]
+    assert_close_scaled(summed, expected.detach(), rel=1e-5)
+    with pytest.raises(ValueError, match="reduce"):
+        dec.frame("mean")
 
 
 @pytest.mark.parametrize("case", ["clip_like", "siglip_like", "avg_tokens_norm", "avg_fc_norm"])

@@ -140,13 +140,30 @@ class RepresentationDecomposition:
         bias: Tensor = head.logit_bias if isinstance(head, CosineHead) else head.b_head
         return bias.detach().expand(self.model.cfg.n_classes)
 
-    def frame(self, reduce: str = "norm") -> pd.DataFrame:
-        """One row per image and term, with ``labels``' columns and the term's size
-        (``reduce="norm"``: its L2 norm)."""
-        if reduce != "norm":
-            raise ValueError(f"reduce must be 'norm', got {reduce!r}")
-        sizes = self.terms.norm(dim=-1).cpu().numpy()
-        frames = [self.labels.assign(image=i, norm=sizes[i]) for i in range(sizes.shape[0])]
+    def frame(self, reduce: str = "norm", classes: Optional[Tensor] = None) -> pd.DataFrame:
+        """One row per image and term, with ``labels``' columns and the term's size:
+        ``reduce="norm"`` its L2 norm (column ``norm``); ``reduce="logit"`` its direct logit
+        (:meth:`direct_logits`) for one class per image (column ``logit``, and ``class``):
+        ``classes`` ``[batch]``, default the model's prediction."""
+        if reduce == "norm":
+            sizes = self.terms.norm(dim=-1).cpu().numpy()
+            frames = [self.labels.assign(image=i, norm=sizes[i]) for i in range(sizes.shape[0])]
+            return pd.concat(frames, ignore_index=True)
+        if reduce != "logit":
+            raise ValueError(f"reduce must be 'norm' or 'logit', got {reduce!r}")
+        direct = self.direct_logits()  # [batch, term, class]
+        if classes is None:
+            classes = (direct.sum(1) + self.head_bias()).argmax(-1)
+        classes = class_targets(self.model, classes, direct.shape[0], broadcast=True)
+        picked = direct.gather(
+            -1, classes.to(direct.device)[:, None, None].expand(-1, direct.shape[1], 1)
+        )
+        values = picked[..., 0].cpu().numpy()
+        ids = classes.tolist()
+        frames = [
+            self.labels.assign(image=i, **{"class": ids[i]}, logit=values[i])
+            for i in range(values.shape[0])
+        ]
         return pd.concat(frames, ignore_index=True)
 
 
@@ -358,7 +375,8 @@ def mean_ablation(
         raise ValueError(f"k must lie in [0, {L}] (blocks kept), got {ks}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    model.check_images(images)
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        model.check_images(images)  # the model's own message for what it cannot take
     if images.shape[0] == 0:
         raise ValueError("mean_ablation needs at least one image (the means are over images)")
     target = class_targets(model, labels, images.shape[0], what="labels")
