@@ -75,16 +75,29 @@ def test_terms_sum_to_the_representation_and_to_the_logits(case, per_head):
     assert kinds.get("pool_mlp", 0) == int(model.cfg.global_pool == "map")
     frame = dec.frame()
     assert len(frame) == 4 * len(dec.labels) and (frame["norm"] >= 0).all()
+    by_logit = dec.frame("logit")
+    predicted = logits.argmax(-1)
+    assert by_logit["class"].tolist() == predicted.repeat_interleave(len(dec.labels)).tolist()
+    summed = torch.tensor(by_logit.groupby("image")["logit"].sum().to_numpy())
+    expected = logits.gather(1, predicted[:, None])[:, 0] - dec.head_bias()[predicted]
+    assert_close_scaled(summed, expected.detach(), rel=1e-5)
+    with pytest.raises(ValueError, match="reduce"):
+        dec.frame("mean")
 
 
-def test_per_source_token_terms_sum_to_the_per_head_terms():
-    model = MODELS["clip_like"]()
+@pytest.mark.parametrize("case", ["clip_like", "siglip_like", "avg_tokens_norm", "avg_fc_norm"])
+def test_per_token_terms_sum_to_the_per_head_terms(case):
+    """CLS models: per source token; pooling models: per pooled position (through the probe's
+    weights for the attention pool)."""
+    model = CASES[case]()
     x = images(3)
     by_token = decompose_representation(model, x, per_token=True)
     by_head = decompose_representation(model, x, per_head=True)
     assert_close_scaled(by_token.total(), by_token.representation, rel=1e-5)
-    n_tokens = model.layout.n_tokens
-    assert (by_token.labels.query("kind == 'attn'")["token"].nunique()) == n_tokens
+    cfg, layout = model.cfg, model.layout
+    start = 0 if cfg.global_pool == "token" or cfg.pool_include_prefix else layout.n_prefix
+    tokens = by_token.labels.query("kind == 'attn'")["token"]
+    assert sorted(tokens.unique()) == list(range(start, layout.n_tokens))
     for block in range(model.cfg.n_layers):
         for head in range(model.cfg.n_heads):
             rows = (by_token.labels["block"] == block) & (by_token.labels["head"] == head)
@@ -166,8 +179,6 @@ def test_mean_ablating_nothing_keeps_accuracy_exactly(case):
 def test_refusals():
     with pytest.raises(ValueError, match="post-norm"):
         decompose_representation(supervised("vit_base_patch16_rpn_224"), images(1))
-    with pytest.raises(ValueError, match="per_token"):
-        decompose_representation(MODELS["siglip_like"](), images(1), per_token=True)
     with pytest.raises(ValueError, match="not linear"):
         decompose_representation(supervised("vit_base_patch16_224", global_pool="max"), images(1))
     with pytest.raises(ValueError, match="distilled"):
@@ -185,3 +196,25 @@ def test_refusals():
         mean_ablation(supervised("vit_base_patch16_224", num_classes=0), images(2), labels)
     with pytest.raises(Exception, match="one class id per image|labels"):
         mean_ablation(model, images(2), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit_base_patch16_siglip_224", "vit_base_patch16_clip_224"])
+def test_full_size_terms_sum_to_the_representation(name):
+    """ViT-B/16 towers (SigLIP's attention pool; CLIP's CLS pooling) with realistic random weights
+    and a text-like cosine head: the per-head terms sum to the representation, the pool's
+    per-token terms to the pooled output, and the terms read in class space to the logits."""
+    tm = create_timm_vit(name, seed=5, num_classes=0)
+    model = HookedViT.from_timm(tm)
+    d = model.cfg.d_features
+    space = torch.randn(10, d, generator=torch.Generator().manual_seed(1))
+    model = model.with_class_embeddings(space, [f"c{i}" for i in range(10)], logit_scale=100.0)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    dec = decompose_representation(model, x, per_head=True)
+    assert_close_scaled(dec.total(), dec.representation, rel=1e-5)
+    with torch.no_grad():
+        logits = model(x)
+    assert_close_scaled(dec.direct_logits().sum(1) + dec.head_bias(), logits, rel=1e-5)
+    if model.cfg.global_pool == "map":
+        pool = pool_decomposition(model, x)
+        assert_close_scaled(pool.total(), pool.pooled, rel=1e-5)

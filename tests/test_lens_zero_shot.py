@@ -207,3 +207,30 @@ def test_the_linear_class_map_is_the_direct_path(kind):
         features = model.attn_pool.value_output(u) if model.cfg.global_pool == "map" else u
         expected = model.head.logit_scale * features @ model.head.W_head + model.head.logit_bias
     torch.testing.assert_close(u @ weight + bias, expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_tuned_lens_fits_and_reads_zero_shot_models(kind):
+    """The tuned lens on a cosine head (CLS readout vector) and on an attention pool (token
+    vectors; its readout KL reads the translated stream through the whole pool): the plain
+    lens's last-block readout KL is 0 (the model's output), and the lens directions exist."""
+    from vit_embedding_lens.lens import TunedClassLens, readout_kl
+    from vit_embedding_lens.lens.tuned_checks import lens_directions
+
+    model = MODELS[kind]()
+    x = images(8)
+    lens = TunedClassLens.fit(model, [x[:4], x[4:]], epochs=2, n_tokens=8, progress=False)
+    n_vectors = 8 * 8
+    assert lens.card["n_vectors"] == n_vectors
+    readout = lens.card["heldout_kl_readout_plain"]
+    assert all(v != v for v in readout) == (kind == "siglip_like")  # NaN: no readout vector
+    kl = readout_kl(model, x, {"plain": None, "tuned": lens})
+    assert kl["plain"].shape == (8, model.cfg.n_layers)
+    assert kl["plain"][:, -1].abs().max() < 1e-6 and bool((kl["tuned"] >= -1e-6).all())
+    directions = lens_directions(model, lens, 0, 3)
+    torch.testing.assert_close(
+        directions.T @ directions, torch.eye(3, dtype=directions.dtype), atol=1e-8, rtol=0
+    )
+    if kind == "siglip_like":
+        with pytest.raises(ValueError, match="no single readout vector"):
+            TunedClassLens.fit(model, [x], tokens="readout", progress=False)

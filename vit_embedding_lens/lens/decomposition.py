@@ -140,13 +140,30 @@ class RepresentationDecomposition:
         bias: Tensor = head.logit_bias if isinstance(head, CosineHead) else head.b_head
         return bias.detach().expand(self.model.cfg.n_classes)
 
-    def frame(self, reduce: str = "norm") -> pd.DataFrame:
-        """One row per image and term, with ``labels``' columns and the term's size
-        (``reduce="norm"``: its L2 norm)."""
-        if reduce != "norm":
-            raise ValueError(f"reduce must be 'norm', got {reduce!r}")
-        sizes = self.terms.norm(dim=-1).cpu().numpy()
-        frames = [self.labels.assign(image=i, norm=sizes[i]) for i in range(sizes.shape[0])]
+    def frame(self, reduce: str = "norm", classes: Optional[Tensor] = None) -> pd.DataFrame:
+        """One row per image and term, with ``labels``' columns and the term's size:
+        ``reduce="norm"`` its L2 norm (column ``norm``); ``reduce="logit"`` its direct logit
+        (:meth:`direct_logits`) for one class per image (column ``logit``, and ``class``):
+        ``classes`` ``[batch]``, default the model's prediction."""
+        if reduce == "norm":
+            sizes = self.terms.norm(dim=-1).cpu().numpy()
+            frames = [self.labels.assign(image=i, norm=sizes[i]) for i in range(sizes.shape[0])]
+            return pd.concat(frames, ignore_index=True)
+        if reduce != "logit":
+            raise ValueError(f"reduce must be 'norm' or 'logit', got {reduce!r}")
+        direct = self.direct_logits()  # [batch, term, class]
+        if classes is None:
+            classes = (direct.sum(1) + self.head_bias()).argmax(-1)
+        classes = class_targets(self.model, classes, direct.shape[0], broadcast=True)
+        picked = direct.gather(
+            -1, classes.to(direct.device)[:, None, None].expand(-1, direct.shape[1], 1)
+        )
+        values = picked[..., 0].cpu().numpy()
+        ids = classes.tolist()
+        frames = [
+            self.labels.assign(image=i, **{"class": ids[i]}, logit=values[i])
+            for i in range(values.shape[0])
+        ]
         return pd.concat(frames, ignore_index=True)
 
 
@@ -160,11 +177,16 @@ def decompose_representation(
     """The representation of ``images`` as the exact sum of direct contributions (one forward).
 
     Terms: ``embed`` (the first block's input: patch, prefix and position embeddings, after
-    ``ln_pre``), per block ``attn`` (per head with ``per_head``, and per source token with
-    ``per_token``, CLS models only) and ``attn_bias`` (``b_O``), ``mlp``; the attention pool's MLP
-    output (``pool_mlp``) for MAP models; ``bias`` (the final norm's bias, the pool's value biases
-    and ``b_O``, ``b_proj``, through the rest). The final norm's statistics are frozen at their
-    actual values. Residual post-norm blocks are refused (their write-ins are not sums over heads).
+    ``ln_pre``), per block ``attn`` (per head with ``per_head``; per head and token with
+    ``per_token``) and ``attn_bias`` (``b_O``), ``mlp``; the attention pool's MLP output
+    (``pool_mlp``) for MAP models; ``bias`` (the final norm's bias, the pool's value biases and
+    ``b_O``, ``b_proj``, through the rest). The final norm's statistics are frozen at their actual
+    values. Residual post-norm blocks are refused (their write-ins are not sums over heads).
+
+    ``token`` with ``per_token``: for CLS models the *source* token the CLS token attends to
+    (through the block's attention pattern, as Gandelsman et al.); for pooling models (average or
+    attention pool) the pooled *position* whose residual the head writes into, read through the
+    pool (the probe's attention weights for MAP). Either way the terms sum to the per-head terms.
     """
     cfg = model.cfg
     if cfg.block_norm != "pre":
@@ -176,8 +198,6 @@ def decompose_representation(
         raise ValueError(f"{cfg.model_name}: global_pool={cfg.global_pool!r} is not linear")
     if cfg.has_dist_token:
         raise ValueError(f"{cfg.model_name} is distilled (two pooled tokens): not supported")
-    if per_token and cfg.global_pool != "token":
-        raise ValueError("per_token=True decomposes CLS-token models only (global_pool='token')")
     L = cfg.n_layers
     names = [act_name("resid_pre", 0), "ln_final.hook_scale", "hook_pooled"]
     if cfg.d_embed:
@@ -188,11 +208,12 @@ def decompose_representation(
         names += [act_name("attn_out", l), act_name("mlp_out", l)]
         if per_head or per_token:
             names.append(act_name("z", l))
-        if per_token:
+        if per_token and cfg.global_pool == "token":
             names += [act_name("pattern", l), act_name("v", l)]
     with torch.no_grad():
         _, cache = model.run_with_cache(images, names_filter=names)
         phi, constant = _frozen_readout(model, cache)
+        pool_start = 0 if cfg.pool_include_prefix else model.layout.n_prefix
         terms: List[Tensor] = []
         rows: List[Tuple[str, int, int, int]] = []
 
@@ -204,7 +225,7 @@ def decompose_representation(
         for l in range(L):
             attn = cast("TransformerBlock", model.blocks[l]).attn
             W_O, b_O = attn.W_O.detach(), attn.b_O.detach()
-            if per_token:
+            if per_token and cfg.global_pool == "token":
                 cls = model.layout.cls_index
                 p = cache[act_name("pattern", l)][:, :, cls]  # [B, H, src]
                 written = torch.einsum("bshe,hed->bhsd", cache[act_name("v", l)], W_O)
@@ -213,6 +234,12 @@ def decompose_representation(
                 for h in range(cfg.n_heads):
                     for s in range(read.shape[1]):
                         add(read[:, s, h], "attn", l, h, s)
+            elif per_token:  # pooled positions, read through the pool
+                per = torch.einsum("bnhe,hed->bnhd", cache[act_name("z", l)], W_O)
+                read = phi(per, by_position=True)  # [B, n, H, d_r]
+                for h in range(cfg.n_heads):
+                    for j in range(read.shape[1]):
+                        add(read[:, j, h], "attn", l, h, pool_start + j)
             elif per_head:
                 per = torch.einsum("bnhe,hed->bnhd", cache[act_name("z", l)], W_O)
                 read = phi(per)  # [B, H, d_r]
@@ -242,7 +269,8 @@ def _frozen_readout(
     """``(phi, constant)``: ``phi(T)`` maps a residual-stream part ``T`` ``[batch, pos, *extra,
     d_model]`` linearly to the representation ``[batch, *extra, d]`` with the final norm's
     statistics frozen; ``constant`` is what the biases add. ``phi(T, at=0)`` reads position 0 of
-    ``T`` as the CLS position (per-source-token terms)."""
+    ``T`` as the CLS position (per-source-token terms); ``phi(T, by_position=True)`` (pooling
+    models) keeps the pooled positions apart, ``[batch, n, *extra, d]``, summing to ``phi(T)``."""
     cfg, layout = model.cfg, model.layout
     ln = model.ln_final
     w = ln.w.detach() if ln.affine else None
@@ -267,22 +295,26 @@ def _frozen_readout(
         # the CLS token's own scale (final norm on the tokens) or the pooled vector's (fc_norm)
         sigma_cls = scale[:, cls] if cfg.final_norm == "tokens" else scale  # [B, 1]
 
-        def phi(T: Tensor, at: Optional[int] = None) -> Tensor:
+        def phi(T: Tensor, at: Optional[int] = None, by_position: bool = False) -> Tensor:
             x = T[:, cls if at is None else at]
             return _to_features(model, affine(x, expand(sigma_cls, x.ndim - 2)))
 
         constant = _to_features(model, bias_of(pooled).expand_as(pooled))
     elif cfg.global_pool == "avg" and cfg.final_norm == "tokens":
 
-        def phi(T: Tensor, at: Optional[int] = None) -> Tensor:
+        def phi(T: Tensor, at: Optional[int] = None, by_position: bool = False) -> Tensor:
             x = T[:, pool_start:]
             sigma = expand(scale[:, pool_start:], x.ndim - 3)
-            return _to_features(model, affine(x, sigma).mean(1))
+            normed = affine(x, sigma)
+            return _to_features(model, normed / x.shape[1] if by_position else normed.mean(1))
 
         constant = _to_features(model, bias_of(pooled).expand_as(pooled))
     elif cfg.global_pool == "avg":  # fc_norm after the mean
 
-        def phi(T: Tensor, at: Optional[int] = None) -> Tensor:
+        def phi(T: Tensor, at: Optional[int] = None, by_position: bool = False) -> Tensor:
+            if by_position:
+                x = T[:, pool_start:] / (T.shape[1] - pool_start)
+                return _to_features(model, affine(x, expand(scale[:, None], x.ndim - 3)))
             x = T[:, pool_start:].mean(1)
             return _to_features(model, affine(x, expand(scale, x.ndim - 2)))
 
@@ -292,11 +324,14 @@ def _frozen_readout(
         q = cache["attn_pool.hook_pattern"][:, :, 0]  # [B, H, n]
         W_V, W_O = pool.W_V.detach(), pool.W_O.detach()
 
-        def phi(T: Tensor, at: Optional[int] = None) -> Tensor:
+        def phi(T: Tensor, at: Optional[int] = None, by_position: bool = False) -> Tensor:
             x = T[:, pool_start:]
             n = affine(x, expand(scale[:, pool_start:], x.ndim - 3))
             flat = n.reshape(n.shape[0], n.shape[1], -1, n.shape[-1])  # [B, n, E, d]
             v = torch.einsum("bned,hdf->bnehf", flat, W_V)
+            if by_position:  # each pooled position's share, by the probe's weights
+                out = torch.einsum("bhn,bnehf,hfd->bned", q, v, W_O)
+                return _to_features(model, out.reshape(n.shape))
             z = torch.einsum("bhn,bnehf->behf", q, v)
             out = torch.einsum("behf,hfd->bed", z, W_O)
             return _to_features(model, out.reshape(n.shape[:1] + n.shape[2:]))
@@ -340,7 +375,8 @@ def mean_ablation(
         raise ValueError(f"k must lie in [0, {L}] (blocks kept), got {ks}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    model.check_images(images)
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        model.check_images(images)  # the model's own message for what it cannot take
     if images.shape[0] == 0:
         raise ValueError("mean_ablation needs at least one image (the means are over images)")
     target = class_targets(model, labels, images.shape[0], what="labels")

@@ -122,6 +122,7 @@ class ClassProjection:
         if not self.linear:
             self.tail = {k: t.detach().clone() for k, t in self._tail_tensors().items()}
             self._act = model.attn_pool.mlp.act if cfg.global_pool == "map" else None
+            self._pool_eps = model.attn_pool.ln.eps if cfg.global_pool == "map" else self.eps
 
     def _folded(self) -> Tuple[Tensor, Tensor]:
         """The readout's map up to its first nonlinearity with the final norm's affine folded in,
@@ -178,7 +179,9 @@ class ClassProjection:
         dtype = x.dtype
         if cfg.global_pool == "map":
             assert self._act is not None
-            n = F.layer_norm(x, (x.shape[-1],), t["ln_w"].to(dtype), t["ln_b"].to(dtype), self.eps)
+            n = F.layer_norm(
+                x, (x.shape[-1],), t["ln_w"].to(dtype), t["ln_b"].to(dtype), self._pool_eps
+            )
             hidden = self._act(n @ t["W_in"].to(dtype) + t["b_in"].to(dtype))
             x = x + hidden @ t["W_out"].to(dtype) + t["b_out"].to(dtype)
             if cfg.d_embed:

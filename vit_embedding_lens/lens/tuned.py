@@ -213,6 +213,13 @@ class TunedClassLens:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
         if not model.cfg.n_classes:
             raise ValueError(f"{model.cfg.model_name} has no classifier head: nothing to match")
+        pooled = model.cfg.global_pool == "map"
+        if pooled and tokens == "readout":
+            raise ValueError(
+                f"{model.cfg.model_name} pools with an attention pool: it has no single readout "
+                "vector to fit on; use tokens='all' (token vectors, each matched to the last "
+                "block's reading of the same token)"
+            )
         gen = torch.Generator().manual_seed(seed)
         features, image_ids = _collect(
             model, batches, tokens, n_tokens, gen, max_bytes, progress=progress
@@ -225,9 +232,11 @@ class TunedClassLens:
         if held.all():
             raise ValueError("need at least 2 images to fit and hold out")
         is_val = held[image_ids]
-        # the readout vector comes first among each image's vectors
-        is_readout = torch.ones(len(image_ids), dtype=torch.bool)
-        is_readout[1:] = image_ids[1:] != image_ids[:-1]
+        # the readout vector comes first among each image's vectors (none for an attention pool)
+        is_readout = torch.zeros(len(image_ids), dtype=torch.bool)
+        if not pooled:
+            is_readout[0] = True
+            is_readout[1:] = image_ids[1:] != image_ids[:-1]
         # trained on the model's device, in float32
         device = next(model.parameters()).device
         train, val = features[~is_val].to(device), features[is_val].to(device)
@@ -351,16 +360,19 @@ def _collect(
             continue
         layout = model.layout_for(images.shape[-2:]) if cfg.dynamic_img_size else model.layout
         b = images.shape[0]
-        extra = 0 if tokens == "readout" else n_tokens - 1
+        # an attention pool has no readout vector: its vectors are tokens only
+        pooled = cfg.global_pool == "map"
+        extra = 0 if tokens == "readout" else n_tokens - (0 if pooled else 1)
         picks = torch.stack(
             [torch.randperm(layout.n_tokens, generator=gen)[:extra] for _ in range(b)]
         ).to(param.device)  # [batch, extra]
         rows: Dict[int, Tensor] = {}
 
         def grab(resid: Tensor, hook: Any, layer: int = 0) -> None:
-            pooled = readout_vector(model, resid, layout)[:, None]
             taken = resid.gather(1, picks[..., None].expand(-1, -1, resid.shape[-1]))
-            rows[layer] = torch.cat([pooled, taken], 1).float().cpu()  # [batch, 1+extra, d]
+            if not pooled:
+                taken = torch.cat([readout_vector(model, resid, layout)[:, None], taken], 1)
+            rows[layer] = taken.float().cpu()  # [batch, vectors per image, d]
 
         hooks = [
             (act_name("resid_post", layer), _bind(grab, layer)) for layer in range(cfg.n_layers)
@@ -370,7 +382,8 @@ def _collect(
         stacked = torch.stack([rows[layer] for layer in range(cfg.n_layers)], 2)
         stacked = stacked.reshape(-1, cfg.n_layers, cfg.d_model)  # [vector, block, d]
         parts.append(stacked)
-        ids.append(torch.arange(n_images, n_images + b).repeat_interleave(1 + extra))
+        per_image = rows[0].shape[1]  # fewer than n_tokens when the image has fewer tokens
+        ids.append(torch.arange(n_images, n_images + b).repeat_interleave(per_image))
         n_vectors += len(stacked)
         n_images += b
         if n_vectors >= max_vectors:
@@ -441,13 +454,21 @@ def _heldout_kl(
             total[0] += (kl * read).sum(0)
             total[1] += (kl * ~read).sum(0)
     n_read, n_tok = int(is_readout.sum()), int((~is_readout).sum())
-    means = [total[0] / max(1, n_read), total[1] / n_tok if n_tok else total[1] * NAN]
+    means = [
+        total[0] / n_read if n_read else total[0] * NAN,
+        total[1] / n_tok if n_tok else total[1] * NAN,
+    ]
     return torch.stack(means).cpu()
 
 
 def _objective(kl: Tensor) -> Tensor:
-    """The training objective per block from :func:`_heldout_kl`'s rows (equal halves)."""
-    return kl[0] if torch.isnan(kl[1]).all() else 0.5 * (kl[0] + kl[1])
+    """The training objective per block from :func:`_heldout_kl`'s rows (equal halves; one row
+    alone when the other group is empty: NaN)."""
+    if torch.isnan(kl[1]).all():
+        return kl[0]
+    if torch.isnan(kl[0]).all():
+        return kl[1]
+    return 0.5 * (kl[0] + kl[1])
 
 
 NAN = float("nan")

@@ -20,7 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from vit_embedding_lens.lens.metrics import identifiability_table
-from vit_embedding_lens.lens.projection import ClassProjection
+from vit_embedding_lens.lens.projection import ClassProjection, classifier_head
 from vit_embedding_lens.lens.streaming import LensResult
 from vit_embedding_lens.lens.tuned import TunedClassLens, kl_divergence, resolve_lens
 from vit_embedding_lens.model.hook_names import act_name
@@ -57,7 +57,9 @@ class ReadoutKLReader:
     ``lenses`` maps a name (``"plain"``, ``"tuned"``) to a lens. After the forward, :attr:`result`
     maps each name to ``[batch, block]`` KL values (float64, CPU). The readout vector is the mean of
     ``resid_post`` over :func:`~vit_embedding_lens.model.readout.readout_positions` (the CLS token
-    for CLS models), read through the final norm and head.
+    for CLS models), read through the final norm and head. An attention pool has no readout vector:
+    there every token of the block is translated and the model's whole readout (the pool over all
+    tokens) reads them, which is the model's output at the last block.
     """
 
     def __init__(self, model: "HookedViT", lenses: Mapping[str, Any]) -> None:
@@ -85,6 +87,13 @@ class ReadoutKLReader:
 
     def _block_hook(self, layer: int) -> Callable[..., Any]:
         def hook(resid: Tensor, hook: Any) -> None:
+            if self.model.cfg.global_pool == "map":  # the whole readout, the pool over all tokens
+                stream = resid.detach().to(self.dtype)
+                for name, lens in self.lenses.items():
+                    v = stream if lens is None else lens.translate(layer, stream)
+                    logits = self.model.readout(v.to(resid.dtype), fire_hooks=False)
+                    self._logp[name].append(torch.log_softmax(logits.to(self.dtype), -1))
+                return
             pooled = readout_vector(self.model, resid.detach(), self.layout, self.dtype)
             for name, lens in self.lenses.items():
                 v = pooled if lens is None else lens.translate(layer, pooled)
@@ -149,15 +158,21 @@ def lens_directions(
     """The ``k`` orthonormal residual directions a lens's readout of ``block`` relies on most:
     the top left singular vectors of the linear map ``M_l C W C'`` from ``resid_post`` to class
     logits (``C``: centring over ``d_model``, ``W``: the folded head, ``C'``: centring over
-    classes). For the plain lens ``M_l = I``."""
+    classes). For the plain lens ``M_l = I``. Heads that are not linear after the norm use their
+    linear class map (:func:`~vit_embedding_lens.lens.projection.classifier_head`: a cosine head's
+    without the per-image normalization, which only rescales; an attention pool's direct path)."""
     tuned = resolve_lens(model, lens)
     proj = ClassProjection(model).to(dtype=torch.float64, device=torch.device("cpu"))
-    if not proj.linear:
-        raise ValueError(
-            f"{model.cfg.model_name}'s readout is not linear after the final norm (an attention "
-            "pool or a cosine head): it has no readout map to take singular vectors of"
-        )
-    weight = proj.weight - proj.weight.mean(0, keepdim=True)  # C W (centring the input)
+    weight = proj.weight
+    if not proj.linear:  # the linear class map (a cosine head without its per-image norm; a
+        # pool's direct path), with the final norm's scale folded in as ClassProjection does
+        with torch.no_grad():
+            weight, _ = classifier_head(model)
+            ln = model.ln_final
+            weight = weight.detach().double().cpu()
+            if ln.affine:
+                weight = ln.w.detach().double().cpu()[:, None] * weight
+    weight = weight - weight.mean(0, keepdim=True)  # C W (centring the input)
     weight = weight - weight.mean(1, keepdim=True)  # ... C' (centred logits)
     if tuned is not None:
         weight = tuned.matrix(block).double() @ weight
