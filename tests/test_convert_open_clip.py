@@ -261,3 +261,63 @@ def test_full_size_siglip_equals_open_clip(make_images):
     hooked = HookedViT.from_pretrained(model)
     assert hooked.cfg.global_pool == "map"
     assert_close_scaled(hooked(images), features)
+
+
+def _hashed_ids(vocab: int, ctx: int):
+    """A stand-in tokenizer (SigLIP's needs the hub): deterministic ids per text."""
+
+    def tokenize(texts):
+        rows = []
+        for text in texts:
+            gen = torch.Generator().manual_seed(sum(ord(c) * (i + 1) for i, c in enumerate(text)))
+            rows.append(torch.randint(1, vocab, (ctx,), generator=gen))
+        return torch.stack(rows)
+
+    return tokenize
+
+
+def _own_logits(model, images, ids):
+    """OpenCLIP's own image-text logits: ``scale * img @ txt.T (+ bias)`` from ``model(x, t)``."""
+    with torch.no_grad():
+        img, txt, scale, *bias = model(images, ids)
+    return scale * img @ txt.T + (bias[0] if bias else 0.0)
+
+
+def test_zero_shot_head_keeps_open_clips_logit_bias(make_images):
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=24,
+        vision_cfg=SMALL_VISION,
+        text_cfg=TEXT_CFG,
+        init_logit_bias=0.0,
+    )
+    model = randomize_vit_weights_(model, seed=5).eval()
+    with torch.no_grad():  # SigLIP-like values, set after the randomization
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    tokenizer = _hashed_ids(1000, 12)
+    names, template = ["cat", "dog", "bird"], ["a photo of a {}."]
+    hooked = HookedViT.from_open_clip(
+        model, class_names=names, templates=template, tokenizer=tokenizer
+    )
+    images = make_images(3, 32, seed=6)
+    expected = _own_logits(model, images, tokenizer([template[0].format(n) for n in names]))
+    assert float(model.logit_bias.detach()) == -10.0
+    assert_close_scaled(hooked(images), expected)
+
+
+@pytest.mark.slow
+def test_full_size_siglip_zero_shot_equals_open_clips_logits(make_images):
+    pytest.importorskip("timm")
+    model = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None)
+    randomize_vit_weights_(model.visual, seed=1)
+    model.eval()
+    tokenizer = _hashed_ids(int(model.vocab_size), int(model.context_length))
+    names, template = ["cat", "dog"], ["a photo of a {}."]
+    hooked = HookedViT.from_open_clip(
+        model, class_names=names, templates=template, tokenizer=tokenizer
+    )
+    images = make_images(1, 224, seed=2)
+    expected = _own_logits(model, images, tokenizer([template[0].format(n) for n in names]))
+    assert hooked.cfg.global_pool == "map" and hooked.cfg.head_type == "cosine"
+    assert_close_scaled(hooked(images), expected)
