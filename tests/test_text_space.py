@@ -205,3 +205,34 @@ def test_class_embeddings_tensor_space_and_folder_agree(tmp_path):
     with pytest.raises(TypeError, match="class_embeddings must be"):
         class_space_from_embeddings(None, [[1.0, 2.0]])
     assert class_space_from_embeddings(None, emb).names == ["0", "1", "2"]
+
+
+@needs_hf_converter
+def test_a_clip_folder_with_its_tokenizer_gets_its_text_head_from_the_cli(
+    hf_clip, clip_tokenizer, tmp_path
+):
+    import numpy as np
+    from PIL import Image
+
+    from vit_embedding_lens.cli import main
+    from vit_embedding_lens.runner import load_results
+
+    hf_clip.save_pretrained(tmp_path / "clip")
+    clip_tokenizer.save_pretrained(tmp_path / "clip")
+    for name in NAMES:
+        (tmp_path / "data" / name).mkdir(parents=True)
+        rgb = np.random.default_rng(len(name)).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+        Image.fromarray(rgb).save(tmp_path / "data" / name / "0.png")
+    args = ["analyze", "--model", str(tmp_path / "clip"), "--data", str(tmp_path / "data")]
+    args += ["--class-names", ",".join(NAMES), "--templates", "a photo of a {}."]
+    args += ["--out", str(tmp_path / "out"), "--analyses", "accuracy", "--no-progress"]
+    assert main([*args, "--no-report"]) == 0
+    assert sorted(load_results(tmp_path / "out").labels.tolist()) == [0, 1, 2]
+    hooked = HookedViT.from_pretrained(
+        tmp_path / "clip", class_names=NAMES, templates=["a photo of a {}."]
+    )
+    direct = HookedViT.from_pretrained(
+        hf_clip, class_names=NAMES, templates=["a photo of a {}."], tokenizer=clip_tokenizer
+    )
+    images = torch.randn(2, 3, 32, 32)
+    assert_close_scaled(hooked(images), direct(images))  # logits of order logit_scale = 100

@@ -19,7 +19,7 @@ Text-defined classes (CLIP-like models): ``class_names`` with ``templates`` (def
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +73,24 @@ def _hf_hooked(
     if not wants_text and text.get("class_embeddings") is None:
         _no_text_options(text, type(module).__name__)
         return hooked
+    if text.get("tokenizer") is None and not isinstance(source, nn.Module):
+        text = dict(text, tokenizer=_folder_tokenizer(source))
     return hooked.with_class_space(_space(module, class_names, text))
+
+
+def _folder_tokenizer(source: Union[str, Path]) -> Optional[Tokenizer]:
+    """The tokenizer saved beside a model in its ``save_pretrained`` folder (None without one):
+    ``processor.save_pretrained(folder)`` or ``tokenizer.save_pretrained(folder)`` writes it."""
+    text = str(source)
+    folder = Path(text[len("hf:") :] if text.startswith("hf:") else text).expanduser()
+    if not folder.is_dir():
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return cast(Tokenizer, AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _space(module: nn.Module, class_names: Optional[Sequence[str]], text: dict) -> ClassSpace:

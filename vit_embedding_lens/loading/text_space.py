@@ -95,8 +95,9 @@ def _default_tokenizer(model: nn.Module, kind: str) -> Tokenizer:
         return SimpleTokenizer(context_length=int(getattr(model, "context_length", 77)))
     raise ValueError(
         f"pass tokenizer= for this {type(model).__name__}: its vocabulary is not CLIP's BPE "
-        f"(OpenCLIP: open_clip.get_tokenizer(ARCH); Hugging Face: the model's tokenizer; or any "
-        f"callable from texts to token ids)"
+        f"(OpenCLIP: open_clip.get_tokenizer(ARCH); Hugging Face: the model's tokenizer, or save "
+        f"it into the model's folder with tokenizer.save_pretrained(FOLDER); or any callable from "
+        f"texts to token ids)"
     )
 
 
