@@ -16,7 +16,8 @@ order. The same graph and positions feed two drawings:
 Encoding, in both: node fill is the sublayer
 (:func:`~vit_embedding_lens.viz.palette.sublayer_color`: attention blue, MLP red, embeddings grey,
 logits black); edge width is ``|score|``, solid for a
-positive score (the edge carries the metric) and dashed for a negative one; edge colour is the
+positive score and dashed for a negative one (EAP scores ``(corrupt − clean) · gradient``: an
+edge whose ablation lowers the metric scores negative); edge colour is the
 edge's token group (:func:`~vit_embedding_lens.viz.palette.token_group_color`), taken from the
 ``group`` column or else the sender's suffix (no group: dark grey, "all tokens").
 :func:`plot_faithfulness_curve` draws the faithfulness of the top-``n`` circuits against ``n``
@@ -287,6 +288,7 @@ def plot_circuit(
     n_layers: Optional[int] = None,
     n_heads: Optional[int] = None,
     labels: bool = True,
+    max_edges: Optional[int] = None,
     title: Optional[str] = None,
     ax: Any = None,
     figsize: Optional[Tuple[float, float]] = None,
@@ -296,12 +298,20 @@ def plot_circuit(
     ``circuit``: an edge table or a :class:`~vit_embedding_lens.circuits.Circuit`. With ``n_layers``
     and ``n_heads`` (e.g. ``model.cfg.n_layers``, ``model.cfg.n_heads``) every component is drawn,
     those outside the circuit as small hollow dots, so the circuit's place in the model shows.
-    Each edge is one arrow (its ``gid`` is ``"edge:<sender>-><receiver>:<row>"``).
+    Each edge is one arrow (its ``gid`` is ``"edge:<sender>-><receiver>:<row>"``). ``max_edges``
+    draws only the strongest edges by ``|score|`` (the title says how many of how many), for
+    circuits too dense to read.
     """
     import networkx as nx
     from matplotlib.lines import Line2D
 
-    graph = circuit_graph(circuit, n_layers, n_heads)
+    edges = circuit_edges(circuit)
+    n_all = len(edges)
+    if max_edges is not None:
+        if max_edges < 1:
+            raise ValueError(f"max_edges must be at least 1, got {max_edges}")
+        edges = edges.sort_values("abs_score", ascending=False, kind="stable").head(max_edges)
+    graph = circuit_graph(edges, n_layers, n_heads)
     pos = circuit_layout(graph)
     nodes = _node_table(graph, pos)
     if figsize is None:
@@ -393,7 +403,10 @@ def plot_circuit(
         title_fontsize=7,
     )
     n_edges = graph.number_of_edges()
-    ax.set_title(title or f"circuit: {n_edges} edge{'s' if n_edges != 1 else ''}", fontsize=9)
+    default = f"circuit: {n_edges} edge{'s' if n_edges != 1 else ''}"
+    if n_edges < n_all:
+        default = f"circuit: the strongest {n_edges} of {n_all} edges"
+    ax.set_title(title or default, fontsize=9)
     return fig
 
 
@@ -579,6 +592,7 @@ def plot_faithfulness_curve(
     *,
     target: Optional[float] = None,
     minimal: Optional[int] = None,
+    minimal_faithfulness: Optional[float] = None,
     log_x: Optional[bool] = None,
     title: Optional[str] = None,
     ax: Any = None,
@@ -587,8 +601,9 @@ def plot_faithfulness_curve(
     """Faithfulness against circuit size: the top-scored circuits (``kind="top"``), random
     circuits of the same sizes (``kind="random"``: their mean over repeats with a min-max band),
     the ``target`` share as a dashed line, and the minimal circuit (``minimal`` edges, else the
-    fewest top edges reaching ``target``) marked. 1 is the full model's metric, 0 the fully
-    ablated one. ``log_x`` (default: when sizes span more than 20×) puts sizes on a symlog axis."""
+    fewest top edges reaching ``target``) marked at ``minimal_faithfulness`` (default: the top
+    curve's value at that size). 1 is the full model's metric, 0 the fully ablated one.
+    ``log_x`` (default: when sizes span more than 20×) puts sizes on a symlog axis."""
     _check_curve(curve)
     if curve.empty:
         raise ValueError("the faithfulness curve is empty: nothing to draw")
@@ -611,6 +626,8 @@ def plot_faithfulness_curve(
     if minimal is not None:
         top = curve[(curve["kind"] == "top") & (curve["n_edges"] == minimal)]["faithfulness"]
         y = float(top.mean()) if len(top) else (target if target is not None else 1.0)
+        if minimal_faithfulness is not None:
+            y = float(minimal_faithfulness)
         ax.axvline(minimal, color=CIRCUIT_COLORS["minimal"], lw=1.0, ls="-.")
         ax.plot(
             [minimal],
