@@ -378,7 +378,8 @@ def faithfulness_curve(
 ) -> pd.DataFrame:
     """Faithfulness against circuit size, each circuit run for real: the top edges by ``|score|``
     (``kind="top"``, ``seed=-1``), and ``n_random`` random circuits of the same size per size
-    (``kind="random"``, seeds ``seed, seed+1, ...``: edges drawn uniformly from all edges).
+    (``kind="random"``, seeds ``seed, seed+1, ...``: each seed draws one random order of all edges
+    and keeps its first ``k``, so a seed's random circuits are nested as the top ones are).
 
     Columns :data:`CURVE_COLUMNS`: ``n_edges``, ``faithfulness``, ``metric`` (``m(C)``),
     ``kind``, ``seed``; the frame's ``attrs`` hold ``metric_clean`` and ``metric_ablated``.
@@ -395,9 +396,8 @@ def faithfulness_curve(
         masks.append(_top_mask(setup, ranked, k))
         rows.append((k, "top", -1))
     for r in range(n_random):
-        gen = torch.Generator().manual_seed(seed + r)
+        perm = torch.randperm(E, generator=torch.Generator().manual_seed(seed + r))
         for k in sizes:
-            perm = torch.randperm(E, generator=gen)
             masks.append(_top_mask(setup, ranked[perm], k))
             rows.append((k, "random", seed + r))
     full, empty = _full_and_empty(setup, metric, max_batch)

@@ -114,7 +114,7 @@ def edge_scores(
     gm = tokens_by_group(groups, grads.device, grads.dtype).expand(-1, B, N)
     delta = delta.to(grads.dtype).expand(-1, B, N, -1)
     per_token = torch.einsum("sbnd,rbnd->srbn", delta, grads)
-    scores = torch.einsum("srbn,gbn->srg", per_token, gm) / B
+    scores = torch.einsum("srbn,gbn->srg", per_token, gm)
     return scores * graph.valid.to(scores.device, scores.dtype)[..., None]
 
 

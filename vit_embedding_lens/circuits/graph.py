@@ -401,7 +401,7 @@ def graph_forward(
             senders.append(result[:, :, h])
             add_sender(len(senders) - 1, result[:, :, h])
         resid = resid + result.sum(2) + attn.b_O
-        m_in = resid
+        m_in = resid.view_as(resid)  # its own autograd node: only the MLP reads it
         if run_ablation:
             m_in = m_in - correction(graph.mlp_receiver(l), graph.senders_before(l * (H + 1) + H))
         mlp_inputs.append(m_in)

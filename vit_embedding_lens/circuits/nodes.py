@@ -121,7 +121,6 @@ def node_attribution(
         per_token = _per_token_scores(model, ablated - clean_senders, grads)
         scores = {k: torch.einsum("bn...,gbn->g...", v, grad_mask.expand(-1, v.shape[0], -1))
                   for k, v in per_token.items()}  # fmt: skip
-        scores = {k: v / clean.shape[0] for k, v in scores.items()}
         if method == "graddrop":
             scores = {k: v.abs() for k, v in scores.items()}
         total = scores if total is None else {k: total[k] + v for k, v in scores.items()}
