@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from vit_embedding_lens import HookedViT
+from vit_embedding_lens import circuits as circuits_api
 from vit_embedding_lens.cli import main
 from vit_embedding_lens.data import bundled_eval_dataset
 from vit_embedding_lens.runner import run_analyses, summarize_run
@@ -28,7 +29,7 @@ def _tables(out):
     return {p.stem.split("__")[1]: pd.read_csv(p) for p in folder.glob("circuits__*.csv")}
 
 
-def test_demo_finds_a_circuit_reports_it_offline_and_resumes(tmp_path, capsys):
+def test_demo_finds_a_circuit_reports_it_offline_and_resumes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     args = ["demo", "--out", str(out), "--batch-size", "16", *COMMON, *OPTIONS]
     assert main(args) == 0
@@ -62,14 +63,29 @@ def test_demo_finds_a_circuit_reports_it_offline_and_resumes(tmp_path, capsys):
     assert external == []
     assert (out / "circuits" / "edge_scores.csv").is_file()
 
-    # resumed: nothing left to compute, the same tables
+    # resumed: nothing left to compute (neither the edge scores nor the circuit), the same tables
+    saved = {p.name: p.stat().st_mtime_ns for p in (out / "circuits").iterdir()}
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("a resumed run scored the edges again")
+
+    monkeypatch.setattr(circuits_api, "edge_attribution", recomputed)
+    monkeypatch.setattr(circuits_api, "discover_circuit", recomputed)
     assert main(args) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "circuits").iterdir()} == saved
     assert read_manifest(out)["attempts"][-1]["pending_batches"] == 0
     again = _tables(out)
     pd.testing.assert_frame_equal(again["faithfulness"], curve)
-    # other options: refused over the old results
+    # other options: refused over the old results, before any scoring, the saved circuit kept
+    capsys.readouterr()
     assert main([*args, "--circuit-target", "0.5"]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "target: 0.8 there, 0.5 now" in err
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "circuits").iterdir()} == saved
+    # --overwrite scores anew for the new options
+    monkeypatch.undo()
+    assert main([*args, "--circuit-target", "0.5", "--overwrite"]) == 0
+    assert _tables(out)["summary"].iloc[0]["n_edges"] <= summary["n_edges"]
 
 
 def test_the_faithfulness_is_the_same_for_any_batch_size(tmp_path):

@@ -81,6 +81,58 @@ def test_graph_keeps_every_edge_and_positions_follow_block_order(edges):
         assert x[sender] < x[receiver]
 
 
+def test_graph_edges_carry_the_table_scores_and_nodes_their_place(edges):
+    graph = circuit_graph(edges, N_LAYERS, N_HEADS)
+    drawn = sorted((u, v, k, d["score"]) for u, v, k, d in graph.edges(keys=True, data=True))
+    table = sorted(zip(edges.sender, edges.receiver, edges.index, edges.score))
+    assert drawn == table  # one graph edge per row, keyed by the row, weighted by its score
+    for u, v, k, d in graph.edges(keys=True, data=True):
+        assert d["abs_score"] == pytest.approx(abs(d["score"]))
+    assert graph.edges["embed", "a0.h2", 0]["group"] == "cls"
+    in_circuit = {n for n, d in graph.nodes(data=True) if d["in_circuit"]}
+    assert in_circuit == set(edges.sender) | set(edges.receiver)
+    # every component once: a1.h0@cls stands for a1.h0, no bare a1.h0 is added
+    assert graph.number_of_nodes() == 2 + N_LAYERS * (N_HEADS + 1)
+    assert "a1.h0" not in graph
+    head = graph.nodes["a1.h0@cls"]
+    assert (head["kind"], head["block"], head["head"], head["group"]) == ("attn", 1, 0, "cls")
+    assert graph.nodes["m2"]["column"] == 6 and graph.nodes["logits"]["column"] == 7
+
+
+def test_a_circuit_found_on_the_bundled_model_is_drawn_edge_for_edge():
+    """The drawings read a real :class:`~vit_embedding_lens.circuits.Circuit` (its edge table,
+    token groups included) from the circuits package."""
+    import torch
+
+    from vit_embedding_lens import HookedViT, circuits
+    from vit_embedding_lens.zoo import load_bundled_eval
+
+    torch.manual_seed(0)
+    model = HookedViT.from_bundled()
+    digits = load_bundled_eval("mnist-vit")
+    pairs = circuits.class_pairs(digits.images, digits.labels, 3, 8, n=2)
+    metric = pairs.metric(model)
+    groups = dict(tokens=["cls"])
+    scores = circuits.edge_attribution(
+        model, pairs.clean, pairs.corrupt, metric, method="eap", **groups
+    )
+    found = circuits.discover_circuit(
+        model, pairs.clean, pairs.corrupt, metric, scores, target=0.5, **groups
+    )
+    cfg = model.cfg
+    graph = circuit_graph(found, cfg.n_layers, cfg.n_heads)
+    assert graph.number_of_edges() == found.n_edges == len(found.edges)
+    by_row = {k: d["score"] for _, _, k, d in graph.edges(keys=True, data=True)}
+    np.testing.assert_allclose([by_row[i] for i in found.edges.index], found.edges["score"])
+    assert {d["group"] for *_, d in graph.edges(keys=True, data=True)} <= {"cls", "rest"}
+    view = circuit_view(found, n_layers=cfg.n_layers, n_heads=cfg.n_heads)
+    assert sum(t.meta == "edge" for t in view.plotly.data) == found.n_edges
+    fig = plot_circuit(found, n_layers=cfg.n_layers, n_heads=cfg.n_heads, max_edges=10)
+    assert sum(str(p.get_gid()).startswith("edge:") for p in fig.axes[0].patches) == min(
+        10, found.n_edges
+    )
+
+
 def test_static_figure_draws_one_arrow_per_edge_with_the_palette(edges):
     fig = plot_circuit(_Circuit(edges), n_layers=N_LAYERS, n_heads=N_HEADS)
     ax = fig.axes[0]

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from vit_embedding_lens.runner.analysis import Analysis
+from vit_embedding_lens.runner.manifest import ConfigMismatchError
 
 if TYPE_CHECKING:
     from vit_embedding_lens.model.hooked_vit import HookedViT
@@ -298,11 +299,17 @@ class CircuitsAnalysis(Analysis):
         folder = None if out_dir is None else Path(out_dir) / CIRCUITS_DIR
         if folder is not None and not rescore and (folder / CARD_FILE).is_file():
             saved = json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
-            if {k: saved.get(k) for k in card} == json.loads(json.dumps(card)):
-                scores = pd.read_csv(folder / SCORES_FILE, keep_default_na=False)
-                circuit = pd.read_csv(folder / CIRCUIT_FILE, keep_default_na=False)
-                self.discovery = CircuitDiscovery(scores, circuit, saved, references, ablation)
-                return self.discovery
+            if {k: saved.get(k) for k in card} != json.loads(json.dumps(card)):
+                # refused before any scoring: the folder's run and its circuit stay as they are
+                raise ConfigMismatchError(
+                    f"{folder} holds the circuit of another configuration or other images "
+                    f"({_card_differences(saved, card)}); resuming would mix them. Rerun with "
+                    "--overwrite (rescore=True) or another --out."
+                )
+            scores = pd.read_csv(folder / SCORES_FILE, keep_default_na=False)
+            circuit = pd.read_csv(folder / CIRCUIT_FILE, keep_default_na=False)
+            self.discovery = CircuitDiscovery(scores, circuit, saved, references, ablation)
+            return self.discovery
         corrupt = torch.cat(
             [
                 self._as_images(self._counterfactual(model, img[None], idx), img[None])
@@ -534,6 +541,18 @@ class CircuitsAnalysis(Analysis):
     def headline(self, tables: Dict[str, pd.DataFrame]) -> pd.DataFrame:
         cols = ["classes", "n_edges", "of_edges", "faithfulness", "random_same_size", "n_images"]
         return tables["summary"][cols]
+
+
+def _card_differences(saved: Dict[str, Any], card: Dict[str, Any]) -> str:
+    """The settings in which a saved discovery's card differs from this one, for the error."""
+    now, then = json.loads(json.dumps(card)), saved
+    options = [
+        f"{k}: {then.get('options', {}).get(k)!r} there, {v!r} now"
+        for k, v in now["options"].items()
+        if then.get("options", {}).get(k) != v
+    ]
+    others = [k for k in ("classes", "n_images", "image_indices") if then.get(k) != now[k]]
+    return "; ".join(options + [f"{k} differ" for k in others]) or "unknown differences"
 
 
 def _names(model: HookedViT) -> List[str]:
