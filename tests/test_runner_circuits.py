@@ -134,6 +134,7 @@ def test_run_without_prepare_and_bad_options_say_what_to_do():
         (["--circuit-target", "0"], "(0, 1]"),
         (["--circuit-classes", "3,3"], "needs two classes"),
         (["--circuit-classes", "3"], "give two classes"),
+        (["--circuit-classes", "3,cat"], "unknown class name 'cat'"),
     ],
 )
 def test_circuit_flags_are_checked_before_any_work(tmp_path, capsys, flags, message):
@@ -151,6 +152,9 @@ def test_circuit_flags_need_the_circuits_analysis(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         main([*args, "--circuit-method", "acdc"])
     assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--analyses", "circuits", "--circuit-images", "0"])
+    assert "--circuit-images: expected a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_a_class_the_data_lack_is_named(tmp_path, capsys):
