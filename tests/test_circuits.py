@@ -511,6 +511,11 @@ def test_bad_input_gets_clear_errors() -> None:
         node_attribution(model, clean, ablation_reference(model, corrupt), metric, kinds=["k"])
     with pytest.raises(ValueError, match="tiles:N needs a positive tile size"):
         token_groups(model.layout, "tiles:0")
+    ranks = ImagePairs(clean, corrupt, 1, 3).metric(model, "rank")
+    for attribute in (node_attribution, edge_attribution):
+        with pytest.raises(ValueError, match="'rank' metric has no gradient"):
+            attribute(model, clean, corrupt, ranks)
+    assert run_circuit(model, clean, corrupt, ranks, []).metric_ablated >= 0  # runs do not need it
     with pytest.raises(ValueError, match="unknown corruption"):
         corrupt_patches(model, clean, "image", "pixelate")  # type: ignore[arg-type]
     post = HookedViT(HookedViTConfig(

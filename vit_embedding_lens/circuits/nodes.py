@@ -45,6 +45,7 @@ from vit_embedding_lens.circuits.graph import (
     ablated_senders,
     check_logit_metric,
     check_pair,
+    differentiable_metric,
     head_name,
     mlp_name,
     node_with_group,
@@ -180,7 +181,7 @@ def _qk_per_token(
     wanted = names + patterns
     with torch.enable_grad():
         hooks: List[Tuple[Any, Any]] = [(n, capture) for n in wanted + scores]
-        value = scalar_metric(metric, model.run_with_hooks(clean, fwd_hooks=hooks))
+        value = differentiable_metric(metric, model.run_with_hooks(clean, fwd_hooks=hooks))
         grads = dict(zip(wanted, torch.autograd.grad(value, [captured[n] for n in wanted])))
     q_scores, k_scores = [], []
     for l in range(L):
@@ -250,7 +251,7 @@ def _clean_gradients(
         model.validate_inputs = False
         with torch.enable_grad():
             logits = model.run_with_hooks(clean, fwd_hooks=hooks)
-            value = scalar_metric(metric, logits)
+            value = differentiable_metric(metric, logits)
             inputs = [captured[n] for n in grad_names]
             grads = torch.autograd.grad(value, inputs, allow_unused=True)
     finally:
