@@ -26,10 +26,10 @@ from vit_embedding_lens.circuits.graph import (
     Metric,
     ablated_senders,
     check_logit_metric,
+    differentiable_metric,
     embeddings,
     graph_forward,
     receiver_gradients,
-    scalar_metric,
     tokens_by_group,
 )
 from vit_embedding_lens.circuits.groups import Groups, token_groups
@@ -86,7 +86,7 @@ def edge_attribution(
         start = resid0 if alpha is None else resid0 + alpha * (ablated[0] - resid0)
         with torch.enable_grad():
             run = graph_forward(graph, start.detach().requires_grad_(True))
-            value = scalar_metric(metric, run.logits)
+            value = differentiable_metric(metric, run.logits)
             g = receiver_gradients(run, value)
         if alpha is None:
             clean_senders = torch.stack([s.detach() for s in run.senders])

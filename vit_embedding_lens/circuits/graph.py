@@ -196,6 +196,21 @@ def scalar_metric(metric: Metric, logits: Tensor) -> Tensor:
     return value.mean() if value.ndim else value
 
 
+def differentiable_metric(metric: Metric, logits: Tensor) -> Tensor:
+    """:func:`scalar_metric` for attribution patching, which needs the metric's gradient: a clear
+    error for a metric without one (a rank is piecewise constant)."""
+    value = scalar_metric(metric, logits)
+    if not value.requires_grad:
+        kind = getattr(metric, "kind", None)
+        name = f"the {kind!r} metric" if kind else "this metric"
+        raise ValueError(
+            f"{name} has no gradient, so attribution patching cannot score with it; score with "
+            "'logit_diff', 'probability' or 'log_probability', and use it to run circuits "
+            "(run_circuit, faithfulness_curve, discover_circuit)"
+        )
+    return value
+
+
 # -------------------------------------------------------------------------------------------------
 # Sender activations and the ablation reference
 # -------------------------------------------------------------------------------------------------

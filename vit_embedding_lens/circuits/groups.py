@@ -4,7 +4,7 @@ A group is one of the layout groups of :mod:`vit_embedding_lens.interventions.se
 (``"cls"``, ``"dist"``, ``"registers"``, ``"prefix"``, ``"image"``, ``"all"``), ``"object"`` /
 ``"context"`` (the image tokens on / off the object, from a per-image token mask such as
 :meth:`vit_embedding_lens.zoo.BundledEvalSet.class_token_mask`), ``"tiles"`` / ``"tiles:N"``
-(the patch grid cut into ``N × N`` regions by
+(the patch grid cut into regions of ``N × N`` patches by
 :func:`~vit_embedding_lens.interventions.selection.grid_tiles`, named ``"r0:2,c0:2"`` ...), or any
 ``{name: spec}`` with a spec that :func:`~vit_embedding_lens.interventions.selection.token_mask`
 reads (indices, a ``[pos]`` or per-image ``[batch, pos]`` bool mask).

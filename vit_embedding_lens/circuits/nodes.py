@@ -19,6 +19,11 @@ embedding). Variants (``method=``):
   the mean over blocks of the absolute values (unsigned: it fights the cancellation of paths that
   hides a node from plain AtP).
 
+Queries and keys (``kinds=["q", "k"]``, nodes ``"a{l}.h{h}.q"`` / ``"a{l}.h{h}.k"``): AtP fails
+for them where the attention saturates (a softmax far from linear); AtP*'s fix (``qk_fix``,
+method ``"atp*"``) recomputes the attention pattern exactly and keeps only the pattern's effect on
+the metric linear.
+
 :func:`exact_node_effects` measures the same quantity by activation patching
 (:mod:`vit_embedding_lens.interventions.patching`), the reference.
 """
@@ -40,6 +45,7 @@ from vit_embedding_lens.circuits.graph import (
     ablated_senders,
     check_logit_metric,
     check_pair,
+    differentiable_metric,
     head_name,
     mlp_name,
     node_with_group,
@@ -57,8 +63,10 @@ if TYPE_CHECKING:
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 NodeMethod = Literal["atp", "ig", "graddrop"]
-NodeKind = Literal["head", "mlp", "resid"]
+NodeKind = Literal["head", "mlp", "resid", "q", "k"]
 NODE_KINDS: Tuple[NodeKind, ...] = ("head", "mlp", "resid")
+#: every node kind: also the heads' queries and keys (``"a{l}.h{h}.q"``, ``"a{l}.h{h}.k"``)
+ALL_NODE_KINDS: Tuple[NodeKind, ...] = ("head", "mlp", "resid", "q", "k")
 #: columns of the node score table
 NODE_COLUMNS = (
     "node", "component", "kind", "block", "head", "group", "score", "abs_score", "method",
@@ -76,9 +84,11 @@ def node_attribution(
     kinds: Sequence[NodeKind] = NODE_KINDS,
     method: NodeMethod = "atp",
     steps: int = 5,
+    qk_fix: bool = True,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Node attribution scores of every head, MLP and residual stream per token group.
+    """Node attribution scores of every head, MLP and residual stream (and, if asked, every
+    head's query and key) per token group.
 
     ``clean``: images ``[batch, chan, height, width]``; ``corrupt``: their counterfactual images
     (same shape) or an :class:`~vit_embedding_lens.circuits.graph.AblationReference` (mean or
@@ -91,11 +101,24 @@ def node_attribution(
     ``"m2"``, ``"r0"``), ``kind`` (``"head"``, ``"mlp"``, ``"resid"``), ``block``, ``head`` (-1 for
     MLPs and residual streams), ``group``, ``score`` (estimated change of the metric), its absolute
     value, and ``method``.
+
+    ``kinds`` may add ``"q"`` and ``"k"``: each head's query (key) at a token, nodes
+    ``"a{l}.h{h}.q"`` / ``"a{l}.h{h}.k"`` (method ``"atp"`` and corrupt images only). With
+    ``qk_fix`` (AtP*'s fix for attention saturation, Kramár et al. 2024; the rows' ``method`` is
+    then ``"atp*"``) their effect on the attention pattern is computed exactly (the softmax
+    recomputed with the one query, or the one key, corrupted) and only the pattern's effect on the
+    metric is linear: ``Σ (A' − A) · ∂m/∂A``; without it, plain ``Δq · ∂m/∂q``. A group's score is
+    the sum of its tokens' scores.
     """
     check_logit_metric(metric)
     for kind in kinds:
-        if kind not in NODE_KINDS:
-            raise ValueError(f"unknown node kind {kind!r}; use {NODE_KINDS}")
+        if kind not in ALL_NODE_KINDS:
+            raise ValueError(f"unknown node kind {kind!r}; use {ALL_NODE_KINDS}")
+    qk_kinds = [k for k in kinds if k in ("q", "k")]
+    if qk_kinds and (method != "atp" or not isinstance(corrupt, Tensor)):
+        raise ValueError(
+            "query and key nodes need method='atp' and corrupt images (not an ablation reference)"
+        )
     if method not in ("atp", "ig", "graddrop"):
         raise ValueError(f"method must be 'atp', 'ig' or 'graddrop', got {method!r}")
     if method == "ig" and steps < 1:
@@ -109,6 +132,8 @@ def node_attribution(
         plans = [((i + 0.5) / steps, None) for i in range(steps)]
     else:
         plans = [(None, l) for l in range(L)]
+    if len(qk_kinds) == len(kinds):  # queries and keys only: no pass for the other nodes
+        plans = []
     grad_mask = tokens_by_group(groups, clean.device, clean.dtype)
     total: Optional[Dict[str, Tensor]] = None
     clean_senders: Optional[Tensor] = None
@@ -124,9 +149,63 @@ def node_attribution(
         if method == "graddrop":
             scores = {k: v.abs() for k, v in scores.items()}
         total = scores if total is None else {k: total[k] + v for k, v in scores.items()}
-    assert total is not None
-    total = {k: v / len(plans) for k, v in total.items()}
-    return _node_frame(list(groups), total, kinds, method)
+    total = {} if total is None else {k: v / len(plans) for k, v in total.items()}
+    if qk_kinds:
+        assert isinstance(corrupt, Tensor)
+        per_token = _qk_per_token(model, clean, corrupt, metric, qk_fix)
+        for k in qk_kinds:
+            v = per_token[k]
+            total[k] = torch.einsum("bn...,gbn->g...", v, grad_mask.expand(-1, v.shape[0], -1))
+    frame = _node_frame(list(groups), total, kinds, method)
+    if qk_kinds and qk_fix:
+        frame.loc[frame.kind.isin(["q", "k"]), "method"] = "atp*"
+    return frame
+
+
+def _qk_per_token(
+    model: HookedViT, clean: Tensor, corrupt: Tensor, metric: Metric, qk_fix: bool
+) -> Dict[str, Tensor]:
+    """Query and key node scores per image, token, block and head ``[batch, pos, block, head]``
+    (see :func:`node_attribution`)."""
+    L = model.cfg.n_layers
+    names = [act_name(s, l) for l in range(L) for s in ("attn.hook_q", "attn.hook_k")]
+    patterns = [act_name("attn.hook_pattern", l) for l in range(L)]
+    scores = [act_name("attn.hook_attn_scores", l) for l in range(L)]
+    with torch.no_grad():
+        _, corrupt_cache = model.run_with_cache(corrupt, names_filter=names)
+    captured: Dict[str, Tensor] = {}
+
+    def capture(act: Tensor, hook) -> None:
+        captured[hook.name] = act
+
+    wanted = names + patterns
+    with torch.enable_grad():
+        hooks: List[Tuple[Any, Any]] = [(n, capture) for n in wanted + scores]
+        value = differentiable_metric(metric, model.run_with_hooks(clean, fwd_hooks=hooks))
+        grads = dict(zip(wanted, torch.autograd.grad(value, [captured[n] for n in wanted])))
+    q_scores, k_scores = [], []
+    for l in range(L):
+        qn, kn, pn = names[2 * l], names[2 * l + 1], patterns[l]
+        q, k = captured[qn].detach(), captured[kn].detach()  # [B, N, H, dh]
+        dq, dk = corrupt_cache[qn] - q, corrupt_cache[kn] - k
+        if not qk_fix:
+            q_scores.append((dq * grads[qn]).sum(-1))
+            k_scores.append((dk * grads[kn]).sum(-1))
+            continue
+        A, gA = captured[pn].detach(), grads[pn]  # [B, H, query, key]
+        S = captured[scores[l]].detach()  # masked scores are -inf and stay so
+        scale = float(model.blocks[l].attn.scale)  # type: ignore[union-attr,arg-type]
+        # one query corrupted: its row of the pattern recomputed
+        rows = (S + torch.einsum("bthe,bshe->bhts", dq, k) * scale).softmax(-1)
+        q_scores.append(((rows - A) * gA).sum(-1).transpose(1, 2))
+        # one key corrupted: its column's scores move by delta; every row renormalizes
+        delta = torch.einsum("bthe,bshe->bhts", q, dk) * scale
+        new = torch.sigmoid(torch.log(A) + delta - torch.log1p(-A))  # A'[t, s] at the key
+        ratio = torch.where(A < 1, (1 - new) / (1 - A).clamp_min(1e-30), torch.ones_like(A))
+        row_total = (A * gA).sum(-1, keepdim=True)
+        change = (ratio - 1) * (row_total - A * gA) + (new - A) * gA
+        k_scores.append(change.sum(2).transpose(1, 2))  # over queries: [B, key, H]
+    return {"q": torch.stack(q_scores, 2), "k": torch.stack(k_scores, 2)}
 
 
 def _clean_senders(model: HookedViT, clean: Tensor) -> Tensor:
@@ -172,7 +251,7 @@ def _clean_gradients(
         model.validate_inputs = False
         with torch.enable_grad():
             logits = model.run_with_hooks(clean, fwd_hooks=hooks)
-            value = scalar_metric(metric, logits)
+            value = differentiable_metric(metric, logits)
             inputs = [captured[n] for n in grad_names]
             grads = torch.autograd.grad(value, inputs, allow_unused=True)
     finally:
@@ -213,25 +292,27 @@ def _node_frame(
 ) -> pd.DataFrame:
     """Tidy rows from ``{kind: [group, block(, head)]}``."""
     rows: Dict[str, list] = {c: [] for c in NODE_COLUMNS}
-    for kind in NODE_KINDS:
+    for kind in ALL_NODE_KINDS:
         if kind not in kinds:
             continue
         values = scores[kind].detach().double().cpu().numpy()
         G = values.shape[0]
         L = values.shape[1]
-        H = values.shape[2] if kind == "head" else 1
+        per_head = kind in ("head", "q", "k")
+        H = values.shape[2] if per_head else 1
         for l in range(L):
             for h in range(H):
-                comp = head_name(l, h) if kind == "head" else (
-                    mlp_name(l) if kind == "mlp" else resid_name(l)
-                )  # fmt: skip
+                if per_head:
+                    comp = head_name(l, h) + ("" if kind == "head" else f".{kind}")
+                else:
+                    comp = mlp_name(l) if kind == "mlp" else resid_name(l)
                 for g in range(G):
-                    v = float(values[g, l, h] if kind == "head" else values[g, l])
+                    v = float(values[g, l, h] if per_head else values[g, l])
                     rows["node"].append(node_with_group(comp, group_names[g]))
                     rows["component"].append(comp)
                     rows["kind"].append(kind)
                     rows["block"].append(l)
-                    rows["head"].append(h if kind == "head" else -1)
+                    rows["head"].append(h if per_head else -1)
                     rows["group"].append(group_names[g])
                     rows["score"].append(v)
                     rows["abs_score"].append(abs(v))
@@ -266,10 +347,13 @@ def exact_node_effects(
     with torch.no_grad():
         base = scalar_metric(metric, model(clean))
         _, cache = model.run_with_cache(corrupt)
-    suffix = {"head": "attn.hook_z", "mlp": "hook_mlp_out", "resid": "hook_resid_pre"}
+    suffix = {
+        "head": "attn.hook_z", "mlp": "hook_mlp_out", "resid": "hook_resid_pre",
+        "q": "attn.hook_q", "k": "attn.hook_k",
+    }  # fmt: skip
     scores: Dict[str, Tensor] = {}
     for kind in kinds:
-        per = ("layer", "token", "head") if kind == "head" else ("layer", "token")
+        per = ("layer", "token", "head") if kind in ("head", "q", "k") else ("layer", "token")
         result = sweep(
             model, clean, cache, metric, suffix[kind], per, tokens=specs, progress=progress,
             **options,
