@@ -138,6 +138,29 @@ def test_no_import_cycles() -> None:
     assert not cycles, f"import cycles: {cycles}"
 
 
+#: floors 4 and 5 (docs/architecture.md): the analyses compute, viz draws, and neither reaches
+#: the runner, the report or the command line above them; the analyses draw nothing
+_ABOVE = {
+    "circuits": ("viz", "runner", "report", "cli"),
+    "lens": ("viz", "runner", "report", "cli"),
+    "interventions": ("viz", "runner", "report", "cli"),
+    "viz": ("runner", "report", "cli"),
+}
+
+
+@pytest.mark.parametrize("package", sorted(_ABOVE))
+def test_analysis_and_viz_floors_import_nothing_above_them(package: str) -> None:
+    forbidden = tuple(f"{ROOT}.{name}" for name in _ABOVE[package])
+    found = sorted(
+        (module, target)
+        for module in MODULES
+        if module == f"{ROOT}.{package}" or module.startswith(f"{ROOT}.{package}.")
+        for target in GRAPH[module]
+        if any(target == f or target.startswith(f + ".") for f in forbidden)
+    )
+    assert not found, f"{package}/ imports floors above it: {found[:5]}"
+
+
 @pytest.mark.parametrize("name", ["class_rank", "logit_lens", "resolve_blocks", "class_targets"])
 def test_shared_helpers_are_defined_once(name: str) -> None:
     homes = [

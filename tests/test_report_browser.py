@@ -162,3 +162,36 @@ def test_the_browser_checks_catch_network_requests_broken_figures_and_console_er
     assert "boom" in state["errors"]
     assert [i["width"] for i in state["images"]] == [0, 0]
     assert state["page"].evaluate(RENDERED) is False
+
+
+PLOTLY_RENDERED = (
+    "() => { const plots = document.querySelectorAll('.js-plotly-plot');"
+    " return plots.length > 0 && Array.from(plots).every(p => p.querySelector('svg.main-svg')"
+    " !== null && p.getBoundingClientRect().height > 100); }"
+)
+
+
+def test_circuit_graph_renders_offline_in_the_report_and_alone(tmp_path, browser):
+    """The circuit graph (plotly, its JavaScript inlined) draws in the report and in a saved
+    view with the network off: an SVG with one path per edge, nothing fetched, no console error."""
+    import pandas as pd
+
+    from vit_embedding_lens.report import write_report
+    from vit_embedding_lens.viz.circuit import circuit_view
+
+    edges = pd.DataFrame(
+        [("embed", "a0.h1", 0.8), ("a0.h1", "m0", -0.4), ("m0", "m1", 0.5), ("m1", "logits", 1.0)],
+        columns=["sender", "receiver", "score"],
+    )
+    view = circuit_view(edges, n_layers=2, n_heads=2, title="a circuit")
+    index = write_report(
+        tmp_path / "report", {"circuits": {"edges": edges}}, {"circuits": {"graph": view}}
+    )
+    for path in (index, view.save(tmp_path / "circuit.html")):
+        state = _visit(browser, path, wait_for=PLOTLY_RENDERED)
+        assert state["outside"] == [], f"{path.name} asked the network for {state['outside']}"
+        assert state["errors"] == [], f"{path.name}: console errors {state['errors']}"
+        n_edges = state["page"].evaluate(
+            "document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length"
+        )
+        assert n_edges >= len(edges) + 1  # one trace per edge, and the nodes'

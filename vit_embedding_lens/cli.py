@@ -44,9 +44,12 @@ ANALYSIS_NAMES = (
     "context_removal",
     "memories",
     "attribution",
+    "circuits",
 )
 #: what runs without --analyses (runner.analyses.DEFAULT_ANALYSES)
-DEFAULT_ANALYSIS_NAMES = tuple(n for n in ANALYSIS_NAMES if n != "cls_identifiability")
+DEFAULT_ANALYSIS_NAMES = tuple(
+    n for n in ANALYSIS_NAMES if n not in ("cls_identifiability", "circuits")
+)
 #: --device values: auto, cpu, cuda, cuda:N, mps
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -307,7 +310,8 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: Optional[str] = No
         metavar="A,B,...",
         help=(
             f"comma-separated analyses, from: {', '.join(ANALYSIS_NAMES)} (default: "
-            f"{','.join(DEFAULT_ANALYSIS_NAMES)}; cls_identifiability is a lighter part of lens)"
+            f"{','.join(DEFAULT_ANALYSIS_NAMES)}; cls_identifiability is a lighter part of lens; "
+            "circuits runs only when named, see --circuit-classes)"
         ),
     )
     run.add_argument("--batch-size", type=_positive_int, default=32, help="images per batch")
@@ -334,6 +338,7 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: Optional[str] = No
     run.add_argument("--no-report", action="store_true", help="skip tables, figures and index.html")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_lens_options(run)
+    _add_circuit_options(p)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -412,6 +417,7 @@ def check_args(args: argparse.Namespace) -> None:
             )
         if len(set(names)) != len(names):
             raise ValueError(f"--analyses {args.analyses!r} names an analysis twice")
+    _check_circuit_args(args)
     if args.tuned_lens is not None:
         if args.lens == "plain":
             raise ValueError("--tuned-lens needs --lens tuned or --lens both")
@@ -679,6 +685,7 @@ def _run_and_report(
     preset = _preset(args)
     analyses = preset_analyses(args.analyses.split(",") if args.analyses else None, preset)
     analyses = _apply_lens_choice(args, analyses, model, dataset)
+    analyses = _apply_circuit_options(args, analyses, model, dataset)
     run_config = {**run_config, "preset": preset.as_dict()}
     device_type = next(model.parameters()).device.type
     workers = (
@@ -790,6 +797,111 @@ def _apply_lens_choice(args: argparse.Namespace, analyses: list, model: Any, dat
         if isinstance(analysis, LensAnalysis):
             analysis.lens, analysis.tuned_lens, analysis.causal = lens, translators, causal
     return analyses
+
+
+# -------------------------------------------------------------------------------------------------
+# The circuits analysis (--circuit-*)
+# -------------------------------------------------------------------------------------------------
+CIRCUIT_FLAGS = ("classes", "corruption", "method", "target", "images")
+
+
+def _add_circuit_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("circuits (with --analyses ...,circuits)")
+    group.add_argument(
+        "--circuit-classes",
+        metavar="A,B",
+        default=None,
+        help="the class pair whose decision the circuit carries, by name or index (A,B: logit "
+        "difference A - B on images of A, against images of B), or A,rest (A against its "
+        "strongest other class, on images of A); default: the first two classes",
+    )
+    group.add_argument(
+        "--circuit-corruption",
+        default=None,
+        choices=("pair", "noise", "blur", "mean", "swap", "mean-ablation"),
+        help="what an ablated edge carries: its value on a counterfactual image, either an image "
+        "of the other class (pair; default) or the image with its patches corrupted (noise, "
+        "blur, mean: its mean colour, swap: the patches of an image of the other class); or "
+        "mean-ablation (its mean over the scored images of both classes)",
+    )
+    group.add_argument(
+        "--circuit-method",
+        default=None,
+        choices=("eap", "eap-ig"),
+        help="edge scores: eap (one gradient) or eap-ig (integrated gradients; default)",
+    )
+    group.add_argument(
+        "--circuit-target",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="the share of the metric the minimal circuit must recover, in (0, 1] (default 0.8)",
+    )
+    group.add_argument(
+        "--circuit-images",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="images the edges are scored on (the first N of the class pair; default 32); "
+        "faithfulness is measured on all of them",
+    )
+
+
+def _circuit_options(args: argparse.Namespace) -> dict:
+    """The ``--circuit-*`` options given, as the circuits analysis's keyword arguments."""
+    given = {f: getattr(args, f"circuit_{f}", None) for f in CIRCUIT_FLAGS}
+    return {f: v for f, v in given.items() if v is not None}
+
+
+def _check_circuit_args(args: argparse.Namespace) -> None:
+    """The ``--circuit-*`` options that can be checked without torch."""
+    options = _circuit_options(args)
+    if not options:
+        return
+    names = [n.strip() for n in (args.analyses or "").split(",")]
+    if "circuits" not in names:
+        flags = ", ".join(f"--circuit-{f}" for f in options)
+        raise ValueError(
+            f"{flags} configure the circuits analysis: add it with --analyses circuits"
+        )
+    target = options.get("target")
+    if target is not None and not 0.0 < target <= 1.0:
+        raise ValueError(f"--circuit-target {target} is not a share of the metric in (0, 1]")
+    classes = options.get("classes")
+    if classes is not None:
+        parts = [c.strip() for c in classes.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(
+                f"--circuit-classes {classes!r}: give two classes, A,B (or A,rest), by name or "
+                "index"
+            )
+        if parts[0] == parts[1]:
+            raise ValueError(f"--circuit-classes {classes!r}: a class pair needs two classes")
+
+
+def _apply_circuit_options(
+    args: argparse.Namespace, analyses: list, model: Any, dataset: Any
+) -> list:
+    """Configure the circuits analysis from ``--circuit-*`` and score its edges on the run's
+    images (saved in OUT/circuits, so a resumed run reuses them)."""
+    from vit_embedding_lens.runner.analyses.circuits import CircuitsAnalysis
+
+    out = []
+    for analysis in analyses:
+        if isinstance(analysis, CircuitsAnalysis):
+            from vit_embedding_lens.runner import distributed
+
+            analysis = CircuitsAnalysis(**{**analysis.options(), **_circuit_options(args)})
+            analysis.prepare(
+                model,
+                dataset,
+                args.out,
+                batch_size=args.batch_size,
+                rescore=args.overwrite,
+                save=distributed.current().is_main,
+            )
+        out.append(analysis)
+    return out
 
 
 # -------------------------------------------------------------------------------------------------

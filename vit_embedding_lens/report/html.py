@@ -191,12 +191,15 @@ def write_index(
     manifest: Mapping[str, Any] | None = None,
     analyses: Sequence[Any] = (),
     failures: Sequence[Mapping[str, Any]] = (),
+    interactive: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Path:
     """Write ``report_dir/index.html``: run facts, what failed (``failures``: analysis, part,
     error), then per analysis what it shows (its
     :attr:`~vit_embedding_lens.runner.Analysis.description`), flagged findings, figures with
     captions and tables, then the run details (versions, commit, command line, skipped images,
-    what failed) and the configuration."""
+    what failed) and the configuration. A figure with an entry in ``interactive`` (analysis ->
+    figure name -> offline HTML) is shown interactive, its PNG linked and kept for browsers
+    without JavaScript."""
     report_dir = Path(report_dir)
     title = html.escape(str(meta.get("title", "vit-lens report")))
     parts = [
@@ -240,6 +243,13 @@ def write_index(
         for name, path in figure_paths.get(analysis, {}).items():
             src, label = html.escape(_rel(path, report_dir)), html.escape(name)
             text = f"<b>{label}.</b> {html.escape(captions[name])}" if name in captions else label
+            view = (interactive or {}).get(analysis, {}).get(name)
+            if view is not None:
+                link = f' (<a href="{src}">static PNG</a>)'
+                caption = f'<figcaption class="note">{text}{link}</figcaption>'
+                fallback = f'<noscript><img src="{src}" alt="{label}"></noscript>'
+                parts.append(f'<figure><div class="view">{view}</div>{fallback}{caption}</figure>')
+                continue
             caption = f'<figcaption class="note">{text}</figcaption>'
             parts.append(f'<figure><img src="{src}" alt="{label}">{caption}</figure>')
         for name, df in tables.get(analysis, {}).items():

@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from vit_embedding_lens.report.figures import FIGURES_DIR, save_figures
+from vit_embedding_lens.report.figures import FIGURES_DIR, interactive_html, save_figures
 from vit_embedding_lens.report.html import write_index
 from vit_embedding_lens.report.tables import TABLES_DIR, table_file, write_tables
 
@@ -59,7 +59,9 @@ def write_report(
     failures: Optional[List[Dict[str, str]]] = None,
 ) -> Path:
     """Write ``tables/*.csv``, ``figures/*.png`` and ``index.html`` into ``report_dir``; returns the
-    page. ``analyses`` (the run's) give each section its description, captions and notes.
+    page. ``analyses`` (the run's) give each section its description, captions and notes. An
+    interactive figure (a view with ``offline_html()``) is saved as PNG and embedded in the page
+    with its JavaScript inlined (offline), the PNG as its no-script fallback.
 
     Without ``failures`` the first error is raised. With a list, a table or figure that cannot be
     written is appended to it (see :func:`failure_record`) and left out; the page shows every entry
@@ -68,7 +70,18 @@ def write_report(
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     table_paths, written_tables = _write_each(tables, write_tables, "table", report_dir, failures)
-    figure_paths, _ = _write_each(figures, save_figures, "figure", report_dir, failures)
+    figure_paths, written_figures = _write_each(
+        figures, save_figures, "figure", report_dir, failures
+    )
+    interactive: Dict[str, Dict[str, str]] = {}
+    for analysis, named in written_figures.items():  # each view's HTML on its own, as above
+        for name, fig in named.items():
+            try:
+                interactive.update(interactive_html({analysis: {name: fig}}))
+            except Exception as err:
+                if failures is None:
+                    raise
+                failures.append(failure_record(analysis, f"interactive:{name}", err))
     return write_index(
         report_dir,
         dict(meta or {}),
@@ -78,6 +91,7 @@ def write_report(
         manifest,
         analyses,
         failures=failures or [],
+        interactive=interactive,
     )
 
 

@@ -108,7 +108,8 @@ class Analysis(ABC):
         """Tidy tables (one row per observation) from the whole data set's arrays."""
 
     def figures(self, tables: Dict[str, pd.DataFrame], model: HookedViT) -> Dict[str, Figure]:
-        """Matplotlib figures from the tables."""
+        """Matplotlib figures (or interactive views, such as a circuit graph, that the report
+        embeds offline) from the tables."""
         return {}
 
     def headline(self, tables: Dict[str, pd.DataFrame]) -> Optional[pd.DataFrame]:

@@ -1,8 +1,10 @@
 """Figures and interactive views of the analyses.
 
 Static figures are matplotlib Figures built without pyplot (headless-safe); each has a ``*_table``
-companion returning the tidy data it draws. Interactive views wrap circuitsvis and fall back to the
-static figure where JavaScript is unavailable. Token labels always come from ``model.layout``.
+companion returning the tidy data it draws. Interactive views wrap circuitsvis (attention, classes)
+or plotly (circuit graphs, laid out by networkx), carry their JavaScript inline (offline), and fall
+back to the static figure where JavaScript is unavailable. Token labels always come from
+``model.layout``.
 """
 
 from vit_embedding_lens.viz._figures import figure_to_png
@@ -13,6 +15,13 @@ from vit_embedding_lens.viz.attribution import (
     plot_probe_comparison,
 )
 from vit_embedding_lens.viz.change_rates import change_rates_table, plot_change_rates
+from vit_embedding_lens.viz.circuit import (
+    circuit_graph,
+    circuit_layout_table,
+    circuit_view,
+    plot_circuit,
+    plot_faithfulness_curve,
+)
 from vit_embedding_lens.viz.heatmaps import heatmap_grid_table, plot_heatmap_grid
 from vit_embedding_lens.viz.identifiability import (
     identifiability_evolution_table,
@@ -40,6 +49,9 @@ __all__ = [
     "attention_table",
     "attention_view",
     "change_rates_table",
+    "circuit_graph",
+    "circuit_layout_table",
+    "circuit_view",
     "class_probability_view",
     "figure_to_png",
     "heatmap_grid_table",
@@ -48,6 +60,8 @@ __all__ = [
     "plot_attention",
     "plot_attribution_maps",
     "plot_change_rates",
+    "plot_circuit",
+    "plot_faithfulness_curve",
     "plot_heatmap_grid",
     "plot_identifiability_evolution",
     "plot_lens_comparison",

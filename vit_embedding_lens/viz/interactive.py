@@ -77,6 +77,16 @@ class InteractiveView:
             self._png = figure_to_png(self.figure())
         return self._png
 
+    def offline_html(self) -> str:
+        """The interactive HTML with its JavaScript inlined whatever ``source`` says, so that it
+        works without network (e.g. embedded in a run's report)."""
+        return self._rendered.local_src
+
+    def savefig(self, *args: Any, **kwargs: Any) -> None:
+        """Save the static figure (matplotlib's ``Figure.savefig``): a view goes wherever a figure
+        does, e.g. into a run's report, which also embeds :meth:`offline_html`."""
+        self.figure().savefig(*args, **kwargs)
+
     def _repr_html_(self) -> str:
         encoded = base64.b64encode(self.png()).decode("ascii")
         alt = html_lib.escape(self.title, quote=True)

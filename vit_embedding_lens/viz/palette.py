@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import Dict
 
-#: attention write-in, MLP write-in, residual stream, embeddings
+#: attention write-in, MLP write-in, residual stream, embeddings, the logits
 SUBLAYER_COLORS: Dict[str, str] = {
     "attn": "#1f77b4",  # blue
     "mlp": "#d62728",  # red
     "resid": "#2ca02c",  # green
     "embed": "#7f7f7f",  # grey
+    "logits": "#000000",  # black: the class readout (a circuit's last node)
 }
 _SUBLAYER_ALIASES = {
     "attention": "attn",
@@ -29,6 +30,8 @@ _SUBLAYER_ALIASES = {
     "resid_mid": "resid",
     "residual": "resid",
     "embeddings": "embed",
+    "readout": "logits",
+    "hook_logits": "logits",
 }
 
 #: token groups: prefix tokens, image tokens, and image tokens on / off the object
@@ -50,6 +53,12 @@ METHOD_COLORS: Dict[str, str] = {
     "class_space": "#e377c2",  # pink
     "chefer": "#b8860b",  # dark gold
     "random": "#7f7f7f",  # grey
+}
+
+#: circuit figures: the top-scored circuits' curve and the minimal circuit's marker
+CIRCUIT_COLORS: Dict[str, str] = {
+    "top": "#35193e",  # aubergine
+    "minimal": "#e7298a",  # magenta
 }
 
 #: colours for anything else (knockout conditions, user groups), none of the ones above
