@@ -29,7 +29,6 @@ functions only.
 from __future__ import annotations
 
 import dataclasses
-from itertools import chain
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union, cast
 
@@ -37,7 +36,7 @@ import einops
 import torch
 from torch import Tensor, nn
 
-from vit_embedding_lens.errors import ConversionError, HubUnreachableError
+from vit_embedding_lens.errors import HubUnreachableError
 from vit_embedding_lens.loading.names import ModelSource, parse_model_name
 from vit_embedding_lens.loading.text_space import (
     Tokenizer,
@@ -49,6 +48,7 @@ from vit_embedding_lens.model.class_space import ClassSpace
 from vit_embedding_lens.model.config import HookedViTConfig
 from vit_embedding_lens.model.convert import TimmConversion, _refuse, convert_timm
 from vit_embedding_lens.model.hooked_vit import HookedViT
+from vit_embedding_lens.model.weight_consumer import WeightConsumer
 
 __all__ = [
     "LoadedOpenClip",
@@ -147,37 +147,6 @@ def image_tower(model: nn.Module) -> nn.Module:
     )
 
 
-class _Tensors:
-    """The tower's tensors by name (float64 while folding), handed out once each; anything left
-    untaken is a ConversionError naming it."""
-
-    def __init__(self, tower: nn.Module, name: str) -> None:
-        self.tensors = {
-            k: v.detach().to(torch.float64) if v.is_floating_point() else v.detach()
-            for k, v in chain(tower.named_parameters(), tower.named_buffers())
-        }
-        self.taken: set = set()
-        self.name = name
-
-    def take(self, key: str) -> Tensor:
-        if key not in self.tensors:
-            raise ConversionError(f"{self.name}: expected OpenCLIP tensor visual.{key} is missing")
-        self.taken.add(key)
-        return self.tensors[key]
-
-    def maybe(self, key: str) -> Optional[Tensor]:
-        return self.take(key) if key in self.tensors else None
-
-    def check_all_taken(self) -> None:
-        left = sorted(set(self.tensors) - self.taken)
-        if left:
-            raise ConversionError(
-                f"{self.name}: OpenCLIP image-tower tensors not consumed by the conversion: "
-                f"{left[:20]}{' ...' if len(left) > 20 else ''}; refusing a conversion that would "
-                f"drop weights"
-            )
-
-
 def _check_vision_transformer(tower: Any, name: str) -> None:
     """Raise UnsupportedArchitectureError naming the first feature HookedViT cannot reproduce."""
     if getattr(tower, "attn_pool", None) is not None:
@@ -271,7 +240,7 @@ def _state_from_vision_transformer(
     tower: nn.Module, cfg: HookedViTConfig, dtype: torch.dtype
 ) -> Dict[str, Tensor]:
     """HookedViT state dict from an OpenCLIP VisionTransformer (LayerScale folded, in float64)."""
-    c = _Tensors(tower, cfg.model_name)
+    c = WeightConsumer(tower, cfg.model_name, "OpenCLIP")
     H, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
     sd: Dict[str, Tensor] = {}
     w_e = c.take("conv1.weight")

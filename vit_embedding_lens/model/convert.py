@@ -10,18 +10,18 @@ state dict, class names); :meth:`HookedViT.from_conversion` builds the model fro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import einops
 import torch
 from torch import Tensor, nn
 
-from vit_embedding_lens.errors import ConversionError, UnsupportedArchitectureError
+from vit_embedding_lens.errors import UnsupportedArchitectureError
 from vit_embedding_lens.model.activations import activation_name
 from vit_embedding_lens.model.checkpoint import load_checkpoint_ as load_checkpoint_
 from vit_embedding_lens.model.checkpoint import read_state_dict as read_state_dict
 from vit_embedding_lens.model.config import HookedViTConfig
+from vit_embedding_lens.model.weight_consumer import WeightConsumer
 
 if TYPE_CHECKING:
     from vit_embedding_lens.model.hooked_vit import HookedViT
@@ -282,37 +282,7 @@ def config_from_timm(model: nn.Module, name: str) -> HookedViTConfig:
 # -------------------------------------------------------------------------------------------------
 # Weights
 # -------------------------------------------------------------------------------------------------
-class _Consumer:
-    """Hands out timm tensors by name and remembers which were taken, for the strictness check."""
-
-    def __init__(self, model: nn.Module, name: str) -> None:
-        # float64 while folding (LayerScale, transposes), so the only rounding is the final cast
-        self.tensors = {
-            k: v.detach().to(torch.float64) if v.is_floating_point() else v.detach()
-            for k, v in chain(model.named_parameters(), model.named_buffers())
-        }
-        self.taken: set = set()
-        self.name = name
-
-    def take(self, key: str) -> Tensor:
-        if key not in self.tensors:
-            raise ConversionError(f"{self.name}: expected timm tensor {key!r} is missing")
-        self.taken.add(key)
-        return self.tensors[key]
-
-    def maybe(self, key: str) -> Optional[Tensor]:
-        return self.take(key) if key in self.tensors else None
-
-    def check_all_taken(self) -> None:
-        left = sorted(set(self.tensors) - self.taken)
-        if left:
-            raise ConversionError(
-                f"{self.name}: timm tensors not consumed by the conversion: {left[:20]}"
-                f"{' ...' if len(left) > 20 else ''}; refusing a conversion that would drop weights"
-            )
-
-
-def _layer_scale(c: _Consumer, prefix: str, d: int, like: Tensor) -> Tensor:
+def _layer_scale(c: WeightConsumer, prefix: str, d: int, like: Tensor) -> Tensor:
     gamma = c.maybe(f"{prefix}.gamma")
     return gamma if gamma is not None else torch.ones(d, dtype=like.dtype, device=like.device)
 
@@ -324,7 +294,7 @@ def state_dict_from_timm(
 
     Folding is done in float64 and cast once to ``dtype``.
     """
-    c = _Consumer(model, cfg.model_name)
+    c = WeightConsumer(model, cfg.model_name, "timm")
     H, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
     sd: Dict[str, Tensor] = {}
     w_e = c.take("patch_embed.proj.weight")
@@ -380,7 +350,7 @@ def state_dict_from_timm(
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
 
 
-def _attention_pool_state(c: _Consumer, cfg: HookedViTConfig) -> Dict[str, Tensor]:
+def _attention_pool_state(c: WeightConsumer, cfg: HookedViTConfig) -> Dict[str, Tensor]:
     """timm's ``AttentionPoolLatent`` in the HookedViT layout (``attn_pool.*``).
 
     The latent is the probe; ``q`` (or the identity when timm has no q projection) gives

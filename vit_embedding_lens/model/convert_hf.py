@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from vit_embedding_lens.errors import ConversionError, UnsupportedArchitectureError
 from vit_embedding_lens.model.config import HookedViTConfig
 from vit_embedding_lens.model.convert import TimmConversion
+from vit_embedding_lens.model.weight_consumer import WeightConsumer
 
 #: HF ``hidden_act`` -> HookedViT activation; ``gelu_new`` is HF's Python tanh formula, equal to
 #: torch's tanh approximation to float rounding (well inside the 1e-5 promise)
@@ -168,44 +169,6 @@ def _pair(x: Any) -> Tuple[int, int]:
     return int(x), int(x)
 
 
-class _HFConsumer:
-    """Hands out a module's tensors by name (float64 while folding) and checks all were taken."""
-
-    def __init__(self, model: nn.Module, name: str) -> None:
-        named = list(model.named_parameters()) + list(model.named_buffers())
-        self.tensors = {
-            k: v.detach().to(torch.float64) if v.is_floating_point() else v.detach()
-            for k, v in named
-        }
-        self.taken: set = set()
-        self.set_aside: Dict[str, str] = {}
-        self.name = name
-
-    def has(self, key: str) -> bool:
-        return key in self.tensors
-
-    def take(self, key: str) -> Tensor:
-        if key not in self.tensors:
-            raise ConversionError(f"{self.name}: expected tensor {key!r} is missing")
-        self.taken.add(key)
-        return self.tensors[key]
-
-    def maybe(self, key: str) -> Optional[Tensor]:
-        return self.take(key) if key in self.tensors else None
-
-    def put_aside(self, key: str, why: str) -> None:
-        self.take(key)
-        self.set_aside[key] = why
-
-    def check_all_taken(self) -> None:
-        left = sorted(set(self.tensors) - self.taken)
-        if left:
-            raise ConversionError(
-                f"{self.name}: tensors not consumed by the conversion: {left[:20]}"
-                f"{' ...' if len(left) > 20 else ''}; refusing a conversion that would drop weights"
-            )
-
-
 def _find_prefix(model: nn.Module, name: str) -> str:
     """The prefix of the vision tower inside ``model`` (``""``, ``"vit."``, ``"vision_model."``):
     where its ``embeddings`` module sits."""
@@ -221,7 +184,7 @@ def _find_prefix(model: nn.Module, name: str) -> str:
     return hits[0]
 
 
-def _layers_prefix(c: _HFConsumer, base: str) -> str:
+def _layers_prefix(c: WeightConsumer, base: str) -> str:
     for cand in ("layers", "encoder.layer", "encoder.layers"):
         if c.has(f"{base}{cand}.0.mlp.fc1.weight") or any(
             k.startswith(f"{base}{cand}.0.") for k in c.tensors
@@ -324,7 +287,7 @@ def _check_supported(model: nn.Module, name: str, family: str, ignore_pooler: bo
 
 
 def _config_from_hf(
-    model: nn.Module, c: _HFConsumer, name: str, family: str, base: str, layers: str
+    model: nn.Module, c: WeightConsumer, name: str, family: str, base: str, layers: str
 ) -> HookedViTConfig:
     cfg = _vision_config(model)
     names = _LAYERS[family]
@@ -408,7 +371,7 @@ def _n_classes(model: nn.Module, family: str) -> int:
 
 def _state_dict_from_hf(
     model: nn.Module,
-    c: _HFConsumer,
+    c: WeightConsumer,
     cfg: HookedViTConfig,
     family: str,
     base: str,
@@ -502,7 +465,7 @@ def _state_dict_from_hf(
     return sd
 
 
-def _attention_pool(c: _HFConsumer, cfg: HookedViTConfig, head: str) -> Dict[str, Tensor]:
+def _attention_pool(c: WeightConsumer, cfg: HookedViTConfig, head: str) -> Dict[str, Tensor]:
     """SigLIP's ``SiglipMultiheadAttentionPoolingHead``: its ``nn.MultiheadAttention`` packs q, k,
     v in ``in_proj_weight`` [3 d, d] (heads contiguous within each); the probe is the query."""
     H, d = cfg.pool_n_heads, cfg.d_model
@@ -533,7 +496,7 @@ def _attention_pool(c: _HFConsumer, cfg: HookedViTConfig, head: str) -> Dict[str
     return sd
 
 
-def _heads(c: _HFConsumer, cfg: HookedViTConfig) -> Dict[str, Tensor]:
+def _heads(c: WeightConsumer, cfg: HookedViTConfig) -> Dict[str, Tensor]:
     if c.has("cls_classifier.weight"):  # DeiT with teacher: the two heads, averaged as in HF
         w, w_d = c.take("cls_classifier.weight"), c.take("distillation_classifier.weight")
         return {
@@ -554,13 +517,13 @@ def _heads(c: _HFConsumer, cfg: HookedViTConfig) -> Dict[str, Tensor]:
     return {"head.W_head": w.T, "head.b_head": b}
 
 
-def _gamma(c: _HFConsumer, t: str, key: Optional[str], d: int, like: Tensor) -> Tensor:
+def _gamma(c: WeightConsumer, t: str, key: Optional[str], d: int, like: Tensor) -> Tensor:
     if key is None:
         return torch.ones(d, dtype=like.dtype, device=like.device)
     return c.take(f"{t}.{key}")
 
 
-def _set_aside_text_tower(c: _HFConsumer, base: str) -> None:
+def _set_aside_text_tower(c: WeightConsumer, base: str) -> None:
     """An image-text model's (``CLIPModel``, ``SiglipModel``) text side: not part of the image
     tower. Its class space comes from the text tower separately (``ClassSpace``)."""
     if not base:
@@ -574,7 +537,7 @@ def _set_aside_text_tower(c: _HFConsumer, base: str) -> None:
             )
 
 
-def _check_position_ids(c: _HFConsumer, key: str, n: int) -> None:
+def _check_position_ids(c: WeightConsumer, key: str, n: int) -> None:
     """A ``position_ids`` buffer must be the identity lookup ``arange(n)`` assumed here."""
     if not c.has(key):
         return
@@ -615,7 +578,7 @@ def convert_hf(
         )
     family = HF_FAMILIES[kind]
     _check_supported(model, name, family, ignore_pooler)
-    c = _HFConsumer(model, name)
+    c = WeightConsumer(model, name, "Hugging Face")
     base = _find_prefix(model, name)
     layers = _layers_prefix(c, base)
     cfg = _config_from_hf(model, c, name, family, base, layers)
