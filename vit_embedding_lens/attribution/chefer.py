@@ -2,7 +2,8 @@
 
 ``R = I``; for every block in order, ``R += mean_h(clamp(∇A ⊙ A, min=0)) @ R``, with ``∇A`` the
 gradient of the class-of-interest logit w.r.t. that block's post-softmax attention (through the
-whole model). The map is the readout row of ``R`` over the image tokens.
+whole model). The map is the readout row of ``R`` over the image tokens (for an attention pool:
+the rows weighted by the pool's head-averaged attention).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from vit_embedding_lens.attribution.readout import (
     ClassSpec,
     batch_slices,
     image_layout,
-    readout_positions,
+    read_rows,
+    readout_hooks,
+    readout_weights,
     resolve_classes,
 )
 from vit_embedding_lens.attribution.result import AttributionMap
@@ -39,7 +42,6 @@ def chefer_relevance(
 ) -> AttributionMap:
     """Gradient-weighted relevance of every image token for ``classes`` (default: prediction)."""
     layout = image_layout(model, images)
-    rows = readout_positions(model, layout)
     classes = resolve_classes(model, images, classes)
     names = [act_name("pattern", l) for l in range(model.cfg.n_layers)]
     maps = []
@@ -48,12 +50,14 @@ def chefer_relevance(
     ):
         with torch.enable_grad():
             x = images[sl].detach().requires_grad_(True)  # a graph even when the weights are frozen
-            logits, acts = capture(model, x, {n: None for n in names}, detach=False)
+            keep = {n: None for n in [*names, *readout_hooks(model)]}
+            logits, acts = capture(model, x, keep, detach=False)
             chosen = logits.gather(1, classes[sl, None]).sum()
             patterns = [acts[n] for n in names]
             grads = torch.autograd.grad(chosen, patterns)
         relevance = _propagate([a.detach() for a in patterns], grads)
-        maps.append(relevance[:, rows].mean(1)[:, layout.n_prefix :])
+        weights = readout_weights(model, layout, {k: a.detach() for k, a in acts.items()})
+        maps.append(read_rows(relevance, weights)[:, layout.n_prefix :])
     return AttributionMap(scores=torch.cat(maps), layout=layout, classes=classes, method="chefer")
 
 

@@ -10,6 +10,10 @@ blocks: the write-in is rebuilt from the cached pattern rows and values (``z = A
 
 Models without a CLS token (average pooling): the readout is the mean of the image tokens'
 write-ins (the pooled readout of ``attn_out``) and the map is the mean over those query rows.
+Attention-pool (MAP, SigLIP) models: the readout is the write-ins mixed by the pool's head-averaged
+attention (:func:`~vit_embedding_lens.model.readout.readout_weights`), and the map is the rows'
+gradients mixed by the same weights (the mean, for average pooling). Every query row is kept then:
+lower ``batch_size`` for large MAP models.
 """
 
 from __future__ import annotations
@@ -28,17 +32,20 @@ from vit_embedding_lens.attribution.readout import (
     ClassSpec,
     batch_slices,
     image_layout,
-    readout_positions,
+    readout_hooks,
+    readout_weights,
     resolve_blocks,
     resolve_classes,
 )
 from vit_embedding_lens.attribution.result import AttributionMap
 from vit_embedding_lens.lens.projection import ClassProjection
 from vit_embedding_lens.model.hook_names import act_name
+from vit_embedding_lens.model.readout import pooled_positions
 
 if TYPE_CHECKING:
     from vit_embedding_lens.model.components import Attention
     from vit_embedding_lens.model.hooked_vit import HookedViT
+    from vit_embedding_lens.model.layout import TokenLayout
 
 Loss = Literal["cross_entropy", "double_softmax"]
 
@@ -80,7 +87,7 @@ def class_space_attribution(
         torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), loss
     )  # validates ``loss``
     layout = image_layout(model, images)
-    rows = readout_positions(model, layout)
+    rows = pooled_positions(model, layout)
     blocks = resolve_blocks(model, blocks)
     classes = resolve_classes(model, images, classes)
     projection = ClassProjection(model)
@@ -90,7 +97,9 @@ def class_space_attribution(
         desc="class-space attribution",
         disable=not progress,
     ):
-        heads = _block_head_maps(model, images[sl], classes[sl], blocks, rows, projection, loss)
+        heads = _block_head_maps(
+            model, images[sl], classes[sl], blocks, rows, layout, projection, loss
+        )
         heads = heads[..., layout.n_prefix :]  # keys: image tokens
         block_maps.append(heads.sum(2))
         if per_head:
@@ -113,16 +122,20 @@ def _block_head_maps(
     classes: Tensor,
     blocks: Sequence[int],
     rows: Sequence[int],
+    layout: TokenLayout,
     projection,
     loss: Loss,
 ) -> Float[Tensor, "batch block head pos"]:
-    """``-∂loss_l/∂A^l`` averaged over the readout query rows, for every block and head."""
+    """``-∂loss_l/∂A^l`` mixed over the query rows ``rows`` by the readout weights (their mean for
+    fixed pools), for every block and head."""
     keep: Dict[str, Optional[Callable[[Tensor], Tensor]]] = {}
     for l in blocks:
         keep[act_name("pattern", l)] = lambda a: a[:, :, rows]  # [B, H, R, N]
         keep[act_name("v", l)] = None  # [B, N, H, dh]
+    keep.update({n: None for n in readout_hooks(model)})
     with torch.no_grad():
         _, acts = capture(model, images, keep)
+    weights = readout_weights(model, layout, acts)[:, rows].to(images.device)  # [B or 1, R]
     with torch.enable_grad():
         pattern = torch.stack([acts[act_name("pattern", l)] for l in blocks]).requires_grad_(
             True
@@ -135,10 +148,17 @@ def _block_head_maps(
         write = einops.einsum(z, w_o, "l b r h e, l h e d -> l b r d") + b_o[:, None, None]
         if model.cfg.block_norm == "post":
             write = torch.stack([_ln1(model.blocks[l].ln1, w) for l, w in zip(blocks, write)])
-        logits = projection.differentiable(write.mean(2))  # readout: [L, B, C]
+        readout = einsum_rows(write, weights.to(write.dtype), "l b r d", "l b d")
+        logits = projection.differentiable(readout)  # [L, B, C]
         losses = class_space_loss(logits, classes.expand(len(blocks), -1), loss)
         (grad,) = torch.autograd.grad(losses.sum(), pattern)
-    return einops.rearrange(-grad.mean(3), "l b h n -> b l h n")
+    return -einsum_rows(grad, weights.to(grad.dtype), "l b h r n", "b l h n")
+
+
+def einsum_rows(x: Tensor, weights: Float[Tensor, "batch row"], dims: str, out: str) -> Tensor:
+    """``x`` mixed over its ``r`` (query row) axis by per-image ``weights`` (broadcast from 1)."""
+    weights = weights.expand(x.shape[dims.split().index("b")], -1)
+    return einops.einsum(x, weights, f"{dims}, b r -> {out}")
 
 
 def _ln1(norm, x: Tensor) -> Tensor:

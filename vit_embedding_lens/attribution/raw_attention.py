@@ -1,5 +1,5 @@
-"""Raw attention of one block (default the last), a baseline: the readout query row, mean over
-heads."""
+"""Raw attention of one block (default the last), a baseline: the readout query row (the rows
+weighted by :func:`~vit_embedding_lens.model.readout.readout_weights`), mean over heads."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from vit_embedding_lens.attribution.readout import (
     ClassSpec,
     batch_slices,
     image_layout,
-    readout_positions,
+    read_rows,
+    readout_hooks,
+    readout_weights,
     resolve_classes,
 )
 from vit_embedding_lens.attribution.result import AttributionMap
@@ -38,7 +40,6 @@ def raw_attention(
     """Attention weights from the readout token(s) to the image tokens in ``block`` (class-agnostic;
     ``classes`` is recorded only, default the prediction)."""
     layout = image_layout(model, images)
-    rows = readout_positions(model, layout)
     block = resolve_block(model, block)
     classes = resolve_classes(model, images, classes)
     name = act_name("pattern", block)
@@ -47,8 +48,10 @@ def raw_attention(
         batch_slices(images.shape[0], batch_size), desc="raw attention", disable=not progress
     ):
         with torch.no_grad():
-            _, acts = capture(model, images[sl], {name: lambda a: a[:, :, rows].mean((1, 2))})
-        maps.append(acts[name][:, layout.n_prefix :])
+            keep = {name: lambda a: a.mean(1), **{n: None for n in readout_hooks(model)}}
+            _, acts = capture(model, images[sl], keep)
+        weights = readout_weights(model, layout, acts)
+        maps.append(read_rows(acts[name], weights)[:, layout.n_prefix :])
     return AttributionMap(
         scores=torch.cat(maps), layout=layout, classes=classes, method="raw_attention"
     )

@@ -2,7 +2,9 @@
 
 Every attribution explains the model's readout: the CLS token for ``global_pool='token'`` models,
 the mean of the image tokens (plus the prefix tokens when ``pool_include_prefix``) for average
-pooling models without a CLS token. Attention maps are read from those query rows (their mean).
+pooling models without a CLS token, the probe's attention-weighted mix of tokens for attention-pool
+(MAP, SigLIP) models. Attention maps are read from those query rows, weighted by
+:func:`readout_weights` (their mean for fixed pools, the pool's head-averaged attention for MAP).
 The readout positions, block indices and class ids are read by the model's own helpers
 (:mod:`vit_embedding_lens.model.readout`, :mod:`~vit_embedding_lens.model.indices`,
 :mod:`~vit_embedding_lens.model.targets`); this module re-exports them under their old names.
@@ -17,7 +19,12 @@ from torch import Tensor
 
 from vit_embedding_lens.model.indices import resolve_blocks
 from vit_embedding_lens.model.layout import TokenLayout
-from vit_embedding_lens.model.readout import readout_positions
+from vit_embedding_lens.model.readout import (
+    read_rows,
+    readout_hooks,
+    readout_positions,
+    readout_weights,
+)
 from vit_embedding_lens.model.targets import ClassSpec, class_targets, predicted_classes
 
 if TYPE_CHECKING:
@@ -27,7 +34,10 @@ __all__ = [
     "ClassSpec",
     "batch_slices",
     "image_layout",
+    "read_rows",
+    "readout_hooks",
     "readout_positions",
+    "readout_weights",
     "resolve_blocks",
     "resolve_classes",
 ]

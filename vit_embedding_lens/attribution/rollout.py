@@ -2,7 +2,8 @@
 
 Per block: the head-averaged pattern plus the identity (the residual connection), rows
 renormalized to sum to one; the blocks' matrices multiplied from the first to the last. The map is
-the readout row of the product over the image tokens.
+the readout row of the product over the image tokens (for an attention pool: the rows weighted by
+the pool's head-averaged attention, the pool being one last attention step without residual).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from vit_embedding_lens.attribution.readout import (
     ClassSpec,
     batch_slices,
     image_layout,
-    readout_positions,
+    read_rows,
+    readout_hooks,
+    readout_weights,
     resolve_classes,
 )
 from vit_embedding_lens.attribution.result import AttributionMap
@@ -40,7 +43,6 @@ def attention_rollout(
     """Rollout of the attention from the readout token(s) to every image token (class-agnostic;
     ``classes`` is recorded only, default the prediction)."""
     layout = image_layout(model, images)
-    rows = readout_positions(model, layout)
     classes = resolve_classes(model, images, classes)
     names = [act_name("pattern", l) for l in range(model.cfg.n_layers)]
     maps = []
@@ -48,7 +50,10 @@ def attention_rollout(
         batch_slices(images.shape[0], batch_size), desc="attention rollout", disable=not progress
     ):
         with torch.no_grad():
-            _, acts = capture(model, images[sl], {n: lambda a: a.mean(1) for n in names})
+            keep = {n: lambda a: a.mean(1) for n in names}
+            _, acts = capture(
+                model, images[sl], {**keep, **{n: None for n in readout_hooks(model)}}
+            )
         rollout: Optional[Tensor] = None
         for n in names:
             mixed = acts[n] + torch.eye(
@@ -58,5 +63,6 @@ def attention_rollout(
             rollout = mixed if rollout is None else mixed @ rollout
         if rollout is None:
             raise ValueError("attention rollout needs at least one block")
-        maps.append(rollout[:, rows].mean(1)[:, layout.n_prefix :])
+        weights = readout_weights(model, layout, acts)
+        maps.append(read_rows(rollout, weights)[:, layout.n_prefix :])
     return AttributionMap(scores=torch.cat(maps), layout=layout, classes=classes, method="rollout")
