@@ -24,7 +24,6 @@ registry's first lookup, imports it). timm is imported only inside functions.
 from vit_embedding_lens.loading.hf_models import (
     convert_hf_source,
     hooked_from_hf,
-    is_hf_folder,
     load_hf_module,
 )
 from vit_embedding_lens.loading.hub import hub_reachable, pretrained_cached
@@ -36,6 +35,7 @@ from vit_embedding_lens.loading.names import (
     ModelSource,
     SourceKind,
     bundled_name,
+    is_hf_folder,
     parse_model_name,
 )
 from vit_embedding_lens.loading.open_clip_models import (

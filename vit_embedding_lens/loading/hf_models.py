@@ -10,7 +10,6 @@ functions only.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -19,27 +18,12 @@ from torch import nn
 
 from vit_embedding_lens.errors import ConversionError, HubUnreachableError
 from vit_embedding_lens.loading.hub import hub_reachable
+from vit_embedding_lens.loading.names import is_hf_folder, without_hf_prefix
 from vit_embedding_lens.model.convert_hf import HF_FAMILIES, HFConversion, convert_hf
 from vit_embedding_lens.model.hooked_vit import HookedViT
 from vit_embedding_lens.model.processing import process_weights_
 
-#: model names ``hf:NAME`` name a Hugging Face hub model (or a local save_pretrained folder)
-HF_PREFIX = "hf:"
-
 HFSource = Union[str, Path, nn.Module]
-
-
-def is_hf_folder(path: Union[str, Path]) -> bool:
-    """Whether ``path`` is a folder written by transformers' ``save_pretrained``: a
-    ``config.json`` that names a ``model_type`` (timm's folders have none)."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "model_type" in data
 
 
 def _class_for(config: Any, where: str) -> type:
@@ -80,7 +64,7 @@ def load_hf_module(source: Union[str, Path]) -> nn.Module:
     from transformers import AutoConfig
 
     text = str(source)
-    name = text[len(HF_PREFIX) :] if text.startswith(HF_PREFIX) else text
+    name = without_hf_prefix(text)
     path = Path(name).expanduser()
     if path.is_dir():
         if not is_hf_folder(path):

@@ -154,19 +154,24 @@ def _folder_source(path: Path) -> ModelSource:
             f"folder) holds config.json and the weights"
         )
     path = path.resolve()
-    if _is_hf_folder(path):
+    if is_hf_folder(path):
         return ModelSource("hf-folder", str(path), path)
     return ModelSource("timm-folder", f"{LOCAL_DIR_PREFIX}{path}", path)
 
 
-def _is_hf_folder(path: Path) -> bool:
-    """A folder's ``config.json`` is Hugging Face's when it names a ``model_type`` (timm's names an
-    ``architecture`` instead)."""
+def is_hf_folder(path: Union[str, Path]) -> bool:
+    """Whether ``path`` is a folder written by transformers' ``save_pretrained``: its
+    ``config.json`` names a ``model_type`` (timm's names an ``architecture`` instead)."""
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False  # reported when the folder is loaded
     return isinstance(config, dict) and "model_type" in config and "architecture" not in config
+
+
+def without_hf_prefix(text: str) -> str:
+    """``text`` after the ``hf:`` prefix when it has one (a hub name or a folder), else as is."""
+    return text[len(HF_PREFIX) :] if text.startswith(HF_PREFIX) else text
 
 
 def _hf_source(name: str, rest: str, checkpoint: Optional[Union[str, Path]]) -> ModelSource:

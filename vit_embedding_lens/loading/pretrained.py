@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional, Sequence, Union, cast
 import torch
 from torch import Tensor, nn
 
-from vit_embedding_lens.loading.names import ModelSource, parse_model_name
+from vit_embedding_lens.loading.names import ModelSource, parse_model_name, without_hf_prefix
 from vit_embedding_lens.loading.open_clip_models import hooked_from_open_clip
 from vit_embedding_lens.loading.text_space import (
     Tokenizer,
@@ -82,7 +82,7 @@ def _folder_tokenizer(source: Union[str, Path]) -> Optional[Tokenizer]:
     """The tokenizer saved beside a model in its ``save_pretrained`` folder (None without one):
     ``processor.save_pretrained(folder)`` or ``tokenizer.save_pretrained(folder)`` writes it."""
     text = str(source)
-    folder = Path(text[len("hf:") :] if text.startswith("hf:") else text).expanduser()
+    folder = Path(without_hf_prefix(text)).expanduser()
     if not folder.is_dir():
         return None
     try:
