@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -302,6 +302,13 @@ def train(args: argparse.Namespace) -> dict:
     return card
 
 
+def require_at_least(parser: argparse.ArgumentParser, *floors: Tuple[str, int, int]) -> None:
+    """Exit through ``parser.error`` naming the first ``(flag, value, lowest)`` below its floor."""
+    for flag, value, low in floors:
+        if value < low:
+            parser.error(f"{flag} must be at least {low}, got {value}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -322,14 +329,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     args.epochs = DEFAULT_EPOCHS[args.model] if args.epochs is None else args.epochs
-    for flag, value, low in (
+    require_at_least(
+        parser,
         ("--epochs", args.epochs, 1),
         ("--batch", args.batch, 1),
         ("--shift", args.shift, 0),
         ("--threads", args.threads, 1),
-    ):
-        if value < low:
-            parser.error(f"{flag} must be at least {low}, got {value}")
+    )
     card = train(args)
     print(
         f"held-out accuracy {card['held_out_accuracy']:.4f}; wrote {card['name']} files to "

@@ -39,7 +39,7 @@ from vit_embedding_lens.zoo.clip import (
     CompactTokenizer,
     _build_clip,
 )
-from vit_embedding_lens.zoo.train import mnist_5k_split, random_shift
+from vit_embedding_lens.zoo.train import mnist_5k_split, random_shift, require_at_least
 
 
 def caption_texts() -> tuple[List[str], List[int]]:
@@ -230,14 +230,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    for flag, value, low in (
+    require_at_least(
+        parser,
         ("--epochs", args.epochs, 1),
         ("--batch", args.batch, 2),
         ("--shift", args.shift, 0),
         ("--threads", args.threads, 1),
-    ):
-        if value < low:
-            parser.error(f"{flag} must be at least {low}, got {value}")
+    )
     card = train(args)
     print(f"zero-shot accuracy {card['zero_shot_accuracy']}; wrote {args.model} to {args.out}")
 
