@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool
+from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -364,7 +365,5 @@ def exact_node_effects(
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    ra = pd.Series(np.asarray(a, dtype=float)).rank().to_numpy()
-    rb = pd.Series(np.asarray(b, dtype=float)).rank().to_numpy()
-    return float(np.corrcoef(ra, rb)[0, 1])
+    """Spearman rank correlation (average ranks for ties; scipy's ``spearmanr``)."""
+    return float(stats.spearmanr(np.asarray(a, dtype=float), np.asarray(b, dtype=float))[0])
