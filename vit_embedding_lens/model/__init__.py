@@ -10,6 +10,7 @@ from vit_embedding_lens.model.cache import ViTActivationCache
 from vit_embedding_lens.model.config import HookedViTConfig
 from vit_embedding_lens.model.convert import TimmConversion, convert_timm
 from vit_embedding_lens.model.hooked_vit import HookedViT, convert_timm_vit
+from vit_embedding_lens.model.host_memory import release_freed_memory, retain_freed_memory
 from vit_embedding_lens.model.layout import TokenLayout
 from vit_embedding_lens.model.registry import loader, register_loader, registered_kinds
 
@@ -28,4 +29,6 @@ __all__ = [
     "loader",
     "register_loader",
     "registered_kinds",
+    "release_freed_memory",
+    "retain_freed_memory",
 ]

@@ -17,6 +17,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from vit_embedding_lens.model.activation_store import Derivation, DerivedHookPoint
 from vit_embedding_lens.model.config import HookedViTConfig
 
 
@@ -305,12 +306,17 @@ class MLP(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
         self.act = act
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
-        self.hook_post = HookPoint()
+        #: notes on each hooked forward that hook_post = act(hook_pre) (see model.activation_store)
+        self.hook_post = DerivedHookPoint()
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         pre = self.hook_pre(F.linear(x, self.W_in.T, self.b_in))
-        post = self.hook_post(self.act(pre))
-        return F.linear(post, self.W_out.T, self.b_out)
+        post = self.act(pre)
+        if self.hook_post.has_hooks() and self.hook_pre.name is not None and post is not pre:
+            # lets a cache keep hook_post as act(hook_pre) (see model.activation_store)
+            hooks = len(self.hook_post._forward_hooks)
+            self.hook_post.derivation = Derivation(self.hook_pre.name, self.act, pre, post, hooks)
+        return F.linear(self.hook_post(post), self.W_out.T, self.b_out)
 
     def compute(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The same function without firing the hook points."""

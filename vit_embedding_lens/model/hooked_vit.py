@@ -14,6 +14,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.FactoredMatrix import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
+from vit_embedding_lens.model.activation_store import ActivationStore, DerivedHookPoint
 from vit_embedding_lens.model.activations import make_activation
 from vit_embedding_lens.model.cache import ViTActivationCache
 from vit_embedding_lens.model.class_space import ClassSpace
@@ -29,6 +30,7 @@ from vit_embedding_lens.model.components import (
 )
 from vit_embedding_lens.model.config import HookedViTConfig
 from vit_embedding_lens.model.convert import TimmConversion, convert_timm
+from vit_embedding_lens.model.host_memory import retain_freed_memory_by_default
 from vit_embedding_lens.model.layout import TokenLayout
 from vit_embedding_lens.model.registry import loader
 from vit_embedding_lens.model.token_slots import (
@@ -556,7 +558,12 @@ class HookedViT(HookedRootModule):
 
         ``names_filter`` (a name, a list of names or a predicate), ``device`` and
         ``remove_batch_dim`` behave as in TransformerLens; unknown names raise an error.
+
+        The first call keeps freed host memory in the process for reuse
+        (:func:`~vit_embedding_lens.model.host_memory.retain_freed_memory`), so that later caches
+        do not page-fault their way in; ``VIT_LENS_RETAIN_FREED_MEMORY=0`` opts out.
         """
+        retain_freed_memory_by_default()
         names_filter = kwargs.get("names_filter")
         if isinstance(names_filter, str):
             self.check_hook_name(names_filter)
@@ -570,6 +577,33 @@ class HookedViT(HookedRootModule):
         if return_cache_object:
             return out, ViTActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
         return out, cache_dict
+
+    def get_caching_hooks(
+        self,
+        names_filter: Any = None,
+        incl_bwd: bool = False,
+        device: Any = None,
+        remove_batch_dim: bool = False,
+        cache: Optional[dict] = None,
+        pos_slice: Any = None,
+    ) -> Tuple[Any, list, list]:
+        """TransformerLens's caching hooks, filling an :class:`ActivationStore` (unless ``cache``
+        is given): an entry that is an exact function of another cached entry (``mlp.hook_post =
+        act(mlp.hook_pre)``) is kept as that function until it is read."""
+        store = ActivationStore() if cache is None else cache
+        cache_out, fwd, bwd = super().get_caching_hooks(
+            names_filter, incl_bwd, device, remove_batch_dim, cast(dict, store), pos_slice
+        )
+        if isinstance(store, ActivationStore):
+            fwd = [
+                (name, _derive_or_save(store, save) if self._derives(name) else save)
+                for name, save in fwd
+            ]
+        return cache_out, fwd, bwd
+
+    def _derives(self, name: str) -> bool:
+        """True for hook points whose module notes how their tensor was computed."""
+        return isinstance(self.hook_dict[name], DerivedHookPoint)
 
     def check_hook_name(self, name: str) -> None:
         """Raise a ValueError naming the closest valid hook names when ``name`` is not one."""
@@ -806,6 +840,17 @@ class HookedViT(HookedRootModule):
             f"heads, {c.n_ctx} tokens = {self.layout.n_prefix} prefix + "
             f"{c.grid_size[0]}x{c.grid_size[1]} patches, {c.n_classes} classes)"
         )
+
+
+def _derive_or_save(store: ActivationStore, save: Callable) -> Callable:
+    """A caching hook that keeps its tensor as a recipe when the store can, else saves it."""
+
+    def hook_fn(tensor: Tensor, hook: HookPoint) -> None:
+        derivation = hook.derivation if isinstance(hook, DerivedHookPoint) else None
+        if not store.derive(cast(str, hook.name), tensor, derivation):
+            save(tensor, hook=hook)
+
+    return hook_fn
 
 
 def convert_timm_vit(
