@@ -36,11 +36,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vit_embedding_lens.interventions.selection import TokenSpec, selection_mask
-from vit_embedding_lens.model.hook_names import act_name, block_hook_names, hook_block
+from vit_embedding_lens.model.hook_names import LOGITS, act_name, block_hook_names, hook_block
 from vit_embedding_lens.model.indices import resolve_blocks
 from vit_embedding_lens.model.layout import TokenLayout
 
 if TYPE_CHECKING:
+    from vit_embedding_lens.model.components import TransformerBlock
     from vit_embedding_lens.model.hooked_vit import HookedViT
 
 Cell = Dict[str, Tensor]
@@ -168,6 +169,9 @@ def run_patching(
     readout_layer = hook_block(readout) if readout is not None else None
     stop = readout_layer + 1 if readout_layer is not None else None
 
+    prefix_rows = (
+        readout in (None, LOGITS) and skip_unpatched_layers and _reads_prefix_rows(model, names)
+    )
     chunks, starts = _chunks(cells, k, readout_layer, skip_unpatched_layers)
     start_resid = _corrupted_resid(model, corrupted_images, sorted(set(starts) - {0}))
 
@@ -182,11 +186,15 @@ def run_patching(
                 n = len(chunk)
                 if start > 0:
                     x = start_resid[start].repeat(n, 1, 1)
+                else:
+                    x = corrupted_images.repeat(n, 1, 1, 1)
+                if prefix_rows:
+                    out = _forward_prefix_rows(model, x, start, hooks)
+                elif start > 0:
                     out = model.run_with_hooks(
                         x, start_at_layer=start, stop_at_layer=stop, fwd_hooks=hooks
                     )
                 else:
-                    x = corrupted_images.repeat(n, 1, 1, 1)
                     out = model.run_with_hooks(x, stop_at_layer=stop, fwd_hooks=hooks)
                 act = captured[0] if readout is not None else out
                 act = act.reshape(n, B, *act.shape[1:])
@@ -197,6 +205,52 @@ def run_patching(
         model.validate_inputs = validate
         bar.close()
     return torch.stack(cast(List[Tensor], results))
+
+
+def _reads_prefix_rows(model: HookedViT, names: Sequence[str]) -> bool:
+    """True when the last block may run for the prefix tokens' rows only: the logits read the
+    CLS (and distillation) token, and nothing but a patch of its input hooks the last block or
+    the readout (no standing mask, no forced explicit attention either).
+
+    Every other token's row of the last block's output is never read, so computing it is waste:
+    about 80% of a block per forward (only the keys and values of every token are needed)."""
+    cfg = model.cfg
+    last = cfg.n_layers - 1
+    if cfg.global_pool != "token" or last < 0:
+        return False
+    attn = cast("TransformerBlock", model.blocks[last]).attn
+    if attn.force_explicit or attn.score_mask is not None:
+        return False
+    last_input = act_name("resid_pre", last)
+    for name, point in model.hook_dict.items():
+        block = hook_block(name)
+        before_blocks = block is None and name.startswith(
+            ("hook_embed", "hook_pos_embed", "ln_pre.")
+        )
+        if block == last or (block is None and not before_blocks):  # the last block, the readout
+            if point.has_hooks() or (name in names and name != last_input):
+                return False
+    return True
+
+
+def _forward_prefix_rows(model: HookedViT, x: Tensor, start: int, hooks: List) -> Tensor:
+    """Logits of the (repeated) corrupted input ``x`` with the chunk's patch ``hooks``: blocks
+    ``start..`` before the last one as usual, then the last block for the prefix rows only and
+    the readout on them (see :func:`_reads_prefix_rows`)."""
+    last = model.cfg.n_layers - 1
+    last_input = act_name("resid_pre", last)
+    before = [(name, fn) for name, fn in hooks if name not in (last_input, LOGITS)]
+    if 0 < start < last:
+        x = model.run_with_hooks(x, start_at_layer=start, stop_at_layer=last, fwd_hooks=before)
+    elif start == 0:
+        x = model.run_with_hooks(x, stop_at_layer=last, fwd_hooks=before)
+    block = cast("TransformerBlock", model.blocks[last])
+    for name, fn in hooks:  # a patch of the last block's input, applied as its hook would be
+        if name == last_input:
+            x = fn(x, hook=block.hook_resid_pre)
+    resid = block.rows(x, slice(0, model.layout.n_prefix))
+    with model.hooks(fwd_hooks=[(name, fn) for name, fn in hooks if name == LOGITS]):
+        return model.readout(resid)  # a metric's capture of the logits fires here
 
 
 def _chunks(

@@ -202,6 +202,26 @@ class Attention(nn.Module):
             return result.sum(dim=-2) + self.b_O
         return F.linear(z.reshape(B, N, H * dh), self.W_O.reshape(H * dh, -1).T, self.b_O)
 
+    def rows(
+        self, x: Float[Tensor, "batch pos d_model"], rows: slice
+    ) -> Float[Tensor, "batch row d_model"]:
+        """The attention output at the query tokens ``rows`` only, every token still a key and a
+        value; no hook point fires and no mask applies (the forward's function, read at a few
+        rows: what a readout of the prefix tokens needs from the last block)."""
+        B, N, _ = x.shape
+        H, dh = self.cfg.n_heads, self.cfg.d_head
+        x_rows = x[:, rows]
+        q = F.linear(x_rows, self.W_Q.transpose(1, 2).reshape(H * dh, -1), self.b_Q.reshape(-1))
+        w_kv = torch.cat([self.W_K, self.W_V]).transpose(1, 2).reshape(2 * H * dh, -1)
+        b_kv = torch.cat([self.b_K, self.b_V]).reshape(-1)
+        k, v = F.linear(x, w_kv, b_kv).view(B, N, 2, H, dh).unbind(2)
+        q = q.view(B, x_rows.shape[1], H, dh)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm.normalize(q), self.k_norm.normalize(k)
+        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        z = z.transpose(1, 2).reshape(B, -1, H * dh)
+        return F.linear(z, self.W_O.reshape(H * dh, -1).T, self.b_O)
+
     @property
     def score_mask(self) -> Optional[Bool[Tensor, "... pos pos"]]:
         """The standing mask in layout order (True = may attend), or None: read-only; set it with
@@ -363,6 +383,21 @@ class TransformerBlock(nn.Module):
         else:
             mlp_out = self.ln2(self.mlp(resid_mid))
         return self.hook_resid_post(resid_mid + self.hook_mlp_out(mlp_out))
+
+    def rows(
+        self, resid_pre: Float[Tensor, "batch pos d_model"], rows: slice
+    ) -> Float[Tensor, "batch row d_model"]:
+        """``resid_post`` at the tokens ``rows`` only (every token still attended to), firing no
+        hook point, without masks: the last block as a readout of the prefix tokens needs it."""
+        pre_norm = self.cfg.block_norm == "pre"
+        x = self.ln1.normalize(resid_pre) if pre_norm else resid_pre
+        attn_out = self.attn.rows(x, rows)
+        if not pre_norm:
+            attn_out = self.ln1.normalize(attn_out)
+        resid_mid = resid_pre[:, rows] + attn_out
+        if pre_norm:
+            return resid_mid + self.mlp.compute(self.ln2.normalize(resid_mid))
+        return resid_mid + self.ln2.normalize(self.mlp.compute(resid_mid))
 
 
 class AttentionPool(nn.Module):
