@@ -60,11 +60,14 @@ def cache_nbytes(cache) -> int:
     return sum(t.numel() * t.element_size() for t in cache.values() if isinstance(t, torch.Tensor))
 
 
-def cache_storage_nbytes(cache) -> int:
+def cache_storage_nbytes(cache, read_all: bool = False) -> int:
     """Bytes of the distinct storages the cache keeps alive (shared tensors and views counted
-    once)."""
+    once). Entries kept as recipes until read (``mlp.hook_post``) hold nothing until then;
+    ``read_all`` counts them as read (computed and kept)."""
+    store = cache.cache_dict
+    held = store.held_tensors() if hasattr(store, "held_tensors") and not read_all else store
     storages = {}
-    for t in cache.values():
+    for t in held.values():
         if isinstance(t, torch.Tensor):
             st = t.untyped_storage()
             storages[st.data_ptr()] = st.nbytes()

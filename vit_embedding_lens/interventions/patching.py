@@ -5,7 +5,9 @@ activation, batch axis first) of the entries to take from the clean run. A sweep
 images with each cell patched in and records a metric per cell. Cells are batched: the corrupted
 batch is repeated ``k`` times along the batch axis and copy ``c`` patches cell ``c``, so one forward
 pass evaluates ``k`` cells. Blocks before the earliest patched block are not recomputed (the run
-starts from the corrupted residual stream there), and blocks after the metric's readout are skipped.
+starts from the corrupted residual stream there), blocks after the metric's readout are skipped,
+and when the logits read only the prefix tokens (CLS, distillation) and nothing else hooks the last
+block or the readout, the last block runs for those rows only (every token still a key and a value).
 
 The TransformerLens-like functions (``get_act_patch_resid_pre`` ...) take images, infer positions
 from ``model.layout`` and return a :class:`PatchingResult`: the values as a tensor shaped like the
