@@ -38,7 +38,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vit_embedding_lens.interventions.selection import TokenSpec, selection_mask
-from vit_embedding_lens.model.hook_names import LOGITS, act_name, block_hook_names, hook_block
+from vit_embedding_lens.model.hook_names import (
+    LOGITS,
+    READOUT_HOOKS,
+    act_name,
+    block_hook_names,
+    hook_block,
+)
 from vit_embedding_lens.model.indices import resolve_blocks
 from vit_embedding_lens.model.layout import TokenLayout
 
@@ -192,12 +198,8 @@ def run_patching(
                     x = corrupted_images.repeat(n, 1, 1, 1)
                 if prefix_rows:
                     out = _forward_prefix_rows(model, x, start, hooks)
-                elif start > 0:
-                    out = model.run_with_hooks(
-                        x, start_at_layer=start, stop_at_layer=stop, fwd_hooks=hooks
-                    )
                 else:
-                    out = model.run_with_hooks(x, stop_at_layer=stop, fwd_hooks=hooks)
+                    out = _run_blocks(model, x, start, stop, hooks)
                 act = captured[0] if readout is not None else out
                 act = act.reshape(n, B, *act.shape[1:])
                 for c, cell in enumerate(chunk):
@@ -225,11 +227,7 @@ def _reads_prefix_rows(model: HookedViT, names: Sequence[str]) -> bool:
         return False
     last_input = act_name("resid_pre", last)
     for name, point in model.hook_dict.items():
-        block = hook_block(name)
-        before_blocks = block is None and name.startswith(
-            ("hook_embed", "hook_pos_embed", "ln_pre.")
-        )
-        if block == last or (block is None and not before_blocks):  # the last block, the readout
+        if hook_block(name) == last or name in READOUT_HOOKS:
             if point.has_hooks() or (name in names and name != last_input):
                 return False
     return True
@@ -242,10 +240,8 @@ def _forward_prefix_rows(model: HookedViT, x: Tensor, start: int, hooks: List) -
     last = model.cfg.n_layers - 1
     last_input = act_name("resid_pre", last)
     before = [(name, fn) for name, fn in hooks if name not in (last_input, LOGITS)]
-    if 0 < start < last:
-        x = model.run_with_hooks(x, start_at_layer=start, stop_at_layer=last, fwd_hooks=before)
-    elif start == 0:
-        x = model.run_with_hooks(x, stop_at_layer=last, fwd_hooks=before)
+    if start < last:
+        x = _run_blocks(model, x, start, last, before)
     block = cast("TransformerBlock", model.blocks[last])
     for name, fn in hooks:  # a patch of the last block's input, applied as its hook would be
         if name == last_input:
@@ -253,6 +249,16 @@ def _forward_prefix_rows(model: HookedViT, x: Tensor, start: int, hooks: List) -
     resid = block.rows(x, slice(0, model.layout.n_prefix))
     with model.hooks(fwd_hooks=[(name, fn) for name, fn in hooks if name == LOGITS]):
         return model.readout(resid)  # a metric's capture of the logits fires here
+
+
+def _run_blocks(
+    model: HookedViT, x: Tensor, start: int, stop: Optional[int], hooks: List
+) -> Tensor:
+    """``model`` with ``hooks`` from block ``start`` (``x`` the residual stream entering it;
+    the images when ``start`` is 0) up to block ``stop`` (None: through the readout)."""
+    if start > 0:
+        return model.run_with_hooks(x, start_at_layer=start, stop_at_layer=stop, fwd_hooks=hooks)
+    return model.run_with_hooks(x, stop_at_layer=stop, fwd_hooks=hooks)
 
 
 def _chunks(
