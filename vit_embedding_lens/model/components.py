@@ -8,7 +8,7 @@ counterpart computes; hook points sit where TransformerLens users expect them.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,20 @@ from vit_embedding_lens.model.config import HookedViTConfig
 def _hooked(*points: HookPoint) -> bool:
     """True when any of the hook points has a forward or backward hook attached."""
     return any(p.has_hooks() for p in points)
+
+
+def head_projections(
+    x: Float[Tensor, "... d_model"], weights: Sequence[Tensor], biases: Sequence[Tensor]
+) -> Tuple[Float[Tensor, "... head d_head"], ...]:
+    """``x`` through per-head input maps (``W`` ``[head, d_model, d_head]`` with its bias
+    ``[head, d_head]``; several, e.g. Q, K and V, in one matmul): ``[..., head, d_head]`` each,
+    in order. The weights are laid out ``[(n head d_head), d_model]`` as ``F.linear`` wants."""
+    n = len(weights)
+    head, _, d_head = weights[0].shape
+    w = weights[0] if n == 1 else torch.cat(list(weights))
+    b = biases[0] if n == 1 else torch.cat(list(biases))
+    out = F.linear(x, w.transpose(1, 2).reshape(n * head * d_head, -1), b.reshape(-1))
+    return out.view(*x.shape[:-1], n, head, d_head).unbind(-3)
 
 
 class LayerNorm(nn.Module):
@@ -178,10 +192,9 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         attn_mask = self.combined_mask(attn_mask, positions, N)
         H, dh = self.cfg.n_heads, self.cfg.d_head
-        # One matmul for q, k, v: [3H, d, dh] -> [(3 H dh), d] as F.linear wants it.
-        w_qkv = torch.cat([self.W_Q, self.W_K, self.W_V]).transpose(1, 2).reshape(3 * H * dh, -1)
-        b_qkv = torch.cat([self.b_Q, self.b_K, self.b_V]).reshape(-1)
-        q, k, v = F.linear(x, w_qkv, b_qkv).view(B, N, 3, H, dh).unbind(2)
+        q, k, v = head_projections(
+            x, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V)
+        )
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
@@ -208,14 +221,10 @@ class Attention(nn.Module):
         """The attention output at the query tokens ``rows`` only, every token still a key and a
         value; no hook point fires and no mask applies (the forward's function, read at a few
         rows: what a readout of the prefix tokens needs from the last block)."""
-        B, N, _ = x.shape
+        B = x.shape[0]
         H, dh = self.cfg.n_heads, self.cfg.d_head
-        x_rows = x[:, rows]
-        q = F.linear(x_rows, self.W_Q.transpose(1, 2).reshape(H * dh, -1), self.b_Q.reshape(-1))
-        w_kv = torch.cat([self.W_K, self.W_V]).transpose(1, 2).reshape(2 * H * dh, -1)
-        b_kv = torch.cat([self.b_K, self.b_V]).reshape(-1)
-        k, v = F.linear(x, w_kv, b_kv).view(B, N, 2, H, dh).unbind(2)
-        q = q.view(B, x_rows.shape[1], H, dh)
+        (q,) = head_projections(x[:, rows], (self.W_Q,), (self.b_Q,))
+        k, v = head_projections(x, (self.W_K, self.W_V), (self.b_K, self.b_V))
         if self.cfg.qk_norm:
             q, k = self.q_norm.normalize(q), self.k_norm.normalize(k)
         z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -453,16 +462,11 @@ class AttentionPool(nn.Module):
         def point(hook: HookPoint, t: Tensor) -> Tensor:
             return hook(t) if fire_hooks else t
 
-        B, N, _ = x.shape
+        B = x.shape[0]
         H, dh = self.cfg.pool_n_heads, self.cfg.pool_d_head
         q = torch.einsum("qd,hde->qhe", self.probe, self.W_Q) + self.b_Q  # [1, head, d_head]
         q = point(self.hook_q, q.unsqueeze(0).expand(B, -1, -1, -1))
-        w_kv = torch.cat([self.W_K, self.W_V]).transpose(1, 2).reshape(2 * H * dh, -1)
-        k, v = (
-            F.linear(x, w_kv, torch.cat([self.b_K, self.b_V]).reshape(-1))
-            .view(B, N, 2, H, dh)
-            .unbind(2)
-        )
+        k, v = head_projections(x, (self.W_K, self.W_V), (self.b_K, self.b_V))
         k, v = point(self.hook_k, k), point(self.hook_v, v)
         scores = torch.einsum("bqhe,bnhe->bhqn", q * self.scale, k)
         if valid is not None:
@@ -481,8 +485,8 @@ class AttentionPool(nn.Module):
         """The value/output path ``sum_h (x W_V[h] + b_V[h]) W_O[h] + b_O``: the attention output
         for a single token, whose attention weight is 1 (no hook fires)."""
         H, dh = self.cfg.pool_n_heads, self.cfg.pool_d_head
-        v = F.linear(x, self.W_V.transpose(1, 2).reshape(H * dh, -1), self.b_V.reshape(-1))
-        return F.linear(v, self.W_O.reshape(H * dh, -1).T, self.b_O)
+        (v,) = head_projections(x, (self.W_V,), (self.b_V,))
+        return F.linear(v.flatten(-2), self.W_O.reshape(H * dh, -1).T, self.b_O)
 
     def finish(self, attn_out: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """``a + mlp(ln(a))``: the pool's output for an attention output ``a`` (no hook fires)."""
