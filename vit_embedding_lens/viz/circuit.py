@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -245,6 +245,19 @@ def _node_table(graph: nx.MultiDiGraph, pos: Dict[str, np.ndarray]) -> pd.DataFr
     return pd.DataFrame(rows, columns=columns)
 
 
+def _circuit_nodes_by_kind(
+    nodes: pd.DataFrame,
+) -> Iterator[Tuple[str, pd.DataFrame, pd.Series]]:
+    """The circuit's nodes kind by kind (kinds without nodes skipped), each with its weight
+    relative to the heaviest node of the circuit (what both drawings size markers by)."""
+    inside = nodes[nodes["in_circuit"]]
+    top = inside["weight"].max() if len(inside) else 1.0
+    for kind in NODE_KINDS:
+        part = inside[inside["kind"] == kind]
+        if len(part):
+            yield kind, part, part["weight"] / (top or 1.0)
+
+
 def _node_color(kind: str) -> str:
     return sublayer_color(kind)
 
@@ -342,17 +355,13 @@ def plot_circuit(
         ax.scatter(
             outside["x"], outside["y"], s=12, facecolors="none", edgecolors="0.75", linewidths=0.6
         )
-    inside = nodes[nodes["in_circuit"]]
-    top = inside["weight"].max() if len(inside) else 1.0
-    for kind in NODE_KINDS:
-        part = inside[inside["kind"] == kind]
-        if not len(part):
-            continue
-        sizes = 60 + 140 * part["weight"] / (top or 1.0)
+    drawn = []
+    for kind, part, relative in _circuit_nodes_by_kind(nodes):
+        drawn.append(kind)
         ax.scatter(
             part["x"],
             part["y"],
-            s=sizes,
+            s=60 + 140 * relative,
             color=_node_color(kind),
             edgecolors="white",
             linewidths=0.8,
@@ -379,8 +388,7 @@ def plot_circuit(
     ax.margins(x=0.06, y=0.1)
     handles = [
         Line2D([], [], ls="", marker="o", color=_node_color(k), label=_KIND_LABELS[k])
-        for k in NODE_KINDS
-        if (inside["kind"] == k).any()
+        for k in drawn
     ]
     groups = list(dict.fromkeys(d["group"] for *_, d in graph.edges(data=True)))
     handles += [
@@ -472,12 +480,7 @@ def circuit_figure_plotly(
                 meta="skeleton",
             )
         )
-    inside = nodes[nodes["in_circuit"]]
-    top = inside["weight"].max() if len(inside) else 1.0
-    for kind in NODE_KINDS:
-        part = inside[inside["kind"] == kind]
-        if not len(part):
-            continue
+    for kind, part, relative in _circuit_nodes_by_kind(nodes):
         hover = [
             f"<b>{r.node}</b><br>{_KIND_LABELS[kind]}"
             + (f", block {r.block}" if r.block is not None and not pd.isna(r.block) else "")
@@ -490,7 +493,7 @@ def circuit_figure_plotly(
                 y=part["y"],
                 mode="markers+text",
                 marker=dict(
-                    size=(9 + 12 * part["weight"] / (top or 1.0)).tolist(),
+                    size=(9 + 12 * relative).tolist(),
                     color=_node_color(kind),
                     line=dict(color="white", width=1),
                 ),
