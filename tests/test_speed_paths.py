@@ -1,6 +1,7 @@
 """The shortcuts of issue 18 change no result: a cached pooled vector holds only its own bytes,
-patching chunks cells by start block with the values of the one-cell-per-forward loop, and runs
-the last block for the readout's rows only where nothing else reads it."""
+patching chunks cells by start block with the values of the one-cell-per-forward loop, shares a
+patched block's unchanged tokens' queries, keys and values with the corrupted run, and runs the
+last block for the readout's rows only, each where nothing else reads or hooks that block."""
 
 from __future__ import annotations
 
@@ -167,3 +168,149 @@ def test_patching_runs_the_whole_last_block_when_something_else_reads_it(monkeyp
     with torch.no_grad(), model.hooks(fwd_hooks=doubled):
         want = metric(model(clean))  # patching the whole input of a block restores the clean run
     assert_close_scaled(hooked, torch.stack([want, want]), rel=1e-5)
+
+
+# -- a patched block's unchanged tokens: queries, keys and values from the corrupted run ---------
+def _variant_model(variant: str, depth: int = 2) -> HookedViT:
+    name, overrides = BLOCK_VARIANTS[variant]
+    kwargs = dict(depth=depth, embed_dim=64, num_heads=4, img_size=32, patch_size=8, num_classes=10)
+    return HookedViT.from_timm(create_timm_vit(name, **{**kwargs, **overrides}))
+
+
+@pytest.mark.parametrize("variant", list(BLOCK_VARIANTS))
+def test_a_block_with_shared_queries_keys_and_values_equals_the_block(variant):
+    model = _variant_model(variant)
+    block = model.blocks[1]
+    with torch.no_grad():
+        resid = model(images(), stop_at_layer=1)  # 3 images
+        shared = block.shared_qkv(resid)
+        x = resid.repeat(2, 1, 1)  # two copies, as a chunk of two cells
+        other = torch.randn_like(resid)
+        patched = x.clone()
+        patched[0, 4], patched[4, 0], patched[5, 2:6] = other[0, 4], other[1, 0], other[2, 2:6]
+        changed = (patched != x).any(-1)
+        assert int(changed.sum()) == 6
+        assert_close_scaled(block.with_shared_qkv(patched, changed, shared), block(patched), 1e-5)
+        unchanged = torch.zeros_like(changed)
+        assert_close_scaled(block.with_shared_qkv(x, unchanged, shared), block(x), rel=1e-5)
+        # the changed tokens are recomputed: marked unchanged, they keep the corrupted values
+        stale = block.with_shared_qkv(patched, unchanged, shared)
+        assert (stale - block(patched)).abs().max() > 1e-3
+        with pytest.raises(ValueError, match="not a repeat"):
+            block.with_shared_qkv(patched[:4], changed[:4], shared)
+
+
+def _shared_block_spy(monkeypatch):
+    """Counts the chunks whose first block took the corrupted run's queries, keys and values."""
+    calls = []
+    original = patching._forward_shared_first_block
+
+    def spy(*args, **kwargs):
+        calls.append(args[3])  # the start block
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(patching, "_forward_shared_first_block", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "arch", ["avg-pool", "cls", "two-prefix", *(v for v in BLOCK_VARIANTS if v != "pre-norm")]
+)
+def test_patching_shares_the_patched_blocks_unchanged_tokens_with_the_corrupted_run(
+    arch, monkeypatch
+):
+    prefix = {"avg-pool": 0, "cls": 1, "two-prefix": 2}
+    if arch in prefix:
+        model = HookedViT.from_timm(
+            create_prefix_variant(
+                prefix[arch],
+                depth=3,
+                img_size=32,
+                patch_size=8,
+                embed_dim=64,
+                num_heads=4,
+                num_classes=10,
+            )
+        )
+    else:
+        model = _variant_model(arch, depth=3)
+    clean, corrupted = images(2, seed=1), images(2, seed=2)
+    _, cache = model.run_with_cache(clean)
+    metric = logit_diff(model, model(clean).argmax(-1))
+    calls = _shared_block_spy(monkeypatch)
+    tokens = {"first": [0], "some": [3, 9], "late": [model.layout.n_tokens - 1]}
+    fast = get_act_patch_resid_pre(model, corrupted, cache, metric, tokens=tokens, progress=False)
+    last = model.cfg.n_layers - 1
+    reads_prefix_rows = model.cfg.global_pool == "token"
+    # every start block shares, but a last block that runs for the prefix rows only
+    assert sorted(set(calls)) == list(range(last if reads_prefix_rows else last + 1))
+    calls.clear()
+    plain = get_act_patch_resid_pre(
+        model,
+        corrupted,
+        cache,
+        metric,
+        tokens=tokens,
+        batch_cells=1,
+        skip_unpatched_layers=False,
+        progress=False,
+    )
+    assert not calls
+    assert_close_scaled(fast.values, plain.values, rel=1e-5)
+    assert fast.values.std() > 0.01  # the sweep is not constant
+
+
+class _ReadAt:
+    """A metric that reads an activation (as ClassSpaceMetric does): its mean per image."""
+
+    def __init__(self, hook_name: str) -> None:
+        self.hook_name = hook_name
+
+    def __call__(self, act: torch.Tensor) -> torch.Tensor:
+        return act.flatten(1).mean(-1)
+
+
+def test_patching_runs_a_patched_block_whole_when_something_else_hooks_or_reads_it(monkeypatch):
+    model = tiny()
+    clean, corrupted = images(2, seed=1), images(2, seed=2)
+    _, cache = model.run_with_cache(clean)
+    metric = logit_diff(model, model(clean).argmax(-1))
+    calls = _shared_block_spy(monkeypatch)
+    token = torch.zeros(1, model.layout.n_tokens, 1, dtype=torch.bool)
+    token[0, 2] = True
+    cells = [{f"blocks.{l}.hook_resid_pre": token} for l in (0, 1)]
+    # a standing hook inside block 1 is honoured: only block 0's cell shares
+    halved = [("blocks.1.hook_attn_out", lambda t, hook: t / 2)]
+    with model.hooks(fwd_hooks=halved):
+        hooked = run_patching(model, corrupted, cache, metric, cells, progress=False)
+    assert calls == [0]
+    with model.hooks(fwd_hooks=halved):
+        want = run_patching(
+            model,
+            corrupted,
+            cache,
+            metric,
+            cells,
+            batch_cells=1,
+            skip_unpatched_layers=False,
+            progress=False,
+        )
+    assert_close_scaled(hooked, want, rel=1e-5)
+    calls.clear()
+    # a patch of another activation of the block, or a metric read inside it
+    z_cell = {"blocks.1.attn.hook_z": torch.ones(1, 1, 1, 1, dtype=torch.bool)}
+    run_patching(model, corrupted, cache, metric, [z_cell], progress=False)
+    read_mid = _ReadAt("blocks.1.hook_resid_mid")
+    got = run_patching(model, corrupted, cache, read_mid, cells, progress=False)
+    assert calls == [0]  # block 0's cell, read in block 1, still shares
+    want = run_patching(
+        model,
+        corrupted,
+        cache,
+        read_mid,
+        cells,
+        batch_cells=1,
+        skip_unpatched_layers=False,
+        progress=False,
+    )
+    assert_close_scaled(got, want, rel=1e-5)

@@ -6,8 +6,10 @@ images with each cell patched in and records a metric per cell. Cells are batche
 batch is repeated ``k`` times along the batch axis and copy ``c`` patches cell ``c``, so one forward
 pass evaluates ``k`` cells. Blocks before the earliest patched block are not recomputed (the run
 starts from the corrupted residual stream there), blocks after the metric's readout are skipped,
-and when the logits read only the prefix tokens (CLS, distillation) and nothing else hooks the last
-block or the readout, the last block runs for those rows only (every token still a key and a value).
+a block whose input is patched takes the queries, keys and values of the tokens the patch leaves
+unchanged from the corrupted run (they depend on the token's own row alone), and when the logits
+read only the prefix tokens (CLS, distillation) and nothing else hooks the last block or the
+readout, the last block runs for those rows only (every token still a key and a value).
 
 The TransformerLens-like functions (``get_act_patch_resid_pre`` ...) take images, infer positions
 from ``model.layout`` and return a :class:`PatchingResult`: the values as a tensor shaped like the
@@ -160,8 +162,9 @@ def run_patching(
     that hook, for one copy of the corrupted batch at a time. ``batch_cells`` cells share a forward
     pass (default: as many as fit in ``max_batch`` images; with ``skip_unpatched_layers`` only
     cells that start at the same block share one, so none runs a block it does not need, and each
-    starts from the corrupted run's residual stream entering that block); ``batch_cells=1`` with
-    ``skip_unpatched_layers=False`` is the plain one-forward-per-cell loop.
+    starts from the corrupted run's residual stream entering that block, whose unchanged tokens'
+    queries, keys and values it reuses); ``batch_cells=1`` with ``skip_unpatched_layers=False`` is
+    the plain one-forward-per-cell loop.
     """
     model.check_images(corrupted_images)
     B = corrupted_images.shape[0]
@@ -181,7 +184,20 @@ def run_patching(
         readout in (None, LOGITS) and skip_unpatched_layers and _reads_prefix_rows(model, names)
     )
     chunks, starts = _chunks(cells, k, readout_layer, skip_unpatched_layers)
-    start_resid = _corrupted_resid(model, corrupted_images, sorted(set(starts) - {0}))
+    shares = [
+        skip_unpatched_layers
+        and _shares_first_block(model, [cells[c] for c in chunk], start, readout_layer, prefix_rows)
+        for chunk, start in zip(chunks, starts)
+    ]
+    start_resid = _corrupted_resid(
+        model,
+        corrupted_images,
+        sorted({s for s, share in zip(starts, shares) if s > 0 or share}),
+    )
+    shared_qkv = {
+        start: _block(model, start).shared_qkv(start_resid[start])
+        for start in sorted({s for s, share in zip(starts, shares) if share})
+    }
 
     results: List[Optional[Tensor]] = [None] * len(cells)
     validate = model.validate_inputs
@@ -189,14 +205,18 @@ def run_patching(
     try:
         model.validate_inputs = False
         with torch.no_grad():
-            for chunk, start in zip(chunks, starts):
+            for chunk, start, share in zip(chunks, starts, shares):
                 hooks, captured = _chunk_hooks(cells, chunk, clean, B, readout)
                 n = len(chunk)
-                if start > 0:
+                if start > 0 or share:
                     x = start_resid[start].repeat(n, 1, 1)
                 else:
                     x = corrupted_images.repeat(n, 1, 1, 1)
-                if prefix_rows:
+                if share:
+                    out = _forward_shared_first_block(
+                        model, x, shared_qkv[start], start, stop, hooks, prefix_rows
+                    )
+                elif prefix_rows:
                     out = _forward_prefix_rows(model, x, start, hooks)
                 else:
                     out = _run_blocks(model, x, start, stop, hooks)
@@ -222,7 +242,7 @@ def _reads_prefix_rows(model: HookedViT, names: Sequence[str]) -> bool:
     last = cfg.n_layers - 1
     if cfg.global_pool != "token" or last < 0:
         return False
-    attn = cast("TransformerBlock", model.blocks[last]).attn
+    attn = _block(model, last).attn
     if attn.force_explicit or attn.score_mask is not None:
         return False
     last_input = act_name("resid_pre", last)
@@ -231,6 +251,67 @@ def _reads_prefix_rows(model: HookedViT, names: Sequence[str]) -> bool:
             if point.has_hooks() or (name in names and name != last_input):
                 return False
     return True
+
+
+def _shares_first_block(
+    model: HookedViT,
+    cells: Sequence[Cell],
+    start: int,
+    readout_layer: Optional[int],
+    prefix_rows: bool,
+) -> bool:
+    """True when a chunk's first block may take the queries, keys and values of the tokens its
+    patches leave unchanged from the corrupted run: every patch of the chunk is of that block's
+    input, nothing else hooks the block (no standing hook, mask or forced explicit attention),
+    the metric reads after it, and it is not a last block that runs for the prefix rows only.
+
+    A token's queries, keys and values depend on its own row of the block input alone, so cells
+    that patch a few tokens of block ``l``'s input share the rest with the corrupted run: a
+    quarter of block ``l``'s arithmetic (the q/k/v maps) is computed once for all of them."""
+    first_input = act_name("resid_pre", start)
+    if any(name != first_input for cell in cells for name in cell):
+        return False
+    if readout_layer is not None and readout_layer <= start:
+        return False
+    if prefix_rows and start == model.cfg.n_layers - 1:
+        return False  # the prefix-row last block is cheaper still
+    attn = _block(model, start).attn
+    if attn.force_explicit or attn.score_mask is not None:
+        return False
+    return not any(
+        point.has_hooks() for name, point in model.hook_dict.items() if hook_block(name) == start
+    )
+
+
+def _forward_shared_first_block(
+    model: HookedViT,
+    x: Tensor,
+    shared: Tuple[Tensor, ...],
+    start: int,
+    stop: Optional[int],
+    hooks: List,
+    prefix_rows: bool,
+) -> Tensor:
+    """The chunk's output from the (repeated) corrupted residual ``x`` entering block ``start``:
+    its patches applied as their hook would, the block run with the unchanged tokens' queries,
+    keys and values from the corrupted run (``shared``, see :func:`_shares_first_block`), then
+    the rest of the model as usual."""
+    block = _block(model, start)
+    first_input = act_name("resid_pre", start)
+    patched = x
+    for name, fn in hooks:
+        if name == first_input:
+            patched = fn(patched, hook=block.hook_resid_pre)
+    changed = (patched != x).any(-1)  # a patch that copies an equal row changes nothing
+    resid = block.with_shared_qkv(patched, changed, shared)
+    rest = [(name, fn) for name, fn in hooks if name != first_input]
+    if prefix_rows:
+        return _forward_prefix_rows(model, resid, start + 1, rest)
+    return _run_blocks(model, resid, start + 1, stop, rest)
+
+
+def _block(model: HookedViT, layer: int) -> "TransformerBlock":
+    return cast("TransformerBlock", model.blocks[layer])
 
 
 def _forward_prefix_rows(model: HookedViT, x: Tensor, start: int, hooks: List) -> Tensor:
@@ -242,7 +323,7 @@ def _forward_prefix_rows(model: HookedViT, x: Tensor, start: int, hooks: List) -
     before = [(name, fn) for name, fn in hooks if name not in (last_input, LOGITS)]
     if start < last:
         x = _run_blocks(model, x, start, last, before)
-    block = cast("TransformerBlock", model.blocks[last])
+    block = _block(model, last)
     for name, fn in hooks:  # a patch of the last block's input, applied as its hook would be
         if name == last_input:
             x = fn(x, hook=block.hook_resid_pre)

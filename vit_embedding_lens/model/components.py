@@ -221,14 +221,33 @@ class Attention(nn.Module):
         """The attention output at the query tokens ``rows`` only, every token still a key and a
         value; no hook point fires and no mask applies (the forward's function, read at a few
         rows: what a readout of the prefix tokens needs from the last block)."""
-        B = x.shape[0]
-        H, dh = self.cfg.n_heads, self.cfg.d_head
         (q,) = head_projections(x[:, rows], (self.W_Q,), (self.b_Q,))
         k, v = head_projections(x, (self.W_K, self.W_V), (self.b_K, self.b_V))
         if self.cfg.qk_norm:
             q, k = self.q_norm.normalize(q), self.k_norm.normalize(k)
+        return self.attend(q, k, v)
+
+    def qkv(self, x: Float[Tensor, "... d_model"]) -> Tuple[Float[Tensor, "... head d_head"], ...]:
+        """Queries, keys and values of ``x`` (after the q/k norms where the model has them), firing
+        no hook point. Each token's depend on its own row of ``x`` alone."""
+        q, k, v = head_projections(
+            x, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V)
+        )
+        if self.cfg.qk_norm:
+            q, k = self.q_norm.normalize(q), self.k_norm.normalize(k)
+        return q, k, v
+
+    def attend(
+        self,
+        q: Float[Tensor, "batch row head d_head"],
+        k: Float[Tensor, "batch pos head d_head"],
+        v: Float[Tensor, "batch pos head d_head"],
+    ) -> Float[Tensor, "batch row d_model"]:
+        """The attention output of queries over keys and values, unmasked, firing no hook point."""
+        B, n = q.shape[:2]
+        H, dh = self.cfg.n_heads, self.cfg.d_head
         z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        z = z.transpose(1, 2).reshape(B, -1, H * dh)
+        z = z.transpose(1, 2).reshape(B, n, H * dh)
         return F.linear(z, self.W_O.reshape(H * dh, -1).T, self.b_O)
 
     @property
@@ -398,14 +417,54 @@ class TransformerBlock(nn.Module):
     ) -> Float[Tensor, "batch row d_model"]:
         """``resid_post`` at the tokens ``rows`` only (every token still attended to), firing no
         hook point, without masks: the last block as a readout of the prefix tokens needs it."""
-        pre_norm = self.cfg.block_norm == "pre"
-        x = self.ln1.normalize(resid_pre) if pre_norm else resid_pre
-        attn_out = self.attn.rows(x, rows)
-        if not pre_norm:
-            attn_out = self.ln1.normalize(attn_out)
-        resid_mid = resid_pre[:, rows] + attn_out
-        if pre_norm:
+        attn_out = self.attn.rows(self._attn_input(resid_pre), rows)
+        return self._after_attention(resid_pre[:, rows], attn_out)
+
+    def shared_qkv(
+        self, resid_pre: Float[Tensor, "batch pos d_model"]
+    ) -> Tuple[Float[Tensor, "batch pos head d_head"], ...]:
+        """The queries, keys and values of ``resid_pre`` (no hook point fires), for
+        :meth:`with_shared_qkv` to reuse."""
+        return self.attn.qkv(self._attn_input(resid_pre))
+
+    def with_shared_qkv(
+        self,
+        resid_pre: Float[Tensor, "batch pos d_model"],
+        changed: Bool[Tensor, "batch pos"],
+        shared: Tuple[Tensor, ...],
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """``resid_post`` of ``resid_pre`` when it differs from the input ``shared`` was made from
+        (:meth:`shared_qkv`, its batch repeated to fill ``resid_pre``'s) only at the tokens
+        ``changed``: their queries, keys and values are computed, every other token's is taken
+        from ``shared`` (a token's depend on its own row alone). Fires no hook point, without masks:
+        activation patching runs a patched block's input so."""
+        reps, rem = divmod(resid_pre.shape[0], shared[0].shape[0])
+        if rem or changed.shape != resid_pre.shape[:2]:
+            raise ValueError(
+                f"with_shared_qkv: {resid_pre.shape[0]} images is not a repeat of the "
+                f"{shared[0].shape[0]} that made the shared queries, keys and values, or the "
+                f"changed tokens {tuple(changed.shape)} do not match {tuple(resid_pre.shape[:2])}"
+            )
+        q, k, v = (t.repeat(reps, 1, 1, 1) for t in shared)
+        where = changed.nonzero(as_tuple=True)
+        if where[0].numel():
+            fresh = self.attn.qkv(self._attn_input(resid_pre[where]))
+            for full, rows in zip((q, k, v), fresh):
+                full[where] = rows
+        return self._after_attention(resid_pre, self.attn.attend(q, k, v))
+
+    def _attn_input(self, resid_pre: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """What the attention reads: the normed residual (pre-norm) or the residual itself."""
+        return self.ln1.normalize(resid_pre) if self.cfg.block_norm == "pre" else resid_pre
+
+    def _after_attention(
+        self, resid_pre: Float[Tensor, "batch row d_model"], attn_out: Tensor
+    ) -> Float[Tensor, "batch row d_model"]:
+        """The rest of the block from the attention output, hook-free: ``resid_post``."""
+        if self.cfg.block_norm == "pre":
+            resid_mid = resid_pre + attn_out
             return resid_mid + self.mlp.compute(self.ln2.normalize(resid_mid))
+        resid_mid = resid_pre + self.ln1.normalize(attn_out)
         return resid_mid + self.ln2.normalize(self.mlp.compute(resid_mid))
 
 
