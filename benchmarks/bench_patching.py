@@ -7,6 +7,8 @@ difference of the clean and the corrupted class. Three ways, timed in the same p
                                                times), blocks before the patched one not recomputed,
                                                the last block for the CLS row only
     whole last  the same with the last block run for every token (the shortcut switched off)
+    unshared    the same with the patched block computing every token's queries, keys and values
+                (batched shares the unchanged tokens' with the corrupted run)
     per cell    a plain loop: model.run_with_hooks(corrupted, fwd_hooks=[(name, copy clean token)])
                 per (block, token), as a TransformerLens-style generic patching loop does
 
@@ -16,8 +18,11 @@ that the per-cell loop finishes in minutes on a CPU). Both ways are checked to g
 The ratio per-cell / batched is printed (the target of the first patching issue was >= 5x), with
 the bound block skipping allows: patching ``resid_pre`` of block ``l`` changes every token from
 block ``l`` on (attention mixes the patched token into all of them), so a cell must run blocks
-``l..L-2`` in full and the last block for the readout's rows: ``(L - 1) / 2 + phi`` blocks per cell
-on average, ``phi`` the measured cost of the last block for the CLS row over the whole block.
+``l..L-2`` in full and the last block for the readout's rows, and block ``l`` itself can take
+the unchanged tokens' queries, keys and values from the corrupted run: ``(L - 1) / 2 -
+(L - 1) psi / L + phi`` blocks per cell on average, ``phi`` the measured cost of the last block for
+the CLS row and ``psi`` the measured saving of the shared queries, keys and values, both over the
+whole block.
 
     python benchmarks/bench_patching.py [--batch 8] [--vitb-batch 2] [--vitb-tokens 16]
         [--skip-vitb] [--json out.json]
@@ -90,22 +95,39 @@ def bench(label, model: HookedViT, clean, corrupted, metric, tokens=None, max_ba
         t_whole = time.perf_counter() - t0
     finally:
         patching._reads_prefix_rows = reads_prefix_rows
+    # the same sweep with the patched block computing every token's queries, keys and values
+    shares_first_block = patching._shares_first_block
+    patching._shares_first_block = lambda *args: False
+    try:
+        t0 = time.perf_counter()
+        unshared = get_act_patch_resid_pre(
+            model, corrupted, cache, metric, tokens=groups, max_batch=max_batch, progress=False
+        )
+        t_unshared = time.perf_counter() - t0
+    finally:
+        patching._shares_first_block = shares_first_block
     t0 = time.perf_counter()
     loop = per_cell_loop(model, corrupted, cache, metric, token_list)
     t_loop = time.perf_counter() - t0
-    diff = (batched.values.reshape(loop.shape) - loop).abs().max().item()
-    diff_whole = (whole.values.reshape(loop.shape) - loop).abs().max().item()
+    diffs = {
+        name: (result.values.reshape(loop.shape) - loop).abs().max().item()
+        for name, result in (("batched", batched), ("whole", whole), ("unshared", unshared))
+    }
     ratio = t_loop / t_batched
     phi = last_block_rows_fraction(model, corrupted)
+    psi = shared_qkv_saving(model, corrupted)
     L = model.cfg.n_layers
-    bound = L / ((L - 1) / 2 + phi)  # blocks per cell: l+1..L-2 in full, the last at phi
+    # blocks per cell: l (less the shared q/k/v) .. L-2 in full, the last at phi
+    bound = L / ((L - 1) / 2 - (L - 1) * psi / L + phi)
     print(
         f"{label}: {n_cells} cells, batch {clean.shape[0]} images | batched {t_batched:.2f} s "
         f"({1e3 * t_batched / n_cells:.1f} ms/cell) | last block whole {t_whole:.2f} s | "
-        f"per cell {t_loop:.2f} s ({1e3 * t_loop / n_cells:.1f} ms/cell) | speed-up {ratio:.1f}x "
-        f"({t_loop / t_whole:.1f}x with the whole last block; block-skipping bound "
-        f"{bound:.2f}x, the last block for the readout rows costing {phi:.2f} of a block) | "
-        f"max |diff| {diff:.1e} ({diff_whole:.1e})"
+        f"unshared q/k/v {t_unshared:.2f} s | per cell {t_loop:.2f} s "
+        f"({1e3 * t_loop / n_cells:.1f} ms/cell) | speed-up {ratio:.1f}x "
+        f"({t_loop / t_whole:.1f}x with the whole last block, {t_loop / t_unshared:.1f}x "
+        f"unshared; bound {bound:.2f}x, the last block for the readout rows costing {phi:.2f} of "
+        f"a block, the shared q/k/v saving {psi:.2f} of one) | max |diff| "
+        + ", ".join(f"{name} {d:.1e}" for name, d in diffs.items())
     )
     return dict(
         model=label,
@@ -113,13 +135,17 @@ def bench(label, model: HookedViT, clean, corrupted, metric, tokens=None, max_ba
         batch=clean.shape[0],
         batched_s=t_batched,
         batched_whole_last_block_s=t_whole,
+        batched_unshared_s=t_unshared,
         per_cell_s=t_loop,
         speedup=ratio,
         speedup_whole_last_block=t_loop / t_whole,
+        speedup_unshared=t_loop / t_unshared,
         last_block_rows_fraction=phi,
+        shared_qkv_saving=psi,
         block_skipping_bound=bound,
-        max_abs_diff=diff,
-        max_abs_diff_whole_last_block=diff_whole,
+        max_abs_diff=diffs["batched"],
+        max_abs_diff_whole_last_block=diffs["whole"],
+        max_abs_diff_unshared=diffs["unshared"],
     )
 
 
@@ -130,16 +156,34 @@ def last_block_rows_fraction(model: HookedViT, images, repeats: int = 5) -> floa
     rows = slice(0, max(1, model.layout.n_prefix))
     with torch.no_grad():
         resid = model(images, stop_at_layer=model.cfg.n_layers - 1)
-        times = {"whole": [], "rows": []}
-        for _ in range(repeats):
-            for name, fn in (
-                ("whole", lambda: block(resid)),
-                ("rows", lambda: block.rows(resid, rows)),
-            ):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return statistics.median(times["rows"]) / statistics.median(times["whole"])
+        return block_time_fraction(lambda: block.rows(resid, rows), lambda: block(resid), repeats)
+
+
+def shared_qkv_saving(model: HookedViT, images, repeats: int = 5) -> float:
+    """One minus the time of a middle block whose input differs from the corrupted run at one
+    token per image (``with_shared_qkv``) over the whole block (median of ``repeats``)."""
+    layer = model.cfg.n_layers // 2
+    block = model.blocks[layer]
+    with torch.no_grad():
+        resid = model(images, stop_at_layer=layer)
+        shared = block.shared_qkv(resid)
+        changed = torch.zeros(resid.shape[:2], dtype=torch.bool, device=resid.device)
+        changed[:, -1] = True
+        fraction = block_time_fraction(
+            lambda: block.with_shared_qkv(resid, changed, shared), lambda: block(resid), repeats
+        )
+    return 1 - fraction
+
+
+def block_time_fraction(part, whole, repeats: int) -> float:
+    """Median time of ``part()`` over that of ``whole()``, interleaved."""
+    times: dict = {"part": [], "whole": []}
+    for _ in range(repeats):
+        for name, fn in (("whole", whole), ("part", part)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return statistics.median(times["part"]) / statistics.median(times["whole"])
 
 
 def main() -> None:
