@@ -13,6 +13,8 @@ medians are compared as ratios to timm's forward **within this run**:
     hooked            model(x), no hooks
     cache_full        model.run_with_cache(x)                  target <= 1.2x (GPU bf16: 1.3x)
     lens              lens.lens_batch(model, x, labels)        target <= 1.2x
+    lens_floor        model(x) with only the lens's class projections in hooks (no ranks): the
+                      matrix products an exact fp32 lens cannot skip, so the lens's floor
 
 then ``analyze[accuracy]`` and ``analyze[accuracy,lens]`` (``run_analyses``, the command's
 runner, over ``--images`` preprocessed images held in memory, against a timm forward over the same
@@ -46,6 +48,7 @@ from bench_forward import cache_storage_nbytes  # noqa: E402
 
 from vit_embedding_lens import HookedViT  # noqa: E402
 from vit_embedding_lens.lens.streaming import LensRecorder, lens_batch  # noqa: E402
+from vit_embedding_lens.model.hook_names import act_name  # noqa: E402
 from vit_embedding_lens.testing import create_timm_vit  # noqa: E402
 
 TARGETS = {"cache_full": 1.2, "lens": 1.2, "analyze[accuracy,lens]": 1.25}
@@ -77,6 +80,21 @@ def interleaved(
     return times
 
 
+def projection_hooks(model: HookedViT, recorder: LensRecorder) -> List:
+    """Hooks that make the lens's class projections and nothing else: one ``[tokens, d_model] x
+    [d_model, classes]`` product for the first block's input and for every attention and MLP
+    write-in (the residual streams are their running sums), results dropped."""
+    weight = recorder.proj.weight
+
+    def project(act: torch.Tensor, hook) -> None:
+        act.detach().reshape(-1, act.shape[-1]).to(weight.dtype) @ weight
+
+    names = [act_name("resid_pre", 0)]
+    for layer in range(model.cfg.n_layers):
+        names += [act_name("attn_out", layer), act_name("mlp_out", layer)]
+    return [(name, project) for name in names]
+
+
 def model_timings(args, device: torch.device, dtype: torch.dtype) -> dict:
     torch.manual_seed(0)
     timm_model = create_timm_vit(args.model).to(device=device, dtype=dtype).eval()
@@ -85,11 +103,13 @@ def model_timings(args, device: torch.device, dtype: torch.dtype) -> dict:
     x = torch.randn(args.batch, 3, *model.cfg.image_size, device=device, dtype=dtype)
     labels = torch.randint(0, model.cfg.n_classes, (args.batch,))
     recorder = LensRecorder(model)
+    floor_hooks = projection_hooks(model, recorder)
     variants = {
         "timm": lambda: timm_model(x),
         "hooked": lambda: model(x),
         "cache_full": lambda: model.run_with_cache(x),
         "lens": lambda: lens_batch(model, x, labels, recorder=recorder),
+        "lens_floor": lambda: model.run_with_hooks(x, fwd_hooks=floor_hooks),
     }
     with torch.inference_mode():
         max_diff = (model(x).float() - timm_model(x).float()).abs().max().item()
