@@ -159,16 +159,19 @@ def last_block_rows_fraction(model: HookedViT, images, repeats: int = 5) -> floa
         return block_time_fraction(lambda: block.rows(resid, rows), lambda: block(resid), repeats)
 
 
-def shared_qkv_saving(model: HookedViT, images, repeats: int = 5) -> float:
+def shared_qkv_saving(model: HookedViT, images, repeats: int = 5, rows: int = 3200) -> float:
     """One minus the time of a middle block whose input differs from the corrupted run at one
-    token per image (``with_shared_qkv``) over the whole block (median of ``repeats``)."""
+    token per image (``with_shared_qkv``) over the whole block (median of ``repeats``), with the
+    images repeated as a chunk of cells repeats them, to about ``rows`` token rows."""
     layer = model.cfg.n_layers // 2
     block = model.blocks[layer]
+    copies = max(1, round(rows / (images.shape[0] * model.layout.n_tokens)))
     with torch.no_grad():
-        resid = model(images, stop_at_layer=layer)
-        shared = block.shared_qkv(resid)
+        corrupted = model(images, stop_at_layer=layer)
+        shared = block.shared_qkv(corrupted)
+        resid = corrupted.repeat(copies, 1, 1)
         changed = torch.zeros(resid.shape[:2], dtype=torch.bool, device=resid.device)
-        changed[:, -1] = True
+        changed[torch.arange(resid.shape[0]), torch.arange(resid.shape[0]) % resid.shape[1]] = True
         fraction = block_time_fraction(
             lambda: block.with_shared_qkv(resid, changed, shared), lambda: block(resid), repeats
         )
