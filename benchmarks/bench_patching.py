@@ -36,6 +36,7 @@ import os
 import platform
 import statistics
 import time
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -79,36 +80,16 @@ def bench(label, model: HookedViT, clean, corrupted, metric, tokens=None, max_ba
     get_act_patch_resid_pre(
         model, corrupted, cache, metric, tokens={"t0": [0]}, progress=False, layers=[0]
     )
-    t0 = time.perf_counter()
-    batched = get_act_patch_resid_pre(
-        model, corrupted, cache, metric, tokens=groups, max_batch=max_batch, progress=False
-    )
-    t_batched = time.perf_counter() - t0
-    # the same sweep with the whole last block run for every token (the prefix-row shortcut off)
-    reads_prefix_rows = patching._reads_prefix_rows
-    patching._reads_prefix_rows = lambda model, names: False
-    try:
-        t0 = time.perf_counter()
-        whole = get_act_patch_resid_pre(
+
+    def sweep():
+        return get_act_patch_resid_pre(
             model, corrupted, cache, metric, tokens=groups, max_batch=max_batch, progress=False
         )
-        t_whole = time.perf_counter() - t0
-    finally:
-        patching._reads_prefix_rows = reads_prefix_rows
-    # the same sweep with the patched block computing every token's queries, keys and values
-    shares_first_block = patching._shares_first_block
-    patching._shares_first_block = lambda *args: False
-    try:
-        t0 = time.perf_counter()
-        unshared = get_act_patch_resid_pre(
-            model, corrupted, cache, metric, tokens=groups, max_batch=max_batch, progress=False
-        )
-        t_unshared = time.perf_counter() - t0
-    finally:
-        patching._shares_first_block = shares_first_block
-    t0 = time.perf_counter()
-    loop = per_cell_loop(model, corrupted, cache, metric, token_list)
-    t_loop = time.perf_counter() - t0
+
+    t_batched, batched = timed(sweep)
+    t_whole, whole = timed(sweep, "_reads_prefix_rows")  # the last block run for every token
+    t_unshared, unshared = timed(sweep, "_shares_first_block")  # every token's q/k/v computed
+    t_loop, loop = timed(lambda: per_cell_loop(model, corrupted, cache, metric, token_list))
     diffs = {
         name: (result.values.reshape(loop.shape) - loop).abs().max().item()
         for name, result in (("batched", batched), ("whole", whole), ("unshared", unshared))
@@ -147,6 +128,21 @@ def bench(label, model: HookedViT, clean, corrupted, metric, tokens=None, max_ba
         max_abs_diff_whole_last_block=diffs["whole"],
         max_abs_diff_unshared=diffs["unshared"],
     )
+
+
+def timed(fn, shortcut_off: Optional[str] = None):
+    """Seconds and result of ``fn()``; with ``shortcut_off`` (the name of one of ``patching``'s
+    shortcut tests) answering False meanwhile, so the sweep runs without that shortcut."""
+    original = getattr(patching, shortcut_off) if shortcut_off else None
+    if shortcut_off:
+        setattr(patching, shortcut_off, lambda *args: False)
+    try:
+        t0 = time.perf_counter()
+        result = fn()
+        return time.perf_counter() - t0, result
+    finally:
+        if shortcut_off:
+            setattr(patching, shortcut_off, original)
 
 
 def last_block_rows_fraction(model: HookedViT, images, repeats: int = 5) -> float:

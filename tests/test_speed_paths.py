@@ -36,6 +36,20 @@ def images(n: int = 3, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
+def patching_inputs(model: HookedViT):
+    """Two corrupted images, the cache of two clean ones, and the logit difference between the
+    clean run's top classes and the rest."""
+    clean, corrupted = images(2, seed=1), images(2, seed=2)
+    _, cache = model.run_with_cache(clean)
+    return corrupted, cache, logit_diff(model, model(clean).argmax(-1))
+
+
+def one_forward_per_cell(sweep, *args, **kwargs):
+    """``sweep`` (a patching sweep or ``run_patching``) as the plain loop: one cell per forward
+    pass, every block run."""
+    return sweep(*args, batch_cells=1, skip_unpatched_layers=False, progress=False, **kwargs)
+
+
 def test_cached_pooled_vector_holds_only_its_own_bytes():
     model, x = tiny(), images()
     with torch.no_grad():
@@ -72,15 +86,8 @@ def test_patching_values_match_the_one_cell_per_forward_loop():
     batched = get_act_patch_resid_pre(
         model, corrupted, cache, metric, tokens=tokens, batch_cells=2, progress=False
     )
-    loop = get_act_patch_resid_pre(
-        model,
-        corrupted,
-        cache,
-        metric,
-        tokens=tokens,
-        batch_cells=1,
-        skip_unpatched_layers=False,
-        progress=False,
+    loop = one_forward_per_cell(
+        get_act_patch_resid_pre, model, corrupted, cache, metric, tokens=tokens
     )
     torch.testing.assert_close(batched.values, loop.values, rtol=1e-5, atol=1e-5)
 
@@ -135,16 +142,12 @@ def test_patching_runs_the_last_block_for_the_readout_rows_when_only_they_are_re
             n_prefix, depth=3, img_size=32, patch_size=8, embed_dim=64, num_heads=4, num_classes=10
         )
     )
-    clean, corrupted = images(2, seed=1), images(2, seed=2)
-    _, cache = model.run_with_cache(clean)
-    metric = logit_diff(model, model(clean).argmax(-1))
+    corrupted, cache, metric = patching_inputs(model)
     calls = _sweep_spy(monkeypatch)
     fast = get_act_patch_resid_pre(model, corrupted, cache, metric, progress=False)
     assert bool(calls) == (n_prefix > 0)  # avg pooling reads every token's row
     calls.clear()
-    plain = get_act_patch_resid_pre(
-        model, corrupted, cache, metric, batch_cells=1, skip_unpatched_layers=False, progress=False
-    )
+    plain = one_forward_per_cell(get_act_patch_resid_pre, model, corrupted, cache, metric)
     assert not calls
     assert_close_scaled(fast.values, plain.values, rel=1e-5)
     assert fast.values.std() > 0.01  # the sweep is not constant
@@ -152,9 +155,7 @@ def test_patching_runs_the_last_block_for_the_readout_rows_when_only_they_are_re
 
 def test_patching_runs_the_whole_last_block_when_something_else_reads_it(monkeypatch):
     model = tiny()
-    clean, corrupted = images(2, seed=1), images(2, seed=2)
-    _, cache = model.run_with_cache(clean)
-    metric = logit_diff(model, model(clean).argmax(-1))
+    corrupted, cache, metric = patching_inputs(model)
     calls = _sweep_spy(monkeypatch)
     last = model.cfg.n_layers - 1
     z_cell = {f"blocks.{last}.attn.hook_z": torch.ones(1, 1, 1, 1, dtype=torch.bool)}
@@ -166,7 +167,8 @@ def test_patching_runs_the_whole_last_block_when_something_else_reads_it(monkeyp
         hooked = run_patching(model, corrupted, cache, metric, cells, progress=False)
     assert not calls
     with torch.no_grad(), model.hooks(fwd_hooks=doubled):
-        want = metric(model(clean))  # patching the whole input of a block restores the clean run
+        # patching the whole input of a block restores the clean run (patching_inputs's)
+        want = metric(model(images(2, seed=1)))
     assert_close_scaled(hooked, torch.stack([want, want]), rel=1e-5)
 
 
@@ -234,9 +236,7 @@ def test_patching_shares_the_patched_blocks_unchanged_tokens_with_the_corrupted_
         )
     else:
         model = _variant_model(arch, depth=3)
-    clean, corrupted = images(2, seed=1), images(2, seed=2)
-    _, cache = model.run_with_cache(clean)
-    metric = logit_diff(model, model(clean).argmax(-1))
+    corrupted, cache, metric = patching_inputs(model)
     calls = _shared_block_spy(monkeypatch)
     tokens = {"first": [0], "some": [3, 9], "late": [model.layout.n_tokens - 1]}
     fast = get_act_patch_resid_pre(model, corrupted, cache, metric, tokens=tokens, progress=False)
@@ -245,15 +245,8 @@ def test_patching_shares_the_patched_blocks_unchanged_tokens_with_the_corrupted_
     # every start block shares, but a last block that runs for the prefix rows only
     assert sorted(set(calls)) == list(range(last if reads_prefix_rows else last + 1))
     calls.clear()
-    plain = get_act_patch_resid_pre(
-        model,
-        corrupted,
-        cache,
-        metric,
-        tokens=tokens,
-        batch_cells=1,
-        skip_unpatched_layers=False,
-        progress=False,
+    plain = one_forward_per_cell(
+        get_act_patch_resid_pre, model, corrupted, cache, metric, tokens=tokens
     )
     assert not calls
     assert_close_scaled(fast.values, plain.values, rel=1e-5)
@@ -272,9 +265,7 @@ class _ReadAt:
 
 def test_patching_runs_a_patched_block_whole_when_something_else_hooks_or_reads_it(monkeypatch):
     model = tiny()
-    clean, corrupted = images(2, seed=1), images(2, seed=2)
-    _, cache = model.run_with_cache(clean)
-    metric = logit_diff(model, model(clean).argmax(-1))
+    corrupted, cache, metric = patching_inputs(model)
     calls = _shared_block_spy(monkeypatch)
     token = torch.zeros(1, model.layout.n_tokens, 1, dtype=torch.bool)
     token[0, 2] = True
@@ -285,16 +276,7 @@ def test_patching_runs_a_patched_block_whole_when_something_else_hooks_or_reads_
         hooked = run_patching(model, corrupted, cache, metric, cells, progress=False)
     assert calls == [0]
     with model.hooks(fwd_hooks=halved):
-        want = run_patching(
-            model,
-            corrupted,
-            cache,
-            metric,
-            cells,
-            batch_cells=1,
-            skip_unpatched_layers=False,
-            progress=False,
-        )
+        want = one_forward_per_cell(run_patching, model, corrupted, cache, metric, cells)
     assert_close_scaled(hooked, want, rel=1e-5)
     calls.clear()
     # a patch of another activation of the block, or a metric read inside it
@@ -303,14 +285,5 @@ def test_patching_runs_a_patched_block_whole_when_something_else_hooks_or_reads_
     read_mid = _ReadAt("blocks.1.hook_resid_mid")
     got = run_patching(model, corrupted, cache, read_mid, cells, progress=False)
     assert calls == [0]  # block 0's cell, read in block 1, still shares
-    want = run_patching(
-        model,
-        corrupted,
-        cache,
-        read_mid,
-        cells,
-        batch_cells=1,
-        skip_unpatched_layers=False,
-        progress=False,
-    )
+    want = one_forward_per_cell(run_patching, model, corrupted, cache, read_mid, cells)
     assert_close_scaled(got, want, rel=1e-5)
