@@ -1,14 +1,18 @@
 """Batched activation patching against one forward pass per cell.
 
-Sweep: ``resid_pre`` of every block × every token (``get_act_patch_resid_pre``), metric: logit
-difference of the clean and the corrupted class. Three ways, timed in the same process:
+Sweep: ``--point`` (``resid_pre`` by default; ``attn_out``, ``resid_mid``, ``mlp_out`` or
+``resid_post``) of every block × every token (``get_act_patch_<point>``), metric: logit
+difference of the clean and the corrupted class. Four ways, timed in the same process:
 
-    batched     get_act_patch_resid_pre(...)   k cells per forward (the corrupted batch repeated k
+    batched     get_act_patch_<point>(...)     k cells per forward (the corrupted batch repeated k
                                                times), blocks before the patched one not recomputed,
-                                               the last block for the CLS row only
+                                               the patched block by its plan (below), the last
+                                               block for the CLS row only
     whole last  the same with the last block run for every token (the shortcut switched off)
-    unshared    the same with the patched block computing every token's queries, keys and values
-                (batched shares the unchanged tokens' with the corrupted run)
+    unplanned   the same with the patched block run whole: for resid_pre, every token's queries,
+                keys and values computed (batched shares the unchanged tokens' with the corrupted
+                run); for the token-by-token points, block l whole and no sharing in block l + 1
+                (batched computes block l's patched rows alone, then shares block l + 1's q/k/v)
     per cell    a plain loop: model.run_with_hooks(corrupted, fwd_hooks=[(name, copy clean token)])
                 per (block, token), as a TransformerLens-style generic patching loop does
 
@@ -22,10 +26,13 @@ block ``l`` on (attention mixes the patched token into all of them), so a cell m
 the unchanged tokens' queries, keys and values from the corrupted run: ``(L - 1) / 2 -
 (L - 1) psi / L + phi`` blocks per cell on average, ``phi`` the measured cost of the last block for
 the CLS row and ``psi`` the measured saving of the shared queries, keys and values, both over the
-whole block.
+whole block. A token-by-token point of block ``l`` changes only the patched tokens' rows of block
+``l``'s output, so a cell runs block ``l + 1`` with shared q/k/v, blocks ``l+2..L-2`` in full and
+the last block for the readout's rows: ``((L - 2)(L - 1) / 2 - (L - 2) psi + (L - 1) phi) / L``
+blocks per cell (the patched rows' own work left out).
 
-    python benchmarks/bench_patching.py [--batch 8] [--vitb-batch 2] [--vitb-tokens 16]
-        [--skip-vitb] [--json out.json]
+    python benchmarks/bench_patching.py [--point resid_pre] [--batch 8] [--vitb-batch 2]
+        [--vitb-tokens 16] [--skip-vitb] [--json out.json]
 """
 
 from __future__ import annotations
@@ -43,22 +50,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from vit_embedding_lens import HookedViT  # noqa: E402
-from vit_embedding_lens.interventions import (  # noqa: E402
-    get_act_patch_resid_pre,
-    logit_diff,
-    patching,  # noqa: E402
-)
+from vit_embedding_lens.interventions import logit_diff, patching  # noqa: E402
 from vit_embedding_lens.testing import create_timm_vit  # noqa: E402
 
 TARGET = 5.0
 
 
-def per_cell_loop(model: HookedViT, corrupted, clean_cache, metric, tokens):
+def per_cell_loop(model: HookedViT, corrupted, clean_cache, metric, tokens, point="resid_pre"):
     """One forward per (block, token): the hook copies the clean token into the corrupted run."""
     values = torch.empty(model.cfg.n_layers, len(tokens))
     with torch.no_grad():
         for l in range(model.cfg.n_layers):
-            name = f"blocks.{l}.hook_resid_pre"
+            name = f"blocks.{l}.hook_{point}"
             for j, t in enumerate(tokens):
 
                 def hook(act, hook, t=t):
@@ -70,63 +73,68 @@ def per_cell_loop(model: HookedViT, corrupted, clean_cache, metric, tokens):
     return values
 
 
-def bench(label, model: HookedViT, clean, corrupted, metric, tokens=None, max_batch=256):
+def bench(
+    label, model: HookedViT, clean, corrupted, metric, tokens=None, max_batch=256, point="resid_pre"
+):
+    get_act_patch = getattr(patching, f"get_act_patch_{point}")
     with torch.no_grad():
-        _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+        _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith(f"hook_{point}"))
     token_list = list(range(model.layout.n_tokens)) if tokens is None else tokens
     groups = None if tokens is None else {f"t{t}": [t] for t in tokens}
     n_cells = model.cfg.n_layers * len(token_list)
     # warm-up
-    get_act_patch_resid_pre(
-        model, corrupted, cache, metric, tokens={"t0": [0]}, progress=False, layers=[0]
-    )
+    get_act_patch(model, corrupted, cache, metric, tokens={"t0": [0]}, progress=False, layers=[0])
 
     def sweep():
-        return get_act_patch_resid_pre(
+        return get_act_patch(
             model, corrupted, cache, metric, tokens=groups, max_batch=max_batch, progress=False
         )
 
     t_batched, batched = timed(sweep)
     t_whole, whole = timed(sweep, "_reads_prefix_rows")  # the last block run for every token
-    t_unshared, unshared = timed(sweep, "_shares_first_block")  # every token's q/k/v computed
-    t_loop, loop = timed(lambda: per_cell_loop(model, corrupted, cache, metric, token_list))
+    t_unplanned, unplanned = timed(sweep, "_plan")  # the patched block run whole
+    t_loop, loop = timed(lambda: per_cell_loop(model, corrupted, cache, metric, token_list, point))
     diffs = {
         name: (result.values.reshape(loop.shape) - loop).abs().max().item()
-        for name, result in (("batched", batched), ("whole", whole), ("unshared", unshared))
+        for name, result in (("batched", batched), ("whole", whole), ("unplanned", unplanned))
     }
     ratio = t_loop / t_batched
     phi = last_block_rows_fraction(model, corrupted)
     psi = shared_qkv_saving(model, corrupted)
     L = model.cfg.n_layers
-    # blocks per cell: l (less the shared q/k/v) .. L-2 in full, the last at phi
-    bound = L / ((L - 1) / 2 - (L - 1) * psi / L + phi)
+    if point == "resid_pre":  # blocks per cell: l (less the shared q/k/v) .. L-2, the last at phi
+        bound = L / ((L - 1) / 2 - (L - 1) * psi / L + phi)
+    else:  # l + 1 (less the shared q/k/v) .. L-2, the last at phi (none after the last block)
+        bound = L / (((L - 2) * (L - 1) / 2 - (L - 2) * psi + (L - 1) * phi) / L)
     print(
-        f"{label}: {n_cells} cells, batch {clean.shape[0]} images | batched {t_batched:.2f} s "
+        f"{label}, {point}: {n_cells} cells, batch {clean.shape[0]} images | batched "
+        f"{t_batched:.2f} s "
         f"({1e3 * t_batched / n_cells:.1f} ms/cell) | last block whole {t_whole:.2f} s | "
-        f"unshared q/k/v {t_unshared:.2f} s | per cell {t_loop:.2f} s "
+        f"patched block whole {t_unplanned:.2f} s | per cell {t_loop:.2f} s "
         f"({1e3 * t_loop / n_cells:.1f} ms/cell) | speed-up {ratio:.1f}x "
-        f"({t_loop / t_whole:.1f}x with the whole last block, {t_loop / t_unshared:.1f}x "
-        f"unshared; bound {bound:.2f}x, the last block for the readout rows costing {phi:.2f} of "
-        f"a block, the shared q/k/v saving {psi:.2f} of one) | max |diff| "
+        f"({t_loop / t_whole:.1f}x with the whole last block, {t_loop / t_unplanned:.1f}x "
+        f"with the patched block whole; bound {bound:.2f}x, the last block for the readout rows "
+        f"costing {phi:.2f} of a block, the shared q/k/v saving {psi:.2f} of one) | max |diff| "
         + ", ".join(f"{name} {d:.1e}" for name, d in diffs.items())
     )
     return dict(
         model=label,
+        point=point,
         cells=n_cells,
         batch=clean.shape[0],
         batched_s=t_batched,
         batched_whole_last_block_s=t_whole,
-        batched_unshared_s=t_unshared,
+        batched_patched_block_whole_s=t_unplanned,
         per_cell_s=t_loop,
         speedup=ratio,
         speedup_whole_last_block=t_loop / t_whole,
-        speedup_unshared=t_loop / t_unshared,
+        speedup_patched_block_whole=t_loop / t_unplanned,
         last_block_rows_fraction=phi,
         shared_qkv_saving=psi,
         block_skipping_bound=bound,
         max_abs_diff=diffs["batched"],
         max_abs_diff_whole_last_block=diffs["whole"],
-        max_abs_diff_unshared=diffs["unshared"],
+        max_abs_diff_patched_block_whole=diffs["unplanned"],
     )
 
 
@@ -196,6 +204,12 @@ def main() -> None:
     parser.add_argument(
         "--vitb-tokens", type=int, default=16, help="tokens patched per block on ViT-B/16"
     )
+    parser.add_argument(
+        "--point",
+        default="resid_pre",
+        choices=["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"],
+        help="the activation patched per block and token",
+    )
     parser.add_argument("--skip-vitb", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None)
@@ -212,7 +226,8 @@ def main() -> None:
     data = load_mnist_eval()
     clean = data.images[data.labels == 3][: args.batch].to(args.device)
     corrupted = data.images[data.labels == 8][: args.batch].to(args.device)
-    results.append(bench("bundled mnist-vit", model, clean, corrupted, logit_diff(model, 3, 8)))
+    metric = logit_diff(model, 3, 8)
+    results.append(bench("bundled mnist-vit", model, clean, corrupted, metric, point=args.point))
 
     if not args.skip_vitb:
         vitb = HookedViT.from_timm(create_timm_vit("vit_base_patch16_224"), device=args.device)
@@ -233,6 +248,7 @@ def main() -> None:
                 logit_diff(vitb, target),
                 tokens=tokens,
                 max_batch=64,
+                point=args.point,
             )
         )
     if args.json:

@@ -1,7 +1,8 @@
 """The shortcuts of issue 18 change no result: a cached pooled vector holds only its own bytes,
 patching chunks cells by start block with the values of the one-cell-per-forward loop, shares a
-patched block's unchanged tokens' queries, keys and values with the corrupted run, and runs the
-last block for the readout's rows only, each where nothing else reads or hooks that block."""
+patched block's unchanged tokens' queries, keys and values with the corrupted run, computes only
+the patched rows of a block patched at a token-by-token activation, and runs the last block for
+the readout's rows only, each where nothing else reads or hooks that block."""
 
 from __future__ import annotations
 
@@ -202,48 +203,56 @@ def test_a_block_with_shared_queries_keys_and_values_equals_the_block(variant):
             block.with_shared_qkv(patched[:4], changed[:4], shared)
 
 
-def _shared_block_spy(monkeypatch):
-    """Counts the chunks whose first block took the corrupted run's queries, keys and values."""
+def _plan_spy(monkeypatch):
+    """The plans the chunks ran by: ``(block, point, block sharing q/k/v or None)``."""
     calls = []
-    original = patching._forward_shared_first_block
+    original = patching._forward_planned
 
-    def spy(*args, **kwargs):
-        calls.append(args[3])  # the start block
-        return original(*args, **kwargs)
+    def spy(model, plan, *args, **kwargs):
+        calls.append((plan.block, plan.point, plan.qkv_block))
+        return original(model, plan, *args, **kwargs)
 
-    monkeypatch.setattr(patching, "_forward_shared_first_block", spy)
+    monkeypatch.setattr(patching, "_forward_planned", spy)
     return calls
 
 
-@pytest.mark.parametrize(
-    "arch", ["avg-pool", "cls", "two-prefix", *(v for v in BLOCK_VARIANTS if v != "pre-norm")]
-)
+def _arch_model(arch: str) -> HookedViT:
+    """A 3-block model: average pooling, one or two prefix tokens, or a block variant."""
+    prefix = {"avg-pool": 0, "cls": 1, "two-prefix": 2}
+    if arch not in prefix:
+        return _variant_model(arch, depth=3)
+    return HookedViT.from_timm(
+        create_prefix_variant(
+            prefix[arch],
+            depth=3,
+            img_size=32,
+            patch_size=8,
+            embed_dim=64,
+            num_heads=4,
+            num_classes=10,
+        )
+    )
+
+
+ARCHS = ["avg-pool", "cls", "two-prefix", *(v for v in BLOCK_VARIANTS if v != "pre-norm")]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_patching_shares_the_patched_blocks_unchanged_tokens_with_the_corrupted_run(
     arch, monkeypatch
 ):
-    prefix = {"avg-pool": 0, "cls": 1, "two-prefix": 2}
-    if arch in prefix:
-        model = HookedViT.from_timm(
-            create_prefix_variant(
-                prefix[arch],
-                depth=3,
-                img_size=32,
-                patch_size=8,
-                embed_dim=64,
-                num_heads=4,
-                num_classes=10,
-            )
-        )
-    else:
-        model = _variant_model(arch, depth=3)
+    model = _arch_model(arch)
     corrupted, cache, metric = patching_inputs(model)
-    calls = _shared_block_spy(monkeypatch)
+    calls = _plan_spy(monkeypatch)
     tokens = {"first": [0], "some": [3, 9], "late": [model.layout.n_tokens - 1]}
     fast = get_act_patch_resid_pre(model, corrupted, cache, metric, tokens=tokens, progress=False)
     last = model.cfg.n_layers - 1
     reads_prefix_rows = model.cfg.global_pool == "token"
     # every start block shares, but a last block that runs for the prefix rows only
-    assert sorted(set(calls)) == list(range(last if reads_prefix_rows else last + 1))
+    assert {point for _, point, _ in calls} == {"hook_resid_pre"}
+    assert sorted({block for block, _, _ in calls}) == list(
+        range(last if reads_prefix_rows else last + 1)
+    )
     calls.clear()
     plain = one_forward_per_cell(
         get_act_patch_resid_pre, model, corrupted, cache, metric, tokens=tokens
@@ -266,7 +275,7 @@ class _ReadAt:
 def test_patching_runs_a_patched_block_whole_when_something_else_hooks_or_reads_it(monkeypatch):
     model = tiny()
     corrupted, cache, metric = patching_inputs(model)
-    calls = _shared_block_spy(monkeypatch)
+    calls = _plan_spy(monkeypatch)
     token = torch.zeros(1, model.layout.n_tokens, 1, dtype=torch.bool)
     token[0, 2] = True
     cells = [{f"blocks.{l}.hook_resid_pre": token} for l in (0, 1)]
@@ -274,7 +283,7 @@ def test_patching_runs_a_patched_block_whole_when_something_else_hooks_or_reads_
     halved = [("blocks.1.hook_attn_out", lambda t, hook: t / 2)]
     with model.hooks(fwd_hooks=halved):
         hooked = run_patching(model, corrupted, cache, metric, cells, progress=False)
-    assert calls == [0]
+    assert calls == [(0, "hook_resid_pre", 0)]
     with model.hooks(fwd_hooks=halved):
         want = one_forward_per_cell(run_patching, model, corrupted, cache, metric, cells)
     assert_close_scaled(hooked, want, rel=1e-5)
@@ -284,6 +293,62 @@ def test_patching_runs_a_patched_block_whole_when_something_else_hooks_or_reads_
     run_patching(model, corrupted, cache, metric, [z_cell], progress=False)
     read_mid = _ReadAt("blocks.1.hook_resid_mid")
     got = run_patching(model, corrupted, cache, read_mid, cells, progress=False)
-    assert calls == [0]  # block 0's cell, read in block 1, still shares
+    assert calls == [(0, "hook_resid_pre", 0)]  # block 0's cell, read in block 1, still shares
     want = one_forward_per_cell(run_patching, model, corrupted, cache, read_mid, cells)
     assert_close_scaled(got, want, rel=1e-5)
+
+
+@pytest.mark.parametrize("point", ["attn_out", "resid_mid", "mlp_out", "resid_post"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patching_a_token_by_token_activation_computes_the_patched_rows_alone(
+    arch, point, monkeypatch
+):
+    """After attn_out, resid_mid, mlp_out or resid_post of block l, everything up to block l's
+    output is token by token: the sweep computes the patched tokens' rows of block l and shares
+    the other tokens' queries, keys and values in block l + 1."""
+    model = _arch_model(arch)
+    corrupted, cache, metric = patching_inputs(model)
+    calls = _plan_spy(monkeypatch)
+    sweep = getattr(patching, f"get_act_patch_{point}")
+    tokens = {"first": [0], "some": [3, 9], "late": [model.layout.n_tokens - 1]}
+    fast = sweep(model, corrupted, cache, metric, tokens=tokens, progress=False)
+    last = model.cfg.n_layers - 1
+    prefix_rows = model.cfg.global_pool == "token"
+    expected = {
+        (
+            block,
+            f"hook_{point}",
+            None if block == last or (prefix_rows and block + 1 == last) else block + 1,
+        )
+        for block in range(last + 1)
+    }
+    assert set(calls) == expected
+    calls.clear()
+    plain = one_forward_per_cell(sweep, model, corrupted, cache, metric, tokens=tokens)
+    assert not calls
+    assert_close_scaled(fast.values, plain.values, rel=1e-5)
+    assert fast.values.std() > 0.01  # the sweep is not constant
+
+
+def test_a_token_by_token_patch_before_a_hooked_block_runs_that_block_whole(monkeypatch):
+    model = tiny()
+    corrupted, cache, metric = patching_inputs(model)
+    calls = _plan_spy(monkeypatch)
+    token = torch.zeros(1, model.layout.n_tokens, 1, dtype=torch.bool)
+    token[0, 4] = True
+    cells = [{f"blocks.{l}.hook_mlp_out": token} for l in (0, 1)]
+    doubled = [("blocks.1.attn.hook_z", lambda t, hook: t * 2)]  # a standing hook in block 1
+    with model.hooks(fwd_hooks=doubled):
+        got = run_patching(model, corrupted, cache, metric, cells, progress=False)
+        want = one_forward_per_cell(run_patching, model, corrupted, cache, metric, cells)
+    # block 0's output rows alone, block 1 whole (its hook honoured); block 1's cell unplanned
+    assert calls == [(0, "hook_mlp_out", None)]
+    assert_close_scaled(got, want, rel=1e-5)
+    # a clean token equal to the corrupted one changes nothing: the corrupted run's metric
+    same = {"blocks.1.hook_attn_out": token}
+    calls.clear()
+    with torch.no_grad():
+        _, own = model.run_with_cache(corrupted)
+    unchanged = run_patching(model, corrupted, own, metric, [same], progress=False)
+    assert calls == [(1, "hook_attn_out", None)]  # block 2 is last: the CLS row alone
+    torch.testing.assert_close(unchanged[0], metric(model(corrupted)), rtol=1e-5, atol=1e-5)

@@ -7,9 +7,12 @@ batch is repeated ``k`` times along the batch axis and copy ``c`` patches cell `
 pass evaluates ``k`` cells. Blocks before the earliest patched block are not recomputed (the run
 starts from the corrupted residual stream there), blocks after the metric's readout are skipped,
 a block whose input is patched takes the queries, keys and values of the tokens the patch leaves
-unchanged from the corrupted run (they depend on the token's own row alone), and when the logits
-read only the prefix tokens (CLS, distillation) and nothing else hooks the last block or the
-readout, the last block runs for those rows only (every token still a key and a value).
+unchanged from the corrupted run (they depend on the token's own row alone), a patch of a
+token-by-token activation (``attn_out``, ``resid_mid``, ``mlp_out``, ``resid_post``) computes the
+patched tokens' rows of its block alone and shares the rest's queries, keys and values in the next
+block, and when the logits read only the prefix tokens (CLS, distillation) and nothing else hooks
+the last block or the readout, the last block runs for those rows only (every token still a key
+and a value).
 
 The TransformerLens-like functions (``get_act_patch_resid_pre`` ...) take images, infer positions
 from ``model.layout`` and return a :class:`PatchingResult`: the values as a tensor shaped like the
@@ -44,7 +47,6 @@ from vit_embedding_lens.model.hook_names import (
     LOGITS,
     READOUT_HOOKS,
     act_name,
-    block_hook_names,
     hook_block,
 )
 from vit_embedding_lens.model.indices import resolve_blocks
@@ -162,9 +164,9 @@ def run_patching(
     that hook, for one copy of the corrupted batch at a time. ``batch_cells`` cells share a forward
     pass (default: as many as fit in ``max_batch`` images; with ``skip_unpatched_layers`` only
     cells that start at the same block share one, so none runs a block it does not need, and each
-    starts from the corrupted run's residual stream entering that block, whose unchanged tokens'
-    queries, keys and values it reuses); ``batch_cells=1`` with ``skip_unpatched_layers=False`` is
-    the plain one-forward-per-cell loop.
+    starts from the corrupted run's activations there, reusing what the patch leaves unchanged:
+    see the module docstring); ``batch_cells=1`` with ``skip_unpatched_layers=False`` is the plain
+    one-forward-per-cell loop.
     """
     model.check_images(corrupted_images)
     B = corrupted_images.shape[0]
@@ -180,23 +182,28 @@ def run_patching(
     readout_layer = hook_block(readout) if readout is not None else None
     stop = readout_layer + 1 if readout_layer is not None else None
 
-    prefix_rows = (
-        readout in (None, LOGITS) and skip_unpatched_layers and _reads_prefix_rows(model, names)
-    )
     chunks, starts = _chunks(cells, k, readout_layer, skip_unpatched_layers)
-    shares = [
-        skip_unpatched_layers
-        and _shares_first_block(model, [cells[c] for c in chunk], start, readout_layer, prefix_rows)
-        for chunk, start in zip(chunks, starts)
+    # per chunk: whether the last block may run for the prefix rows only (nothing in the chunk
+    # patches inside it), and the shortcut its patched block may take
+    reads_logits = readout in (None, LOGITS) and skip_unpatched_layers
+    prefix_rows = [
+        reads_logits
+        and _reads_prefix_rows(model, sorted({name for c in chunk for name in cells[c]}))
+        for chunk in chunks
     ]
-    start_resid = _corrupted_resid(
-        model,
-        corrupted_images,
-        sorted({s for s, share in zip(starts, shares) if s > 0 or share}),
-    )
+    plans = [
+        _plan(model, [cells[c] for c in chunk], start, readout_layer, rows)
+        if skip_unpatched_layers
+        else None
+        for chunk, start, rows in zip(chunks, starts, prefix_rows)
+    ]
+    needed = {act_name("resid_pre", s) for s, plan in zip(starts, plans) if s > 0 and not plan}
+    needed |= {name for plan in plans if plan for name in plan.corrupted}
+    corrupted = _corrupted_acts(model, corrupted_images, sorted(needed))
     shared_qkv = {
-        start: _block(model, start).shared_qkv(start_resid[start])
-        for start in sorted({s for s, share in zip(starts, shares) if share})
+        plan.qkv_block: _block(model, plan.qkv_block).shared_qkv(corrupted[plan.qkv_input])
+        for plan in plans
+        if plan and plan.qkv_block is not None
     }
 
     results: List[Optional[Tensor]] = [None] * len(cells)
@@ -205,21 +212,20 @@ def run_patching(
     try:
         model.validate_inputs = False
         with torch.no_grad():
-            for chunk, start, share in zip(chunks, starts, shares):
+            for chunk, start, plan, rows in zip(chunks, starts, plans, prefix_rows):
                 hooks, captured = _chunk_hooks(cells, chunk, clean, B, readout)
                 n = len(chunk)
-                if start > 0 or share:
-                    x = start_resid[start].repeat(n, 1, 1)
+                if plan:
+                    out = _forward_planned(model, plan, corrupted, shared_qkv, n, stop, hooks, rows)
                 else:
-                    x = corrupted_images.repeat(n, 1, 1, 1)
-                if share:
-                    out = _forward_shared_first_block(
-                        model, x, shared_qkv[start], start, stop, hooks, prefix_rows
-                    )
-                elif prefix_rows:
-                    out = _forward_prefix_rows(model, x, start, hooks)
-                else:
-                    out = _run_blocks(model, x, start, stop, hooks)
+                    if start > 0:
+                        x = corrupted[act_name("resid_pre", start)].repeat(n, 1, 1)
+                    else:
+                        x = corrupted_images.repeat(n, 1, 1, 1)
+                    if rows:
+                        out = _forward_prefix_rows(model, x, start, hooks)
+                    else:
+                        out = _run_blocks(model, x, start, stop, hooks)
                 act = captured[0] if readout is not None else out
                 act = act.reshape(n, B, *act.shape[1:])
                 for c, cell in enumerate(chunk):
@@ -253,61 +259,147 @@ def _reads_prefix_rows(model: HookedViT, names: Sequence[str]) -> bool:
     return True
 
 
-def _shares_first_block(
+#: activations of a block from which everything up to its output is token by token: a patch of
+#: them changes the block's output at the patched tokens only
+ROW_LOCAL_POINTS = ("hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+#: the residual a write-in adds to (the rest of :data:`ROW_LOCAL_POINTS` need none)
+_WRITE_IN_BASE = {"hook_attn_out": "hook_resid_pre", "hook_mlp_out": "hook_resid_mid"}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How a chunk of cells that all patch one activation of block ``block`` runs with less work.
+
+    ``point`` is ``hook_resid_pre`` (the block runs with the unchanged tokens' queries, keys and
+    values from the corrupted run) or one of :data:`ROW_LOCAL_POINTS` (the block's output is the
+    corrupted run's but at the patched tokens, whose rows are computed alone; the next block then
+    shares its unchanged tokens' queries, keys and values when ``qkv_block`` says so).
+    ``base``: the residual a write-in adds to; ``corrupted``: the corrupted run's activations the
+    plan needs."""
+
+    block: int
+    point: str
+    qkv_block: Optional[int]
+    base: Optional[str]
+    corrupted: Tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return act_name(self.point, self.block)
+
+    @property
+    def qkv_input(self) -> str:
+        """The corrupted activation entering ``qkv_block``."""
+        assert self.qkv_block is not None
+        return act_name("resid_pre", self.qkv_block)
+
+
+def _plan(
     model: HookedViT,
     cells: Sequence[Cell],
     start: int,
     readout_layer: Optional[int],
     prefix_rows: bool,
-) -> bool:
-    """True when a chunk's first block may take the queries, keys and values of the tokens its
-    patches leave unchanged from the corrupted run: every patch of the chunk is of that block's
-    input, nothing else hooks the block (no standing hook, mask or forced explicit attention),
-    the metric reads after it, and it is not a last block that runs for the prefix rows only.
+) -> Optional[_Plan]:
+    """The shortcut a chunk of cells starting at block ``start`` can take, or None.
 
-    A token's queries, keys and values depend on its own row of the block input alone, so cells
-    that patch a few tokens of block ``l``'s input share the rest with the corrupted run: a
-    quarter of block ``l``'s arithmetic (the q/k/v maps) is computed once for all of them."""
-    first_input = act_name("resid_pre", start)
-    if any(name != first_input for cell in cells for name in cell):
+    Every cell must patch the same one activation of block ``start``: its input (``resid_pre``)
+    or a token-by-token point (:data:`ROW_LOCAL_POINTS`), with nothing else hooking the block and
+    the metric reading after it. A token's queries, keys and values depend on its own row alone,
+    so the tokens a patch leaves unchanged share them with the corrupted run (a quarter of a
+    block's arithmetic); after a token-by-token point the patched block's output differs from the
+    corrupted run's at the patched tokens only, so the block itself costs just their rows, and the
+    next block shares the rest's queries, keys and values."""
+    names = {name for cell in cells for name in cell}
+    if len(names) != 1 or (readout_layer is not None and readout_layer <= start):
+        return None
+    (name,) = names
+    if hook_block(name) != start or _block_hooked(model, start):
+        return None
+    point = name.split(".", 2)[-1]
+    if point == "hook_resid_pre":
+        if not _shares_qkv(model, start, readout_layer, prefix_rows):
+            return None
+        return _Plan(start, point, start, None, (name,))
+    if point not in ROW_LOCAL_POINTS:
+        return None
+    base = act_name(_WRITE_IN_BASE[point], start) if point in _WRITE_IN_BASE else None
+    corrupted = {name, act_name("resid_post", start)} | ({base} if base else set())
+    nxt = start + 1
+    qkv_block = nxt if _shares_qkv(model, nxt, readout_layer, prefix_rows) else None
+    if qkv_block is not None:
+        corrupted.add(act_name("resid_pre", nxt))
+    return _Plan(start, point, qkv_block, base, tuple(sorted(corrupted)))
+
+
+def _block_hooked(model: HookedViT, layer: int) -> bool:
+    """True when a hook point of block ``layer`` has a standing hook."""
+    return any(p.has_hooks() for name, p in model.hook_dict.items() if hook_block(name) == layer)
+
+
+def _shares_qkv(
+    model: HookedViT, layer: int, readout_layer: Optional[int], prefix_rows: bool
+) -> bool:
+    """True when block ``layer`` may run with shared queries, keys and values: it exists, nothing
+    hooks it (no standing hook, mask or forced explicit attention), the metric reads after it,
+    and it is not a last block that runs for the prefix rows only (cheaper still)."""
+    last = model.cfg.n_layers - 1
+    if layer > last or (prefix_rows and layer == last):
         return False
-    if readout_layer is not None and readout_layer <= start:
+    if readout_layer is not None and readout_layer <= layer:
         return False
-    if prefix_rows and start == model.cfg.n_layers - 1:
-        return False  # the prefix-row last block is cheaper still
-    attn = _block(model, start).attn
+    attn = _block(model, layer).attn
     if attn.force_explicit or attn.score_mask is not None:
         return False
-    return not any(
-        point.has_hooks() for name, point in model.hook_dict.items() if hook_block(name) == start
-    )
+    return not _block_hooked(model, layer)
 
 
-def _forward_shared_first_block(
+def _forward_planned(
     model: HookedViT,
-    x: Tensor,
-    shared: Tuple[Tensor, ...],
-    start: int,
+    plan: _Plan,
+    corrupted: Mapping[str, Tensor],
+    shared_qkv: Mapping[int, Tuple[Tensor, ...]],
+    n: int,
     stop: Optional[int],
     hooks: List,
     prefix_rows: bool,
 ) -> Tensor:
-    """The chunk's output from the (repeated) corrupted residual ``x`` entering block ``start``:
-    its patches applied as their hook would, the block run with the unchanged tokens' queries,
-    keys and values from the corrupted run (``shared``, see :func:`_shares_first_block`), then
-    the rest of the model as usual."""
-    block = _block(model, start)
-    first_input = act_name("resid_pre", start)
+    """A chunk of ``n`` cells run by ``plan``: the patches applied to the (repeated) corrupted
+    activation as their hook would, the patched block by the plan, then the rest of the model as
+    usual (``hooks`` but the patches, e.g. the metric's capture)."""
+    block = _block(model, plan.block)
+    point = plan.name
+    x = corrupted[point].repeat(n, 1, 1)
     patched = x
     for name, fn in hooks:
-        if name == first_input:
-            patched = fn(patched, hook=block.hook_resid_pre)
+        if name == point:
+            patched = fn(patched, hook=block.get_submodule(plan.point))
     changed = (patched != x).any(-1)  # a patch that copies an equal row changes nothing
-    resid = block.with_shared_qkv(patched, changed, shared)
-    rest = [(name, fn) for name, fn in hooks if name != first_input]
-    if prefix_rows:
-        return _forward_prefix_rows(model, resid, start + 1, rest)
-    return _run_blocks(model, resid, start + 1, stop, rest)
+    rest = [(name, fn) for name, fn in hooks if name != point]
+    if plan.point == "hook_resid_pre":
+        resid = block.with_shared_qkv(patched, changed, shared_qkv[plan.block])
+        return _forward_from(model, resid, plan.block + 1, stop, rest, prefix_rows)
+    resid = corrupted[act_name("resid_post", plan.block)].repeat(n, 1, 1)
+    where = changed.nonzero(as_tuple=True)
+    if where[0].numel():
+        image = where[0] % corrupted[point].shape[0]  # copy c of image i sits at c * B + i
+        base = corrupted[plan.base][image, where[1]] if plan.base else None
+        resid[where] = block.resid_post_from(plan.point, patched[where], base)
+    nxt = plan.block + 1
+    if plan.qkv_block is not None:
+        resid = _block(model, nxt).with_shared_qkv(resid, changed, shared_qkv[nxt])
+        nxt += 1
+    return _forward_from(model, resid, nxt, stop, rest, prefix_rows)
+
+
+def _forward_from(
+    model: HookedViT, resid: Tensor, layer: int, stop: Optional[int], hooks: List, prefix_rows: bool
+) -> Tensor:
+    """The model from the residual stream ``resid`` entering block ``layer`` (the readout alone
+    when ``layer`` is past the last block), the last block for the prefix rows where it may."""
+    if prefix_rows and layer < model.cfg.n_layers:
+        return _forward_prefix_rows(model, resid, layer, hooks)
+    return _run_blocks(model, resid, layer, stop, hooks)
 
 
 def _block(model: HookedViT, layer: int) -> "TransformerBlock":
@@ -401,14 +493,15 @@ def _start_layer(cells, chunk, readout_layer) -> int:
     return start
 
 
-def _corrupted_resid(model: HookedViT, images: Tensor, layers: List[int]) -> Dict[int, Tensor]:
-    """The corrupted run's residual stream entering each block in ``layers`` (one forward)."""
-    if not layers:
+def _corrupted_acts(model: HookedViT, images: Tensor, names: List[str]) -> Dict[str, Tensor]:
+    """The corrupted run's activations ``names`` (hook points in the blocks; one forward, up to
+    the last block they are in)."""
+    if not names:
         return {}
-    names = block_hook_names("hook_resid_pre", layers)
+    stop = max(cast(int, hook_block(name)) for name in names) + 1
     with torch.no_grad():
-        _, cache = model.run_with_cache(images, names_filter=names, stop_at_layer=max(layers) + 1)
-    return {l: cache[name] for l, name in zip(layers, names)}
+        _, cache = model.run_with_cache(images, names_filter=names, stop_at_layer=stop)
+    return {name: cache[name] for name in names}
 
 
 def _chunk_hooks(cells, chunk, clean, B, readout) -> Tuple[List, List[Tensor]]:

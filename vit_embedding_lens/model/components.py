@@ -457,14 +457,39 @@ class TransformerBlock(nn.Module):
         """What the attention reads: the normed residual (pre-norm) or the residual itself."""
         return self.ln1.normalize(resid_pre) if self.cfg.block_norm == "pre" else resid_pre
 
+    def resid_post_from(
+        self, point: str, value: Float[Tensor, "... d_model"], before: Optional[Tensor] = None
+    ) -> Float[Tensor, "... d_model"]:
+        """``resid_post`` from the block's activation ``point`` (``"hook_attn_out"``,
+        ``"hook_resid_mid"``, ``"hook_mlp_out"`` or ``"hook_resid_post"``) set to ``value``;
+        ``before`` is the residual the write-in adds to (``resid_pre`` for ``hook_attn_out``,
+        ``resid_mid`` for ``hook_mlp_out``). Every step from those points is token by token, so
+        ``value`` may be any rows. Fires no hook point."""
+        if point == "hook_resid_post":
+            return value
+        if point == "hook_resid_mid":
+            return self._after_mid(value)
+        if before is None or point not in ("hook_attn_out", "hook_mlp_out"):
+            raise ValueError(
+                f"resid_post_from: {point!r} is not hook_attn_out, hook_resid_mid, hook_mlp_out or "
+                "hook_resid_post, or the residual before the write-in is missing"
+            )
+        if point == "hook_mlp_out":
+            return before + value
+        return self._after_mid(before + value)
+
     def _after_attention(
         self, resid_pre: Float[Tensor, "batch row d_model"], attn_out: Tensor
     ) -> Float[Tensor, "batch row d_model"]:
         """The rest of the block from the attention output, hook-free: ``resid_post``."""
+        if self.cfg.block_norm != "pre":
+            attn_out = self.ln1.normalize(attn_out)
+        return self._after_mid(resid_pre + attn_out)
+
+    def _after_mid(self, resid_mid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The MLP half of the block, hook-free: ``resid_post`` from ``resid_mid``."""
         if self.cfg.block_norm == "pre":
-            resid_mid = resid_pre + attn_out
             return resid_mid + self.mlp.compute(self.ln2.normalize(resid_mid))
-        resid_mid = resid_pre + self.ln1.normalize(attn_out)
         return resid_mid + self.ln2.normalize(self.mlp.compute(resid_mid))
 
 
