@@ -51,6 +51,23 @@ def one_forward_per_cell(sweep, *args, **kwargs):
     return sweep(*args, batch_cells=1, skip_unpatched_layers=False, progress=False, **kwargs)
 
 
+def assert_plain_loop_agrees(fast, calls: list, sweep, *args, **kwargs) -> None:
+    """The plain loop (:func:`one_forward_per_cell`) takes none of the spied shortcuts and gives
+    the batched sweep ``fast``'s values, which are not constant."""
+    calls.clear()
+    plain = one_forward_per_cell(sweep, *args, **kwargs)
+    assert not calls
+    assert_close_scaled(fast.values, plain.values, rel=1e-5)
+    assert fast.values.std() > 0.01
+
+
+def one_token(model: HookedViT, token: int) -> torch.Tensor:
+    """A ``resid``-shaped mask selecting one token of every image."""
+    mask = torch.zeros(1, model.layout.n_tokens, 1, dtype=torch.bool)
+    mask[0, token] = True
+    return mask
+
+
 def test_cached_pooled_vector_holds_only_its_own_bytes():
     model, x = tiny(), images()
     with torch.no_grad():
@@ -147,11 +164,7 @@ def test_patching_runs_the_last_block_for_the_readout_rows_when_only_they_are_re
     calls = _sweep_spy(monkeypatch)
     fast = get_act_patch_resid_pre(model, corrupted, cache, metric, progress=False)
     assert bool(calls) == (n_prefix > 0)  # avg pooling reads every token's row
-    calls.clear()
-    plain = one_forward_per_cell(get_act_patch_resid_pre, model, corrupted, cache, metric)
-    assert not calls
-    assert_close_scaled(fast.values, plain.values, rel=1e-5)
-    assert fast.values.std() > 0.01  # the sweep is not constant
+    assert_plain_loop_agrees(fast, calls, get_act_patch_resid_pre, model, corrupted, cache, metric)
 
 
 def test_patching_runs_the_whole_last_block_when_something_else_reads_it(monkeypatch):
@@ -216,6 +229,12 @@ def _plan_spy(monkeypatch):
     return calls
 
 
+def _tiny_with_plan_spy(monkeypatch):
+    """:func:`tiny`, :func:`patching_inputs` for it, and a :func:`_plan_spy`."""
+    model = tiny()
+    return (model, *patching_inputs(model), _plan_spy(monkeypatch))
+
+
 def _arch_model(arch: str) -> HookedViT:
     """A 3-block model: average pooling, one or two prefix tokens, or a block variant."""
     prefix = {"avg-pool": 0, "cls": 1, "two-prefix": 2}
@@ -253,13 +272,9 @@ def test_patching_shares_the_patched_blocks_unchanged_tokens_with_the_corrupted_
     assert sorted({block for block, _, _ in calls}) == list(
         range(last if reads_prefix_rows else last + 1)
     )
-    calls.clear()
-    plain = one_forward_per_cell(
-        get_act_patch_resid_pre, model, corrupted, cache, metric, tokens=tokens
+    assert_plain_loop_agrees(
+        fast, calls, get_act_patch_resid_pre, model, corrupted, cache, metric, tokens=tokens
     )
-    assert not calls
-    assert_close_scaled(fast.values, plain.values, rel=1e-5)
-    assert fast.values.std() > 0.01  # the sweep is not constant
 
 
 class _ReadAt:
@@ -273,11 +288,8 @@ class _ReadAt:
 
 
 def test_patching_runs_a_patched_block_whole_when_something_else_hooks_or_reads_it(monkeypatch):
-    model = tiny()
-    corrupted, cache, metric = patching_inputs(model)
-    calls = _plan_spy(monkeypatch)
-    token = torch.zeros(1, model.layout.n_tokens, 1, dtype=torch.bool)
-    token[0, 2] = True
+    model, corrupted, cache, metric, calls = _tiny_with_plan_spy(monkeypatch)
+    token = one_token(model, 2)
     cells = [{f"blocks.{l}.hook_resid_pre": token} for l in (0, 1)]
     # a standing hook inside block 1 is honoured: only block 0's cell shares
     halved = [("blocks.1.hook_attn_out", lambda t, hook: t / 2)]
@@ -323,19 +335,12 @@ def test_patching_a_token_by_token_activation_computes_the_patched_rows_alone(
         for block in range(last + 1)
     }
     assert set(calls) == expected
-    calls.clear()
-    plain = one_forward_per_cell(sweep, model, corrupted, cache, metric, tokens=tokens)
-    assert not calls
-    assert_close_scaled(fast.values, plain.values, rel=1e-5)
-    assert fast.values.std() > 0.01  # the sweep is not constant
+    assert_plain_loop_agrees(fast, calls, sweep, model, corrupted, cache, metric, tokens=tokens)
 
 
 def test_a_token_by_token_patch_before_a_hooked_block_runs_that_block_whole(monkeypatch):
-    model = tiny()
-    corrupted, cache, metric = patching_inputs(model)
-    calls = _plan_spy(monkeypatch)
-    token = torch.zeros(1, model.layout.n_tokens, 1, dtype=torch.bool)
-    token[0, 4] = True
+    model, corrupted, cache, metric, calls = _tiny_with_plan_spy(monkeypatch)
+    token = one_token(model, 4)
     cells = [{f"blocks.{l}.hook_mlp_out": token} for l in (0, 1)]
     doubled = [("blocks.1.attn.hook_z", lambda t, hook: t * 2)]  # a standing hook in block 1
     with model.hooks(fwd_hooks=doubled):
