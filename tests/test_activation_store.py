@@ -161,10 +161,12 @@ def test_transformer_lens_cache_methods_read_derived_entries():
 
 @pytest.mark.skipif(host_memory._glibc() is None, reason="glibc's malloc settings only")
 def test_later_caches_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
+    # a cache of about 95 MiB: past glibc's trim threshold, so by default its freed pages go back
+    # to the kernel (a 64-pixel model's 18 MiB cache takes no faults either way)
     model = HookedViT.from_timm(
-        create_timm_vit("vit_base_patch16_224", **dict(SMALL, embed_dim=256, img_size=64))
+        create_timm_vit("vit_base_patch16_224", **dict(SMALL, embed_dim=256, img_size=128))
     )
-    x = torch.randn(8, 3, 64, 64)
+    x = torch.randn(8, 3, 128, 128)
 
     def faults_and_pages_of_a_cache() -> tuple:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -175,9 +177,12 @@ def test_later_caches_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
     for _ in range(3):  # the first cache turns retention on, the next ones settle the heap
         faults_and_pages_of_a_cache()
     assert host_memory.retain_freed_memory()
-    faults, pages = faults_and_pages_of_a_cache()
-    # glibc's defaults fault in every page of every cache (about 1.4x the pages, measured)
-    assert pages > 4000 and faults < pages / 10
+    # the fewest of three: other work in the process (the suite's earlier tests, torch's thread
+    # pools) faults in a few hundred pages of its own now and then
+    faults, pages = min(faults_and_pages_of_a_cache() for _ in range(3))
+    # glibc's defaults fault in every page of every cache (37-40k faults for these 24k pages,
+    # measured in a process with retention switched off); kept memory, next to none (0-1)
+    assert pages > 20000 and faults < pages / 4
     assert isinstance(host_memory.release_freed_memory(), bool)
 
 
