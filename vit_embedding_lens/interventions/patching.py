@@ -222,10 +222,7 @@ def run_patching(
                         x = corrupted[act_name("resid_pre", start)].repeat(n, 1, 1)
                     else:
                         x = corrupted_images.repeat(n, 1, 1, 1)
-                    if rows:
-                        out = _forward_prefix_rows(model, x, start, hooks)
-                    else:
-                        out = _run_blocks(model, x, start, stop, hooks)
+                    out = _forward_from(model, x, start, stop, hooks, rows)
                 act = captured[0] if readout is not None else out
                 act = act.reshape(n, B, *act.shape[1:])
                 for c, cell in enumerate(chunk):
@@ -248,8 +245,7 @@ def _reads_prefix_rows(model: HookedViT, names: Sequence[str]) -> bool:
     last = cfg.n_layers - 1
     if cfg.global_pool != "token" or last < 0:
         return False
-    attn = _block(model, last).attn
-    if attn.force_explicit or attn.score_mask is not None:
+    if not _plain_attention(model, last):
         return False
     last_input = act_name("resid_pre", last)
     for name, point in model.hook_dict.items():
@@ -311,17 +307,19 @@ def _plan(
     corrupted run's at the patched tokens only, so the block itself costs just their rows, and the
     next block shares the rest's queries, keys and values."""
     names = {name for cell in cells for name in cell}
-    if len(names) != 1 or (readout_layer is not None and readout_layer <= start):
+    if len(names) != 1:
         return None
     (name,) = names
-    if hook_block(name) != start or _block_hooked(model, start):
+    if hook_block(name) != start:
         return None
     point = name.split(".", 2)[-1]
     if point == "hook_resid_pre":
         if not _shares_qkv(model, start, readout_layer, prefix_rows):
             return None
         return _Plan(start, point, start, None, (name,))
-    if point not in ROW_LOCAL_POINTS:
+    if point not in ROW_LOCAL_POINTS or _block_hooked(model, start):
+        return None
+    if readout_layer is not None and readout_layer <= start:
         return None
     base = act_name(_WRITE_IN_BASE[point], start) if point in _WRITE_IN_BASE else None
     corrupted = {name, act_name("resid_post", start)} | ({base} if base else set())
@@ -330,6 +328,13 @@ def _plan(
     if qkv_block is not None:
         corrupted.add(act_name("resid_pre", nxt))
     return _Plan(start, point, qkv_block, base, tuple(sorted(corrupted)))
+
+
+def _plain_attention(model: HookedViT, layer: int) -> bool:
+    """True when block ``layer``'s attention has no standing score mask and is not forced onto
+    the explicit path: what the hook-free shortcuts compute (the fused kernel, unmasked)."""
+    attn = _block(model, layer).attn
+    return not attn.force_explicit and attn.score_mask is None
 
 
 def _block_hooked(model: HookedViT, layer: int) -> bool:
@@ -348,10 +353,7 @@ def _shares_qkv(
         return False
     if readout_layer is not None and readout_layer <= layer:
         return False
-    attn = _block(model, layer).attn
-    if attn.force_explicit or attn.score_mask is not None:
-        return False
-    return not _block_hooked(model, layer)
+    return _plain_attention(model, layer) and not _block_hooked(model, layer)
 
 
 def _forward_planned(
@@ -393,13 +395,14 @@ def _forward_planned(
 
 
 def _forward_from(
-    model: HookedViT, resid: Tensor, layer: int, stop: Optional[int], hooks: List, prefix_rows: bool
+    model: HookedViT, x: Tensor, layer: int, stop: Optional[int], hooks: List, prefix_rows: bool
 ) -> Tensor:
-    """The model from the residual stream ``resid`` entering block ``layer`` (the readout alone
-    when ``layer`` is past the last block), the last block for the prefix rows where it may."""
+    """The model with ``hooks`` from the residual stream ``x`` entering block ``layer`` (the
+    images when ``layer`` is 0; the readout alone when ``layer`` is past the last block), the last
+    block for the prefix rows where it may."""
     if prefix_rows and layer < model.cfg.n_layers:
-        return _forward_prefix_rows(model, resid, layer, hooks)
-    return _run_blocks(model, resid, layer, stop, hooks)
+        return _forward_prefix_rows(model, x, layer, hooks)
+    return _run_blocks(model, x, layer, stop, hooks)
 
 
 def _block(model: HookedViT, layer: int) -> "TransformerBlock":
