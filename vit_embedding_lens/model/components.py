@@ -223,9 +223,7 @@ class Attention(nn.Module):
         rows: what a readout of the prefix tokens needs from the last block)."""
         (q,) = head_projections(x[:, rows], (self.W_Q,), (self.b_Q,))
         k, v = head_projections(x, (self.W_K, self.W_V), (self.b_K, self.b_V))
-        if self.cfg.qk_norm:
-            q, k = self.q_norm.normalize(q), self.k_norm.normalize(k)
-        return self.attend(q, k, v)
+        return self.attend(*self._qk_normed(q, k), v)
 
     def qkv(self, x: Float[Tensor, "... d_model"]) -> Tuple[Float[Tensor, "... head d_head"], ...]:
         """Queries, keys and values of ``x`` (after the q/k norms where the model has them), firing
@@ -233,9 +231,13 @@ class Attention(nn.Module):
         q, k, v = head_projections(
             x, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V)
         )
-        if self.cfg.qk_norm:
-            q, k = self.q_norm.normalize(q), self.k_norm.normalize(k)
-        return q, k, v
+        return (*self._qk_normed(q, k), v)
+
+    def _qk_normed(self, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+        """Queries and keys through the q/k norms where the model has them, hook-free."""
+        if not self.cfg.qk_norm:
+            return q, k
+        return self.q_norm.normalize(q), self.k_norm.normalize(k)
 
     def attend(
         self,
